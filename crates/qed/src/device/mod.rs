@@ -1,0 +1,115 @@
+//! Anything that behaves like a disk: QED images, raw files, and the backing chains
+//! built from them.
+
+mod open;
+mod raw;
+
+pub(crate) use open::open_in_chain;
+pub use open::{open_device, probe_format, resolve_backing_path, OpenOptions, MAX_CHAIN_DEPTH};
+pub use raw::RawDevice;
+
+use crate::error::{Error, Result};
+use std::fmt::{self, Debug};
+
+/// An image format this library can open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// A plain file: guest offset = file offset.
+    Raw,
+    /// A QED image.
+    Qed,
+    /// A qcow2 image (recognised, not yet readable).
+    Qcow2,
+}
+
+impl Format {
+    /// The name qemu-img uses for the format.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qed => "qed",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qed" => Ok(Format::Qed),
+            "qcow2" => Ok(Format::Qcow2),
+            other => Err(Error::invalid_argument(format!(
+                "unknown format '{other}': expected raw, qed or qcow2"
+            ))),
+        }
+    }
+}
+
+/// How one run of a device's address space is stored, as `qemu-img map` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Length of the run in bytes (at least 1).
+    pub len: u64,
+    /// Whether this layer supplies the run (false: it falls through to the backing file).
+    pub allocated: bool,
+    /// Whether the run is stored as data.
+    pub data: bool,
+    /// Whether the run is known to read as zeros.
+    pub zero: bool,
+    /// Where the run starts in this layer's file, when it is stored there.
+    pub offset: Option<u64>,
+}
+
+/// A disk: a fixed-size array of bytes with reads, writes and allocation queries.
+/// Every method takes `&self`; implementations are safe to share between threads.
+pub trait BlockDevice: Send + Sync + Debug {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// The format of this device.
+    fn format(&self) -> Format;
+
+    /// A name for messages and `map` output (the path it was opened by).
+    fn filename(&self) -> &str;
+
+    /// Whether writes are refused.
+    fn is_read_only(&self) -> bool;
+
+    /// Fills `buf` from guest offset `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes `buf` at guest offset `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Makes `len` bytes at `offset` read as zeros, without storing data where possible.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Tells the device the range is no longer needed. What it then reads as is up to the
+    /// device; see each implementation.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Describes the run that starts at `offset`, at most `len` bytes long.
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus>;
+
+    /// The device unallocated runs fall through to, if any.
+    fn backing(&self) -> Option<&dyn BlockDevice>;
+}
+
+/// Checks that `len` bytes at `offset` lie inside a device of `size` bytes.
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}

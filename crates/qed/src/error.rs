@@ -1,0 +1,124 @@
+//! The library's one error type.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong opening, creating or using an image.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O error, with what was being done when it happened.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The file does not start with the QED magic.
+    #[error("not a QED image: magic is {found:02x?}, expected \"QED\\0\" (51 45 44 00)")]
+    BadMagic {
+        /// The four bytes found at offset 0.
+        found: [u8; 4],
+    },
+
+    /// A header field breaks a rule of the format.
+    #[error("invalid QED header: {field} = {value}: {reason}")]
+    InvalidHeader {
+        /// Name of the field, as in the format's header layout.
+        field: &'static str,
+        /// The value found.
+        value: u64,
+        /// The rule it breaks.
+        reason: String,
+    },
+
+    /// The image uses incompatible features this implementation does not know.
+    #[error("unsupported QED feature bits {bits:#x}: the image needs a newer implementation")]
+    UnsupportedFeatures {
+        /// The unknown bits of `features`.
+        bits: u64,
+    },
+
+    /// A table entry points somewhere it may not.
+    #[error("corrupt image: {table} entry {index} = {value:#x}: {reason}; run 'qed check -r all'")]
+    CorruptTable {
+        /// Which table ("L1", or "L2 at 0x...").
+        table: String,
+        /// Index of the entry in its table.
+        index: u64,
+        /// The raw entry value.
+        value: u64,
+        /// Why it is invalid.
+        reason: &'static str,
+    },
+
+    /// An argument the caller passed is not acceptable.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// A request reaches past the end of the device.
+    #[error("request at offset {offset} of {len} bytes is past the end of the {size}-byte device")]
+    OutOfRange {
+        /// Start of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+        /// Size of the device.
+        size: u64,
+    },
+
+    /// A write was attempted on a device opened read-only.
+    #[error("the image is open read-only")]
+    ReadOnly,
+
+    /// A backing file could not be used.
+    #[error("backing file {path}: {reason}")]
+    Backing {
+        /// The backing file's path as resolved.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The image needs something this build cannot do.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Result type of the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn invalid_header(
+        field: &'static str,
+        value: u64,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::InvalidHeader {
+            field,
+            value,
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn invalid_argument(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+}
+
+/// Attaches "what was being done" to I/O errors.
+pub(crate) trait IoContext<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            context: what(),
+            source,
+        })
+    }
+}

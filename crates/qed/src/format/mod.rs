@@ -1,0 +1,10 @@
+//! Pure on-disk types: header, feature bits, geometry and table entries. No I/O; every
+//! rule of the format lives here once.
+
+pub mod geometry;
+pub mod header;
+pub mod table;
+
+pub use geometry::Geometry;
+pub use header::{features, Header, HEADER_LEN, MAGIC};
+pub use table::L2Entry;

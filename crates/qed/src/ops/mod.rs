@@ -1,0 +1,3 @@
+//! Whole-image operations over devices. None of them prints.
+
+pub mod map;

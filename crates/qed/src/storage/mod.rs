@@ -1,0 +1,63 @@
+//! The bytes under an image: a small trait for positioned I/O, with a file and an
+//! in-memory implementation.
+
+mod file;
+mod memory;
+
+pub use file::FileStorage;
+pub use memory::MemoryStorage;
+
+use std::fmt::Debug;
+use std::io;
+
+/// Positioned byte storage. All methods take `&self` and may be called from many threads.
+pub trait Storage: Send + Sync + Debug {
+    /// Fills `buf` from `offset`. Bytes past the end of the storage read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`, growing the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Grows or shrinks the storage; new bytes read as zeros.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Makes `len` bytes at `offset` read as zeros, releasing the space where the storage
+    /// can. The length of the storage does not change. The default writes zeros.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset + len.min(self.len()?.saturating_sub(offset));
+        let zeros = vec![0u8; ZERO_CHUNK.min(end.saturating_sub(offset)) as usize];
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Whether the `len` bytes at `offset` start with a known-zero run (a hole, or past
+    /// the end) or with data, and how long that run is (at least 1, at most `len`).
+    /// Storage that cannot tell reports data.
+    fn zero_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        let size = self.len()?;
+        if offset >= size {
+            Ok((true, len))
+        } else {
+            Ok((false, len.min(size - offset)))
+        }
+    }
+}
+
+/// Largest buffer the default `zero_range` allocates.
+const ZERO_CHUNK: u64 = 1 << 20;
