@@ -61,3 +61,28 @@ pub trait Storage: Send + Sync + Debug {
 
 /// Largest buffer the default `zero_range` allocates.
 const ZERO_CHUNK: u64 = 1 << 20;
+
+/// Shared storage: lets a test keep a handle on the bytes while an image uses them.
+impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).zero_range(offset, len)
+    }
+    fn zero_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        (**self).zero_status(offset, len)
+    }
+}
