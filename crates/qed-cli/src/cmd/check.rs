@@ -1,0 +1,132 @@
+//! `qed check`.
+
+use crate::Output;
+use anyhow::Result;
+use qed::{CheckReport, Image, OpenOptions};
+use serde::Serialize;
+use std::path::PathBuf;
+
+/// Check an image's metadata, as `qemu-img check`.
+///
+/// Exit codes: 0 clean, 1 the check could not run, 2 corruptions, 3 leaks only.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+    /// Image format (qed).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// The image.
+    file: PathBuf,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// `qemu-img check --output=json`'s keys; zero counts are left out as qemu-img does.
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Json<'a> {
+    #[serde(skip_serializing_if = "is_zero")]
+    total_clusters: u64,
+    check_errors: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    allocated_clusters: u64,
+    filename: &'a str,
+    format: &'static str,
+    #[serde(skip_serializing_if = "is_zero")]
+    fragmented_clusters: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    leaks: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    corruptions: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    leaks_fixed: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    corruptions_fixed: u64,
+}
+
+fn print_human(r: &CheckReport) {
+    for d in &r.details {
+        println!("ERROR {d}");
+    }
+    if r.corruptions_fixed > 0 || r.leaks_fixed > 0 {
+        println!(
+            "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n",
+            r.leaks_fixed, r.corruptions_fixed
+        );
+    }
+    let corruptions = r.corruptions_remaining();
+    let leaks = r.leaks_remaining();
+    if corruptions == 0 && leaks == 0 && r.check_errors == 0 {
+        println!("No errors were found on the image.");
+    } else {
+        if corruptions > 0 {
+            println!(
+                "\n{corruptions} errors were found on the image.\nData may be corrupted, or \
+                 further writes to the image may corrupt it."
+            );
+        }
+        if leaks > 0 {
+            println!(
+                "\n{leaks} leaked clusters were found on the image.\nThis means waste of disk \
+                 space, but no harm to data."
+            );
+        }
+        if r.check_errors > 0 {
+            println!(
+                "\n{} internal errors have occurred during the check.",
+                r.check_errors
+            );
+        }
+    }
+    if r.total_clusters != 0 && r.allocated_clusters != 0 {
+        println!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, 0.00% compressed clusters",
+            r.allocated_clusters,
+            r.total_clusters,
+            r.allocated_clusters as f64 * 100.0 / r.total_clusters as f64,
+            r.fragmented_clusters as f64 * 100.0 / r.allocated_clusters as f64
+        );
+    }
+}
+
+pub fn run(a: Args) -> Result<u8> {
+    super::require_qed(a.format.as_deref())?;
+    let opts = OpenOptions {
+        no_backing: true,
+        ..OpenOptions::read_only()
+    };
+    let image = Image::open(&a.file, &opts)?;
+    let r = image.check()?;
+    let name = a.file.display().to_string();
+    match a.output {
+        Output::Json => {
+            let j = Json {
+                total_clusters: r.total_clusters,
+                check_errors: r.check_errors,
+                allocated_clusters: r.allocated_clusters,
+                filename: &name,
+                format: "qed",
+                fragmented_clusters: r.fragmented_clusters,
+                leaks: r.leaks,
+                corruptions: r.corruptions,
+                leaks_fixed: r.leaks_fixed,
+                corruptions_fixed: r.corruptions_fixed,
+            };
+            println!("{}", serde_json::to_string_pretty(&j)?);
+        }
+        Output::Human => print_human(&r),
+    }
+    Ok(if r.check_errors > 0 {
+        1
+    } else if r.corruptions_remaining() > 0 {
+        2
+    } else if r.leaks_remaining() > 0 {
+        3
+    } else {
+        0
+    })
+}

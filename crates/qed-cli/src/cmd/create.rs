@@ -1,0 +1,127 @@
+//! `qed create`.
+
+use crate::units::parse_size;
+use anyhow::{bail, Context, Result};
+use qed::device::resolve_backing_path;
+use qed::{open_device, CreateOptions, Format, Image, OpenOptions};
+use std::path::PathBuf;
+
+/// Create a new QED image.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format (only qed can be created).
+    #[arg(short = 'f', default_value = "qed")]
+    format: String,
+    /// Backing file, stored as given (relative names are relative to FILE's directory).
+    #[arg(short = 'b')]
+    backing: Option<String>,
+    /// Backing file format: raw or qed (probed when omitted).
+    #[arg(short = 'F')]
+    backing_format: Option<String>,
+    /// Options: cluster_size=SIZE, table_size=N, backing_file=NAME, backing_fmt=FMT.
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Do not open the backing file (SIZE is then required).
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
+    /// Quiet: print nothing on success.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image to create.
+    file: PathBuf,
+    /// Virtual size (k, M, G, T suffixes); defaults to the backing file's size.
+    size: Option<String>,
+}
+
+pub fn run(a: Args) -> Result<u8> {
+    if a.format != "qed" {
+        bail!(
+            "unsupported format '{}': qed create makes only qed images",
+            a.format
+        );
+    }
+    let mut opts = CreateOptions::new(0);
+    let mut backing = a.backing.clone();
+    let mut backing_format = a.backing_format.clone();
+    for list in &a.options {
+        for kv in list.split(',').filter(|s| !s.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("invalid option '{kv}': expected key=value"))?;
+            match k {
+                "cluster_size" => {
+                    opts.cluster_size = u32::try_from(parse_size(v)?)
+                        .ok()
+                        .with_context(|| format!("cluster_size {v} is too large"))?
+                }
+                "table_size" => {
+                    opts.table_size = v
+                        .parse()
+                        .with_context(|| format!("invalid table_size '{v}': expected 1 to 16"))?
+                }
+                "backing_file" => backing = Some(v.to_string()),
+                "backing_fmt" => backing_format = Some(v.to_string()),
+                _ => bail!(
+                    "unknown option '{k}': qed images take cluster_size, table_size, \
+                     backing_file and backing_fmt"
+                ),
+            }
+        }
+    }
+    let mut format = backing_format
+        .as_deref()
+        .map(str::parse::<Format>)
+        .transpose()?;
+    if let Some(f @ Format::Qcow2) = format {
+        bail!("backing format {f} is not supported yet: use raw or qed");
+    }
+
+    let size = match &a.size {
+        Some(s) => Some(parse_size(s)?),
+        None => None,
+    };
+    let size = match (&backing, a.unsafe_backing) {
+        (Some(name), false) => {
+            let path = resolve_backing_path(&a.file, name);
+            let dev = open_device(&path, format, &OpenOptions::read_only())
+                .with_context(|| format!("could not open backing file {}", path.display()))?;
+            if format.is_none() {
+                format = Some(dev.format());
+                if !a.quiet {
+                    eprintln!("qed: backing format not given; detected {}", dev.format());
+                }
+            }
+            size.unwrap_or(dev.size())
+        }
+        (Some(_), true) => size.context("SIZE is required with -u")?,
+        (None, _) => size.context("SIZE is required when there is no backing file")?,
+    };
+    opts.size = size;
+    opts.backing_file = backing.clone();
+    opts.backing_format = format;
+    // Validate everything before touching the destination.
+    let header = opts.header()?;
+    for why in opts.qemu_incompatibilities() {
+        eprintln!("qed: warning: {why}");
+    }
+    if !a.quiet {
+        let mut line = format!(
+            "Formatting '{}', fmt=qed size={}",
+            a.file.display(),
+            header.image_size
+        );
+        if let Some(b) = &backing {
+            line += &format!(" backing_file={b}");
+        }
+        if let Some(f) = format {
+            line += &format!(" backing_fmt={f}");
+        }
+        line += &format!(" cluster_size={}", opts.cluster_size);
+        if opts.table_size != qed::format::geometry::DEFAULT_TABLE_SIZE {
+            line += &format!(" table_size={}", opts.table_size);
+        }
+        println!("{line}");
+    }
+    Image::create(&a.file, &opts)?;
+    Ok(0)
+}
