@@ -41,7 +41,10 @@ impl std::fmt::Display for Corruption {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Corruption::InvalidL2Offset { l1_index, value } => {
-                write!(f, "L1 entry {l1_index} has an invalid L2 table offset {value:#x}")
+                write!(
+                    f,
+                    "L1 entry {l1_index} has an invalid L2 table offset {value:#x}"
+                )
             }
             Corruption::InvalidDataOffset {
                 table,

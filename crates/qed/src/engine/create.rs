@@ -3,7 +3,7 @@
 use crate::device::Format;
 use crate::error::{Error, IoContext, Result};
 use crate::format::geometry::{DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE, SECTOR_SIZE};
-use crate::format::header::{MAX_BACKING_NAME_LEN, HEADER_LEN};
+use crate::format::header::{HEADER_LEN, MAX_BACKING_NAME_LEN};
 use crate::format::{Geometry, Header};
 use crate::storage::Storage;
 

@@ -120,7 +120,13 @@ impl Image {
         }
         self.storage
             .write_at(&buf[..n as usize], new_off + head)
-            .context(|| format!("writing {n} bytes at {:#x} of {}", new_off + head, self.name))?;
+            .context(|| {
+                format!(
+                    "writing {n} bytes at {:#x} of {}",
+                    new_off + head,
+                    self.name
+                )
+            })?;
         if tail > 0 && from_backing {
             self.copy_from_backing(pos + n, tail, new_off + head + n)?;
         }

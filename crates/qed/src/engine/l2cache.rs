@@ -139,9 +139,6 @@ impl L2Cache {
 
     /// Drops every cached page (after metadata was rewritten behind the cache's back).
     pub(crate) fn clear(&self) {
-        self.pages
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.pages.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }

@@ -87,7 +87,11 @@ impl Image {
 
     /// Opens an image held in `storage`. `path` names it in messages and anchors
     /// relative backing file names.
-    pub fn open_storage(storage: Box<dyn Storage>, path: &Path, opts: &OpenOptions) -> Result<Self> {
+    pub fn open_storage(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        opts: &OpenOptions,
+    ) -> Result<Self> {
         let mut chain = path.canonicalize().map(|p| vec![p]).unwrap_or_default();
         Self::open_storage_in_chain(storage, path, opts, &mut chain)
     }
@@ -196,20 +200,21 @@ impl Image {
         })?;
         let declared_format = header.backing_is_raw().then_some(Format::Raw);
         let resolved = device::resolve_backing_path(path, &name);
-        let device = if opts.no_backing {
-            None
-        } else {
-            let bopts = OpenOptions {
-                read_only: true,
-                ..opts.clone()
+        let device =
+            if opts.no_backing {
+                None
+            } else {
+                let bopts = OpenOptions {
+                    read_only: true,
+                    ..opts.clone()
+                };
+                let dev = device::open_in_chain(&resolved, declared_format, &bopts, chain)
+                    .map_err(|e| Error::Backing {
+                        path: resolved.clone(),
+                        reason: e.to_string(),
+                    })?;
+                Some(dev)
             };
-            let dev = device::open_in_chain(&resolved, declared_format, &bopts, chain)
-                .map_err(|e| Error::Backing {
-                    path: resolved.clone(),
-                    reason: e.to_string(),
-                })?;
-            Some(dev)
-        };
         Ok(Backing {
             name,
             path: resolved,
@@ -299,7 +304,8 @@ impl Image {
                 table: "L1".into(),
                 index: l1_index,
                 value: offset,
-                reason: "L2 table offset is misaligned, inside the header or past the end of the file",
+                reason:
+                    "L2 table offset is misaligned, inside the header or past the end of the file",
             })
         }
     }
@@ -308,7 +314,9 @@ impl Image {
     /// applied, and writes them.
     fn write_l1_sectors(&self, l1: &[u64], first: u64, n: u64) -> Result<()> {
         let start = first / ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR;
-        let end = (first + n).next_multiple_of(ENTRIES_PER_SECTOR).min(l1.len() as u64);
+        let end = (first + n)
+            .next_multiple_of(ENTRIES_PER_SECTOR)
+            .min(l1.len() as u64);
         let mut bytes = vec![0u8; ((end - start) * 8) as usize];
         encode_entries(&l1[start as usize..end as usize], &mut bytes);
         let off = self.header_read().l1_table_offset + start * 8;

@@ -206,8 +206,8 @@ impl Header {
             ));
         }
         if self.has_backing_file() {
-            let end = u64::from(self.backing_filename_offset)
-                + u64::from(self.backing_filename_size);
+            let end =
+                u64::from(self.backing_filename_offset) + u64::from(self.backing_filename_size);
             if end > self.header_bytes() {
                 return Err(Error::invalid_header(
                     "backing_filename_offset",
@@ -326,6 +326,11 @@ mod tests {
     fn table_offset_overflow_is_invalid() {
         let h = sample();
         let g = Geometry::new(65536, 4).unwrap();
-        assert!(!table_offset_is_valid(&h, &g, u64::MAX & !0xffff, u64::MAX & !0xffff));
+        assert!(!table_offset_is_valid(
+            &h,
+            &g,
+            u64::MAX & !0xffff,
+            u64::MAX & !0xffff
+        ));
     }
 }

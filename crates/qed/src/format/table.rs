@@ -71,7 +71,10 @@ mod tests {
         let entries = [0u64, 1, 0x1234_5678_9abc_def0, u64::MAX];
         let mut bytes = [0u8; 32];
         encode_entries(&entries, &mut bytes);
-        assert_eq!(&bytes[16..24], &[0xf0, 0xde, 0xbc, 0x9a, 0x78, 0x56, 0x34, 0x12]);
+        assert_eq!(
+            &bytes[16..24],
+            &[0xf0, 0xde, 0xbc, 0x9a, 0x78, 0x56, 0x34, 0x12]
+        );
         let mut back = [0u64; 4];
         decode_entries(&bytes, &mut back);
         assert_eq!(back, entries);
