@@ -97,7 +97,7 @@ impl Geometry {
     pub fn max_image_size(&self) -> u64 {
         let bits = self.cluster_bits + 2 * self.entries_bits;
         if bits >= 64 {
-            u64::MAX & !(SECTOR_SIZE - 1)
+            !(SECTOR_SIZE - 1)
         } else {
             1 << bits
         }
@@ -195,7 +195,7 @@ mod tests {
         let g = Geometry::new(MAX_CLUSTER_SIZE, MAX_TABLE_SIZE).unwrap();
         // 26 + 2 * 27 = 80 bits: past u64, QEMU wraps to 0.
         assert_eq!(g.qemu_max_image_size(), 0);
-        assert_eq!(g.max_image_size(), u64::MAX & !511);
+        assert_eq!(g.max_image_size(), !511u64);
         assert_eq!(g.l1_entries_for(u64::MAX), 1 << 11);
         assert_eq!(g.clusters_for(u64::MAX), 1 << 38);
     }

@@ -329,8 +329,8 @@ mod tests {
         assert!(!table_offset_is_valid(
             &h,
             &g,
-            u64::MAX & !0xffff,
-            u64::MAX & !0xffff
+            !0xffffu64,
+            !0xffffu64
         ));
     }
 }
