@@ -2,10 +2,14 @@
 //! built from them.
 
 mod open;
+#[cfg(feature = "qcow2")]
+mod qcow2;
 mod raw;
 
 pub(crate) use open::open_in_chain;
 pub use open::{open_device, probe_format, resolve_backing_path, OpenOptions, MAX_CHAIN_DEPTH};
+#[cfg(feature = "qcow2")]
+pub use qcow2::Qcow2Device;
 pub use raw::RawDevice;
 
 use crate::error::{Error, Result};
@@ -18,7 +22,7 @@ pub enum Format {
     Raw,
     /// A QED image.
     Qed,
-    /// A qcow2 image (recognised, not yet readable).
+    /// A qcow2 image (read-only, with the `qcow2` feature).
     Qcow2,
 }
 

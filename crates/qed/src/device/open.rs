@@ -107,9 +107,16 @@ pub(crate) fn open_in_chain(
             chain.pop();
             Ok(Box::new(image?))
         }
+        #[cfg(feature = "qcow2")]
+        Format::Qcow2 if opts.read_only => Ok(Box::new(super::Qcow2Device::open(path)?)),
         Format::Qcow2 => Err(Error::Unsupported(format!(
-            "{}: qcow2 images cannot be read by this version",
-            path.display()
+            "{}: qcow2 images can only be opened read-only{}",
+            path.display(),
+            if cfg!(feature = "qcow2") {
+                ""
+            } else {
+                " (and this build has no qcow2 support)"
+            }
         ))),
     }
 }

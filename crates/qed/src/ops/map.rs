@@ -40,7 +40,7 @@ impl MapEntry {
 }
 
 /// Describes the run at `pos` (at most `len` bytes), descending the backing chain.
-fn describe(dev: &dyn BlockDevice, pos: u64, len: u64, depth: u32) -> Result<MapEntry> {
+pub fn describe(dev: &dyn BlockDevice, pos: u64, len: u64, depth: u32) -> Result<MapEntry> {
     let s = dev.block_status(pos, len)?;
     let entry = |present: bool, zero: bool, data: bool, offset: Option<u64>| MapEntry {
         start: pos,

@@ -1,0 +1,156 @@
+//! Copying one device's contents into another, sparsely.
+
+use super::{is_zero, known_zero, Progress, STEP};
+use crate::device::BlockDevice;
+use crate::error::{Error, Result};
+
+/// How to copy.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvertOptions<'a> {
+    /// Runs of zeros at least this long (and aligned to it) are not written as data;
+    /// 0 writes every byte, as `qemu-img convert -S 0`.
+    pub sparse_size: u64,
+    /// The destination reads as zeros everywhere before the copy (a new image with no
+    /// backing file), so zero runs need not be written at all.
+    pub target_is_zero: bool,
+    /// What the destination reads where it has no data of its own (its new backing file):
+    /// only bytes that differ from it are written.
+    pub target_backing: Option<&'a dyn BlockDevice>,
+}
+
+impl Default for ConvertOptions<'_> {
+    fn default() -> Self {
+        Self {
+            sparse_size: 4096,
+            target_is_zero: false,
+            target_backing: None,
+        }
+    }
+}
+
+/// Reads `buf.len()` bytes of `dev` at `pos`, zeros past its end.
+pub(crate) fn read_padded(dev: &dyn BlockDevice, buf: &mut [u8], pos: u64) -> Result<()> {
+    let avail = dev.size().saturating_sub(pos).min(buf.len() as u64) as usize;
+    if avail > 0 {
+        dev.read_at(&mut buf[..avail], pos)?;
+    }
+    buf[avail..].fill(0);
+    Ok(())
+}
+
+/// Copies all of `src` into `dst`, which must be at least as large.
+pub fn convert(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    opts: &ConvertOptions<'_>,
+    progress: Progress<'_>,
+) -> Result<()> {
+    let size = src.size();
+    if dst.size() < size {
+        return Err(Error::invalid_argument(format!(
+            "the destination ({} bytes) is smaller than the source ({size} bytes)",
+            dst.size()
+        )));
+    }
+    let mut buf = vec![0u8; STEP as usize];
+    let mut under = opts.target_backing.map(|_| vec![0u8; STEP as usize]);
+    let mut pos = 0;
+    progress(0, size);
+    while pos < size {
+        let n = (size - pos).min(STEP);
+        let skip_whole = opts.sparse_size > 0
+            && opts.target_is_zero
+            && opts.target_backing.is_none()
+            && known_zero(src, pos, n)?;
+        if !skip_whole {
+            let chunk = &mut buf[..n as usize];
+            src.read_at(chunk, pos)?;
+            let base = match (&mut under, opts.target_backing) {
+                (Some(u), Some(b)) => {
+                    read_padded(b, &mut u[..n as usize], pos)?;
+                    Some(&u[..n as usize])
+                }
+                _ => None,
+            };
+            copy_chunk(dst, chunk, base, pos, opts)?;
+        }
+        pos += n;
+        progress(pos, size);
+    }
+    dst.flush()
+}
+
+/// What to do with one block of a chunk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Skip,
+    Zero,
+    Data,
+}
+
+/// Writes one chunk, block by block (blocks of `sparse_size`), merging neighbours that
+/// need the same action into one request.
+fn copy_chunk(
+    dst: &dyn BlockDevice,
+    chunk: &[u8],
+    base: Option<&[u8]>,
+    pos: u64,
+    opts: &ConvertOptions<'_>,
+) -> Result<()> {
+    let block = if opts.sparse_size == 0 {
+        chunk.len()
+    } else {
+        opts.sparse_size.min(chunk.len() as u64) as usize
+    };
+    let action = |start: usize, end: usize| -> Action {
+        let data = &chunk[start..end];
+        if let Some(b) = base {
+            if data == &b[start..end] {
+                return Action::Skip;
+            }
+        }
+        if opts.sparse_size == 0 || !is_zero(data) {
+            Action::Data
+        } else if opts.target_is_zero && base.is_none() {
+            Action::Skip
+        } else {
+            Action::Zero
+        }
+    };
+    let mut run_start = 0;
+    let mut run_action = None;
+    let mut i = 0;
+    while i < chunk.len() {
+        // Blocks are aligned to the guest offset, as qemu-img aligns them.
+        let end = (((pos + i as u64) / block as u64 + 1) * block as u64 - pos) as usize;
+        let end = end.min(chunk.len());
+        let a = action(i, end);
+        if run_action != Some(a) {
+            if let Some(prev) = run_action {
+                apply(dst, chunk, prev, run_start, i, pos)?;
+            }
+            run_start = i;
+            run_action = Some(a);
+        }
+        i = end;
+    }
+    if let Some(prev) = run_action {
+        apply(dst, chunk, prev, run_start, chunk.len(), pos)?;
+    }
+    Ok(())
+}
+
+fn apply(
+    dst: &dyn BlockDevice,
+    chunk: &[u8],
+    action: Action,
+    start: usize,
+    end: usize,
+    pos: u64,
+) -> Result<()> {
+    match action {
+        Action::Skip => Ok(()),
+        Action::Zero => dst.write_zeroes(pos + start as u64, (end - start) as u64),
+        Action::Data => dst.write_at(&chunk[start..end], pos + start as u64),
+    }
+}
