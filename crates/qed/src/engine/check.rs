@@ -5,6 +5,7 @@ use super::{Image, ENTRIES_PER_SECTOR};
 use crate::error::{Error, IoContext, Result};
 use crate::format::header::{cluster_offset_is_valid, table_offset_is_valid};
 use crate::format::table::{decode_entries, encode_entries, UNALLOCATED, ZERO_CLUSTER};
+use std::sync::atomic::Ordering;
 
 /// Entries read from disk at a time while walking tables.
 const WALK_CHUNK_ENTRIES: u64 = 8192;
@@ -84,6 +85,16 @@ pub struct CheckReport {
     pub details: Vec<Corruption>,
     /// File offsets of leaked clusters, in order (only the first few thousand).
     pub leaked_offsets: Vec<u64>,
+    /// Data clusters copied so that no two entries share one (repair only).
+    pub clusters_copied: u64,
+    /// Clusters moved down the file to fill leaks (repair only).
+    pub clusters_moved: u64,
+    /// Bytes the file shrank by (repair only).
+    pub bytes_truncated: u64,
+    /// Leaked clusters that could not be filled and were punched out of the file instead
+    /// (repair only). They take no space but are still unreferenced, so a later check,
+    /// ours or QEMU's, counts them as leaks again.
+    pub leaks_punched: u64,
 }
 
 impl CheckReport {
@@ -109,7 +120,7 @@ impl CheckReport {
 }
 
 /// Which clusters of the file are referenced.
-struct UsedMap {
+pub(super) struct UsedMap {
     bits: Vec<u64>,
     clusters: u64,
 }
@@ -125,7 +136,7 @@ impl UsedMap {
     }
 
     /// Marks a cluster; returns false if it was marked already.
-    fn mark(&mut self, cluster: u64) -> bool {
+    pub(super) fn mark(&mut self, cluster: u64) -> bool {
         if cluster >= self.clusters {
             return true;
         }
@@ -135,44 +146,101 @@ impl UsedMap {
         !was
     }
 
-    fn is_marked(&self, cluster: u64) -> bool {
-        self.bits[(cluster / 64) as usize] & (1 << (cluster % 64)) != 0
+    pub(super) fn is_marked(&self, cluster: u64) -> bool {
+        cluster < self.clusters && self.bits[(cluster / 64) as usize] & (1 << (cluster % 64)) != 0
     }
+
+    pub(super) fn unmark(&mut self, cluster: u64) {
+        if cluster < self.clusters {
+            self.bits[(cluster / 64) as usize] &= !(1 << (cluster % 64));
+        }
+    }
+
+    pub(super) fn len(&self) -> u64 {
+        self.clusters
+    }
+}
+
+/// What `check -r` may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairMode {
+    /// Reclaim leaked clusters only.
+    Leaks,
+    /// Fix corruptions too: clear invalid entries, give every owner of a shared cluster
+    /// its own copy, then reclaim leaks.
+    All,
+}
+
+/// The result of walking every table: the report, which clusters are in use, and
+/// where the L2 tables are.
+pub(super) struct Walk {
+    pub(super) report: CheckReport,
+    pub(super) used: UsedMap,
+    /// (L1 index, file offset) of every valid, uniquely owned L2 table.
+    pub(super) tables: Vec<(u64, u64)>,
 }
 
 impl Image {
     /// Checks the image's metadata without changing anything.
     pub fn check(&self) -> Result<CheckReport> {
-        self.check_inner(false)
+        Ok(self.walk(false)?.report)
     }
 
-    /// Checks the metadata and repairs what it can: invalid table entries are cleared
-    /// (as QEMU does). On success with nothing left to repair, NEED_CHECK is cleared.
-    pub fn repair(&mut self) -> Result<CheckReport> {
+    /// Checks the metadata and repairs it (see [`RepairMode`] and docs/design.md). On
+    /// success, with no corruption left, NEED_CHECK is cleared.
+    pub fn repair(&mut self, mode: RepairMode) -> Result<CheckReport> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        let report = self.check_inner(true)?;
+        let first = self.walk(mode == RepairMode::All)?;
+        let mut report = first.report.clone();
+        // Repairs may have appended copies; walk again for an exact picture of leaks.
+        let walk = if report.corruptions_fixed > 0 {
+            let again = self.walk(false)?;
+            report.leaks = again.report.leaks;
+            report.check_errors += again.report.check_errors;
+            again
+        } else {
+            first
+        };
+        if report.check_errors == 0 && report.leaks > 0 {
+            let moves_allowed = walk.report.corruptions == 0;
+            report = self.reclaim_leaks(walk, report, moves_allowed)?;
+        }
+        self.reload_tables()?;
+        if report.corruptions_remaining() == 0 && report.check_errors == 0 {
+            self.mark_clean()?;
+        }
+        report.leaked_offsets.clear();
         Ok(report)
     }
 
-    pub(super) fn check_inner(&self, fix: bool) -> Result<CheckReport> {
+    /// Reclaims leaked clusters (after a shrink): a repair limited to leaks.
+    pub(super) fn repair_leaks(&mut self) -> Result<()> {
+        self.repair(RepairMode::Leaks).map(|_| ())
+    }
+
+    /// Walks every table. With `fix`, invalid entries are cleared and every later owner
+    /// of a shared cluster or table gets its own copy (appended at the frontier).
+    pub(super) fn walk(&self, fix: bool) -> Result<Walk> {
         let _st = self.lock_alloc();
         let header = self.header_read().clone();
         let g = self.geometry;
         let cs = g.cluster_size();
         let file_end = self.file_clusters_end();
-        let mut report = CheckReport {
-            total_clusters: g.clusters_for(header.image_size),
-            ..Default::default()
+        let mut w = Walk {
+            report: CheckReport {
+                total_clusters: g.clusters_for(header.image_size),
+                ..Default::default()
+            },
+            used: UsedMap::new(file_end / cs)?,
+            tables: Vec::new(),
         };
-        let mut used = UsedMap::new(file_end / cs)?;
         for i in 0..u64::from(header.table_size) {
-            used.mark(header.l1_table_offset / cs + i);
+            w.used.mark(header.l1_table_offset / cs + i);
         }
 
         let entries = g.entries_per_table();
-        let mut l1_dirty = false;
         let mut l1_chunk = vec![0u64; WALK_CHUNK_ENTRIES.min(entries) as usize];
         let mut start = 0;
         while start < entries {
@@ -182,13 +250,13 @@ impl Image {
                 .context(|| "reading the L1 table".to_string())?;
             let mut changed = false;
             for (k, e) in chunk.iter_mut().enumerate() {
-                let l2 = *e;
+                let mut l2 = *e;
                 if l2 == UNALLOCATED {
                     continue;
                 }
                 let l1_index = start + k as u64;
                 if !table_offset_is_valid(&header, &g, file_end, l2) {
-                    report.corrupt(
+                    w.report.corrupt(
                         Corruption::InvalidL2Offset {
                             l1_index,
                             value: l2,
@@ -203,56 +271,57 @@ impl Image {
                 }
                 let mut double = false;
                 for c in 0..u64::from(header.table_size) {
-                    double |= !used.mark(l2 / cs + c);
+                    double |= !w.used.mark(l2 / cs + c);
                 }
                 if double {
-                    report.corrupt(Corruption::DoubleReference { offset: l2 }, false);
-                    continue;
+                    w.report
+                        .corrupt(Corruption::DoubleReference { offset: l2 }, fix);
+                    if !fix {
+                        continue;
+                    }
+                    // This owner gets its own copy of the table; the entries of the copy
+                    // then share their clusters with the original and are copied below.
+                    l2 = self.copy_to_frontier(l2, g.table_bytes())?;
+                    *e = l2;
+                    changed = true;
                 }
-                match self.check_l2(l2, &header, file_end, fix, &mut used, &mut report) {
-                    Ok(()) => {}
-                    Err(_) => report.check_errors += 1,
+                match self.walk_l2(l2, &header, file_end, fix, &mut w) {
+                    Ok(()) => w.tables.push((l1_index, l2)),
+                    Err(_) => w.report.check_errors += 1,
                 }
             }
             if changed {
+                self.flush_storage()?;
                 self.write_entries(header.l1_table_offset, start, chunk)
                     .context(|| "rewriting the L1 table".to_string())?;
-                l1_dirty = true;
             }
             start += n;
         }
 
-        if report.check_errors == 0 {
+        if w.report.check_errors == 0 {
             let first = self.data_start / cs;
             for c in first..file_end / cs {
-                if !used.is_marked(c) {
-                    report.leaks += 1;
-                    if report.leaked_offsets.len() < MAX_LISTED * 8 {
-                        report.leaked_offsets.push(c * cs);
+                if !w.used.is_marked(c) {
+                    w.report.leaks += 1;
+                    if w.report.leaked_offsets.len() < MAX_LISTED * 8 {
+                        w.report.leaked_offsets.push(c * cs);
                     }
                 }
             }
         }
-
-        if fix {
-            if l1_dirty || report.corruptions_fixed > 0 {
-                self.reload_tables()?;
-            }
-            if report.corruptions_remaining() == 0 && report.check_errors == 0 {
-                self.mark_clean()?;
-            }
+        if fix && w.report.corruptions_fixed > 0 {
+            self.flush_storage()?;
         }
-        Ok(report)
+        Ok(w)
     }
 
-    fn check_l2(
+    fn walk_l2(
         &self,
         table: u64,
         header: &crate::format::Header,
         file_end: u64,
         fix: bool,
-        used: &mut UsedMap,
-        report: &mut CheckReport,
+        w: &mut Walk,
     ) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
@@ -271,13 +340,13 @@ impl Image {
                 if off == UNALLOCATED || off == ZERO_CLUSTER {
                     continue;
                 }
-                report.allocated_clusters += 1;
+                w.report.allocated_clusters += 1;
                 if last_offset != 0 && last_offset.wrapping_add(cs) != off {
-                    report.fragmented_clusters += 1;
+                    w.report.fragmented_clusters += 1;
                 }
                 last_offset = off;
                 if !cluster_offset_is_valid(header, &g, file_end, off) {
-                    report.corrupt(
+                    w.report.corrupt(
                         Corruption::InvalidDataOffset {
                             table,
                             index: start + k as u64,
@@ -291,11 +360,19 @@ impl Image {
                     }
                     continue;
                 }
-                if !used.mark(off / cs) {
-                    report.corrupt(Corruption::DoubleReference { offset: off }, false);
+                if !w.used.mark(off / cs) {
+                    w.report
+                        .corrupt(Corruption::DoubleReference { offset: off }, fix);
+                    if fix {
+                        *e = self.copy_to_frontier(off, cs)?;
+                        w.report.clusters_copied += 1;
+                        changed = true;
+                    }
                 }
             }
             if changed {
+                // Copies must be durable before the entries that point at them.
+                self.flush_storage()?;
                 self.write_entries(table, start, chunk)
                     .context(|| format!("rewriting the L2 table at {table:#x}"))?;
             }
@@ -304,14 +381,46 @@ impl Image {
         Ok(())
     }
 
-    fn read_entries(&self, table: u64, first: u64, out: &mut [u64]) -> std::io::Result<()> {
+    /// Appends a copy of `len` bytes at file offset `from` at the frontier.
+    pub(super) fn copy_to_frontier(&self, from: u64, len: u64) -> Result<u64> {
+        let to = self.reserve(len)?;
+        self.copy_within(from, to, len)?;
+        Ok(to)
+    }
+
+    /// Copies `len` bytes of the file from `from` to `to`, a megabyte at a time.
+    pub(super) fn copy_within(&self, from: u64, to: u64, len: u64) -> Result<()> {
+        let mut buf = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            self.storage
+                .read_at(&mut buf[..n], from + done)
+                .and_then(|_| self.storage.write_at(&buf[..n], to + done))
+                .context(|| format!("copying {len} bytes from {from:#x} to {to:#x}"))?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    pub(super) fn read_entries(
+        &self,
+        table: u64,
+        first: u64,
+        out: &mut [u64],
+    ) -> std::io::Result<()> {
         let mut bytes = vec![0u8; out.len() * 8];
         self.storage.read_at(&mut bytes, table + first * 8)?;
         decode_entries(&bytes, out);
         Ok(())
     }
 
-    fn write_entries(&self, table: u64, first: u64, entries: &[u64]) -> std::io::Result<()> {
+    pub(super) fn write_entries(
+        &self,
+        table: u64,
+        first: u64,
+        entries: &[u64],
+    ) -> std::io::Result<()> {
         debug_assert_eq!(first % ENTRIES_PER_SECTOR, 0);
         let mut bytes = vec![0u8; entries.len() * 8];
         encode_entries(entries, &mut bytes);
@@ -320,13 +429,16 @@ impl Image {
 
     /// Re-reads L1 and drops cached L2 pages after tables were rewritten on disk.
     fn reload_tables(&self) -> Result<()> {
-        let header = self.header_read().clone();
-        let mut l1 = self.l1.write().unwrap_or_else(|p| p.into_inner());
-        let mut fresh = vec![0u64; l1.len()];
-        self.read_entries(header.l1_table_offset, 0, &mut fresh)
-            .context(|| "re-reading the L1 table".to_string())?;
-        *l1 = fresh;
+        self.load_l1()?;
         self.l2.clear();
+        self.frontier.store(
+            self.geometry.cluster_start(
+                self.storage
+                    .len()
+                    .context(|| format!("reading the size of {}", self.name))?,
+            ),
+            Ordering::Release,
+        );
         Ok(())
     }
 
@@ -336,14 +448,10 @@ impl Image {
         if !header.needs_check() {
             return Ok(());
         }
-        self.storage
-            .flush()
-            .context(|| format!("flushing {}", self.name))?;
+        self.flush_storage()?;
         header.features &= !crate::format::features::NEED_CHECK;
         self.write_header(&header)?;
-        self.storage
-            .flush()
-            .context(|| format!("flushing {}", self.name))?;
+        self.flush_storage()?;
         *self.header.write().unwrap_or_else(|p| p.into_inner()) = header;
         Ok(())
     }

@@ -177,7 +177,7 @@ impl Image {
     }
 
     /// Appends `bytes` at the frontier, growing the file first. Returns where.
-    fn reserve(&self, bytes: u64) -> Result<u64> {
+    pub(super) fn reserve(&self, bytes: u64) -> Result<u64> {
         let old = self.file_clusters_end();
         let new = old.checked_add(bytes).ok_or_else(|| {
             Error::Unsupported(format!("{}: the file would exceed 2^64 bytes", self.name))
@@ -189,7 +189,7 @@ impl Image {
         Ok(old)
     }
 
-    fn flush_storage(&self) -> Result<()> {
+    pub(super) fn flush_storage(&self) -> Result<()> {
         self.storage
             .flush()
             .context(|| format!("flushing {}", self.name))

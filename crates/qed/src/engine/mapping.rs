@@ -50,7 +50,8 @@ impl Image {
         while n < max_clusters {
             let next = L2Entry::decode(entries[first + n]);
             let same = match (kind, next) {
-                (L2Entry::Data(a), L2Entry::Data(b)) => b == a + n as u64 * cs,
+                // A corrupt entry near u64::MAX must not overflow: it is reported below.
+                (L2Entry::Data(a), L2Entry::Data(b)) => a.checked_add(n as u64 * cs) == Some(b),
                 (a, b) => a == b,
             };
             if !same {

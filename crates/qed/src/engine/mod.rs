@@ -1,13 +1,16 @@
 //! One QED image over a storage: header and L1 in memory, a bounded L2 cache, the
 //! allocation frontier and the NEED_CHECK protocol.
 
+mod admin;
 mod check;
 mod create;
 mod io;
 mod l2cache;
 mod mapping;
+mod repair;
 
-pub use check::{CheckReport, Corruption};
+pub use admin::NewBacking;
+pub use check::{CheckReport, Corruption, RepairMode};
 pub use create::CreateOptions;
 pub use mapping::Mapping;
 
@@ -166,7 +169,10 @@ impl Image {
             closed: false.into(),
         };
         if needs_check && !opts.read_only {
-            let report = image.repair()?;
+            // Until the check succeeds, dropping the image must not close it cleanly:
+            // that would clear NEED_CHECK and let the next open skip the check.
+            image.closed.store(true, Ordering::Release);
+            let report = image.repair(RepairMode::All)?;
             if report.corruptions_remaining() > 0 {
                 return Err(Error::Unsupported(format!(
                     "{}: NEED_CHECK is set and the check left {} corruptions; \
@@ -175,6 +181,7 @@ impl Image {
                     report.corruptions_remaining()
                 )));
             }
+            image.closed.store(false, Ordering::Release);
             image.open_repair = Some(report);
         }
         Ok(image)

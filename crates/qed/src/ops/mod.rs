@@ -1,9 +1,12 @@
 //! Whole-image operations over devices. None of them prints: long ones report progress
 //! through a callback.
 
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod map;
+pub mod measure;
+pub mod rebase;
 
 use crate::device::BlockDevice;
 use crate::error::Result;

@@ -1,0 +1,223 @@
+//! Changes to a whole image: size, backing file, emptying.
+
+use super::{Backing, Image, ENTRIES_PER_SECTOR};
+use crate::device::{BlockDevice, Format};
+use crate::error::{Error, IoContext, Result};
+use crate::format::geometry::SECTOR_SIZE;
+use crate::format::header::{features, HEADER_LEN, MAX_BACKING_NAME_LEN};
+use crate::format::table::{decode_entries, encode_entries};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+/// A backing file to record in an image's header.
+#[derive(Debug)]
+pub struct NewBacking {
+    /// The name to store (relative names are relative to the image's directory).
+    pub name: String,
+    /// The name resolved against the image's directory.
+    pub path: PathBuf,
+    /// `Some(Raw)` sets NO_PROBE; anything else leaves the format to probing.
+    pub format: Option<Format>,
+    /// The opened backing device, if the caller has one.
+    pub device: Option<Box<dyn BlockDevice>>,
+}
+
+impl Image {
+    /// The largest backing file name this image's header area can hold.
+    pub fn max_backing_name_len(&self) -> u64 {
+        (self.data_start - HEADER_LEN as u64).min(MAX_BACKING_NAME_LEN.into())
+    }
+
+    /// Records a new backing file (or none) in the header: header and name are written
+    /// in one write, then flushed. No data is copied; see `ops::rebase` for that.
+    pub fn set_backing_file(&mut self, new: Option<NewBacking>) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let mut header = self.header();
+        header.features &= !(features::BACKING_FILE | features::BACKING_FORMAT_NO_PROBE);
+        let mut bytes = Vec::with_capacity(HEADER_LEN);
+        match &new {
+            Some(b) => {
+                let room = self.max_backing_name_len();
+                if b.name.is_empty() || b.name.len() as u64 > room {
+                    return Err(Error::invalid_argument(format!(
+                        "backing file name of {} bytes does not fit in the header area: it \
+                         must be from 1 to {room} bytes",
+                        b.name.len()
+                    )));
+                }
+                header.features |= features::BACKING_FILE;
+                if b.format == Some(Format::Raw) {
+                    header.features |= features::BACKING_FORMAT_NO_PROBE;
+                }
+                header.backing_filename_offset = HEADER_LEN as u32;
+                header.backing_filename_size = b.name.len() as u32;
+                bytes.extend_from_slice(&header.encode());
+                bytes.extend_from_slice(b.name.as_bytes());
+            }
+            None => {
+                header.backing_filename_offset = 0;
+                header.backing_filename_size = 0;
+                bytes.extend_from_slice(&header.encode());
+            }
+        }
+        // Keep whatever follows in the last sector touched, as a header rewrite does.
+        let len = (bytes.len() as u64).next_multiple_of(SECTOR_SIZE);
+        let mut sectors = vec![0u8; len as usize];
+        self.storage
+            .read_at(&mut sectors, 0)
+            .context(|| format!("reading the header of {}", self.name))?;
+        sectors[..bytes.len()].copy_from_slice(&bytes);
+        self.storage
+            .write_at(&sectors, 0)
+            .and_then(|_| self.storage.flush())
+            .context(|| format!("writing the header of {}", self.name))?;
+        *self.header.write().unwrap_or_else(|p| p.into_inner()) = header;
+        self.backing = new.map(|b| Backing {
+            name: b.name,
+            path: b.path,
+            declared_format: b.format,
+            device: b.device,
+        });
+        Ok(())
+    }
+
+    /// Changes the virtual size (rounded up to 512). Growing only rewrites the header, as
+    /// QEMU does. Shrinking needs `allow_shrink`: the clusters past the new end are
+    /// dropped from the tables, then the space they used is reclaimed.
+    pub fn resize(&mut self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let g = self.geometry;
+        let max = g.max_image_size();
+        let new_size = new_size
+            .checked_next_multiple_of(SECTOR_SIZE)
+            .filter(|&s| s <= max)
+            .ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "size {new_size} is too large: with cluster_size={} and table_size={} \
+                     the maximum is {max} bytes",
+                    g.cluster_size(),
+                    g.table_size()
+                ))
+            })?;
+        let old_size = self.size();
+        if new_size < old_size {
+            if !allow_shrink {
+                return Err(Error::invalid_argument(format!(
+                    "shrinking from {old_size} to {new_size} bytes drops data: pass --shrink \
+                     to do it"
+                )));
+            }
+            self.drop_clusters_from(new_size)?;
+        }
+        let mut header = self.header();
+        header.image_size = new_size;
+        self.write_header(&header)?;
+        self.flush_storage()?;
+        *self.header.write().unwrap_or_else(|p| p.into_inner()) = header;
+        self.load_l1()?;
+        if new_size < old_size {
+            self.repair_leaks()?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads the L1 entries covering the current size from disk.
+    pub(super) fn load_l1(&self) -> Result<()> {
+        let g = self.geometry;
+        let header = self.header();
+        let len = g
+            .l1_entries_for(header.image_size)
+            .next_multiple_of(ENTRIES_PER_SECTOR)
+            .min(g.entries_per_table());
+        let mut bytes = vec![0u8; (len * 8) as usize];
+        self.storage
+            .read_at(&mut bytes, header.l1_table_offset)
+            .context(|| format!("reading the L1 table of {}", self.name))?;
+        let mut l1 = vec![0u64; len as usize];
+        decode_entries(&bytes, &mut l1);
+        *self.l1.write().unwrap_or_else(|p| p.into_inner()) = l1;
+        Ok(())
+    }
+
+    /// Clears every table entry for guest clusters at or past `new_size` (rounded up to a
+    /// cluster) and zeroes the data past `new_size` in the last kept cluster, so that a
+    /// later grow shows zeros there.
+    fn drop_clusters_from(&mut self, new_size: u64) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let in_cluster = g.offset_in_cluster(new_size);
+        if in_cluster != 0 {
+            if let (super::Mapping::Data(off), _) = self.lookup(new_size, 1)? {
+                self.storage
+                    .zero_range(off, cs - in_cluster)
+                    .context(|| format!("zeroing the tail of the last cluster of {}", self.name))?;
+            }
+        }
+        let keep_end = new_size.next_multiple_of(cs);
+        let l1 = self.l1.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut new_l1 = l1.clone();
+        let first_l1 = g.l1_index(keep_end);
+        for (i, &table) in l1.iter().enumerate().skip(first_l1 as usize) {
+            if table == 0 {
+                continue;
+            }
+            let cover_start = i as u64 * g.l2_coverage();
+            if cover_start >= keep_end {
+                new_l1[i] = 0;
+                continue;
+            }
+            self.check_l2_offset(i as u64, table)?;
+            // The table straddles the new end: clear its entries from there on.
+            let from = g.l2_index(keep_end);
+            let start = from / ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR;
+            let count = g.entries_per_table() - start;
+            let mut entries = vec![0u64; count as usize];
+            let mut bytes = vec![0u8; (count * 8) as usize];
+            self.storage
+                .read_at(&mut bytes, table + start * 8)
+                .context(|| format!("reading the L2 table at {table:#x}"))?;
+            decode_entries(&bytes, &mut entries);
+            entries[(from - start) as usize..].fill(0);
+            encode_entries(&entries, &mut bytes);
+            self.storage
+                .write_at(&bytes, table + start * 8)
+                .context(|| format!("writing the L2 table at {table:#x}"))?;
+        }
+        if new_l1 != l1 {
+            self.write_l1_sectors(&new_l1, 0, new_l1.len() as u64)?;
+            *self.l1.write().unwrap_or_else(|p| p.into_inner()) = new_l1;
+        }
+        self.flush_storage()?;
+        self.l2.clear();
+        Ok(())
+    }
+
+    /// Drops every cluster: the image reads entirely from its backing file (or as zeros)
+    /// and its file shrinks back to the header and L1 table.
+    pub fn make_empty(&mut self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let g = self.geometry;
+        let header = self.header();
+        let l1_end = header.l1_table_offset + g.table_bytes();
+        // Clear L1 first and make that durable: a crash then leaves leaks, never
+        // references past the end of the file.
+        self.storage
+            .zero_range(header.l1_table_offset, g.table_bytes())
+            .and_then(|_| self.storage.flush())
+            .context(|| format!("clearing the L1 table of {}", self.name))?;
+        let end = l1_end.max(self.data_start);
+        self.storage
+            .set_len(end)
+            .and_then(|_| self.storage.flush())
+            .context(|| format!("truncating {}", self.name))?;
+        self.frontier.store(end, Ordering::Release);
+        self.l2.clear();
+        self.load_l1()
+    }
+}
