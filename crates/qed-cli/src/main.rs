@@ -37,6 +37,18 @@ enum Command {
     Check(cmd::check::Args),
     /// Run read, write and other commands on an image, as qemu-io.
     Io(cmd::io::Args),
+    /// Copy an image into a new QED or raw image.
+    Convert(cmd::convert::Args),
+    /// Compare the contents of two images.
+    Compare(cmd::compare::Args),
+    /// Write an image's data into its backing file.
+    Commit(cmd::commit::Args),
+    /// Change an image's backing file.
+    Rebase(cmd::rebase::Args),
+    /// Change an image's virtual size.
+    Resize(cmd::resize::Args),
+    /// Compute the file size a QED image needs.
+    Measure(cmd::measure::Args),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +59,12 @@ fn main() -> ExitCode {
         Command::Map(a) => cmd::map::run(a),
         Command::Check(a) => cmd::check::run(a),
         Command::Io(a) => cmd::io::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
+        Command::Compare(a) => cmd::compare::run(a),
+        Command::Commit(a) => cmd::commit::run(a),
+        Command::Rebase(a) => cmd::rebase::run(a),
+        Command::Resize(a) => cmd::resize::run(a),
+        Command::Measure(a) => cmd::measure::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -2,6 +2,7 @@
 
 use crate::Output;
 use anyhow::Result;
+use qed::engine::RepairMode;
 use qed::{CheckReport, Image, OpenOptions};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -17,8 +18,20 @@ pub struct Args {
     /// Image format (qed).
     #[arg(short = 'f')]
     format: Option<String>,
+    /// Repair: `leaks` reclaims leaked clusters, `all` also fixes corruptions.
+    #[arg(short = 'r', value_enum)]
+    repair: Option<Repair>,
     /// The image.
     file: PathBuf,
+}
+
+/// What `-r` repairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Repair {
+    /// Leaked clusters only.
+    Leaks,
+    /// Corruptions and leaks.
+    All,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -48,18 +61,43 @@ struct Json<'a> {
     corruptions_fixed: u64,
 }
 
-fn print_human(r: &CheckReport) {
+fn print_repaired(r: &CheckReport) {
     for d in &r.details {
-        println!("ERROR {d}");
+        println!("Repairing {d}");
     }
     if r.corruptions_fixed > 0 || r.leaks_fixed > 0 {
         println!(
             "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n",
             r.leaks_fixed, r.corruptions_fixed
         );
+        if r.clusters_copied > 0 {
+            println!(
+                "    {} shared clusters were copied so that each owner has its own",
+                r.clusters_copied
+            );
+        }
+        if r.clusters_moved > 0 || r.bytes_truncated > 0 {
+            println!(
+                "    {} clusters were moved into leaked space; the file shrank by {} bytes",
+                r.clusters_moved, r.bytes_truncated
+            );
+        }
+        if r.leaks_punched > 0 {
+            println!(
+                "    {} leaked clusters could not be filled and were released as holes",
+                r.leaks_punched
+            );
+        }
+        println!("\nDouble checking the fixed image now...");
     }
-    let corruptions = r.corruptions_remaining();
-    let leaks = r.leaks_remaining();
+}
+
+fn print_human(r: &CheckReport) {
+    for d in &r.details {
+        println!("ERROR {d}");
+    }
+    let corruptions = r.corruptions;
+    let leaks = r.leaks;
     if corruptions == 0 && leaks == 0 && r.check_errors == 0 {
         println!("No errors were found on the image.");
     } else {
@@ -97,10 +135,30 @@ pub fn run(a: Args) -> Result<u8> {
     super::require_qed(a.format.as_deref())?;
     let opts = OpenOptions {
         no_backing: true,
-        ..OpenOptions::read_only()
+        read_only: a.repair.is_none(),
+        repair_on_open: false,
+        ..OpenOptions::default()
     };
-    let image = Image::open(&a.file, &opts)?;
-    let r = image.check()?;
+    let mut image = Image::open(&a.file, &opts)?;
+    let r = match a.repair {
+        None => image.check()?,
+        Some(mode) => {
+            let mode = match mode {
+                Repair::Leaks => RepairMode::Leaks,
+                Repair::All => RepairMode::All,
+            };
+            let fixed = image.repair(mode)?;
+            if a.output == Output::Human {
+                print_repaired(&fixed);
+            }
+            // Report the image as it is now, as qemu-img does after a repair.
+            CheckReport {
+                leaks_fixed: fixed.leaks_fixed,
+                corruptions_fixed: fixed.corruptions_fixed,
+                ..image.check()?
+            }
+        }
+    };
     let name = a.file.display().to_string();
     match a.output {
         Output::Json => {
@@ -122,9 +180,9 @@ pub fn run(a: Args) -> Result<u8> {
     }
     Ok(if r.check_errors > 0 {
         1
-    } else if r.corruptions_remaining() > 0 {
+    } else if r.corruptions > 0 {
         2
-    } else if r.leaks_remaining() > 0 {
+    } else if r.leaks > 0 {
         3
     } else {
         0

@@ -41,33 +41,10 @@ pub fn run(a: Args) -> Result<u8> {
         );
     }
     let mut opts = CreateOptions::new(0);
-    let mut backing = a.backing.clone();
-    let mut backing_format = a.backing_format.clone();
-    for list in &a.options {
-        for kv in list.split(',').filter(|s| !s.is_empty()) {
-            let (k, v) = kv
-                .split_once('=')
-                .with_context(|| format!("invalid option '{kv}': expected key=value"))?;
-            match k {
-                "cluster_size" => {
-                    opts.cluster_size = u32::try_from(parse_size(v)?)
-                        .ok()
-                        .with_context(|| format!("cluster_size {v} is too large"))?
-                }
-                "table_size" => {
-                    opts.table_size = v
-                        .parse()
-                        .with_context(|| format!("invalid table_size '{v}': expected 1 to 16"))?
-                }
-                "backing_file" => backing = Some(v.to_string()),
-                "backing_fmt" => backing_format = Some(v.to_string()),
-                _ => bail!(
-                    "unknown option '{k}': qed images take cluster_size, table_size, \
-                     backing_file and backing_fmt"
-                ),
-            }
-        }
-    }
+    let parsed = super::CreateGeometry::parse(&a.options)?;
+    parsed.apply(&mut opts);
+    let backing = a.backing.clone().or(parsed.backing_file);
+    let backing_format = a.backing_format.clone().or(parsed.backing_fmt);
     let mut format = backing_format
         .as_deref()
         .map(str::parse::<Format>)

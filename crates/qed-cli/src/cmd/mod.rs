@@ -1,10 +1,16 @@
 //! One module per subcommand.
 
 pub mod check;
+pub mod commit;
+pub mod compare;
+pub mod convert;
 pub mod create;
 pub mod info;
 pub mod io;
 pub mod map;
+pub mod measure;
+pub mod rebase;
+pub mod resize;
 
 use anyhow::{bail, Result};
 use qed::Format;
@@ -54,4 +60,101 @@ pub fn open_for_io(
         );
     }
     Ok(Box::new(image))
+}
+
+/// A progress reporter for `-p`: a bar on stderr when enabled, nothing otherwise.
+pub struct ProgressReport {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl ProgressReport {
+    /// A reporter that draws only when `enabled`.
+    pub fn new(enabled: bool) -> Self {
+        let bar = enabled.then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "    ({percent:>3}.00/100%) [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        Self { bar }
+    }
+
+    /// The callback to hand to an operation.
+    pub fn update(&mut self, done: u64, total: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    }
+
+    /// Ends the bar, leaving it on screen.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+/// The `-o key=value,...` options of a QED image to create.
+#[derive(Default)]
+pub struct CreateGeometry {
+    /// `cluster_size=SIZE`.
+    pub cluster_size: Option<u32>,
+    /// `table_size=N`.
+    pub table_size: Option<u32>,
+    /// `backing_file=NAME`.
+    pub backing_file: Option<String>,
+    /// `backing_fmt=FMT`.
+    pub backing_fmt: Option<String>,
+}
+
+impl CreateGeometry {
+    /// Parses every `-o` list given.
+    pub fn parse(lists: &[String]) -> Result<Self> {
+        use anyhow::Context;
+        let mut g = Self::default();
+        for list in lists {
+            for kv in list.split(',').filter(|s| !s.is_empty()) {
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("invalid option '{kv}': expected key=value"))?;
+                match k {
+                    "cluster_size" => {
+                        g.cluster_size = Some(
+                            u32::try_from(crate::units::parse_size(v)?)
+                                .ok()
+                                .with_context(|| format!("cluster_size {v} is too large"))?,
+                        )
+                    }
+                    "table_size" => {
+                        g.table_size = Some(v.parse().with_context(|| {
+                            format!("invalid table_size '{v}': expected 1 to 16")
+                        })?)
+                    }
+                    "backing_file" => g.backing_file = Some(v.to_string()),
+                    "backing_fmt" => g.backing_fmt = Some(v.to_string()),
+                    _ => bail!(
+                        "unknown option '{k}': qed images take cluster_size, table_size, \
+                         backing_file and backing_fmt"
+                    ),
+                }
+            }
+        }
+        Ok(g)
+    }
+
+    /// Sets the geometry given (the rest stays at its default).
+    pub fn apply(&self, opts: &mut qed::CreateOptions) {
+        if let Some(c) = self.cluster_size {
+            opts.cluster_size = c;
+        }
+        if let Some(t) = self.table_size {
+            opts.table_size = t;
+        }
+    }
 }

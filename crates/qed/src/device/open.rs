@@ -21,6 +21,9 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Upper bound on memory used for cached L2 table entries, in bytes.
     pub l2_cache_bytes: usize,
+    /// On a read-write open of an image with NEED_CHECK set, check and repair it first
+    /// (turn this off only to run a repair of your own right after opening).
+    pub repair_on_open: bool,
 }
 
 impl Default for OpenOptions {
@@ -29,6 +32,7 @@ impl Default for OpenOptions {
             read_only: false,
             no_backing: false,
             l2_cache_bytes: crate::engine::DEFAULT_L2_CACHE_BYTES,
+            repair_on_open: true,
         }
     }
 }

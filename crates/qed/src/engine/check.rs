@@ -100,12 +100,12 @@ pub struct CheckReport {
 impl CheckReport {
     /// Corruptions found and not repaired.
     pub fn corruptions_remaining(&self) -> u64 {
-        self.corruptions - self.corruptions_fixed
+        self.corruptions.saturating_sub(self.corruptions_fixed)
     }
 
     /// Leaks found and not repaired.
     pub fn leaks_remaining(&self) -> u64 {
-        self.leaks - self.leaks_fixed
+        self.leaks.saturating_sub(self.leaks_fixed)
     }
 
     fn corrupt(&mut self, c: Corruption, fixed: bool) {

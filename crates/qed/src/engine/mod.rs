@@ -168,7 +168,7 @@ impl Image {
             open_repair: None,
             closed: false.into(),
         };
-        if needs_check && !opts.read_only {
+        if needs_check && !opts.read_only && opts.repair_on_open {
             // Until the check succeeds, dropping the image must not close it cleanly:
             // that would clear NEED_CHECK and let the next open skip the check.
             image.closed.store(true, Ordering::Release);

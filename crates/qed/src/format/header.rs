@@ -326,11 +326,6 @@ mod tests {
     fn table_offset_overflow_is_invalid() {
         let h = sample();
         let g = Geometry::new(65536, 4).unwrap();
-        assert!(!table_offset_is_valid(
-            &h,
-            &g,
-            !0xffffu64,
-            !0xffffu64
-        ));
+        assert!(!table_offset_is_valid(&h, &g, !0xffffu64, !0xffffu64));
     }
 }

@@ -38,7 +38,10 @@ pub fn measure(src: Option<&dyn BlockDevice>, size: u64, geometry: Geometry) -> 
                 };
                 clusters += (last + 1).saturating_sub(from);
                 last_cluster = Some(last);
-                let (t0, t1) = (geometry.l1_index(pos), geometry.l1_index(pos + e.length - 1));
+                let (t0, t1) = (
+                    geometry.l1_index(pos),
+                    geometry.l1_index(pos + e.length - 1),
+                );
                 let tfrom = match last_table {
                     Some(t) if t >= t0 => t + 1,
                     _ => t0,

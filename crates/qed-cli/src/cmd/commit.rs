@@ -1,0 +1,71 @@
+//! `qed commit`.
+
+use super::ProgressReport;
+use anyhow::{bail, Context, Result};
+use qed::device::probe_format;
+use qed::storage::{FileStorage, Storage};
+use qed::{open_device, BlockDevice, Format, Image, OpenOptions};
+use std::path::PathBuf;
+
+/// Write an image's data into its backing file, then empty the image.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Keep the image's data (do not empty it afterwards).
+    #[arg(short = 'd')]
+    keep: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Image format (qed).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// The image.
+    file: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<u8> {
+    super::require_qed(a.format.as_deref())?;
+    let mut top = Image::open(&a.file, &OpenOptions::default())?;
+    let Some(backing) = top.backing_file() else {
+        bail!("{} has no backing file to commit into", a.file.display());
+    };
+    let base_path = backing.path.clone();
+    let format = match backing.declared_format {
+        Some(f) => f,
+        None => {
+            let s = FileStorage::open(&base_path, true)
+                .with_context(|| format!("could not open {}", base_path.display()))?;
+            probe_format(&s)?
+        }
+    };
+    // The base must hold the whole image: grow it first if it is shorter.
+    let size = top.size();
+    match format {
+        Format::Qed => {
+            let mut base = Image::open(&base_path, &OpenOptions::default())?;
+            if base.size() < size {
+                base.resize(size, false)?;
+            }
+            base.close()?;
+        }
+        Format::Raw => {
+            let s = FileStorage::open(&base_path, false)
+                .with_context(|| format!("could not open {}", base_path.display()))?;
+            if s.len()? < size {
+                s.set_len(size)?;
+            }
+        }
+        Format::Qcow2 => bail!("cannot commit into a qcow2 backing file"),
+    }
+    let base = open_device(&base_path, Some(format), &OpenOptions::default())?;
+    let mut progress = ProgressReport::new(a.progress);
+    qed::ops::commit::commit(&top, &*base, &mut |d, t| progress.update(d, t))?;
+    progress.finish();
+    drop(base);
+    if !a.keep {
+        top.make_empty()?;
+    }
+    top.close()?;
+    println!("Image committed.");
+    Ok(0)
+}

@@ -1,0 +1,79 @@
+//! `qed rebase`.
+
+use super::{parse_format, ProgressReport};
+use anyhow::{bail, Context, Result};
+use qed::device::resolve_backing_path;
+use qed::engine::NewBacking;
+use qed::{open_device, Image, OpenOptions};
+use std::path::PathBuf;
+
+/// Change an image's backing file. Safe mode (the default) first copies into the image
+/// every cluster that reads differently through the new backing file, so the guest sees
+/// the same disk; `-u` only rewrites the name. `-b ""` removes the backing file.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Unsafe: only change the name, copy nothing.
+    #[arg(short = 'u')]
+    unsafe_mode: bool,
+    /// The new backing file ("" for none), relative to the image's directory.
+    #[arg(short = 'b')]
+    backing: String,
+    /// Format of the new backing file (probed when omitted).
+    #[arg(short = 'F')]
+    backing_format: Option<String>,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Image format (qed).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// The image.
+    file: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<u8> {
+    super::require_qed(a.format.as_deref())?;
+    let format = parse_format(a.backing_format.as_deref())?;
+    let opts = OpenOptions {
+        no_backing: a.unsafe_mode,
+        ..OpenOptions::default()
+    };
+    let mut image = Image::open(&a.file, &opts)?;
+    let room = image.max_backing_name_len();
+    if a.backing.len() as u64 > room {
+        bail!(
+            "the backing file name is {} bytes; this image's header area holds at most {room}",
+            a.backing.len()
+        );
+    }
+    let new = if a.backing.is_empty() {
+        None
+    } else {
+        let path = resolve_backing_path(&a.file, &a.backing);
+        let device = if a.unsafe_mode {
+            None
+        } else {
+            Some(
+                open_device(&path, format, &OpenOptions::read_only()).with_context(|| {
+                    format!("could not open new backing file {}", path.display())
+                })?,
+            )
+        };
+        let format = format.or(device.as_ref().map(|d| d.format()));
+        Some(NewBacking {
+            name: a.backing.clone(),
+            path,
+            format,
+            device,
+        })
+    };
+    if !a.unsafe_mode {
+        let mut progress = ProgressReport::new(a.progress);
+        let target = new.as_ref().and_then(|b| b.device.as_deref());
+        qed::ops::rebase::rebase(&image, target, &mut |d, t| progress.update(d, t))?;
+        progress.finish();
+    }
+    image.set_backing_file(new)?;
+    image.close()?;
+    Ok(0)
+}

@@ -1,0 +1,46 @@
+//! `qed resize`.
+
+use crate::units::parse_size;
+use anyhow::{bail, Result};
+use qed::{BlockDevice, Image, OpenOptions};
+use std::path::PathBuf;
+
+/// Change an image's virtual size: `SIZE`, `+SIZE` or `-SIZE`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Allow shrinking (drops the data past the new end).
+    #[arg(long)]
+    shrink: bool,
+    /// Image format (qed).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// The image.
+    file: PathBuf,
+    /// New size, or a change to it with + or -.
+    #[arg(allow_hyphen_values = true)]
+    size: String,
+}
+
+pub fn run(a: Args) -> Result<u8> {
+    super::require_qed(a.format.as_deref())?;
+    let mut image = Image::open(&a.file, &OpenOptions::default())?;
+    let old = image.size();
+    let new = if let Some(d) = a.size.strip_prefix('+') {
+        old.checked_add(parse_size(d)?)
+    } else if let Some(d) = a.size.strip_prefix('-') {
+        let d = parse_size(d)?;
+        match old.checked_sub(d) {
+            Some(n) => Some(n),
+            None => bail!("cannot shrink by {d} bytes: the image is only {old} bytes"),
+        }
+    } else {
+        Some(parse_size(&a.size)?)
+    };
+    let Some(new) = new else {
+        bail!("the new size overflows");
+    };
+    image.resize(new, a.shrink)?;
+    image.close()?;
+    println!("Image resized.");
+    Ok(0)
+}
