@@ -4,7 +4,7 @@ use super::ProgressReport;
 use anyhow::{bail, Context, Result};
 use qed::device::probe_format;
 use qed::storage::{FileStorage, Storage};
-use qed::{open_device, BlockDevice, Format, Image, OpenOptions};
+use qed::{open_device, BlockDevice, Format, OpenOptions};
 use std::path::PathBuf;
 
 /// Write an image's data into its backing file, then empty the image.
@@ -25,7 +25,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<u8> {
     super::require_qed(a.format.as_deref())?;
-    let mut top = Image::open(&a.file, &OpenOptions::default())?;
+    let mut top = super::open_image(&a.file, &OpenOptions::default())?;
     let Some(backing) = top.backing_file() else {
         bail!("{} has no backing file to commit into", a.file.display());
     };
@@ -42,7 +42,7 @@ pub fn run(a: Args) -> Result<u8> {
     let size = top.size();
     match format {
         Format::Qed => {
-            let mut base = Image::open(&base_path, &OpenOptions::default())?;
+            let mut base = super::open_image(&base_path, &OpenOptions::default())?;
             if base.size() < size {
                 base.resize(size, false)?;
             }

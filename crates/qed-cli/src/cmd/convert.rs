@@ -93,7 +93,7 @@ pub fn run(a: Args) -> Result<u8> {
 
     let rw = OpenOptions::default();
     let dst: Box<dyn BlockDevice> = match dst_format {
-        Format::Qed => Box::new(Image::open(&a.dst, &rw)?),
+        Format::Qed => Box::new(super::open_image(&a.dst, &rw)?),
         _ => {
             let storage = FileStorage::open(&a.dst, false)
                 .with_context(|| format!("could not open {}", a.dst.display()))?;

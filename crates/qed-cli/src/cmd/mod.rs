@@ -50,16 +50,24 @@ pub fn open_for_io(
     if format != Format::Qed {
         return Ok(qed::open_device(path, Some(format), &opts)?);
     }
-    let image = qed::Image::open(path, &opts)?;
+    let image = open_image(path, &opts)?;
+    Ok(Box::new(image))
+}
+
+/// Opens a QED image; when the open had to repair it (NEED_CHECK was set), says what
+/// was repaired on stderr.
+pub fn open_image(path: &std::path::Path, opts: &qed::OpenOptions) -> Result<qed::Image> {
+    let image = qed::Image::open(path, opts)?;
     if let Some(r) = image.open_repair() {
         eprintln!(
-            "qed: {}: NEED_CHECK was set; the check repaired {} corruptions ({} leaked clusters left)",
+            "qed: {}: NEED_CHECK was set; the check repaired {} corruptions and reclaimed {} \
+             leaked clusters",
             path.display(),
             r.corruptions_fixed,
-            r.leaks_remaining()
+            r.leaks_fixed
         );
     }
-    Ok(Box::new(image))
+    Ok(image)
 }
 
 /// A progress reporter for `-p`: a bar on stderr when enabled, nothing otherwise.

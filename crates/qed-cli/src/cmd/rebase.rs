@@ -4,7 +4,7 @@ use super::{parse_format, ProgressReport};
 use anyhow::{bail, Context, Result};
 use qed::device::resolve_backing_path;
 use qed::engine::NewBacking;
-use qed::{open_device, Image, OpenOptions};
+use qed::{open_device, OpenOptions};
 use std::path::PathBuf;
 
 /// Change an image's backing file. Safe mode (the default) first copies into the image
@@ -38,7 +38,7 @@ pub fn run(a: Args) -> Result<u8> {
         no_backing: a.unsafe_mode,
         ..OpenOptions::default()
     };
-    let mut image = Image::open(&a.file, &opts)?;
+    let mut image = super::open_image(&a.file, &opts)?;
     let room = image.max_backing_name_len();
     if a.backing.len() as u64 > room {
         bail!(

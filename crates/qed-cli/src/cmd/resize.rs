@@ -2,7 +2,7 @@
 
 use crate::units::parse_size;
 use anyhow::{bail, Result};
-use qed::{BlockDevice, Image, OpenOptions};
+use qed::{BlockDevice, OpenOptions};
 use std::path::PathBuf;
 
 /// Change an image's virtual size: `SIZE`, `+SIZE` or `-SIZE`.
@@ -23,7 +23,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<u8> {
     super::require_qed(a.format.as_deref())?;
-    let mut image = Image::open(&a.file, &OpenOptions::default())?;
+    let mut image = super::open_image(&a.file, &OpenOptions::default())?;
     let old = image.size();
     let new = if let Some(d) = a.size.strip_prefix('+') {
         old.checked_add(parse_size(d)?)

@@ -181,6 +181,13 @@ impl Image {
                     report.corruptions_remaining()
                 )));
             }
+            if report.check_errors > 0 {
+                return Err(Error::Unsupported(format!(
+                    "{}: NEED_CHECK is set and the check could not finish ({} errors); \
+                     run 'qed check -r all' and inspect the image",
+                    image.name, report.check_errors
+                )));
+            }
             image.closed.store(false, Ordering::Release);
             image.open_repair = Some(report);
         }

@@ -66,7 +66,10 @@ impl Image {
         let mut moves = Vec::new();
         let mut top = total;
         let mut hole = first_data;
-        while moves_allowed {
+        loop {
+            if !moves_allowed {
+                break;
+            }
             while top > first_data && !used.is_marked(top - 1) {
                 top -= 1;
             }
