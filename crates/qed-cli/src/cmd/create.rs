@@ -77,16 +77,13 @@ pub fn run(a: Args) -> Result<u8> {
     opts.backing_file = backing.clone();
     opts.backing_format = format;
     // Validate everything before touching the destination.
-    let header = opts.header()?;
+    opts.header()?;
     for why in opts.qemu_incompatibilities() {
         eprintln!("qed: warning: {why}");
     }
     if !a.quiet {
-        let mut line = format!(
-            "Formatting '{}', fmt=qed size={}",
-            a.file.display(),
-            header.image_size
-        );
+        // As qemu-img: the size as requested (before rounding up to 512).
+        let mut line = format!("Formatting '{}', fmt=qed size={size}", a.file.display());
         if let Some(b) = &backing {
             line += &format!(" backing_file={b}");
         }
@@ -94,7 +91,8 @@ pub fn run(a: Args) -> Result<u8> {
             line += &format!(" backing_fmt={f}");
         }
         line += &format!(" cluster_size={}", opts.cluster_size);
-        if opts.table_size != qed::format::geometry::DEFAULT_TABLE_SIZE {
+        // qemu-img prints table_size whenever it was given, default or not.
+        if parsed.table_size.is_some() {
             line += &format!(" table_size={}", opts.table_size);
         }
         println!("{line}");

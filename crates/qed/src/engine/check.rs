@@ -108,11 +108,9 @@ impl CheckReport {
         self.leaks.saturating_sub(self.leaks_fixed)
     }
 
-    fn corrupt(&mut self, c: Corruption, fixed: bool) {
+    /// Counts a corruption; a fix is counted only once it is on disk.
+    fn corrupt(&mut self, c: Corruption) {
         self.corruptions += 1;
-        if fixed {
-            self.corruptions_fixed += 1;
-        }
         if self.details.len() < MAX_LISTED {
             self.details.push(c);
         }
@@ -223,7 +221,7 @@ impl Image {
     /// Walks every table. With `fix`, invalid entries are cleared and every later owner
     /// of a shared cluster or table gets its own copy (appended at the frontier).
     pub(super) fn walk(&self, fix: bool) -> Result<Walk> {
-        let _st = self.lock_alloc();
+        let _exclusive = self.gate.exclusive();
         let header = self.header_read().clone();
         let g = self.geometry;
         let cs = g.cluster_size();
@@ -248,7 +246,7 @@ impl Image {
             let chunk = &mut l1_chunk[..n as usize];
             self.read_entries(header.l1_table_offset, start, chunk)
                 .context(|| "reading the L1 table".to_string())?;
-            let mut changed = false;
+            let mut fixed = 0;
             for (k, e) in chunk.iter_mut().enumerate() {
                 let mut l2 = *e;
                 if l2 == UNALLOCATED {
@@ -256,16 +254,13 @@ impl Image {
                 }
                 let l1_index = start + k as u64;
                 if !table_offset_is_valid(&header, &g, file_end, l2) {
-                    w.report.corrupt(
-                        Corruption::InvalidL2Offset {
-                            l1_index,
-                            value: l2,
-                        },
-                        fix,
-                    );
+                    w.report.corrupt(Corruption::InvalidL2Offset {
+                        l1_index,
+                        value: l2,
+                    });
                     if fix {
                         *e = UNALLOCATED;
-                        changed = true;
+                        fixed += 1;
                     }
                     continue;
                 }
@@ -274,8 +269,7 @@ impl Image {
                     double |= !w.used.mark(l2 / cs + c);
                 }
                 if double {
-                    w.report
-                        .corrupt(Corruption::DoubleReference { offset: l2 }, fix);
+                    w.report.corrupt(Corruption::DoubleReference { offset: l2 });
                     if !fix {
                         continue;
                     }
@@ -283,17 +277,18 @@ impl Image {
                     // then share their clusters with the original and are copied below.
                     l2 = self.copy_to_frontier(l2, g.table_bytes())?;
                     *e = l2;
-                    changed = true;
+                    fixed += 1;
                 }
                 match self.walk_l2(l2, &header, file_end, fix, &mut w) {
                     Ok(()) => w.tables.push((l1_index, l2)),
                     Err(_) => w.report.check_errors += 1,
                 }
             }
-            if changed {
+            if fixed > 0 {
                 self.flush_storage()?;
                 self.write_entries(header.l1_table_offset, start, chunk)
                     .context(|| "rewriting the L1 table".to_string())?;
+                w.report.corruptions_fixed += fixed;
             }
             start += n;
         }
@@ -334,7 +329,8 @@ impl Image {
             let chunk = &mut buf[..n as usize];
             self.read_entries(table, start, chunk)
                 .context(|| format!("reading the L2 table at {table:#x}"))?;
-            let mut changed = false;
+            let mut fixed = 0;
+            let mut copied = 0;
             for (k, e) in chunk.iter_mut().enumerate() {
                 let off = *e;
                 if off == UNALLOCATED || off == ZERO_CLUSTER {
@@ -346,35 +342,34 @@ impl Image {
                 }
                 last_offset = off;
                 if !cluster_offset_is_valid(header, &g, file_end, off) {
-                    w.report.corrupt(
-                        Corruption::InvalidDataOffset {
-                            table,
-                            index: start + k as u64,
-                            value: off,
-                        },
-                        fix,
-                    );
+                    w.report.corrupt(Corruption::InvalidDataOffset {
+                        table,
+                        index: start + k as u64,
+                        value: off,
+                    });
                     if fix {
                         *e = UNALLOCATED;
-                        changed = true;
+                        fixed += 1;
                     }
                     continue;
                 }
                 if !w.used.mark(off / cs) {
                     w.report
-                        .corrupt(Corruption::DoubleReference { offset: off }, fix);
+                        .corrupt(Corruption::DoubleReference { offset: off });
                     if fix {
                         *e = self.copy_to_frontier(off, cs)?;
-                        w.report.clusters_copied += 1;
-                        changed = true;
+                        copied += 1;
+                        fixed += 1;
                     }
                 }
             }
-            if changed {
+            if fixed > 0 {
                 // Copies must be durable before the entries that point at them.
                 self.flush_storage()?;
                 self.write_entries(table, start, chunk)
                     .context(|| format!("rewriting the L2 table at {table:#x}"))?;
+                w.report.corruptions_fixed += fixed;
+                w.report.clusters_copied += copied;
             }
             start += n;
         }

@@ -9,13 +9,12 @@
 //!    its non-zero sectors, flush, then write the L1 entry's sector.
 
 use super::l2cache::PAGE_ENTRIES;
-use super::{AllocState, Image, Mapping, ENTRIES_PER_SECTOR};
+use super::{Image, Mapping, ENTRIES_PER_SECTOR};
 use crate::device::{check_range, BlockDevice, BlockStatus, Format};
 use crate::error::{Error, IoContext, Result};
 use crate::format::table::encode_entries;
 use crate::format::table::ZERO_CLUSTER;
 use std::sync::atomic::Ordering;
-use std::sync::MutexGuard;
 
 /// Largest buffer used to copy from the backing file.
 const COPY_CHUNK: u64 = 1 << 20;
@@ -99,12 +98,10 @@ impl Image {
     /// Writes the start of `buf` at `pos` into newly allocated clusters. Returns how many
     /// bytes it wrote: 0 when another writer allocated the cluster first.
     fn write_allocating(&self, buf: &[u8], pos: u64) -> Result<usize> {
-        let mut st = self.lock_alloc();
-        let (mapping, n) = self.lookup(pos, buf.len() as u64)?;
-        if let Mapping::Data(_) = mapping {
+        let Some((mapping, n, _claim)) = self.claim_unallocated(pos, buf.len() as u64)? else {
             return Ok(0);
-        }
-        self.prepare_allocation(&mut st)?;
+        };
+        let _gate = self.begin_allocation(true)?;
         let g = self.geometry;
         let cs = g.cluster_size();
         let first = g.cluster_start(pos);
@@ -131,10 +128,63 @@ impl Image {
             self.copy_from_backing(pos + n, tail, new_off + head + n)?;
         }
         if self.backing.is_some() {
+            // The data must be durable before an L2 entry exposes it; concurrent
+            // allocations share this flush.
             self.flush_storage()?;
         }
-        self.set_l2_entries(&mut st, first, nclusters, |i| new_off + i * cs)?;
+        self.set_l2_entries(first, nclusters, |i| new_off + i * cs)?;
         Ok(n as usize)
+    }
+
+    /// Claims the clusters of the unallocated or zero run at `pos` (at most `len` bytes)
+    /// and looks again under the claim. `None` when the first cluster turned out to be
+    /// data: someone else allocated it.
+    fn claim_unallocated(
+        &self,
+        pos: u64,
+        len: u64,
+    ) -> Result<Option<(Mapping, u64, super::alloc::ClusterClaim<'_>)>> {
+        let (mapping, n) = self.lookup(pos, len)?;
+        if let Mapping::Data(_) = mapping {
+            return Ok(None);
+        }
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let first = g.cluster_start(pos);
+        let count = ((pos + n).next_multiple_of(cs) - first) / cs;
+        let mut claim = self.claims.clusters(first / cs, count);
+        // Nobody else allocates these clusters now, and whoever did before has finished:
+        // this lookup is the truth.
+        let (mapping, n) = self.lookup(pos, n)?;
+        if let Mapping::Data(_) = mapping {
+            return Ok(None);
+        }
+        claim.shrink(((pos + n).next_multiple_of(cs) - first) / cs);
+        Ok(Some((mapping, n, claim)))
+    }
+
+    /// Enters the allocation gate; for allocations that will write data into new
+    /// clusters of an image without a backing file, first makes NEED_CHECK durable.
+    fn begin_allocation(&self, data: bool) -> Result<std::sync::RwLockReadGuard<'_, ()>> {
+        let gate = self.gate.shared();
+        // With a backing file every L2 update is preceded by a flush of its data, so a
+        // crash cannot leave an entry pointing at unwritten data: no check needed.
+        if data && self.backing.is_none() && !self.header_read().needs_check() {
+            let _setting = self
+                .need_check_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let mut header = self.header_read().clone();
+            if !header.needs_check() {
+                header.features |= crate::format::features::NEED_CHECK;
+                self.write_header(&header)?;
+                self.storage
+                    .flush()
+                    .context(|| format!("flushing {}", self.name))?;
+                *self.header.write().unwrap_or_else(|p| p.into_inner()) = header;
+            }
+        }
+        Ok(gate)
     }
 
     /// Copies `len` guest bytes at `pos` from the backing file to file offset `to`.
@@ -154,30 +204,17 @@ impl Image {
         Ok(())
     }
 
-    /// Work done before the first allocation of a session.
-    fn prepare_allocation(&self, st: &mut AllocState) -> Result<()> {
-        if st.trailing_garbage {
+    /// Appends `bytes` at the frontier, growing the file first. Returns where.
+    pub(super) fn reserve(&self, bytes: u64) -> Result<u64> {
+        let mut grow = self.lock_grow();
+        if grow.trailing_garbage {
             // A partial cluster past the frontier is unreferenced; drop it so that new
             // clusters there read as zeros.
             self.storage
                 .set_len(self.file_clusters_end())
                 .context(|| format!("truncating the partial last cluster of {}", self.name))?;
-            st.trailing_garbage = false;
+            grow.trailing_garbage = false;
         }
-        let mut header = self.header_read().clone();
-        // With a backing file every L2 update is preceded by a flush of its data, so a
-        // crash cannot leave an entry pointing at unwritten data: no check needed.
-        if self.backing.is_none() && !header.needs_check() {
-            header.features |= crate::format::features::NEED_CHECK;
-            self.write_header(&header)?;
-            self.flush_storage()?;
-            *self.header.write().unwrap_or_else(|p| p.into_inner()) = header;
-        }
-        Ok(())
-    }
-
-    /// Appends `bytes` at the frontier, growing the file first. Returns where.
-    pub(super) fn reserve(&self, bytes: u64) -> Result<u64> {
         let old = self.file_clusters_end();
         let new = old.checked_add(bytes).ok_or_else(|| {
             Error::Unsupported(format!("{}: the file would exceed 2^64 bytes", self.name))
@@ -189,62 +226,73 @@ impl Image {
         Ok(old)
     }
 
+    /// Flushes the file, sharing the flush with concurrent callers.
     pub(super) fn flush_storage(&self) -> Result<()> {
-        self.storage
-            .flush()
+        self.flushes
+            .flush(|| self.storage.flush())
             .context(|| format!("flushing {}", self.name))
     }
 
     /// Sets the L2 entries of `n` clusters from guest offset `first` (all inside one page
-    /// of entries) to `value(i)`, allocating the L2 table if there is none.
-    fn set_l2_entries(
-        &self,
-        _st: &mut MutexGuard<'_, AllocState>,
-        first: u64,
-        n: u64,
-        value: impl Fn(u64) -> u64,
-    ) -> Result<()> {
+    /// of entries) to `value(i)`, creating the L2 table if there is none. The caller holds
+    /// the claim on those clusters and the allocation gate.
+    fn set_l2_entries(&self, first: u64, n: u64, value: impl Fn(u64) -> u64) -> Result<()> {
         let g = self.geometry;
         let l1_index = g.l1_index(first);
         let l2_index = g.l2_index(first);
-        let l2_offset = self.l1.read().unwrap_or_else(|p| p.into_inner())[l1_index as usize];
         let page_first = l2_index % PAGE_ENTRIES;
-        let sec_start = page_first / ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR;
-        let sec_end = (page_first + n).next_multiple_of(ENTRIES_PER_SECTOR);
-        let page_base = (l2_index - page_first) * 8;
-
-        let new_table = l2_offset == 0;
-        let table = if new_table {
-            self.reserve(g.table_bytes())?
-        } else {
-            self.check_l2_offset(l1_index, l2_offset)?;
-            l2_offset
-        };
-        let (page, page_off) = self.l2.page(table, l2_index);
-        let mut entries = vec![0u64; (sec_end - sec_start) as usize];
-        if !new_table {
-            let current = page.read(&*self.storage, page_off)?;
-            entries.copy_from_slice(&current[sec_start as usize..sec_end as usize]);
+        let updates: Vec<(usize, u64)> = (0..n)
+            .map(|i| ((page_first + i) as usize, value(i)))
+            .collect();
+        loop {
+            let l2_offset = self.l1.read().unwrap_or_else(|p| p.into_inner())[l1_index as usize];
+            if l2_offset != 0 {
+                self.check_l2_offset(l1_index, l2_offset)?;
+                let (page, page_off) = self.l2.page(l2_offset, l2_index);
+                return page.update(&*self.storage, page_off, &updates);
+            }
+            let Some(_table_claim) = self.claims.table(l1_index) else {
+                continue; // someone else was creating the table: look again
+            };
+            if self.l1.read().unwrap_or_else(|p| p.into_inner())[l1_index as usize] != 0 {
+                continue;
+            }
+            return self.create_l2_table(l1_index, l2_index, &updates);
         }
-        for i in 0..n {
-            entries[(page_first - sec_start + i) as usize] = value(i);
+    }
+
+    /// Creates the L2 table for `l1_index` holding `updates` (page-relative indices of the
+    /// page holding `l2_index`): its non-zero sectors are written, flushed, and only then
+    /// is the L1 entry written.
+    fn create_l2_table(
+        &self,
+        l1_index: u64,
+        l2_index: u64,
+        updates: &[(usize, u64)],
+    ) -> Result<()> {
+        let g = self.geometry;
+        let table = self.reserve(g.table_bytes())?;
+        let page_base = (l2_index - l2_index % PAGE_ENTRIES) * 8;
+        let lo = updates.iter().map(|u| u.0).min().unwrap_or(0) as u64;
+        let hi = updates.iter().map(|u| u.0).max().unwrap_or(0) as u64;
+        let sec_start = lo / ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR;
+        let sec_end = (hi / ENTRIES_PER_SECTOR + 1) * ENTRIES_PER_SECTOR;
+        let mut entries = vec![0u64; (sec_end - sec_start) as usize];
+        for &(i, v) in updates {
+            entries[i - sec_start as usize] = v;
         }
         let mut bytes = vec![0u8; entries.len() * 8];
         encode_entries(&entries, &mut bytes);
         let at = table + page_base + sec_start * 8;
         self.storage
             .write_at(&bytes, at)
-            .context(|| format!("writing the L2 table at {table:#x} of {}", self.name))?;
-        if new_table {
-            self.flush_storage()?;
-            let mut l1 = self.l1.read().unwrap_or_else(|p| p.into_inner()).clone();
-            l1[l1_index as usize] = table;
-            self.write_l1_sectors(&l1, l1_index, 1)?;
-            self.l1.write().unwrap_or_else(|p| p.into_inner())[l1_index as usize] = table;
-        } else {
-            let mut current = page.write(&*self.storage, page_off)?;
-            current[sec_start as usize..sec_end as usize].copy_from_slice(&entries);
-        }
+            .context(|| format!("writing the new L2 table at {table:#x} of {}", self.name))?;
+        self.flush_storage()?;
+        let _l1 = self.l1_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut l1 = self.l1.read().unwrap_or_else(|p| p.into_inner()).clone();
+        l1[l1_index as usize] = table;
+        self.write_l1_sectors(&l1, l1_index, 1)?;
+        self.l1.write().unwrap_or_else(|p| p.into_inner())[l1_index as usize] = table;
         Ok(())
     }
 
@@ -286,15 +334,16 @@ impl Image {
     /// Turns unallocated whole clusters at `pos` into zero clusters. Returns how many
     /// bytes it covered: 0 when another writer changed them first.
     fn zero_clusters(&self, pos: u64, len: u64) -> Result<u64> {
-        let mut st = self.lock_alloc();
-        let (mapping, run) = self.lookup(pos, len)?;
+        let Some((mapping, run, _claim)) = self.claim_unallocated(pos, len)? else {
+            return Ok(0);
+        };
         if mapping != Mapping::Unallocated {
             return Ok(0);
         }
-        self.prepare_allocation(&mut st)?;
+        let _gate = self.begin_allocation(false)?;
         let cs = self.geometry.cluster_size();
         let n = run / cs;
-        self.set_l2_entries(&mut st, pos, n, |_| ZERO_CLUSTER)?;
+        self.set_l2_entries(pos, n, |_| ZERO_CLUSTER)?;
         Ok(n * cs)
     }
 
@@ -315,14 +364,17 @@ impl Image {
         Ok(())
     }
 
-    /// Flushes the file, then clears NEED_CHECK if this session set it.
+    /// Flushes the file. When NEED_CHECK is set, waits for the allocations in flight,
+    /// flushes what they wrote, and clears it.
     pub(super) fn flush_image(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
+        if !self.header_read().needs_check() {
+            return self.flush_storage();
+        }
+        let _exclusive = self.gate.exclusive();
         self.flush_storage()?;
-        // Holding the allocation lock means no allocation is in flight.
-        let _st = self.lock_alloc();
         let mut header = self.header_read().clone();
         if header.needs_check() {
             header.features &= !crate::format::features::NEED_CHECK;

@@ -9,9 +9,19 @@
 
 use crate::error::{IoContext, Result};
 use crate::format::table::decode_entries;
+use crate::format::table::encode_entries;
 use crate::storage::Storage;
 use lru::LruCache;
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Entries in one 512-byte sector.
+const SECTOR_ENTRIES: usize = 64;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Entries in one cached page (4 KiB of table).
 pub const PAGE_ENTRIES: u64 = 512;
@@ -25,7 +35,25 @@ type Key = (u64, u64);
 #[derive(Debug, Default)]
 pub(crate) struct Page {
     entries: RwLock<Option<Box<[u64]>>>,
+    pending: Mutex<Pending>,
+    written: Condvar,
 }
+
+/// Entry updates waiting to be written, and the batches written so far.
+#[derive(Debug, Default)]
+struct Pending {
+    queue: Vec<(usize, u64)>,
+    writing: bool,
+    /// Id of the batch the next queued update joins.
+    next_batch: u64,
+    /// Every batch below this id has been written (or failed).
+    done_below: u64,
+    /// Recent failed batches, with their errors.
+    failures: VecDeque<(u64, io::ErrorKind, String)>,
+}
+
+/// How many failed batches are remembered for their waiters.
+const REMEMBERED_FAILURES: usize = 64;
 
 /// Read access to a loaded page.
 pub(crate) struct PageRef<'a>(RwLockReadGuard<'a, Option<Box<[u64]>>>);
@@ -90,6 +118,92 @@ impl Page {
     /// Exclusive access to the page's entries, loading them if needed.
     pub(crate) fn write(&self, storage: &dyn Storage, file_offset: u64) -> Result<PageMut<'_>> {
         Ok(PageMut(self.load(storage, file_offset)?))
+    }
+
+    /// Sets entries (index in the page, value) on disk, then in memory. Concurrent
+    /// callers are batched: one of them writes every sector the batch touches in one
+    /// write, and the others wait for that write.
+    pub(crate) fn update(
+        &self,
+        storage: &dyn Storage,
+        file_offset: u64,
+        updates: &[(usize, u64)],
+    ) -> Result<()> {
+        let mut p = lock(&self.pending);
+        p.queue.extend_from_slice(updates);
+        let mine = p.next_batch;
+        if !p.writing {
+            p.writing = true;
+            loop {
+                let batch = std::mem::take(&mut p.queue);
+                let id = p.next_batch;
+                p.next_batch += 1;
+                drop(p);
+                let result = self.write_batch(storage, file_offset, &batch);
+                p = lock(&self.pending);
+                p.done_below = id + 1;
+                if let Err(e) = result {
+                    let (kind, msg) = match &e {
+                        crate::Error::Io { source, .. } => (source.kind(), e.to_string()),
+                        _ => (io::ErrorKind::Other, e.to_string()),
+                    };
+                    if p.failures.len() == REMEMBERED_FAILURES {
+                        p.failures.pop_front();
+                    }
+                    p.failures.push_back((id, kind, msg));
+                }
+                self.written.notify_all();
+                if p.queue.is_empty() {
+                    p.writing = false;
+                    break;
+                }
+            }
+        } else {
+            while p.done_below <= mine {
+                p = self.written.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        match p.failures.iter().find(|f| f.0 == mine) {
+            Some((_, kind, msg)) => Err(crate::Error::Io {
+                context: "updating an L2 table".into(),
+                source: io::Error::new(*kind, msg.clone()),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn write_batch(
+        &self,
+        storage: &dyn Storage,
+        file_offset: u64,
+        batch: &[(usize, u64)],
+    ) -> Result<()> {
+        let (Some(lo), Some(hi)) = (
+            batch.iter().map(|u| u.0).min(),
+            batch.iter().map(|u| u.0).max(),
+        ) else {
+            return Ok(());
+        };
+        let start = lo / SECTOR_ENTRIES * SECTOR_ENTRIES;
+        let end = (hi / SECTOR_ENTRIES + 1) * SECTOR_ENTRIES;
+        let mut entries = {
+            let current = self.read(storage, file_offset)?;
+            current[start..end].to_vec()
+        };
+        for &(i, v) in batch {
+            entries[i - start] = v;
+        }
+        let mut bytes = vec![0u8; entries.len() * 8];
+        encode_entries(&entries, &mut bytes);
+        let at = file_offset + start as u64 * 8;
+        storage
+            .write_at(&bytes, at)
+            .context(|| format!("writing L2 table entries at {at:#x}"))?;
+        let mut current = self.write(storage, file_offset)?;
+        for &(i, v) in batch {
+            current[i] = v;
+        }
+        Ok(())
     }
 }
 

@@ -2,6 +2,7 @@
 //! allocation frontier and the NEED_CHECK protocol.
 
 mod admin;
+mod alloc;
 mod check;
 mod create;
 mod io;
@@ -46,10 +47,9 @@ pub struct Backing {
     pub device: Option<Box<dyn BlockDevice>>,
 }
 
-/// Allocation state, guarded by one lock. Allocating writes hold it for their whole
-/// duration, so allocations are serialized; reads and in-place writes never take it.
+/// The end of the file, grown only under this lock so that it only ever grows.
 #[derive(Debug)]
-struct AllocState {
+struct GrowState {
     /// Whether the file still has a partial cluster past the frontier to drop.
     trailing_garbage: bool,
 }
@@ -70,7 +70,17 @@ pub struct Image {
     l2: L2Cache,
     /// End of the last whole cluster of the file: where the next allocation goes.
     frontier: AtomicU64,
-    alloc: Mutex<AllocState>,
+    grow: Mutex<GrowState>,
+    /// Guest clusters and L1 entries being allocated.
+    claims: alloc::Claims,
+    /// Allocations share it; NEED_CHECK clearing and whole-image walks own it.
+    gate: alloc::Gate,
+    /// Serializes setting NEED_CHECK.
+    need_check_lock: Mutex<()>,
+    /// Serializes L1 sector writes (several L1 entries share a sector).
+    l1_lock: Mutex<()>,
+    /// Coalesces concurrent flushes.
+    flushes: alloc::FlushGroup,
     /// What the check run at open (NEED_CHECK set, read-write) found and fixed.
     open_repair: Option<CheckReport>,
     closed: std::sync::atomic::AtomicBool,
@@ -162,9 +172,14 @@ impl Image {
             l1: RwLock::new(l1),
             l2: L2Cache::new(opts.l2_cache_bytes),
             frontier: AtomicU64::new(frontier),
-            alloc: Mutex::new(AllocState {
+            grow: Mutex::new(GrowState {
                 trailing_garbage: file_len != frontier,
             }),
+            claims: alloc::Claims::default(),
+            gate: alloc::Gate::default(),
+            need_check_lock: Mutex::new(()),
+            l1_lock: Mutex::new(()),
+            flushes: alloc::FlushGroup::default(),
             open_repair: None,
             closed: false.into(),
         };
@@ -294,8 +309,8 @@ impl Image {
         self.header.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_alloc(&self) -> MutexGuard<'_, AllocState> {
-        self.alloc.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_grow(&self) -> MutexGuard<'_, GrowState> {
+        self.grow.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn file_clusters_end(&self) -> u64 {

@@ -47,7 +47,6 @@ impl Image {
         mut report: CheckReport,
         moves_allowed: bool,
     ) -> Result<CheckReport> {
-        let _st = self.lock_alloc();
         let g = self.geometry;
         let cs = g.cluster_size();
         let k = u64::from(g.table_size());
