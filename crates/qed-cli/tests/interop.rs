@@ -9,9 +9,8 @@
 //! A missing qemu-img or qemu-io fails these tests instead of skipping them: skipping
 //! would let a machine without QEMU report the interop suite as passing.
 
-use qed::BlockDevice;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -140,7 +139,10 @@ impl Op {
 struct Model {
     size: u64,
     cs: u64,
+    /// The clusters this layer holds: data clusters, and zero clusters (all zeros).
     clusters: BTreeMap<u64, Vec<u8>>,
+    /// Which held clusters are zero clusters (L2 entry 1) rather than data.
+    zero: BTreeSet<u64>,
     base: Option<Box<Model>>,
 }
 
@@ -153,6 +155,7 @@ impl Model {
             size,
             cs,
             clusters: BTreeMap::new(),
+            zero: BTreeSet::new(),
             base: base.map(Box::new),
         }
     }
@@ -183,6 +186,10 @@ impl Model {
         }
     }
 
+    fn below_size(&self) -> u64 {
+        self.base.as_ref().map_or(0, |b| b.size)
+    }
+
     /// Whether no layer holds any byte of the range, so that it reads as zeros.
     fn untouched(&self, pos: u64, len: u64) -> bool {
         let (first, last) = (pos / self.cs, (pos + len - 1) / self.cs);
@@ -195,43 +202,120 @@ impl Model {
         }
     }
 
-    fn fill(&mut self, off: u64, len: u64, value: u8) {
-        let mut p = off;
-        while p < off + len {
-            let idx = p / self.cs;
-            let within = (p % self.cs) as usize;
-            let n = (self.cs - within as u64).min(off + len - p) as usize;
-            if !self.clusters.contains_key(&idx) {
-                let mut c = vec![0u8; self.cs as usize];
-                let start = idx * self.cs;
-                let valid = self.cs.min(self.size - start) as usize;
-                self.read_below(start, &mut c[..valid]);
-                self.clusters.insert(idx, c);
-            }
-            self.clusters.get_mut(&idx).unwrap()[within..within + n].fill(value);
-            p += n as u64;
-        }
+    /// A newly allocated data cluster, filled from the layers below.
+    fn allocate(&mut self, idx: u64) -> &mut Vec<u8> {
+        let mut c = vec![0u8; self.cs as usize];
+        let start = idx * self.cs;
+        let valid = self.cs.min(self.size - start) as usize;
+        self.read_below(start, &mut c[..valid]);
+        self.zero.remove(&idx);
+        self.clusters.insert(idx, c);
+        self.clusters.get_mut(&idx).unwrap()
     }
 
-    fn apply(&mut self, op: Op) {
+    /// Applies `op` as `writer` carries it out. The tools differ where QEMU's choices are
+    /// visible in the guest data:
+    /// - QEMU's block layer widens requests to whole 512-byte sectors, filling the
+    ///   padding from what the guest read before (the QED driver is sector based);
+    /// - a write that covers part of a zero cluster: QEMU fills the rest of the new data
+    ///   cluster from the backing file, as for an unallocated cluster, so backing data
+    ///   reappears; ours keeps the rest zero, as the zero cluster read;
+    /// - discard: QEMU ignores it on QED (and is never given one here).
+    fn apply(&mut self, op: Op, writer: Tool) {
         let (off, len) = op.range();
         assert!(
             off + len <= self.size,
             "{op:?} is outside a {} byte disk",
             self.size
         );
-        match op {
-            Op::Write(p, off, len) => self.fill(off, len, p),
-            Op::Zero(off, len) => self.fill(off, len, 0),
-            // Clusters wholly inside the range that this layer holds read as zeros;
-            // everything else is left as it was.
-            Op::Discard(off, len) => {
-                for idx in off.div_ceil(self.cs)..(off + len) / self.cs {
-                    if let Some(c) = self.clusters.get_mut(&idx) {
-                        c.fill(0);
+        const SECTOR: u64 = 512;
+        let end = off + len;
+        match (op, writer) {
+            (Op::Discard(..), Tool::Ours) => {
+                // Data clusters wholly inside the range read as zeros afterwards.
+                for idx in off.div_ceil(self.cs)..end / self.cs {
+                    if !self.zero.contains(&idx) {
+                        if let Some(c) = self.clusters.get_mut(&idx) {
+                            c.fill(0);
+                        }
                     }
                 }
             }
+            (Op::Discard(..), Tool::Qemu) => panic!("qemu-io does nothing for discards on QED"),
+            (Op::Write(p, ..), Tool::Ours) => self.write_data(off, &vec![p; len as usize], writer),
+            (Op::Zero(..), Tool::Ours) => self.write_zeroes(off, len, writer),
+            (Op::Write(p, ..), Tool::Qemu) => self.write_padded(off, len, p),
+            (Op::Zero(..), Tool::Qemu) => {
+                let (head_end, tail_start) = (off.next_multiple_of(SECTOR), end / SECTOR * SECTOR);
+                if head_end >= tail_start {
+                    self.write_padded(off, len, 0);
+                } else {
+                    if off < head_end {
+                        self.write_padded(off, head_end - off, 0);
+                    }
+                    self.write_zeroes(head_end, tail_start - head_end, writer);
+                    if end > tail_start {
+                        self.write_padded(tail_start, end - tail_start, 0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A QEMU write of `value`, widened to whole sectors.
+    fn write_padded(&mut self, off: u64, len: u64, value: u8) {
+        let start = off / 512 * 512;
+        let end = (off + len).next_multiple_of(512);
+        let mut buf = vec![0u8; (end - start) as usize];
+        self.read(start, &mut buf);
+        buf[(off - start) as usize..(off - start + len) as usize].fill(value);
+        self.write_data(start, &buf, Tool::Qemu);
+    }
+
+    fn write_data(&mut self, off: u64, data: &[u8], writer: Tool) {
+        let cs = self.cs;
+        let mut done = 0;
+        while done < data.len() {
+            let p = off + done as u64;
+            let idx = p / cs;
+            let within = (p % cs) as usize;
+            let n = (cs as usize - within).min(data.len() - done);
+            let held = self.clusters.contains_key(&idx);
+            let zero_cluster = self.zero.contains(&idx);
+            let c = if !held || (zero_cluster && writer == Tool::Qemu) {
+                self.allocate(idx)
+            } else {
+                self.zero.remove(&idx);
+                self.clusters.get_mut(&idx).unwrap()
+            };
+            c[within..within + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+    }
+
+    /// Zeroing without sector padding: whole clusters by table entry, the rest by writes.
+    fn write_zeroes(&mut self, off: u64, len: u64, writer: Tool) {
+        let cs = self.cs;
+        let mut p = off;
+        while p < off + len {
+            let idx = p / cs;
+            let n = (cs - p % cs).min(off + len - p);
+            let held = self.clusters.contains_key(&idx);
+            let zero_cluster = self.zero.contains(&idx);
+            // Ours leaves alone what reads as zeros for want of backing data beneath.
+            let ours_nothing_below = writer == Tool::Ours && p >= self.below_size();
+            if n == cs {
+                if zero_cluster {
+                } else if held {
+                    self.clusters.get_mut(&idx).unwrap().fill(0);
+                } else if !ours_nothing_below {
+                    self.clusters.insert(idx, vec![0; cs as usize]);
+                    self.zero.insert(idx);
+                }
+            } else if !(writer == Tool::Ours && (zero_cluster || (!held && ours_nothing_below))) {
+                self.write_data(p, &vec![0; n as usize], writer);
+            }
+            p += n;
         }
     }
 
@@ -276,14 +360,14 @@ impl Model {
 
     /// `read -P` commands that together cover the whole disk, in pieces qemu-io can
     /// allocate a buffer for.
-    fn pattern_reads(&self) -> Vec<Op> {
+    fn pattern_reads(&self) -> Vec<String> {
         const PIECE: u64 = 64 * M;
         let mut reads = Vec::new();
         for (off, len, v) in self.runs() {
             let mut p = off;
             while p < off + len {
                 let n = PIECE.min(off + len - p);
-                reads.push(Op::Write(v, p, n));
+                reads.push(format!("read -P {v:#04x} {p} {n}"));
                 p += n;
             }
         }
@@ -302,6 +386,14 @@ impl Model {
     }
 }
 
+/// `qed io` with `-c CMD` arguments.
+fn qed_io(read_only: bool, file: &str, commands: &[&str]) -> Vec<String> {
+    let commands: Vec<String> = commands.iter().map(|c| c.to_string()).collect();
+    let mut args = vec!["io".to_string()];
+    args.extend(io_args(read_only, "qed", file, &commands));
+    args
+}
+
 /// `-c CMD` arguments for qemu-io or `qed io`.
 fn io_args(read_only: bool, format: &str, file: &str, commands: &[String]) -> Vec<String> {
     let mut args = Vec::new();
@@ -314,17 +406,6 @@ fn io_args(read_only: bool, format: &str, file: &str, commands: &[String]) -> Ve
     }
     args.push(file.to_string());
     args
-}
-
-fn read_commands(model: &Model) -> Vec<String> {
-    model
-        .pattern_reads()
-        .into_iter()
-        .map(|op| match op {
-            Op::Write(p, off, len) => format!("read -P {p:#04x} {off} {len}"),
-            _ => unreachable!(),
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -453,7 +534,7 @@ const fn case(cs: u64, ts: u64, size: u64, back: Back) -> Case {
     Case { cs, ts, size, back }
 }
 
-/// A QED layer of a built case: file name and table size.
+/// A QED layer of a built case: its file name and geometry.
 struct QedLayer {
     name: &'static str,
     cs: u64,
@@ -516,7 +597,7 @@ fn build(dir: &Path, tool: Tool, c: Case) -> (Model, Vec<QedLayer>) {
         let ops = base_script(size, 64 * K);
         tool.run_io(dir, "raw", "base.raw", &ops);
         let mut m = Model::new(size, 64 * K, None);
-        ops.into_iter().for_each(|o| m.apply(o));
+        ops.into_iter().for_each(|o| m.apply(o, tool));
         m
     };
     let (backing, below) = match c.back {
@@ -538,7 +619,7 @@ fn build(dir: &Path, tool: Tool, c: Case) -> (Model, Vec<QedLayer>) {
             };
             tool.run_io(dir, "qed", name, &ops);
             let mut m = Model::new(msize, mcs, under);
-            ops.into_iter().for_each(|o| m.apply(o));
+            ops.into_iter().for_each(|o| m.apply(o, tool));
             layers.push(QedLayer {
                 name,
                 cs: mcs,
@@ -551,7 +632,7 @@ fn build(dir: &Path, tool: Tool, c: Case) -> (Model, Vec<QedLayer>) {
     let ops = top_script(c.cs, c.ts, c.size, tool == Tool::Ours);
     tool.run_io(dir, "qed", "top.qed", &ops);
     let mut model = Model::new(c.size, c.cs, below);
-    ops.into_iter().for_each(|o| model.apply(o));
+    ops.into_iter().for_each(|o| model.apply(o, tool));
     layers.insert(
         0,
         QedLayer {
@@ -593,20 +674,20 @@ fn assert_reads_back(dir: &Path, img: &str, model: &Model, qemu_raw: Option<&str
         model.read(pos, &mut want[..n]);
         if let Some(f) = &raw {
             f.read_exact_at(&mut theirs[..n], pos).unwrap();
-            if let Some(i) = first_difference(&theirs[..n], &want[..n]) {
+            if let Some(i) = first_difference(&ours[..n], &theirs[..n]) {
                 panic!(
-                    "{img}: QEMU reads {:#04x} at guest offset {}, the model expects {:#04x}",
-                    theirs[i],
+                    "{img}: at guest offset {} the library reads {:#04x}, QEMU {:#04x}",
                     pos + i as u64,
-                    want[i]
+                    ours[i],
+                    theirs[i]
                 );
             }
         }
         if let Some(i) = first_difference(&ours[..n], &want[..n]) {
             panic!(
-                "{img}: the library reads {:#04x} at guest offset {}, expected {:#04x}",
-                ours[i],
+                "{img}: at guest offset {} the library reads {:#04x}, the model expects {:#04x}",
                 pos + i as u64,
+                ours[i],
                 want[i]
             );
         }
@@ -616,7 +697,7 @@ fn assert_reads_back(dir: &Path, img: &str, model: &Model, qemu_raw: Option<&str
 
 /// `qemu-io -r` or `qed io -r` reads the whole disk with `read -P` commands.
 fn assert_pattern_reads(dir: &Path, tool: Tool, img: &str, model: &Model) {
-    let reads = read_commands(model);
+    let reads = model.pattern_reads();
     let (prog, mut args) = tool.io();
     args.extend(io_args(true, "qed", img, &reads));
     let out = ok(dir, prog, &args);
@@ -877,7 +958,7 @@ fn alternating_writers() {
     ];
     for (tool, ops) in rounds {
         tool.run_io(d, "qed", "top.qed", &ops);
-        ops.into_iter().for_each(|o| model.apply(o));
+        ops.into_iter().for_each(|o| model.apply(o, tool));
         verify_our_image(d, &model, &layers);
     }
 }
@@ -901,7 +982,7 @@ fn no_false_leaks_with_small_clusters() {
     assert!(ours.get("corruptions").is_none(), "{ours}");
     let data = ours["allocated-clusters"].as_u64().unwrap();
     assert_eq!(data, 20 * M / cs);
-    let l2_tables = 20 * M / l2_span(cs, ts);
+    let l2_tables = (20 * M).div_ceil(l2_span(cs, ts));
     let len = std::fs::metadata(d.join("top.qed")).unwrap().len();
     assert_eq!(
         len,
@@ -972,7 +1053,7 @@ fn create_is_byte_identical_to_qemu_img() {
         ],
         &["img.qed", "0"],
         &["img.qed", "1T"],
-        &["-o", "cluster_size=64M,table_size=1", "img.qed", "1T"],
+        &["-o", "cluster_size=4k,table_size=1", "img.qed", "1G"],
     ];
     let (q, o) = (TempDir::new().unwrap(), TempDir::new().unwrap());
     for dir in [q.path(), o.path()] {
@@ -1015,7 +1096,7 @@ fn io_pattern_mismatch_names_first_differing_offset() {
     let (out, err) = exits(
         d,
         QED,
-        &io_args(true, "qed", "a.qed", &["read -P 0x11 2000 8000".into()]),
+        &qed_io(true, "a.qed", &["read -P 0x11 2000 8000"]),
         1,
     );
     let all = out + &err;
@@ -1023,38 +1104,17 @@ fn io_pattern_mismatch_names_first_differing_offset() {
         all.contains("failed at offset 6000"),
         "the first differing offset is 6000:\n{all}"
     );
-    // A later command still runs, and the exit code reflects the earlier failure.
-    let (out, _) = exits(
-        d,
-        QED,
-        &io_args(
-            true,
-            "qed",
-            "a.qed",
-            &[
-                "read -P 0 0 1000".into(),
-                "read -P 0x12 1000 10".into(),
-                "read -P 0x11 1000 5000".into(),
-            ],
-        ),
-        1,
-    );
+    // Commands after a failing one still run; the exit code reports the failure.
+    let cmds = ["read -P 0x12 1000 10", "read -P 0x11 1000 5000"];
+    let (out, err) = exits(d, QED, &qed_io(true, "a.qed", &cmds), 1);
+    assert!(err.contains("failed at offset 1000"), "{err}");
     assert!(out.contains("read 5000/5000 bytes at offset 1000"), "{out}");
-    // Matching reads exit 0.
-    exits(
-        d,
-        QED,
-        &io_args(
-            true,
-            "qed",
-            "a.qed",
-            &[
-                "read -P 0x11 1000 5000".into(),
-                "read -P 0 6000 4096".into(),
-            ],
-        ),
-        0,
-    );
+    let cmds = [
+        "read -P 0 0 1000",
+        "read -P 0x11 1000 5000",
+        "read -P 0 6000 4096",
+    ];
+    exits(d, QED, &qed_io(true, "a.qed", &cmds), 0);
 }
 
 #[test]
@@ -1070,7 +1130,7 @@ fn io_read_only_refuses_writes() {
         "write -P 0x22 1M 100",
         "discard 0 64k",
     ] {
-        let (_, err) = exits(d, QED, &io_args(true, "qed", "a.qed", &[cmd.into()]), 1);
+        let (_, err) = exits(d, QED, &qed_io(true, "a.qed", &[cmd]), 1);
         assert!(err.contains("read-only"), "`{cmd}` with -r: {err}");
     }
     assert_eq!(
@@ -1078,12 +1138,7 @@ fn io_read_only_refuses_writes() {
         before,
         "-r changed the image"
     );
-    exits(
-        d,
-        QED,
-        &io_args(true, "qed", "a.qed", &["read -P 0x11 0 100".into()]),
-        0,
-    );
+    exits(d, QED, &qed_io(true, "a.qed", &["read -P 0x11 0 100"]), 0);
 }
 
 // ---------------------------------------------------------------------------------------
