@@ -49,6 +49,8 @@ enum Command {
     Resize(cmd::resize::Args),
     /// Compute the file size a QED image needs.
     Measure(cmd::measure::Args),
+    /// Serve an image over NBD.
+    Serve(cmd::serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Command::Rebase(a) => cmd::rebase::run(a),
         Command::Resize(a) => cmd::resize::run(a),
         Command::Measure(a) => cmd::measure::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -11,6 +11,7 @@ pub mod map;
 pub mod measure;
 pub mod rebase;
 pub mod resize;
+pub mod serve;
 
 use anyhow::{bail, Result};
 use qed::Format;
@@ -35,8 +36,27 @@ pub fn open_for_io(
     format: Option<Format>,
     read_only: bool,
 ) -> Result<Box<dyn qed::BlockDevice>> {
+    open_device_with(
+        path,
+        format,
+        read_only,
+        false,
+        qed::engine::DEFAULT_L2_CACHE_BYTES,
+    )
+}
+
+/// [`open_for_io`] with the host cache mode (`direct`: O_DIRECT) and L2 cache bound.
+pub fn open_device_with(
+    path: &std::path::Path,
+    format: Option<Format>,
+    read_only: bool,
+    direct: bool,
+    l2_cache_bytes: usize,
+) -> Result<Box<dyn qed::BlockDevice>> {
     let opts = qed::OpenOptions {
         read_only,
+        direct,
+        l2_cache_bytes,
         ..Default::default()
     };
     let format = match format {

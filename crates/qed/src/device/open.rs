@@ -24,6 +24,8 @@ pub struct OpenOptions {
     /// On a read-write open of an image with NEED_CHECK set, check and repair it first
     /// (turn this off only to run a repair of your own right after opening).
     pub repair_on_open: bool,
+    /// Open files with O_DIRECT, bypassing the host page cache.
+    pub direct: bool,
 }
 
 impl Default for OpenOptions {
@@ -33,6 +35,7 @@ impl Default for OpenOptions {
             no_backing: false,
             l2_cache_bytes: crate::engine::DEFAULT_L2_CACHE_BYTES,
             repair_on_open: true,
+            direct: false,
         }
     }
 }
@@ -92,7 +95,7 @@ pub(crate) fn open_in_chain(
             reason: format!("the backing chain is deeper than {MAX_CHAIN_DEPTH} files"),
         });
     }
-    let storage = FileStorage::open(path, opts.read_only)
+    let storage = FileStorage::open_with(path, opts.read_only, opts.direct)
         .context(|| format!("opening {}", path.display()))?;
     let format = match format {
         Some(f) => f,

@@ -93,7 +93,7 @@ impl Image {
         let canonical = path
             .canonicalize()
             .context(|| format!("opening {}", path.display()))?;
-        let storage = FileStorage::open(path, opts.read_only)
+        let storage = FileStorage::open_with(path, opts.read_only, opts.direct)
             .context(|| format!("opening {}", path.display()))?;
         Self::open_storage_in_chain(Box::new(storage), path, opts, &mut vec![canonical])
     }

@@ -1,11 +1,15 @@
 //! The bytes under an image: a small trait for positioned I/O, with a file and an
-//! in-memory implementation.
+//! in-memory implementation, and a wrapper that injects faults.
 
+mod faulty;
 mod file;
 mod memory;
+mod recording;
 
+pub use faulty::{FaultKind, FaultPlan, FaultyStorage, OpKind};
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
+pub use recording::{CrashLog, RecordedOp, RecordingStorage};
 
 use std::fmt::Debug;
 use std::io;

@@ -1,0 +1,142 @@
+//! `qed serve`: export an image over NBD, in the manner of qemu-nbd.
+
+use anyhow::{bail, Context, Result};
+use qed_nbd::{Config, DiscardMode, Export, Listener, Server};
+use std::net::TcpListener;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Serve an image over NBD.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Listen on this Unix socket instead of TCP.
+    #[arg(short = 'k', long = "socket", conflicts_with_all = ["bind", "port"])]
+    socket: Option<PathBuf>,
+    /// Address to bind for TCP (loopback unless given).
+    #[arg(short = 'b', long = "bind", default_value = "127.0.0.1")]
+    bind: String,
+    /// TCP port.
+    #[arg(short = 'p', long = "port", default_value_t = 10809)]
+    port: u16,
+    /// Export name.
+    #[arg(short = 'x', long = "export-name", default_value = "")]
+    name: String,
+    /// Export description.
+    #[arg(short = 'D', long = "description", default_value = "")]
+    description: String,
+    /// Export read-only.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Clients served at once.
+    #[arg(short = 'e', long = "shared", default_value_t = 1)]
+    shared: usize,
+    /// Keep serving after the last client disconnects.
+    #[arg(short = 't', long = "persistent")]
+    persistent: bool,
+    /// Image format: qed or raw (probed when omitted).
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Host cache mode: writeback (page cache) or none (O_DIRECT).
+    #[arg(long = "cache", default_value = "writeback")]
+    cache: String,
+    /// Trim requests: ignore, or unmap (discard in the image).
+    #[arg(long = "discard", default_value = "ignore")]
+    discard: String,
+    /// Write the server's process id to this file once it listens.
+    #[arg(long = "pid-file")]
+    pid_file: Option<PathBuf>,
+    /// Worker threads executing requests.
+    #[arg(long = "workers", default_value_t = 32)]
+    workers: usize,
+    /// Bound on cached L2 table entries, in bytes (k, M suffixes).
+    #[arg(long = "l2-cache-size", default_value = "16M")]
+    l2_cache: String,
+    /// The image.
+    file: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<u8> {
+    let discard = match a.discard.as_str() {
+        "ignore" | "off" => DiscardMode::Ignore,
+        "unmap" | "on" => DiscardMode::Unmap,
+        d => bail!("invalid --discard '{d}': use ignore or unmap"),
+    };
+    let direct = match a.cache.as_str() {
+        "writeback" => false,
+        "none" => true,
+        c => bail!("invalid --cache '{c}': use writeback or none"),
+    };
+    if a.shared == 0 {
+        bail!("-e/--shared must be at least 1");
+    }
+    let l2_cache_bytes = usize::try_from(crate::units::parse_size(&a.l2_cache)?)
+        .context("--l2-cache-size is too large")?;
+    let format = super::parse_format(a.format.as_deref())?;
+    let device = super::open_device_with(&a.file, format, a.read_only, direct, l2_cache_bytes)?;
+    let device: Arc<dyn qed::BlockDevice> = Arc::from(device);
+
+    let (listener, place) = match &a.socket {
+        Some(path) => {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                if meta.file_type().is_socket() {
+                    std::fs::remove_file(path).ok();
+                } else {
+                    bail!("{} exists and is not a socket", path.display());
+                }
+            }
+            let l = UnixListener::bind(path)
+                .with_context(|| format!("could not listen on {}", path.display()))?;
+            (Listener::Unix(l), format!("unix socket {}", path.display()))
+        }
+        None => {
+            let addr = format!("{}:{}", a.bind, a.port);
+            let l =
+                TcpListener::bind(&addr).with_context(|| format!("could not listen on {addr}"))?;
+            let local = l.local_addr().map(|a| a.to_string()).unwrap_or(addr);
+            (Listener::Tcp(l), local)
+        }
+    };
+    let export = Export {
+        device: device.clone(),
+        name: a.name.clone(),
+        description: a.description.clone(),
+        read_only: a.read_only,
+        discard,
+    };
+    let config = Config {
+        max_connections: a.shared,
+        persistent: a.persistent,
+        workers: a.workers,
+        ..Config::default()
+    };
+    let server = Server::new(export, config);
+    let stop = server.shutdown_flag();
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop)?;
+    if let Some(p) = &a.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("could not write {}", p.display()))?;
+    }
+    eprintln!(
+        "qed serve: {} exported as '{}' on {place}{}",
+        a.file.display(),
+        a.name,
+        if a.read_only { " (read-only)" } else { "" }
+    );
+    let result = server.run(listener);
+    // Every request has been answered: make the image clean (flush, NEED_CHECK off).
+    let flushed = device.flush();
+    drop(server);
+    drop(device);
+    if let Some(path) = &a.socket {
+        std::fs::remove_file(path).ok();
+    }
+    if let Some(p) = &a.pid_file {
+        std::fs::remove_file(p).ok();
+    }
+    result.context("serving")?;
+    flushed?;
+    Ok(0)
+}

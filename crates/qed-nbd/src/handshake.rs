@@ -1,0 +1,355 @@
+//! The fixed newstyle handshake: option haggling until the client picks the export.
+
+use crate::export::{Export, MAX_PAYLOAD, PREFERRED_BLOCK};
+use crate::proto::{self, info, opt, read_u32, read_u64, rep, IHAVEOPT};
+use crate::stream::Stream;
+use std::io::{self, Read, Write};
+use std::time::Instant;
+
+/// Largest option payload accepted; longer ones get NBD_REP_ERR_TOO_BIG.
+pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+/// Longer option payloads are not even skipped: the connection is dropped.
+const MAX_SKIPPABLE_LEN: u32 = 16 << 20;
+/// Most options a client may send before it must pick an export.
+const MAX_OPTIONS: usize = 1000;
+
+/// A metadata context a client can select for NBD_CMD_BLOCK_STATUS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaContext {
+    /// `base:allocation`: hole and zero flags.
+    Allocation,
+    /// `qemu:allocation-depth`: which layer of the backing chain supplies the data.
+    AllocationDepth,
+}
+
+impl MetaContext {
+    /// The context's name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            MetaContext::Allocation => "base:allocation",
+            MetaContext::AllocationDepth => "qemu:allocation-depth",
+        }
+    }
+
+    /// The context's id in replies.
+    pub fn id(self) -> u32 {
+        match self {
+            MetaContext::Allocation => 1,
+            MetaContext::AllocationDepth => 2,
+        }
+    }
+
+    /// The contexts a query names; `listing` allows the `ns:` wildcard.
+    fn matching(query: &[u8], listing: bool) -> Vec<MetaContext> {
+        match query {
+            b"base:allocation" => vec![MetaContext::Allocation],
+            b"qemu:allocation-depth" => vec![MetaContext::AllocationDepth],
+            b"base:" if listing => vec![MetaContext::Allocation],
+            b"qemu:" if listing => vec![MetaContext::AllocationDepth],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// What the handshake agreed on.
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    /// Structured replies were negotiated.
+    pub structured: bool,
+    /// Selected metadata contexts.
+    pub contexts: Vec<MetaContext>,
+}
+
+/// Why the handshake ended without a session: the client aborted, asked for an unknown
+/// export with NBD_OPT_EXPORT_NAME, or the server is shutting down.
+#[derive(Debug)]
+pub struct Closed;
+
+/// Handshake outcome: a session, a clean close, or an I/O or protocol error.
+pub type Outcome = io::Result<Result<Session, Closed>>;
+
+struct Haggler<'a> {
+    stream: &'a mut Stream,
+    export: &'a Export,
+    deadline: Instant,
+    session: Session,
+}
+
+/// Runs the handshake. The whole of it must finish before `deadline`.
+pub fn handshake(
+    stream: &mut Stream,
+    export: &Export,
+    deadline: Instant,
+    shutting_down: &dyn Fn() -> bool,
+) -> Outcome {
+    let mut h = Haggler {
+        stream,
+        export,
+        deadline,
+        session: Session::default(),
+    };
+    let mut greeting = Vec::with_capacity(18);
+    greeting.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
+    h.send(&greeting)?;
+    h.arm()?;
+    let client_flags = read_u32(h.stream)?;
+    if client_flags & !(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES) != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unknown client flags {client_flags:#x}"),
+        ));
+    }
+    let no_zeroes = client_flags & proto::CLIENT_NO_ZEROES != 0;
+    for _ in 0..MAX_OPTIONS {
+        h.arm()?;
+        if read_u64(h.stream)? != IHAVEOPT {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "option without the IHAVEOPT magic",
+            ));
+        }
+        let option = read_u32(h.stream)?;
+        let len = read_u32(h.stream)?;
+        if len > MAX_OPTION_LEN {
+            if len > MAX_SKIPPABLE_LEN {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("option of {len} bytes"),
+                ));
+            }
+            io::copy(&mut (&mut *h.stream).take(len.into()), &mut io::sink())?;
+            h.reply(option, rep::ERR_TOO_BIG, b"option data too long")?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        h.stream.read_exact(&mut data)?;
+        if shutting_down() && option != opt::ABORT {
+            h.reply(option, rep::ERR_SHUTDOWN, b"the server is shutting down")?;
+            return Ok(Err(Closed));
+        }
+        match option {
+            opt::EXPORT_NAME => {
+                if !h.export.matches(&data) {
+                    return Ok(Err(Closed));
+                }
+                let mut m = Vec::with_capacity(10 + 124);
+                m.extend_from_slice(&h.export.device.size().to_be_bytes());
+                m.extend_from_slice(&h.export.flags(h.session.structured).to_be_bytes());
+                if !no_zeroes {
+                    m.extend_from_slice(&[0u8; 124]);
+                }
+                h.send(&m)?;
+                return Ok(Ok(h.session));
+            }
+            opt::ABORT => {
+                // The client may already be gone; the reply is a courtesy.
+                let _ = h.reply(option, rep::ACK, &[]);
+                return Ok(Err(Closed));
+            }
+            opt::LIST => {
+                if !data.is_empty() {
+                    h.reply(option, rep::ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
+                    continue;
+                }
+                let mut d = Vec::new();
+                d.extend_from_slice(&(h.export.name.len() as u32).to_be_bytes());
+                d.extend_from_slice(h.export.name.as_bytes());
+                d.extend_from_slice(h.export.description.as_bytes());
+                h.reply(option, rep::SERVER, &d)?;
+                h.reply(option, rep::ACK, &[])?;
+            }
+            opt::STARTTLS => {
+                h.reply(option, rep::ERR_POLICY, b"TLS is not supported")?;
+            }
+            opt::INFO | opt::GO => {
+                if h.info_or_go(option, &data)? && option == opt::GO {
+                    return Ok(Ok(h.session));
+                }
+            }
+            opt::STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    h.reply(
+                        option,
+                        rep::ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    )?;
+                } else if h.session.structured {
+                    h.reply(
+                        option,
+                        rep::ERR_INVALID,
+                        b"structured replies already negotiated",
+                    )?;
+                } else {
+                    h.session.structured = true;
+                    h.reply(option, rep::ACK, &[])?;
+                }
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                h.meta_context(option, &data)?;
+            }
+            _ => {
+                h.reply(option, rep::ERR_UNSUP, b"option not supported")?;
+            }
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "too many options",
+    ))
+}
+
+/// Splits a length-prefixed string off the front of `data`.
+fn take_string(data: &mut &[u8]) -> Option<Vec<u8>> {
+    if data.len() < 4 {
+        return None;
+    }
+    let len = u32::from_be_bytes([data[0], data[1], data[2], data[3]]) as usize;
+    let rest = &data[4..];
+    if len > rest.len() {
+        return None;
+    }
+    let s = rest[..len].to_vec();
+    *data = &rest[len..];
+    Some(s)
+}
+
+impl Haggler<'_> {
+    /// Sets the read timeout to what is left of the handshake's time.
+    fn arm(&mut self) -> io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake took too long",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+
+    fn reply(&mut self, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+        let m = proto::option_reply(option, kind, data);
+        self.send(&m)
+    }
+
+    /// Answers NBD_OPT_INFO or NBD_OPT_GO; returns whether it succeeded.
+    fn info_or_go(&mut self, option: u32, data: &[u8]) -> io::Result<bool> {
+        let mut rest = data;
+        let Some(name) = take_string(&mut rest) else {
+            self.reply(option, rep::ERR_INVALID, b"malformed export name")?;
+            return Ok(false);
+        };
+        if rest.len() < 2 {
+            self.reply(
+                option,
+                rep::ERR_INVALID,
+                b"missing information request count",
+            )?;
+            return Ok(false);
+        }
+        let n = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+        let requests = &rest[2..];
+        if requests.len() != n * 2 {
+            self.reply(
+                option,
+                rep::ERR_INVALID,
+                b"information request count mismatch",
+            )?;
+            return Ok(false);
+        }
+        if !self.export.matches(&name) {
+            self.reply(option, rep::ERR_UNKNOWN, b"no such export")?;
+            return Ok(false);
+        }
+        let wanted: Vec<u16> = requests
+            .chunks_exact(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect();
+        let mut export = Vec::with_capacity(12);
+        export.extend_from_slice(&info::EXPORT.to_be_bytes());
+        export.extend_from_slice(&self.export.device.size().to_be_bytes());
+        export.extend_from_slice(&self.export.flags(self.session.structured).to_be_bytes());
+        self.reply(option, rep::INFO, &export)?;
+        if wanted.contains(&info::NAME) {
+            let mut d = info::NAME.to_be_bytes().to_vec();
+            d.extend_from_slice(self.export.name.as_bytes());
+            self.reply(option, rep::INFO, &d)?;
+        }
+        if wanted.contains(&info::DESCRIPTION) && !self.export.description.is_empty() {
+            let mut d = info::DESCRIPTION.to_be_bytes().to_vec();
+            d.extend_from_slice(self.export.description.as_bytes());
+            self.reply(option, rep::INFO, &d)?;
+        }
+        // Block sizes are sent unasked too: the defaults they state need no promise.
+        let mut d = info::BLOCK_SIZE.to_be_bytes().to_vec();
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.extend_from_slice(&PREFERRED_BLOCK.to_be_bytes());
+        d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+        self.reply(option, rep::INFO, &d)?;
+        self.reply(option, rep::ACK, &[])?;
+        Ok(true)
+    }
+
+    fn meta_context(&mut self, option: u32, data: &[u8]) -> io::Result<()> {
+        let setting = option == opt::SET_META_CONTEXT;
+        if setting {
+            // Setting replaces the selection, even when it fails.
+            self.session.contexts.clear();
+        }
+        if !self.session.structured {
+            return self.reply(
+                option,
+                rep::ERR_INVALID,
+                b"negotiate structured replies first",
+            );
+        }
+        let mut rest = data;
+        let Some(name) = take_string(&mut rest) else {
+            return self.reply(option, rep::ERR_INVALID, b"malformed export name");
+        };
+        if rest.len() < 4 {
+            return self.reply(option, rep::ERR_INVALID, b"missing query count");
+        }
+        let n = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        rest = &rest[4..];
+        let mut queries = Vec::new();
+        for _ in 0..n {
+            match take_string(&mut rest) {
+                Some(q) => queries.push(q),
+                None => return self.reply(option, rep::ERR_INVALID, b"malformed query"),
+            }
+        }
+        if !rest.is_empty() {
+            return self.reply(option, rep::ERR_INVALID, b"trailing data after the queries");
+        }
+        if !self.export.matches(&name) {
+            return self.reply(option, rep::ERR_UNKNOWN, b"no such export");
+        }
+        let mut found: Vec<MetaContext> = Vec::new();
+        if queries.is_empty() && !setting {
+            found = vec![MetaContext::Allocation, MetaContext::AllocationDepth];
+        }
+        for q in &queries {
+            for c in MetaContext::matching(q, !setting) {
+                if !found.contains(&c) {
+                    found.push(c);
+                }
+            }
+        }
+        for c in &found {
+            let mut d = if setting { c.id() } else { 0 }.to_be_bytes().to_vec();
+            d.extend_from_slice(c.name().as_bytes());
+            self.reply(option, rep::META_CONTEXT, &d)?;
+        }
+        if setting {
+            self.session.contexts = found;
+        }
+        self.reply(option, rep::ACK, &[])
+    }
+}

@@ -1,0 +1,35 @@
+//! An NBD (Network Block Device) server over the `qed` library's devices.
+//!
+//! Fixed newstyle handshake with structured replies, metadata contexts
+//! (`base:allocation`, `qemu:allocation-depth`), and transmission with many requests in
+//! flight per connection, replied to out of order as they finish.
+//!
+//! ```no_run
+//! use qed_nbd::{Config, DiscardMode, Export, Listener, Server};
+//! use std::sync::Arc;
+//!
+//! let image = qed::Image::open("disk.qed", &qed::OpenOptions::default())?;
+//! let export = Export {
+//!     device: Arc::new(image),
+//!     name: "disk".into(),
+//!     description: String::new(),
+//!     read_only: false,
+//!     discard: DiscardMode::Ignore,
+//! };
+//! let listener = std::net::TcpListener::bind("127.0.0.1:10809")?;
+//! Server::new(export, Config::default()).run(Listener::Tcp(listener))?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod export;
+mod handshake;
+mod pool;
+pub mod proto;
+mod server;
+mod stream;
+mod transmission;
+
+pub use export::{DiscardMode, Export, MAX_PAYLOAD};
+pub use handshake::MetaContext;
+pub use server::{Config, Listener, Server};
+pub use stream::Stream;

@@ -1,0 +1,167 @@
+//! Accepting clients and running their sessions until shutdown.
+
+use crate::export::Export;
+use crate::handshake::handshake;
+use crate::pool::Pool;
+use crate::stream::Stream;
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, TcpListener};
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often the accept loop looks at the shutdown flag.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Where clients connect.
+#[derive(Debug)]
+pub enum Listener {
+    /// A TCP socket.
+    Tcp(TcpListener),
+    /// A Unix socket.
+    Unix(UnixListener),
+}
+
+impl Listener {
+    fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Unix(l) => l.set_nonblocking(true),
+        }
+    }
+
+    fn accept(&self) -> io::Result<Stream> {
+        let s = match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                Stream::Tcp(s)
+            }
+            Listener::Unix(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                Stream::Unix(s)
+            }
+        };
+        Ok(s)
+    }
+}
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Most clients served at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// Keep serving after the last client leaves (otherwise stop then).
+    pub persistent: bool,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// Worker threads executing requests.
+    pub workers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_connections: 1,
+            persistent: false,
+            handshake_timeout: Duration::from_secs(10),
+            workers: 32,
+        }
+    }
+}
+
+/// An NBD server for one export.
+pub struct Server {
+    export: Arc<Export>,
+    config: Config,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl Server {
+    /// A server for `export`.
+    pub fn new(export: Export, config: Config) -> Self {
+        Self {
+            export: Arc::new(export),
+            config,
+            shutdown: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Setting this flag stops the server: no new clients, every request in flight
+    /// finishes and is replied to, then [`Server::run`] returns.
+    pub fn shutdown_flag(&self) -> Arc<AtomicBool> {
+        self.shutdown.clone()
+    }
+
+    /// Serves clients until shutdown (or, unless persistent, until the last client
+    /// leaves). Returns once every connection has finished.
+    pub fn run(&self, listener: Listener) -> io::Result<()> {
+        listener.set_nonblocking()?;
+        let pool = Arc::new(Pool::new(self.config.workers));
+        let active = Arc::new(AtomicUsize::new(0));
+        // Read halves of live connections, so shutdown can wake their readers.
+        let live: Arc<Mutex<HashMap<u64, Stream>>> = Arc::default();
+        let mut threads = Vec::new();
+        let mut next_id = 0u64;
+        let mut served = false;
+        loop {
+            if self.shutdown.load(Ordering::Acquire) {
+                break;
+            }
+            if !self.config.persistent && served && active.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if active.load(Ordering::Acquire) >= self.config.max_connections {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            let stream = match listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            served = true;
+            let id = next_id;
+            next_id += 1;
+            if let Ok(c) = stream.try_clone() {
+                live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, c);
+            }
+            active.fetch_add(1, Ordering::AcqRel);
+            let export = self.export.clone();
+            let pool = pool.clone();
+            let active = active.clone();
+            let live = live.clone();
+            let shutdown = self.shutdown.clone();
+            let timeout = self.config.handshake_timeout;
+            threads.push(std::thread::spawn(move || {
+                let mut stream = stream;
+                let deadline = Instant::now() + timeout;
+                let stopping = || shutdown.load(Ordering::Acquire);
+                match handshake(&mut stream, &export, deadline, &stopping) {
+                    Ok(Ok(session)) => crate::transmission::serve(stream, export, session, &pool),
+                    Ok(Err(_)) | Err(_) => {
+                        let _ = stream.shutdown(Shutdown::Both);
+                    }
+                }
+                live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                active.fetch_sub(1, Ordering::AcqRel);
+            }));
+            threads.retain(|t| !t.is_finished());
+        }
+        // Stop reading requests; what was read is still executed and replied to.
+        for s in live.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            let _ = s.shutdown(Shutdown::Read);
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        Ok(())
+    }
+}
