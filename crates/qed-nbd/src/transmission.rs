@@ -67,11 +67,11 @@ fn nbd_error(e: &qed::Error, writing: bool) -> u32 {
         qed::Error::ReadOnly => errno::EPERM,
         qed::Error::OutOfRange { .. } if writing => errno::ENOSPC,
         qed::Error::OutOfRange { .. } | qed::Error::InvalidArgument(_) => errno::EINVAL,
-        qed::Error::Io { source, .. } => match source.raw_os_error() {
-            Some(libc_enospc) if libc_enospc == 28 || libc_enospc == 122 || libc_enospc == 27 => {
-                errno::ENOSPC
-            }
-            _ if source.kind() == std::io::ErrorKind::StorageFull => errno::ENOSPC,
+        // The protocol asks for EDQUOT and EFBIG to be reported as ENOSPC too.
+        qed::Error::Io { cause, .. } => match cause.kind() {
+            std::io::ErrorKind::StorageFull
+            | std::io::ErrorKind::QuotaExceeded
+            | std::io::ErrorKind::FileTooLarge => errno::ENOSPC,
             _ => errno::EIO,
         },
         _ => errno::EIO,

@@ -7,14 +7,14 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// An I/O error, with what was being done when it happened.
-    #[error("{context}: {source}")]
+    /// An I/O error, with what was being done when it happened. The message includes
+    /// the OS error, so it is not repeated as a `source()`.
+    #[error("{context}: {cause}")]
     Io {
         /// What was being done.
         context: String,
         /// The underlying error.
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
 
     /// The file does not start with the QED magic.
@@ -116,9 +116,9 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for io::Result<T> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| Error::Io {
+        self.map_err(|cause| Error::Io {
             context: what(),
-            source,
+            cause,
         })
     }
 }

@@ -99,6 +99,6 @@ pub fn run(a: Args) -> Result<u8> {
 fn io_err(e: std::io::Error) -> qed::Error {
     qed::Error::Io {
         context: "writing the map".into(),
-        source: e,
+        cause: e,
     }
 }

@@ -144,7 +144,7 @@ impl Page {
                 p.done_below = id + 1;
                 if let Err(e) = result {
                     let (kind, msg) = match &e {
-                        crate::Error::Io { source, .. } => (source.kind(), e.to_string()),
+                        crate::Error::Io { cause, .. } => (cause.kind(), e.to_string()),
                         _ => (io::ErrorKind::Other, e.to_string()),
                     };
                     if p.failures.len() == REMEMBERED_FAILURES {
@@ -166,7 +166,7 @@ impl Page {
         match p.failures.iter().find(|f| f.0 == mine) {
             Some((_, kind, msg)) => Err(crate::Error::Io {
                 context: "updating an L2 table".into(),
-                source: io::Error::new(*kind, msg.clone()),
+                cause: io::Error::new(*kind, msg.clone()),
             }),
             None => Ok(()),
         }
