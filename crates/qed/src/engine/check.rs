@@ -279,10 +279,7 @@ impl Image {
                     *e = l2;
                     fixed += 1;
                 }
-                match self.walk_l2(l2, &header, file_end, fix, &mut w) {
-                    Ok(()) => w.tables.push((l1_index, l2)),
-                    Err(_) => w.report.check_errors += 1,
-                }
+                w.tables.push((l1_index, l2));
             }
             if fixed > 0 {
                 self.flush_storage()?;
@@ -291,6 +288,16 @@ impl Image {
                 w.report.corruptions_fixed += fixed;
             }
             start += n;
+        }
+
+        // Every table is marked before any data entry, so a data entry pointing into a
+        // table is the one found shared (and copied), never the table.
+        let tables = std::mem::take(&mut w.tables);
+        for &(l1_index, l2) in &tables {
+            match self.walk_l2(l2, &header, file_end, fix, &mut w) {
+                Ok(()) => w.tables.push((l1_index, l2)),
+                Err(_) => w.report.check_errors += 1,
+            }
         }
 
         if w.report.check_errors == 0 {
