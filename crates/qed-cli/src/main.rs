@@ -51,6 +51,8 @@ enum Command {
     Measure(cmd::measure::Args),
     /// Serve an image over NBD.
     Serve(cmd::serve::Args),
+    /// Run a simple image benchmark, as qemu-img bench.
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
         Command::Resize(a) => cmd::resize::run(a),
         Command::Measure(a) => cmd::measure::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,6 +1,7 @@
 //! Whole-image operations over devices. None of them prints: long ones report progress
 //! through a callback.
 
+pub mod bench;
 pub mod commit;
 pub mod compare;
 pub mod convert;

@@ -1,0 +1,108 @@
+//! `qed bench`: the workload of `qemu-img bench`, on our implementation.
+
+use crate::units::parse_size;
+use anyhow::{bail, Context, Result};
+use qed::ops::bench::{bench, BenchParams};
+use std::path::PathBuf;
+
+/// Run a simple image benchmark, with qemu-img bench's flags and meaning.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format: qed or raw (probed when omitted).
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Number of requests.
+    #[arg(short = 'c', long = "count", default_value_t = 75000)]
+    count: u64,
+    /// Requests in parallel.
+    #[arg(short = 'd', long = "depth", default_value_t = 64)]
+    depth: usize,
+    /// Bytes per request.
+    #[arg(short = 's', long = "buffer-size", default_value = "4k")]
+    size: String,
+    /// Offset increment between requests (default: the buffer size).
+    #[arg(short = 'S', long = "step-size")]
+    step: Option<String>,
+    /// Offset of the first request.
+    #[arg(short = 'o', long = "offset", default_value = "0")]
+    offset: String,
+    /// Write instead of read.
+    #[arg(short = 'w', long = "write")]
+    write: bool,
+    /// Cache mode: none (O_DIRECT), writeback, or writethrough (flush after each write).
+    #[arg(short = 't', long = "cache", default_value = "writeback")]
+    cache: String,
+    /// Byte to write.
+    #[arg(long = "pattern", default_value_t = 0)]
+    pattern: u8,
+    /// Flush after this many requests.
+    #[arg(long = "flush-interval")]
+    flush_interval: Option<u64>,
+    /// Accepted for qemu-img compatibility; I/O runs on threads.
+    #[arg(short = 'i', long = "aio")]
+    aio: Option<String>,
+    /// Quiet: print only the result line.
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// The image.
+    file: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<u8> {
+    let (direct, writethrough) = match a.cache.as_str() {
+        "none" => (true, false),
+        "writeback" => (false, false),
+        "writethrough" => (false, true),
+        "directsync" => (true, true),
+        c => bail!("invalid cache mode '{c}': use none, writeback, writethrough or directsync"),
+    };
+    if let Some(aio) = &a.aio {
+        if !["threads", "native", "io_uring"].contains(&aio.as_str()) {
+            bail!("invalid aio '{aio}': use threads, native or io_uring");
+        }
+    }
+    let size = usize::try_from(parse_size(&a.size)?).context("buffer size too large")?;
+    if size == 0 || size > 1 << 30 {
+        bail!("invalid buffer size {size}: it must be from 1 byte to 1 GiB");
+    }
+    let step = match &a.step {
+        Some(s) => parse_size(s)?,
+        None => size as u64,
+    };
+    if a.depth == 0 || a.depth > 1024 {
+        bail!("invalid depth {}: it must be from 1 to 1024", a.depth);
+    }
+    let params = BenchParams {
+        count: a.count,
+        depth: a.depth,
+        size,
+        step,
+        offset: parse_size(&a.offset)?,
+        write: a.write,
+        pattern: a.pattern,
+        flush_interval: a.flush_interval,
+        writethrough,
+    };
+    let format = super::parse_format(a.format.as_deref())?;
+    let dev = super::open_device_with(
+        &a.file,
+        format,
+        !a.write,
+        direct,
+        qed::engine::DEFAULT_L2_CACHE_BYTES,
+    )?;
+    if !a.quiet {
+        println!(
+            "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
+            a.count,
+            if a.write { "write" } else { "read" },
+            size,
+            a.depth,
+            params.offset,
+            step
+        );
+    }
+    let elapsed = bench(&*dev, &params)?;
+    println!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
+    Ok(0)
+}
