@@ -90,7 +90,7 @@ fn run(cluster_size: u32, table_size: u32, with_backing: bool, threads: u64, ops
             let image = &image;
             let candidates = &candidates;
             scope.spawn(move || {
-                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t + 1) * 0x1234_5678);
+                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((t + 1) * 0x1234_5678));
                 for i in 0..ops {
                     // Keep requests in a hot region so threads race for the same clusters.
                     let hot = sectors / 4;
@@ -151,7 +151,10 @@ fn run(cluster_size: u32, table_size: u32, with_backing: bool, threads: u64, ops
     let report = image.check().unwrap();
     assert_eq!(report.corruptions, 0, "{report:?}");
     assert_eq!(report.check_errors, 0, "{report:?}");
-    assert_eq!(report.leaks, 0, "a cluster was allocated and lost: {report:?}");
+    assert_eq!(
+        report.leaks, 0,
+        "a cluster was allocated and lost: {report:?}"
+    );
     let mut buf = vec![0u8; size as usize];
     image.read_at(&mut buf, 0).unwrap();
     for (s, sector) in buf.chunks_exact(SECTOR).enumerate() {
