@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 /// How often the accept loop looks at the shutdown flag.
 const POLL: Duration = Duration::from_millis(20);
+/// How long shutdown waits for replies to be taken before it cuts connections: a client
+/// that never reads its replies must not keep the server from exiting.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Where clients connect.
 #[derive(Debug)]
@@ -158,6 +161,14 @@ impl Server {
         // Stop reading requests; what was read is still executed and replied to.
         for s in live.lock().unwrap_or_else(|p| p.into_inner()).values() {
             let _ = s.shutdown(Shutdown::Read);
+        }
+        let grace = Instant::now() + SHUTDOWN_GRACE;
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < grace {
+            std::thread::sleep(POLL);
+        }
+        // Requests already taken still run to the end (the pool finishes its queue).
+        for s in live.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            let _ = s.shutdown(Shutdown::Both);
         }
         for t in threads {
             let _ = t.join();

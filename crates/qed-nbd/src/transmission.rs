@@ -8,6 +8,8 @@ use crate::proto::{self, cflag, chunk, cmd, errno, Request};
 use crate::stream::Stream;
 use qed::ops::map::describe;
 use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Payload bytes a connection may have in flight before it stops reading requests.
@@ -53,12 +55,15 @@ impl Budget {
     }
 }
 
+/// A reply and the budget it holds until it is sent; `None` stops the sending thread.
+type Outgoing = Option<(Vec<u8>, u64)>;
+
 /// A connection in transmission.
 struct Connection {
     export: Arc<Export>,
     session: Session,
-    writer: Mutex<Stream>,
-    budget: Budget,
+    replies: Sender<Outgoing>,
+    budget: Arc<Budget>,
 }
 
 /// Maps a library error to an NBD error value.
@@ -93,16 +98,45 @@ fn allowed_flags(kind: u16, structured: bool) -> u16 {
 /// Serves requests until the client disconnects, breaks the protocol or the reading
 /// side is shut down; waits for the requests in flight before returning.
 pub fn serve(stream: Stream, export: Arc<Export>, session: Session, pool: &Pool) {
-    let Ok(writer) = stream.try_clone() else {
+    let Ok(mut writer) = stream.try_clone() else {
         return;
     };
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_nodelay();
+    let budget = Arc::new(Budget::default());
+    let (replies, outgoing) = channel::<Outgoing>();
+    // Replies leave from a thread of this connection's own: a client that stops reading
+    // them blocks only its connection, never the workers every connection shares.
+    let sender = {
+        let budget = budget.clone();
+        std::thread::Builder::new()
+            .name("nbd-replies".into())
+            .spawn(move || {
+                let mut broken = false;
+                while let Ok(Some((bytes, cost))) = outgoing.recv() {
+                    if !broken
+                        && writer
+                            .write_all(&bytes)
+                            .and_then(|_| writer.flush())
+                            .is_err()
+                    {
+                        // A reply cut short leaves the stream out of step: end the session.
+                        broken = true;
+                        let _ = writer.shutdown(Shutdown::Both);
+                    }
+                    budget.release(cost);
+                }
+                writer
+            })
+    };
+    let Ok(sender) = sender else {
+        return;
+    };
     let conn = Arc::new(Connection {
         export,
         session,
-        writer: Mutex::new(writer),
-        budget: Budget::default(),
+        replies,
+        budget,
     });
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
     // A wrong magic or a read error ends the session.
@@ -137,20 +171,21 @@ pub fn serve(stream: Stream, export: Arc<Export>, session: Session, pool: &Pool)
         pool.execute(move || {
             let reply = c.handle(&req, &payload);
             drop(payload);
-            c.send(&reply);
-            c.budget.release(cost);
+            c.send(reply, cost);
         });
     }
     conn.budget.wait_idle();
-    let w = conn.writer.lock().unwrap_or_else(|p| p.into_inner());
-    let _ = w.shutdown(std::net::Shutdown::Both);
+    let _ = conn.replies.send(None);
+    if let Ok(w) = sender.join() {
+        let _ = w.shutdown(Shutdown::Both);
+    }
 }
 
 impl Connection {
-    fn send(&self, bytes: &[u8]) {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        // A client that vanished loses its replies; nothing else to do.
-        let _ = w.write_all(bytes).and_then(|_| w.flush());
+    fn send(&self, reply: Vec<u8>, cost: u64) {
+        if self.replies.send(Some((reply, cost))).is_err() {
+            self.budget.release(cost);
+        }
     }
 
     fn device(&self) -> &dyn qed::BlockDevice {

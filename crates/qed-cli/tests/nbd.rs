@@ -1,0 +1,1341 @@
+//! `qed serve` against real NBD clients: qemu-io, qemu-img, nbdinfo, nbdcopy and fio,
+//! plus a hand-written client that breaks the protocol on purpose.
+//!
+//! Every server runs as a child process of the test, so what is tested is the shipped
+//! binary: its signal handling, its exit status and what it leaves in the image file.
+//! A missing client tool fails these tests instead of skipping them: skipping would let
+//! a machine without the tools report the NBD suite as passing.
+
+use serde_json::Value;
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+const QED: &str = env!("CARGO_BIN_EXE_qed");
+const QEMU_IMG: &str = "qemu-img";
+const QEMU_IO: &str = "qemu-io";
+const NBDINFO: &str = "nbdinfo";
+const NBDCOPY: &str = "nbdcopy";
+const FIO: &str = "fio";
+
+const K: u64 = 1 << 10;
+const M: u64 = 1 << 20;
+const CLUSTER: u64 = 64 * K;
+
+// ---------------------------------------------------------------------------------------
+// Running tools.
+
+fn run<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> Output {
+    Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            let package = match prog {
+                QEMU_IMG | QEMU_IO => " (apt-get install qemu-utils)",
+                NBDINFO | NBDCOPY => " (apt-get install libnbd-bin)",
+                FIO => " (apt-get install fio)",
+                _ => "",
+            };
+            panic!("cannot run {prog}: {e}{package}")
+        })
+}
+
+fn describe<S: AsRef<OsStr>>(prog: &str, args: &[S], out: &Output) -> String {
+    let line: Vec<String> = args
+        .iter()
+        .map(|a| {
+            let a = a.as_ref().to_string_lossy();
+            if a.contains(' ') {
+                format!("'{a}'")
+            } else {
+                a.into_owned()
+            }
+        })
+        .collect();
+    format!(
+        "`{prog} {}`\n  status: {}\n  stdout:\n{}\n  stderr:\n{}",
+        line.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `prog`, asserts success, returns stdout.
+fn ok<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> String {
+    let out = run(dir, prog, args);
+    assert!(out.status.success(), "{}", describe(prog, args, &out));
+    String::from_utf8(out.stdout).expect("stdout is UTF-8")
+}
+
+/// Runs `prog`, asserts failure, returns stdout and stderr together.
+fn fails<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> String {
+    let out = run(dir, prog, args);
+    assert!(
+        !out.status.success(),
+        "expected failure from {}",
+        describe(prog, args, &out)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// qemu-io on `target` (`fmt` is raw for NBD URIs). qemu-io exits non-zero when a
+/// command fails, but a pattern mismatch is also looked for in the output so a
+/// verification failure can never pass silently.
+fn qemu_io(dir: &Path, fmt: &str, target: &str, read_only: bool, cmds: &[&str]) -> String {
+    let mut args = vec!["-f", fmt];
+    if read_only {
+        args.push("-r");
+    }
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(target);
+    let out = ok(dir, QEMU_IO, &args);
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("failed:"),
+        "qemu-io {args:?} reported a failure:\n{out}"
+    );
+    out
+}
+
+fn qemu_img_check(dir: &Path, image: &str) {
+    let out = ok(dir, QEMU_IMG, &["check", "-f", "qed", image]);
+    assert!(out.contains("No errors were found"), "{out}");
+}
+
+/// The QED header's NEED_CHECK bit (features at 0x10, bit 0x2).
+fn need_check(path: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|f| f.read_exact_at(&mut b, 0x10))
+        .expect("read the image header");
+    u64::from_le_bytes(b) & 0x2 != 0
+}
+
+fn new_dir() -> TempDir {
+    tempfile::tempdir().expect("create a temporary directory")
+}
+
+fn create_qed(dir: &Path, name: &str, size: &str) {
+    ok(dir, QED, &["create", "-q", name, size]);
+}
+
+/// Deterministic bytes with runs of zeros, so copies exercise holes as well as data.
+fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = vec![0u8; len];
+    for (i, chunk) in out.chunks_mut(64 * K as usize).enumerate() {
+        if i % 5 == 2 {
+            continue;
+        }
+        for b in chunk {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// A `qed serve` child process.
+
+/// A running `qed serve`; killed when dropped, so a failing test leaves no server behind.
+struct Served {
+    child: Child,
+    /// TCP port, or the Unix socket's path.
+    place: Place,
+    log: Arc<Mutex<String>>,
+}
+
+enum Place {
+    Tcp(u16),
+    Unix(PathBuf),
+}
+
+impl Served {
+    /// Starts `qed serve` in `dir` on a fresh Unix socket (`unix`) or an ephemeral TCP
+    /// port, with `args` before the image name. Returns once the server listens.
+    fn start(dir: &Path, unix: bool, args: &[&str], image: &str) -> Served {
+        let socket = dir.join(format!("nbd-{}.sock", unique()));
+        let mut cmd = Command::new(QED);
+        cmd.arg("serve").current_dir(dir);
+        if unix {
+            cmd.arg("-k").arg(&socket);
+        } else {
+            // Port 0 lets the kernel pick a free port; the server prints which.
+            cmd.args(["-p", "0"]);
+        }
+        cmd.args(args).arg(image);
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start qed serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                {
+                    let mut log = sink.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+                let _ = tx.send(line);
+            }
+        });
+        // The banner is printed once the socket listens.
+        let banner = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!(
+                    "qed serve {args:?} {image} did not start ({status:?}):\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        let place = if unix {
+            assert!(banner.contains("unix socket"), "banner: {banner}");
+            Place::Unix(socket)
+        } else {
+            let at = banner.rfind(" on ").expect("banner names the address");
+            let addr = banner[at + 4..].trim_end_matches(" (read-only)");
+            let port = addr.rsplit(':').next().unwrap().parse().expect("a port");
+            Place::Tcp(port)
+        };
+        Served { child, place, log }
+    }
+
+    fn uri(&self) -> String {
+        self.uri_for("")
+    }
+
+    fn uri_for(&self, export: &str) -> String {
+        match &self.place {
+            Place::Tcp(port) => format!("nbd://127.0.0.1:{port}/{export}"),
+            Place::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
+        }
+    }
+
+    fn port(&self) -> u16 {
+        match self.place {
+            Place::Tcp(p) => p,
+            Place::Unix(_) => panic!("not a TCP server"),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill -{sig} failed");
+    }
+
+    fn assert_alive(&mut self) {
+        if let Some(st) = self.child.try_wait().unwrap() {
+            panic!("qed serve died ({st}):\n{}", self.log.lock().unwrap());
+        }
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                t.elapsed() < limit,
+                "qed serve did not exit within {limit:?}:\n{}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then asserts a clean exit.
+    fn stop(mut self) {
+        self.signal("TERM");
+        let st = self.wait_exit(Duration::from_secs(30));
+        assert!(
+            st.success(),
+            "qed serve exited with {st}:\n{}",
+            self.log.lock().unwrap()
+        );
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+// ---------------------------------------------------------------------------------------
+// Maps.
+
+/// (start, length, data, zero) runs covering the image, adjacent equal runs merged.
+type Runs = Vec<(u64, u64, bool, bool)>;
+
+fn runs_of(what: &str, json_text: &str) -> Runs {
+    let v: Value = serde_json::from_str(json_text)
+        .unwrap_or_else(|e| panic!("{what} printed invalid JSON ({e}):\n{json_text}"));
+    let mut out: Runs = Vec::new();
+    for e in v.as_array().expect("a JSON array") {
+        let start = e["start"].as_u64().unwrap();
+        let len = e["length"].as_u64().unwrap();
+        let data = e["data"].as_bool().unwrap();
+        let zero = e["zero"].as_bool().unwrap();
+        match out.last_mut() {
+            Some(l) => {
+                assert_eq!(l.0 + l.1, start, "{what}: extents are not contiguous");
+                if (l.2, l.3) == (data, zero) {
+                    l.1 += len;
+                    continue;
+                }
+            }
+            None => assert_eq!(start, 0, "{what}: map does not start at 0"),
+        }
+        out.push((start, len, data, zero));
+    }
+    out
+}
+
+/// `nbdinfo --map` lines as (offset, length, value).
+fn nbdinfo_map(text: &str) -> Vec<(u64, u64, u32)> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. qemu-io and qemu-img.
+
+#[test]
+fn qemu_io_and_qemu_img_over_unix_and_tcp() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    create_qed(dir, "img.qed", "16M");
+
+    let s = Served::start(dir, true, &["-t", "--discard=unmap"], "img.qed");
+    qemu_io(
+        dir,
+        "raw",
+        &s.uri(),
+        false,
+        &[
+            "write -P 0xaa 0 1M",
+            "read -P 0xaa 0 1M",
+            // Without -u qemu sends NO_HOLE: real zeros get allocated.
+            "write -z 4M 1M",
+            "write -P 0xbb 6M 1M",
+            // Zeroing allocated clusters keeps them allocated, zeroed in place.
+            "write -z -u 6M 256k",
+            "write -P 0xcc 9441280 8192",
+            "read -P 0 4M 1M",
+            "read -P 0 6M 256k",
+            "read -P 0xbb 6553600 786432",
+            "read -P 0 9M 4096",
+            "read -P 0xcc 9441280 8192",
+            "read -P 0 9449472 57344",
+        ],
+    );
+    s.stop();
+
+    let s = Served::start(dir, false, &["-t", "--discard=unmap"], "img.qed");
+    qemu_io(
+        dir,
+        "raw",
+        &s.uri(),
+        false,
+        &[
+            "read -P 0xaa 0 1M",
+            "read -P 0xbb 6553600 786432",
+            // Unallocated with no backing file already reads as zeros: stays a hole.
+            "write -z -u 5M 1M",
+            "discard 6815744 262144",
+            "read -P 0 6815744 262144",
+            "read -P 0xbb 7077888 262144",
+            "write -P 0xdd 12M 512k",
+            "read -P 0xdd 12M 512k",
+        ],
+    );
+    let over_nbd = ok(
+        dir,
+        QEMU_IMG,
+        &["map", "-f", "raw", "--output=json", &s.uri()],
+    );
+    s.stop();
+
+    assert!(!need_check(&dir.join("img.qed")));
+    qemu_img_check(dir, "img.qed");
+    // Everything written over NBD is in the file, read by QEMU's own QED driver.
+    qemu_io(
+        dir,
+        "qed",
+        "img.qed",
+        true,
+        &[
+            "read -P 0xaa 0 1M",
+            "read -P 0 1M 3M",
+            "read -P 0 4M 2M",
+            "read -P 0 6M 256k",
+            "read -P 0xbb 6553600 262144",
+            "read -P 0 6815744 262144",
+            "read -P 0xbb 7077888 262144",
+            "read -P 0 7M 2M",
+            "read -P 0 9M 4096",
+            "read -P 0xcc 9441280 8192",
+            "read -P 0 9449472 3088384",
+            "read -P 0xdd 12M 512k",
+            "read -P 0 13107200 3670016",
+        ],
+    );
+
+    // Over NBD qemu-img sees base:allocation only, so offsets and `present` differ from
+    // the file's map; what must agree is which bytes are data and which read as zeros.
+    let nbd = runs_of("qemu-img map over NBD", &over_nbd);
+    let qemu_local = runs_of(
+        "qemu-img map",
+        &ok(
+            dir,
+            QEMU_IMG,
+            &["map", "-f", "qed", "--output=json", "img.qed"],
+        ),
+    );
+    let qed_local = runs_of(
+        "qed map",
+        &ok(dir, QED, &["map", "--output", "json", "img.qed"]),
+    );
+    let expected: Runs = vec![
+        (0, M, true, false),
+        (M, 3 * M, false, true),
+        (4 * M, M, true, false),
+        (5 * M, M, false, true),
+        // Discarded and zeroed clusters stay allocated.
+        (6 * M, M, true, false),
+        (7 * M, 2 * M, false, true),
+        (9 * M, CLUSTER, true, false),
+        (9 * M + CLUSTER, 3 * M - CLUSTER, false, true),
+        (12 * M, 512 * K, true, false),
+        (12 * M + 512 * K, 4 * M - 512 * K, false, true),
+    ];
+    assert_eq!(qemu_local, expected, "qemu-img map of the file");
+    assert_eq!(qed_local, expected, "qed map of the file");
+    assert_eq!(nbd, expected, "qemu-img map over NBD:\n{over_nbd}");
+}
+
+#[test]
+fn qemu_img_convert_in_and_out() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    let src = test_bytes(8 * M as usize, 0x5eed);
+    std::fs::write(dir.join("src.raw"), &src).unwrap();
+    create_qed(dir, "img.qed", "8M");
+
+    let s = Served::start(dir, true, &["-t"], "img.qed");
+    ok(
+        dir,
+        QEMU_IMG,
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            "src.raw",
+            &s.uri(),
+        ],
+    );
+    // Without --discard=unmap, trims are acknowledged and change nothing.
+    qemu_io(dir, "raw", &s.uri(), false, &["discard 0 8M"]);
+    ok(
+        dir,
+        QEMU_IMG,
+        &["compare", "-f", "raw", "-F", "raw", "src.raw", &s.uri()],
+    );
+    ok(
+        dir,
+        QEMU_IMG,
+        &["convert", "-f", "raw", "-O", "raw", &s.uri(), "out.raw"],
+    );
+    s.stop();
+
+    assert!(std::fs::read(dir.join("out.raw")).unwrap() == src);
+    ok(
+        dir,
+        QEMU_IMG,
+        &["compare", "-f", "raw", "-F", "qed", "src.raw", "img.qed"],
+    );
+    assert!(!need_check(&dir.join("img.qed")));
+    qemu_img_check(dir, "img.qed");
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. nbdinfo.
+
+#[test]
+fn nbdinfo_maps_list_and_unknown_export() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    create_qed(dir, "base.qed", "4M");
+    ok(dir, QED, &["io", "-c", "write -P 0x11 0 1M", "base.qed"]);
+    ok(
+        dir,
+        QED,
+        &["create", "-q", "-b", "base.qed", "-F", "qed", "top.qed"],
+    );
+    ok(
+        dir,
+        QED,
+        &[
+            "io",
+            "-c",
+            "write -P 0x22 512k 256k",
+            "-c",
+            "write -z 1M 1M",
+            "-c",
+            "write -P 0x33 3M 64k",
+            "top.qed",
+        ],
+    );
+
+    let s = Served::start(
+        dir,
+        false,
+        &["-t", "-x", "disk", "-D", "test disk"],
+        "top.qed",
+    );
+    let uri = s.uri_for("disk");
+
+    let alloc = nbdinfo_map(&ok(dir, NBDINFO, &["--map", &uri]));
+    assert_eq!(
+        alloc,
+        vec![
+            // Backing data and local data alike are data.
+            (0, M, 0),
+            // A zero cluster over the backing file, then nothing at all: hole,zero.
+            (M, 2 * M, 3),
+            (3 * M, CLUSTER, 0),
+            (3 * M + CLUSTER, M - CLUSTER, 3),
+        ]
+    );
+    let depth = nbdinfo_map(&ok(dir, NBDINFO, &["--map=qemu:allocation-depth", &uri]));
+    assert_eq!(
+        depth,
+        vec![
+            (0, 512 * K, 2),
+            (512 * K, 256 * K, 1),
+            (768 * K, 256 * K, 2),
+            (M, M, 1),
+            (2 * M, M, 0),
+            (3 * M, CLUSTER, 1),
+            (3 * M + CLUSTER, M - CLUSTER, 0),
+        ]
+    );
+
+    let list = ok(dir, NBDINFO, &["--list", &s.uri()]);
+    assert!(list.contains("export=\"disk\":"), "{list}");
+    assert!(list.contains("description: test disk"), "{list}");
+    assert!(list.contains("export-size: 4194304"), "{list}");
+
+    let err = fails(dir, NBDINFO, &[&s.uri_for("nosuch")]);
+    assert!(err.contains("nosuch"), "{err}");
+    // The refusal was an answer, not a crash.
+    let size = ok(dir, NBDINFO, &["--size", &uri]);
+    assert_eq!(size.trim(), "4194304");
+    s.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. nbdcopy.
+
+#[test]
+fn nbdcopy_round_trip() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    let src = test_bytes(16 * M as usize, 0xc0de);
+    std::fs::write(dir.join("src.raw"), &src).unwrap();
+    create_qed(dir, "img.qed", "16M");
+
+    // nbdcopy opens four connections when the server allows multi-conn.
+    let s = Served::start(dir, false, &["-t", "-e", "4"], "img.qed");
+    ok(dir, NBDCOPY, &["src.raw", &s.uri()]);
+    ok(dir, NBDCOPY, &[&s.uri(), "out.raw"]);
+    s.stop();
+
+    let out = std::fs::read(dir.join("out.raw")).unwrap();
+    assert_eq!(out.len(), src.len());
+    assert!(out == src, "nbdcopy round trip changed the bytes");
+    ok(
+        dir,
+        QEMU_IMG,
+        &["compare", "-f", "raw", "-F", "qed", "src.raw", "img.qed"],
+    );
+    qemu_img_check(dir, "img.qed");
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. fio.
+
+fn fio_json(out: &str) -> Value {
+    // The nbd engine prints a line per connection before the report.
+    let at = out.find("\n{").map(|i| i + 1).unwrap_or(0);
+    serde_json::from_str(&out[at..]).unwrap_or_else(|e| panic!("fio JSON ({e}):\n{out}"))
+}
+
+#[test]
+fn fio_verify_with_four_connections() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    create_qed(dir, "img.qed", "32M");
+
+    let fio = |uri: &str, verify_only: bool| {
+        let mut args = vec![
+            "--name=nbd".to_string(),
+            "--ioengine=nbd".into(),
+            format!("--uri={uri}"),
+            "--rw=randwrite".into(),
+            "--bs=4k".into(),
+            // Each job its own 8M region: overlapping jobs would fail verification.
+            "--size=8M".into(),
+            "--offset_increment=8M".into(),
+            "--iodepth=32".into(),
+            "--numjobs=4".into(),
+            "--verify=crc32c".into(),
+            "--verify_fatal=1".into(),
+            "--output-format=json".into(),
+        ];
+        if verify_only {
+            args.push("--verify_only=1".into());
+        }
+        let report = fio_json(&ok(dir, FIO, &args));
+        let jobs = report["jobs"].as_array().expect("fio jobs");
+        assert_eq!(jobs.len(), 4);
+        for j in jobs {
+            assert_eq!(j["error"], 0, "fio job error: {j}");
+            assert_eq!(j["read"]["io_bytes"], 8 * M, "verified bytes: {j}");
+            // verify_only counts the writes it replays without sending them.
+            if !verify_only {
+                assert_eq!(j["write"]["io_bytes"], 8 * M, "written bytes: {j}");
+            }
+        }
+    };
+
+    let s = Served::start(dir, false, &["-t", "-e", "4"], "img.qed");
+    fio(&s.uri(), false);
+    s.stop();
+    assert!(!need_check(&dir.join("img.qed")));
+    qemu_img_check(dir, "img.qed");
+
+    // What fio wrote survives a server restart.
+    let s = Served::start(dir, true, &["-t", "-e", "4"], "img.qed");
+    fio(&s.uri(), true);
+    s.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// A client that speaks the protocol by hand, so it can also break it.
+
+mod wire {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+    pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+    pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+    pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+    pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+    pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+    pub const OPT_GO: u32 = 7;
+    pub const OPT_EXPORT_NAME: u32 = 1;
+    pub const OPT_STRUCTURED_REPLY: u32 = 8;
+    pub const REP_ACK: u32 = 1;
+    pub const REP_INFO: u32 = 3;
+    pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+    pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
+
+    pub const CMD_READ: u16 = 0;
+    pub const CMD_WRITE: u16 = 1;
+    pub const CMD_DISC: u16 = 2;
+    pub const CMD_TRIM: u16 = 4;
+    pub const CMD_WRITE_ZEROES: u16 = 6;
+    pub const CMD_BLOCK_STATUS: u16 = 7;
+    pub const CHUNK_ERROR: u16 = (1 << 15) + 1;
+    pub const FLAG_READ_ONLY: u16 = 1 << 1;
+
+    pub const EPERM: u32 = 1;
+    pub const EINVAL: u32 = 22;
+    pub const ENOSPC: u32 = 28;
+
+    pub struct Client {
+        pub s: TcpStream,
+    }
+
+    impl Client {
+        pub fn connect(port: u16) -> Client {
+            let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            Client { s }
+        }
+
+        /// Reads the greeting and answers it (fixed newstyle, no zero padding).
+        pub fn greet(port: u16) -> Client {
+            let mut c = Client::connect(port);
+            assert_eq!(c.u64(), NBDMAGIC);
+            assert_eq!(c.u64(), IHAVEOPT);
+            let flags = c.u16();
+            assert_eq!(flags & 3, 3, "server handshake flags {flags:#x}");
+            c.send(&3u32.to_be_bytes());
+            c
+        }
+
+        /// Greets, optionally negotiates structured replies, and enters transmission
+        /// with NBD_OPT_GO on the default export. Returns the export size and flags.
+        pub fn open(port: u16, structured: bool) -> (Client, u64, u16) {
+            let mut c = Client::greet(port);
+            if structured {
+                c.option(OPT_STRUCTURED_REPLY, &[]);
+                let (opt, kind, _) = c.option_reply();
+                assert_eq!((opt, kind), (OPT_STRUCTURED_REPLY, REP_ACK));
+            }
+            let (size, flags) = c.go("");
+            (c, size, flags)
+        }
+
+        pub fn go(&mut self, name: &str) -> (u64, u16) {
+            let mut d = (name.len() as u32).to_be_bytes().to_vec();
+            d.extend_from_slice(name.as_bytes());
+            d.extend_from_slice(&0u16.to_be_bytes());
+            self.option(OPT_GO, &d);
+            let mut export = None;
+            loop {
+                let (opt, kind, data) = self.option_reply();
+                assert_eq!(opt, OPT_GO);
+                match kind {
+                    REP_INFO if data[..2] == [0, 0] => {
+                        let size = u64::from_be_bytes(data[2..10].try_into().unwrap());
+                        let flags = u16::from_be_bytes(data[10..12].try_into().unwrap());
+                        export = Some((size, flags));
+                    }
+                    REP_INFO => {}
+                    REP_ACK => return export.expect("NBD_INFO_EXPORT before the ACK"),
+                    k => panic!("NBD_OPT_GO failed: reply {k:#x}"),
+                }
+            }
+        }
+
+        pub fn send(&mut self, b: &[u8]) {
+            self.s.write_all(b).expect("send to the server");
+        }
+
+        pub fn option(&mut self, opt: u32, data: &[u8]) {
+            let mut m = IHAVEOPT.to_be_bytes().to_vec();
+            m.extend_from_slice(&opt.to_be_bytes());
+            m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            m.extend_from_slice(data);
+            self.send(&m);
+        }
+
+        /// (option, reply type, data)
+        pub fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
+            assert_eq!(self.u64(), REPLY_MAGIC);
+            let opt = self.u32();
+            let kind = self.u32();
+            let len = self.u32();
+            (opt, kind, self.bytes(len as usize))
+        }
+
+        pub fn header(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+            let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+            m.extend_from_slice(&flags.to_be_bytes());
+            m.extend_from_slice(&kind.to_be_bytes());
+            m.extend_from_slice(&cookie.to_be_bytes());
+            m.extend_from_slice(&offset.to_be_bytes());
+            m.extend_from_slice(&len.to_be_bytes());
+            m
+        }
+
+        pub fn request(&mut self, kind: u16, cookie: u64, offset: u64, len: u32) {
+            self.send(&Self::header(kind, 0, cookie, offset, len));
+        }
+
+        pub fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) {
+            let mut m = Self::header(CMD_WRITE, 0, cookie, offset, data.len() as u32);
+            m.extend_from_slice(data);
+            self.send(&m);
+        }
+
+        /// A simple reply's (error, cookie).
+        pub fn simple_reply(&mut self) -> (u32, u64) {
+            assert_eq!(self.u32(), SIMPLE_REPLY_MAGIC);
+            let error = self.u32();
+            (error, self.u64())
+        }
+
+        /// A read with simple replies: its data, or the error.
+        pub fn read(&mut self, cookie: u64, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
+            self.request(CMD_READ, cookie, offset, len);
+            let (error, c) = self.simple_reply();
+            assert_eq!(c, cookie);
+            if error != 0 {
+                return Err(error);
+            }
+            Ok(self.bytes(len as usize))
+        }
+
+        /// One structured reply chunk: (flags, type, cookie, payload).
+        pub fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
+            assert_eq!(self.u32(), STRUCTURED_REPLY_MAGIC);
+            let flags = self.u16();
+            let kind = self.u16();
+            let cookie = self.u64();
+            let len = self.u32();
+            (flags, kind, cookie, self.bytes(len as usize))
+        }
+
+        pub fn disconnect(mut self) {
+            self.request(CMD_DISC, 0, 0, 0);
+        }
+
+        /// Whether the server closed the connection: end of file or a reset, as opposed
+        /// to more data or silence.
+        pub fn closed_by_server(&mut self) -> bool {
+            let mut b = [0u8; 1];
+            match self.s.read(&mut b) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => match e.kind() {
+                    ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => true,
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut => false,
+                    _ => panic!("reading from the server: {e}"),
+                },
+            }
+        }
+
+        pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+            let mut b = vec![0u8; n];
+            self.s.read_exact(&mut b).expect("read from the server");
+            b
+        }
+
+        pub fn u16(&mut self) -> u16 {
+            u16::from_be_bytes(self.bytes(2).try_into().unwrap())
+        }
+
+        pub fn u32(&mut self) -> u32 {
+            u32::from_be_bytes(self.bytes(4).try_into().unwrap())
+        }
+
+        pub fn u64(&mut self) -> u64 {
+            u64::from_be_bytes(self.bytes(8).try_into().unwrap())
+        }
+    }
+}
+
+use wire::Client;
+
+/// The server is alive and serves a fresh client: handshake, write, read back.
+fn assert_serving(s: &mut Served, after: &str) {
+    s.assert_alive();
+    let (mut c, size, _) = Client::open(s.port(), false);
+    assert_eq!(size, 4 * M, "after {after}");
+    let data = vec![0x42u8; 4096];
+    c.write(7, 3 * M, &data);
+    assert_eq!(c.simple_reply(), (0, 7), "write after {after}");
+    assert_eq!(c.read(8, 3 * M, 4096), Ok(data), "read after {after}");
+    c.disconnect();
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Read-only export.
+
+#[test]
+fn read_only_export_refuses_writes() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    create_qed(dir, "img.qed", "4M");
+    ok(dir, QED, &["io", "-c", "write -P 0x5a 0 1M", "img.qed"]);
+    let before = std::fs::read(dir.join("img.qed")).unwrap();
+
+    let s = Served::start(dir, false, &["-t", "-r"], "img.qed");
+    ok(dir, NBDINFO, &["--is", "read-only", &s.uri()]);
+    qemu_io(
+        dir,
+        "raw",
+        &s.uri(),
+        true,
+        &["read -P 0x5a 0 1M", "read -P 0 1M 3M"],
+    );
+    // QEMU honours the read-only flag on its side: it will not open the export for
+    // writing, nor send a write on a read-only open.
+    fails(
+        dir,
+        QEMU_IO,
+        &["-f", "raw", "-c", "write -P 1 0 4k", &s.uri()],
+    );
+    let out = fails(
+        dir,
+        QEMU_IO,
+        &["-f", "raw", "-r", "-c", "write -P 1 0 4k", &s.uri()],
+    );
+    assert!(out.contains("read-only"), "{out}");
+
+    // So the server's own refusal is seen through a client that sends writes anyway.
+    let (mut c, size, flags) = Client::open(s.port(), false);
+    assert_eq!(size, 4 * M);
+    assert_ne!(flags & wire::FLAG_READ_ONLY, 0);
+    c.write(1, 0, &[0xffu8; 4096]);
+    assert_eq!(c.simple_reply(), (wire::EPERM, 1), "NBD_CMD_WRITE");
+    c.request(wire::CMD_WRITE_ZEROES, 2, 0, 65536);
+    assert_eq!(c.simple_reply(), (wire::EPERM, 2), "NBD_CMD_WRITE_ZEROES");
+    c.request(wire::CMD_TRIM, 3, 0, 65536);
+    assert_eq!(c.simple_reply(), (wire::EPERM, 3), "NBD_CMD_TRIM");
+    assert_eq!(c.read(4, 0, 4096), Ok(vec![0x5a; 4096]));
+    c.disconnect();
+    s.stop();
+
+    assert!(
+        std::fs::read(dir.join("img.qed")).unwrap() == before,
+        "a read-only export changed the file"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Protocol abuse.
+
+#[test]
+fn malformed_clients_never_stop_the_server() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    create_qed(dir, "img.qed", "4M");
+    let mut s = Served::start(dir, false, &["-t", "-e", "2"], "img.qed");
+    let port = s.port();
+    assert_serving(&mut s, "start");
+
+    // Garbage instead of the client flags.
+    let mut c = Client::connect(port);
+    c.bytes(18);
+    c.send(&[0xa5; 64]);
+    assert!(c.closed_by_server(), "garbage client flags");
+    assert_serving(&mut s, "garbage client flags");
+
+    // Garbage instead of an option.
+    let mut c = Client::greet(port);
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(c.closed_by_server(), "garbage option");
+    assert_serving(&mut s, "garbage option");
+
+    // An unknown option is refused and the haggling goes on.
+    let mut c = Client::greet(port);
+    c.option(0x7fff_0001, b"whatever");
+    let (opt, kind, _) = c.option_reply();
+    assert_eq!((opt, kind), (0x7fff_0001, wire::REP_ERR_UNSUP));
+    c.go("");
+    assert_eq!(c.read(1, 0, 512), Ok(vec![0; 512]));
+    c.disconnect();
+
+    // An option too long to accept but short enough to skip: NBD_REP_ERR_TOO_BIG.
+    let mut c = Client::greet(port);
+    c.option(0x7fff_0002, &vec![0x11; 100_000]);
+    let (opt, kind, _) = c.option_reply();
+    assert_eq!((opt, kind), (0x7fff_0002, wire::REP_ERR_TOO_BIG));
+    c.go("");
+    c.disconnect();
+
+    // An option claiming ~4 GiB: dropped at once, not read.
+    let mut c = Client::greet(port);
+    let mut m = wire::IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&wire::OPT_GO.to_be_bytes());
+    m.extend_from_slice(&0xffff_fff0u32.to_be_bytes());
+    c.send(&m);
+    assert!(c.closed_by_server(), "oversized option");
+    assert_serving(&mut s, "oversized option");
+
+    // A truncated request header, then the client leaves.
+    let (mut c, _, _) = Client::open(port, false);
+    c.send(&Client::header(wire::CMD_READ, 0, 1, 0, 512)[..10]);
+    drop(c);
+    assert_serving(&mut s, "truncated request");
+
+    // A wrong request magic.
+    let (mut c, _, _) = Client::open(port, false);
+    let mut h = Client::header(wire::CMD_READ, 0, 1, 0, 512);
+    h[..4].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+    c.send(&h);
+    assert!(c.closed_by_server(), "wrong request magic");
+    assert_serving(&mut s, "wrong request magic");
+
+    // Garbage in transmission.
+    let (mut c, _, _) = Client::open(port, false);
+    c.send(&[0x5a; 100]);
+    assert!(c.closed_by_server(), "garbage request");
+    assert_serving(&mut s, "garbage request");
+
+    // A write longer than the 32 MiB maximum payload: the server will not swallow it.
+    let (mut c, _, _) = Client::open(port, false);
+    c.send(&Client::header(wire::CMD_WRITE, 0, 1, 0, (32 << 20) + 1));
+    assert!(c.closed_by_server(), "oversized write");
+    assert_serving(&mut s, "oversized write");
+
+    // Reads past the end, and an unknown command, are errors the connection survives.
+    let (mut c, size, _) = Client::open(port, false);
+    assert_eq!(c.read(1, size - 512, 1024), Err(wire::EINVAL));
+    assert_eq!(c.read(2, size, 1), Err(wire::EINVAL));
+    assert_eq!(c.read(3, u64::MAX - 100, 512), Err(wire::EINVAL));
+    c.request(99, 4, 0, 512);
+    assert_eq!(c.simple_reply(), (wire::EINVAL, 4), "unknown command");
+    assert_eq!(c.read(5, size - 512, 512), Ok(vec![0; 512]));
+    c.disconnect();
+
+    // The same with structured replies: an error chunk carrying EINVAL.
+    let (mut c, size, _) = Client::open(port, true);
+    c.request(wire::CMD_READ, 9, size - 512, 1024);
+    let (flags, kind, cookie, payload) = c.chunk();
+    assert_eq!((flags & 1, kind, cookie), (1, wire::CHUNK_ERROR, 9));
+    assert_eq!(
+        u32::from_be_bytes(payload[..4].try_into().unwrap()),
+        wire::EINVAL
+    );
+    c.request(77, 10, 0, 0);
+    assert_eq!(c.simple_reply(), (wire::EINVAL, 10), "unknown command");
+    c.disconnect();
+
+    // Writes past the end are refused after their payload is taken, so the stream stays
+    // in step; a payload of exactly 32 MiB is within the limit and is taken too.
+    let (mut c, size, _) = Client::open(port, false);
+    c.write(1, size - 512, &[0x77; 1024]);
+    assert_eq!(c.simple_reply(), (wire::ENOSPC, 1), "write past the end");
+    c.write(2, 0, &vec![0x77; 32 << 20]);
+    assert_eq!(
+        c.simple_reply(),
+        (wire::ENOSPC, 2),
+        "32 MiB write past the end"
+    );
+    c.request(wire::CMD_WRITE_ZEROES, 3, size, 512);
+    assert_eq!(c.simple_reply(), (wire::ENOSPC, 3), "zeroes past the end");
+    c.request(wire::CMD_TRIM, 4, size - 512, 1024);
+    assert_eq!(c.simple_reply(), (wire::EINVAL, 4), "trim past the end");
+    // Block status needs a metadata context, which this client never selected.
+    c.request(wire::CMD_BLOCK_STATUS, 5, 0, 512);
+    assert_eq!(c.simple_reply(), (wire::EINVAL, 5), "block status");
+    assert_eq!(c.read(6, size - 512, 512), Ok(vec![0; 512]));
+    c.disconnect();
+
+    // NBD_OPT_EXPORT_NAME cannot be refused with an error: the server hangs up.
+    let mut c = Client::greet(port);
+    c.option(wire::OPT_EXPORT_NAME, b"nosuch");
+    assert!(c.closed_by_server(), "unknown export name");
+    assert_serving(&mut s, "an unknown export name");
+
+    // NBD_CMD_DISC behind pipelined writes: every write is done and answered first.
+    let (mut c, _, _) = Client::open(port, false);
+    for i in 0..16u64 {
+        c.write(i, 2 * M + i * 4096, &[i as u8 + 1; 4096]);
+    }
+    c.request(wire::CMD_DISC, 99, 0, 0);
+    let mut answered: Vec<u64> = (0..16)
+        .map(|_| c.simple_reply())
+        .map(|(e, k)| {
+            assert_eq!(e, 0);
+            k
+        })
+        .collect();
+    answered.sort_unstable();
+    assert_eq!(answered, (0..16).collect::<Vec<u64>>());
+    assert!(c.closed_by_server(), "no hang-up after NBD_CMD_DISC");
+    let (mut c, _, _) = Client::open(port, false);
+    for i in 0..16u64 {
+        assert_eq!(
+            c.read(i, 2 * M + i * 4096, 4096),
+            Ok(vec![i as u8 + 1; 4096])
+        );
+    }
+    c.disconnect();
+
+    // A client that leaves in the middle of a write's payload: nothing is written.
+    let (mut c, _, _) = Client::open(port, false);
+    let mut m = Client::header(wire::CMD_WRITE, 0, 1, M, M as u32);
+    m.extend_from_slice(&[0x99; 1000]);
+    c.send(&m);
+    drop(c);
+    assert_serving(&mut s, "a half-sent write");
+    let (mut c, _, _) = Client::open(port, false);
+    assert_eq!(
+        c.read(2, M, 4096),
+        Ok(vec![0; 4096]),
+        "a half-sent write landed"
+    );
+    c.disconnect();
+
+    // A client that leaves with requests in flight and replies unread.
+    let (mut c, _, _) = Client::open(port, false);
+    for i in 0..32 {
+        c.request(wire::CMD_READ, i, 0, 1 << 20);
+    }
+    drop(c);
+    assert_serving(&mut s, "a client leaving with requests in flight");
+
+    s.stop();
+    qemu_img_check(dir, "img.qed");
+}
+
+#[test]
+fn stalled_handshake_does_not_block_others() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    create_qed(dir, "img.qed", "4M");
+    let mut s = Served::start(dir, false, &["-t", "-e", "2"], "img.qed");
+
+    let mut stalled = Client::connect(s.port());
+    stalled
+        .s
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stalled.bytes(18);
+    let since = Instant::now();
+
+    // The other slot serves clients one after another while the first one sits.
+    for i in 0..3 {
+        let t = Instant::now();
+        assert_serving(&mut s, &format!("client {i} next to a stalled handshake"));
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    // The handshake timeout (10 s) frees the stalled slot.
+    assert!(
+        stalled.closed_by_server(),
+        "the stalled client was never dropped"
+    );
+    let waited = since.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(15),
+        "stalled client dropped after {waited:?}"
+    );
+    assert_serving(&mut s, "the stalled client was dropped");
+    s.stop();
+}
+
+#[test]
+fn a_client_that_never_reads_replies_blocks_no_one() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    create_qed(dir, "img.qed", "4M");
+    ok(dir, QED, &["io", "-c", "write -P 0x6b 0 1M", "img.qed"]);
+    let mut s = Served::start(dir, false, &["-t", "-e", "2"], "img.qed");
+
+    // Far more reply data than the socket buffers hold, none of it ever read.
+    let (mut rogue, _, _) = Client::open(s.port(), false);
+    for i in 0..256 {
+        rogue.request(wire::CMD_READ, i, 0, M as u32);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    assert_serving(&mut s, "a client stopped reading its replies");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+
+    // Shutdown cannot wait forever for replies nobody reads.
+    s.signal("TERM");
+    let st = s.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "qed serve exited with {st}");
+    assert!(!need_check(&dir.join("img.qed")));
+    qemu_img_check(dir, "img.qed");
+    drop(rogue);
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Signals.
+
+#[test]
+fn signals_stop_the_server_cleanly_with_requests_in_flight() {
+    for sig in ["TERM", "INT"] {
+        let tmp = new_dir();
+        let dir = tmp.path();
+        create_qed(dir, "img.qed", "64M");
+        let pid_file = dir.join("serve.pid");
+        let pid_arg = pid_file.to_str().unwrap();
+        let mut s = Served::start(
+            dir,
+            false,
+            &["-t", "-e", "2", "--pid-file", pid_arg],
+            "img.qed",
+        );
+        let written = std::fs::read_to_string(&pid_file).expect("the pid file exists");
+        assert_eq!(written.trim(), s.pid().to_string());
+
+        const WRITES: u64 = 256;
+        const LEN: usize = 256 * K as usize;
+        let pattern = |i: u64| (i % 250) as u8 + 1;
+        // A client stuck in the handshake must not hold the shutdown up.
+        let mut stalled = Client::connect(s.port());
+        stalled.bytes(18);
+        let (c, _, _) = Client::open(s.port(), false);
+        let mut sender = Client {
+            s: c.s.try_clone().unwrap(),
+        };
+        let mut receiver = c;
+        let feeder = std::thread::spawn(move || {
+            for i in 0..WRITES {
+                let mut m = Client::header(wire::CMD_WRITE, 0, i, i * LEN as u64, LEN as u32);
+                m.extend_from_slice(&vec![pattern(i); LEN]);
+                // The server stops reading once signalled; the rest is simply refused.
+                if sender.s.write_all(&m).is_err() {
+                    break;
+                }
+                // A burst to have many in flight, then paced, so requests are still
+                // arriving whenever the signal lands.
+                if i >= WRITES / 2 {
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+            }
+        });
+        // Signal once some writes are answered, with more still on their way.
+        let first = receiver.simple_reply();
+        assert_eq!(first.0, 0);
+        // Allocating writes mark the image, so the clean bit afterwards means something.
+        assert!(need_check(&dir.join("img.qed")), "NEED_CHECK is not set");
+        s.signal(sig);
+        let signalled = Instant::now();
+        let mut acked = vec![first.1];
+        loop {
+            let mut b = [0u8; 16];
+            match receiver.s.read_exact(&mut b) {
+                Ok(()) => {
+                    assert_eq!(b[..4], wire::SIMPLE_REPLY_MAGIC.to_be_bytes());
+                    assert_eq!(b[4..8], [0; 4], "a write failed during shutdown");
+                    acked.push(u64::from_be_bytes(b[8..].try_into().unwrap()));
+                }
+                Err(_) => break,
+            }
+        }
+        let st = s.wait_exit(Duration::from_secs(30));
+        assert!(st.success(), "SIG{sig}: qed serve exited with {st}");
+        assert!(
+            signalled.elapsed() < Duration::from_secs(4),
+            "SIG{sig}: exit took {:?}",
+            signalled.elapsed()
+        );
+        // The feeder was still sending: the server stopped taking requests.
+        assert!(
+            acked.len() < WRITES as usize,
+            "SIG{sig}: every write was taken"
+        );
+        assert!(stalled.closed_by_server());
+        feeder.join().unwrap();
+        assert!(!pid_file.exists(), "SIG{sig}: the pid file is left behind");
+
+        assert!(
+            !need_check(&dir.join("img.qed")),
+            "SIG{sig}: NEED_CHECK is set"
+        );
+        qemu_img_check(dir, "img.qed");
+        let cmds: Vec<String> = acked
+            .iter()
+            .map(|&i| format!("read -P {} {} {LEN}", pattern(i), i * LEN as u64))
+            .collect();
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io(dir, "qed", "img.qed", true, &cmds);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Parallel connections.
+
+#[test]
+fn parallel_connections_all_land() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    create_qed(dir, "img.qed", "32M");
+    let s = Served::start(dir, true, &["-t", "-e", "4"], "img.qed");
+
+    // Interleaved 1M stripes, so neighbouring clusters and shared L2 tables are
+    // allocated by different connections at the same time.
+    let stripes = |i: u64| (0..8).map(move |j| ((j * 4 + i) * M, 0x10 + i as u8));
+    let clients: Vec<_> = (0..4u64)
+        .map(|i| {
+            let mut args = vec!["-f".to_string(), "raw".into()];
+            for (off, p) in stripes(i) {
+                args.extend(["-c".into(), format!("write -P {p} {off} 1M")]);
+            }
+            for (off, p) in stripes(i) {
+                args.extend(["-c".into(), format!("read -P {p} {off} 1M")]);
+            }
+            args.push(s.uri());
+            let child = Command::new(QEMU_IO)
+                .args(&args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run qemu-io: {e} (apt-get install qemu-utils)"));
+            (args, child)
+        })
+        .collect();
+    for (args, child) in clients {
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && !text.contains("Pattern verification failed"),
+            "{}",
+            describe(QEMU_IO, &args, &out)
+        );
+    }
+    s.stop();
+
+    assert!(!need_check(&dir.join("img.qed")));
+    qemu_img_check(dir, "img.qed");
+    let cmds: Vec<String> = (0..4)
+        .flat_map(stripes)
+        .map(|(off, p)| format!("read -P {p} {off} 1M"))
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(dir, "qed", "img.qed", true, &cmds);
+}
