@@ -5,9 +5,11 @@ use crate::device::{BlockDevice, Format};
 use crate::error::{Error, IoContext, Result};
 use crate::format::geometry::SECTOR_SIZE;
 use crate::format::header::{features, HEADER_LEN, MAX_BACKING_NAME_LEN};
-use crate::format::table::{decode_entries, encode_entries};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+
+/// Table entries read and rewritten at a time when a shrink clears part of a table.
+const CLEAR_CHUNK_ENTRIES: u64 = 8192;
 
 /// A backing file to record in an image's header.
 #[derive(Debug)]
@@ -133,14 +135,12 @@ impl Image {
             .l1_entries_for(header.image_size)
             .next_multiple_of(ENTRIES_PER_SECTOR)
             .min(g.entries_per_table());
-        let mut bytes = vec![0u8; (len * 8) as usize];
-        self.storage
-            .read_at(&mut bytes, header.l1_table_offset)
-            .context(|| format!("reading the L1 table of {}", self.name))?;
-        let mut l1 = vec![0u64; len as usize];
-        decode_entries(&bytes, &mut l1);
-        *self.l1.write().unwrap_or_else(|p| p.into_inner()) = l1;
-        Ok(())
+        // In place, so that the L1 (up to 16 MiB) is not held twice; an entry is only
+        // ever replaced by what the file holds.
+        let mut l1 = self.l1.write().unwrap_or_else(|p| p.into_inner());
+        l1.resize(len as usize, 0);
+        super::read_l1_into(&*self.storage, header.l1_table_offset, &mut l1)
+            .context(|| format!("reading the L1 table of {}", self.name))
     }
 
     /// Clears every table entry for guest clusters at or past `new_size` (rounded up to a
@@ -158,41 +158,61 @@ impl Image {
             }
         }
         let keep_end = new_size.next_multiple_of(cs);
-        let l1 = self.l1.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut new_l1 = l1.clone();
+        // Nobody else uses L1 (`&mut self`): change it in place rather than in a copy,
+        // which could be 16 MiB.
+        let mut l1 = std::mem::take(self.l1.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let result = self.clear_tables_from(&mut l1, keep_end);
+        *self.l1.get_mut().unwrap_or_else(|p| p.into_inner()) = l1;
+        if result.is_err() {
+            // Entries may be cleared in memory and not in the file.
+            self.l1_stale.store(true, Ordering::Release);
+        }
+        result?;
+        self.flush_storage()?;
+        self.l2.clear();
+        Ok(())
+    }
+
+    /// Clears, on disk and in `l1`, every entry mapping guest space at or past
+    /// `keep_end` (a cluster boundary).
+    fn clear_tables_from(&self, l1: &mut [u64], keep_end: u64) -> Result<()> {
+        let g = self.geometry;
         let first_l1 = g.l1_index(keep_end);
-        for (i, &table) in l1.iter().enumerate().skip(first_l1 as usize) {
+        let mut cleared_from = None;
+        for i in first_l1..l1.len() as u64 {
+            let table = l1[i as usize];
             if table == 0 {
                 continue;
             }
-            let cover_start = i as u64 * g.l2_coverage();
-            if cover_start >= keep_end {
-                new_l1[i] = 0;
+            if i * g.l2_coverage() >= keep_end {
+                l1[i as usize] = 0;
+                cleared_from.get_or_insert(i);
                 continue;
             }
-            self.check_l2_offset(i as u64, table)?;
-            // The table straddles the new end: clear its entries from there on.
+            self.check_l2_offset(i, table)?;
+            // The table straddles the new end: clear its entries from there on, a chunk
+            // at a time, since a table can be 1 GiB.
             let from = g.l2_index(keep_end);
-            let start = from / ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR;
-            let count = g.entries_per_table() - start;
-            let mut entries = vec![0u64; count as usize];
-            let mut bytes = vec![0u8; (count * 8) as usize];
-            self.storage
-                .read_at(&mut bytes, table + start * 8)
-                .context(|| format!("reading the L2 table at {table:#x}"))?;
-            decode_entries(&bytes, &mut entries);
-            entries[(from - start) as usize..].fill(0);
-            encode_entries(&entries, &mut bytes);
-            self.storage
-                .write_at(&bytes, table + start * 8)
-                .context(|| format!("writing the L2 table at {table:#x}"))?;
+            let total = g.entries_per_table();
+            let mut start = from / ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR;
+            let mut entries = vec![0u64; (total - start).min(CLEAR_CHUNK_ENTRIES) as usize];
+            while start < total {
+                let chunk = &mut entries[..(total - start).min(CLEAR_CHUNK_ENTRIES) as usize];
+                self.read_entries(table, start, chunk)
+                    .context(|| format!("reading the L2 table at {table:#x}"))?;
+                let dropped = &mut chunk[from.saturating_sub(start) as usize..];
+                if dropped.iter().any(|&e| e != 0) {
+                    dropped.fill(0);
+                    self.write_entries(table, start, chunk)
+                        .context(|| format!("writing the L2 table at {table:#x}"))?;
+                }
+                start += chunk.len() as u64;
+            }
         }
-        if new_l1 != l1 {
-            self.write_l1_sectors(&new_l1, 0, new_l1.len() as u64)?;
-            *self.l1.write().unwrap_or_else(|p| p.into_inner()) = new_l1;
+        if let Some(i) = cleared_from {
+            let first = i / ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR;
+            self.write_l1_sectors(&l1[first as usize..], first)?;
         }
-        self.flush_storage()?;
-        self.l2.clear();
         Ok(())
     }
 

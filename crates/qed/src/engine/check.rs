@@ -190,6 +190,20 @@ impl Image {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        let result = self.repair_tables(mode);
+        if result.is_err() {
+            // The repair may have rewritten tables, moved them or truncated the file
+            // before it failed: drop what memory holds of them, or later requests would
+            // update tables the file no longer uses.
+            self.l2.clear();
+            if self.reload_tables().is_err() {
+                self.l1_stale.store(true, Ordering::Release);
+            }
+        }
+        result
+    }
+
+    fn repair_tables(&mut self, mode: RepairMode) -> Result<CheckReport> {
         let first = self.walk(mode == RepairMode::All)?;
         let mut report = first.report.clone();
         // Repairs may have appended copies; walk again for an exact picture of leaks.
@@ -446,15 +460,19 @@ impl Image {
 
     /// Flushes repairs, then clears NEED_CHECK.
     fn mark_clean(&self) -> Result<()> {
+        self.unchecked.store(false, Ordering::Release);
         let mut header = self.header_read().clone();
         if !header.needs_check() {
             return Ok(());
         }
         self.flush_storage()?;
         header.features &= !crate::format::features::NEED_CHECK;
-        self.write_header(&header)?;
-        self.flush_storage()?;
+        let result = self
+            .write_header(&header)
+            .and_then(|()| self.flush_storage());
+        // Even a failed write may have cleared the bit in the file: the next allocation
+        // must set it again rather than trust it is still there.
         *self.header.write().unwrap_or_else(|p| p.into_inner()) = header;
-        Ok(())
+        result
     }
 }

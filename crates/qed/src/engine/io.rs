@@ -209,10 +209,13 @@ impl Image {
         let mut grow = self.lock_grow();
         if grow.trailing_garbage {
             // A partial cluster past the frontier is unreferenced; drop it so that new
-            // clusters there read as zeros.
+            // clusters there read as zeros. The truncation must be durable before the
+            // space is reused: a crash that kept the growth below and an L2 entry for a
+            // new cluster there, but lost the truncation, would expose the old bytes.
             self.storage
                 .set_len(self.file_clusters_end())
                 .context(|| format!("truncating the partial last cluster of {}", self.name))?;
+            self.flush_storage()?;
             grow.trailing_garbage = false;
         }
         let old = self.file_clusters_end();
@@ -245,7 +248,7 @@ impl Image {
             .map(|i| ((page_first + i) as usize, value(i)))
             .collect();
         loop {
-            let l2_offset = self.l1.read().unwrap_or_else(|p| p.into_inner())[l1_index as usize];
+            let l2_offset = self.l1_entry(l1_index)?;
             if l2_offset != 0 {
                 self.check_l2_offset(l1_index, l2_offset)?;
                 let (page, page_off) = self.l2.page(l2_offset, l2_index);
@@ -254,7 +257,7 @@ impl Image {
             let Some(_table_claim) = self.claims.table(l1_index) else {
                 continue; // someone else was creating the table: look again
             };
-            if self.l1.read().unwrap_or_else(|p| p.into_inner())[l1_index as usize] != 0 {
+            if self.l1_entry(l1_index)? != 0 {
                 continue;
             }
             return self.create_l2_table(l1_index, l2_index, &updates);
@@ -289,9 +292,15 @@ impl Image {
             .context(|| format!("writing the new L2 table at {table:#x} of {}", self.name))?;
         self.flush_storage()?;
         let _l1 = self.l1_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut l1 = self.l1.read().unwrap_or_else(|p| p.into_inner()).clone();
-        l1[l1_index as usize] = table;
-        self.write_l1_sectors(&l1, l1_index, 1)?;
+        let first = l1_index / ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR;
+        let sector = {
+            let l1 = self.l1.read().unwrap_or_else(|p| p.into_inner());
+            let end = (first + ENTRIES_PER_SECTOR).min(l1.len() as u64);
+            let mut sector = l1[first as usize..end as usize].to_vec();
+            sector[(l1_index - first) as usize] = table;
+            sector
+        };
+        self.write_l1_sectors(&sector, first)?;
         self.l1.write().unwrap_or_else(|p| p.into_inner())[l1_index as usize] = table;
         Ok(())
     }
@@ -323,7 +332,9 @@ impl Image {
                 Mapping::Unallocated if !needs_work => n,
                 Mapping::Unallocated if whole => self.zero_clusters(p, n)?,
                 Mapping::Unallocated => {
-                    let zeros = vec![0u8; n as usize];
+                    // At most a megabyte of zeros (a cluster can be 64 MiB): the rest of
+                    // the cluster is then allocated, and zeroed in place.
+                    let zeros = vec![0u8; n.min(COPY_CHUNK) as usize];
                     self.write_allocating(&zeros, p)? as u64
                 }
             };
@@ -370,7 +381,7 @@ impl Image {
         if self.read_only {
             return Ok(());
         }
-        if !self.header_read().needs_check() {
+        if !self.header_read().needs_check() || self.unchecked.load(Ordering::Acquire) {
             return self.flush_storage();
         }
         let _exclusive = self.gate.exclusive();
@@ -378,9 +389,13 @@ impl Image {
         let mut header = self.header_read().clone();
         if header.needs_check() {
             header.features &= !crate::format::features::NEED_CHECK;
-            self.write_header(&header)?;
-            self.flush_storage()?;
+            let result = self
+                .write_header(&header)
+                .and_then(|()| self.flush_storage());
+            // Even a failed write may have cleared the bit in the file: the next
+            // allocation must set it again rather than trust it is still there.
             *self.header.write().unwrap_or_else(|p| p.into_inner()) = header;
+            result?;
         }
         Ok(())
     }

@@ -102,17 +102,15 @@ impl Page {
 
     /// The page's entries, loading them from `file_offset` if needed.
     pub(crate) fn read(&self, storage: &dyn Storage, file_offset: u64) -> Result<PageRef<'_>> {
-        {
+        loop {
             let guard = self.entries.read().unwrap_or_else(|p| p.into_inner());
             if guard.is_some() {
                 return Ok(PageRef(guard));
             }
+            drop(guard);
+            // A failed update may unload the page between the load and the read lock.
+            drop(self.load(storage, file_offset)?);
         }
-        drop(self.load(storage, file_offset)?);
-        // Loaded pages are never unloaded, so this guard sees Some.
-        Ok(PageRef(
-            self.entries.read().unwrap_or_else(|p| p.into_inner()),
-        ))
     }
 
     /// Exclusive access to the page's entries, loading them if needed.
@@ -196,9 +194,12 @@ impl Page {
         let mut bytes = vec![0u8; entries.len() * 8];
         encode_entries(&entries, &mut bytes);
         let at = file_offset + start as u64 * 8;
-        storage
-            .write_at(&bytes, at)
-            .context(|| format!("writing L2 table entries at {at:#x}"))?;
+        if let Err(e) = storage.write_at(&bytes, at) {
+            // The file may hold all, some or none of the batch: forget the entries so
+            // that they are read back from the file before anyone relies on them.
+            *self.entries.write().unwrap_or_else(|p| p.into_inner()) = None;
+            return Err(e).context(|| format!("writing L2 table entries at {at:#x}"));
+        }
         let mut current = self.write(storage, file_offset)?;
         for &(i, v) in batch {
             current[i] = v;

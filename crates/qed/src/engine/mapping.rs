@@ -24,13 +24,7 @@ impl Image {
         let g = &self.geometry;
         let cs = g.cluster_size();
         let l1_index = g.l1_index(pos);
-        let l2_offset = self
-            .l1
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(l1_index as usize)
-            .copied()
-            .unwrap_or(0);
+        let l2_offset = self.l1_entry(l1_index)?;
         let l2_index = g.l2_index(pos);
         let in_cluster = g.offset_in_cluster(pos);
         let page_first = l2_index % PAGE_ENTRIES;

@@ -79,6 +79,13 @@ pub struct Image {
     need_check_lock: Mutex<()>,
     /// Serializes L1 sector writes (several L1 entries share a sector).
     l1_lock: Mutex<()>,
+    /// A write of L1 sectors failed, so the file may hold them or not: the copy in
+    /// memory is re-read before its next use, or a later request could act on an entry
+    /// the file no longer has (or miss one it has).
+    l1_stale: std::sync::atomic::AtomicBool,
+    /// Opened with NEED_CHECK set and not successfully checked since: the metadata may
+    /// be inconsistent, so only a repair may clear the bit, never a flush or close.
+    unchecked: std::sync::atomic::AtomicBool,
     /// Coalesces concurrent flushes.
     flushes: alloc::FlushGroup,
     /// What the check run at open (NEED_CHECK set, read-write) found and fixed.
@@ -144,12 +151,9 @@ impl Image {
             .l1_entries_for(header.image_size)
             .next_multiple_of(ENTRIES_PER_SECTOR)
             .min(geometry.entries_per_table());
-        let mut l1_bytes = vec![0u8; (l1_len * 8) as usize];
-        storage
-            .read_at(&mut l1_bytes, header.l1_table_offset)
-            .context(|| format!("reading the L1 table of {name}"))?;
         let mut l1 = vec![0u64; l1_len as usize];
-        decode_entries(&l1_bytes, &mut l1);
+        read_l1_into(&*storage, header.l1_table_offset, &mut l1)
+            .context(|| format!("reading the L1 table of {name}"))?;
 
         let unknown_autoclear = header.autoclear_features & !features::KNOWN_AUTOCLEAR;
         if unknown_autoclear != 0 && !opts.read_only {
@@ -179,6 +183,8 @@ impl Image {
             gate: alloc::Gate::default(),
             need_check_lock: Mutex::new(()),
             l1_lock: Mutex::new(()),
+            l1_stale: false.into(),
+            unchecked: needs_check.into(),
             flushes: alloc::FlushGroup::default(),
             open_repair: None,
             closed: false.into(),
@@ -339,19 +345,39 @@ impl Image {
         }
     }
 
-    /// Encodes the sectors of L1 holding entries `[first, first + n)`, with `update`
-    /// applied, and writes them.
-    fn write_l1_sectors(&self, l1: &[u64], first: u64, n: u64) -> Result<()> {
-        let start = first / ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR;
-        let end = (first + n)
-            .next_multiple_of(ENTRIES_PER_SECTOR)
-            .min(l1.len() as u64);
-        let mut bytes = vec![0u8; ((end - start) * 8) as usize];
-        encode_entries(&l1[start as usize..end as usize], &mut bytes);
-        let off = self.header_read().l1_table_offset + start * 8;
-        self.storage
-            .write_at(&bytes, off)
-            .context(|| format!("writing the L1 table of {}", self.name))
+    /// The L1 entry at `index` (0 past the entries covering the image size).
+    fn l1_entry(&self, index: u64) -> Result<u64> {
+        if self.l1_stale.load(Ordering::Acquire) {
+            let _l1 = self.l1_lock.lock().unwrap_or_else(|p| p.into_inner());
+            if self.l1_stale.load(Ordering::Acquire) {
+                self.load_l1()?;
+                self.l1_stale.store(false, Ordering::Release);
+            }
+        }
+        Ok(self
+            .l1
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(index as usize)
+            .copied()
+            .unwrap_or(0))
+    }
+
+    /// Writes L1 entries `entries`, the first of them at index `first` (a multiple of
+    /// 64, so that only whole sectors are written), a chunk at a time.
+    fn write_l1_sectors(&self, entries: &[u64], first: u64) -> Result<()> {
+        debug_assert_eq!(first % ENTRIES_PER_SECTOR, 0);
+        let base = self.header_read().l1_table_offset + first * 8;
+        let mut bytes = vec![0u8; entries.len().min(L1_CHUNK_ENTRIES) * 8];
+        for (i, chunk) in entries.chunks(L1_CHUNK_ENTRIES).enumerate() {
+            let b = &mut bytes[..chunk.len() * 8];
+            encode_entries(chunk, b);
+            self.storage
+                .write_at(b, base + (i * L1_CHUNK_ENTRIES * 8) as u64)
+                .inspect_err(|_| self.l1_stale.store(true, Ordering::Release))
+                .context(|| format!("writing the L1 table of {}", self.name))?;
+        }
+        Ok(())
     }
 }
 
@@ -359,6 +385,21 @@ impl Drop for Image {
     fn drop(&mut self) {
         let _ = self.close_inner();
     }
+}
+
+/// L1 entries encoded or decoded at a time: the L1 in memory can reach 16 MiB, and its
+/// bytes are never held whole besides it.
+const L1_CHUNK_ENTRIES: usize = 8192;
+
+/// Fills `l1` with the L1 entries at `offset`.
+fn read_l1_into(storage: &dyn Storage, offset: u64, l1: &mut [u64]) -> std::io::Result<()> {
+    let mut bytes = vec![0u8; L1_CHUNK_ENTRIES.min(l1.len()) * 8];
+    for (i, chunk) in l1.chunks_mut(L1_CHUNK_ENTRIES).enumerate() {
+        let b = &mut bytes[..chunk.len() * 8];
+        storage.read_at(b, offset + (i * L1_CHUNK_ENTRIES * 8) as u64)?;
+        decode_entries(b, chunk);
+    }
+    Ok(())
 }
 
 /// Reads the header's sector, patches the 64 header bytes and writes the sector back.

@@ -65,6 +65,11 @@ impl Image {
         let mut moves = Vec::new();
         let mut top = total;
         let mut hole = first_data;
+        // End of the highest unit moved so far. The file cannot end below it, so moving
+        // anything under it gains nothing; and the clusters there are copies already
+        // planned, which the scan would otherwise take for units of their own (the upper
+        // clusters of a table, for instance, for data clusters).
+        let mut placed_end = 0;
         loop {
             if !moves_allowed {
                 break;
@@ -72,7 +77,7 @@ impl Image {
             while top > first_data && !used.is_marked(top - 1) {
                 top -= 1;
             }
-            if top <= first_data {
+            if top <= first_data || top <= placed_end {
                 break;
             }
             let last = top - 1;
@@ -100,6 +105,7 @@ impl Image {
                 len,
                 l1_index,
             });
+            placed_end = placed_end.max(dst + len);
             top = start;
         }
 

@@ -88,7 +88,10 @@ pub fn bench(dev: &dyn BlockDevice, p: &BenchParams) -> Result<Duration> {
                         _ => Ok(()),
                     });
                     if let Err(e) = r {
-                        failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                        failed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
                         next.store(p.count, Ordering::Relaxed);
                         break;
                     }
