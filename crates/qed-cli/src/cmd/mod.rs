@@ -13,6 +13,7 @@ pub mod measure;
 pub mod rebase;
 pub mod resize;
 pub mod serve;
+pub mod stress;
 
 use anyhow::{bail, Result};
 use qed::Format;
