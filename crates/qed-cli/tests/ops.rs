@@ -1678,3 +1678,127 @@ fn bad_arguments_change_nothing() {
         &all,
     );
 }
+
+#[test]
+fn writing_into_the_source_chain_is_refused() {
+    let d = Dir::new();
+    d.raw_image("base.raw", "4M", &[(0, M, 0x11)]);
+    d.qed_image(
+        "mid.qed",
+        "4M",
+        &["-b", "base.raw", "-F", "raw"],
+        &[(M, 64 * K, 0x12)],
+    );
+    d.qed_image(
+        "top.qed",
+        "4M",
+        &["-b", "mid.qed", "-F", "qed"],
+        &[(2 * M, 64 * K, 0x13)],
+    );
+    let all = ["base.raw", "mid.qed", "top.qed"];
+    // The destination is a backing file of the source, however it is spelled.
+    refused(
+        &d,
+        &["convert", "-O", "raw", "top.qed", "base.raw"],
+        "backing file of the source",
+        &all,
+    );
+    let other_spelling = format!("{}/./base.raw", d.path("").display());
+    refused(
+        &d,
+        &["convert", "-O", "raw", "top.qed", &other_spelling],
+        "backing file of the source",
+        &all,
+    );
+    refused(
+        &d,
+        &["convert", "top.qed", "mid.qed"],
+        "backing file of the source",
+        &all,
+    );
+    refused(
+        &d,
+        &["convert", "-n", "top.qed", "mid.qed"],
+        "backing file of the source",
+        &all,
+    );
+    // The new backing file of the destination is the destination itself.
+    d.raw_image("src.raw", "4M", &[(0, 64 * K, 0x14)]);
+    d.qed_image("dst.qed", "4M", &[], &[(0, 64 * K, 0x15)]);
+    refused(
+        &d,
+        &[
+            "convert", "-B", "dst.qed", "-F", "qed", "src.raw", "dst.qed",
+        ],
+        "own backing chain",
+        &["src.raw", "dst.qed"],
+    );
+    // A rebase that would make an image its own backing file, directly or through
+    // another image of the chain.
+    for mode in [&[][..], &["-u"][..]] {
+        let mut args = vec!["rebase"];
+        args.extend_from_slice(mode);
+        args.extend_from_slice(&["-b", "top.qed", "-F", "qed", "top.qed"]);
+        refused(&d, &args, "backing file of itself", &all);
+    }
+    refused(
+        &d,
+        &["rebase", "-b", "top.qed", "-F", "qed", "mid.qed"],
+        "backing file of itself",
+        &all,
+    );
+    // The chain still reads as it was.
+    d.expect_reads(
+        "top.qed",
+        &[(0, M, 0x11), (M, 64 * K, 0x12), (2 * M, 64 * K, 0x13)],
+    );
+}
+
+#[test]
+fn refusals_leave_an_image_with_need_check_untouched() {
+    // A read-write open of such an image repairs it; a refused command must not get
+    // that far.
+    let d = Dir::new();
+    d.raw_image("base.raw", "4M", &[(0, M, 0x11)]);
+    d.qed_image(
+        "top.qed",
+        "4M",
+        &["-b", "base.raw", "-F", "raw"],
+        &[(M, 64 * K, 0x43)],
+    );
+    d.qed_image("alone.qed", "4M", &[], &[(0, 64 * K, 0x44)]);
+    d.qed_image("src.qed", "8M", &[], &[(0, 64 * K, 0x45)]);
+    patch(&d, "top.qed", |b| set_need_check(b));
+    patch(&d, "alone.qed", |b| set_need_check(b));
+    let all = ["base.raw", "top.qed", "alone.qed", "src.qed"];
+    let name = long_name(4098, "base.raw");
+    refused(&d, &["rebase", "-u", "-b", &name, "top.qed"], "4095", &all);
+    refused(
+        &d,
+        &["rebase", "-b", "missing.raw", "top.qed"],
+        "missing.raw",
+        &all,
+    );
+    refused(&d, &["resize", "top.qed", "1M"], "--shrink", &all);
+    refused(&d, &["resize", "top.qed", "1P"], "maximum", &all);
+    refused(&d, &["commit", "alone.qed"], "no backing file", &all);
+    refused(
+        &d,
+        &["convert", "-n", "src.qed", "alone.qed"],
+        "smaller than the source",
+        &all,
+    );
+    refused(
+        &d,
+        &[
+            "convert",
+            "-n",
+            "-o",
+            "cluster_size=4k",
+            "src.qed",
+            "alone.qed",
+        ],
+        "-o has no effect",
+        &all,
+    );
+}

@@ -4,7 +4,7 @@ use super::ProgressReport;
 use anyhow::{bail, Context, Result};
 use qed::device::probe_format;
 use qed::storage::{FileStorage, Storage};
-use qed::{open_device, BlockDevice, Format, OpenOptions};
+use qed::{open_device, BlockDevice, Format, Image, OpenOptions};
 use std::path::PathBuf;
 
 /// Write an image's data into its backing file, then empty the image.
@@ -25,6 +25,19 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<u8> {
     super::require_qed(a.format.as_deref())?;
+    // Look read-only first: a read-write open may repair the image, and a refused
+    // command must leave it as it was.
+    let ro = OpenOptions {
+        no_backing: true,
+        ..OpenOptions::read_only()
+    };
+    let has_backing = Image::open(&a.file, &ro)
+        .with_context(|| format!("could not open {}", a.file.display()))?
+        .backing_file()
+        .is_some();
+    if !has_backing {
+        bail!("{} has no backing file to commit into", a.file.display());
+    }
     let mut top = super::open_image(&a.file, &OpenOptions::default())?;
     let Some(backing) = top.backing_file() else {
         bail!("{} has no backing file to commit into", a.file.display());

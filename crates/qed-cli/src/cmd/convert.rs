@@ -3,7 +3,7 @@
 use super::{parse_format, CreateGeometry, ProgressReport};
 use crate::units::parse_size;
 use anyhow::{bail, Context, Result};
-use qed::device::{resolve_backing_path, RawDevice};
+use qed::device::{chain_contains, resolve_backing_path, RawDevice};
 use qed::ops::convert::{convert, ConvertOptions};
 use qed::storage::FileStorage;
 use qed::{open_device, BlockDevice, CreateOptions, Format, Image, OpenOptions};
@@ -52,6 +52,9 @@ pub fn run(a: Args) -> Result<u8> {
     if sparse_size % 512 != 0 {
         bail!("invalid -S {}: it must be a multiple of 512", a.sparse_size);
     }
+    if a.no_create && !a.options.is_empty() {
+        bail!("-o has no effect when skipping image creation (-n): drop one of them");
+    }
     if dst_format == Format::Raw && (a.backing.is_some() || !a.options.is_empty()) {
         bail!("-B and -o apply to qed destinations only");
     }
@@ -65,6 +68,13 @@ pub fn run(a: Args) -> Result<u8> {
     }
     let src = open_device(&a.src, src_format, &OpenOptions::read_only())
         .with_context(|| format!("could not open source {}", a.src.display()))?;
+    if chain_contains(&*src, &a.dst) {
+        bail!(
+            "the destination {} is a backing file of the source {}: writing it would change              the data being copied",
+            a.dst.display(),
+            a.src.display()
+        );
+    }
     let size = src.size();
 
     // Validate everything about the destination before creating or opening it.
@@ -76,6 +86,12 @@ pub fn run(a: Args) -> Result<u8> {
             let path = resolve_backing_path(&a.dst, b);
             let dev = open_device(&path, backing_format, &OpenOptions::read_only())
                 .with_context(|| format!("could not open backing file {}", path.display()))?;
+            if chain_contains(&*dev, &a.dst) {
+                bail!(
+                    "the destination {} cannot be in its own backing chain (-B {b})",
+                    a.dst.display()
+                );
+            }
             opts.backing_file = Some(b.clone());
             opts.backing_format = Some(backing_format.unwrap_or(dev.format()));
         }
@@ -89,6 +105,22 @@ pub fn run(a: Args) -> Result<u8> {
             .with_context(|| format!("could not create {}", a.dst.display()))?;
         qed::storage::Storage::set_len(&storage, size)
             .with_context(|| format!("could not size {}", a.dst.display()))?;
+    } else {
+        // Look at the existing destination read-only first: a read-write open may repair
+        // it, and a refused command must leave it as it was.
+        let ro = OpenOptions {
+            no_backing: true,
+            ..OpenOptions::read_only()
+        };
+        let existing = open_device(&a.dst, Some(dst_format), &ro)
+            .with_context(|| format!("could not open destination {}", a.dst.display()))?;
+        if existing.size() < size {
+            bail!(
+                "the destination {} ({} bytes) is smaller than the source ({size} bytes)",
+                a.dst.display(),
+                existing.size()
+            );
+        }
     }
 
     let rw = OpenOptions::default();
@@ -104,13 +136,6 @@ pub fn run(a: Args) -> Result<u8> {
             )?)
         }
     };
-    if dst.size() < size {
-        bail!(
-            "the destination {} ({} bytes) is smaller than the source ({size} bytes)",
-            a.dst.display(),
-            dst.size()
-        );
-    }
     let opts = ConvertOptions {
         sparse_size,
         target_is_zero: !a.no_create && a.backing.is_none(),

@@ -2,9 +2,9 @@
 
 use super::{parse_format, ProgressReport};
 use anyhow::{bail, Context, Result};
-use qed::device::resolve_backing_path;
+use qed::device::{chain_contains, resolve_backing_path};
 use qed::engine::NewBacking;
-use qed::{open_device, OpenOptions};
+use qed::{open_device, Image, OpenOptions};
 use std::path::PathBuf;
 
 /// Change an image's backing file. Safe mode (the default) first copies into the image
@@ -34,12 +34,17 @@ pub struct Args {
 pub fn run(a: Args) -> Result<u8> {
     super::require_qed(a.format.as_deref())?;
     let format = parse_format(a.backing_format.as_deref())?;
-    let opts = OpenOptions {
-        no_backing: a.unsafe_mode,
-        ..OpenOptions::default()
-    };
-    let mut image = super::open_image(&a.file, &opts)?;
-    let room = image.max_backing_name_len();
+    // Validate everything read-only first: a read-write open may repair the image, and a
+    // refused command must leave it as it was.
+    let room = Image::open(
+        &a.file,
+        &OpenOptions {
+            no_backing: true,
+            ..OpenOptions::read_only()
+        },
+    )
+    .with_context(|| format!("could not open {}", a.file.display()))?
+    .max_backing_name_len();
     if a.backing.len() as u64 > room {
         bail!(
             "the backing file name is {} bytes; this image's header area holds at most {room}",
@@ -59,6 +64,17 @@ pub fn run(a: Args) -> Result<u8> {
                 })?,
             )
         };
+        let loops = match &device {
+            Some(d) => chain_contains(&**d, &a.file),
+            None => path.canonicalize().ok() == a.file.canonicalize().ok(),
+        };
+        if loops {
+            bail!(
+                "{} cannot be a backing file of itself: {} leads back to it",
+                a.file.display(),
+                a.backing
+            );
+        }
         let format = format.or(device.as_ref().map(|d| d.format()));
         Some(NewBacking {
             name: a.backing.clone(),
@@ -67,6 +83,11 @@ pub fn run(a: Args) -> Result<u8> {
             device,
         })
     };
+    let opts = OpenOptions {
+        no_backing: a.unsafe_mode,
+        ..OpenOptions::default()
+    };
+    let mut image = super::open_image(&a.file, &opts)?;
     if !a.unsafe_mode {
         let mut progress = ProgressReport::new(a.progress);
         let target = new.as_ref().and_then(|b| b.device.as_deref());

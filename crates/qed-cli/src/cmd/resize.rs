@@ -1,8 +1,8 @@
 //! `qed resize`.
 
 use crate::units::parse_size;
-use anyhow::{bail, Result};
-use qed::{BlockDevice, OpenOptions};
+use anyhow::{bail, Context, Result};
+use qed::{BlockDevice, Image, OpenOptions};
 use std::path::PathBuf;
 
 /// Change an image's virtual size: `SIZE`, `+SIZE` or `-SIZE`.
@@ -23,7 +23,14 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<u8> {
     super::require_qed(a.format.as_deref())?;
-    let mut image = super::open_image(&a.file, &OpenOptions::default())?;
+    // Validate on a read-only open first: a read-write open may repair the image, and a
+    // refused command must leave it as it was.
+    let ro = OpenOptions {
+        no_backing: true,
+        ..OpenOptions::read_only()
+    };
+    let image = Image::open(&a.file, &ro)
+        .with_context(|| format!("could not open {}", a.file.display()))?;
     let old = image.size();
     let new = if let Some(d) = a.size.strip_prefix('+') {
         old.checked_add(parse_size(d)?)
@@ -39,6 +46,9 @@ pub fn run(a: Args) -> Result<u8> {
     let Some(new) = new else {
         bail!("the new size overflows");
     };
+    image.validate_resize(new, a.shrink)?;
+    drop(image);
+    let mut image = super::open_image(&a.file, &OpenOptions::default())?;
     image.resize(new, a.shrink)?;
     image.close()?;
     println!("Image resized.");

@@ -92,6 +92,27 @@ impl Image {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        let new_size = self.validate_resize(new_size, allow_shrink)?;
+        let old_size = self.size();
+        if new_size < old_size {
+            self.drop_clusters_from(new_size)?;
+        }
+        let mut header = self.header();
+        header.image_size = new_size;
+        self.write_header(&header)?;
+        self.flush_storage()?;
+        *self.header.write().unwrap_or_else(|p| p.into_inner()) = header;
+        self.load_l1()?;
+        if new_size < old_size {
+            self.repair_leaks()?;
+        }
+        Ok(())
+    }
+
+    /// The size [`Image::resize`] would give the image (`new_size` rounded up to 512),
+    /// or why it would refuse. Needs no write access, so a caller can validate on a
+    /// read-only open before it changes anything.
+    pub fn validate_resize(&self, new_size: u64, allow_shrink: bool) -> Result<u64> {
         let g = self.geometry;
         let max = g.max_image_size();
         let new_size = new_size
@@ -106,25 +127,13 @@ impl Image {
                 ))
             })?;
         let old_size = self.size();
-        if new_size < old_size {
-            if !allow_shrink {
-                return Err(Error::invalid_argument(format!(
-                    "shrinking from {old_size} to {new_size} bytes drops data: pass --shrink \
-                     to do it"
-                )));
-            }
-            self.drop_clusters_from(new_size)?;
+        if new_size < old_size && !allow_shrink {
+            return Err(Error::invalid_argument(format!(
+                "shrinking from {old_size} to {new_size} bytes drops data: pass --shrink to \
+                 do it"
+            )));
         }
-        let mut header = self.header();
-        header.image_size = new_size;
-        self.write_header(&header)?;
-        self.flush_storage()?;
-        *self.header.write().unwrap_or_else(|p| p.into_inner()) = header;
-        self.load_l1()?;
-        if new_size < old_size {
-            self.repair_leaks()?;
-        }
-        Ok(())
+        Ok(new_size)
     }
 
     /// Re-reads the L1 entries covering the current size from disk.
