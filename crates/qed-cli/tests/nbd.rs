@@ -705,12 +705,16 @@ mod wire {
     pub const CMD_TRIM: u16 = 4;
     pub const CMD_WRITE_ZEROES: u16 = 6;
     pub const CMD_BLOCK_STATUS: u16 = 7;
+    pub const CHUNK_NONE: u16 = 0;
     pub const CHUNK_ERROR: u16 = (1 << 15) + 1;
+    pub const FLAG_NO_HOLE: u16 = 1 << 1;
+    pub const FLAG_FAST_ZERO: u16 = 1 << 4;
     pub const FLAG_READ_ONLY: u16 = 1 << 1;
 
     pub const EPERM: u32 = 1;
     pub const EINVAL: u32 = 22;
     pub const ENOSPC: u32 = 28;
+    pub const ENOTSUP: u32 = 95;
 
     pub struct Client {
         pub s: TcpStream,
@@ -1016,9 +1020,11 @@ fn malformed_clients_never_stop_the_server() {
     assert!(c.closed_by_server(), "garbage request");
     assert_serving(&mut s, "garbage request");
 
-    // A write longer than the 32 MiB maximum payload: the server will not swallow it.
+    // A write longer than the 32 MiB maximum payload: the server will not swallow it;
+    // it says why, then hangs up.
     let (mut c, _, _) = Client::open(port, false);
     c.send(&Client::header(wire::CMD_WRITE, 0, 1, 0, (32 << 20) + 1));
+    assert_eq!(c.simple_reply(), (wire::EINVAL, 1), "oversized write");
     assert!(c.closed_by_server(), "oversized write");
     assert_serving(&mut s, "oversized write");
 
@@ -1125,11 +1131,81 @@ fn malformed_clients_never_stop_the_server() {
 }
 
 #[test]
+fn protocol_corners() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    std::fs::write(dir.join("base.raw"), vec![0x3c; 64 * M as usize]).unwrap();
+    ok(
+        dir,
+        QED,
+        &["create", "-q", "-b", "base.raw", "-F", "raw", "top.qed"],
+    );
+    let len_before = std::fs::metadata(dir.join("top.qed")).unwrap().len();
+    let s = Served::start(dir, false, &["-t", "-e", "2"], "top.qed");
+    let port = s.port();
+
+    // NBD_OPT_EXPORT_NAME has no error reply: an oversized one is answered by hanging up,
+    // with no option reply first.
+    let mut c = Client::greet(port);
+    c.option(wire::OPT_EXPORT_NAME, &vec![b'x'; 100_000]);
+    assert!(c.closed_by_server(), "oversized NBD_OPT_EXPORT_NAME");
+
+    let (mut c, size, _) = Client::open(port, true);
+    assert_eq!(size, 64 * M);
+    // A read of nothing: one NONE chunk that ends the reply (a data chunk cannot be empty).
+    c.request(wire::CMD_READ, 1, 4096, 0);
+    assert_eq!(c.chunk(), (1, wire::CHUNK_NONE, 1, Vec::new()));
+    // A read over the 32 MiB maximum inside the export: EINVAL (EOVERFLOW is for DF).
+    c.request(wire::CMD_READ, 2, 0, 33 << 20);
+    let (flags, kind, cookie, payload) = c.chunk();
+    assert_eq!((flags & 1, kind, cookie), (1, wire::CHUNK_ERROR, 2));
+    assert_eq!(
+        u32::from_be_bytes(payload[..4].try_into().unwrap()),
+        wire::EINVAL
+    );
+    // FAST_ZERO on part of a cluster over backing data would copy the rest of the
+    // cluster from the backing file: refused at once, nothing allocated.
+    let fast = wire::FLAG_FAST_ZERO;
+    c.send(&Client::header(wire::CMD_WRITE_ZEROES, fast, 3, 100, 1000));
+    assert_eq!(c.simple_reply(), (wire::ENOTSUP, 3), "partial fast zero");
+    let hole = fast | wire::FLAG_NO_HOLE;
+    c.send(&Client::header(wire::CMD_WRITE_ZEROES, hole, 4, 0, 65536));
+    assert_eq!(
+        c.simple_reply(),
+        (wire::ENOTSUP, 4),
+        "fast zero without holes"
+    );
+    assert_eq!(
+        std::fs::metadata(dir.join("top.qed")).unwrap().len(),
+        len_before,
+        "a refused fast zero allocated space"
+    );
+    // Whole clusters become zero clusters: metadata only, so fast.
+    c.send(&Client::header(
+        wire::CMD_WRITE_ZEROES,
+        fast,
+        5,
+        M,
+        M as u32,
+    ));
+    assert_eq!(c.simple_reply(), (0, 5), "whole-cluster fast zero");
+    c.disconnect();
+
+    let (mut c, _, _) = Client::open(port, false);
+    assert_eq!(c.read(6, 0, 4096), Ok(vec![0x3c; 4096]));
+    assert_eq!(c.read(7, M, 4096), Ok(vec![0; 4096]));
+    assert_eq!(c.read(8, 33 << 20, 33 << 20), Err(wire::EINVAL));
+    c.disconnect();
+    s.stop();
+    qemu_img_check(dir, "top.qed");
+}
+
+#[test]
 fn stalled_handshake_does_not_block_others() {
     let tmp = new_dir();
     let dir = tmp.path();
     create_qed(dir, "img.qed", "4M");
-    let mut s = Served::start(dir, false, &["-t", "-e", "2"], "img.qed");
+    let mut s = Served::start(dir, false, &["-t", "-e", "3"], "img.qed");
 
     let mut stalled = Client::connect(s.port());
     stalled
@@ -1138,8 +1214,26 @@ fn stalled_handshake_does_not_block_others() {
         .unwrap();
     stalled.bytes(18);
     let since = Instant::now();
+    // Another client sends an option a byte at a time: every byte is in time for a
+    // read, but the handshake as a whole is not.
+    let port = s.port();
+    let trickler = std::thread::spawn(move || {
+        let mut c = Client::greet(port);
+        let mut m = wire::IHAVEOPT.to_be_bytes().to_vec();
+        m.extend_from_slice(&wire::OPT_GO.to_be_bytes());
+        m.extend_from_slice(&1000u32.to_be_bytes());
+        c.send(&m);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(500));
+            if c.s.write_all(&[0]).is_err() {
+                break;
+            }
+        }
+        start.elapsed()
+    });
 
-    // The other slot serves clients one after another while the first one sits.
+    // The third slot serves clients one after another while the first two sit.
     for i in 0..3 {
         let t = Instant::now();
         assert_serving(&mut s, &format!("client {i} next to a stalled handshake"));
@@ -1155,6 +1249,11 @@ fn stalled_handshake_does_not_block_others() {
     assert!(
         waited >= Duration::from_secs(9) && waited < Duration::from_secs(15),
         "stalled client dropped after {waited:?}"
+    );
+    let trickled = trickler.join().unwrap();
+    assert!(
+        trickled < Duration::from_secs(16),
+        "a client trickling an option was dropped only after {trickled:?}"
     );
     assert_serving(&mut s, "the stalled client was dropped");
     s.stop();

@@ -1,7 +1,7 @@
 //! The fixed newstyle handshake: option haggling until the client picks the export.
 
 use crate::export::{Export, MAX_PAYLOAD, PREFERRED_BLOCK};
-use crate::proto::{self, info, opt, read_u32, read_u64, rep, IHAVEOPT};
+use crate::proto::{self, info, opt, rep, IHAVEOPT};
 use crate::stream::Stream;
 use std::io::{self, Read, Write};
 use std::time::Instant;
@@ -93,8 +93,7 @@ pub fn handshake(
     greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
     greeting.extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
     h.send(&greeting)?;
-    h.arm()?;
-    let client_flags = read_u32(h.stream)?;
+    let client_flags = h.read_u32()?;
     if client_flags & !(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES) != 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -103,30 +102,32 @@ pub fn handshake(
     }
     let no_zeroes = client_flags & proto::CLIENT_NO_ZEROES != 0;
     for _ in 0..MAX_OPTIONS {
-        h.arm()?;
-        if read_u64(h.stream)? != IHAVEOPT {
+        if h.read_u64()? != IHAVEOPT {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "option without the IHAVEOPT magic",
             ));
         }
-        let option = read_u32(h.stream)?;
-        let len = read_u32(h.stream)?;
+        let option = h.read_u32()?;
+        let len = h.read_u32()?;
         if len > MAX_OPTION_LEN {
-            if len > MAX_SKIPPABLE_LEN {
+            // EXPORT_NAME has no error reply: the only answer is to hang up.
+            if len > MAX_SKIPPABLE_LEN || option == opt::EXPORT_NAME {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("option of {len} bytes"),
+                    format!("option {option} of {len} bytes"),
                 ));
             }
-            io::copy(&mut (&mut *h.stream).take(len.into()), &mut io::sink())?;
+            h.skip(len.into())?;
             h.reply(option, rep::ERR_TOO_BIG, b"option data too long")?;
             continue;
         }
         let mut data = vec![0u8; len as usize];
-        h.stream.read_exact(&mut data)?;
+        h.read_full(&mut data)?;
         if shutting_down() && option != opt::ABORT {
-            h.reply(option, rep::ERR_SHUTDOWN, b"the server is shutting down")?;
+            if option != opt::EXPORT_NAME {
+                h.reply(option, rep::ERR_SHUTDOWN, b"the server is shutting down")?;
+            }
             return Ok(Err(Closed));
         }
         match option {
@@ -216,16 +217,57 @@ fn take_string(data: &mut &[u8]) -> Option<Vec<u8>> {
 }
 
 impl Haggler<'_> {
-    /// Sets the read timeout to what is left of the handshake's time.
-    fn arm(&mut self) -> io::Result<()> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "handshake took too long",
-            ));
+    /// Fills `buf` from the client before the handshake's deadline. Each read waits at
+    /// most for what is left of the handshake's time, so a client that trickles bytes
+    /// cannot stretch it.
+    fn read_full(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "handshake took too long");
+        let mut done = 0;
+        while done < buf.len() {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(timed_out());
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            match self.stream.read(&mut buf[done..]) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(timed_out())
+                }
+                Err(e) => return Err(e),
+            }
         }
-        self.stream.set_read_timeout(Some(left))
+        Ok(())
+    }
+
+    fn read_u32(&mut self) -> io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.read_full(&mut b)?;
+        Ok(u32::from_be_bytes(b))
+    }
+
+    fn read_u64(&mut self) -> io::Result<u64> {
+        let mut b = [0u8; 8];
+        self.read_full(&mut b)?;
+        Ok(u64::from_be_bytes(b))
+    }
+
+    /// Reads and drops `len` bytes of option data.
+    fn skip(&mut self, mut len: u64) -> io::Result<()> {
+        let mut scratch = vec![0u8; MAX_OPTION_LEN as usize];
+        while len > 0 {
+            let n = len.min(scratch.len() as u64) as usize;
+            self.read_full(&mut scratch[..n])?;
+            len -= n as u64;
+        }
+        Ok(())
     }
 
     fn send(&mut self, bytes: &[u8]) -> io::Result<()> {

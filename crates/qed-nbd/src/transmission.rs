@@ -146,18 +146,24 @@ pub fn serve(stream: Stream, export: Arc<Export>, session: Session, pool: &Pool)
         }
         let payload_len = if req.kind == cmd::WRITE {
             if req.length > MAX_PAYLOAD {
-                // The payload cannot be refused without reading it: drop the client.
+                // The payload cannot be refused without reading it: say why, then drop
+                // the client.
+                conn.budget.acquire(0);
+                conn.send(proto::simple_reply(req.cookie, errno::EINVAL).to_vec(), 0);
                 break;
             }
             u64::from(req.length)
         } else {
             0
         };
-        let cost = payload_len.max(if req.kind == cmd::READ {
-            u64::from(req.length.min(MAX_PAYLOAD))
-        } else {
-            0
-        });
+        let cost = match req.kind {
+            cmd::READ => u64::from(req.length.min(MAX_PAYLOAD)),
+            // A block status reply can list up to MAX_EXTENTS runs per context.
+            cmd::BLOCK_STATUS if req.flags & cflag::REQ_ONE == 0 => {
+                conn.session.contexts.len() as u64 * (16 + 8 * MAX_EXTENTS as u64)
+            }
+            _ => payload_len,
+        };
         conn.budget.acquire(cost);
         let mut payload = Vec::new();
         if payload_len > 0 {
@@ -169,7 +175,11 @@ pub fn serve(stream: Stream, export: Arc<Export>, session: Session, pool: &Pool)
         }
         let c = conn.clone();
         pool.execute(move || {
-            let reply = c.handle(&req, &payload);
+            // A bug in the library must cost this request, not the worker: a worker
+            // lost with its request unanswered would leave the connection waiting.
+            let reply =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.handle(&req, &payload)))
+                    .unwrap_or_else(|_| c.error_reply(&req, errno::EIO, "internal error"));
             drop(payload);
             c.send(reply, cost);
         });
@@ -243,7 +253,8 @@ impl Connection {
                     return Err((errno::EINVAL, "read past the end of the export".into()));
                 }
                 if req.length > MAX_PAYLOAD {
-                    return Err((errno::EOVERFLOW, "read larger than 32 MiB".into()));
+                    // EOVERFLOW is only for DF reads a server cannot send in one chunk.
+                    return Err((errno::EINVAL, "read larger than 32 MiB".into()));
                 }
                 if structured {
                     self.read_structured(req)
@@ -280,13 +291,20 @@ impl Connection {
                 if !in_bounds {
                     return Err((errno::ENOSPC, "write past the end of the export".into()));
                 }
+                let fast = req.flags & cflag::FAST_ZERO != 0;
                 if req.flags & cflag::NO_HOLE != 0 {
-                    if req.flags & cflag::FAST_ZERO != 0 {
+                    if fast {
                         return Err((errno::ENOTSUP, "zeroes without holes are not fast".into()));
                     }
                     self.write_real_zeroes(req.offset, len)
                         .map_err(|e| (nbd_error(&e, true), e.to_string()))?;
                 } else {
+                    if fast && !io_err(self.device().zeroes_are_fast(req.offset, len))? {
+                        return Err((
+                            errno::ENOTSUP,
+                            "zeroing this range means writing data".into(),
+                        ));
+                    }
                     io(self.device().write_zeroes(req.offset, len))?;
                 }
                 fua(self)?;
@@ -336,7 +354,12 @@ impl Connection {
         let dev = self.device();
         let end = req.offset + u64::from(req.length);
         let mut out = Vec::with_capacity(32 + req.length as usize);
-        if req.flags & cflag::DF != 0 || req.length == 0 {
+        if req.length == 0 {
+            // No data chunk can be empty: a read of nothing is answered with a none chunk.
+            proto::chunk_header(&mut out, req.cookie, chunk::FLAG_DONE, chunk::NONE, 0);
+            return Ok(out);
+        }
+        if req.flags & cflag::DF != 0 {
             proto::chunk_header(
                 &mut out,
                 req.cookie,

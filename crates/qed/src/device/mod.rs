@@ -108,6 +108,27 @@ pub trait BlockDevice: Send + Sync + Debug {
 
     /// The device unallocated runs fall through to, if any.
     fn backing(&self) -> Option<&dyn BlockDevice>;
+
+    /// Whether [`BlockDevice::write_zeroes`] on this range would only change metadata or
+    /// release space, never write zeros or copy data (NBD's FAST_ZERO asks this). An
+    /// answer for now: a concurrent writer may change it.
+    fn zeroes_are_fast(&self, offset: u64, len: u64) -> Result<bool> {
+        check_range(offset, len, self.size())?;
+        Ok(false)
+    }
+}
+
+/// Whether `path` names one of the files of `dev`'s chain (the device itself or any of
+/// its backing files), compared by canonical path so that other spellings, symlinks
+/// included, are caught. Writing to such a file would change what `dev` reads.
+///
+/// A qcow2 device's backing files are opened inside imago and are not listed.
+pub fn chain_contains(dev: &dyn BlockDevice, path: &std::path::Path) -> bool {
+    let Ok(target) = path.canonicalize() else {
+        return false;
+    };
+    std::iter::successors(Some(dev), |d| d.backing())
+        .any(|d| std::path::Path::new(d.filename()).canonicalize().ok() == Some(target.clone()))
 }
 
 /// Checks that `len` bytes at `offset` lie inside a device of `size` bytes.

@@ -307,6 +307,13 @@ impl Image {
 
     fn write_zeroes_guest(&self, pos: u64, len: u64) -> Result<()> {
         self.writable(pos, len)?;
+        self.zero_walk(pos, len, true).map(|_| ())
+    }
+
+    /// Walks the range as a zero write does. With `apply`, zeroes it; without, changes
+    /// nothing and answers whether zeroing would be fast: false as soon as a part would
+    /// need data written (a partial cluster over backing data). Returns true when applied.
+    fn zero_walk(&self, pos: u64, len: u64, apply: bool) -> Result<bool> {
         let cs = self.geometry.cluster_size();
         let end = pos + len;
         let mut p = pos;
@@ -320,6 +327,13 @@ impl Image {
                 run.min(cs - self.geometry.offset_in_cluster(p))
             };
             let needs_work = p < self.backing_size();
+            if !apply {
+                if matches!(mapping, Mapping::Unallocated) && needs_work && !whole {
+                    return Ok(false);
+                }
+                p += n;
+                continue;
+            }
             p += match mapping {
                 Mapping::Data(off) => {
                     self.storage
@@ -339,7 +353,7 @@ impl Image {
                 }
             };
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Turns unallocated whole clusters at `pos` into zero clusters. Returns how many
@@ -462,6 +476,13 @@ impl BlockDevice for Image {
     /// written only where they would not read as zeros already.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.write_zeroes_guest(offset, len)
+    }
+
+    /// Fast unless part of the range is a partial cluster over backing data, which
+    /// allocates a cluster and copies the rest of it from the backing file.
+    fn zeroes_are_fast(&self, offset: u64, len: u64) -> Result<bool> {
+        check_range(offset, len, self.size())?;
+        self.zero_walk(offset, len, false)
     }
 
     /// Every data cluster wholly inside the range reads as zeros afterwards and its space
