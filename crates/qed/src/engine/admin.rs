@@ -93,6 +93,8 @@ impl Image {
             return Err(Error::ReadOnly);
         }
         let new_size = self.validate_resize(new_size, allow_shrink)?;
+        // A resize is durable when it returns, and so is every write before it.
+        self.write_back_tables()?;
         let old_size = self.size();
         if new_size < old_size {
             self.drop_clusters_from(new_size)?;
@@ -156,6 +158,8 @@ impl Image {
     /// cluster) and zeroes the data past `new_size` in the last kept cluster, so that a
     /// later grow shows zeros there.
     fn drop_clusters_from(&mut self, new_size: u64) -> Result<()> {
+        // Tables are read back from the file below: it must hold what memory holds.
+        self.write_back_tables()?;
         let g = self.geometry;
         let cs = g.cluster_size();
         let in_cluster = g.offset_in_cluster(new_size);
@@ -241,11 +245,15 @@ impl Image {
             .and_then(|_| self.storage.flush())
             .context(|| format!("clearing the L1 table of {}", self.name))?;
         let end = l1_end.max(self.data_start);
+        let mut grow = self.lock_grow();
         self.storage
             .set_len(end)
             .and_then(|_| self.storage.flush())
             .context(|| format!("truncating {}", self.name))?;
+        grow.file_len = end;
+        grow.trailing_garbage = false;
         self.frontier.store(end, Ordering::Release);
+        drop(grow);
         self.l2.clear();
         self.load_l1()
     }

@@ -236,6 +236,8 @@ impl Image {
     /// of a shared cluster or table gets its own copy (appended at the frontier).
     pub(super) fn walk(&self, fix: bool) -> Result<Walk> {
         let _exclusive = self.gate.exclusive();
+        // The walk reads tables from the file: it must hold what memory holds.
+        self.write_back_tables()?;
         let header = self.header_read().clone();
         let g = self.geometry;
         let cs = g.cluster_size();
@@ -447,14 +449,18 @@ impl Image {
     fn reload_tables(&self) -> Result<()> {
         self.load_l1()?;
         self.l2.clear();
-        self.frontier.store(
-            self.geometry.cluster_start(
-                self.storage
-                    .len()
-                    .context(|| format!("reading the size of {}", self.name))?,
-            ),
-            Ordering::Release,
-        );
+        // Space grown ahead (by copies a repair appended) goes first: the file's length
+        // becomes the frontier again.
+        self.trim_growth()?;
+        let mut grow = self.lock_grow();
+        let len = self
+            .storage
+            .len()
+            .context(|| format!("reading the size of {}", self.name))?;
+        let frontier = self.geometry.cluster_start(len);
+        grow.file_len = len;
+        grow.trailing_garbage = len != frontier;
+        self.frontier.store(frontier, Ordering::Release);
         Ok(())
     }
 

@@ -127,11 +127,8 @@ impl Image {
         if tail > 0 && from_backing {
             self.copy_from_backing(pos + n, tail, new_off + head + n)?;
         }
-        if self.backing.is_some() {
-            // The data must be durable before an L2 entry exposes it; concurrent
-            // allocations share this flush.
-            self.flush_storage()?;
-        }
+        // The entries reach the file at the next write-back, which flushes this data
+        // first when a backing file is there (see `write_back_tables`).
         self.set_l2_entries(first, nclusters, |i| new_off + i * cs)?;
         Ok(n as usize)
     }
@@ -212,21 +209,50 @@ impl Image {
             // clusters there read as zeros. The truncation must be durable before the
             // space is reused: a crash that kept the growth below and an L2 entry for a
             // new cluster there, but lost the truncation, would expose the old bytes.
+            let frontier = self.file_clusters_end();
             self.storage
-                .set_len(self.file_clusters_end())
+                .set_len(frontier)
                 .context(|| format!("truncating the partial last cluster of {}", self.name))?;
             self.flush_storage()?;
             grow.trailing_garbage = false;
+            grow.file_len = frontier;
         }
         let old = self.file_clusters_end();
         let new = old.checked_add(bytes).ok_or_else(|| {
             Error::Unsupported(format!("{}: the file would exceed 2^64 bytes", self.name))
         })?;
-        self.storage
-            .set_len(new)
-            .context(|| format!("growing {} to {new} bytes", self.name))?;
+        if new > grow.file_len {
+            grow.file_len = self
+                .storage
+                .extend(grow.file_len, new)
+                .context(|| format!("growing {} to {new} bytes", self.name))?;
+        }
         self.frontier.store(new, Ordering::Release);
         Ok(old)
+    }
+
+    /// Writes the L2 entries changed in memory since the last write-back. With a backing
+    /// file the data they expose must be durable first (a crash must never show a
+    /// cluster of zeros where the backing file had data), so the file is flushed before
+    /// they are written: one flush for every allocation since the last write-back, where
+    /// QEMU flushes once per allocation. Without a backing file no flush is needed:
+    /// NEED_CHECK is set, and an entry whose data did not reach the disk reads as zeros,
+    /// as the cluster did before.
+    ///
+    /// Write-backs are serialized, so that a flush never overtakes entries another
+    /// caller's write-back has taken but not yet written.
+    pub(super) fn write_back_tables(&self) -> Result<()> {
+        let _one = self
+            .write_back_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.l2.write_back(&*self.storage, || {
+            if self.backing.is_some() {
+                self.flush_storage()
+            } else {
+                Ok(())
+            }
+        })
     }
 
     /// Flushes the file, sharing the flush with concurrent callers.
@@ -251,8 +277,12 @@ impl Image {
             let l2_offset = self.l1_entry(l1_index)?;
             if l2_offset != 0 {
                 self.check_l2_offset(l1_index, l2_offset)?;
-                let (page, page_off) = self.l2.page(l2_offset, l2_index);
-                return page.update(&*self.storage, page_off, &updates);
+                let dirty = self.l2.set(&*self.storage, l2_offset, l2_index, &updates)?;
+                if dirty > self.l2.dirty_limit() {
+                    // Dirty pages cannot be evicted: keep them within the cache's bound.
+                    self.write_back_tables()?;
+                }
+                return Ok(());
             }
             let Some(_table_claim) = self.claims.table(l1_index) else {
                 continue; // someone else was creating the table: look again
@@ -396,9 +426,11 @@ impl Image {
             return Ok(());
         }
         if !self.header_read().needs_check() || self.unchecked.load(Ordering::Acquire) {
+            self.write_back_tables()?;
             return self.flush_storage();
         }
         let _exclusive = self.gate.exclusive();
+        self.write_back_tables()?;
         self.flush_storage()?;
         let mut header = self.header_read().clone();
         if header.needs_check() {

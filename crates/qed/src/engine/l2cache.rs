@@ -12,9 +12,8 @@ use crate::format::table::decode_entries;
 use crate::format::table::encode_entries;
 use crate::storage::Storage;
 use lru::LruCache;
-use std::collections::VecDeque;
-use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Entries in one 512-byte sector.
 const SECTOR_ENTRIES: usize = 64;
@@ -35,25 +34,11 @@ type Key = (u64, u64);
 #[derive(Debug, Default)]
 pub(crate) struct Page {
     entries: RwLock<Option<Box<[u64]>>>,
-    pending: Mutex<Pending>,
-    written: Condvar,
+    /// Sectors of the page (bit i: entries 64 i to 64 i + 63) changed in memory and not
+    /// yet written. Changed only under the `entries` write lock, so a reader holding the
+    /// read lock sees entries and mask that belong together.
+    dirty: Mutex<u8>,
 }
-
-/// Entry updates waiting to be written, and the batches written so far.
-#[derive(Debug, Default)]
-struct Pending {
-    queue: Vec<(usize, u64)>,
-    writing: bool,
-    /// Id of the batch the next queued update joins.
-    next_batch: u64,
-    /// Every batch below this id has been written (or failed).
-    done_below: u64,
-    /// Recent failed batches, with their errors.
-    failures: VecDeque<(u64, io::ErrorKind, String)>,
-}
-
-/// How many failed batches are remembered for their waiters.
-const REMEMBERED_FAILURES: usize = 64;
 
 /// Read access to a loaded page.
 pub(crate) struct PageRef<'a>(RwLockReadGuard<'a, Option<Box<[u64]>>>);
@@ -118,101 +103,57 @@ impl Page {
         Ok(PageMut(self.load(storage, file_offset)?))
     }
 
-    /// Sets entries (index in the page, value) on disk, then in memory. Concurrent
-    /// callers are batched: one of them writes every sector the batch touches in one
-    /// write, and the others wait for that write.
-    pub(crate) fn update(
-        &self,
-        storage: &dyn Storage,
-        file_offset: u64,
-        updates: &[(usize, u64)],
-    ) -> Result<()> {
-        let mut p = lock(&self.pending);
-        p.queue.extend_from_slice(updates);
-        let mine = p.next_batch;
-        if !p.writing {
-            p.writing = true;
-            loop {
-                let batch = std::mem::take(&mut p.queue);
-                let id = p.next_batch;
-                p.next_batch += 1;
-                drop(p);
-                let result = self.write_batch(storage, file_offset, &batch);
-                p = lock(&self.pending);
-                p.done_below = id + 1;
-                if let Err(e) = result {
-                    let (kind, msg) = match &e {
-                        crate::Error::Io { cause, .. } => (cause.kind(), e.to_string()),
-                        _ => (io::ErrorKind::Other, e.to_string()),
-                    };
-                    if p.failures.len() == REMEMBERED_FAILURES {
-                        p.failures.pop_front();
-                    }
-                    p.failures.push_back((id, kind, msg));
-                }
-                self.written.notify_all();
-                if p.queue.is_empty() {
-                    p.writing = false;
-                    break;
-                }
-            }
-        } else {
-            while p.done_below <= mine {
-                p = self.written.wait(p).unwrap_or_else(|e| e.into_inner());
-            }
+    /// Sets entries (index in the page, value) in memory and marks their sectors dirty.
+    fn set(&self, storage: &dyn Storage, file_offset: u64, updates: &[(usize, u64)]) -> Result<()> {
+        let mut entries = self.write(storage, file_offset)?;
+        let mut mask = 0u8;
+        for &(i, v) in updates {
+            entries[i] = v;
+            mask |= 1 << (i / SECTOR_ENTRIES);
         }
-        match p.failures.iter().find(|f| f.0 == mine) {
-            Some((_, kind, msg)) => Err(crate::Error::Io {
-                context: "updating an L2 table".into(),
-                cause: io::Error::new(*kind, msg.clone()),
-            }),
-            None => Ok(()),
-        }
+        *lock(&self.dirty) |= mask;
+        Ok(())
     }
 
-    fn write_batch(
-        &self,
-        storage: &dyn Storage,
-        file_offset: u64,
-        batch: &[(usize, u64)],
-    ) -> Result<()> {
-        let (Some(lo), Some(hi)) = (
-            batch.iter().map(|u| u.0).min(),
-            batch.iter().map(|u| u.0).max(),
-        ) else {
-            return Ok(());
-        };
-        let start = lo / SECTOR_ENTRIES * SECTOR_ENTRIES;
-        let end = (hi / SECTOR_ENTRIES + 1) * SECTOR_ENTRIES;
-        let mut entries = {
-            let current = self.read(storage, file_offset)?;
-            current[start..end].to_vec()
-        };
-        for &(i, v) in batch {
-            entries[i - start] = v;
+    /// The dirty sectors' bytes, as one run from the first to the last dirty sector, and
+    /// the mask they came from (now cleared). `None` when nothing is dirty.
+    fn take_dirty(&self) -> Option<(u64, Vec<u8>, u8)> {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        let entries = entries.as_deref()?;
+        let mask = std::mem::take(&mut *lock(&self.dirty));
+        if mask == 0 {
+            return None;
         }
-        let mut bytes = vec![0u8; entries.len() * 8];
-        encode_entries(&entries, &mut bytes);
-        let at = file_offset + start as u64 * 8;
-        if let Err(e) = storage.write_at(&bytes, at) {
-            // The file may hold all, some or none of the batch: forget the entries so
-            // that they are read back from the file before anyone relies on them.
-            *self.entries.write().unwrap_or_else(|p| p.into_inner()) = None;
-            return Err(e).context(|| format!("writing L2 table entries at {at:#x}"));
-        }
-        let mut current = self.write(storage, file_offset)?;
-        for &(i, v) in batch {
-            current[i] = v;
-        }
-        Ok(())
+        let lo = mask.trailing_zeros() as usize * SECTOR_ENTRIES;
+        let hi = (8 - mask.leading_zeros() as usize) * SECTOR_ENTRIES;
+        let mut bytes = vec![0u8; (hi - lo) * 8];
+        encode_entries(&entries[lo..hi], &mut bytes);
+        Some((lo as u64 * 8, bytes, mask))
     }
 }
 
 /// The cache: a bounded LRU map of pages.
+///
+/// Updates are written back, not through: [`L2Cache::set`] changes a page in memory and
+/// marks it dirty; [`L2Cache::write_back`] writes every dirty sector (the engine does
+/// that before each flush, and before anything reads tables from the file). A dirty page
+/// is held by the dirty set, so it is never evicted before it is written.
 #[derive(Debug)]
 pub(crate) struct L2Cache {
     pages: Mutex<LruCache<Key, Arc<Page>>>,
     capacity: usize,
+    /// Pages changed in memory and not yet written, with their file offsets.
+    dirty: Mutex<HashMap<Key, (Arc<Page>, u64)>>,
+}
+
+/// Dirty sectors taken from a page, ready to be written.
+struct Snapshot {
+    key: Key,
+    page: Arc<Page>,
+    file_offset: u64,
+    at: u64,
+    bytes: Vec<u8>,
+    mask: u8,
 }
 
 impl L2Cache {
@@ -222,6 +163,87 @@ impl L2Cache {
         Self {
             pages: Mutex::new(LruCache::unbounded()),
             capacity,
+            dirty: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sets entries of the page holding entry `index` of the table at `table_offset`
+    /// (indices relative to that page) in memory, to be written by the next write-back.
+    /// Returns how many pages are dirty now.
+    pub(crate) fn set(
+        &self,
+        storage: &dyn Storage,
+        table_offset: u64,
+        index: u64,
+        updates: &[(usize, u64)],
+    ) -> Result<usize> {
+        let (page, file_offset) = self.page(table_offset, index);
+        page.set(storage, file_offset, updates)?;
+        let key = (table_offset, index / PAGE_ENTRIES);
+        let mut dirty = lock(&self.dirty);
+        dirty.entry(key).or_insert((page, file_offset));
+        Ok(dirty.len())
+    }
+
+    /// How many dirty pages the engine lets accumulate before it writes them back: half
+    /// the cache, since dirty pages stay in it until written.
+    pub(crate) fn dirty_limit(&self) -> usize {
+        (self.capacity / 2).max(1)
+    }
+
+    /// Writes every dirty sector. The sectors are copied first, then `before` runs (the
+    /// engine flushes there when a backing file requires data to be durable before the
+    /// entries that expose it), then the copies are written: every entry written was in
+    /// memory, with its data written, before `before` started. What fails to be written
+    /// stays dirty, to be written next time.
+    pub(crate) fn write_back(
+        &self,
+        storage: &dyn Storage,
+        before: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let pages: Vec<(Key, (Arc<Page>, u64))> = lock(&self.dirty).drain().collect();
+        let snapshots: Vec<Snapshot> = pages
+            .into_iter()
+            .filter_map(|(key, (page, file_offset))| {
+                let (rel, bytes, mask) = page.take_dirty()?;
+                Some(Snapshot {
+                    key,
+                    at: file_offset + rel,
+                    page,
+                    file_offset,
+                    bytes,
+                    mask,
+                })
+            })
+            .collect();
+        if snapshots.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = before() {
+            self.redirty(snapshots);
+            return Err(e);
+        }
+        let mut left = snapshots.into_iter();
+        while let Some(snap) = left.next() {
+            if let Err(e) = storage.write_at(&snap.bytes, snap.at) {
+                // The file may hold all, some or none of these sectors; memory still
+                // holds the truth, and writes it again next time.
+                let at = snap.at;
+                self.redirty(std::iter::once(snap).chain(left));
+                return Err(e).context(|| format!("writing L2 table entries at {at:#x}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn redirty(&self, snapshots: impl IntoIterator<Item = Snapshot>) {
+        let mut dirty = lock(&self.dirty);
+        for s in snapshots {
+            {
+                let _entries = s.page.entries.write().unwrap_or_else(|p| p.into_inner());
+                *lock(&s.page.dirty) |= s.mask;
+            }
+            dirty.entry(s.key).or_insert((s.page, s.file_offset));
         }
     }
 
@@ -252,8 +274,10 @@ impl L2Cache {
         (page, file_offset)
     }
 
-    /// Drops every cached page (after metadata was rewritten behind the cache's back).
+    /// Drops every cached page, dirty ones included (after metadata was written back and
+    /// then rewritten behind the cache's back, or discarded).
     pub(crate) fn clear(&self) {
+        lock(&self.dirty).clear();
         self.pages.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }

@@ -52,6 +52,10 @@ pub struct Backing {
 struct GrowState {
     /// Whether the file still has a partial cluster past the frontier to drop.
     trailing_garbage: bool,
+    /// The length of the file: the frontier, or past it where the storage grew ahead
+    /// (`Storage::extend`). Clusters between the frontier and here are unused and read
+    /// as zeros; a crash leaves them as leaks, and close gives them back.
+    file_len: u64,
 }
 
 /// An open QED image. `Send + Sync`; every I/O method takes `&self`.
@@ -79,6 +83,8 @@ pub struct Image {
     need_check_lock: Mutex<()>,
     /// Serializes L1 sector writes (several L1 entries share a sector).
     l1_lock: Mutex<()>,
+    /// Serializes write-backs of L2 entries (see `write_back_tables`).
+    write_back_lock: Mutex<()>,
     /// A write of L1 sectors failed, so the file may hold them or not: the copy in
     /// memory is re-read before its next use, or a later request could act on an entry
     /// the file no longer has (or miss one it has).
@@ -178,11 +184,13 @@ impl Image {
             frontier: AtomicU64::new(frontier),
             grow: Mutex::new(GrowState {
                 trailing_garbage: file_len != frontier,
+                file_len,
             }),
             claims: alloc::Claims::default(),
             gate: alloc::Gate::default(),
             need_check_lock: Mutex::new(()),
             l1_lock: Mutex::new(()),
+            write_back_lock: Mutex::new(()),
             l1_stale: false.into(),
             unchecked: needs_check.into(),
             flushes: alloc::FlushGroup::default(),
@@ -308,7 +316,22 @@ impl Image {
         if self.closed.swap(true, Ordering::AcqRel) || self.read_only {
             return Ok(());
         }
-        self.flush_image()
+        let trimmed = self.trim_growth();
+        self.flush_image().and(trimmed)
+    }
+
+    /// Gives back the space the file grew ahead of the frontier, so that the file ends
+    /// where its last cluster does (as QEMU, and a check, expect of a closed image).
+    fn trim_growth(&self) -> Result<()> {
+        let mut grow = self.lock_grow();
+        let frontier = self.file_clusters_end();
+        if grow.file_len > frontier {
+            self.storage
+                .set_len(frontier)
+                .context(|| format!("trimming {} to {frontier} bytes", self.name))?;
+            grow.file_len = frontier;
+        }
+        Ok(())
     }
 
     fn header_read(&self) -> RwLockReadGuard<'_, Header> {

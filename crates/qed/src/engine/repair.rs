@@ -157,6 +157,7 @@ impl Image {
             end -= 1;
         }
         let end = end.max(l1_first + k);
+        let mut grow = self.lock_grow();
         let old_len = self
             .storage
             .len()
@@ -166,9 +167,17 @@ impl Image {
                 .set_len(end * cs)
                 .and_then(|_| self.storage.flush())
                 .context(|| format!("truncating {}", self.name))?;
-            report.bytes_truncated = old_len - end * cs;
+            // Space the file had only grown ahead is not the image's to report.
+            let used_end = if grow.file_len > self.file_clusters_end() {
+                self.file_clusters_end()
+            } else {
+                old_len
+            };
+            report.bytes_truncated = used_end.saturating_sub(end * cs);
         }
+        grow.file_len = old_len.min(end * cs);
         self.frontier.store(end * cs, Ordering::Release);
+        drop(grow);
 
         // 5. Punch out the leaks that remain inside the file.
         let mut c = first_data;

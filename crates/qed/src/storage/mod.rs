@@ -7,7 +7,7 @@ mod memory;
 mod recording;
 
 pub use faulty::{FaultKind, FaultPlan, FaultyStorage, OpKind};
-pub use file::FileStorage;
+pub use file::{FileStorage, GROW_STEP};
 pub use memory::MemoryStorage;
 pub use recording::{CrashLog, RecordedOp, RecordingStorage};
 
@@ -35,6 +35,17 @@ pub trait Storage: Send + Sync + Debug {
 
     /// Grows or shrinks the storage; new bytes read as zeros.
     fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Grows the storage, now `from` bytes long, to at least `to` bytes for appending;
+    /// the new bytes read as zeros. Storage may grow further than asked, so that later
+    /// appends cost nothing, and may reserve the space so that writing it later allocates
+    /// nothing. Returns the new length. The default grows exactly to `to`.
+    fn extend(&self, from: u64, to: u64) -> io::Result<u64> {
+        if to > from {
+            self.set_len(to)?;
+        }
+        Ok(to.max(from))
+    }
 
     /// Makes `len` bytes at `offset` read as zeros, releasing the space where the storage
     /// can. The length of the storage does not change. The default writes zeros.
@@ -82,6 +93,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
+    }
+    fn extend(&self, from: u64, to: u64) -> io::Result<u64> {
+        (**self).extend(from, to)
     }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).zero_range(offset, len)
