@@ -109,12 +109,96 @@ pub trait BlockDevice: Send + Sync + Debug {
     /// The device unallocated runs fall through to, if any.
     fn backing(&self) -> Option<&dyn BlockDevice>;
 
+    /// Where the `len` bytes at `offset` can be read (or, with `write`, written) directly:
+    /// one extent of an open file, reached without allocating, copying or locking. `None`
+    /// when the request needs the device's own path (allocation, backing data, a range
+    /// that is not one extent). For callers that submit I/O themselves (io_uring); they
+    /// must keep the extent's I/O from overlapping requests that take the device's path,
+    /// whose read-modify-writes of partial blocks could otherwise undo it.
+    fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<DirectExtent> {
+        let _ = (offset, len, write);
+        None
+    }
+
+    /// Prepares a write of the `len` bytes at `offset` that the caller carries out itself
+    /// at the returned extent, then finishes with [`PendingWrite::finish`]: a write into
+    /// place (as [`BlockDevice::direct_extent`]), or into space the device set aside for
+    /// it (an allocation it completes at `finish`). `None` when the write needs the
+    /// device's own path. Never waits for other requests.
+    fn begin_write(&self, offset: u64, len: u64) -> Option<PendingWrite<'_>> {
+        self.direct_extent(offset, len, true)
+            .map(|x| PendingWrite::new(x, 0..0, |_| Ok(())))
+    }
+
     /// Whether [`BlockDevice::write_zeroes`] on this range would only change metadata or
     /// release space, never write zeros or copy data (NBD's FAST_ZERO asks this). An
     /// answer for now: a concurrent writer may change it.
     fn zeroes_are_fast(&self, offset: u64, len: u64) -> Result<bool> {
         check_range(offset, len, self.size())?;
         Ok(false)
+    }
+}
+
+/// A byte range of an open file, as [`BlockDevice::direct_extent`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectExtent {
+    /// The file.
+    pub fd: std::os::fd::RawFd,
+    /// Where the range starts in it.
+    pub offset: u64,
+    /// The alignment direct I/O on the file needs, of offsets, lengths and buffers.
+    pub align: u64,
+}
+
+/// A write the caller carries out at [`PendingWrite::extent`], from
+/// [`BlockDevice::begin_write`]. Dropping it unfinished is `finish(false)`.
+pub struct PendingWrite<'a> {
+    /// Where to write the data.
+    pub extent: DirectExtent,
+    /// Guest bytes the write holds until it is finished (an allocation claims whole
+    /// clusters): other writes there wait for it, so a caller should hold back its own.
+    pub claimed: std::ops::Range<u64>,
+    finish: Option<Box<dyn FnOnce(bool) -> Result<()> + 'a>>,
+}
+
+impl<'a> PendingWrite<'a> {
+    /// A write at `extent` holding `claimed`, completed by `finish` (called with whether
+    /// the data was written).
+    pub fn new(
+        extent: DirectExtent,
+        claimed: std::ops::Range<u64>,
+        finish: impl FnOnce(bool) -> Result<()> + 'a,
+    ) -> Self {
+        Self {
+            extent,
+            claimed,
+            finish: Some(Box::new(finish)),
+        }
+    }
+
+    /// Completes the write: with `written`, the range reads the data from now on;
+    /// without, it reads as before (space set aside for it is given up).
+    pub fn finish(mut self, written: bool) -> Result<()> {
+        match self.finish.take() {
+            Some(f) => f(written),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for PendingWrite<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.finish.take() {
+            let _ = f(false);
+        }
+    }
+}
+
+impl Debug for PendingWrite<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingWrite")
+            .field("extent", &self.extent)
+            .finish_non_exhaustive()
     }
 }
 

@@ -1,6 +1,6 @@
 //! A raw file as a device.
 
-use super::{check_range, BlockDevice, BlockStatus, Format};
+use super::{check_range, BlockDevice, BlockStatus, DirectExtent, Format};
 use crate::error::{Error, IoContext, Result};
 use crate::storage::Storage;
 
@@ -110,5 +110,13 @@ impl BlockDevice for RawDevice {
 
     fn backing(&self) -> Option<&dyn BlockDevice> {
         None
+    }
+
+    fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<DirectExtent> {
+        if (write && self.read_only) || check_range(offset, len, self.size).is_err() {
+            return None;
+        }
+        let (fd, align) = self.storage.direct_fd()?;
+        Some(DirectExtent { fd, offset, align })
     }
 }

@@ -91,6 +91,22 @@ impl Claims {
         }
     }
 
+    /// Claims clusters `[first, first + count)` if none of them is claimed; never waits.
+    pub(crate) fn try_clusters(&self, first: u64, count: u64) -> Option<ClusterClaim<'_>> {
+        let mut st = lock(&self.state);
+        if (first..first + count).any(|c| st.clusters.contains(&c)) {
+            return None;
+        }
+        for c in first..first + count {
+            st.clusters.insert(c);
+        }
+        Some(ClusterClaim {
+            claims: self,
+            first,
+            count,
+        })
+    }
+
     /// Claims an L1 entry to create its table. Returns `None` after waiting if someone
     /// else was creating it (the caller then looks again).
     pub(crate) fn table(&self, l1_index: u64) -> Option<TableClaim<'_>> {
@@ -116,6 +132,15 @@ pub(crate) struct Gate(RwLock<()>);
 impl Gate {
     pub(crate) fn shared(&self) -> RwLockReadGuard<'_, ()> {
         self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Shared, unless that would mean waiting.
+    pub(crate) fn try_shared(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        match self.0.try_read() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {

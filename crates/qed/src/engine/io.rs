@@ -10,7 +10,7 @@
 
 use super::l2cache::PAGE_ENTRIES;
 use super::{Image, Mapping, ENTRIES_PER_SECTOR};
-use crate::device::{check_range, BlockDevice, BlockStatus, Format};
+use crate::device::{check_range, BlockDevice, BlockStatus, DirectExtent, Format, PendingWrite};
 use crate::error::{Error, IoContext, Result};
 use crate::format::table::encode_entries;
 use crate::format::table::ZERO_CLUSTER;
@@ -164,8 +164,15 @@ impl Image {
     /// clusters of an image without a backing file, first makes NEED_CHECK durable.
     fn begin_allocation(&self, data: bool) -> Result<std::sync::RwLockReadGuard<'_, ()>> {
         let gate = self.gate.shared();
-        // With a backing file every L2 update is preceded by a flush of its data, so a
-        // crash cannot leave an entry pointing at unwritten data: no check needed.
+        self.mark_need_check(data)?;
+        Ok(gate)
+    }
+
+    /// Sets NEED_CHECK, durably, before data goes into new clusters of an image without
+    /// a backing file. The caller holds the gate.
+    fn mark_need_check(&self, data: bool) -> Result<()> {
+        // With a backing file every L2 entry is written only after a flush of its data,
+        // so a crash cannot leave an entry pointing at unwritten data: no check needed.
         if data && self.backing.is_none() && !self.header_read().needs_check() {
             let _setting = self
                 .need_check_lock
@@ -181,7 +188,67 @@ impl Image {
                 *self.header.write().unwrap_or_else(|p| p.into_inner()) = header;
             }
         }
-        Ok(gate)
+        Ok(())
+    }
+
+    /// [`BlockDevice::begin_write`] for writes into clusters not allocated yet: when the
+    /// range lies in unallocated (or zero) clusters of one page of an existing L2 table,
+    /// and the rest of those clusters may read as zeros (no backing file, a zero cluster,
+    /// or whole clusters), claims them, reserves new space and returns where to write;
+    /// finishing maps the new clusters. `None` wherever that would wait (a claimed
+    /// cluster, a closed gate) or need more (a new table, backing data to copy).
+    fn begin_allocating_write(&self, pos: u64, len: u64) -> Option<PendingWrite<'_>> {
+        if self.read_only || len == 0 || check_range(pos, len, self.size()).is_err() {
+            return None;
+        }
+        let (fd, align) = self.storage.direct_fd()?;
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let first = g.cluster_start(pos);
+        let end = (pos + len).next_multiple_of(cs);
+        let n = (end - first) / cs;
+        let head = pos - first;
+        if head % align != 0
+            || len % align != 0
+            || g.l2_index(first) % PAGE_ENTRIES + n > PAGE_ENTRIES
+            || g.l1_index(first) != g.l1_index(end - 1)
+            || self.l1_entry(g.l1_index(first)).ok()? == 0
+        {
+            return None;
+        }
+        let whole = head == 0 && pos + len == end;
+        let fits = |(mapping, run): (Mapping, u64)| {
+            run >= len
+                && match mapping {
+                    Mapping::Unallocated => whole || self.backing.is_none(),
+                    Mapping::Zero => true,
+                    Mapping::Data(_) => false,
+                }
+        };
+        if !fits(self.lookup(pos, len).ok()?) {
+            return None;
+        }
+        let claim = self.claims.try_clusters(first / cs, n)?;
+        // Under the claim nobody else allocates these clusters: this lookup is the truth.
+        if !fits(self.lookup(pos, len).ok()?) {
+            return None;
+        }
+        let gate = self.gate.try_shared()?;
+        self.mark_need_check(true).ok()?;
+        let new_off = self.reserve(n * cs).ok()?;
+        let extent = DirectExtent {
+            fd,
+            offset: new_off + head,
+            align,
+        };
+        Some(PendingWrite::new(extent, first..end, move |written| {
+            let _held = (claim, gate);
+            if written {
+                self.set_l2_entries(first, n, |i| new_off + i * cs)
+            } else {
+                Ok(())
+            }
+        }))
     }
 
     /// Copies `len` guest bytes at `pos` from the backing file to file offset `to`.
@@ -535,5 +602,30 @@ impl BlockDevice for Image {
 
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.backing.as_ref().and_then(|b| b.device.as_deref())
+    }
+
+    fn begin_write(&self, offset: u64, len: u64) -> Option<PendingWrite<'_>> {
+        match self.direct_extent(offset, len, true) {
+            Some(x) => Some(PendingWrite::new(x, 0..0, |_| Ok(()))),
+            None => self.begin_allocating_write(offset, len),
+        }
+    }
+
+    /// A range inside one data cluster run. QED never moves or frees a data cluster while
+    /// the image is open (only a repair or shrink, which need `&mut self`, do), so the
+    /// extent stays right for as long as the caller borrows the image.
+    fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<DirectExtent> {
+        if (write && self.read_only) || check_range(offset, len, self.size()).is_err() {
+            return None;
+        }
+        let (fd, align) = self.storage.direct_fd()?;
+        match self.lookup(offset, len).ok()? {
+            (Mapping::Data(off), n) if n >= len => Some(DirectExtent {
+                fd,
+                offset: off,
+                align,
+            }),
+            _ => None,
+        }
     }
 }

@@ -28,13 +28,38 @@ pub struct BenchParams {
     pub flush_interval: Option<u64>,
     /// Flush after every write (writethrough cache mode).
     pub writethrough: bool,
+    /// How requests are issued.
+    pub engine: Engine,
+}
+
+/// How the benchmark keeps `depth` requests in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// One thread submits through io_uring, straight to the file for requests that land
+    /// in one extent of it ([`BlockDevice::direct_extent`]); the rest go to worker
+    /// threads. Falls back to `Threads` where io_uring is missing, and with flushes in
+    /// the workload.
+    IoUring,
+    /// One thread per request in flight, each calling the device.
+    Threads,
 }
 
 /// A buffer aligned for O_DIRECT, so the device can use it without copying.
-fn aligned(size: usize, fill: u8) -> (Vec<u8>, usize) {
+pub(super) fn aligned(size: usize, fill: u8) -> (Vec<u8>, usize) {
     let v = vec![fill; size + 4096];
     let start = v.as_ptr().align_offset(4096);
     (v, start)
+}
+
+/// The offset of request `i`: offsets advance by `step` and wrap like qemu-img bench's;
+/// a request that would cross the end starts over at 0.
+pub(super) fn offset_of(p: &BenchParams, i: u64, dev_size: u64) -> u64 {
+    let off = ((p.offset as u128 + i as u128 * p.step as u128) % dev_size as u128) as u64;
+    if off + p.size as u64 > dev_size {
+        0
+    } else {
+        off
+    }
 }
 
 /// Runs the workload and returns how long it took.
@@ -52,9 +77,21 @@ pub fn bench(dev: &dyn BlockDevice, p: &BenchParams) -> Result<Duration> {
             p.offset
         )));
     }
+    let start = Instant::now();
+    #[cfg(target_os = "linux")]
+    if p.engine == Engine::IoUring
+        && p.flush_interval.is_none()
+        && !p.writethrough
+        && super::bench_ring::run(dev, p)?
+    {
+        let elapsed = start.elapsed();
+        if p.write {
+            dev.flush()?;
+        }
+        return Ok(elapsed);
+    }
     let next = AtomicU64::new(0);
     let failed = std::sync::Mutex::new(None);
-    let start = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..p.depth.max(1) {
             s.spawn(|| {
@@ -65,13 +102,7 @@ pub fn bench(dev: &dyn BlockDevice, p: &BenchParams) -> Result<Duration> {
                     if i >= p.count {
                         break;
                     }
-                    // Offsets advance by `step` and wrap like qemu-img bench's; a request
-                    // that would cross the end starts over at 0.
-                    let mut off =
-                        ((p.offset as u128 + i as u128 * p.step as u128) % dev_size as u128) as u64;
-                    if off + p.size as u64 > dev_size {
-                        off = 0;
-                    }
+                    let off = offset_of(p, i, dev_size);
                     let r = if p.write {
                         dev.write_at(buf, off).and_then(|_| {
                             if p.writethrough {

@@ -2,6 +2,8 @@
 //! through a callback.
 
 pub mod bench;
+#[cfg(target_os = "linux")]
+mod bench_ring;
 pub mod commit;
 pub mod compare;
 pub mod convert;

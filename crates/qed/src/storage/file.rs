@@ -282,6 +282,15 @@ impl Storage for FileStorage {
         self.file.set_len(len)
     }
 
+    fn direct_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        let align = if self.direct.is_some() {
+            DIRECT_ALIGN
+        } else {
+            1
+        };
+        Some((self.file.as_raw_fd(), align))
+    }
+
     /// Reserves a step of [`GROW_STEP`] past `from` (or up to `to`, if further) with
     /// fallocate; when that fails (no room for the step, or no fallocate here), grows
     /// exactly to `to`.

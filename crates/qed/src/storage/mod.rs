@@ -61,6 +61,13 @@ pub trait Storage: Send + Sync + Debug {
         Ok(())
     }
 
+    /// The file descriptor behind the storage and the alignment its direct I/O needs
+    /// (offsets, lengths and buffers; 1 when there is none), for callers that submit I/O
+    /// themselves (io_uring). `None` for storage that is not one plain file.
+    fn direct_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        None
+    }
+
     /// Whether the `len` bytes at `offset` start with a known-zero run (a hole, or past
     /// the end) or with data, and how long that run is (at least 1, at most `len`).
     /// Storage that cannot tell reports data.
@@ -102,5 +109,8 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn zero_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
         (**self).zero_status(offset, len)
+    }
+    fn direct_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        (**self).direct_fd()
     }
 }

@@ -1,0 +1,294 @@
+//! The benchmark's request loop over io_uring: one thread keeps `depth` requests in
+//! flight, submitting those that land in one extent of a file straight to the kernel
+//! (as qemu-img bench does with `-i io_uring`): reads of mapped data, writes in place,
+//! and allocating writes the device sets space aside for ([`BlockDevice::begin_write`]).
+//! The rest (new tables, backing data to copy) go to worker threads that take the
+//! device's own path.
+//!
+//! Requests of the workload never overlap while in flight (each has its own offset), so
+//! the direct ones cannot race a worker's read-modify-write of the same block.
+
+use super::bench::{aligned, offset_of, BenchParams};
+use crate::device::{BlockDevice, DirectExtent, PendingWrite};
+use crate::error::{Error, Result};
+use io_uring::{opcode, types, IoUring};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{mpsc, Mutex};
+
+/// `user_data` of the read that waits on the workers' eventfd.
+const WAKE: u64 = u64::MAX;
+
+/// What a worker reports: the slot it ran for, and how it went.
+type Done = (usize, Result<()>);
+
+fn io_error(context: &str, cause: std::io::Error) -> Error {
+    Error::Io {
+        context: context.into(),
+        cause,
+    }
+}
+
+/// The ring and what it has in the kernel.
+struct Ring {
+    ring: IoUring,
+    /// Requests submitted and not yet reaped (their buffers must stay put).
+    in_kernel: usize,
+    wake: OwnedFd,
+    /// Where the pending eventfd read lands; boxed so that it never moves.
+    wake_buf: Box<[u8; 8]>,
+    wake_armed: bool,
+}
+
+impl Ring {
+    fn new(entries: u32) -> Option<Ring> {
+        let ring = IoUring::new(entries).ok()?;
+        // SAFETY: eventfd returns a new descriptor or -1; OwnedFd takes the new one.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return None;
+        }
+        let wake = unsafe { OwnedFd::from_raw_fd(raw) };
+        Some(Ring {
+            ring,
+            in_kernel: 0,
+            wake,
+            wake_buf: Box::new([0; 8]),
+            wake_armed: false,
+        })
+    }
+
+    /// Queues an entry.
+    ///
+    /// # Safety
+    /// The entry's buffer must stay valid and untouched until its completion is reaped.
+    unsafe fn push(&mut self, e: &io_uring::squeue::Entry) -> Result<()> {
+        // SAFETY: as the caller promises.
+        unsafe { self.ring.submission().push(e) }
+            .map_err(|_| Error::Unsupported("the io_uring submission queue is full".into()))
+    }
+
+    /// Arms a read of the eventfd, which completes when a worker finishes.
+    fn arm_wake(&mut self) -> Result<()> {
+        let e = opcode::Read::new(
+            types::Fd(self.wake.as_raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            8,
+        )
+        .build()
+        .user_data(WAKE);
+        // SAFETY: `wake_buf` is boxed and lives until `drain` has reaped this read.
+        unsafe { self.push(&e) }?;
+        self.wake_armed = true;
+        Ok(())
+    }
+
+    /// Reaps everything still in the kernel, so that no buffer is in use after this.
+    fn drain(&mut self) {
+        if self.wake_armed {
+            self.signal();
+        }
+        while self.in_kernel > 0 || self.wake_armed {
+            if self.ring.submit_and_wait(1).is_err() {
+                // Nothing more can be learned; keep the buffers alive rather than risk
+                // the kernel writing into freed memory.
+                std::mem::forget(std::mem::take(&mut self.wake_buf));
+                return;
+            }
+            for cqe in self.ring.completion() {
+                if cqe.user_data() == WAKE {
+                    self.wake_armed = false;
+                } else {
+                    self.in_kernel -= 1;
+                }
+            }
+        }
+    }
+
+    fn signal(&self) {
+        signal(self.wake.as_raw_fd());
+    }
+}
+
+/// Wakes the ring's eventfd read.
+fn signal(fd: RawFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: an 8-byte write from a live buffer to an eventfd.
+    unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
+}
+
+/// Runs the workload; `Ok(false)` when io_uring is not available here.
+pub(super) fn run(dev: &dyn BlockDevice, p: &BenchParams) -> Result<bool> {
+    let depth = p.depth.max(1);
+    let Some(mut ring) = Ring::new((depth as u32 + 1).next_power_of_two()) else {
+        return Ok(false);
+    };
+    let mut slots: Vec<(Vec<u8>, usize)> = (0..depth).map(|_| aligned(p.size, p.pattern)).collect();
+    let (jobs, queue) = mpsc::channel::<(usize, u64)>();
+    let queue = Mutex::new(queue);
+    let finished: Mutex<Vec<Done>> = Mutex::new(Vec::new());
+    let wake_fd = ring.wake.as_raw_fd();
+
+    let result = std::thread::scope(|s| {
+        for _ in 0..depth {
+            s.spawn(|| {
+                let (mut storage, at) = aligned(p.size, p.pattern);
+                let buf = &mut storage[at..at + p.size];
+                loop {
+                    let job = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((slot, off)) = job else { break };
+                    let r = if p.write {
+                        dev.write_at(buf, off)
+                    } else {
+                        dev.read_at(buf, off)
+                    };
+                    finished
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((slot, r));
+                    signal(wake_fd);
+                }
+            });
+        }
+        let result = drive(dev, p, &mut ring, &mut slots, &jobs, &finished);
+        drop(jobs);
+        result
+    });
+    ring.drain();
+    result.map(|()| true)
+}
+
+/// Submits and reaps requests until all `p.count` have completed.
+fn drive(
+    dev: &dyn BlockDevice,
+    p: &BenchParams,
+    ring: &mut Ring,
+    slots: &mut [(Vec<u8>, usize)],
+    jobs: &mpsc::Sender<(usize, u64)>,
+    finished: &Mutex<Vec<Done>>,
+) -> Result<()> {
+    let dev_size = dev.size();
+    let size = p.size as u64;
+    let mut free: Vec<usize> = (0..slots.len()).rev().collect();
+    // Writes to finish when their slot's request completes.
+    let mut pending: Vec<Option<PendingWrite<'_>>> = (0..slots.len()).map(|_| None).collect();
+    // Requests held back because they touch clusters one of ours is allocating: sent
+    // elsewhere they would only wait for it.
+    let mut deferred: VecDeque<(usize, u64)> = VecDeque::new();
+    let mut next = 0u64;
+    let mut in_flight = 0usize;
+    ring.arm_wake()?;
+    loop {
+        let held = std::mem::take(&mut deferred);
+        let fresh = std::iter::from_fn(|| {
+            if next >= p.count {
+                return None;
+            }
+            let slot = free.pop()?;
+            let off = offset_of(p, next, dev_size);
+            next += 1;
+            in_flight += 1;
+            Some((slot, off))
+        });
+        // Held-back requests first, in order; a fresh one behind them waits too.
+        let batch: Vec<(usize, u64)> = held.into_iter().chain(fresh).collect();
+        for (slot, off) in batch {
+            let blocked = pending
+                .iter()
+                .flatten()
+                .any(|w| w.claimed.start < off + size && off < w.claimed.end);
+            if blocked {
+                deferred.push_back((slot, off));
+                continue;
+            }
+            let usable = |x: &DirectExtent| x.offset % x.align == 0 && size % x.align == 0;
+            let direct = if p.write {
+                // A write that cannot be used is dropped, which gives its space back.
+                dev.begin_write(off, size)
+                    .filter(|w| usable(&w.extent))
+                    .map(|w| {
+                        let x = w.extent;
+                        pending[slot] = Some(w);
+                        x
+                    })
+            } else {
+                dev.direct_extent(off, size, false).filter(usable)
+            };
+            let Some(x) = direct else {
+                let _ = jobs.send((slot, off));
+                continue;
+            };
+            let (buf, at) = &mut slots[slot];
+            let ptr = buf[*at..].as_mut_ptr();
+            let fd = types::Fd(x.fd);
+            let e = if p.write {
+                opcode::Write::new(fd, ptr, p.size as u32)
+                    .offset(x.offset)
+                    .build()
+            } else {
+                opcode::Read::new(fd, ptr, p.size as u32)
+                    .offset(x.offset)
+                    .build()
+            };
+            // SAFETY: the slot's buffer is not touched again until this request is
+            // reaped, and `run` drains the ring before the buffers go.
+            unsafe { ring.push(&e.user_data(slot as u64)) }?;
+            ring.in_kernel += 1;
+        }
+        if in_flight == 0 {
+            return Ok(());
+        }
+        ring.ring
+            .submit_and_wait(1)
+            .map_err(|e| io_error("waiting for io_uring completions", e))?;
+        let mut rearm = false;
+        let mut failure = None;
+        for cqe in ring.ring.completion() {
+            if cqe.user_data() == WAKE {
+                rearm = true;
+                continue;
+            }
+            ring.in_kernel -= 1;
+            in_flight -= 1;
+            let slot = cqe.user_data() as usize;
+            free.push(slot);
+            let res = cqe.result();
+            let outcome = if res < 0 {
+                Err(io_error(
+                    "benchmark request",
+                    std::io::Error::from_raw_os_error(-res),
+                ))
+            } else if res as usize != p.size {
+                Err(io_error(
+                    "benchmark request",
+                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short transfer"),
+                ))
+            } else {
+                Ok(())
+            };
+            if let Some(w) = pending[slot].take() {
+                if let Err(e) = w.finish(outcome.is_ok()) {
+                    failure.get_or_insert(e);
+                }
+            }
+            if let Err(e) = outcome {
+                failure.get_or_insert(e);
+            }
+        }
+        if rearm {
+            ring.wake_armed = false;
+            ring.arm_wake()?;
+        }
+        let done = std::mem::take(&mut *finished.lock().unwrap_or_else(|e| e.into_inner()));
+        for (slot, r) in done {
+            in_flight -= 1;
+            free.push(slot);
+            if let Err(e) = r {
+                failure.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+    }
+}
