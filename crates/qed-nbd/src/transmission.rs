@@ -9,13 +9,15 @@ use crate::stream::Stream;
 use qed::ops::map::describe;
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{self, channel, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Payload bytes a connection may have in flight before it stops reading requests.
 const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
 /// Requests a connection may have in flight.
 const MAX_IN_FLIGHT: u64 = 256;
+/// Bytes of replies gathered into one socket write.
+const MAX_REPLY_BATCH: usize = 256 << 10;
 /// Most extents sent in one block status chunk.
 const MAX_EXTENTS: usize = 1 << 16;
 /// Largest extent length that fits a descriptor, kept sector aligned.
@@ -113,10 +115,35 @@ pub fn serve(stream: Stream, export: Arc<Export>, session: Session, pool: &Pool)
             .name("nbd-replies".into())
             .spawn(move || {
                 let mut broken = false;
-                while let Ok(Some((bytes, cost))) = outgoing.recv() {
+                let mut batch: Vec<u8> = Vec::new();
+                let mut costs: Vec<u64> = Vec::new();
+                let mut open = true;
+                while open {
+                    let Ok(Some(first)) = outgoing.recv() else {
+                        break;
+                    };
+                    // Replies that are ready together leave in one write: under load
+                    // that is one system call for many requests.
+                    let mut next = Some(first);
+                    while let Some((bytes, cost)) = next.take() {
+                        if batch.is_empty() {
+                            batch = bytes;
+                        } else {
+                            batch.extend_from_slice(&bytes);
+                        }
+                        costs.push(cost);
+                        if batch.len() >= MAX_REPLY_BATCH {
+                            break;
+                        }
+                        match outgoing.try_recv() {
+                            Ok(Some(reply)) => next = Some(reply),
+                            Ok(None) | Err(mpsc::TryRecvError::Disconnected) => open = false,
+                            Err(mpsc::TryRecvError::Empty) => {}
+                        }
+                    }
                     if !broken
                         && writer
-                            .write_all(&bytes)
+                            .write_all(&batch)
                             .and_then(|_| writer.flush())
                             .is_err()
                     {
@@ -124,7 +151,15 @@ pub fn serve(stream: Stream, export: Arc<Export>, session: Session, pool: &Pool)
                         broken = true;
                         let _ = writer.shutdown(Shutdown::Both);
                     }
-                    budget.release(cost);
+                    if batch.capacity() > MAX_REPLY_BATCH {
+                        // Do not keep a large read's buffer around for small replies.
+                        batch = Vec::new();
+                    } else {
+                        batch.clear();
+                    }
+                    for cost in costs.drain(..) {
+                        budget.release(cost);
+                    }
                 }
                 writer
             })

@@ -611,9 +611,10 @@ impl BlockDevice for Image {
         }
     }
 
-    /// A range inside one data cluster run. QED never moves or frees a data cluster while
-    /// the image is open (only a repair or shrink, which need `&mut self`, do), so the
-    /// extent stays right for as long as the caller borrows the image.
+    /// A range inside one data cluster run, or (to read) one the backing file supplies.
+    /// QED never moves or frees a data cluster while the image is open (only a repair or
+    /// shrink, which need `&mut self`, do), so the extent stays right for as long as the
+    /// caller borrows the image.
     fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<DirectExtent> {
         if (write && self.read_only) || check_range(offset, len, self.size()).is_err() {
             return None;
@@ -625,6 +626,11 @@ impl BlockDevice for Image {
                 offset: off,
                 align,
             }),
+            // Reads the backing file supplies whole come from there.
+            (Mapping::Unallocated, n) if n >= len && !write => {
+                let backing = self.backing.as_ref()?.device.as_deref()?;
+                backing.direct_extent(offset, len, false)
+            }
             _ => None,
         }
     }
