@@ -25,6 +25,8 @@ pub mod engine;
 pub mod error;
 pub mod format;
 pub mod ops;
+#[cfg(target_os = "linux")]
+pub mod ring;
 pub mod storage;
 
 pub use device::{open_device, BlockDevice, BlockStatus, Format, OpenOptions};

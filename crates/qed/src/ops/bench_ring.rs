@@ -11,13 +11,9 @@
 use super::bench::{aligned, offset_of, BenchParams};
 use crate::device::{BlockDevice, DirectExtent, PendingWrite};
 use crate::error::{Error, Result};
-use io_uring::{opcode, types, IoUring};
+use crate::ring::{opcode, types, Ring, Waker};
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{mpsc, Mutex};
-
-/// `user_data` of the read that waits on the workers' eventfd.
-const WAKE: u64 = u64::MAX;
 
 /// What a worker reports: the slot it ran for, and how it went.
 type Done = (usize, Result<()>);
@@ -29,105 +25,17 @@ fn io_error(context: &str, cause: std::io::Error) -> Error {
     }
 }
 
-/// The ring and what it has in the kernel.
-struct Ring {
-    ring: IoUring,
-    /// Requests submitted and not yet reaped (their buffers must stay put).
-    in_kernel: usize,
-    wake: OwnedFd,
-    /// Where the pending eventfd read lands; boxed so that it never moves.
-    wake_buf: Box<[u8; 8]>,
-    wake_armed: bool,
-}
-
-impl Ring {
-    fn new(entries: u32) -> Option<Ring> {
-        let ring = IoUring::new(entries).ok()?;
-        // SAFETY: eventfd returns a new descriptor or -1; OwnedFd takes the new one.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return None;
-        }
-        let wake = unsafe { OwnedFd::from_raw_fd(raw) };
-        Some(Ring {
-            ring,
-            in_kernel: 0,
-            wake,
-            wake_buf: Box::new([0; 8]),
-            wake_armed: false,
-        })
-    }
-
-    /// Queues an entry.
-    ///
-    /// # Safety
-    /// The entry's buffer must stay valid and untouched until its completion is reaped.
-    unsafe fn push(&mut self, e: &io_uring::squeue::Entry) -> Result<()> {
-        // SAFETY: as the caller promises.
-        unsafe { self.ring.submission().push(e) }
-            .map_err(|_| Error::Unsupported("the io_uring submission queue is full".into()))
-    }
-
-    /// Arms a read of the eventfd, which completes when a worker finishes.
-    fn arm_wake(&mut self) -> Result<()> {
-        let e = opcode::Read::new(
-            types::Fd(self.wake.as_raw_fd()),
-            self.wake_buf.as_mut_ptr(),
-            8,
-        )
-        .build()
-        .user_data(WAKE);
-        // SAFETY: `wake_buf` is boxed and lives until `drain` has reaped this read.
-        unsafe { self.push(&e) }?;
-        self.wake_armed = true;
-        Ok(())
-    }
-
-    /// Reaps everything still in the kernel, so that no buffer is in use after this.
-    fn drain(&mut self) {
-        if self.wake_armed {
-            self.signal();
-        }
-        while self.in_kernel > 0 || self.wake_armed {
-            if self.ring.submit_and_wait(1).is_err() {
-                // Nothing more can be learned; keep the buffers alive rather than risk
-                // the kernel writing into freed memory.
-                std::mem::forget(std::mem::take(&mut self.wake_buf));
-                return;
-            }
-            for cqe in self.ring.completion() {
-                if cqe.user_data() == WAKE {
-                    self.wake_armed = false;
-                } else {
-                    self.in_kernel -= 1;
-                }
-            }
-        }
-    }
-
-    fn signal(&self) {
-        signal(self.wake.as_raw_fd());
-    }
-}
-
-/// Wakes the ring's eventfd read.
-fn signal(fd: RawFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: an 8-byte write from a live buffer to an eventfd.
-    unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
-}
-
 /// Runs the workload; `Ok(false)` when io_uring is not available here.
 pub(super) fn run(dev: &dyn BlockDevice, p: &BenchParams) -> Result<bool> {
     let depth = p.depth.max(1);
-    let Some(mut ring) = Ring::new((depth as u32 + 1).next_power_of_two()) else {
+    let Some(mut ring) = Ring::new(depth as u32) else {
         return Ok(false);
     };
     let mut slots: Vec<(Vec<u8>, usize)> = (0..depth).map(|_| aligned(p.size, p.pattern)).collect();
     let (jobs, queue) = mpsc::channel::<(usize, u64)>();
     let queue = Mutex::new(queue);
     let finished: Mutex<Vec<Done>> = Mutex::new(Vec::new());
-    let wake_fd = ring.wake.as_raw_fd();
+    let waker: Waker = ring.waker();
 
     let result = std::thread::scope(|s| {
         for _ in 0..depth {
@@ -146,7 +54,7 @@ pub(super) fn run(dev: &dyn BlockDevice, p: &BenchParams) -> Result<bool> {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .push((slot, r));
-                    signal(wake_fd);
+                    waker.wake();
                 }
             });
         }
@@ -177,7 +85,6 @@ fn drive(
     let mut deferred: VecDeque<(usize, u64)> = VecDeque::new();
     let mut next = 0u64;
     let mut in_flight = 0usize;
-    ring.arm_wake()?;
     loop {
         let held = std::mem::take(&mut deferred);
         let fresh = std::iter::from_fn(|| {
@@ -233,26 +140,16 @@ fn drive(
             // SAFETY: the slot's buffer is not touched again until this request is
             // reaped, and `run` drains the ring before the buffers go.
             unsafe { ring.push(&e.user_data(slot as u64)) }?;
-            ring.in_kernel += 1;
         }
         if in_flight == 0 {
             return Ok(());
         }
-        ring.ring
-            .submit_and_wait(1)
-            .map_err(|e| io_error("waiting for io_uring completions", e))?;
-        let mut rearm = false;
+        ring.wait()?;
         let mut failure = None;
-        for cqe in ring.ring.completion() {
-            if cqe.user_data() == WAKE {
-                rearm = true;
-                continue;
-            }
-            ring.in_kernel -= 1;
+        for (user_data, res) in ring.reap()? {
             in_flight -= 1;
-            let slot = cqe.user_data() as usize;
+            let slot = user_data as usize;
             free.push(slot);
-            let res = cqe.result();
             let outcome = if res < 0 {
                 Err(io_error(
                     "benchmark request",
@@ -274,10 +171,6 @@ fn drive(
             if let Err(e) = outcome {
                 failure.get_or_insert(e);
             }
-        }
-        if rearm {
-            ring.wake_armed = false;
-            ring.arm_wake()?;
         }
         let done = std::mem::take(&mut *finished.lock().unwrap_or_else(|e| e.into_inner()));
         for (slot, r) in done {

@@ -1,0 +1,184 @@
+//! A small io_uring wrapper for callers that submit I/O on the extents the devices hand
+//! out ([`crate::BlockDevice::direct_extent`], [`crate::BlockDevice::begin_write`]): the
+//! benchmark's request loop and the NBD server's connections.
+//!
+//! One thread owns a [`Ring`]: it pushes entries, submits, and reaps completions. Other
+//! threads wake it through a [`Waker`] (an eventfd the ring keeps a read armed on), so it
+//! can sleep on the ring alone and still hear of work finished elsewhere.
+
+use crate::error::{Error, Result};
+use io_uring::{cqueue, squeue, IoUring};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+pub use io_uring::{opcode, types};
+
+/// `user_data` of the eventfd read; callers must not use it.
+pub const WAKE: u64 = u64::MAX;
+
+fn io_error(context: &str, cause: std::io::Error) -> Error {
+    Error::Io {
+        context: context.into(),
+        cause,
+    }
+}
+
+/// Wakes a [`Ring`]'s owner from another thread.
+#[derive(Debug, Clone)]
+pub struct Waker(Arc<OwnedFd>);
+
+impl Waker {
+    /// Makes the ring's pending eventfd read complete (a harmless no-op if it already
+    /// did).
+    pub fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write from a live buffer to an eventfd we keep open.
+        unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+}
+
+/// An io_uring owned by one thread, with a wake-up eventfd.
+pub struct Ring {
+    ring: IoUring,
+    /// Entries submitted and not yet reaped (their buffers must stay put).
+    in_kernel: usize,
+    waker: Waker,
+    /// Where the pending eventfd read lands; boxed so that it never moves.
+    wake_buf: Box<[u8; 8]>,
+    wake_armed: bool,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("in_kernel", &self.in_kernel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ring {
+    /// A ring for about `entries` requests in flight; `None` where io_uring is missing.
+    pub fn new(entries: u32) -> Option<Ring> {
+        let ring = IoUring::new((entries + 1).next_power_of_two()).ok()?;
+        // SAFETY: eventfd returns a new descriptor or -1; OwnedFd takes the new one.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return None;
+        }
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut ring = Ring {
+            ring,
+            in_kernel: 0,
+            waker: Waker(Arc::new(fd)),
+            wake_buf: Box::new([0; 8]),
+            wake_armed: false,
+        };
+        ring.arm_wake().ok()?;
+        Some(ring)
+    }
+
+    /// A handle other threads wake this ring's owner with.
+    pub fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
+    /// Entries submitted and not yet reaped.
+    pub fn in_kernel(&self) -> usize {
+        self.in_kernel
+    }
+
+    /// Queues an entry (submitted at the next [`Ring::submit`] or [`Ring::wait`]).
+    ///
+    /// # Safety
+    /// The entry's buffers must stay valid and untouched until its completion is reaped,
+    /// and its `user_data` must not be [`WAKE`].
+    pub unsafe fn push(&mut self, e: &squeue::Entry) -> Result<()> {
+        // SAFETY: as the caller promises.
+        unsafe { self.ring.submission().push(e) }
+            .map_err(|_| Error::Unsupported("the io_uring submission queue is full".into()))?;
+        self.in_kernel += 1;
+        Ok(())
+    }
+
+    fn arm_wake(&mut self) -> Result<()> {
+        let e = opcode::Read::new(
+            types::Fd(self.waker.0.as_raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            8,
+        )
+        .build()
+        .user_data(WAKE);
+        // SAFETY: `wake_buf` is boxed and lives until `drain` has reaped this read.
+        unsafe { self.ring.submission().push(&e) }
+            .map_err(|_| Error::Unsupported("the io_uring submission queue is full".into()))?;
+        self.wake_armed = true;
+        Ok(())
+    }
+
+    /// Submits what is queued without waiting.
+    pub fn submit(&mut self) -> Result<()> {
+        self.ring
+            .submit()
+            .map(|_| ())
+            .map_err(|e| io_error("submitting to io_uring", e))
+    }
+
+    /// Submits what is queued and waits until at least one completion or wake-up.
+    pub fn wait(&mut self) -> Result<()> {
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(io_error("waiting for io_uring completions", e)),
+        }
+    }
+
+    /// The completions that are ready, wake-ups left out (the eventfd read is armed
+    /// again). Returns `(user_data, result)` pairs.
+    pub fn reap(&mut self) -> Result<Vec<(u64, i32)>> {
+        let mut out = Vec::new();
+        let mut rearm = false;
+        for cqe in self.ring.completion() {
+            let cqe: cqueue::Entry = cqe;
+            if cqe.user_data() == WAKE {
+                self.wake_armed = false;
+                rearm = true;
+            } else {
+                self.in_kernel -= 1;
+                out.push((cqe.user_data(), cqe.result()));
+            }
+        }
+        if rearm {
+            self.arm_wake()?;
+        }
+        Ok(out)
+    }
+
+    /// Waits for everything still in the kernel, so that no buffer is in use after
+    /// this; what it reaps is dropped.
+    pub fn drain(&mut self) {
+        if self.wake_armed {
+            self.waker.wake();
+        }
+        while self.in_kernel > 0 || self.wake_armed {
+            if self.ring.submit_and_wait(1).is_err() {
+                // Nothing more can be learned: keep the wake buffer alive rather than
+                // risk the kernel writing into freed memory.
+                std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new([0; 8])));
+                return;
+            }
+            for cqe in self.ring.completion() {
+                if cqe.user_data() == WAKE {
+                    self.wake_armed = false;
+                } else {
+                    self.in_kernel -= 1;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        self.drain();
+    }
+}
