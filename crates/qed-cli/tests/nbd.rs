@@ -664,16 +664,39 @@ fn fio_verify_with_four_connections() {
         }
     };
 
-    let s = Served::start(dir, false, &["-t", "-e", "4"], "img.qed");
-    fio(&s.uri(), false);
-    s.stop();
-    assert!(!need_check(&dir.join("img.qed")));
-    qemu_img_check(dir, "img.qed");
+    // Through the page cache, and with O_DIRECT (where requests go straight from the
+    // connection's io_uring to the file, beside the read-modify-writes of unaligned ones).
+    for cache in ["writeback", "none"] {
+        let cache = format!("--cache={cache}");
+        std::fs::remove_file(dir.join("img.qed")).unwrap();
+        // fio's four jobs take the first 32M; the rest is for unaligned requests.
+        create_qed(dir, "img.qed", "40M");
+        let s = Served::start(dir, false, &["-t", "-e", "4", &cache], "img.qed");
+        fio(&s.uri(), false);
+        // Unaligned requests next to what fio wrote.
+        qemu_io(
+            dir,
+            "raw",
+            &s.uri(),
+            false,
+            &["write -P 0x77 33M 1000", "write -P 0x78 36863k 7k"],
+        );
+        s.stop();
+        assert!(!need_check(&dir.join("img.qed")));
+        qemu_img_check(dir, "img.qed");
 
-    // What fio wrote survives a server restart.
-    let s = Served::start(dir, true, &["-t", "-e", "4"], "img.qed");
-    fio(&s.uri(), true);
-    s.stop();
+        // What fio wrote survives a server restart.
+        let s = Served::start(dir, true, &["-t", "-e", "4", &cache], "img.qed");
+        fio(&s.uri(), true);
+        qemu_io(
+            dir,
+            "raw",
+            &s.uri(),
+            true,
+            &["read -P 0x77 33M 1000", "read -P 0x78 36863k 7k"],
+        );
+        s.stop();
+    }
 }
 
 // ---------------------------------------------------------------------------------------

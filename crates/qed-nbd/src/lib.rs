@@ -25,6 +25,7 @@ mod export;
 mod handshake;
 mod pool;
 pub mod proto;
+mod replies;
 mod server;
 mod stream;
 mod transmission;

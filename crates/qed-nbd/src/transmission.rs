@@ -5,9 +5,10 @@ use crate::export::{DiscardMode, Export, MAX_PAYLOAD};
 use crate::handshake::{MetaContext, Session};
 use crate::pool::Pool;
 use crate::proto::{self, cflag, chunk, cmd, errno, Request};
+use crate::replies::{Buf, Ring, Waker};
 use crate::stream::Stream;
 use qed::ops::map::describe;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::Shutdown;
 use std::sync::mpsc::{self, channel, Sender};
 use std::sync::{Arc, Condvar, Mutex};
@@ -16,8 +17,6 @@ use std::sync::{Arc, Condvar, Mutex};
 const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
 /// Requests a connection may have in flight.
 const MAX_IN_FLIGHT: u64 = 256;
-/// Bytes of replies gathered into one socket write.
-const MAX_REPLY_BATCH: usize = 256 << 10;
 /// Most extents sent in one block status chunk.
 const MAX_EXTENTS: usize = 1 << 16;
 /// Largest extent length that fits a descriptor, kept sector aligned.
@@ -26,13 +25,13 @@ const MAX_EXTENT_LEN: u64 = (u32::MAX as u64) & !511;
 /// Counts what a connection has in flight, so reading pauses instead of buffering
 /// without bound.
 #[derive(Default)]
-struct Budget {
+pub(crate) struct Budget {
     state: Mutex<(u64, u64)>,
     changed: Condvar,
 }
 
 impl Budget {
-    fn acquire(&self, bytes: u64) {
+    pub(crate) fn acquire(&self, bytes: u64) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         // An empty connection always admits one request, however large.
         while st.1 > 0 && (st.0 + bytes > MAX_IN_FLIGHT_BYTES || st.1 >= MAX_IN_FLIGHT) {
@@ -42,7 +41,7 @@ impl Budget {
         st.1 += 1;
     }
 
-    fn release(&self, bytes: u64) {
+    pub(crate) fn release(&self, bytes: u64) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.0 -= bytes;
         st.1 -= 1;
@@ -57,36 +56,50 @@ impl Budget {
     }
 }
 
-/// A reply and the budget it holds until it is sent; `None` stops the sending thread.
-type Outgoing = Option<(Vec<u8>, u64)>;
+/// What a connection's reply thread receives.
+pub(crate) enum Msg {
+    /// A read or write it may run through io_uring, with its payload and budget.
+    Io(Request, Buf, u64),
+    /// A finished reply and the budget it holds until it is sent.
+    Reply(Vec<u8>, u64),
+    /// The reader is done and every request has been answered.
+    Stop,
+}
 
 /// A connection in transmission.
-struct Connection {
-    export: Arc<Export>,
-    session: Session,
-    replies: Sender<Outgoing>,
-    budget: Arc<Budget>,
+pub(crate) struct Connection {
+    pub(crate) export: Arc<Export>,
+    pub(crate) session: Session,
+    replies: Sender<Msg>,
+    /// Wakes the reply thread when it sleeps on its ring; `None` without one.
+    waker: Option<Waker>,
+    pub(crate) budget: Arc<Budget>,
 }
 
 /// Maps a library error to an NBD error value.
-fn nbd_error(e: &qed::Error, writing: bool) -> u32 {
+pub(crate) fn nbd_error(e: &qed::Error, writing: bool) -> u32 {
     match e {
         qed::Error::ReadOnly => errno::EPERM,
         qed::Error::OutOfRange { .. } if writing => errno::ENOSPC,
         qed::Error::OutOfRange { .. } | qed::Error::InvalidArgument(_) => errno::EINVAL,
-        // The protocol asks for EDQUOT and EFBIG to be reported as ENOSPC too.
-        qed::Error::Io { cause, .. } => match cause.kind() {
-            std::io::ErrorKind::StorageFull
-            | std::io::ErrorKind::QuotaExceeded
-            | std::io::ErrorKind::FileTooLarge => errno::ENOSPC,
-            _ => errno::EIO,
-        },
+        qed::Error::Io { cause, .. } => io_errno(cause),
+        _ => errno::EIO,
+    }
+}
+
+/// Maps an I/O error to an NBD error value. The protocol asks for EDQUOT and EFBIG to be
+/// reported as ENOSPC too.
+pub(crate) fn io_errno(cause: &std::io::Error) -> u32 {
+    match cause.kind() {
+        std::io::ErrorKind::StorageFull
+        | std::io::ErrorKind::QuotaExceeded
+        | std::io::ErrorKind::FileTooLarge => errno::ENOSPC,
         _ => errno::EIO,
     }
 }
 
 /// Flags each command accepts.
-fn allowed_flags(kind: u16, structured: bool) -> u16 {
+pub(crate) fn allowed_flags(kind: u16, structured: bool) -> u16 {
     let df = if structured { cflag::DF } else { 0 };
     cflag::FUA
         | match kind {
@@ -100,79 +113,44 @@ fn allowed_flags(kind: u16, structured: bool) -> u16 {
 /// Serves requests until the client disconnects, breaks the protocol or the reading
 /// side is shut down; waits for the requests in flight before returning.
 pub fn serve(stream: Stream, export: Arc<Export>, session: Session, pool: &Pool) {
-    let Ok(mut writer) = stream.try_clone() else {
+    let Ok(writer) = stream.try_clone() else {
         return;
     };
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_nodelay();
-    let budget = Arc::new(Budget::default());
-    let (replies, outgoing) = channel::<Outgoing>();
-    // Replies leave from a thread of this connection's own: a client that stops reading
-    // them blocks only its connection, never the workers every connection shares.
-    let sender = {
-        let budget = budget.clone();
-        std::thread::Builder::new()
-            .name("nbd-replies".into())
-            .spawn(move || {
-                let mut broken = false;
-                let mut batch: Vec<u8> = Vec::new();
-                let mut costs: Vec<u64> = Vec::new();
-                let mut open = true;
-                while open {
-                    let Ok(Some(first)) = outgoing.recv() else {
-                        break;
-                    };
-                    // Replies that are ready together leave in one write: under load
-                    // that is one system call for many requests.
-                    let mut next = Some(first);
-                    while let Some((bytes, cost)) = next.take() {
-                        if batch.is_empty() {
-                            batch = bytes;
-                        } else {
-                            batch.extend_from_slice(&bytes);
-                        }
-                        costs.push(cost);
-                        if batch.len() >= MAX_REPLY_BATCH {
-                            break;
-                        }
-                        match outgoing.try_recv() {
-                            Ok(Some(reply)) => next = Some(reply),
-                            Ok(None) | Err(mpsc::TryRecvError::Disconnected) => open = false,
-                            Err(mpsc::TryRecvError::Empty) => {}
-                        }
-                    }
-                    if !broken
-                        && writer
-                            .write_all(&batch)
-                            .and_then(|_| writer.flush())
-                            .is_err()
-                    {
-                        // A reply cut short leaves the stream out of step: end the session.
-                        broken = true;
-                        let _ = writer.shutdown(Shutdown::Both);
-                    }
-                    if batch.capacity() > MAX_REPLY_BATCH {
-                        // Do not keep a large read's buffer around for small replies.
-                        batch = Vec::new();
-                    } else {
-                        batch.clear();
-                    }
-                    for cost in costs.drain(..) {
-                        budget.release(cost);
-                    }
-                }
-                writer
-            })
-    };
-    let Ok(sender) = sender else {
-        return;
-    };
+    let ring = Ring::new(MAX_IN_FLIGHT as u32);
+    let (replies, incoming) = channel::<Msg>();
     let conn = Arc::new(Connection {
         export,
         session,
         replies,
-        budget,
+        waker: ring.as_ref().map(Ring::waker),
+        budget: Arc::new(Budget::default()),
     });
+    std::thread::scope(|s| {
+        // Replies leave from a thread of this connection's own: a client that stops
+        // reading them blocks only its connection, never the workers every connection
+        // shares.
+        let replier = std::thread::Builder::new()
+            .name("nbd-replies".into())
+            .spawn_scoped(s, || {
+                crate::replies::run(&conn, pool, incoming, ring, writer)
+            });
+        let Ok(replier) = replier else {
+            return;
+        };
+        read_requests(&conn, pool, stream);
+        conn.budget.wait_idle();
+        conn.send_msg(Msg::Stop);
+        if let Ok(w) = replier.join() {
+            let _ = w.shutdown(Shutdown::Both);
+        }
+    });
+}
+
+/// Reads requests and hands them on, until the client disconnects or breaks the
+/// protocol.
+fn read_requests(conn: &Arc<Connection>, pool: &Pool, stream: Stream) {
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
     // A wrong magic or a read error ends the session.
     while let Ok(Some(req)) = Request::read(&mut reader) {
@@ -200,45 +178,60 @@ pub fn serve(stream: Stream, export: Arc<Export>, session: Session, pool: &Pool)
             _ => payload_len,
         };
         conn.budget.acquire(cost);
-        let mut payload = Vec::new();
-        if payload_len > 0 {
-            payload.resize(payload_len as usize, 0);
-            if reader.read_exact(&mut payload).is_err() {
-                conn.budget.release(cost);
-                break;
-            }
+        // Aligned, so that it can go to an O_DIRECT file as it is.
+        let mut payload = Buf::new(payload_len as usize);
+        if payload_len > 0 && reader.read_exact(payload.as_mut()).is_err() {
+            conn.budget.release(cost);
+            break;
         }
-        let c = conn.clone();
-        pool.execute(move || {
-            // A bug in the library must cost this request, not the worker: a worker
-            // lost with its request unanswered would leave the connection waiting.
-            let reply =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.handle(&req, &payload)))
-                    .unwrap_or_else(|_| c.error_reply(&req, errno::EIO, "internal error"));
-            drop(payload);
-            c.send(reply, cost);
-        });
-    }
-    conn.budget.wait_idle();
-    let _ = conn.replies.send(None);
-    if let Ok(w) = sender.join() {
-        let _ = w.shutdown(Shutdown::Both);
+        if conn.waker.is_some() && matches!(req.kind, cmd::READ | cmd::WRITE) {
+            conn.send_msg(Msg::Io(req, payload, cost));
+        } else {
+            conn.run_on(pool, req, payload, cost);
+        }
     }
 }
 
 impl Connection {
-    fn send(&self, reply: Vec<u8>, cost: u64) {
-        if self.replies.send(Some((reply, cost))).is_err() {
-            self.budget.release(cost);
+    pub(crate) fn send(&self, reply: Vec<u8>, cost: u64) {
+        self.send_msg(Msg::Reply(reply, cost));
+    }
+
+    fn send_msg(&self, msg: Msg) {
+        match self.replies.send(msg) {
+            Ok(()) => {
+                if let Some(w) = &self.waker {
+                    w.wake();
+                }
+            }
+            Err(mpsc::SendError(Msg::Reply(_, cost) | Msg::Io(_, _, cost))) => {
+                self.budget.release(cost)
+            }
+            Err(_) => {}
         }
     }
 
-    fn device(&self) -> &dyn qed::BlockDevice {
+    /// Runs a request on the shared pool, through the device's own path.
+    pub(crate) fn run_on(self: &Arc<Self>, pool: &Pool, req: Request, payload: Buf, cost: u64) {
+        let c = self.clone();
+        pool.execute(move || {
+            // A bug in the library must cost this request, not the worker: a worker
+            // lost with its request unanswered would leave the connection waiting.
+            let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                c.handle(&req, payload.as_ref())
+            }))
+            .unwrap_or_else(|_| c.error_reply(&req, errno::EIO, "internal error"));
+            drop(payload);
+            c.send(reply, cost);
+        });
+    }
+
+    pub(crate) fn device(&self) -> &dyn qed::BlockDevice {
         &*self.export.device
     }
 
     /// The reply to a request that failed.
-    fn error_reply(&self, req: &Request, error: u32, msg: &str) -> Vec<u8> {
+    pub(crate) fn error_reply(&self, req: &Request, error: u32, msg: &str) -> Vec<u8> {
         let structured_only = matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS);
         if self.session.structured && structured_only {
             let mut out = Vec::new();

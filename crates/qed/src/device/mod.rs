@@ -122,9 +122,11 @@ pub trait BlockDevice: Send + Sync + Debug {
 
     /// Prepares a write of the `len` bytes at `offset` that the caller carries out itself
     /// at the returned extent, then finishes with [`PendingWrite::finish`]: a write into
-    /// place (as [`BlockDevice::direct_extent`]), or into space the device set aside for
-    /// it (an allocation it completes at `finish`). `None` when the write needs the
-    /// device's own path. Never waits for other requests.
+    /// place (as [`BlockDevice::direct_extent`], holding off the storage's own
+    /// read-modify-writes of the blocks until then), or into space the device set aside
+    /// for it (an allocation it completes at `finish`). `None` when the write needs the
+    /// device's own path. Never waits for other requests. The default has nothing to
+    /// hold off.
     fn begin_write(&self, offset: u64, len: u64) -> Option<PendingWrite<'_>> {
         self.direct_extent(offset, len, true)
             .map(|x| PendingWrite::new(x, 0..0, |_| Ok(())))

@@ -1,6 +1,6 @@
 //! A raw file as a device.
 
-use super::{check_range, BlockDevice, BlockStatus, DirectExtent, Format};
+use super::{check_range, BlockDevice, BlockStatus, DirectExtent, Format, PendingWrite};
 use crate::error::{Error, IoContext, Result};
 use crate::storage::Storage;
 
@@ -110,6 +110,15 @@ impl BlockDevice for RawDevice {
 
     fn backing(&self) -> Option<&dyn BlockDevice> {
         None
+    }
+
+    fn begin_write(&self, offset: u64, len: u64) -> Option<PendingWrite<'_>> {
+        let x = self.direct_extent(offset, len, true)?;
+        let hold = self.storage.try_hold_blocks(x.offset, len)?;
+        Some(PendingWrite::new(x, 0..0, move |_| {
+            drop(hold);
+            Ok(())
+        }))
     }
 
     fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<DirectExtent> {

@@ -606,7 +606,13 @@ impl BlockDevice for Image {
 
     fn begin_write(&self, offset: u64, len: u64) -> Option<PendingWrite<'_>> {
         match self.direct_extent(offset, len, true) {
-            Some(x) => Some(PendingWrite::new(x, 0..0, |_| Ok(()))),
+            Some(x) => {
+                let hold = self.storage.try_hold_blocks(x.offset, len)?;
+                Some(PendingWrite::new(x, 0..0, move |_| {
+                    drop(hold);
+                    Ok(())
+                }))
+            }
             None => self.begin_allocating_write(offset, len),
         }
     }

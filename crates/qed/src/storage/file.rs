@@ -58,6 +58,20 @@ impl AlignedBuf {
     }
 }
 
+/// The lock stripes of the aligned blocks a write of `len` bytes at `offset` touches,
+/// in the order they are taken.
+fn stripe_ids(offset: u64, len: u64) -> Vec<usize> {
+    let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
+    let end = (offset + len).next_multiple_of(DIRECT_ALIGN);
+    let blocks = (end - start) / DIRECT_ALIGN;
+    let mut ids: Vec<usize> = (0..blocks.min(STRIPES as u64))
+        .map(|b| ((start / DIRECT_ALIGN + b) % STRIPES as u64) as usize)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 fn is_aligned(offset: u64, buf: &[u8]) -> bool {
     offset % DIRECT_ALIGN == 0
         && buf.len() as u64 % DIRECT_ALIGN == 0
@@ -164,17 +178,11 @@ impl FileStorage {
     fn write_direct(&self, d: &Direct, buf: &[u8], offset: u64) -> io::Result<()> {
         let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
         let end = (offset + buf.len() as u64).next_multiple_of(DIRECT_ALIGN);
-        let blocks = (end - start) / DIRECT_ALIGN;
         // Lock the stripes of every block written, in order, so that concurrent
         // read-modify-writes of one block cannot lose each other's bytes.
-        let mut ids: Vec<usize> = (0..blocks.min(STRIPES as u64))
-            .map(|b| ((start / DIRECT_ALIGN + b) % STRIPES as u64) as usize)
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let _guards: Vec<_> = ids
-            .iter()
-            .map(|&i| d.stripes[i].lock().unwrap_or_else(|p| p.into_inner()))
+        let _guards: Vec<_> = stripe_ids(offset, buf.len() as u64)
+            .into_iter()
+            .map(|i| d.stripes[i].lock().unwrap_or_else(|p| p.into_inner()))
             .collect();
         if is_aligned(offset, buf) {
             return self.file.write_all_at(buf, offset);
@@ -280,6 +288,22 @@ impl Storage for FileStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    fn try_hold_blocks(&self, offset: u64, len: u64) -> Option<super::BlockHold<'_>> {
+        let Some(d) = &self.direct else {
+            // Without O_DIRECT nothing is read-modify-written.
+            return Some(super::BlockHold::default());
+        };
+        let mut guards = Vec::new();
+        for i in stripe_ids(offset, len) {
+            match d.stripes[i].try_lock() {
+                Ok(g) => guards.push(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => guards.push(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => return None,
+            }
+        }
+        Some(super::BlockHold(guards))
     }
 
     fn direct_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {

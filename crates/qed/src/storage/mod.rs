@@ -68,6 +68,16 @@ pub trait Storage: Send + Sync + Debug {
         None
     }
 
+    /// For a caller writing `[offset, offset + len)` itself through
+    /// [`Storage::direct_fd`]: holds off, until the returned guard is dropped, the
+    /// storage's own read-modify-writes of the blocks it touches, which could otherwise
+    /// write back bytes the caller's write replaced. `None` when that would wait. The
+    /// default has nothing to hold off.
+    fn try_hold_blocks(&self, offset: u64, len: u64) -> Option<BlockHold<'_>> {
+        let _ = (offset, len);
+        Some(BlockHold::default())
+    }
+
     /// Whether the `len` bytes at `offset` start with a known-zero run (a hole, or past
     /// the end) or with data, and how long that run is (at least 1, at most `len`).
     /// Storage that cannot tell reports data.
@@ -78,6 +88,16 @@ pub trait Storage: Send + Sync + Debug {
         } else {
             Ok((false, len.min(size - offset)))
         }
+    }
+}
+
+/// What [`Storage::try_hold_blocks`] holds; dropping it lets go.
+#[derive(Default)]
+pub struct BlockHold<'a>(pub(crate) Vec<std::sync::MutexGuard<'a, ()>>);
+
+impl Debug for BlockHold<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockHold({} locks)", self.0.len())
     }
 }
 
@@ -112,5 +132,8 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn direct_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
         (**self).direct_fd()
+    }
+    fn try_hold_blocks(&self, offset: u64, len: u64) -> Option<BlockHold<'_>> {
+        (**self).try_hold_blocks(offset, len)
     }
 }
