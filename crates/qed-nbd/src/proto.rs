@@ -213,6 +213,13 @@ pub fn chunk_header(out: &mut Vec<u8>, cookie: u64, flags: u16, kind: u16, len: 
     out.extend_from_slice(&len.to_be_bytes());
 }
 
+/// Appends the header of a final OFFSET_DATA chunk holding `len` bytes read at `offset`;
+/// the data follows it.
+pub fn last_data_chunk_header(out: &mut Vec<u8>, cookie: u64, offset: u64, len: u32) {
+    chunk_header(out, cookie, chunk::FLAG_DONE, chunk::OFFSET_DATA, 8 + len);
+    out.extend_from_slice(&offset.to_be_bytes());
+}
+
 /// Appends a final error chunk to `out`.
 pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, msg: &str) {
     let msg = &msg.as_bytes()[..msg.len().min(4096)];

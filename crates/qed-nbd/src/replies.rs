@@ -6,7 +6,7 @@
 //! nothing the thread holds (an allocation's claim, a block's lock) waits on it.
 
 use crate::pool::Pool;
-use crate::proto::{self, cflag, chunk, cmd, errno, Request};
+use crate::proto::{self, cflag, cmd, errno, Request};
 use crate::stream::Stream;
 use crate::transmission::{allowed_flags, io_errno, nbd_error, Connection, Msg};
 use crate::MAX_PAYLOAD;
@@ -349,14 +349,7 @@ fn complete(
     let data = buf.as_ref();
     let mut out = Vec::with_capacity(32 + data.len());
     if conn.session.structured {
-        proto::chunk_header(
-            &mut out,
-            req.cookie,
-            chunk::FLAG_DONE,
-            chunk::OFFSET_DATA,
-            8 + req.length,
-        );
-        out.extend_from_slice(&req.offset.to_be_bytes());
+        proto::last_data_chunk_header(&mut out, req.cookie, req.offset, req.length);
     } else {
         out.extend_from_slice(&proto::simple_reply(req.cookie, 0));
     }

@@ -388,14 +388,7 @@ impl Connection {
             return Ok(out);
         }
         if req.flags & cflag::DF != 0 {
-            proto::chunk_header(
-                &mut out,
-                req.cookie,
-                chunk::FLAG_DONE,
-                chunk::OFFSET_DATA,
-                8 + req.length,
-            );
-            out.extend_from_slice(&req.offset.to_be_bytes());
+            proto::last_data_chunk_header(&mut out, req.cookie, req.offset, req.length);
             let at = out.len();
             out.resize(at + req.length as usize, 0);
             io_err(dev.read_at(&mut out[at..], req.offset))?;

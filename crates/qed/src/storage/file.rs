@@ -17,7 +17,8 @@ pub struct FileStorage {
 /// Alignment of offsets, lengths and buffers for O_DIRECT: 4 KiB suits 512-byte and
 /// 4 KiB devices alike.
 const DIRECT_ALIGN: u64 = 4096;
-/// Lock stripes serializing writes to the same aligned blocks.
+/// Lock stripes over the aligned blocks: a read-modify-write takes its blocks' stripes
+/// exclusively, a write of whole blocks shares them.
 const STRIPES: usize = 64;
 /// How far [`Storage::extend`] grows a file beyond what is asked: appends then find
 /// their blocks reserved (no block allocation, and on ext4 O_DIRECT writes into them run
@@ -25,10 +26,11 @@ const STRIPES: usize = 64;
 pub const GROW_STEP: u64 = 8 << 20;
 
 /// State of an O_DIRECT file: unaligned writes become read-modify-write of whole
-/// blocks, serialized per block so concurrent writers never lose each other's bytes.
+/// blocks, excluding every other write of those blocks so none loses another's bytes.
+/// Writes of whole blocks need only exclude read-modify-writes, so they share a stripe.
 #[derive(Debug)]
 struct Direct {
-    stripes: Vec<std::sync::Mutex<()>>,
+    stripes: Vec<std::sync::RwLock<()>>,
 }
 
 /// A zeroed buffer of `len` bytes aligned for O_DIRECT.
@@ -114,7 +116,7 @@ impl FileStorage {
                     e
                 }
             })?;
-        let stripes = (0..STRIPES).map(|_| std::sync::Mutex::new(())).collect();
+        let stripes = (0..STRIPES).map(|_| std::sync::RwLock::new(())).collect();
         Ok(Self {
             file,
             direct: Some(Direct { stripes }),
@@ -178,15 +180,20 @@ impl FileStorage {
     fn write_direct(&self, d: &Direct, buf: &[u8], offset: u64) -> io::Result<()> {
         let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
         let end = (offset + buf.len() as u64).next_multiple_of(DIRECT_ALIGN);
-        // Lock the stripes of every block written, in order, so that concurrent
-        // read-modify-writes of one block cannot lose each other's bytes.
-        let _guards: Vec<_> = stripe_ids(offset, buf.len() as u64)
-            .into_iter()
-            .map(|i| d.stripes[i].lock().unwrap_or_else(|p| p.into_inner()))
-            .collect();
+        let ids = stripe_ids(offset, buf.len() as u64);
         if is_aligned(offset, buf) {
+            let _shared: Vec<_> = ids
+                .into_iter()
+                .map(|i| d.stripes[i].read().unwrap_or_else(|p| p.into_inner()))
+                .collect();
             return self.file.write_all_at(buf, offset);
         }
+        // Lock the stripes of every block written, in order, so that no other write of
+        // these blocks runs while this one reads and writes them back.
+        let _exclusive: Vec<_> = ids
+            .into_iter()
+            .map(|i| d.stripes[i].write().unwrap_or_else(|p| p.into_inner()))
+            .collect();
         let len_before = self.file.metadata()?.len();
         let mut bounce = AlignedBuf::new((end - start) as usize);
         // Only the first and last blocks hold bytes outside the write.
@@ -297,7 +304,7 @@ impl Storage for FileStorage {
         };
         let mut guards = Vec::new();
         for i in stripe_ids(offset, len) {
-            match d.stripes[i].try_lock() {
+            match d.stripes[i].try_read() {
                 Ok(g) => guards.push(g),
                 Err(std::sync::TryLockError::Poisoned(p)) => guards.push(p.into_inner()),
                 Err(std::sync::TryLockError::WouldBlock) => return None,

@@ -93,7 +93,7 @@ pub trait Storage: Send + Sync + Debug {
 
 /// What [`Storage::try_hold_blocks`] holds; dropping it lets go.
 #[derive(Default)]
-pub struct BlockHold<'a>(pub(crate) Vec<std::sync::MutexGuard<'a, ()>>);
+pub struct BlockHold<'a>(pub(crate) Vec<std::sync::RwLockReadGuard<'a, ()>>);
 
 impl Debug for BlockHold<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
