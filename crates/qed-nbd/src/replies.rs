@@ -84,12 +84,15 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn push(&mut self, conn: &Connection, reply: &[u8], cost: u64) {
+    /// Queues one reply, given in parts (a header and the data read, say, copied once).
+    fn push(&mut self, conn: &Connection, parts: &[&[u8]], cost: u64) {
         if self.broken {
             conn.budget.release(cost);
             return;
         }
-        self.bytes.extend_from_slice(reply);
+        for part in parts {
+            self.bytes.extend_from_slice(part);
+        }
         self.costs.push_back((self.bytes.len(), cost));
     }
 
@@ -173,8 +176,9 @@ pub(crate) fn run(
                     continue;
                 };
                 free.push(user_data as usize);
-                let reply = complete(conn, f.req, &f.buf, f.write, res);
-                out.push(conn, &reply, f.cost);
+                let (head, with_data) = complete(conn, f.req, f.write, res);
+                let data: &[u8] = if with_data { f.buf.as_ref() } else { &[] };
+                out.push(conn, &[&head, data], f.cost);
             }
         }
         // New requests and replies, after the completions: a wake-up the ring has just
@@ -201,7 +205,7 @@ pub(crate) fn run(
             progress = true;
             match msg {
                 Msg::Stop => stopping = true,
-                Msg::Reply(bytes, cost) => out.push(conn, &bytes, cost),
+                Msg::Reply(bytes, cost) => out.push(conn, &[&bytes], cost),
                 Msg::Io(req, buf, cost) => {
                     let started = match ring.as_mut() {
                         Some(r) => start(conn, dev, r, &mut flight, &mut free, req, buf, cost),
@@ -322,14 +326,14 @@ fn start<'a>(
     Ok(())
 }
 
-/// The reply to a request the ring ran, `res` being its completion's result.
+/// The reply to a request the ring ran, `res` being its completion's result: the reply
+/// itself, or for a read that succeeded its header, with `true` (the data read follows).
 fn complete(
     conn: &Connection,
     req: Request,
-    buf: &Buf,
     write: Option<PendingWrite<'_>>,
     res: i32,
-) -> Vec<u8> {
+) -> (Vec<u8>, bool) {
     let done = res >= 0 && res as u32 == req.length;
     let failure = if res < 0 {
         io_errno(&std::io::Error::from_raw_os_error(-res))
@@ -337,22 +341,21 @@ fn complete(
         errno::EIO
     };
     if let Some(w) = write {
-        return match w.finish(done) {
+        let reply = match w.finish(done) {
             Ok(()) if done => proto::simple_reply(req.cookie, 0).to_vec(),
             Ok(()) => conn.error_reply(&req, failure, "write failed"),
             Err(e) => conn.error_reply(&req, nbd_error(&e, true), &e.to_string()),
         };
+        return (reply, false);
     }
     if !done {
-        return conn.error_reply(&req, failure, "read failed");
+        return (conn.error_reply(&req, failure, "read failed"), false);
     }
-    let data = buf.as_ref();
-    let mut out = Vec::with_capacity(32 + data.len());
+    let mut head = Vec::with_capacity(32);
     if conn.session.structured {
-        proto::last_data_chunk_header(&mut out, req.cookie, req.offset, req.length);
+        proto::last_data_chunk_header(&mut head, req.cookie, req.offset, req.length);
     } else {
-        out.extend_from_slice(&proto::simple_reply(req.cookie, 0));
+        head.extend_from_slice(&proto::simple_reply(req.cookie, 0));
     }
-    out.extend_from_slice(data);
-    out
+    (head, true)
 }

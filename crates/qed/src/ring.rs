@@ -6,7 +6,7 @@
 //! threads wake it through a [`Waker`] (an eventfd the ring keeps a read armed on), so it
 //! can sleep on the ring alone and still hear of work finished elsewhere.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use io_uring::{cqueue, squeue, IoUring};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
@@ -15,13 +15,6 @@ pub use io_uring::{opcode, types};
 
 /// `user_data` of the eventfd read; callers must not use it.
 pub const WAKE: u64 = u64::MAX;
-
-fn io_error(context: &str, cause: std::io::Error) -> Error {
-    Error::Io {
-        context: context.into(),
-        cause,
-    }
-}
 
 /// Wakes a [`Ring`]'s owner from another thread.
 #[derive(Debug, Clone)]
@@ -115,12 +108,15 @@ impl Ring {
         Ok(())
     }
 
-    /// Submits what is queued without waiting.
+    /// Submits what is queued without waiting (no system call when nothing is).
     pub fn submit(&mut self) -> Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
         self.ring
             .submit()
             .map(|_| ())
-            .map_err(|e| io_error("submitting to io_uring", e))
+            .context(|| "submitting to io_uring".into())
     }
 
     /// Submits what is queued and waits until at least one completion or wake-up.
@@ -128,7 +124,7 @@ impl Ring {
         match self.ring.submit_and_wait(1) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
-            Err(e) => Err(io_error("waiting for io_uring completions", e)),
+            Err(e) => Err(e).context(|| "waiting for io_uring completions".into()),
         }
     }
 

@@ -10,20 +10,13 @@
 
 use super::bench::{aligned, offset_of, BenchParams};
 use crate::device::{BlockDevice, DirectExtent, PendingWrite};
-use crate::error::{Error, Result};
+use crate::error::{IoContext, Result};
 use crate::ring::{opcode, types, Ring, Waker};
 use std::collections::VecDeque;
 use std::sync::{mpsc, Mutex};
 
 /// What a worker reports: the slot it ran for, and how it went.
 type Done = (usize, Result<()>);
-
-fn io_error(context: &str, cause: std::io::Error) -> Error {
-    Error::Io {
-        context: context.into(),
-        cause,
-    }
-}
 
 /// Runs the workload; `Ok(false)` when io_uring is not available here.
 pub(super) fn run(dev: &dyn BlockDevice, p: &BenchParams) -> Result<bool> {
@@ -151,18 +144,16 @@ fn drive(
             let slot = user_data as usize;
             free.push(slot);
             let outcome = if res < 0 {
-                Err(io_error(
-                    "benchmark request",
-                    std::io::Error::from_raw_os_error(-res),
-                ))
+                Err(std::io::Error::from_raw_os_error(-res))
             } else if res as usize != p.size {
-                Err(io_error(
-                    "benchmark request",
-                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short transfer"),
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "short transfer",
                 ))
             } else {
                 Ok(())
-            };
+            }
+            .context(|| "benchmark request".into());
             if let Some(w) = pending[slot].take() {
                 if let Err(e) = w.finish(outcome.is_ok()) {
                     failure.get_or_insert(e);
