@@ -9,7 +9,7 @@ mod common;
 
 use common::{assert_repaired, open, Capped};
 use libfuzzer_sys::fuzz_target;
-use qed::engine::RepairMode;
+use qed::RepairMode;
 
 fuzz_target!(|data: &[u8]| {
     let storage = Capped::new(data);

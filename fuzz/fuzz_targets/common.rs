@@ -3,7 +3,7 @@
 // Each target uses part of it.
 #![allow(dead_code)]
 
-use qed::storage::{MemoryStorage, Storage};
+use qed::{MemoryStorage, Storage};
 use qed::{Image, OpenOptions};
 use std::io;
 use std::path::Path;

@@ -9,7 +9,7 @@ mod common;
 
 use common::{assert_repaired, open, Capped, Rng, READ_CAP};
 use libfuzzer_sys::fuzz_target;
-use qed::engine::RepairMode;
+use qed::RepairMode;
 use qed::BlockDevice;
 
 fuzz_target!(|data: &[u8]| {

@@ -10,10 +10,7 @@ use crate::proto::{self, cflag, cmd, errno, Request};
 use crate::stream::Stream;
 use crate::transmission::{allowed_flags, io_errno, nbd_error, Connection, Msg};
 use crate::MAX_PAYLOAD;
-use qed::device::{DirectExtent, PendingWrite};
-use qed::ring::{opcode, types};
-pub(crate) use qed::ring::{Ring, Waker};
-use qed::BlockDevice;
+use qed::{AlignedBuf as Buf, BlockDevice, DirectExtent, PendingWrite, Ring};
 use std::collections::VecDeque;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
@@ -24,45 +21,6 @@ use std::sync::Arc;
 const SOCKET_WRITABLE: u64 = u64::MAX - 1;
 /// Bytes of replies gathered before they are sent.
 const MAX_REPLY_BATCH: usize = 256 << 10;
-/// Alignment of payload buffers: O_DIRECT takes them as they are.
-const BUF_ALIGN: usize = 4096;
-
-/// A byte buffer aligned for O_DIRECT.
-pub(crate) struct Buf {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Buf {
-    /// A zeroed buffer of `len` bytes.
-    pub(crate) fn new(len: usize) -> Buf {
-        if len == 0 {
-            return Buf {
-                storage: Vec::new(),
-                start: 0,
-                len: 0,
-            };
-        }
-        let storage = vec![0u8; len + BUF_ALIGN];
-        let start = storage.as_ptr().align_offset(BUF_ALIGN);
-        Buf {
-            storage,
-            start,
-            len,
-        }
-    }
-
-    pub(crate) fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
-}
-
-impl AsRef<[u8]> for Buf {
-    fn as_ref(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
-    }
-}
 
 /// A request in the kernel.
 struct InFlight<'a> {
@@ -225,13 +183,9 @@ pub(crate) fn run(
             let all_sent = out.send(conn, &socket, ring.is_none());
             if !all_sent {
                 if let Some(r) = ring.as_mut() {
-                    let e =
-                        opcode::PollAdd::new(types::Fd(socket.as_raw_fd()), libc::POLLOUT as u32)
-                            .build()
-                            .user_data(SOCKET_WRITABLE);
-                    // SAFETY: a poll has no buffer; the socket outlives the ring's use of it
-                    // (the ring is drained before this function returns it).
-                    if unsafe { r.push(&e) }.is_ok() {
+                    // The socket outlives the ring's use of it: the ring is drained
+                    // before this function returns the socket.
+                    if r.poll_writable(socket.as_raw_fd(), SOCKET_WRITABLE).is_ok() {
                         out.poll_armed = true;
                     } else {
                         out.send(conn, &socket, true);
@@ -297,17 +251,8 @@ fn start<'a>(
         flight.push(None);
         flight.len() - 1
     });
-    let ptr = buf.as_mut().as_mut_ptr();
-    let fd = types::Fd(extent.fd);
-    let e = if write.is_some() {
-        opcode::Write::new(fd, ptr, req.length)
-            .offset(extent.offset)
-            .build()
-    } else {
-        opcode::Read::new(fd, ptr, req.length)
-            .offset(extent.offset)
-            .build()
-    };
+    let ptr = buf.as_mut_ptr();
+    let is_write = write.is_some();
     flight[slot] = Some(InFlight {
         req,
         buf,
@@ -316,7 +261,14 @@ fn start<'a>(
     });
     // SAFETY: the buffer lives in `flight` (its heap block never moves) until this
     // request is reaped, and `run` drains the ring before it returns.
-    if unsafe { ring.push(&e.user_data(slot as u64)) }.is_err() {
+    let pushed = unsafe {
+        if is_write {
+            ring.write(extent.fd, ptr, req.length, extent.offset, slot as u64)
+        } else {
+            ring.read(extent.fd, ptr, req.length, extent.offset, slot as u64)
+        }
+    };
+    if pushed.is_err() {
         free.push(slot);
         let f = flight[slot].take().expect("just stored");
         // An unused write gives back what it held.

@@ -18,15 +18,23 @@ pub enum Error {
     },
 
     /// The file does not start with the QED magic.
-    #[error("not a QED image: magic is {found:02x?}, expected \"QED\\0\" (51 45 44 00)")]
+    #[error(
+        "{} not a QED image (no QED magic: it starts with {found:02x?}, not \"QED\\0\"); \
+         if it is a raw or qcow2 image, name that format",
+        subject(file, "is", "this is")
+    )]
     BadMagic {
-        /// The four bytes found at offset 0.
+        /// The image file, as it was named.
+        file: String,
+        /// The first four bytes of the file.
         found: [u8; 4],
     },
 
     /// A header field breaks a rule of the format.
-    #[error("invalid QED header: {field} = {value}: {reason}")]
+    #[error("{}invalid QED header: {field} = {value}: {reason}", prefix(file))]
     InvalidHeader {
+        /// The image file, as it was named.
+        file: String,
         /// Name of the field, as in the format's header layout.
         field: &'static str,
         /// The value found.
@@ -36,8 +44,13 @@ pub enum Error {
     },
 
     /// The image uses incompatible features this implementation does not know.
-    #[error("unsupported QED feature bits {bits:#x}: the image needs a newer implementation")]
+    #[error(
+        "{}unsupported QED feature bits {bits:#x}: the image needs a newer implementation",
+        prefix(file)
+    )]
     UnsupportedFeatures {
+        /// The image file, as it was named.
+        file: String,
         /// The unknown bits of `features`.
         bits: u64,
     },
@@ -91,13 +104,44 @@ pub enum Error {
 /// Result type of the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// "FILE: " before a message about a file, or nothing while the file is not known yet.
+fn prefix(file: &str) -> String {
+    if file.is_empty() {
+        String::new()
+    } else {
+        format!("{file}: ")
+    }
+}
+
+/// "FILE is" when the file is known, else `unnamed`.
+fn subject(file: &str, verb: &str, unnamed: &str) -> String {
+    if file.is_empty() {
+        unnamed.to_string()
+    } else {
+        format!("{file} {verb}")
+    }
+}
+
 impl Error {
+    /// Names the image file in an error about its header that the format layer, which
+    /// knows no files, raised.
+    pub(crate) fn in_file(mut self, name: &str) -> Self {
+        match &mut self {
+            Error::BadMagic { file, .. }
+            | Error::InvalidHeader { file, .. }
+            | Error::UnsupportedFeatures { file, .. } => *file = name.to_string(),
+            _ => {}
+        }
+        self
+    }
+
     pub(crate) fn invalid_header(
         field: &'static str,
         value: u64,
         reason: impl Into<String>,
     ) -> Self {
         Error::InvalidHeader {
+            file: String::new(),
             field,
             value,
             reason: reason.into(),

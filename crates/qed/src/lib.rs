@@ -1,11 +1,16 @@
 //! Read, write and create QED (QEMU Enhanced Disk) images, byte-compatible with QEMU.
 //!
-//! The crate is layered from the bytes up:
-//! - [`format`]: pure on-disk types (header, geometry, table entries), no I/O;
-//! - [`storage`]: the bytes under an image (a file, memory, test wrappers);
-//! - [`engine`]: one QED image over a storage ([`Image`]);
-//! - [`device`]: anything that behaves like a disk ([`BlockDevice`]), and backing chains;
-//! - [`ops`]: whole-image operations such as `map` and `check`.
+//! An [`Image`] is one QED image over a [`Storage`]; it is a [`BlockDevice`], as are raw
+//! files ([`RawDevice`]) and qcow2 images ([`Qcow2Device`], read-only). [`open_device`]
+//! and [`Image::open`] open a device by name with its backing chain. Whole-image jobs
+//! ([`check`](Image::check), [`convert`], [`compare`], [`commit`], [`rebase`],
+//! [`measure`], [`map`], [`bench`]) work on any device and report progress through a
+//! callback.
+//!
+//! Inside, the crate is layered from the bytes up, each layer using only those below
+//! it: `format` (on-disk types), `storage` (the bytes), `block` (what a disk is),
+//! `engine` (one QED image), `devices` (raw, qcow2), `chain` (opening by name, backing
+//! chains) and `ops` (whole-image jobs).
 //!
 //! ```no_run
 //! use qed::{BlockDevice, CreateOptions, Image, OpenOptions};
@@ -20,15 +25,37 @@
 //! # Ok::<(), qed::Error>(())
 //! ```
 
-pub mod device;
-pub mod engine;
-pub mod error;
-pub mod format;
-pub mod ops;
-#[cfg(target_os = "linux")]
-pub mod ring;
-pub mod storage;
+#![warn(missing_docs)]
 
-pub use device::{open_device, BlockDevice, BlockStatus, Format, OpenOptions};
-pub use engine::{CheckReport, CreateOptions, Image, Mapping};
+mod block;
+mod chain;
+mod devices;
+mod engine;
+mod error;
+mod format;
+mod ops;
+#[cfg(target_os = "linux")]
+mod ring;
+mod storage;
+
+pub use block::{BlockDevice, BlockStatus, DirectExtent, Format, PendingWrite};
+pub use chain::{
+    chain_contains, describe, for_each_run, known_zero, map, open_device, probe_format,
+    resolve_backing_path, MapEntry, OpenOptions, MAX_CHAIN_DEPTH,
+};
+#[cfg(feature = "qcow2")]
+pub use devices::Qcow2Device;
+pub use devices::RawDevice;
+pub use engine::{
+    Backing, CheckReport, Corruption, CreateOptions, Image, ImageOptions, Mapping, NewBacking,
+    OpeningImage, RepairMode, DEFAULT_L2_CACHE_BYTES,
+};
 pub use error::{Error, Result};
+pub use format::{features, Geometry, Header, L2Entry};
+pub use ops::{
+    bench, commit, compare, convert, measure, no_progress, rebase, BenchParams, ConvertOptions,
+    Difference, Engine, Measure, Progress,
+};
+#[cfg(target_os = "linux")]
+pub use ring::{Ring, Waker, WAKE};
+pub use storage::{AlignedBuf, BlockHold, FileStorage, MemoryStorage, Storage, GROW_STEP};

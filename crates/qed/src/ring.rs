@@ -7,11 +7,9 @@
 //! can sleep on the ring alone and still hear of work finished elsewhere.
 
 use crate::error::{Error, IoContext, Result};
-use io_uring::{cqueue, squeue, IoUring};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-
-pub use io_uring::{opcode, types};
 
 /// `user_data` of the eventfd read; callers must not use it.
 pub const WAKE: u64 = u64::MAX;
@@ -80,12 +78,63 @@ impl Ring {
         self.in_kernel
     }
 
-    /// Queues an entry (submitted at the next [`Ring::submit`] or [`Ring::wait`]).
+    /// Queues a read of `len` bytes at `offset` of `fd` into `buf` (submitted at the next
+    /// [`Ring::submit`] or [`Ring::wait`]); its completion carries `user_data`.
     ///
     /// # Safety
-    /// The entry's buffers must stay valid and untouched until its completion is reaped,
-    /// and its `user_data` must not be [`WAKE`].
-    pub unsafe fn push(&mut self, e: &squeue::Entry) -> Result<()> {
+    /// `buf` must point to `len` writable bytes that stay valid and untouched until the
+    /// completion is reaped, and `user_data` must not be [`WAKE`].
+    pub unsafe fn read(
+        &mut self,
+        fd: RawFd,
+        buf: *mut u8,
+        len: u32,
+        offset: u64,
+        user_data: u64,
+    ) -> Result<()> {
+        let e = opcode::Read::new(types::Fd(fd), buf, len)
+            .offset(offset)
+            .build()
+            .user_data(user_data);
+        // SAFETY: as the caller promises.
+        unsafe { self.push(&e) }
+    }
+
+    /// Queues a write of the `len` bytes at `buf` to `offset` of `fd`; its completion
+    /// carries `user_data`.
+    ///
+    /// # Safety
+    /// As [`Ring::read`]: the bytes stay valid and unchanged until the completion is
+    /// reaped, and `user_data` is not [`WAKE`].
+    pub unsafe fn write(
+        &mut self,
+        fd: RawFd,
+        buf: *const u8,
+        len: u32,
+        offset: u64,
+        user_data: u64,
+    ) -> Result<()> {
+        let e = opcode::Write::new(types::Fd(fd), buf, len)
+            .offset(offset)
+            .build()
+            .user_data(user_data);
+        // SAFETY: as the caller promises.
+        unsafe { self.push(&e) }
+    }
+
+    /// Queues a one-shot wait for `fd` to become writable; its completion carries
+    /// `user_data` (not [`WAKE`]). The descriptor must stay open until it is reaped.
+    pub fn poll_writable(&mut self, fd: RawFd, user_data: u64) -> Result<()> {
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
+            .build()
+            .user_data(user_data);
+        // SAFETY: a poll has no buffer.
+        unsafe { self.push(&e) }
+    }
+
+    /// # Safety
+    /// The entry's buffers must stay valid until its completion is reaped.
+    unsafe fn push(&mut self, e: &squeue::Entry) -> Result<()> {
         // SAFETY: as the caller promises.
         unsafe { self.ring.submission().push(e) }
             .map_err(|_| Error::Unsupported("the io_uring submission queue is full".into()))?;

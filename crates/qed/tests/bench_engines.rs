@@ -2,7 +2,7 @@
 //! into clusters it allocates through `BlockDevice::begin_write`) must be exactly what
 //! the threaded engine writes through the device, and leave a clean image.
 
-use qed::ops::bench::{bench, BenchParams, Engine};
+use qed::{bench, BenchParams, Engine};
 use qed::{open_device, BlockDevice, CreateOptions, Format, Image, OpenOptions};
 use std::path::Path;
 

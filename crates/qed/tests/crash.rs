@@ -3,7 +3,7 @@
 //! Each workload runs guest operations on an image over a [`RecordingStorage`], noting
 //! the log position before and after every operation. Then, for every crash point `k`
 //! (every log position: the first `k` storage operations were issued), many crash
-//! states are rebuilt. The crash model (see `qed::storage::RecordingStorage`):
+//! states are rebuilt. The crash model (see `qed_testkit::RecordingStorage`):
 //!
 //! - everything before the last flush among the first `k` operations is on disk;
 //! - each operation after that flush (write, zeroing, length change) is in flight: any
@@ -53,8 +53,9 @@
 //! number of random workloads; `QED_CRASH_SEED=s` changes the seed of the random
 //! workloads and samples. Run with `-- --nocapture` to see the counts.
 
-use qed::storage::{CrashLog, MemoryStorage, RecordedOp, RecordingStorage, Storage};
 use qed::{BlockDevice, CreateOptions, Error, Format, Image, Mapping, OpenOptions};
+use qed::{MemoryStorage, Storage};
+use qed_testkit::{CrashLog, RecordedOp, RecordingStorage};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,7 +2,7 @@
 //! bytes, and a hold on blocks (`Storage::try_hold_blocks`, taken by callers that write
 //! whole blocks through io_uring) keeps read-modify-writes off them until it is dropped.
 
-use qed::storage::{FileStorage, Storage};
+use qed::{FileStorage, Storage};
 use std::sync::mpsc;
 use std::time::Duration;
 

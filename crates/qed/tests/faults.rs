@@ -7,9 +7,10 @@
 //! behind (and the bytes as of the last successful flush) reopen, check without
 //! corruption, and read back every acknowledged request.
 
-use qed::format::features;
-use qed::storage::{FaultKind, FaultPlan, FaultyStorage, MemoryStorage, Storage};
+use qed::features;
 use qed::{BlockDevice, CreateOptions, Format, Image, Mapping, OpenOptions};
+use qed::{MemoryStorage, Storage};
+use qed_testkit::{FaultKind, FaultPlan, FaultyStorage};
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -379,7 +380,7 @@ fn reopen_and_verify(s: &Setup, bytes: Vec<u8>, model: &Model, what: &str) {
     );
     verify(s, &image, model, what);
     let repaired = image
-        .repair(qed::engine::RepairMode::All)
+        .repair(qed::RepairMode::All)
         .unwrap_or_else(|e| panic!("{what}: repair failed: {e}"));
     assert_eq!(repaired.corruptions, 0, "{what}: {repaired:?}");
     let after = image.check().unwrap();
@@ -714,7 +715,7 @@ fn repair_case(s: &Setup, bytes: &[u8], expected: &Model, plan: FaultPlan, at_op
         Ok(mut image) => {
             if !at_open {
                 let before = faulty.injected();
-                if let Err(e) = image.repair(qed::engine::RepairMode::All) {
+                if let Err(e) = image.repair(qed::RepairMode::All) {
                     assert!(faulty.injected() > before, "{what}: repair failed: {e}");
                 }
             }
@@ -781,7 +782,7 @@ fn repair_sweep(cluster: u32, table: u32) {
             let mut image =
                 Image::open_storage(Box::new(faulty.clone()), Path::new("d.qed"), &opts).unwrap();
             if !at_open {
-                image.repair(qed::engine::RepairMode::All).unwrap();
+                image.repair(qed::RepairMode::All).unwrap();
             }
             let total = faulty.ops();
             drop(image);

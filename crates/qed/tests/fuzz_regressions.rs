@@ -1,9 +1,9 @@
 //! Images the fuzz targets (fuzz/) found breaking an invariant, rebuilt by hand so that
 //! each stays fixed without the fuzzer.
 
-use qed::engine::RepairMode;
-use qed::storage::{MemoryStorage, Storage};
+use qed::RepairMode;
 use qed::{CreateOptions, Image, OpenOptions};
+use qed::{MemoryStorage, Storage};
 use std::path::Path;
 use std::sync::Arc;
 

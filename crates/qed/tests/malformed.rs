@@ -2,10 +2,10 @@
 //! field and its value; a corrupt table entry must fail only the I/O that reaches it;
 //! and no corruption at all may make the library panic, hang or grow without bound.
 
-use qed::engine::Corruption;
-use qed::format::features;
-use qed::storage::{MemoryStorage, Storage};
+use qed::features;
+use qed::Corruption;
 use qed::{BlockDevice, CheckReport, CreateOptions, Error, Image, OpenOptions};
+use qed::{MemoryStorage, Storage};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -294,12 +294,22 @@ fn header_cases() -> Vec<Case> {
 fn assert_error(name: &str, err: &Error, expect: Expect) {
     let msg = err.to_string();
     match (expect, err) {
-        (Expect::BadMagic(want), Error::BadMagic { found }) => {
+        (Expect::BadMagic(want), Error::BadMagic { file, found }) => {
             assert_eq!(*found, want, "{name}");
+            assert!(
+                msg.starts_with(&format!("{file} is not a QED image")),
+                "{name}: {msg}"
+            );
             assert!(msg.contains("magic"), "{name}: {msg}");
             assert!(msg.contains(&format!("{want:02x?}")), "{name}: {msg}");
         }
-        (Expect::Field(want_field, want_value), Error::InvalidHeader { field, value, .. }) => {
+        (
+            Expect::Field(want_field, want_value),
+            Error::InvalidHeader {
+                file, field, value, ..
+            },
+        ) => {
+            assert!(msg.starts_with(&format!("{file}: ")), "{name}: {msg}");
             assert_eq!(*field, want_field, "{name}: {msg}");
             assert_eq!(*value, want_value, "{name}: {msg}");
             assert!(
@@ -307,7 +317,8 @@ fn assert_error(name: &str, err: &Error, expect: Expect) {
                 "{name}: {msg}"
             );
         }
-        (Expect::Features(want), Error::UnsupportedFeatures { bits }) => {
+        (Expect::Features(want), Error::UnsupportedFeatures { file, bits }) => {
+            assert!(msg.starts_with(&format!("{file}: ")), "{name}: {msg}");
             assert_eq!(*bits, want, "{name}: {msg}");
             assert!(msg.contains(&format!("{want:#x}")), "{name}: {msg}");
         }

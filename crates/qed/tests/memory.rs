@@ -4,8 +4,8 @@
 //! image is created, opened, read, written, checked, repaired and shrunk; the file lives
 //! in a sparse in-memory storage, so that only the bytes written take memory.
 
-use qed::engine::RepairMode;
-use qed::storage::Storage;
+use qed::RepairMode;
+use qed::Storage;
 use qed::{BlockDevice, CreateOptions, Image, OpenOptions};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
@@ -288,9 +288,7 @@ fn exercise(cluster: u32, table: u32, size: u64, backing: bool, limit: usize) {
 }
 
 fn max_size(cluster: u32, table: u32) -> u64 {
-    qed::format::Geometry::new(cluster, table)
-        .unwrap()
-        .max_image_size()
+    qed::Geometry::new(cluster, table).unwrap().max_image_size()
 }
 
 /// 64 MiB clusters with 16-cluster tables: every L1 and L2 table is 1 GiB.

@@ -316,7 +316,7 @@ fn open_after_crash(path: &Path, geo: Geo, what: &str) -> Result<Image, TestCase
     );
     let before = img.storage().len().ctx(|| format!("{what}: length"))?;
     let r = img
-        .repair(qed::engine::RepairMode::Leaks)
+        .repair(qed::RepairMode::Leaks)
         .ctx(|| format!("{what}: reclaiming leaks"))?;
     prop_assert!(
         r.corruptions == 0 && r.check_errors == 0 && r.leaks == r.leaks_fixed,
@@ -326,7 +326,7 @@ fn open_after_crash(path: &Path, geo: Geo, what: &str) -> Result<Image, TestCase
     );
     let after = img.storage().len().ctx(|| format!("{what}: length"))?;
     prop_assert!(
-        before - after <= qed::storage::GROW_STEP + geo.cs(),
+        before - after <= qed::GROW_STEP + geo.cs(),
         "{}: {} bytes leaked, more than the file grows ahead",
         what,
         before - after

@@ -1,8 +1,8 @@
 //! Repairs that must leave nothing behind: every owner keeps its data, and nothing leaks.
 
-use qed::engine::RepairMode;
-use qed::storage::{MemoryStorage, Storage};
+use qed::RepairMode;
 use qed::{BlockDevice, CreateOptions, Image, OpenOptions};
+use qed::{MemoryStorage, Storage};
 use std::path::Path;
 use std::sync::Arc;
 

@@ -2,7 +2,7 @@
 
 use crate::units::parse_size;
 use anyhow::{bail, Context, Result};
-use qed::ops::bench::{bench, BenchParams, Engine};
+use qed::{bench, BenchParams, Engine};
 use std::path::PathBuf;
 
 /// Run a simple image benchmark, with qemu-img bench's flags and meaning.
@@ -95,7 +95,7 @@ pub fn run(a: Args) -> Result<u8> {
         format,
         !a.write,
         direct,
-        qed::engine::DEFAULT_L2_CACHE_BYTES,
+        qed::DEFAULT_L2_CACHE_BYTES,
     )?;
     if !a.quiet {
         println!(

@@ -2,7 +2,7 @@
 
 use crate::Output;
 use anyhow::Result;
-use qed::engine::RepairMode;
+use qed::RepairMode;
 use qed::{CheckReport, Image, OpenOptions};
 use serde::Serialize;
 use std::path::PathBuf;

@@ -2,9 +2,9 @@
 
 use super::ProgressReport;
 use anyhow::{bail, Context, Result};
-use qed::device::probe_format;
-use qed::storage::{FileStorage, Storage};
+use qed::probe_format;
 use qed::{open_device, BlockDevice, Format, Image, OpenOptions};
+use qed::{FileStorage, Storage};
 use std::path::PathBuf;
 
 /// Write an image's data into its backing file, then empty the image.
@@ -72,7 +72,7 @@ pub fn run(a: Args) -> Result<u8> {
     }
     let base = open_device(&base_path, Some(format), &OpenOptions::default())?;
     let mut progress = ProgressReport::new(a.progress);
-    qed::ops::commit::commit(&top, &*base, &mut |d, t| progress.update(d, t))?;
+    qed::commit(&top, &*base, &mut |d, t| progress.update(d, t))?;
     progress.finish();
     drop(base);
     if !a.keep {

@@ -2,7 +2,7 @@
 
 use super::{parse_format, ProgressReport};
 use anyhow::{Context, Result};
-use qed::ops::compare::{compare, Difference};
+use qed::{compare, Difference};
 use qed::{open_device, OpenOptions};
 use std::path::PathBuf;
 

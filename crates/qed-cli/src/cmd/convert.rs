@@ -3,9 +3,9 @@
 use super::{parse_format, CreateGeometry, ProgressReport};
 use crate::units::parse_size;
 use anyhow::{bail, Context, Result};
-use qed::device::{chain_contains, resolve_backing_path, RawDevice};
-use qed::ops::convert::{convert, ConvertOptions};
-use qed::storage::FileStorage;
+use qed::FileStorage;
+use qed::{chain_contains, resolve_backing_path, RawDevice};
+use qed::{convert, ConvertOptions};
 use qed::{open_device, BlockDevice, CreateOptions, Format, Image, OpenOptions};
 use std::path::PathBuf;
 
@@ -103,7 +103,7 @@ pub fn run(a: Args) -> Result<u8> {
     } else if !a.no_create {
         let storage = FileStorage::create(&a.dst)
             .with_context(|| format!("could not create {}", a.dst.display()))?;
-        qed::storage::Storage::set_len(&storage, size)
+        qed::Storage::set_len(&storage, size)
             .with_context(|| format!("could not size {}", a.dst.display()))?;
     } else {
         // Look at the existing destination read-only first: a read-write open may repair

@@ -2,7 +2,7 @@
 
 use crate::units::parse_size;
 use anyhow::{bail, Context, Result};
-use qed::device::resolve_backing_path;
+use qed::resolve_backing_path;
 use qed::{open_device, CreateOptions, Format, Image, OpenOptions};
 use std::path::PathBuf;
 

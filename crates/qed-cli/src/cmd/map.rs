@@ -3,7 +3,7 @@
 use crate::units::parse_size;
 use crate::Output;
 use anyhow::Result;
-use qed::ops::map::{for_each_run, MapEntry};
+use qed::{for_each_run, MapEntry};
 use qed::{open_device, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;

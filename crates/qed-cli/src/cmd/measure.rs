@@ -4,8 +4,8 @@ use super::{parse_format, CreateGeometry};
 use crate::units::parse_size;
 use crate::Output;
 use anyhow::{bail, Result};
-use qed::format::Geometry;
-use qed::ops::measure::measure;
+use qed::measure;
+use qed::Geometry;
 use qed::{open_device, CreateOptions, OpenOptions};
 use std::path::PathBuf;
 

@@ -38,13 +38,7 @@ pub fn open_for_io(
     format: Option<Format>,
     read_only: bool,
 ) -> Result<Box<dyn qed::BlockDevice>> {
-    open_device_with(
-        path,
-        format,
-        read_only,
-        false,
-        qed::engine::DEFAULT_L2_CACHE_BYTES,
-    )
+    open_device_with(path, format, read_only, false, qed::DEFAULT_L2_CACHE_BYTES)
 }
 
 /// [`open_for_io`] with the host cache mode (`direct`: O_DIRECT) and L2 cache bound.
@@ -64,9 +58,9 @@ pub fn open_device_with(
     let format = match format {
         Some(f) => f,
         None => {
-            let storage = qed::storage::FileStorage::open(path, true)
+            let storage = qed::FileStorage::open(path, true)
                 .map_err(|e| anyhow::anyhow!("could not open {}: {e}", path.display()))?;
-            qed::device::probe_format(&storage)?
+            qed::probe_format(&storage)?
         }
     };
     if format != Format::Qed {

@@ -2,8 +2,8 @@
 
 use super::{parse_format, ProgressReport};
 use anyhow::{bail, Context, Result};
-use qed::device::{chain_contains, resolve_backing_path};
-use qed::engine::NewBacking;
+use qed::NewBacking;
+use qed::{chain_contains, resolve_backing_path};
 use qed::{open_device, Image, OpenOptions};
 use std::path::PathBuf;
 
@@ -91,7 +91,7 @@ pub fn run(a: Args) -> Result<u8> {
     if !a.unsafe_mode {
         let mut progress = ProgressReport::new(a.progress);
         let target = new.as_ref().and_then(|b| b.device.as_deref());
-        qed::ops::rebase::rebase(&image, target, &mut |d, t| progress.update(d, t))?;
+        qed::rebase(&image, target, &mut |d, t| progress.update(d, t))?;
         progress.finish();
     }
     image.set_backing_file(new)?;

@@ -1,7 +1,7 @@
 //! Changes to a whole image: size, backing file, emptying.
 
 use super::{Backing, Image, ENTRIES_PER_SECTOR};
-use crate::device::{BlockDevice, Format};
+use crate::block::{BlockDevice, Format};
 use crate::error::{Error, IoContext, Result};
 use crate::format::geometry::SECTOR_SIZE;
 use crate::format::header::{features, HEADER_LEN, MAX_BACKING_NAME_LEN};

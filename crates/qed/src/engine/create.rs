@@ -1,6 +1,6 @@
 //! Writing a new, empty image exactly as `qemu-img create -f qed` does.
 
-use crate::device::Format;
+use crate::block::Format;
 use crate::error::{Error, IoContext, Result};
 use crate::format::geometry::{DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE, SECTOR_SIZE};
 use crate::format::header::{HEADER_LEN, MAX_BACKING_NAME_LEN};

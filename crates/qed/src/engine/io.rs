@@ -10,7 +10,7 @@
 
 use super::l2cache::PAGE_ENTRIES;
 use super::{Image, Mapping, ENTRIES_PER_SECTOR};
-use crate::device::{check_range, BlockDevice, BlockStatus, DirectExtent, Format, PendingWrite};
+use crate::block::{check_range, BlockDevice, BlockStatus, DirectExtent, Format, PendingWrite};
 use crate::error::{Error, IoContext, Result};
 use crate::format::table::encode_entries;
 use crate::format::table::ZERO_CLUSTER;

@@ -15,12 +15,12 @@ pub use check::{CheckReport, Corruption, RepairMode};
 pub use create::CreateOptions;
 pub use mapping::Mapping;
 
-use crate::device::{self, BlockDevice, Format, OpenOptions};
+use crate::block::{BlockDevice, Format};
 use crate::error::{Error, IoContext, Result};
 use crate::format::geometry::SECTOR_SIZE;
 use crate::format::header::{features, table_offset_is_valid, HEADER_LEN};
 use crate::format::table::{decode_entries, encode_entries};
-use crate::format::{Geometry, Header};
+use crate::format::{Geometry, Header, MAGIC};
 use crate::storage::{FileStorage, Storage};
 use l2cache::L2Cache;
 use std::path::{Path, PathBuf};
@@ -99,59 +99,138 @@ pub struct Image {
     closed: std::sync::atomic::AtomicBool,
 }
 
+/// What the engine needs to know to open an image (the chain's `OpenOptions` carry
+/// these, and more).
+#[derive(Debug, Clone)]
+pub struct ImageOptions {
+    /// Refuse writes; do not touch the file.
+    pub read_only: bool,
+    /// Upper bound on memory used for cached L2 table entries, in bytes.
+    pub l2_cache_bytes: usize,
+    /// On a read-write open of an image with NEED_CHECK set, check and repair it first.
+    pub repair_on_open: bool,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
+            repair_on_open: true,
+        }
+    }
+}
+
+/// An image whose header has been read and validated, waiting for its backing file:
+/// the engine never opens one itself. [`OpeningImage::backing_name`] says what the
+/// header names; [`OpeningImage::finish`] takes the opened backing device.
+#[derive(Debug)]
+pub struct OpeningImage {
+    storage: Box<dyn Storage>,
+    name: String,
+    header: Header,
+    geometry: Geometry,
+    file_len: u64,
+    backing_name: Option<String>,
+}
+
+impl OpeningImage {
+    /// The backing file name the header stores, if any.
+    pub fn backing_name(&self) -> Option<&str> {
+        self.backing_name.as_deref()
+    }
+
+    /// The backing file's format as the header declares it: `Some(Raw)` when NO_PROBE
+    /// is set, else `None` (to be probed).
+    pub fn declared_backing_format(&self) -> Option<Format> {
+        self.header.backing_is_raw().then_some(Format::Raw)
+    }
+
+    /// Finishes opening with the backing file the header names (`None` without one).
+    pub fn finish(self, backing: Option<Backing>, opts: &ImageOptions) -> Result<Image> {
+        Image::finish_open(self, backing, opts)
+    }
+}
+
 impl Image {
-    /// Opens an image file, with its backing chain unless `opts.no_backing`.
-    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
-        let path = path.as_ref();
-        let canonical = path
-            .canonicalize()
-            .context(|| format!("opening {}", path.display()))?;
-        let storage = FileStorage::open_with(path, opts.read_only, opts.direct)
-            .context(|| format!("opening {}", path.display()))?;
-        Self::open_storage_in_chain(Box::new(storage), path, opts, &mut vec![canonical])
-    }
-
-    /// Opens an image held in `storage`. `path` names it in messages and anchors
-    /// relative backing file names.
-    pub fn open_storage(
-        storage: Box<dyn Storage>,
-        path: &Path,
-        opts: &OpenOptions,
-    ) -> Result<Self> {
-        let mut chain = path.canonicalize().map(|p| vec![p]).unwrap_or_default();
-        Self::open_storage_in_chain(storage, path, opts, &mut chain)
-    }
-
-    pub(crate) fn open_storage_in_chain(
-        storage: Box<dyn Storage>,
-        path: &Path,
-        opts: &OpenOptions,
-        chain: &mut Vec<PathBuf>,
-    ) -> Result<Self> {
-        let name = path.to_string_lossy().into_owned();
+    /// Reads and validates the header of the image in `storage` (the first step of
+    /// opening it). `name` names the image in messages.
+    pub fn begin_open(storage: Box<dyn Storage>, name: String) -> Result<OpeningImage> {
         let file_len = storage
             .len()
             .context(|| format!("reading the size of {name}"))?;
         if file_len < HEADER_LEN as u64 {
-            return Err(Error::invalid_header(
-                "file size",
-                file_len,
-                "too small to hold a QED header (64 bytes)",
-            ));
+            let mut start = vec![0u8; file_len as usize];
+            storage
+                .read_at(&mut start, 0)
+                .context(|| format!("reading the header of {name}"))?;
+            let error = if MAGIC.starts_with(&start) {
+                Error::invalid_header(
+                    "file size",
+                    file_len,
+                    "too small to hold a QED header (64 bytes)",
+                )
+            } else {
+                let mut found = [0u8; 4];
+                found[..start.len().min(4)].copy_from_slice(&start[..start.len().min(4)]);
+                Error::BadMagic {
+                    file: String::new(),
+                    found,
+                }
+            };
+            return Err(error.in_file(&name));
         }
         let mut hb = [0u8; HEADER_LEN];
         storage
             .read_at(&mut hb, 0)
             .context(|| format!("reading the header of {name}"))?;
-        let mut header = Header::decode(&hb)?;
-        let geometry = header.validate(file_len)?;
-
-        let backing = if header.has_backing_file() {
-            Some(Self::open_backing(&*storage, &header, path, opts, chain)?)
+        let in_file = |e: Error| e.in_file(&name);
+        let header = Header::decode(&hb).map_err(in_file)?;
+        let geometry = header.validate(file_len).map_err(in_file)?;
+        let backing_name = if header.has_backing_file() {
+            let mut raw = vec![0u8; header.backing_filename_size as usize];
+            storage
+                .read_at(&mut raw, header.backing_filename_offset.into())
+                .context(|| format!("reading the backing file name of {name}"))?;
+            Some(String::from_utf8(raw).map_err(|_| {
+                Error::invalid_header(
+                    "backing_filename_offset",
+                    header.backing_filename_offset.into(),
+                    "the backing file name is not valid UTF-8",
+                )
+                .in_file(&name)
+            })?)
         } else {
             None
         };
+        Ok(OpeningImage {
+            storage,
+            name,
+            header,
+            geometry,
+            file_len,
+            backing_name,
+        })
+    }
 
+    fn finish_open(
+        opening: OpeningImage,
+        backing: Option<Backing>,
+        opts: &ImageOptions,
+    ) -> Result<Self> {
+        let OpeningImage {
+            storage,
+            name,
+            mut header,
+            geometry,
+            file_len,
+            backing_name,
+        } = opening;
+        if backing_name.is_some() != backing.is_some() {
+            return Err(Error::invalid_argument(format!(
+                "{name}: a backing file must be given exactly when the header names one"
+            )));
+        }
         let frontier = geometry.cluster_start(file_len);
         let l1_len = geometry
             .l1_entries_for(header.image_size)
@@ -160,7 +239,6 @@ impl Image {
         let mut l1 = vec![0u64; l1_len as usize];
         read_l1_into(&*storage, header.l1_table_offset, &mut l1)
             .context(|| format!("reading the L1 table of {name}"))?;
-
         let unknown_autoclear = header.autoclear_features & !features::KNOWN_AUTOCLEAR;
         if unknown_autoclear != 0 && !opts.read_only {
             header.autoclear_features &= features::KNOWN_AUTOCLEAR;
@@ -222,50 +300,9 @@ impl Image {
         }
         Ok(image)
     }
+}
 
-    fn open_backing(
-        storage: &dyn Storage,
-        header: &Header,
-        path: &Path,
-        opts: &OpenOptions,
-        chain: &mut Vec<PathBuf>,
-    ) -> Result<Backing> {
-        let mut raw = vec![0u8; header.backing_filename_size as usize];
-        storage
-            .read_at(&mut raw, header.backing_filename_offset.into())
-            .context(|| "reading the backing file name".to_string())?;
-        let name = String::from_utf8(raw).map_err(|_| {
-            Error::invalid_header(
-                "backing_filename_offset",
-                header.backing_filename_offset.into(),
-                "the backing file name is not valid UTF-8",
-            )
-        })?;
-        let declared_format = header.backing_is_raw().then_some(Format::Raw);
-        let resolved = device::resolve_backing_path(path, &name);
-        let device =
-            if opts.no_backing {
-                None
-            } else {
-                let bopts = OpenOptions {
-                    read_only: true,
-                    ..opts.clone()
-                };
-                let dev = device::open_in_chain(&resolved, declared_format, &bopts, chain)
-                    .map_err(|e| Error::Backing {
-                        path: resolved.clone(),
-                        reason: e.to_string(),
-                    })?;
-                Some(dev)
-            };
-        Ok(Backing {
-            name,
-            path: resolved,
-            declared_format,
-            device,
-        })
-    }
-
+impl Image {
     /// Creates an image file from `opts`, truncating any file at `path`.
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         let path = path.as_ref();

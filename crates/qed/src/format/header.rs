@@ -102,7 +102,10 @@ impl Header {
         if bytes[0..4] != MAGIC {
             let mut found = [0; 4];
             found.copy_from_slice(&bytes[0..4]);
-            return Err(Error::BadMagic { found });
+            return Err(Error::BadMagic {
+                file: String::new(),
+                found,
+            });
         }
         Ok(Header {
             cluster_size: u32_at(bytes, 0x04),
@@ -160,7 +163,10 @@ impl Header {
     pub fn validate(&self, file_len: u64) -> Result<Geometry> {
         let unknown = self.features & !features::KNOWN;
         if unknown != 0 {
-            return Err(Error::UnsupportedFeatures { bits: unknown });
+            return Err(Error::UnsupportedFeatures {
+                file: String::new(),
+                bits: unknown,
+            });
         }
         let geometry = Geometry::new(self.cluster_size, self.table_size)?;
         if self.header_size == 0 {

@@ -6,5 +6,5 @@ pub mod header;
 pub mod table;
 
 pub use geometry::Geometry;
-pub use header::{features, Header, HEADER_LEN, MAGIC};
+pub use header::{features, Header, MAGIC};
 pub use table::L2Entry;

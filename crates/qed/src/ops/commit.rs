@@ -1,7 +1,7 @@
 //! Writing an image's own data into its backing file.
 
-use super::{Progress, STEP};
-use crate::device::BlockDevice;
+use super::step::{Progress, STEP};
+use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 
 /// Copies every run `top` holds itself (data and zero clusters) into `base`, which must

@@ -1,8 +1,8 @@
 //! Comparing the contents of two devices.
 
-use super::convert::read_padded;
-use super::{known_zero, Progress, STEP};
-use crate::device::BlockDevice;
+use super::step::{read_padded, Progress, STEP};
+use crate::block::BlockDevice;
+use crate::chain::known_zero;
 use crate::error::Result;
 
 /// How two devices differ.

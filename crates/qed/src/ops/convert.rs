@@ -1,7 +1,8 @@
 //! Copying one device's contents into another, sparsely.
 
-use super::{is_zero, known_zero, Progress, STEP};
-use crate::device::BlockDevice;
+use super::step::{is_zero, read_padded, Progress, STEP};
+use crate::block::BlockDevice;
+use crate::chain::known_zero;
 use crate::error::{Error, Result};
 
 /// How to copy.
@@ -26,16 +27,6 @@ impl Default for ConvertOptions<'_> {
             target_backing: None,
         }
     }
-}
-
-/// Reads `buf.len()` bytes of `dev` at `pos`, zeros past its end.
-pub(crate) fn read_padded(dev: &dyn BlockDevice, buf: &mut [u8], pos: u64) -> Result<()> {
-    let avail = dev.size().saturating_sub(pos).min(buf.len() as u64) as usize;
-    if avail > 0 {
-        dev.read_at(&mut buf[..avail], pos)?;
-    }
-    buf[avail..].fill(0);
-    Ok(())
 }
 
 /// Copies all of `src` into `dst`, which must be at least as large.

@@ -1,7 +1,7 @@
 //! How large a QED image needs to be.
 
-use super::map::describe;
-use crate::device::BlockDevice;
+use crate::block::BlockDevice;
+use crate::chain::describe;
 use crate::error::Result;
 use crate::format::Geometry;
 

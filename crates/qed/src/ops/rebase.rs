@@ -1,8 +1,8 @@
 //! Changing what an image reads through to, without changing what the guest sees.
 
-use super::convert::read_padded;
-use super::{known_zero, Progress, STEP};
-use crate::device::BlockDevice;
+use super::step::{read_padded, Progress, STEP};
+use crate::block::BlockDevice;
+use crate::chain::known_zero;
 use crate::engine::Image;
 use crate::error::{Error, Result};
 

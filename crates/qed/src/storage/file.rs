@@ -1,5 +1,6 @@
 //! Storage in a regular file, with positioned I/O.
 
+use super::aligned::AlignedBuf;
 use super::Storage;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -16,7 +17,7 @@ pub struct FileStorage {
 
 /// Alignment of offsets, lengths and buffers for O_DIRECT: 4 KiB suits 512-byte and
 /// 4 KiB devices alike.
-const DIRECT_ALIGN: u64 = 4096;
+const DIRECT_ALIGN: u64 = super::aligned::DIRECT_ALIGN as u64;
 /// Lock stripes over the aligned blocks: a read-modify-write takes its blocks' stripes
 /// exclusively, a write of whole blocks shares them.
 const STRIPES: usize = 64;
@@ -31,33 +32,6 @@ pub const GROW_STEP: u64 = 8 << 20;
 #[derive(Debug)]
 struct Direct {
     stripes: Vec<std::sync::RwLock<()>>,
-}
-
-/// A zeroed buffer of `len` bytes aligned for O_DIRECT.
-struct AlignedBuf {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let storage = vec![0u8; len + DIRECT_ALIGN as usize];
-        let start = storage.as_ptr().align_offset(DIRECT_ALIGN as usize);
-        Self {
-            storage,
-            start,
-            len,
-        }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
-
-    fn as_ref(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
-    }
 }
 
 /// The lock stripes of the aligned blocks a write of `len` bytes at `offset` touches,
@@ -150,9 +124,9 @@ impl FileStorage {
         let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
         let end = (offset + buf.len() as u64).next_multiple_of(DIRECT_ALIGN);
         let mut bounce = AlignedBuf::new((end - start) as usize);
-        self.pread_direct(bounce.as_mut(), start)?;
+        self.pread_direct(&mut bounce, start)?;
         let at = (offset - start) as usize;
-        buf.copy_from_slice(&bounce.as_ref()[at..at + buf.len()]);
+        buf.copy_from_slice(&bounce[at..at + buf.len()]);
         Ok(())
     }
 
@@ -201,15 +175,15 @@ impl FileStorage {
         let last_partial = offset + buf.len() as u64 != end;
         let bs = DIRECT_ALIGN as usize;
         if first_partial {
-            self.pread_direct(&mut bounce.as_mut()[..bs], start)?;
+            self.pread_direct(&mut bounce[..bs], start)?;
         }
         if last_partial && (end - start > DIRECT_ALIGN || !first_partial) {
-            let n = bounce.len;
-            self.pread_direct(&mut bounce.as_mut()[n - bs..], end - DIRECT_ALIGN)?;
+            let n = bounce.len();
+            self.pread_direct(&mut bounce[n - bs..], end - DIRECT_ALIGN)?;
         }
         let at = (offset - start) as usize;
-        bounce.as_mut()[at..at + buf.len()].copy_from_slice(buf);
-        self.file.write_all_at(bounce.as_ref(), start)?;
+        bounce[at..at + buf.len()].copy_from_slice(buf);
+        self.file.write_all_at(&bounce, start)?;
         // Whole blocks may have carried the file past where this write ends.
         let wanted = len_before.max(offset + buf.len() as u64);
         if end > wanted {
@@ -367,8 +341,7 @@ impl Storage for FileStorage {
             }
         }
         // The filesystem cannot punch holes: write the zeros.
-        let mut zeros = AlignedBuf::new(len.min(1 << 20) as usize);
-        let zeros = zeros.as_mut();
+        let zeros = AlignedBuf::new(len.min(1 << 20) as usize);
         let mut pos = offset;
         let end = offset + len;
         while pos < end {

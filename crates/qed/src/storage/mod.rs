@@ -1,15 +1,13 @@
 //! The bytes under an image: a small trait for positioned I/O, with a file and an
-//! in-memory implementation, and a wrapper that injects faults.
+//! in-memory implementation, and the aligned buffers direct I/O needs.
 
-mod faulty;
+mod aligned;
 mod file;
 mod memory;
-mod recording;
 
-pub use faulty::{FaultKind, FaultPlan, FaultyStorage, OpKind};
+pub use aligned::AlignedBuf;
 pub use file::{FileStorage, GROW_STEP};
 pub use memory::MemoryStorage;
-pub use recording::{CrashLog, RecordedOp, RecordingStorage};
 
 use std::fmt::Debug;
 use std::io;

@@ -1,6 +1,6 @@
 //! qcow2 images, read-only, through the imago crate.
 
-use super::{check_range, BlockDevice, BlockStatus, Format};
+use crate::block::{check_range, BlockDevice, BlockStatus, Format};
 use crate::error::{Error, IoContext, Result};
 use imago::file::File;
 use imago::qcow2::Qcow2;

@@ -1,6 +1,8 @@
-//! The allocation map of a device and its backing chain, as `qemu-img map` reports it.
+//! Questions asked of a whole chain, layer by layer: which layer supplies each run (the
+//! map `qemu-img map` reports), whether a range is known to read as zeros, and whether a
+//! file belongs to the chain.
 
-use crate::device::BlockDevice;
+use crate::block::BlockDevice;
 use crate::error::Result;
 
 /// One run of the map: maximal, with uniform properties.
@@ -97,4 +99,31 @@ pub fn map(dev: &dyn BlockDevice) -> Result<Vec<MapEntry>> {
         Ok(())
     })?;
     Ok(out)
+}
+
+/// Whether the chain says the whole range reads as zeros, without reading it.
+pub fn known_zero(dev: &dyn BlockDevice, pos: u64, len: u64) -> Result<bool> {
+    let end = pos + len;
+    let mut p = pos;
+    while p < end {
+        let e = describe(dev, p, end - p, 0)?;
+        if !e.zero {
+            return Ok(false);
+        }
+        p += e.length;
+    }
+    Ok(true)
+}
+
+/// Whether `path` names one of the files of `dev`'s chain (the device itself or any of
+/// its backing files), compared by canonical path so that other spellings, symlinks
+/// included, are caught. Writing to such a file would change what `dev` reads.
+///
+/// A qcow2 device's backing files are opened inside imago and are not listed.
+pub fn chain_contains(dev: &dyn BlockDevice, path: &std::path::Path) -> bool {
+    let Ok(target) = path.canonicalize() else {
+        return false;
+    };
+    std::iter::successors(Some(dev), |d| d.backing())
+        .any(|d| std::path::Path::new(d.filename()).canonicalize().ok() == Some(target.clone()))
 }

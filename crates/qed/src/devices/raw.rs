@@ -1,6 +1,6 @@
 //! A raw file as a device.
 
-use super::{check_range, BlockDevice, BlockStatus, DirectExtent, Format, PendingWrite};
+use crate::block::{check_range, BlockDevice, BlockStatus, DirectExtent, Format, PendingWrite};
 use crate::error::{Error, IoContext, Result};
 use crate::storage::Storage;
 

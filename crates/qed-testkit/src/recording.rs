@@ -9,13 +9,14 @@
 //! applied in the order they were issued, as a page cache that keeps only the newest
 //! copy of each block would write them back.
 
-use super::Storage;
-use crate::format::geometry::SECTOR_SIZE;
+use qed::Storage;
+/// The unit a disk writes whole.
+const SECTOR_SIZE: u64 = 512;
 use std::io;
 use std::ops::Range;
 use std::sync::{Mutex, MutexGuard};
 
-/// Growth limit, as for [`MemoryStorage`](super::MemoryStorage): a test over a corrupt
+/// Growth limit, as for [`MemoryStorage`](qed::MemoryStorage): a test over a corrupt
 /// image must not exhaust memory.
 const LIMIT: u64 = 1 << 30;
 
@@ -121,7 +122,7 @@ struct State {
 
 /// In-memory storage that records every mutating operation in order, for crash testing.
 ///
-/// It behaves like [`MemoryStorage`](super::MemoryStorage); [`RecordingStorage::log`]
+/// It behaves like [`MemoryStorage`](qed::MemoryStorage); [`RecordingStorage::log`]
 /// takes the initial bytes and the operations so far, from which [`CrashLog`] rebuilds
 /// every state a crash could leave.
 ///

@@ -1,16 +1,6 @@
-//! Anything that behaves like a disk: QED images, raw files, and the backing chains
-//! built from them.
-
-mod open;
-#[cfg(feature = "qcow2")]
-mod qcow2;
-mod raw;
-
-pub(crate) use open::open_in_chain;
-pub use open::{open_device, probe_format, resolve_backing_path, OpenOptions, MAX_CHAIN_DEPTH};
-#[cfg(feature = "qcow2")]
-pub use qcow2::Qcow2Device;
-pub use raw::RawDevice;
+//! What a disk is, whatever stores it: the [`BlockDevice`] trait and the types it speaks.
+//! Nothing here knows QED; the engine, the other devices and every caller above meet
+//! here.
 
 use crate::error::{Error, Result};
 use std::fmt::{self, Debug};
@@ -202,19 +192,6 @@ impl Debug for PendingWrite<'_> {
             .field("extent", &self.extent)
             .finish_non_exhaustive()
     }
-}
-
-/// Whether `path` names one of the files of `dev`'s chain (the device itself or any of
-/// its backing files), compared by canonical path so that other spellings, symlinks
-/// included, are caught. Writing to such a file would change what `dev` reads.
-///
-/// A qcow2 device's backing files are opened inside imago and are not listed.
-pub fn chain_contains(dev: &dyn BlockDevice, path: &std::path::Path) -> bool {
-    let Ok(target) = path.canonicalize() else {
-        return false;
-    };
-    std::iter::successors(Some(dev), |d| d.backing())
-        .any(|d| std::path::Path::new(d.filename()).canonicalize().ok() == Some(target.clone()))
 }
 
 /// Checks that `len` bytes at `offset` lie inside a device of `size` bytes.

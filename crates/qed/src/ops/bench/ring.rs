@@ -8,10 +8,11 @@
 //! Requests of the workload never overlap while in flight (each has its own offset), so
 //! the direct ones cannot race a worker's read-modify-write of the same block.
 
-use super::bench::{aligned, offset_of, BenchParams};
-use crate::device::{BlockDevice, DirectExtent, PendingWrite};
+use super::params::{offset_of, BenchParams};
+use crate::block::{BlockDevice, DirectExtent, PendingWrite};
 use crate::error::{IoContext, Result};
-use crate::ring::{opcode, types, Ring, Waker};
+use crate::ring::{Ring, Waker};
+use crate::storage::AlignedBuf;
 use std::collections::VecDeque;
 use std::sync::{mpsc, Mutex};
 
@@ -24,7 +25,9 @@ pub(super) fn run(dev: &dyn BlockDevice, p: &BenchParams) -> Result<bool> {
     let Some(mut ring) = Ring::new(depth as u32) else {
         return Ok(false);
     };
-    let mut slots: Vec<(Vec<u8>, usize)> = (0..depth).map(|_| aligned(p.size, p.pattern)).collect();
+    let mut slots: Vec<AlignedBuf> = (0..depth)
+        .map(|_| AlignedBuf::filled(p.size, p.pattern))
+        .collect();
     let (jobs, queue) = mpsc::channel::<(usize, u64)>();
     let queue = Mutex::new(queue);
     let finished: Mutex<Vec<Done>> = Mutex::new(Vec::new());
@@ -33,15 +36,14 @@ pub(super) fn run(dev: &dyn BlockDevice, p: &BenchParams) -> Result<bool> {
     let result = std::thread::scope(|s| {
         for _ in 0..depth {
             s.spawn(|| {
-                let (mut storage, at) = aligned(p.size, p.pattern);
-                let buf = &mut storage[at..at + p.size];
+                let mut buf = AlignedBuf::filled(p.size, p.pattern);
                 loop {
                     let job = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok((slot, off)) = job else { break };
                     let r = if p.write {
-                        dev.write_at(buf, off)
+                        dev.write_at(&buf, off)
                     } else {
-                        dev.read_at(buf, off)
+                        dev.read_at(&mut buf, off)
                     };
                     finished
                         .lock()
@@ -64,7 +66,7 @@ fn drive(
     dev: &dyn BlockDevice,
     p: &BenchParams,
     ring: &mut Ring,
-    slots: &mut [(Vec<u8>, usize)],
+    slots: &mut [AlignedBuf],
     jobs: &mpsc::Sender<(usize, u64)>,
     finished: &Mutex<Vec<Done>>,
 ) -> Result<()> {
@@ -118,21 +120,17 @@ fn drive(
                 let _ = jobs.send((slot, off));
                 continue;
             };
-            let (buf, at) = &mut slots[slot];
-            let ptr = buf[*at..].as_mut_ptr();
-            let fd = types::Fd(x.fd);
-            let e = if p.write {
-                opcode::Write::new(fd, ptr, p.size as u32)
-                    .offset(x.offset)
-                    .build()
-            } else {
-                opcode::Read::new(fd, ptr, p.size as u32)
-                    .offset(x.offset)
-                    .build()
-            };
+            let ptr = slots[slot].as_mut_ptr();
+            let len = p.size as u32;
             // SAFETY: the slot's buffer is not touched again until this request is
             // reaped, and `run` drains the ring before the buffers go.
-            unsafe { ring.push(&e.user_data(slot as u64)) }?;
+            unsafe {
+                if p.write {
+                    ring.write(x.fd, ptr, len, x.offset, slot as u64)
+                } else {
+                    ring.read(x.fd, ptr, len, x.offset, slot as u64)
+                }
+            }?;
         }
         if in_flight == 0 {
             return Ok(());

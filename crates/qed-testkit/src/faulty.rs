@@ -5,7 +5,7 @@
 //! fail. Tests sweep N over every operation a workload issues, so that each error path
 //! of the caller runs once.
 
-use super::Storage;
+use qed::Storage;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -282,7 +282,7 @@ impl<S: Storage> Storage for FaultyStorage<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::MemoryStorage;
+    use qed::MemoryStorage;
 
     #[test]
     fn the_nth_operation_fails_once() {

@@ -1,0 +1,255 @@
+//! Opening by name: format probing, backing chains and their limits.
+//!
+//! The chain is the only place that turns a name into a device. It opens a QED image in
+//! two steps, as the engine's open gate asks: the engine reads and validates the header
+//! ([`Image::begin_open`]), the chain opens the backing file it names (read-only, with
+//! the same rules all the way down), and hands it to the engine to finish.
+
+mod layers;
+mod location;
+
+pub use layers::{chain_contains, describe, for_each_run, known_zero, map, MapEntry};
+pub use location::resolve_backing_path;
+
+use crate::block::{BlockDevice, Format};
+use crate::devices::RawDevice;
+use crate::engine::{Backing, Image, ImageOptions, DEFAULT_L2_CACHE_BYTES};
+use crate::error::{Error, IoContext, Result};
+use crate::format::MAGIC;
+use crate::storage::Storage;
+use location::Location;
+use std::path::{Path, PathBuf};
+
+/// How deep a backing chain may go (the image itself excluded).
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Refuse writes; do not touch the file.
+    pub read_only: bool,
+    /// Do not open the backing chain (reads of unallocated clusters then fail).
+    pub no_backing: bool,
+    /// Upper bound on memory used for cached L2 table entries, in bytes.
+    pub l2_cache_bytes: usize,
+    /// On a read-write open of an image with NEED_CHECK set, check and repair it first
+    /// (turn this off only to run a repair of your own right after opening).
+    pub repair_on_open: bool,
+    /// Open files with O_DIRECT, bypassing the host page cache.
+    pub direct: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            no_backing: false,
+            l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
+            repair_on_open: true,
+            direct: false,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Options for a read-only open.
+    pub fn read_only() -> Self {
+        Self {
+            read_only: true,
+            ..Self::default()
+        }
+    }
+
+    /// What the engine needs of these options.
+    fn image(&self) -> ImageOptions {
+        ImageOptions {
+            read_only: self.read_only,
+            l2_cache_bytes: self.l2_cache_bytes,
+            repair_on_open: self.repair_on_open,
+        }
+    }
+
+    /// The options a backing file is opened with: read-only, otherwise the same.
+    fn for_backing(&self) -> Self {
+        Self {
+            read_only: true,
+            ..self.clone()
+        }
+    }
+}
+
+/// Guesses a file's format from its first bytes: QED, qcow2, else raw.
+pub fn probe_format(storage: &dyn Storage) -> std::io::Result<Format> {
+    let mut magic = [0u8; 4];
+    if storage.len()? >= 4 {
+        storage.read_at(&mut magic, 0)?;
+    }
+    Ok(match magic {
+        MAGIC => Format::Qed,
+        QCOW2_MAGIC => Format::Qcow2,
+        _ => Format::Raw,
+    })
+}
+
+/// Opens a device by path. `format` of `None` probes it. A QED image opens its
+/// backing chain unless `opts.no_backing`; backing files are always read-only.
+pub fn open_device(
+    path: &Path,
+    format: Option<Format>,
+    opts: &OpenOptions,
+) -> Result<Box<dyn BlockDevice>> {
+    Chain::default().open(&Location::file(path), format, opts)
+}
+
+impl Image {
+    /// Opens an image file, with its backing chain unless `opts.no_backing`.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
+        let location = Location::file(path.as_ref());
+        let mut chain = Chain::default();
+        chain.enter(&location)?;
+        let storage = location.open_storage(opts.read_only, opts.direct)?;
+        chain.open_image(storage, &location, opts)
+    }
+
+    /// Opens an image held in `storage`. `path` names it in messages and anchors
+    /// relative backing file names.
+    pub fn open_storage(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        opts: &OpenOptions,
+    ) -> Result<Self> {
+        let location = Location::file(path);
+        let mut chain = Chain::default();
+        // Storage that is not the file at `path` has no identity of its own to loop on.
+        if let Ok(id) = location.identity() {
+            chain.files.push(id);
+        }
+        chain.open_image(storage, &location, opts)
+    }
+}
+
+/// The links opened so far, from the top: what a backing file may not lead back to,
+/// and how deep the chain has gone.
+#[derive(Default)]
+struct Chain {
+    files: Vec<PathBuf>,
+}
+
+impl Chain {
+    /// Records `location` as the next link, refusing a loop or a chain too deep.
+    fn enter(&mut self, location: &Location) -> Result<()> {
+        let id = location.identity()?;
+        let refuse = |reason: String| Error::Backing {
+            path: location.path().to_path_buf(),
+            reason,
+        };
+        if self.files.contains(&id) {
+            return Err(refuse("the backing chain loops back to this file".into()));
+        }
+        if self.files.len() > MAX_CHAIN_DEPTH {
+            return Err(refuse(format!(
+                "the backing chain is deeper than {MAX_CHAIN_DEPTH} files"
+            )));
+        }
+        self.files.push(id);
+        Ok(())
+    }
+
+    /// Opens the device at `location` as the next link.
+    fn open(
+        &mut self,
+        location: &Location,
+        format: Option<Format>,
+        opts: &OpenOptions,
+    ) -> Result<Box<dyn BlockDevice>> {
+        let depth = self.files.len();
+        self.enter(location)?;
+        let result = self.open_entered(location, format, opts);
+        self.files.truncate(depth);
+        result
+    }
+
+    fn open_entered(
+        &mut self,
+        location: &Location,
+        format: Option<Format>,
+        opts: &OpenOptions,
+    ) -> Result<Box<dyn BlockDevice>> {
+        let path = location.path();
+        let storage = location.open_storage(opts.read_only, opts.direct)?;
+        let format = match format {
+            Some(f) => f,
+            None => probe_format(&*storage).context(|| format!("probing {}", path.display()))?,
+        };
+        let name = path.to_string_lossy().into_owned();
+        match format {
+            Format::Raw => Ok(Box::new(RawDevice::new(storage, name, opts.read_only)?)),
+            Format::Qed => Ok(Box::new(self.open_image(storage, location, opts)?)),
+            #[cfg(feature = "qcow2")]
+            Format::Qcow2 if opts.read_only => {
+                Ok(Box::new(crate::devices::Qcow2Device::open(path)?))
+            }
+            Format::Qcow2 => Err(Error::Unsupported(format!(
+                "{}: qcow2 images can only be opened read-only{}",
+                path.display(),
+                if cfg!(feature = "qcow2") {
+                    ""
+                } else {
+                    " (and this build has no qcow2 support)"
+                }
+            ))),
+        }
+    }
+
+    /// Opens the QED image in `storage`: the engine reads its header, the chain opens
+    /// the backing file it names, and the engine finishes with it.
+    fn open_image(
+        &mut self,
+        storage: Box<dyn Storage>,
+        location: &Location,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        let name = location.path().to_string_lossy().into_owned();
+        let opening = Image::begin_open(storage, name)?;
+        let backing = match opening.backing_name() {
+            None => None,
+            Some(name) => {
+                let declared_format = opening.declared_backing_format();
+                let at = Location::backing(location.path(), name);
+                let device = if opts.no_backing {
+                    None
+                } else {
+                    Some(
+                        self.open(&at, declared_format, &opts.for_backing())
+                            .map_err(|e| backing_error(at.path(), e))?,
+                    )
+                };
+                Some(Backing {
+                    name: name.to_string(),
+                    path: at.path().to_path_buf(),
+                    declared_format,
+                    device,
+                })
+            }
+        };
+        opening.finish(backing, &opts.image())
+    }
+}
+
+/// The error of a backing file that could not be opened, naming the file once.
+fn backing_error(path: &Path, e: Error) -> Error {
+    if let Error::Backing { .. } = e {
+        return e; // names the link that failed already
+    }
+    let message = e.to_string();
+    let named = format!("{}: ", path.display());
+    Error::Backing {
+        path: path.to_path_buf(),
+        reason: message
+            .strip_prefix(&named)
+            .map(str::to_string)
+            .unwrap_or(message),
+    }
+}

@@ -1,0 +1,9 @@
+//! Devices beside the QED engine: raw files, and qcow2 images read-only.
+
+#[cfg(feature = "qcow2")]
+mod qcow2;
+mod raw;
+
+#[cfg(feature = "qcow2")]
+pub use qcow2::Qcow2Device;
+pub use raw::RawDevice;
