@@ -314,7 +314,7 @@ fn open_after_crash(path: &Path, geo: Geo, what: &str) -> Result<Image, TestCase
         "{}: NEED_CHECK survived the repair at open",
         what
     );
-    let before = img.storage().len().ctx(|| format!("{what}: length"))?;
+    let before = img.file_len().ctx(|| format!("{what}: length"))?;
     let r = img
         .repair(qed::RepairMode::Leaks)
         .ctx(|| format!("{what}: reclaiming leaks"))?;
@@ -324,7 +324,7 @@ fn open_after_crash(path: &Path, geo: Geo, what: &str) -> Result<Image, TestCase
         what,
         r
     );
-    let after = img.storage().len().ctx(|| format!("{what}: length"))?;
+    let after = img.file_len().ctx(|| format!("{what}: length"))?;
     prop_assert!(
         before - after <= qed::GROW_STEP + geo.cs(),
         "{}: {} bytes leaked, more than the file grows ahead",

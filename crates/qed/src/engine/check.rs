@@ -1,11 +1,11 @@
 //! The consistency check: every table entry valid, every cluster owned once, and the
 //! clusters nobody owns (leaks) counted.
 
-use super::{Image, ENTRIES_PER_SECTOR};
+use super::image::Image;
 use crate::error::{Error, IoContext, Result};
 use crate::format::header::{cluster_offset_is_valid, table_offset_is_valid};
-use crate::format::table::{decode_entries, encode_entries, UNALLOCATED, ZERO_CLUSTER};
-use std::sync::atomic::Ordering;
+use crate::format::table::{UNALLOCATED, ZERO_CLUSTER};
+use crate::format::Header;
 
 /// Entries read from disk at a time while walking tables.
 const WALK_CHUNK_ENTRIES: u64 = 8192;
@@ -184,76 +184,49 @@ impl Image {
         Ok(self.walk(false)?.report)
     }
 
-    /// Checks the metadata and repairs it (see [`RepairMode`] and docs/design.md). On
-    /// success, with no corruption left, NEED_CHECK is cleared.
-    pub fn repair(&mut self, mode: RepairMode) -> Result<CheckReport> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        let result = self.repair_tables(mode);
-        if result.is_err() {
-            // The repair may have rewritten tables, moved them or truncated the file
-            // before it failed: drop what memory holds of them, or later requests would
-            // update tables the file no longer uses.
-            self.l2.clear();
-            if self.reload_tables().is_err() {
-                self.l1_stale.store(true, Ordering::Release);
-            }
-        }
-        result
-    }
-
-    fn repair_tables(&mut self, mode: RepairMode) -> Result<CheckReport> {
-        let first = self.walk(mode == RepairMode::All)?;
-        let mut report = first.report.clone();
-        // Repairs may have appended copies; walk again for an exact picture of leaks.
-        let walk = if report.corruptions_fixed > 0 {
-            let again = self.walk(false)?;
-            report.leaks = again.report.leaks;
-            report.check_errors += again.report.check_errors;
-            again
-        } else {
-            first
-        };
-        if report.check_errors == 0 && report.leaks > 0 {
-            let moves_allowed = walk.report.corruptions == 0;
-            report = self.reclaim_leaks(walk, report, moves_allowed)?;
-        }
-        self.reload_tables()?;
-        if report.corruptions_remaining() == 0 && report.check_errors == 0 {
-            self.mark_clean()?;
-        }
-        report.leaked_offsets.clear();
-        Ok(report)
-    }
-
-    /// Reclaims leaked clusters (after a shrink): a repair limited to leaks.
-    pub(super) fn repair_leaks(&mut self) -> Result<()> {
-        self.repair(RepairMode::Leaks).map(|_| ())
-    }
-
     /// Walks every table. With `fix`, invalid entries are cleared and every later owner
     /// of a shared cluster or table gets its own copy (appended at the frontier).
     pub(super) fn walk(&self, fix: bool) -> Result<Walk> {
         let _exclusive = self.gate.exclusive();
         // The walk reads tables from the file: it must hold what memory holds.
         self.write_back_tables()?;
-        let header = self.header_read().clone();
-        let g = self.geometry;
-        let cs = g.cluster_size();
-        let file_end = self.file_clusters_end();
+        let header = self.header.get().clone();
+        let file_end = self.frontier.end();
         let mut w = Walk {
             report: CheckReport {
-                total_clusters: g.clusters_for(header.image_size),
+                total_clusters: self.geometry.clusters_for(header.image_size),
                 ..Default::default()
             },
-            used: UsedMap::new(file_end / cs)?,
+            used: UsedMap::new(file_end / self.geometry.cluster_size())?,
             tables: Vec::new(),
         };
+        self.walk_l1(&header, file_end, fix, &mut w)?;
+        // Every table is marked before any data entry, so a data entry pointing into a
+        // table is the one found shared (and copied), never the table.
+        let tables = std::mem::take(&mut w.tables);
+        for &(l1_index, l2) in &tables {
+            match self.walk_l2(l2, &header, file_end, fix, &mut w) {
+                Ok(()) => w.tables.push((l1_index, l2)),
+                Err(_) => w.report.check_errors += 1,
+            }
+        }
+        if w.report.check_errors == 0 {
+            self.count_leaks(file_end, &mut w);
+        }
+        if fix && w.report.corruptions_fixed > 0 {
+            self.flush_storage()?;
+        }
+        Ok(w)
+    }
+
+    /// Marks the L1 table and every L2 table it points to, listing the tables to walk.
+    /// With `fix`, an invalid entry is cleared and a second owner of a table gets a copy.
+    fn walk_l1(&self, header: &Header, file_end: u64, fix: bool, w: &mut Walk) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
         for i in 0..u64::from(header.table_size) {
             w.used.mark(header.l1_table_offset / cs + i);
         }
-
         let entries = g.entries_per_table();
         let mut l1_chunk = vec![0u64; WALK_CHUNK_ENTRIES.min(entries) as usize];
         let mut start = 0;
@@ -264,38 +237,11 @@ impl Image {
                 .context(|| "reading the L1 table".to_string())?;
             let mut fixed = 0;
             for (k, e) in chunk.iter_mut().enumerate() {
-                let mut l2 = *e;
-                if l2 == UNALLOCATED {
-                    continue;
-                }
-                let l1_index = start + k as u64;
-                if !table_offset_is_valid(&header, &g, file_end, l2) {
-                    w.report.corrupt(Corruption::InvalidL2Offset {
-                        l1_index,
-                        value: l2,
-                    });
-                    if fix {
-                        *e = UNALLOCATED;
-                        fixed += 1;
-                    }
-                    continue;
-                }
-                let mut double = false;
-                for c in 0..u64::from(header.table_size) {
-                    double |= !w.used.mark(l2 / cs + c);
-                }
-                if double {
-                    w.report.corrupt(Corruption::DoubleReference { offset: l2 });
-                    if !fix {
-                        continue;
-                    }
-                    // This owner gets its own copy of the table; the entries of the copy
-                    // then share their clusters with the original and are copied below.
-                    l2 = self.copy_to_frontier(l2, g.table_bytes())?;
-                    *e = l2;
+                if *e != UNALLOCATED
+                    && self.walk_l1_entry(header, file_end, fix, start + k as u64, e, w)?
+                {
                     fixed += 1;
                 }
-                w.tables.push((l1_index, l2));
             }
             if fixed > 0 {
                 self.flush_storage()?;
@@ -305,38 +251,69 @@ impl Image {
             }
             start += n;
         }
+        Ok(())
+    }
 
-        // Every table is marked before any data entry, so a data entry pointing into a
-        // table is the one found shared (and copied), never the table.
-        let tables = std::mem::take(&mut w.tables);
-        for &(l1_index, l2) in &tables {
-            match self.walk_l2(l2, &header, file_end, fix, &mut w) {
-                Ok(()) => w.tables.push((l1_index, l2)),
-                Err(_) => w.report.check_errors += 1,
+    /// Checks one L1 entry `e` (not unallocated). Returns whether it was changed.
+    fn walk_l1_entry(
+        &self,
+        header: &Header,
+        file_end: u64,
+        fix: bool,
+        l1_index: u64,
+        e: &mut u64,
+        w: &mut Walk,
+    ) -> Result<bool> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let l2 = *e;
+        if !table_offset_is_valid(header, &g, file_end, l2) {
+            w.report.corrupt(Corruption::InvalidL2Offset {
+                l1_index,
+                value: l2,
+            });
+            if fix {
+                *e = UNALLOCATED;
             }
+            return Ok(fix);
         }
+        let mut double = false;
+        for c in 0..u64::from(header.table_size) {
+            double |= !w.used.mark(l2 / cs + c);
+        }
+        if !double {
+            w.tables.push((l1_index, l2));
+            return Ok(false);
+        }
+        w.report.corrupt(Corruption::DoubleReference { offset: l2 });
+        if !fix {
+            return Ok(false);
+        }
+        // This owner gets its own copy of the table; the entries of the copy then share
+        // their clusters with the original and are copied when its table is walked.
+        *e = self.copy_to_frontier(l2, g.table_bytes())?;
+        w.tables.push((l1_index, *e));
+        Ok(true)
+    }
 
-        if w.report.check_errors == 0 {
-            let first = self.data_start / cs;
-            for c in first..file_end / cs {
-                if !w.used.is_marked(c) {
-                    w.report.leaks += 1;
-                    if w.report.leaked_offsets.len() < MAX_LISTED * 8 {
-                        w.report.leaked_offsets.push(c * cs);
-                    }
+    /// Counts the clusters from the end of the header area to the end of the file that
+    /// nothing uses.
+    fn count_leaks(&self, file_end: u64, w: &mut Walk) {
+        let cs = self.geometry.cluster_size();
+        for c in self.data_start / cs..file_end / cs {
+            if !w.used.is_marked(c) {
+                w.report.leaks += 1;
+                if w.report.leaked_offsets.len() < MAX_LISTED * 8 {
+                    w.report.leaked_offsets.push(c * cs);
                 }
             }
         }
-        if fix && w.report.corruptions_fixed > 0 {
-            self.flush_storage()?;
-        }
-        Ok(w)
     }
 
     fn walk_l2(
         &self,
         table: u64,
-        header: &crate::format::Header,
+        header: &Header,
         file_end: u64,
         fix: bool,
         w: &mut Walk,
@@ -397,88 +374,5 @@ impl Image {
             start += n;
         }
         Ok(())
-    }
-
-    /// Appends a copy of `len` bytes at file offset `from` at the frontier.
-    pub(super) fn copy_to_frontier(&self, from: u64, len: u64) -> Result<u64> {
-        let to = self.reserve(len)?;
-        self.copy_within(from, to, len)?;
-        Ok(to)
-    }
-
-    /// Copies `len` bytes of the file from `from` to `to`, a megabyte at a time.
-    pub(super) fn copy_within(&self, from: u64, to: u64, len: u64) -> Result<()> {
-        let mut buf = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            self.storage
-                .read_at(&mut buf[..n], from + done)
-                .and_then(|_| self.storage.write_at(&buf[..n], to + done))
-                .context(|| format!("copying {len} bytes from {from:#x} to {to:#x}"))?;
-            done += n as u64;
-        }
-        Ok(())
-    }
-
-    pub(super) fn read_entries(
-        &self,
-        table: u64,
-        first: u64,
-        out: &mut [u64],
-    ) -> std::io::Result<()> {
-        let mut bytes = vec![0u8; out.len() * 8];
-        self.storage.read_at(&mut bytes, table + first * 8)?;
-        decode_entries(&bytes, out);
-        Ok(())
-    }
-
-    pub(super) fn write_entries(
-        &self,
-        table: u64,
-        first: u64,
-        entries: &[u64],
-    ) -> std::io::Result<()> {
-        debug_assert_eq!(first % ENTRIES_PER_SECTOR, 0);
-        let mut bytes = vec![0u8; entries.len() * 8];
-        encode_entries(entries, &mut bytes);
-        self.storage.write_at(&bytes, table + first * 8)
-    }
-
-    /// Re-reads L1 and drops cached L2 pages after tables were rewritten on disk.
-    fn reload_tables(&self) -> Result<()> {
-        self.load_l1()?;
-        self.l2.clear();
-        // Space grown ahead (by copies a repair appended) goes first: the file's length
-        // becomes the frontier again.
-        self.trim_growth()?;
-        let mut grow = self.lock_grow();
-        let len = self
-            .storage
-            .len()
-            .context(|| format!("reading the size of {}", self.name))?;
-        let frontier = self.geometry.cluster_start(len);
-        grow.file_len = len;
-        grow.trailing_garbage = len != frontier;
-        self.frontier.store(frontier, Ordering::Release);
-        Ok(())
-    }
-
-    /// Flushes repairs, then clears NEED_CHECK.
-    fn mark_clean(&self) -> Result<()> {
-        self.unchecked.store(false, Ordering::Release);
-        let mut header = self.header_read().clone();
-        if !header.needs_check() {
-            return Ok(());
-        }
-        self.flush_storage()?;
-        header.features &= !crate::format::features::NEED_CHECK;
-        let result = self
-            .write_header(&header)
-            .and_then(|()| self.flush_storage());
-        // Even a failed write may have cleared the bit in the file: the next allocation
-        // must set it again rather than trust it is still there.
-        *self.header.write().unwrap_or_else(|p| p.into_inner()) = header;
-        result
     }
 }

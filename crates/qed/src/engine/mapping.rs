@@ -1,7 +1,7 @@
 //! Address translation: where a guest range lives.
 
+use super::image::Image;
 use super::l2cache::PAGE_ENTRIES;
-use super::Image;
 use crate::error::{Error, Result};
 use crate::format::L2Entry;
 
@@ -77,8 +77,6 @@ impl Image {
     }
 
     fn data_offset_is_valid(&self, off: u64) -> bool {
-        self.geometry.is_cluster_aligned(off)
-            && off >= self.data_start
-            && off < self.file_clusters_end()
+        self.geometry.is_cluster_aligned(off) && off >= self.data_start && off < self.frontier.end()
     }
 }

@@ -1,16 +1,17 @@
-//! Reclaiming leaked clusters: fill holes with the clusters at the end of the file,
-//! truncate, and punch out what cannot be filled.
+//! Repairs: `check -r`, with its two parts, fixing corruptions (in the check's walk)
+//! and reclaiming leaks: fill holes with the clusters at the end of the file, truncate,
+//! and punch out what cannot be filled.
 //!
 //! The order keeps every crash state consistent: copies are written only into leaked
 //! clusters (which nothing references) and made durable before any entry points at
 //! them; the sources stay intact until every reference has moved and been flushed, and
 //! only then is the file truncated.
 
-use super::check::{CheckReport, UsedMap, Walk};
-use super::Image;
-use crate::error::{IoContext, Result};
+use super::check::{CheckReport, RepairMode, UsedMap, Walk};
+use super::image::Image;
+use crate::error::{Error, IoContext, Result};
+use crate::format::table::ENTRIES_PER_SECTOR;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
 /// One unit moved down the file: a data cluster, or a whole L2 table.
 struct Move {
@@ -38,32 +39,105 @@ fn find_free_run(used: &UsedMap, from: u64, limit: u64, len: u64) -> Option<u64>
 }
 
 impl Image {
+    /// Checks the metadata and repairs it (see [`RepairMode`] and docs/design.md). On
+    /// success, with no corruption left, NEED_CHECK is cleared.
+    pub fn repair(&mut self, mode: RepairMode) -> Result<CheckReport> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let result = self.repair_tables(mode);
+        if result.is_err() {
+            // The repair may have rewritten tables, moved them or truncated the file
+            // before it failed: drop what memory holds of them, or later requests would
+            // update tables the file no longer uses.
+            self.l2.clear();
+            if self.reload_tables().is_err() {
+                self.l1.mark_stale();
+            }
+        }
+        result
+    }
+
+    fn repair_tables(&mut self, mode: RepairMode) -> Result<CheckReport> {
+        let first = self.walk(mode == RepairMode::All)?;
+        let mut report = first.report.clone();
+        // Repairs may have appended copies; walk again for an exact picture of leaks.
+        let walk = if report.corruptions_fixed > 0 {
+            let again = self.walk(false)?;
+            report.leaks = again.report.leaks;
+            report.check_errors += again.report.check_errors;
+            again
+        } else {
+            first
+        };
+        if report.check_errors == 0 && report.leaks > 0 {
+            let moves_allowed = walk.report.corruptions == 0;
+            report = self.reclaim_leaks(walk, report, moves_allowed)?;
+        }
+        self.reload_tables()?;
+        if report.corruptions_remaining() == 0 && report.check_errors == 0 {
+            self.mark_checked()?;
+        }
+        report.leaked_offsets.clear();
+        Ok(report)
+    }
+
+    /// Reclaims leaked clusters (after a shrink): a repair limited to leaks.
+    pub(super) fn repair_leaks(&mut self) -> Result<()> {
+        self.repair(RepairMode::Leaks).map(|_| ())
+    }
+
+    /// Re-reads L1 and drops cached L2 pages after tables were rewritten on disk, and
+    /// takes the frontier from the file again: space grown ahead (by copies a repair
+    /// appended) goes first, so that the file's length is the frontier again.
+    fn reload_tables(&self) -> Result<()> {
+        self.load_l1()?;
+        self.l2.clear();
+        self.frontier
+            .reload(&*self.storage, &self.geometry, &self.name)
+    }
+
     /// Reclaims the leaks a walk found. With `moves_allowed` (no corruption left), units
     /// at the end of the file are moved into holes so the file can shrink; leaks that
     /// remain inside the file are punched out.
-    pub(super) fn reclaim_leaks(
+    fn reclaim_leaks(
         &self,
         w: Walk,
         mut report: CheckReport,
         moves_allowed: bool,
     ) -> Result<CheckReport> {
-        let g = self.geometry;
-        let cs = g.cluster_size();
-        let k = u64::from(g.table_size());
-        let header = self.header_read().clone();
-        let l1_first = header.l1_table_offset / cs;
-        let first_data = self.data_start / cs;
         let mut used = w.used;
-        let total = used.len();
+        let moves = if moves_allowed {
+            self.plan_moves(&mut used, &w.tables)
+        } else {
+            Vec::new()
+        };
+        self.copy_units(&moves)?;
+        self.retarget_data(&moves, &w.tables)?;
+        self.retarget_tables(&moves)?;
+        let end = self.used_end(&used);
+        report.bytes_truncated = self.frontier.cut(&*self.storage, end, &self.name)?;
+        report.leaks_punched = self.punch_leaks(&used, end)?;
+        report.clusters_moved = moves.iter().map(|m| m.len).sum();
+        report.leaks_fixed = report.leaks;
+        Ok(report)
+    }
 
-        let table_by_end: HashMap<u64, (u64, u64)> = w
-            .tables
+    /// Plans the moves: the units at the end of the file (data clusters, and whole L2
+    /// tables when a run of free clusters large enough exists), each into the lowest
+    /// hole that takes it, until a unit finds none. `used` then shows the file after the
+    /// moves.
+    fn plan_moves(&self, used: &mut UsedMap, tables: &[(u64, u64)]) -> Vec<Move> {
+        let cs = self.geometry.cluster_size();
+        let k = u64::from(self.geometry.table_size());
+        let l1_first = self.l1.offset() / cs;
+        let first_data = self.data_start / cs;
+        let table_by_end: HashMap<u64, (u64, u64)> = tables
             .iter()
             .map(|&(l1_index, off)| (off / cs + k - 1, (l1_index, off / cs)))
             .collect();
-
         let mut moves = Vec::new();
-        let mut top = total;
+        let mut top = used.len();
         let mut hole = first_data;
         // End of the highest unit moved so far. The file cannot end below it, so moving
         // anything under it gains nothing; and the clusters there are copies already
@@ -71,9 +145,6 @@ impl Image {
         // clusters of a table, for instance, for data clusters).
         let mut placed_end = 0;
         loop {
-            if !moves_allowed {
-                break;
-            }
             while top > first_data && !used.is_marked(top - 1) {
                 top -= 1;
             }
@@ -92,7 +163,7 @@ impl Image {
             while hole < start && used.is_marked(hole) {
                 hole += 1;
             }
-            let Some(dst) = find_free_run(&used, hole, start, len) else {
+            let Some(dst) = find_free_run(used, hole, start, len) else {
                 break;
             };
             for c in 0..len {
@@ -108,79 +179,86 @@ impl Image {
             placed_end = placed_end.max(dst + len);
             top = start;
         }
+        moves
+    }
 
-        // 1. Copy every unit into its hole, durably.
-        for m in &moves {
+    /// Step 1: copies every unit into its hole, durably.
+    fn copy_units(&self, moves: &[Move]) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        for m in moves {
             self.copy_within(m.src * cs, m.dst * cs, m.len * cs)?;
         }
         if !moves.is_empty() {
             self.flush_storage()?;
         }
+        Ok(())
+    }
 
-        // 2. Point data entries at the copies, in each table's final location.
+    /// Step 2: points data entries at the copies, in each table's final location.
+    fn retarget_data(&self, moves: &[Move], tables: &[(u64, u64)]) -> Result<()> {
+        let cs = self.geometry.cluster_size();
         let data_moves: HashMap<u64, u64> = moves
             .iter()
             .filter(|m| m.l1_index.is_none())
             .map(|m| (m.src * cs, m.dst * cs))
             .collect();
+        if data_moves.is_empty() {
+            return Ok(());
+        }
         let table_moves: HashMap<u64, u64> = moves
             .iter()
             .filter_map(|m| m.l1_index.map(|i| (i, m.dst * cs)))
             .collect();
-        if !data_moves.is_empty() {
-            for &(l1_index, off) in &w.tables {
-                let table = table_moves.get(&l1_index).copied().unwrap_or(off);
-                self.retarget_entries(table, &data_moves)?;
-            }
+        for &(l1_index, off) in tables {
+            let table = table_moves.get(&l1_index).copied().unwrap_or(off);
+            self.retarget_entries(table, &data_moves)?;
+        }
+        self.flush_storage()
+    }
+
+    /// Step 3: points L1 at the moved tables.
+    fn retarget_tables(&self, moves: &[Move]) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let l1 = self.l1.offset();
+        let mut any = false;
+        for m in moves {
+            let Some(l1_index) = m.l1_index else {
+                continue;
+            };
+            let mut sector = [0u64; ENTRIES_PER_SECTOR as usize];
+            let first = l1_index / ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR;
+            self.read_entries(l1, first, &mut sector)
+                .context(|| "reading the L1 table".to_string())?;
+            sector[(l1_index - first) as usize] = m.dst * cs;
+            self.write_entries(l1, first, &sector)
+                .context(|| "writing the L1 table".to_string())?;
+            any = true;
+        }
+        if any {
             self.flush_storage()?;
         }
+        Ok(())
+    }
 
-        // 3. Point L1 at the moved tables.
-        if !table_moves.is_empty() {
-            let mut entry = [0u64; 1];
-            for (&l1_index, &to) in &table_moves {
-                entry[0] = to;
-                let mut sector = [0u64; super::ENTRIES_PER_SECTOR as usize];
-                let first = l1_index / super::ENTRIES_PER_SECTOR * super::ENTRIES_PER_SECTOR;
-                self.read_entries(header.l1_table_offset, first, &mut sector)
-                    .context(|| "reading the L1 table".to_string())?;
-                sector[(l1_index - first) as usize] = entry[0];
-                self.write_entries(header.l1_table_offset, first, &sector)
-                    .context(|| "writing the L1 table".to_string())?;
-            }
-            self.flush_storage()?;
-        }
-
-        // 4. Cut the unused tail.
-        let mut end = total;
+    /// Where the file can end once the moves are done: after its last used cluster, and
+    /// never inside the L1 table.
+    fn used_end(&self, used: &UsedMap) -> u64 {
+        let cs = self.geometry.cluster_size();
+        let first_data = self.data_start / cs;
+        let mut end = used.len();
         while end > first_data && !used.is_marked(end - 1) {
             end -= 1;
         }
-        let end = end.max(l1_first + k);
-        let mut grow = self.lock_grow();
-        let old_len = self
-            .storage
-            .len()
-            .context(|| format!("reading the size of {}", self.name))?;
-        if end * cs < old_len {
-            self.storage
-                .set_len(end * cs)
-                .and_then(|_| self.storage.flush())
-                .context(|| format!("truncating {}", self.name))?;
-            // Space the file had only grown ahead is not the image's to report.
-            let used_end = if grow.file_len > self.file_clusters_end() {
-                self.file_clusters_end()
-            } else {
-                old_len
-            };
-            report.bytes_truncated = used_end.saturating_sub(end * cs);
-        }
-        grow.file_len = old_len.min(end * cs);
-        self.frontier.store(end * cs, Ordering::Release);
-        drop(grow);
+        end.max(self.l1.offset() / cs + u64::from(self.geometry.table_size())) * cs
+    }
 
-        // 5. Punch out the leaks that remain inside the file.
-        let mut c = first_data;
+    /// Step 5: punches out the leaks that remain inside the file. Returns how many
+    /// clusters that was.
+    fn punch_leaks(&self, used: &UsedMap, end: u64) -> Result<u64> {
+        let cs = self.geometry.cluster_size();
+        let end = end / cs;
+        let mut punched = 0;
+        let mut c = self.data_start / cs;
         while c < end {
             if used.is_marked(c) {
                 c += 1;
@@ -190,14 +268,12 @@ impl Image {
             while c < end && !used.is_marked(c) {
                 c += 1;
             }
-            report.leaks_punched += c - run_start;
+            punched += c - run_start;
             self.storage
                 .zero_range(run_start * cs, (c - run_start) * cs)
                 .context(|| format!("releasing leaked clusters of {}", self.name))?;
         }
-        report.clusters_moved = moves.iter().map(|m| m.len).sum();
-        report.leaks_fixed = report.leaks;
-        Ok(report)
+        Ok(punched)
     }
 
     /// Rewrites the entries of the table at `table` that point at a moved cluster.
@@ -221,6 +297,28 @@ impl Image {
                     .context(|| format!("writing the L2 table at {table:#x}"))?;
             }
             start += chunk_len;
+        }
+        Ok(())
+    }
+
+    /// Appends a copy of `len` bytes at file offset `from` at the frontier.
+    pub(super) fn copy_to_frontier(&self, from: u64, len: u64) -> Result<u64> {
+        let to = self.reserve(len)?;
+        self.copy_within(from, to, len)?;
+        Ok(to)
+    }
+
+    /// Copies `len` bytes of the file from `from` to `to`, a megabyte at a time.
+    pub(super) fn copy_within(&self, from: u64, to: u64, len: u64) -> Result<()> {
+        let mut buf = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            self.storage
+                .read_at(&mut buf[..n], from + done)
+                .and_then(|_| self.storage.write_at(&buf[..n], to + done))
+                .context(|| format!("copying {len} bytes from {from:#x} to {to:#x}"))?;
+            done += n as u64;
         }
         Ok(())
     }

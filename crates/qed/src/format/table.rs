@@ -15,6 +15,8 @@ pub enum L2Entry {
 pub const UNALLOCATED: u64 = 0;
 /// Raw value of a zero-cluster entry.
 pub const ZERO_CLUSTER: u64 = 1;
+/// Entries in one 512-byte sector of a table: the unit tables are written in.
+pub const ENTRIES_PER_SECTOR: u64 = 64;
 
 impl L2Entry {
     /// Interprets a raw entry value.

@@ -1,90 +1,17 @@
-//! Changes to a whole image: size, backing file, emptying.
+//! Changing the virtual size, and emptying an image: the table entries of clusters that
+//! leave are cleared, then the space is reclaimed.
 
-use super::{Backing, Image, ENTRIES_PER_SECTOR};
-use crate::block::{BlockDevice, Format};
+use super::image::Image;
+use super::mapping::Mapping;
+use crate::block::BlockDevice;
 use crate::error::{Error, IoContext, Result};
 use crate::format::geometry::SECTOR_SIZE;
-use crate::format::header::{features, HEADER_LEN, MAX_BACKING_NAME_LEN};
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use crate::format::table::ENTRIES_PER_SECTOR;
 
 /// Table entries read and rewritten at a time when a shrink clears part of a table.
 const CLEAR_CHUNK_ENTRIES: u64 = 8192;
 
-/// A backing file to record in an image's header.
-#[derive(Debug)]
-pub struct NewBacking {
-    /// The name to store (relative names are relative to the image's directory).
-    pub name: String,
-    /// The name resolved against the image's directory.
-    pub path: PathBuf,
-    /// `Some(Raw)` sets NO_PROBE; anything else leaves the format to probing.
-    pub format: Option<Format>,
-    /// The opened backing device, if the caller has one.
-    pub device: Option<Box<dyn BlockDevice>>,
-}
-
 impl Image {
-    /// The largest backing file name this image's header area can hold.
-    pub fn max_backing_name_len(&self) -> u64 {
-        (self.data_start - HEADER_LEN as u64).min(MAX_BACKING_NAME_LEN.into())
-    }
-
-    /// Records a new backing file (or none) in the header: header and name are written
-    /// in one write, then flushed. No data is copied; see `ops::rebase` for that.
-    pub fn set_backing_file(&mut self, new: Option<NewBacking>) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        let mut header = self.header();
-        header.features &= !(features::BACKING_FILE | features::BACKING_FORMAT_NO_PROBE);
-        let mut bytes = Vec::with_capacity(HEADER_LEN);
-        match &new {
-            Some(b) => {
-                let room = self.max_backing_name_len();
-                if b.name.is_empty() || b.name.len() as u64 > room {
-                    return Err(Error::invalid_argument(format!(
-                        "backing file name of {} bytes does not fit in the header area: it \
-                         must be from 1 to {room} bytes",
-                        b.name.len()
-                    )));
-                }
-                header.features |= features::BACKING_FILE;
-                if b.format == Some(Format::Raw) {
-                    header.features |= features::BACKING_FORMAT_NO_PROBE;
-                }
-                header.backing_filename_offset = HEADER_LEN as u32;
-                header.backing_filename_size = b.name.len() as u32;
-                bytes.extend_from_slice(&header.encode());
-                bytes.extend_from_slice(b.name.as_bytes());
-            }
-            None => {
-                header.backing_filename_offset = 0;
-                header.backing_filename_size = 0;
-                bytes.extend_from_slice(&header.encode());
-            }
-        }
-        // Keep whatever follows in the last sector touched, as a header rewrite does.
-        let len = (bytes.len() as u64).next_multiple_of(SECTOR_SIZE);
-        let mut sectors = vec![0u8; len as usize];
-        self.storage
-            .read_at(&mut sectors, 0)
-            .context(|| format!("reading the header of {}", self.name))?;
-        sectors[..bytes.len()].copy_from_slice(&bytes);
-        self.storage
-            .write_at(&sectors, 0)
-            .and_then(|_| self.storage.flush())
-            .context(|| format!("writing the header of {}", self.name))?;
-        *self.header.write().unwrap_or_else(|p| p.into_inner()) = header;
-        self.backing = new.map(|b| Backing {
-            name: b.name,
-            path: b.path,
-            declared_format: b.format,
-            device: b.device,
-        });
-        Ok(())
-    }
-
     /// Changes the virtual size (rounded up to 512). Growing only rewrites the header, as
     /// QEMU does. Shrinking needs `allow_shrink`: the clusters past the new end are
     /// dropped from the tables, then the space they used is reclaimed.
@@ -103,7 +30,7 @@ impl Image {
         header.image_size = new_size;
         self.write_header(&header)?;
         self.flush_storage()?;
-        *self.header.write().unwrap_or_else(|p| p.into_inner()) = header;
+        self.header.set(header);
         self.load_l1()?;
         if new_size < old_size {
             self.repair_leaks()?;
@@ -138,22 +65,6 @@ impl Image {
         Ok(new_size)
     }
 
-    /// Re-reads the L1 entries covering the current size from disk.
-    pub(super) fn load_l1(&self) -> Result<()> {
-        let g = self.geometry;
-        let header = self.header();
-        let len = g
-            .l1_entries_for(header.image_size)
-            .next_multiple_of(ENTRIES_PER_SECTOR)
-            .min(g.entries_per_table());
-        // In place, so that the L1 (up to 16 MiB) is not held twice; an entry is only
-        // ever replaced by what the file holds.
-        let mut l1 = self.l1.write().unwrap_or_else(|p| p.into_inner());
-        l1.resize(len as usize, 0);
-        super::read_l1_into(&*self.storage, header.l1_table_offset, &mut l1)
-            .context(|| format!("reading the L1 table of {}", self.name))
-    }
-
     /// Clears every table entry for guest clusters at or past `new_size` (rounded up to a
     /// cluster) and zeroes the data past `new_size` in the last kept cluster, so that a
     /// later grow shows zeros there.
@@ -164,7 +75,7 @@ impl Image {
         let cs = g.cluster_size();
         let in_cluster = g.offset_in_cluster(new_size);
         if in_cluster != 0 {
-            if let (super::Mapping::Data(off), _) = self.lookup(new_size, 1)? {
+            if let (Mapping::Data(off), _) = self.lookup(new_size, 1)? {
                 self.storage
                     .zero_range(off, cs - in_cluster)
                     .context(|| format!("zeroing the tail of the last cluster of {}", self.name))?;
@@ -173,12 +84,12 @@ impl Image {
         let keep_end = new_size.next_multiple_of(cs);
         // Nobody else uses L1 (`&mut self`): change it in place rather than in a copy,
         // which could be 16 MiB.
-        let mut l1 = std::mem::take(self.l1.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let mut l1 = std::mem::take(self.l1.entries_mut());
         let result = self.clear_tables_from(&mut l1, keep_end);
-        *self.l1.get_mut().unwrap_or_else(|p| p.into_inner()) = l1;
+        *self.l1.entries_mut() = l1;
         if result.is_err() {
             // Entries may be cleared in memory and not in the file.
-            self.l1_stale.store(true, Ordering::Release);
+            self.l1.mark_stale();
         }
         result?;
         self.flush_storage()?;
@@ -245,15 +156,7 @@ impl Image {
             .and_then(|_| self.storage.flush())
             .context(|| format!("clearing the L1 table of {}", self.name))?;
         let end = l1_end.max(self.data_start);
-        let mut grow = self.lock_grow();
-        self.storage
-            .set_len(end)
-            .and_then(|_| self.storage.flush())
-            .context(|| format!("truncating {}", self.name))?;
-        grow.file_len = end;
-        grow.trailing_garbage = false;
-        self.frontier.store(end, Ordering::Release);
-        drop(grow);
+        self.frontier.reset(&*self.storage, end, &self.name)?;
         self.l2.clear();
         self.load_l1()
     }

@@ -1,0 +1,145 @@
+//! The allocation protocol, in one place for every caller (the threaded write path, zero
+//! writes, and writes that io_uring callers carry out themselves):
+//!
+//! 1. claim the guest clusters of the unallocated (or zero) run, then look the mapping
+//!    up again: whoever allocated them before has finished, and nobody else can start,
+//!    so this lookup is the truth;
+//! 2. enter the allocation gate (shared), and for data in an image without a backing
+//!    file make NEED_CHECK durable first;
+//! 3. reserve new space at the frontier;
+//! 4. once the data is written, set the entries (creating the L2 table if needed).
+//!
+//! Dropping an [`Allocation`] before step 4 gives up the claim and the gate; space it
+//! reserved stays unreferenced (a leak, reclaimed by the next repair, or trimmed at
+//! close when it was the last).
+
+use super::claims::ClusterClaim;
+use super::gate::GateHold;
+use super::image::Image;
+use super::mapping::Mapping;
+use crate::error::Result;
+use crate::format::table::ZERO_CLUSTER;
+
+/// Whether a step may wait for other requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Wait {
+    /// Block until the clusters (or the gate) are free.
+    Block,
+    /// Give up instead (io_uring callers, which must never block).
+    Never,
+}
+
+/// An allocation in progress over whole guest clusters.
+pub(super) struct Allocation<'a> {
+    image: &'a Image,
+    _claim: ClusterClaim<'a>,
+    gate: Option<GateHold<'a>>,
+    /// Guest offset of the first claimed cluster.
+    first: u64,
+    /// Claimed clusters.
+    clusters: u64,
+    /// What the clusters held when claimed: [`Mapping::Unallocated`] or
+    /// [`Mapping::Zero`].
+    pub(super) was: Mapping,
+    /// Bytes of the request, from its start, that lie in the claimed clusters.
+    pub(super) len: u64,
+}
+
+impl Image {
+    /// Step 1: claims the clusters of the unallocated or zero run at `pos` (at most
+    /// `len` bytes) and looks again under the claim. `None` when the first cluster turned
+    /// out to be data (someone else allocated it), or, with [`Wait::Never`], when another
+    /// request holds one of the clusters.
+    pub(super) fn claim_allocation(
+        &self,
+        pos: u64,
+        len: u64,
+        wait: Wait,
+    ) -> Result<Option<Allocation<'_>>> {
+        let (mapping, n) = self.lookup(pos, len)?;
+        if let Mapping::Data(_) = mapping {
+            return Ok(None);
+        }
+        let cs = self.geometry.cluster_size();
+        let first = self.geometry.cluster_start(pos);
+        let count = ((pos + n).next_multiple_of(cs) - first) / cs;
+        let mut claim = match wait {
+            Wait::Block => self.claims.clusters(first / cs, count),
+            Wait::Never => match self.claims.try_clusters(first / cs, count) {
+                Some(c) => c,
+                None => return Ok(None),
+            },
+        };
+        let (was, n) = self.lookup(pos, n)?;
+        if let Mapping::Data(_) = was {
+            return Ok(None);
+        }
+        let clusters = ((pos + n).next_multiple_of(cs) - first) / cs;
+        claim.shrink(clusters);
+        Ok(Some(Allocation {
+            image: self,
+            _claim: claim,
+            gate: None,
+            first,
+            clusters,
+            was,
+            len: n,
+        }))
+    }
+
+    /// Sets `bytes` aside at the frontier, growing the file first. Returns where.
+    pub(super) fn reserve(&self, bytes: u64) -> Result<u64> {
+        self.frontier
+            .reserve(&*self.storage, bytes, &self.name, || self.flush_storage())
+    }
+}
+
+impl<'a> Allocation<'a> {
+    /// Step 2: enters the allocation gate; for an allocation that will put `data` into an
+    /// image without a backing file, NEED_CHECK is made durable first. `false` when, with
+    /// [`Wait::Never`], the gate is closed.
+    pub(super) fn enter_gate(&mut self, data: bool, wait: Wait) -> Result<bool> {
+        let image = self.image;
+        let gate = match wait {
+            Wait::Block => image.gate.shared(),
+            Wait::Never => match image.gate.try_shared() {
+                Some(g) => g,
+                None => return Ok(false),
+            },
+        };
+        self.gate = Some(gate);
+        if data && !image.backing_present() {
+            image.header.mark_need_check(&*image.storage, &image.name)?;
+        }
+        Ok(true)
+    }
+
+    /// Step 3: reserves the new clusters. Returns where the first one starts.
+    pub(super) fn reserve(&self) -> Result<u64> {
+        self.image.reserve(self.span())
+    }
+
+    /// Guest offset of the first claimed cluster.
+    pub(super) fn first(&self) -> u64 {
+        self.first
+    }
+
+    /// Bytes the claimed clusters span.
+    pub(super) fn span(&self) -> u64 {
+        self.clusters * self.image.geometry.cluster_size()
+    }
+
+    /// Step 4 for data: maps the clusters to the space reserved at `at`, whose data the
+    /// caller has written.
+    pub(super) fn map_data(self, at: u64) -> Result<()> {
+        let cs = self.image.geometry.cluster_size();
+        self.image
+            .set_l2_entries(self.first, self.clusters, |i| at + i * cs)
+    }
+
+    /// Step 4 for zeros: makes the clusters zero clusters.
+    pub(super) fn map_zero(self) -> Result<()> {
+        self.image
+            .set_l2_entries(self.first, self.clusters, |_| ZERO_CLUSTER)
+    }
+}

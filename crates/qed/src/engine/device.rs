@@ -1,0 +1,136 @@
+//! The image as a [`BlockDevice`].
+
+use super::image::Image;
+use super::mapping::Mapping;
+use crate::block::{check_range, BlockDevice, BlockStatus, DirectExtent, Format, PendingWrite};
+use crate::error::Result;
+
+impl Image {
+    fn status(&self, pos: u64, len: u64) -> Result<BlockStatus> {
+        check_range(pos, len, self.size())?;
+        let (mapping, n) = self.lookup(pos, len)?;
+        Ok(match mapping {
+            // Like QEMU, a data cluster is reported as data even where the file has a
+            // hole (QEMU only looks through to the file for qcow2's preallocation).
+            Mapping::Data(off) => BlockStatus {
+                len: n,
+                allocated: true,
+                data: true,
+                zero: false,
+                offset: Some(off),
+            },
+            Mapping::Zero => BlockStatus {
+                len: n,
+                allocated: true,
+                data: false,
+                zero: true,
+                offset: None,
+            },
+            Mapping::Unallocated => BlockStatus {
+                len: n,
+                allocated: false,
+                data: false,
+                zero: !self.backing_present(),
+                offset: None,
+            },
+        })
+    }
+}
+
+impl BlockDevice for Image {
+    fn size(&self) -> u64 {
+        self.header.get().image_size
+    }
+
+    fn format(&self) -> Format {
+        Format::Qed
+    }
+
+    fn filename(&self) -> &str {
+        &self.name
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_guest(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_guest(buf, offset)
+    }
+
+    /// Whole clusters: data clusters are zeroed in place (their space released where the
+    /// filesystem can), unallocated clusters over a backing file become zero clusters,
+    /// and anything already reading as zeros is left alone. Partial clusters get zeros
+    /// written only where they would not read as zeros already.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes_guest(offset, len)
+    }
+
+    /// Fast unless part of the range is a partial cluster over backing data, which
+    /// allocates a cluster and copies the rest of it from the backing file.
+    fn zeroes_are_fast(&self, offset: u64, len: u64) -> Result<bool> {
+        check_range(offset, len, self.size())?;
+        self.zero_walk(offset, len, false)
+    }
+
+    /// Every data cluster wholly inside the range reads as zeros afterwards and its space
+    /// is released to the filesystem; the cluster stays allocated, so no cluster is leaked
+    /// and `qemu-img check` stays clean. Partial clusters, zero clusters and unallocated
+    /// clusters are left as they are. (QEMU ignores discards on QED images.)
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_guest(offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.flush_image()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.status(offset, len)
+    }
+
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        self.backing.as_ref().and_then(|b| b.device.as_deref())
+    }
+
+    fn begin_write(&self, offset: u64, len: u64) -> Option<PendingWrite<'_>> {
+        match self.direct_extent(offset, len, true) {
+            Some(x) => {
+                let hold = self.storage.try_hold_blocks(x.offset, len)?;
+                Some(PendingWrite::new(x, 0..0, move |_| {
+                    drop(hold);
+                    Ok(())
+                }))
+            }
+            None => self.begin_allocating_write(offset, len),
+        }
+    }
+
+    /// A range inside one data cluster run, or (to read) one the backing file supplies.
+    /// QED never moves or frees a data cluster while the image is open (only a repair or
+    /// shrink, which need `&mut self`, do), so the extent stays right for as long as the
+    /// caller borrows the image.
+    fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<DirectExtent> {
+        if (write && self.read_only) || check_range(offset, len, self.size()).is_err() {
+            return None;
+        }
+        let (fd, align) = self.storage.direct_fd()?;
+        match self.lookup(offset, len).ok()? {
+            (Mapping::Data(off), n) if n >= len => Some(DirectExtent {
+                fd,
+                offset: off,
+                align,
+            }),
+            // Reads the backing file supplies whole come from there.
+            (Mapping::Unallocated, n) if n >= len && !write => {
+                let backing = self.backing.as_ref()?.device.as_deref()?;
+                backing.direct_extent(offset, len, false)
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! The [`Image`] type: what one open QED image holds, how it is opened (handed its
+//! backing file, never opening one), and how it is closed.
+
+use super::check::{CheckReport, RepairMode};
+use super::claims::Claims;
+use super::create::{self, CreateOptions};
+use super::flush_group::FlushGroup;
+use super::frontier::Frontier;
+use super::gate::AllocationGate;
+use super::header::{write_header, write_header_to, HeaderCell};
+use super::l1::L1Table;
+use super::l2cache::L2Cache;
+use crate::block::{BlockDevice, Format};
+use crate::error::{Error, IoContext, Result};
+use crate::format::header::{features, HEADER_LEN};
+use crate::format::{Geometry, Header, MAGIC};
+use crate::storage::{FileStorage, Storage};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// Default bound on cached L2 entries: 16 MiB, which maps 256 GiB of guest space with
+/// 64 KiB clusters.
+pub const DEFAULT_L2_CACHE_BYTES: usize = 16 << 20;
+
+/// The backing file of an image, as named in its header and as opened.
+#[derive(Debug)]
+pub struct Backing {
+    /// The name stored in the header.
+    pub name: String,
+    /// The name resolved against the image's directory.
+    pub path: PathBuf,
+    /// The declared format: `Some(Raw)` when NO_PROBE is set, else `None` (probed).
+    pub declared_format: Option<Format>,
+    /// The opened device (absent when opened without the backing chain).
+    pub device: Option<Box<dyn BlockDevice>>,
+}
+
+/// What the engine needs to know to open an image (the chain's `OpenOptions` carry
+/// these, and more).
+#[derive(Debug, Clone)]
+pub struct ImageOptions {
+    /// Refuse writes; do not touch the file.
+    pub read_only: bool,
+    /// Upper bound on memory used for cached L2 table entries, in bytes.
+    pub l2_cache_bytes: usize,
+    /// On a read-write open of an image with NEED_CHECK set, check and repair it first.
+    pub repair_on_open: bool,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
+            repair_on_open: true,
+        }
+    }
+}
+
+/// An open QED image. `Send + Sync`; every I/O method takes `&self`.
+#[derive(Debug)]
+pub struct Image {
+    pub(super) storage: Box<dyn Storage>,
+    pub(super) geometry: Geometry,
+    pub(super) header: HeaderCell,
+    pub(super) backing: Option<Backing>,
+    pub(super) read_only: bool,
+    pub(super) name: String,
+    /// First byte past the header area: data and tables live at or after it.
+    pub(super) data_start: u64,
+    pub(super) l1: L1Table,
+    pub(super) l2: L2Cache,
+    pub(super) frontier: Frontier,
+    /// Guest clusters and L1 entries being allocated.
+    pub(super) claims: Claims,
+    pub(super) gate: AllocationGate,
+    /// Serializes write-backs of L2 entries (see `write_back_tables`).
+    pub(super) write_back_lock: Mutex<()>,
+    /// Coalesces concurrent flushes.
+    pub(super) flushes: FlushGroup,
+    /// What the check run at open (NEED_CHECK set, read-write) found and fixed.
+    open_repair: Option<CheckReport>,
+    closed: AtomicBool,
+}
+
+/// An image whose header has been read and validated, waiting for its backing file:
+/// the engine never opens one itself. [`OpeningImage::backing_name`] says what the
+/// header names; [`OpeningImage::finish`] takes the opened backing device.
+#[derive(Debug)]
+pub struct OpeningImage {
+    storage: Box<dyn Storage>,
+    name: String,
+    header: Header,
+    geometry: Geometry,
+    file_len: u64,
+    backing_name: Option<String>,
+}
+
+impl OpeningImage {
+    /// The backing file name the header stores, if any.
+    pub fn backing_name(&self) -> Option<&str> {
+        self.backing_name.as_deref()
+    }
+
+    /// The backing file's format as the header declares it: `Some(Raw)` when NO_PROBE
+    /// is set, else `None` (to be probed).
+    pub fn declared_backing_format(&self) -> Option<Format> {
+        self.header.backing_is_raw().then_some(Format::Raw)
+    }
+
+    /// Finishes opening with the backing file the header names (`None` without one):
+    /// reads L1, drops autoclear bits it does not know, and repairs an image left with
+    /// NEED_CHECK set when the options ask for it.
+    pub fn finish(self, backing: Option<Backing>, opts: &ImageOptions) -> Result<Image> {
+        if self.backing_name.is_some() != backing.is_some() {
+            return Err(Error::invalid_argument(format!(
+                "{}: a backing file must be given exactly when the header names one",
+                self.name
+            )));
+        }
+        let mut image = self.into_image(backing, opts)?;
+        if image.header.get().needs_check() && !opts.read_only && opts.repair_on_open {
+            image.repair_at_open()?;
+        }
+        Ok(image)
+    }
+
+    fn into_image(mut self, backing: Option<Backing>, opts: &ImageOptions) -> Result<Image> {
+        let name = self.name;
+        let l1 = L1Table::load(
+            &*self.storage,
+            self.header.l1_table_offset,
+            &self.geometry,
+            self.header.image_size,
+        )
+        .context(|| format!("reading the L1 table of {name}"))?;
+        let unknown_autoclear = self.header.autoclear_features & !features::KNOWN_AUTOCLEAR;
+        if unknown_autoclear != 0 && !opts.read_only {
+            // Bits an older writer set that this one cannot keep true: drop them, as
+            // the format asks.
+            self.header.autoclear_features &= features::KNOWN_AUTOCLEAR;
+            write_header_to(&*self.storage, &self.header).context(|| {
+                format!("clearing unknown autoclear bits {unknown_autoclear:#x} in {name}")
+            })?;
+        }
+        Ok(Image {
+            frontier: Frontier::at_open(&self.geometry, self.file_len),
+            data_start: self.header.header_bytes(),
+            storage: self.storage,
+            geometry: self.geometry,
+            header: HeaderCell::at_open(self.header),
+            backing,
+            read_only: opts.read_only,
+            name,
+            l1,
+            l2: L2Cache::new(opts.l2_cache_bytes),
+            claims: Claims::default(),
+            gate: AllocationGate::default(),
+            write_back_lock: Mutex::new(()),
+            flushes: FlushGroup::default(),
+            open_repair: None,
+            closed: false.into(),
+        })
+    }
+}
+
+impl Image {
+    /// Reads and validates the header of the image in `storage` (the first step of
+    /// opening it). `name` names the image in messages.
+    pub fn begin_open(storage: Box<dyn Storage>, name: String) -> Result<OpeningImage> {
+        let file_len = storage
+            .len()
+            .context(|| format!("reading the size of {name}"))?;
+        if file_len < HEADER_LEN as u64 {
+            return Err(too_short(&*storage, file_len, &name));
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        storage
+            .read_at(&mut hb, 0)
+            .context(|| format!("reading the header of {name}"))?;
+        let in_file = |e: Error| e.in_file(&name);
+        let header = Header::decode(&hb).map_err(in_file)?;
+        let geometry = header.validate(file_len).map_err(in_file)?;
+        let backing_name = read_backing_name(&*storage, &header, &name)?;
+        Ok(OpeningImage {
+            storage,
+            name,
+            header,
+            geometry,
+            file_len,
+            backing_name,
+        })
+    }
+
+    /// The repair at open of an image left with NEED_CHECK set.
+    fn repair_at_open(&mut self) -> Result<()> {
+        // Until the check succeeds, dropping the image must not close it cleanly: that
+        // would clear NEED_CHECK and let the next open skip the check.
+        self.closed.store(true, Ordering::Release);
+        let report = self.repair(RepairMode::All)?;
+        let left = |what: String| {
+            Error::Unsupported(format!(
+                "{}: NEED_CHECK is set and the check {what}; run 'qed check -r all' and \
+                 inspect the image",
+                self.name
+            ))
+        };
+        if report.corruptions_remaining() > 0 {
+            return Err(left(format!(
+                "left {} corruptions",
+                report.corruptions_remaining()
+            )));
+        }
+        if report.check_errors > 0 {
+            return Err(left(format!(
+                "could not finish ({} errors)",
+                report.check_errors
+            )));
+        }
+        self.closed.store(false, Ordering::Release);
+        self.open_repair = Some(report);
+        Ok(())
+    }
+
+    /// Creates an image file from `opts`, truncating any file at `path`.
+    pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
+        let path = path.as_ref();
+        let storage =
+            FileStorage::create(path).context(|| format!("creating {}", path.display()))?;
+        create::create_on(&storage, opts)?;
+        storage
+            .flush()
+            .context(|| format!("flushing {}", path.display()))
+    }
+
+    /// Writes a new image into empty `storage`.
+    pub fn create_on(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+        create::create_on(storage, opts)
+    }
+
+    /// The image's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.header.get().clone()
+    }
+
+    /// The backing file, if the header names one.
+    pub fn backing_file(&self) -> Option<&Backing> {
+        self.backing.as_ref()
+    }
+
+    /// What the consistency check run at open found and repaired, when NEED_CHECK was set.
+    pub fn open_repair(&self) -> Option<&CheckReport> {
+        self.open_repair.as_ref()
+    }
+
+    /// The length of the image's file in bytes (the file may have grown ahead of the
+    /// clusters in use while the image is open; close gives that back).
+    pub fn file_len(&self) -> Result<u64> {
+        self.storage
+            .len()
+            .context(|| format!("reading the size of {}", self.name))
+    }
+
+    /// Flushes and clears NEED_CHECK. Dropping the image does the same, ignoring errors.
+    pub fn close(self) -> Result<()> {
+        self.close_inner()
+    }
+
+    fn close_inner(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) || self.read_only {
+            return Ok(());
+        }
+        let trimmed = self.frontier.trim(&*self.storage, &self.name);
+        self.flush_image().and(trimmed)
+    }
+
+    /// Rewrites the header in the file, keeping the rest of its sector as QEMU does.
+    pub(super) fn write_header(&self, header: &Header) -> Result<()> {
+        write_header(&*self.storage, header, &self.name)
+    }
+
+    /// Whether the header names a backing file (opened or not).
+    pub(super) fn backing_present(&self) -> bool {
+        self.backing.is_some()
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = self.close_inner();
+    }
+}
+
+/// The error for a file too short to hold a header: not QED at all, unless what it has
+/// is the start of the magic.
+fn too_short(storage: &dyn Storage, file_len: u64, name: &str) -> Error {
+    let mut start = vec![0u8; file_len as usize];
+    if let Err(cause) = storage.read_at(&mut start, 0) {
+        return Error::Io {
+            context: format!("reading the header of {name}"),
+            cause,
+        };
+    }
+    let n = start.len().min(MAGIC.len());
+    let error = if start[..n] == MAGIC[..n] {
+        Error::invalid_header(
+            "file size",
+            file_len,
+            "too small to hold a QED header (64 bytes)",
+        )
+    } else {
+        let mut found = [0u8; 4];
+        found[..n].copy_from_slice(&start[..n]);
+        Error::BadMagic {
+            file: String::new(),
+            found,
+        }
+    };
+    error.in_file(name)
+}
+
+/// The backing file name the header stores, if it names one.
+fn read_backing_name(storage: &dyn Storage, header: &Header, name: &str) -> Result<Option<String>> {
+    if !header.has_backing_file() {
+        return Ok(None);
+    }
+    let mut raw = vec![0u8; header.backing_filename_size as usize];
+    storage
+        .read_at(&mut raw, header.backing_filename_offset.into())
+        .context(|| format!("reading the backing file name of {name}"))?;
+    String::from_utf8(raw).map(Some).map_err(|_| {
+        Error::invalid_header(
+            "backing_filename_offset",
+            header.backing_filename_offset.into(),
+            "the backing file name is not valid UTF-8",
+        )
+        .in_file(name)
+    })
+}

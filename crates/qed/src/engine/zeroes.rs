@@ -1,0 +1,93 @@
+//! Zero writes and discards: ranges made to read as zeros with as little writing as the
+//! format allows (see "Write zeroes" and "Discard" in docs/design.md).
+
+use super::allocation::Wait;
+use super::image::Image;
+use super::io::COPY_CHUNK;
+use super::mapping::Mapping;
+use crate::error::{IoContext, Result};
+
+impl Image {
+    pub(super) fn write_zeroes_guest(&self, pos: u64, len: u64) -> Result<()> {
+        self.writable(pos, len)?;
+        self.zero_walk(pos, len, true).map(|_| ())
+    }
+
+    /// Walks the range as a zero write does. With `apply`, zeroes it; without, changes
+    /// nothing and answers whether zeroing would be fast: false as soon as a part would
+    /// need data written (a partial cluster over backing data). Returns true when applied.
+    pub(super) fn zero_walk(&self, pos: u64, len: u64, apply: bool) -> Result<bool> {
+        let cs = self.geometry.cluster_size();
+        let end = pos + len;
+        let mut p = pos;
+        while p < end {
+            let (mapping, run) = self.lookup(p, end - p)?;
+            let whole = self.geometry.is_cluster_aligned(p) && end - p >= cs;
+            // Whole clusters in one go; a partial cluster on its own.
+            let n = if whole {
+                run / cs * cs
+            } else {
+                run.min(cs - self.geometry.offset_in_cluster(p))
+            };
+            let needs_work = p < self.backing_size();
+            if !apply {
+                if matches!(mapping, Mapping::Unallocated) && needs_work && !whole {
+                    return Ok(false);
+                }
+                p += n;
+                continue;
+            }
+            p += match mapping {
+                Mapping::Data(off) => {
+                    self.storage
+                        .zero_range(off, n)
+                        .context(|| format!("zeroing {n} bytes at {off:#x} of {}", self.name))?;
+                    n
+                }
+                Mapping::Zero => n,
+                // Without backing data below, unallocated already reads as zeros.
+                Mapping::Unallocated if !needs_work => n,
+                Mapping::Unallocated if whole => self.zero_clusters(p, n)?,
+                Mapping::Unallocated => {
+                    // At most a megabyte of zeros (a cluster can be 64 MiB): the rest of
+                    // the cluster is then allocated, and zeroed in place.
+                    let zeros = vec![0u8; n.min(COPY_CHUNK) as usize];
+                    self.write_allocating(&zeros, p)? as u64
+                }
+            };
+        }
+        Ok(true)
+    }
+
+    /// Turns unallocated whole clusters at `pos` into zero clusters. Returns how many
+    /// bytes it covered: 0 when another writer changed them first.
+    fn zero_clusters(&self, pos: u64, len: u64) -> Result<u64> {
+        let Some(mut alloc) = self.claim_allocation(pos, len, Wait::Block)? else {
+            return Ok(0);
+        };
+        if alloc.was != Mapping::Unallocated {
+            return Ok(0);
+        }
+        alloc.enter_gate(false, Wait::Block)?;
+        let covered = alloc.span();
+        alloc.map_zero()?;
+        Ok(covered)
+    }
+
+    pub(super) fn discard_guest(&self, pos: u64, len: u64) -> Result<()> {
+        self.writable(pos, len)?;
+        let cs = self.geometry.cluster_size();
+        let mut p = pos.next_multiple_of(cs);
+        let end = self.geometry.cluster_start(pos + len);
+        while p < end {
+            let (mapping, n) = self.lookup(p, end - p)?;
+            if let Mapping::Data(off) = mapping {
+                self.storage
+                    .zero_range(off, n)
+                    .context(|| format!("discarding {n} bytes at {off:#x} of {}", self.name))?;
+            }
+            p += n;
+        }
+        Ok(())
+    }
+}
