@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! An NBD (Network Block Device) server over the `qed` library's devices.
 //!
 //! Fixed newstyle handshake with structured replies, metadata contexts
