@@ -22,16 +22,21 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod commands;
+mod connection;
+mod errors;
 mod export;
 mod handshake;
 mod pool;
 pub mod proto;
+mod reader;
 mod replies;
 mod server;
+mod session;
 mod stream;
 mod transmission;
 
 pub use export::{DiscardMode, Export, MAX_PAYLOAD};
-pub use handshake::MetaContext;
 pub use server::{Config, Listener, Server};
+pub use session::MetaContext;
 pub use stream::Stream;
