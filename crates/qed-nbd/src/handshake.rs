@@ -2,8 +2,10 @@
 
 use crate::export::{Export, MAX_PAYLOAD, PREFERRED_BLOCK};
 use crate::proto::{self, info, opt, rep, IHAVEOPT};
+use crate::session::{MetaContext, Session};
 use crate::stream::Stream;
 use std::io::{self, Read, Write};
+use std::ops::ControlFlow::{self, Break, Continue};
 use std::time::Instant;
 
 /// Largest option payload accepted; longer ones get NBD_REP_ERR_TOO_BIG.
@@ -13,53 +15,6 @@ const MAX_SKIPPABLE_LEN: u32 = 16 << 20;
 /// Most options a client may send before it must pick an export.
 const MAX_OPTIONS: usize = 1000;
 
-/// A metadata context a client can select for NBD_CMD_BLOCK_STATUS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MetaContext {
-    /// `base:allocation`: hole and zero flags.
-    Allocation,
-    /// `qemu:allocation-depth`: which layer of the backing chain supplies the data.
-    AllocationDepth,
-}
-
-impl MetaContext {
-    /// The context's name on the wire.
-    pub fn name(self) -> &'static str {
-        match self {
-            MetaContext::Allocation => "base:allocation",
-            MetaContext::AllocationDepth => "qemu:allocation-depth",
-        }
-    }
-
-    /// The context's id in replies.
-    pub fn id(self) -> u32 {
-        match self {
-            MetaContext::Allocation => 1,
-            MetaContext::AllocationDepth => 2,
-        }
-    }
-
-    /// The contexts a query names; `listing` allows the `ns:` wildcard.
-    fn matching(query: &[u8], listing: bool) -> Vec<MetaContext> {
-        match query {
-            b"base:allocation" => vec![MetaContext::Allocation],
-            b"qemu:allocation-depth" => vec![MetaContext::AllocationDepth],
-            b"base:" if listing => vec![MetaContext::Allocation],
-            b"qemu:" if listing => vec![MetaContext::AllocationDepth],
-            _ => Vec::new(),
-        }
-    }
-}
-
-/// What the handshake agreed on.
-#[derive(Debug, Clone, Default)]
-pub struct Session {
-    /// Structured replies were negotiated.
-    pub structured: bool,
-    /// Selected metadata contexts.
-    pub contexts: Vec<MetaContext>,
-}
-
 /// Why the handshake ended without a session: the client aborted, asked for an unknown
 /// export with NBD_OPT_EXPORT_NAME, or the server is shutting down.
 #[derive(Debug)]
@@ -68,11 +23,17 @@ pub struct Closed;
 /// Handshake outcome: a session, a clean close, or an I/O or protocol error.
 pub type Outcome = io::Result<Result<Session, Closed>>;
 
+/// How the haggling goes on after an option: on to the next, or over with this outcome.
+type Next = ControlFlow<Result<Session, Closed>>;
+
+/// The server's side of the handshake, between the greeting and the export chosen.
 struct Haggler<'a> {
     stream: &'a mut Stream,
     export: &'a Export,
     deadline: Instant,
     session: Session,
+    /// The client asked to be spared the zero padding after NBD_OPT_EXPORT_NAME.
+    no_zeroes: bool,
 }
 
 /// Runs the handshake. The whole of it must finish before `deadline`.
@@ -87,112 +48,18 @@ pub fn handshake(
         export,
         deadline,
         session: Session::default(),
+        no_zeroes: false,
     };
-    let mut greeting = Vec::with_capacity(18);
-    greeting.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
-    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    greeting.extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
-    h.send(&greeting)?;
-    let client_flags = h.read_u32()?;
-    if client_flags & !(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES) != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("unknown client flags {client_flags:#x}"),
-        ));
-    }
-    let no_zeroes = client_flags & proto::CLIENT_NO_ZEROES != 0;
+    h.greet()?;
     for _ in 0..MAX_OPTIONS {
-        if h.read_u64()? != IHAVEOPT {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "option without the IHAVEOPT magic",
-            ));
-        }
-        let option = h.read_u32()?;
-        let len = h.read_u32()?;
-        if len > MAX_OPTION_LEN {
-            // EXPORT_NAME has no error reply: the only answer is to hang up.
-            if len > MAX_SKIPPABLE_LEN || option == opt::EXPORT_NAME {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("option {option} of {len} bytes"),
-                ));
-            }
-            h.skip(len.into())?;
-            h.reply(option, rep::ERR_TOO_BIG, b"option data too long")?;
+        let Some((option, data)) = h.read_option()? else {
             continue;
-        }
-        let mut data = vec![0u8; len as usize];
-        h.read_full(&mut data)?;
+        };
         if shutting_down() && option != opt::ABORT {
-            if option != opt::EXPORT_NAME {
-                h.reply(option, rep::ERR_SHUTDOWN, b"the server is shutting down")?;
-            }
-            return Ok(Err(Closed));
+            return h.refuse_shutting_down(option);
         }
-        match option {
-            opt::EXPORT_NAME => {
-                if !h.export.matches(&data) {
-                    return Ok(Err(Closed));
-                }
-                let mut m = Vec::with_capacity(10 + 124);
-                m.extend_from_slice(&h.export.device.size().to_be_bytes());
-                m.extend_from_slice(&h.export.flags(h.session.structured).to_be_bytes());
-                if !no_zeroes {
-                    m.extend_from_slice(&[0u8; 124]);
-                }
-                h.send(&m)?;
-                return Ok(Ok(h.session));
-            }
-            opt::ABORT => {
-                // The client may already be gone; the reply is a courtesy.
-                let _ = h.reply(option, rep::ACK, &[]);
-                return Ok(Err(Closed));
-            }
-            opt::LIST => {
-                if !data.is_empty() {
-                    h.reply(option, rep::ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
-                    continue;
-                }
-                let mut d = Vec::new();
-                d.extend_from_slice(&(h.export.name.len() as u32).to_be_bytes());
-                d.extend_from_slice(h.export.name.as_bytes());
-                d.extend_from_slice(h.export.description.as_bytes());
-                h.reply(option, rep::SERVER, &d)?;
-                h.reply(option, rep::ACK, &[])?;
-            }
-            opt::STARTTLS => {
-                h.reply(option, rep::ERR_POLICY, b"TLS is not supported")?;
-            }
-            opt::INFO | opt::GO => {
-                if h.info_or_go(option, &data)? && option == opt::GO {
-                    return Ok(Ok(h.session));
-                }
-            }
-            opt::STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    h.reply(
-                        option,
-                        rep::ERR_INVALID,
-                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
-                    )?;
-                } else if h.session.structured {
-                    h.reply(
-                        option,
-                        rep::ERR_INVALID,
-                        b"structured replies already negotiated",
-                    )?;
-                } else {
-                    h.session.structured = true;
-                    h.reply(option, rep::ACK, &[])?;
-                }
-            }
-            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
-                h.meta_context(option, &data)?;
-            }
-            _ => {
-                h.reply(option, rep::ERR_UNSUP, b"option not supported")?;
-            }
+        if let Break(outcome) = h.answer(option, &data)? {
+            return Ok(outcome);
         }
     }
     Err(io::Error::new(
@@ -217,6 +84,136 @@ fn take_string(data: &mut &[u8]) -> Option<Vec<u8>> {
 }
 
 impl Haggler<'_> {
+    /// Sends the server's greeting and takes the client's flags.
+    fn greet(&mut self) -> io::Result<()> {
+        let mut greeting = Vec::with_capacity(18);
+        greeting.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
+        greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        greeting
+            .extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
+        self.send(&greeting)?;
+        let client_flags = self.read_u32()?;
+        if client_flags & !(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES) != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unknown client flags {client_flags:#x}"),
+            ));
+        }
+        self.no_zeroes = client_flags & proto::CLIENT_NO_ZEROES != 0;
+        Ok(())
+    }
+
+    /// Reads the next option and its data; `None` for one too long to take, which has
+    /// been skipped and answered already.
+    fn read_option(&mut self) -> io::Result<Option<(u32, Vec<u8>)>> {
+        if self.read_u64()? != IHAVEOPT {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "option without the IHAVEOPT magic",
+            ));
+        }
+        let option = self.read_u32()?;
+        let len = self.read_u32()?;
+        if len > MAX_OPTION_LEN {
+            // EXPORT_NAME has no error reply: the only answer is to hang up.
+            if len > MAX_SKIPPABLE_LEN || option == opt::EXPORT_NAME {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("option {option} of {len} bytes"),
+                ));
+            }
+            self.skip(len.into())?;
+            self.reply(option, rep::ERR_TOO_BIG, b"option data too long")?;
+            return Ok(None);
+        }
+        let mut data = vec![0u8; len as usize];
+        self.read_full(&mut data)?;
+        Ok(Some((option, data)))
+    }
+
+    /// Ends the handshake of a server that is shutting down, telling the client why
+    /// where the option has an error reply.
+    fn refuse_shutting_down(&mut self, option: u32) -> Outcome {
+        if option != opt::EXPORT_NAME {
+            self.reply(option, rep::ERR_SHUTDOWN, b"the server is shutting down")?;
+        }
+        Ok(Err(Closed))
+    }
+
+    /// Answers one option.
+    fn answer(&mut self, option: u32, data: &[u8]) -> io::Result<Next> {
+        match option {
+            opt::EXPORT_NAME => return self.export_name(data).map(Break),
+            opt::ABORT => {
+                // The client may already be gone; the reply is a courtesy.
+                let _ = self.reply(option, rep::ACK, &[]);
+                return Ok(Break(Err(Closed)));
+            }
+            opt::LIST => self.list(data)?,
+            opt::STARTTLS => self.reply(option, rep::ERR_POLICY, b"TLS is not supported")?,
+            opt::INFO | opt::GO => {
+                if self.info_or_go(option, data)? && option == opt::GO {
+                    return Ok(Break(Ok(std::mem::take(&mut self.session))));
+                }
+            }
+            opt::STRUCTURED_REPLY => self.structured_reply(data)?,
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => self.meta_context(option, data)?,
+            _ => self.reply(option, rep::ERR_UNSUP, b"option not supported")?,
+        }
+        Ok(Continue(()))
+    }
+
+    /// Answers NBD_OPT_EXPORT_NAME, which ends the handshake either way: the export's
+    /// size and flags, or a hang-up for an unknown name (the option has no error reply).
+    fn export_name(&mut self, name: &[u8]) -> io::Result<Result<Session, Closed>> {
+        if !self.export.matches(name) {
+            return Ok(Err(Closed));
+        }
+        let mut m = Vec::with_capacity(10 + 124);
+        m.extend_from_slice(&self.export.device.size().to_be_bytes());
+        m.extend_from_slice(&self.export.flags(self.session.structured).to_be_bytes());
+        if !self.no_zeroes {
+            m.extend_from_slice(&[0u8; 124]);
+        }
+        self.send(&m)?;
+        Ok(Ok(std::mem::take(&mut self.session)))
+    }
+
+    /// Answers NBD_OPT_LIST with the one export.
+    fn list(&mut self, data: &[u8]) -> io::Result<()> {
+        let option = opt::LIST;
+        if !data.is_empty() {
+            return self.reply(option, rep::ERR_INVALID, b"NBD_OPT_LIST takes no data");
+        }
+        let mut d = Vec::new();
+        d.extend_from_slice(&(self.export.name.len() as u32).to_be_bytes());
+        d.extend_from_slice(self.export.name.as_bytes());
+        d.extend_from_slice(self.export.description.as_bytes());
+        self.reply(option, rep::SERVER, &d)?;
+        self.reply(option, rep::ACK, &[])
+    }
+
+    /// Answers NBD_OPT_STRUCTURED_REPLY, which may be negotiated once.
+    fn structured_reply(&mut self, data: &[u8]) -> io::Result<()> {
+        let option = opt::STRUCTURED_REPLY;
+        if !data.is_empty() {
+            self.reply(
+                option,
+                rep::ERR_INVALID,
+                b"NBD_OPT_STRUCTURED_REPLY takes no data",
+            )
+        } else if self.session.structured {
+            self.reply(
+                option,
+                rep::ERR_INVALID,
+                b"structured replies already negotiated",
+            )
+        } else {
+            self.session.structured = true;
+            self.reply(option, rep::ACK, &[])
+        }
+    }
+
     /// Fills `buf` from the client before the handshake's deadline. Each read waits at
     /// most for what is left of the handshake's time, so a client that trickles bytes
     /// cannot stretch it.

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! An NBD (Network Block Device) server over the `qed` library's devices.
 //!
 //! Fixed newstyle handshake with structured replies, metadata contexts
@@ -21,16 +22,21 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod commands;
+mod connection;
+mod errors;
 mod export;
 mod handshake;
 mod pool;
 pub mod proto;
+mod reader;
 mod replies;
 mod server;
+mod session;
 mod stream;
 mod transmission;
 
 pub use export::{DiscardMode, Export, MAX_PAYLOAD};
-pub use handshake::MetaContext;
 pub use server::{Config, Listener, Server};
+pub use session::MetaContext;
 pub use stream::Stream;

@@ -16,110 +16,169 @@ pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Magic of structured reply chunks.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
-/// Handshake flags.
+/// Handshake flag: the server speaks fixed newstyle.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
 /// The server may omit the 124 zero bytes after NBD_OPT_EXPORT_NAME.
 pub const FLAG_NO_ZEROES: u16 = 2;
-/// Client flags.
+/// Client flag: the client speaks fixed newstyle.
 pub const CLIENT_FIXED_NEWSTYLE: u32 = 1;
 /// Client flag: no zero padding.
 pub const CLIENT_NO_ZEROES: u32 = 2;
 
-/// Option types.
+/// Option types (`NBD_OPT_*`) a client sends during the handshake.
 pub mod opt {
+    /// NBD_OPT_EXPORT_NAME: pick an export and end the handshake; it has no error reply.
     pub const EXPORT_NAME: u32 = 1;
+    /// NBD_OPT_ABORT: the client gives up on the handshake.
     pub const ABORT: u32 = 2;
+    /// NBD_OPT_LIST: list the exports.
     pub const LIST: u32 = 3;
+    /// NBD_OPT_STARTTLS: upgrade the connection to TLS.
     pub const STARTTLS: u32 = 5;
+    /// NBD_OPT_INFO: describe an export without picking it.
     pub const INFO: u32 = 6;
+    /// NBD_OPT_GO: describe an export and pick it, ending the handshake.
     pub const GO: u32 = 7;
+    /// NBD_OPT_STRUCTURED_REPLY: ask for structured replies in transmission.
     pub const STRUCTURED_REPLY: u32 = 8;
+    /// NBD_OPT_LIST_META_CONTEXT: list the metadata contexts a query matches.
     pub const LIST_META_CONTEXT: u32 = 9;
+    /// NBD_OPT_SET_META_CONTEXT: select metadata contexts for block status.
     pub const SET_META_CONTEXT: u32 = 10;
 }
 
-/// Option reply types.
+/// Option reply types (`NBD_REP_*`); errors have the top bit set.
 pub mod rep {
+    /// NBD_REP_ACK: the option is done.
     pub const ACK: u32 = 1;
+    /// NBD_REP_SERVER: one export of a list.
     pub const SERVER: u32 = 2;
+    /// NBD_REP_INFO: one piece of information about an export.
     pub const INFO: u32 = 3;
+    /// NBD_REP_META_CONTEXT: one metadata context, with its id.
     pub const META_CONTEXT: u32 = 4;
     const ERR: u32 = 1 << 31;
+    /// NBD_REP_ERR_UNSUP: the option is not known.
     pub const ERR_UNSUP: u32 = ERR + 1;
+    /// NBD_REP_ERR_POLICY: the option is known but not allowed.
     pub const ERR_POLICY: u32 = ERR + 2;
+    /// NBD_REP_ERR_INVALID: the option's data is malformed or out of place.
     pub const ERR_INVALID: u32 = ERR + 3;
+    /// NBD_REP_ERR_UNKNOWN: no such export.
     pub const ERR_UNKNOWN: u32 = ERR + 6;
+    /// NBD_REP_ERR_SHUTDOWN: the server is shutting down.
     pub const ERR_SHUTDOWN: u32 = ERR + 7;
+    /// NBD_REP_ERR_TOO_BIG: the option's data is longer than the server takes.
     pub const ERR_TOO_BIG: u32 = ERR + 9;
 }
 
-/// Information types of NBD_OPT_INFO / NBD_OPT_GO.
+/// Information types (`NBD_INFO_*`) of NBD_OPT_INFO / NBD_OPT_GO.
 pub mod info {
+    /// NBD_INFO_EXPORT: size and transmission flags.
     pub const EXPORT: u16 = 0;
+    /// NBD_INFO_NAME: the export's canonical name.
     pub const NAME: u16 = 1;
+    /// NBD_INFO_DESCRIPTION: the export's description.
     pub const DESCRIPTION: u16 = 2;
+    /// NBD_INFO_BLOCK_SIZE: minimum, preferred and maximum block sizes.
     pub const BLOCK_SIZE: u16 = 3;
 }
 
-/// Transmission flags.
+/// Transmission flags (`NBD_FLAG_*`): what an export supports.
 pub mod tflag {
+    /// NBD_FLAG_HAS_FLAGS: always set.
     pub const HAS_FLAGS: u16 = 1;
+    /// NBD_FLAG_READ_ONLY: writes are refused.
     pub const READ_ONLY: u16 = 1 << 1;
+    /// NBD_FLAG_SEND_FLUSH: NBD_CMD_FLUSH is supported.
     pub const SEND_FLUSH: u16 = 1 << 2;
+    /// NBD_FLAG_SEND_FUA: the FUA command flag is supported.
     pub const SEND_FUA: u16 = 1 << 3;
+    /// NBD_FLAG_SEND_TRIM: NBD_CMD_TRIM is supported.
     pub const SEND_TRIM: u16 = 1 << 5;
+    /// NBD_FLAG_SEND_WRITE_ZEROES: NBD_CMD_WRITE_ZEROES is supported.
     pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
+    /// NBD_FLAG_SEND_DF: the DF command flag is supported.
     pub const SEND_DF: u16 = 1 << 7;
+    /// NBD_FLAG_CAN_MULTI_CONN: a flush on one connection covers all of them.
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
+    /// NBD_FLAG_SEND_CACHE: NBD_CMD_CACHE is supported.
     pub const SEND_CACHE: u16 = 1 << 10;
+    /// NBD_FLAG_SEND_FAST_ZERO: the FAST_ZERO command flag is supported.
     pub const SEND_FAST_ZERO: u16 = 1 << 11;
 }
 
-/// Request types.
+/// Request types (`NBD_CMD_*`).
 pub mod cmd {
+    /// NBD_CMD_READ.
     pub const READ: u16 = 0;
+    /// NBD_CMD_WRITE: the payload follows the header.
     pub const WRITE: u16 = 1;
+    /// NBD_CMD_DISC: the client disconnects.
     pub const DISC: u16 = 2;
+    /// NBD_CMD_FLUSH: make completed writes durable.
     pub const FLUSH: u16 = 3;
+    /// NBD_CMD_TRIM: the range's data is no longer needed.
     pub const TRIM: u16 = 4;
+    /// NBD_CMD_CACHE: prefetch the range.
     pub const CACHE: u16 = 5;
+    /// NBD_CMD_WRITE_ZEROES: zero the range, without a payload.
     pub const WRITE_ZEROES: u16 = 6;
+    /// NBD_CMD_BLOCK_STATUS: describe the range in the selected metadata contexts.
     pub const BLOCK_STATUS: u16 = 7;
 }
 
-/// Command flags.
+/// Command flags (`NBD_CMD_FLAG_*`).
 pub mod cflag {
+    /// NBD_CMD_FLAG_FUA: the write is durable before it is acknowledged.
     pub const FUA: u16 = 1;
+    /// NBD_CMD_FLAG_NO_HOLE: write zeroes as data, not as a hole.
     pub const NO_HOLE: u16 = 1 << 1;
+    /// NBD_CMD_FLAG_DF: the read's data comes in one chunk.
     pub const DF: u16 = 1 << 2;
+    /// NBD_CMD_FLAG_REQ_ONE: one extent per context is enough.
     pub const REQ_ONE: u16 = 1 << 3;
+    /// NBD_CMD_FLAG_FAST_ZERO: fail rather than zero slowly.
     pub const FAST_ZERO: u16 = 1 << 4;
 }
 
-/// Structured reply chunk types and flags.
+/// Structured reply chunk types and flags (`NBD_REPLY_TYPE_*`, `NBD_REPLY_FLAG_*`).
 pub mod chunk {
+    /// NBD_REPLY_FLAG_DONE: the last chunk of a reply.
     pub const FLAG_DONE: u16 = 1;
+    /// NBD_REPLY_TYPE_NONE: a chunk with no content.
     pub const NONE: u16 = 0;
+    /// NBD_REPLY_TYPE_OFFSET_DATA: data read at an offset.
     pub const OFFSET_DATA: u16 = 1;
+    /// NBD_REPLY_TYPE_OFFSET_HOLE: a run of zeroes at an offset.
     pub const OFFSET_HOLE: u16 = 2;
+    /// NBD_REPLY_TYPE_BLOCK_STATUS: the extents of one metadata context.
     pub const BLOCK_STATUS: u16 = 5;
+    /// NBD_REPLY_TYPE_ERROR: an error value and message.
     pub const ERROR: u16 = (1 << 15) + 1;
 }
 
-/// Error values.
+/// Error values, as the protocol numbers them (the Linux values).
 pub mod errno {
+    /// Operation not permitted.
     pub const EPERM: u32 = 1;
+    /// Input/output error.
     pub const EIO: u32 = 5;
+    /// Invalid argument.
     pub const EINVAL: u32 = 22;
+    /// No space left on the device.
     pub const ENOSPC: u32 = 28;
+    /// Value too large (a DF read that cannot go in one chunk).
     pub const EOVERFLOW: u32 = 75;
+    /// Not supported.
     pub const ENOTSUP: u32 = 95;
+    /// The server is shutting down.
     pub const ESHUTDOWN: u32 = 108;
 }
 
-/// `base:allocation` flags.
+/// `base:allocation` flag NBD_STATE_HOLE: the range is not allocated.
 pub const STATE_HOLE: u32 = 1;
-/// `base:allocation` flags.
+/// `base:allocation` flag NBD_STATE_ZERO: the range reads as zeroes.
 pub const STATE_ZERO: u32 = 2;
 
 /// Reads a big-endian u16.

@@ -5,11 +5,13 @@
 //! socket takes more; so a client that stops reading stalls only its own replies, and
 //! nothing the thread holds (an allocation's claim, a block's lock) waits on it.
 
+use crate::commands::{allowed_flags, run_on_pool};
+use crate::connection::{Connection, Msg};
+use crate::errors::{io_errno, nbd_error};
+use crate::export::MAX_PAYLOAD;
 use crate::pool::Pool;
 use crate::proto::{self, cflag, cmd, errno, Request};
 use crate::stream::Stream;
-use crate::transmission::{allowed_flags, io_errno, nbd_error, Connection, Msg};
-use crate::MAX_PAYLOAD;
 use qed::{AlignedBuf as Buf, BlockDevice, DirectExtent, PendingWrite, Ring};
 use std::collections::VecDeque;
 use std::net::Shutdown;
@@ -111,171 +113,253 @@ pub(crate) fn run(
     conn: &Arc<Connection>,
     pool: &Pool,
     incoming: Receiver<Msg>,
-    mut ring: Option<Ring>,
+    ring: Option<Ring>,
     socket: Stream,
 ) -> Stream {
-    let dev = conn.device();
-    let mut flight: Vec<Option<InFlight<'_>>> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
-    let mut out = Outbox::default();
-    let mut stopping = false;
+    let mut t = ReplyThread {
+        ring,
+        flight: Vec::new(),
+        free: Vec::new(),
+        out: Outbox::default(),
+        stopping: false,
+        conn,
+        dev: conn.device(),
+        pool,
+        incoming,
+        socket,
+    };
     loop {
-        // Completions.
-        let mut progress = false;
-        if let Some(r) = ring.as_mut() {
-            let _ = r.submit();
-            for (user_data, res) in r.reap().unwrap_or_default() {
-                progress = true;
-                if user_data == SOCKET_WRITABLE {
-                    out.poll_armed = false;
-                    continue;
-                }
-                let Some(f) = flight.get_mut(user_data as usize).and_then(Option::take) else {
-                    continue;
-                };
-                free.push(user_data as usize);
-                let (head, with_data) = complete(conn, f.req, f.write, res);
-                let data: &[u8] = if with_data { f.buf.as_ref() } else { &[] };
-                out.push(conn, &[&head, data], f.cost);
-            }
-        }
+        let reaped = t.reap_completions();
         // New requests and replies, after the completions: a wake-up the ring has just
-        // delivered is for a message already sent. Without a ring, wait for them here.
-        loop {
-            let msg = if ring.is_none() && !progress && !out.pending() && !stopping {
-                match incoming.recv() {
-                    Ok(m) => m,
-                    Err(_) => {
-                        stopping = true;
-                        break;
-                    }
-                }
-            } else {
-                match incoming.try_recv() {
-                    Ok(m) => m,
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        stopping = true;
-                        break;
-                    }
-                }
-            };
-            progress = true;
-            match msg {
-                Msg::Stop => stopping = true,
-                Msg::Reply(bytes, cost) => out.push(conn, &[&bytes], cost),
-                Msg::Io(req, buf, cost) => {
-                    let started = match ring.as_mut() {
-                        Some(r) => start(conn, dev, r, &mut flight, &mut free, req, buf, cost),
-                        None => Err((req, buf, cost)),
-                    };
-                    if let Err((req, buf, cost)) = started {
-                        conn.run_on(pool, req, buf, cost);
-                    }
-                }
-            }
-            if out.bytes.len() >= MAX_REPLY_BATCH {
-                break;
-            }
-        }
-        // Replies.
-        if out.pending() && !out.poll_armed {
-            let all_sent = out.send(conn, &socket, ring.is_none());
-            if !all_sent {
-                if let Some(r) = ring.as_mut() {
-                    // The socket outlives the ring's use of it: the ring is drained
-                    // before this function returns the socket.
-                    if r.poll_writable(socket.as_raw_fd(), SOCKET_WRITABLE).is_ok() {
-                        out.poll_armed = true;
-                    } else {
-                        out.send(conn, &socket, true);
-                    }
-                }
-            }
-        }
-        let busy = flight.iter().any(Option::is_some) || out.pending();
-        if stopping && !busy {
+        // delivered is for a message already sent.
+        let progress = t.take_messages(reaped);
+        t.send_replies();
+        if t.stopping && !t.busy() {
             break;
         }
         if !progress {
-            if let Some(r) = ring.as_mut() {
-                if r.wait().is_err() {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+            t.wait_for_ring();
+        }
+    }
+    t.finish()
+}
+
+/// The reply thread's state.
+struct ReplyThread<'a> {
+    /// First, so that it is drained before the buffers it may still use are dropped.
+    ring: Option<Ring>,
+    /// Requests in the kernel, by slot (the ring's `user_data`).
+    flight: Vec<Option<InFlight<'a>>>,
+    /// Slots of `flight` free for reuse.
+    free: Vec<usize>,
+    out: Outbox,
+    /// The reader is done (or gone); the thread ends once nothing is left to answer.
+    stopping: bool,
+    conn: &'a Arc<Connection>,
+    dev: &'a dyn BlockDevice,
+    pool: &'a Pool,
+    incoming: Receiver<Msg>,
+    socket: Stream,
+}
+
+impl<'a> ReplyThread<'a> {
+    /// Turns what the ring finished into replies; returns whether anything finished.
+    fn reap_completions(&mut self) -> bool {
+        let Some(r) = self.ring.as_mut() else {
+            return false;
+        };
+        let _ = r.submit();
+        let mut progress = false;
+        for (user_data, res) in r.reap().unwrap_or_default() {
+            progress = true;
+            if user_data == SOCKET_WRITABLE {
+                self.out.poll_armed = false;
+                continue;
+            }
+            let slot = user_data as usize;
+            let Some(f) = self.flight.get_mut(slot).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(slot);
+            let (head, with_data) = complete(self.conn, f.req, f.write, res);
+            let data: &[u8] = if with_data { f.buf.as_ref() } else { &[] };
+            self.out.push(self.conn, &[&head, data], f.cost);
+        }
+        progress
+    }
+
+    /// Takes the messages waiting, until a batch of replies is gathered; returns
+    /// whether anything was reaped or taken. `reaped` says whether completions were.
+    fn take_messages(&mut self, reaped: bool) -> bool {
+        let mut progress = reaped;
+        loop {
+            // Without a ring nothing else can wake this thread: wait for a message.
+            let block = self.ring.is_none() && !progress && !self.out.pending() && !self.stopping;
+            let Some(msg) = self.next_message(block) else {
+                break;
+            };
+            progress = true;
+            self.dispatch(msg);
+            if self.out.bytes.len() >= MAX_REPLY_BATCH {
+                break;
+            }
+        }
+        progress
+    }
+
+    /// The next message, if one is waiting (or, with `block`, once one comes). A reader
+    /// gone counts as stopping.
+    fn next_message(&mut self, block: bool) -> Option<Msg> {
+        let msg = if block {
+            self.incoming.recv().ok()
+        } else {
+            match self.incoming.try_recv() {
+                Ok(m) => Some(m),
+                Err(TryRecvError::Empty) => return None,
+                Err(TryRecvError::Disconnected) => None,
+            }
+        };
+        if msg.is_none() {
+            self.stopping = true;
+        }
+        msg
+    }
+
+    /// Acts on one message: a reply is queued, a read or write starts on the ring if
+    /// it can and on the pool if not.
+    fn dispatch(&mut self, msg: Msg) {
+        match msg {
+            Msg::Stop => self.stopping = true,
+            Msg::Reply(bytes, cost) => self.out.push(self.conn, &[&bytes], cost),
+            Msg::Io(req, buf, cost) => {
+                if let Err((req, buf, cost)) = self.start(req, buf, cost) {
+                    run_on_pool(self.conn, self.pool, req, buf, cost);
                 }
             }
         }
     }
-    if let Some(mut r) = ring {
-        r.drain();
+
+    /// Sends the replies gathered. Without a ring, it blocks until they are all sent;
+    /// with one, what the socket cannot take now waits for the ring to say it can.
+    fn send_replies(&mut self) {
+        if !self.out.pending() || self.out.poll_armed {
+            return;
+        }
+        let all_sent = self.out.send(self.conn, &self.socket, self.ring.is_none());
+        if all_sent {
+            return;
+        }
+        if let Some(r) = self.ring.as_mut() {
+            // The socket outlives the ring's use of it: the ring is drained before the
+            // thread returns the socket.
+            if r.poll_writable(self.socket.as_raw_fd(), SOCKET_WRITABLE)
+                .is_ok()
+            {
+                self.out.poll_armed = true;
+            } else {
+                self.out.send(self.conn, &self.socket, true);
+            }
+        }
     }
-    socket
+
+    /// Whether a request is in the kernel or a reply is unsent.
+    fn busy(&self) -> bool {
+        self.flight.iter().any(Option::is_some) || self.out.pending()
+    }
+
+    /// Sleeps until the ring has a completion or a message wakes it.
+    fn wait_for_ring(&mut self) {
+        if let Some(r) = self.ring.as_mut() {
+            if r.wait().is_err() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Drains the ring, so no buffer or socket is in the kernel's hands, and gives back
+    /// the socket.
+    fn finish(mut self) -> Stream {
+        if let Some(mut r) = self.ring.take() {
+            r.drain();
+        }
+        self.socket
+    }
+
+    /// Starts a read or write through the ring when there is one and the device can
+    /// take it there; hands it back otherwise.
+    fn start(&mut self, req: Request, buf: Buf, cost: u64) -> Result<(), (Request, Buf, u64)> {
+        let Some(ring) = self.ring.as_mut() else {
+            return Err((req, buf, cost));
+        };
+        let Some((extent, write)) = direct_target(self.dev, self.conn, &req) else {
+            return Err((req, buf, cost));
+        };
+        // A read needs room for its data; a write's buffer is its payload.
+        let mut buf = if write.is_none() {
+            Buf::new(req.length as usize)
+        } else {
+            buf
+        };
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.flight.push(None);
+            self.flight.len() - 1
+        });
+        let ptr = buf.as_mut_ptr();
+        let is_write = write.is_some();
+        self.flight[slot] = Some(InFlight {
+            req,
+            buf,
+            cost,
+            write,
+        });
+        // SAFETY: the buffer lives in `flight` (its heap block never moves) until this
+        // request is reaped, and `finish` drains the ring before the thread ends.
+        let pushed = unsafe {
+            if is_write {
+                ring.write(extent.fd, ptr, req.length, extent.offset, slot as u64)
+            } else {
+                ring.read(extent.fd, ptr, req.length, extent.offset, slot as u64)
+            }
+        };
+        if pushed.is_err() {
+            self.free.push(slot);
+            let f = self.flight[slot].take().expect("just stored");
+            // An unused write gives back what it held.
+            drop(f.write);
+            return Err((f.req, f.buf, f.cost));
+        }
+        Ok(())
+    }
 }
 
-/// Starts a read or write through the ring when the device can take it there; hands it
-/// back otherwise.
-#[allow(clippy::too_many_arguments)]
-fn start<'a>(
-    conn: &Connection,
+/// Where in a file a request can go straight to: only a valid read of mapped data, or a
+/// valid write the device can place without help (holding what it claimed until the
+/// write finishes). Anything else is left to the pool.
+fn direct_target<'a>(
     dev: &'a dyn BlockDevice,
-    ring: &mut Ring,
-    flight: &mut Vec<Option<InFlight<'a>>>,
-    free: &mut Vec<usize>,
-    req: Request,
-    mut buf: Buf,
-    cost: u64,
-) -> Result<(), (Request, Buf, u64)> {
+    conn: &Connection,
+    req: &Request,
+) -> Option<(DirectExtent, Option<PendingWrite<'a>>)> {
     let len = u64::from(req.length);
     let valid = len > 0
         && req.length <= MAX_PAYLOAD
         && req.offset.checked_add(len).is_some_and(|e| e <= dev.size())
         && req.flags & !allowed_flags(req.kind, conn.session.structured) == 0;
     let usable = |x: &DirectExtent| x.offset % x.align == 0 && len % x.align == 0;
-    let (extent, write) = match req.kind {
+    match req.kind {
         cmd::READ if valid => match dev.direct_extent(req.offset, len, false) {
-            Some(x) if usable(&x) => (x, None),
-            _ => return Err((req, buf, cost)),
+            Some(x) if usable(&x) => Some((x, None)),
+            _ => None,
         },
         // FUA needs a flush after the write: the pool does that.
         cmd::WRITE if valid && !conn.export.read_only && req.flags & cflag::FUA == 0 => {
             match dev.begin_write(req.offset, len) {
-                Some(w) if usable(&w.extent) => (w.extent, Some(w)),
-                _ => return Err((req, buf, cost)),
+                Some(w) if usable(&w.extent) => Some((w.extent, Some(w))),
+                _ => None,
             }
         }
-        _ => return Err((req, buf, cost)),
-    };
-    if write.is_none() {
-        buf = Buf::new(req.length as usize);
+        _ => None,
     }
-    let slot = free.pop().unwrap_or_else(|| {
-        flight.push(None);
-        flight.len() - 1
-    });
-    let ptr = buf.as_mut_ptr();
-    let is_write = write.is_some();
-    flight[slot] = Some(InFlight {
-        req,
-        buf,
-        cost,
-        write,
-    });
-    // SAFETY: the buffer lives in `flight` (its heap block never moves) until this
-    // request is reaped, and `run` drains the ring before it returns.
-    let pushed = unsafe {
-        if is_write {
-            ring.write(extent.fd, ptr, req.length, extent.offset, slot as u64)
-        } else {
-            ring.read(extent.fd, ptr, req.length, extent.offset, slot as u64)
-        }
-    };
-    if pushed.is_err() {
-        free.push(slot);
-        let f = flight[slot].take().expect("just stored");
-        // An unused write gives back what it held.
-        drop(f.write);
-        return Err((f.req, f.buf, f.cost));
-    }
-    Ok(())
 }
 
 /// The reply to a request the ring ran, `res` being its completion's result: the reply

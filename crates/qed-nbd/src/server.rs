@@ -4,12 +4,14 @@ use crate::export::Export;
 use crate::handshake::handshake;
 use crate::pool::Pool;
 use crate::stream::Stream;
+use crate::transmission::serve;
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How often the accept loop looks at the shutdown flag.
@@ -17,6 +19,9 @@ const POLL: Duration = Duration::from_millis(20);
 /// How long shutdown waits for replies to be taken before it cuts connections: a client
 /// that never reads its replies must not keep the server from exiting.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A handle on each live connection by id, so shutdown can wake its reader.
+type Live = Arc<Mutex<HashMap<u64, Stream>>>;
 
 /// Where clients connect.
 #[derive(Debug)]
@@ -105,8 +110,7 @@ impl Server {
         listener.set_nonblocking()?;
         let pool = Arc::new(Pool::new(self.config.workers));
         let active = Arc::new(AtomicUsize::new(0));
-        // Read halves of live connections, so shutdown can wake their readers.
-        let live: Arc<Mutex<HashMap<u64, Stream>>> = Arc::default();
+        let live: Live = Arc::default();
         let mut threads = Vec::new();
         let mut next_id = 0u64;
         let mut served = false;
@@ -137,42 +141,60 @@ impl Server {
                 live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, c);
             }
             active.fetch_add(1, Ordering::AcqRel);
-            let export = self.export.clone();
-            let pool = pool.clone();
-            let active = active.clone();
-            let live = live.clone();
-            let shutdown = self.shutdown.clone();
-            let timeout = self.config.handshake_timeout;
-            threads.push(std::thread::spawn(move || {
-                let mut stream = stream;
-                let deadline = Instant::now() + timeout;
-                let stopping = || shutdown.load(Ordering::Acquire);
-                match handshake(&mut stream, &export, deadline, &stopping) {
-                    Ok(Ok(session)) => crate::transmission::serve(stream, export, session, &pool),
-                    Ok(Err(_)) | Err(_) => {
-                        let _ = stream.shutdown(Shutdown::Both);
-                    }
-                }
-                live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                active.fetch_sub(1, Ordering::AcqRel);
-            }));
+            threads.push(self.spawn_session(stream, id, &pool, &active, &live));
             threads.retain(|t| !t.is_finished());
         }
-        // Stop reading requests; what was read is still executed and replied to.
-        for s in live.lock().unwrap_or_else(|p| p.into_inner()).values() {
-            let _ = s.shutdown(Shutdown::Read);
-        }
-        let grace = Instant::now() + SHUTDOWN_GRACE;
-        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < grace {
-            std::thread::sleep(POLL);
-        }
-        // Requests already taken still run to the end (the pool finishes its queue).
-        for s in live.lock().unwrap_or_else(|p| p.into_inner()).values() {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        for t in threads {
-            let _ = t.join();
-        }
+        close_connections(&live, threads);
         Ok(())
+    }
+
+    /// Runs one client's handshake and transmission on a thread of its own; the
+    /// connection leaves `live` and `active` when it ends.
+    fn spawn_session(
+        &self,
+        mut stream: Stream,
+        id: u64,
+        pool: &Arc<Pool>,
+        active: &Arc<AtomicUsize>,
+        live: &Live,
+    ) -> JoinHandle<()> {
+        let export = self.export.clone();
+        let pool = pool.clone();
+        let active = active.clone();
+        let live = live.clone();
+        let shutdown = self.shutdown.clone();
+        let timeout = self.config.handshake_timeout;
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + timeout;
+            let stopping = || shutdown.load(Ordering::Acquire);
+            match handshake(&mut stream, &export, deadline, &stopping) {
+                Ok(Ok(session)) => serve(stream, export, session, &pool),
+                Ok(Err(_)) | Err(_) => {
+                    let _ = stream.shutdown(Shutdown::Both);
+                }
+            }
+            live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            active.fetch_sub(1, Ordering::AcqRel);
+        })
+    }
+}
+
+/// Ends every connection at shutdown: first only their reading, so what was read is
+/// still executed and replied to; then, after a grace period for clients slow to take
+/// their replies, the whole socket.
+fn close_connections(live: &Live, threads: Vec<JoinHandle<()>>) {
+    for s in live.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        let _ = s.shutdown(Shutdown::Read);
+    }
+    let grace = Instant::now() + SHUTDOWN_GRACE;
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < grace {
+        std::thread::sleep(POLL);
+    }
+    // Requests already taken still run to the end (the pool finishes its queue).
+    for s in live.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    for t in threads {
+        let _ = t.join();
     }
 }

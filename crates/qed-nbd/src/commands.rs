@@ -1,0 +1,391 @@
+//! Executing requests through the device's own path, on the worker pool every
+//! connection shares: what each command accepts, does and answers.
+
+use crate::connection::Connection;
+use crate::errors::nbd_error;
+use crate::export::{DiscardMode, MAX_PAYLOAD};
+use crate::pool::Pool;
+use crate::proto::{self, cflag, chunk, cmd, errno, Request};
+use crate::session::MetaContext;
+use qed::describe;
+use qed::AlignedBuf as Buf;
+use std::sync::Arc;
+
+/// Most extents sent in one block status chunk.
+pub(crate) const MAX_EXTENTS: usize = 1 << 16;
+/// Largest extent length that fits a descriptor, kept sector aligned.
+const MAX_EXTENT_LEN: u64 = (u32::MAX as u64) & !511;
+
+/// Why a request failed: its NBD error value and a message for the client.
+type Failure = (u32, String);
+
+/// Flags each command accepts.
+pub(crate) fn allowed_flags(kind: u16, structured: bool) -> u16 {
+    let df = if structured { cflag::DF } else { 0 };
+    cflag::FUA
+        | match kind {
+            cmd::READ => df,
+            cmd::WRITE_ZEROES => cflag::NO_HOLE | cflag::FAST_ZERO,
+            cmd::BLOCK_STATUS => cflag::REQ_ONE,
+            _ => 0,
+        }
+}
+
+/// Runs a request on the shared pool and hands its reply to the reply thread.
+pub(crate) fn run_on_pool(
+    conn: &Arc<Connection>,
+    pool: &Pool,
+    req: Request,
+    payload: Buf,
+    cost: u64,
+) {
+    let c = conn.clone();
+    pool.execute(move || {
+        // A bug in the library must cost this request, not the worker: a worker
+        // lost with its request unanswered would leave the connection waiting.
+        let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handle(&c, &req, payload.as_ref())
+        }))
+        .unwrap_or_else(|_| c.error_reply(&req, errno::EIO, "internal error"));
+        drop(payload);
+        c.send(reply, cost);
+    });
+}
+
+/// The reply to a request, whether it succeeded or not.
+fn handle(conn: &Connection, req: &Request, payload: &[u8]) -> Vec<u8> {
+    match execute(conn, req, payload) {
+        Ok(reply) => reply,
+        Err((error, msg)) => conn.error_reply(req, error, &msg),
+    }
+}
+
+/// Checks a request against the session and the export, then runs its command.
+fn execute(conn: &Connection, req: &Request, payload: &[u8]) -> Result<Vec<u8>, Failure> {
+    if req.flags & !allowed_flags(req.kind, conn.session.structured) != 0 {
+        return Err((
+            errno::EINVAL,
+            format!("flags {:#x} not valid here", req.flags),
+        ));
+    }
+    let command = Command::new(conn, req);
+    if command.writing && conn.export.read_only {
+        return Err((errno::EPERM, "the export is read-only".into()));
+    }
+    match req.kind {
+        cmd::READ => command.read(),
+        cmd::WRITE => command.write(payload),
+        cmd::FLUSH => command.flush(),
+        cmd::TRIM => command.trim(),
+        cmd::WRITE_ZEROES => command.write_zeroes(),
+        cmd::CACHE => command.cache(),
+        cmd::BLOCK_STATUS => command.block_status(),
+        _ => Err((errno::EINVAL, format!("unknown command {}", req.kind))),
+    }
+}
+
+/// One request being executed, with what every command checks about it.
+struct Command<'a> {
+    conn: &'a Connection,
+    req: &'a Request,
+    len: u64,
+    /// The range lies within the export.
+    in_bounds: bool,
+    /// The command changes the export.
+    writing: bool,
+}
+
+impl<'a> Command<'a> {
+    fn new(conn: &'a Connection, req: &'a Request) -> Self {
+        let size = conn.device().size();
+        let len = u64::from(req.length);
+        Self {
+            conn,
+            req,
+            len,
+            in_bounds: req.offset.checked_add(len).is_some_and(|e| e <= size),
+            writing: matches!(req.kind, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM),
+        }
+    }
+
+    fn device(&self) -> &'a dyn qed::BlockDevice {
+        self.conn.device()
+    }
+
+    /// Maps a device error the way this command's kind asks for.
+    fn io<T>(&self, r: qed::Result<T>) -> Result<T, Failure> {
+        r.map_err(|e| (nbd_error(&e, self.writing), e.to_string()))
+    }
+
+    /// Flushes when the client asked for the data to be durable before the reply.
+    fn fua(&self) -> Result<(), Failure> {
+        if self.req.flags & cflag::FUA != 0 {
+            self.io(self.device().flush())?;
+        }
+        Ok(())
+    }
+
+    fn ok_reply(&self) -> Vec<u8> {
+        proto::simple_reply(self.req.cookie, 0).to_vec()
+    }
+
+    fn read(&self) -> Result<Vec<u8>, Failure> {
+        let req = self.req;
+        if !self.in_bounds {
+            return Err((errno::EINVAL, "read past the end of the export".into()));
+        }
+        if req.length > MAX_PAYLOAD {
+            // EOVERFLOW is only for DF reads a server cannot send in one chunk.
+            return Err((errno::EINVAL, "read larger than 32 MiB".into()));
+        }
+        if self.conn.session.structured {
+            read_structured(self.device(), req)
+        } else {
+            let mut out = proto::simple_reply(req.cookie, 0).to_vec();
+            out.resize(16 + req.length as usize, 0);
+            self.io(self.device().read_at(&mut out[16..], req.offset))?;
+            Ok(out)
+        }
+    }
+
+    fn write(&self, payload: &[u8]) -> Result<Vec<u8>, Failure> {
+        if !self.in_bounds {
+            return Err((errno::ENOSPC, "write past the end of the export".into()));
+        }
+        self.io(self.device().write_at(payload, self.req.offset))?;
+        self.fua()?;
+        Ok(self.ok_reply())
+    }
+
+    fn flush(&self) -> Result<Vec<u8>, Failure> {
+        self.io(self.device().flush())?;
+        Ok(self.ok_reply())
+    }
+
+    fn trim(&self) -> Result<Vec<u8>, Failure> {
+        if !self.in_bounds {
+            return Err((errno::EINVAL, "trim past the end of the export".into()));
+        }
+        if self.conn.export.discard == DiscardMode::Unmap {
+            self.io(self.device().discard(self.req.offset, self.len))?;
+            self.fua()?;
+        }
+        Ok(self.ok_reply())
+    }
+
+    fn write_zeroes(&self) -> Result<Vec<u8>, Failure> {
+        let (req, len) = (self.req, self.len);
+        if !self.in_bounds {
+            return Err((errno::ENOSPC, "write past the end of the export".into()));
+        }
+        let fast = req.flags & cflag::FAST_ZERO != 0;
+        if req.flags & cflag::NO_HOLE != 0 {
+            if fast {
+                return Err((errno::ENOTSUP, "zeroes without holes are not fast".into()));
+            }
+            self.io(write_real_zeroes(self.device(), req.offset, len))?;
+        } else {
+            if fast && !io_err(self.device().zeroes_are_fast(req.offset, len))? {
+                return Err((
+                    errno::ENOTSUP,
+                    "zeroing this range means writing data".into(),
+                ));
+            }
+            self.io(self.device().write_zeroes(req.offset, len))?;
+        }
+        self.fua()?;
+        Ok(self.ok_reply())
+    }
+
+    fn cache(&self) -> Result<Vec<u8>, Failure> {
+        if !self.in_bounds {
+            return Err((errno::EINVAL, "cache past the end of the export".into()));
+        }
+        let end = self.req.offset + self.len;
+        // Looking the range up brings its metadata into the cache.
+        let mut pos = self.req.offset;
+        while pos < end {
+            pos += io_status(self.device().block_status(pos, end - pos))?;
+        }
+        Ok(self.ok_reply())
+    }
+
+    fn block_status(&self) -> Result<Vec<u8>, Failure> {
+        let session = &self.conn.session;
+        if !session.structured || session.contexts.is_empty() {
+            return Err((errno::EINVAL, "no metadata context was selected".into()));
+        }
+        if self.len == 0 || !self.in_bounds {
+            return Err((
+                errno::EINVAL,
+                "block status range is empty or past the end".into(),
+            ));
+        }
+        block_status(self.device(), self.req, &session.contexts)
+    }
+}
+
+/// Writes zeroes as data, for clients that want no holes.
+fn write_real_zeroes(dev: &dyn qed::BlockDevice, offset: u64, len: u64) -> qed::Result<()> {
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        dev.write_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// A structured read: zero runs as holes, data as data, in order.
+fn read_structured(dev: &dyn qed::BlockDevice, req: &Request) -> Result<Vec<u8>, Failure> {
+    let end = req.offset + u64::from(req.length);
+    let mut out = Vec::with_capacity(32 + req.length as usize);
+    if req.length == 0 {
+        // No data chunk can be empty: a read of nothing is answered with a none chunk.
+        proto::chunk_header(&mut out, req.cookie, chunk::FLAG_DONE, chunk::NONE, 0);
+        return Ok(out);
+    }
+    if req.flags & cflag::DF != 0 {
+        proto::last_data_chunk_header(&mut out, req.cookie, req.offset, req.length);
+        let at = out.len();
+        out.resize(at + req.length as usize, 0);
+        io_err(dev.read_at(&mut out[at..], req.offset))?;
+        return Ok(out);
+    }
+    let mut pos = req.offset;
+    let mut last_header = 0;
+    while pos < end {
+        let (zero, run) = same_kind_run(dev, pos, end)?;
+        last_header = out.len();
+        if zero {
+            proto::chunk_header(&mut out, req.cookie, 0, chunk::OFFSET_HOLE, 12);
+            out.extend_from_slice(&pos.to_be_bytes());
+            out.extend_from_slice(&(run as u32).to_be_bytes());
+        } else {
+            proto::chunk_header(&mut out, req.cookie, 0, chunk::OFFSET_DATA, 8 + run as u32);
+            out.extend_from_slice(&pos.to_be_bytes());
+            let at = out.len();
+            out.resize(at + run as usize, 0);
+            io_err(dev.read_at(&mut out[at..], pos))?;
+        }
+        pos += run;
+    }
+    // The last chunk carries the DONE flag (flags sit 4 bytes into the header).
+    out[last_header + 4..last_header + 6].copy_from_slice(&chunk::FLAG_DONE.to_be_bytes());
+    Ok(out)
+}
+
+/// Whether the range from `pos` starts with zeroes, and how far that lasts before `end`.
+/// Runs of the same kind are merged so that a fragmented image does not mean tiny
+/// chunks.
+fn same_kind_run(dev: &dyn qed::BlockDevice, pos: u64, end: u64) -> Result<(bool, u64), Failure> {
+    let first = io_err(describe(dev, pos, end - pos, 0))?;
+    let zero = first.zero;
+    let mut run = first.length;
+    while pos + run < end {
+        let next = io_err(describe(dev, pos + run, end - pos - run, 0))?;
+        if next.zero != zero {
+            break;
+        }
+        run += next.length;
+    }
+    Ok((zero, run))
+}
+
+/// A run of the export alike in every context: its length, `base:allocation` flags and
+/// allocation depth.
+type Run = (u64, u32, u32);
+
+/// A block status reply: one chunk per selected context.
+fn block_status(
+    dev: &dyn qed::BlockDevice,
+    req: &Request,
+    contexts: &[MetaContext],
+) -> Result<Vec<u8>, Failure> {
+    let one = req.flags & cflag::REQ_ONE != 0;
+    let runs = allocation_runs(dev, req, one)?;
+    let mut out = Vec::new();
+    for (i, ctx) in contexts.iter().enumerate() {
+        let mut descriptors = descriptors(*ctx, &runs);
+        if one {
+            descriptors.truncate(1);
+        }
+        let flags = if i + 1 == contexts.len() {
+            chunk::FLAG_DONE
+        } else {
+            0
+        };
+        proto::chunk_header(
+            &mut out,
+            req.cookie,
+            flags,
+            chunk::BLOCK_STATUS,
+            4 + 8 * descriptors.len() as u32,
+        );
+        out.extend_from_slice(&ctx.id().to_be_bytes());
+        for (len, value) in descriptors {
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&value.to_be_bytes());
+        }
+    }
+    Ok(out)
+}
+
+/// The runs of the requested range (at most [`MAX_EXTENTS`]; only the first with
+/// `one`), neighbours alike in every context merged.
+fn allocation_runs(
+    dev: &dyn qed::BlockDevice,
+    req: &Request,
+    one: bool,
+) -> Result<Vec<Run>, Failure> {
+    let end = req.offset + u64::from(req.length);
+    let mut runs: Vec<Run> = Vec::new();
+    let mut pos = req.offset;
+    while pos < end && runs.len() < MAX_EXTENTS {
+        let e = io_err(describe(dev, pos, end - pos, 0))?;
+        let flags =
+            if e.data { 0 } else { proto::STATE_HOLE } | if e.zero { proto::STATE_ZERO } else { 0 };
+        let depth = if e.present { e.depth + 1 } else { 0 };
+        match runs.last_mut() {
+            Some(last) if last.1 == flags && last.2 == depth => last.0 += e.length,
+            _ => runs.push((e.length, flags, depth)),
+        }
+        pos += e.length;
+        if one {
+            break;
+        }
+    }
+    Ok(runs)
+}
+
+/// The (length, value) descriptors of one context: runs with the same value in it are
+/// merged, and runs too long for a descriptor are cut.
+fn descriptors(ctx: MetaContext, runs: &[Run]) -> Vec<(u32, u32)> {
+    let mut descriptors: Vec<(u32, u32)> = Vec::new();
+    for &(len, flags, depth) in runs {
+        let value = match ctx {
+            MetaContext::Allocation => flags,
+            MetaContext::AllocationDepth => depth,
+        };
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(MAX_EXTENT_LEN);
+            match descriptors.last_mut() {
+                Some(d) if d.1 == value && u64::from(d.0) + n <= MAX_EXTENT_LEN => d.0 += n as u32,
+                _ => descriptors.push((n as u32, value)),
+            }
+            left -= n;
+        }
+    }
+    descriptors
+}
+
+/// Maps a device error of a request that does not write.
+fn io_err<T>(r: qed::Result<T>) -> Result<T, Failure> {
+    r.map_err(|e| (nbd_error(&e, false), e.to_string()))
+}
+
+fn io_status(r: qed::Result<qed::BlockStatus>) -> Result<u64, Failure> {
+    io_err(r).map(|s| s.len)
+}

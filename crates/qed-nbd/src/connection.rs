@@ -1,0 +1,135 @@
+//! A connection in transmission, as every thread serving it sees it: the export and
+//! session, the channel to its reply thread, and the budget that bounds what it has in
+//! flight.
+
+use crate::export::Export;
+use crate::proto::{self, cmd, Request};
+use crate::session::Session;
+use qed::{AlignedBuf as Buf, Waker};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Payload bytes a connection may have in flight before it stops reading requests.
+const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
+/// Requests a connection may have in flight.
+pub(crate) const MAX_IN_FLIGHT: u64 = 256;
+
+/// Counts what a connection has in flight, so reading pauses instead of buffering
+/// without bound.
+#[derive(Default)]
+pub(crate) struct Budget {
+    /// (bytes, requests) in flight.
+    state: Mutex<(u64, u64)>,
+    changed: Condvar,
+}
+
+impl Budget {
+    /// Takes `bytes` and one request from the budget, waiting until they fit.
+    pub(crate) fn acquire(&self, bytes: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // An empty connection always admits one request, however large.
+        while st.1 > 0 && (st.0 + bytes > MAX_IN_FLIGHT_BYTES || st.1 >= MAX_IN_FLIGHT) {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.0 += bytes;
+        st.1 += 1;
+    }
+
+    /// Gives back what [`Budget::acquire`] took for one request.
+    pub(crate) fn release(&self, bytes: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 -= bytes;
+        st.1 -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits until every request has given its budget back, i.e. has been answered.
+    pub(crate) fn wait_idle(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while st.1 > 0 {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// What a connection's reply thread receives.
+pub(crate) enum Msg {
+    /// A read or write it may run through io_uring, with its payload and budget.
+    Io(Request, Buf, u64),
+    /// A finished reply and the budget it holds until it is sent.
+    Reply(Vec<u8>, u64),
+    /// The reader is done and every request has been answered.
+    Stop,
+}
+
+/// A connection in transmission.
+pub(crate) struct Connection {
+    pub(crate) export: Arc<Export>,
+    pub(crate) session: Session,
+    replies: Sender<Msg>,
+    /// Wakes the reply thread when it sleeps on its ring; `None` without one.
+    waker: Option<Waker>,
+    pub(crate) budget: Arc<Budget>,
+}
+
+impl Connection {
+    /// A connection whose replies go to `replies`; `waker` wakes the reply thread's
+    /// ring, if it has one.
+    pub(crate) fn new(
+        export: Arc<Export>,
+        session: Session,
+        replies: Sender<Msg>,
+        waker: Option<Waker>,
+    ) -> Self {
+        Self {
+            export,
+            session,
+            replies,
+            waker,
+            budget: Arc::new(Budget::default()),
+        }
+    }
+
+    /// Whether the reply thread has a ring, and so can take reads and writes itself.
+    pub(crate) fn has_ring(&self) -> bool {
+        self.waker.is_some()
+    }
+
+    /// The device exported.
+    pub(crate) fn device(&self) -> &dyn qed::BlockDevice {
+        &*self.export.device
+    }
+
+    /// Hands a finished reply to the reply thread, with the budget it holds.
+    pub(crate) fn send(&self, reply: Vec<u8>, cost: u64) {
+        self.send_msg(Msg::Reply(reply, cost));
+    }
+
+    /// Hands a message to the reply thread, waking it if it sleeps on its ring.
+    pub(crate) fn send_msg(&self, msg: Msg) {
+        match self.replies.send(msg) {
+            Ok(()) => {
+                if let Some(w) = &self.waker {
+                    w.wake();
+                }
+            }
+            // Nobody will send the reply: its budget must not stay taken.
+            Err(mpsc::SendError(Msg::Reply(_, cost) | Msg::Io(_, _, cost))) => {
+                self.budget.release(cost)
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// The reply to a request that failed.
+    pub(crate) fn error_reply(&self, req: &Request, error: u32, msg: &str) -> Vec<u8> {
+        let structured_only = matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS);
+        if self.session.structured && structured_only {
+            let mut out = Vec::new();
+            proto::error_chunk(&mut out, req.cookie, error, msg);
+            out
+        } else {
+            proto::simple_reply(req.cookie, error).to_vec()
+        }
+    }
+}

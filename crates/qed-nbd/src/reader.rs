@@ -1,0 +1,72 @@
+//! The reading side of a connection: requests are read in order, charged to the
+//! connection's budget, and handed to the reply thread's ring or to the worker pool.
+
+use crate::commands::{run_on_pool, MAX_EXTENTS};
+use crate::connection::{Connection, Msg};
+use crate::export::MAX_PAYLOAD;
+use crate::pool::Pool;
+use crate::proto::{self, cflag, cmd, errno, Request};
+use crate::stream::Stream;
+use qed::AlignedBuf as Buf;
+use std::io::Read;
+use std::sync::Arc;
+
+/// Reads requests and hands them on, until the client disconnects or breaks the
+/// protocol.
+pub(crate) fn read_requests(conn: &Arc<Connection>, pool: &Pool, stream: Stream) {
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
+    // A wrong magic or a read error ends the session.
+    while let Ok(Some(req)) = Request::read(&mut reader) {
+        if req.kind == cmd::DISC {
+            break;
+        }
+        let payload_len = if req.kind == cmd::WRITE {
+            if req.length > MAX_PAYLOAD {
+                refuse_oversized_write(conn, &req);
+                break;
+            }
+            u64::from(req.length)
+        } else {
+            0
+        };
+        let cost = cost(conn, &req, payload_len);
+        conn.budget.acquire(cost);
+        // Aligned, so that it can go to an O_DIRECT file as it is.
+        let mut payload = Buf::new(payload_len as usize);
+        if payload_len > 0 && reader.read_exact(payload.as_mut()).is_err() {
+            conn.budget.release(cost);
+            break;
+        }
+        hand_on(conn, pool, req, payload, cost);
+    }
+}
+
+/// The payload cannot be refused without reading it: this says why, and the caller then
+/// drops the client.
+fn refuse_oversized_write(conn: &Connection, req: &Request) {
+    conn.budget.acquire(0);
+    conn.send(proto::simple_reply(req.cookie, errno::EINVAL).to_vec(), 0);
+}
+
+/// What a request holds of the budget until its reply is sent: its payload, or the most
+/// its reply can carry.
+fn cost(conn: &Connection, req: &Request, payload_len: u64) -> u64 {
+    match req.kind {
+        cmd::READ => u64::from(req.length.min(MAX_PAYLOAD)),
+        // A block status reply can list up to MAX_EXTENTS runs per context.
+        cmd::BLOCK_STATUS if req.flags & cflag::REQ_ONE == 0 => {
+            conn.session.contexts.len() as u64 * (16 + 8 * MAX_EXTENTS as u64)
+        }
+        _ => payload_len,
+    }
+}
+
+/// Reads and writes go to the reply thread, which may run them through its ring;
+/// everything else runs on the pool.
+fn hand_on(conn: &Arc<Connection>, pool: &Pool, req: Request, payload: Buf, cost: u64) {
+    if conn.has_ring() && matches!(req.kind, cmd::READ | cmd::WRITE) {
+        conn.send_msg(Msg::Io(req, payload, cost));
+    } else {
+        run_on_pool(conn, pool, req, payload, cost);
+    }
+}
