@@ -4,7 +4,7 @@
 //! files ([`RawDevice`]) and qcow2 images ([`Qcow2Device`], read-only). [`open_device`]
 //! and [`Image::open`] open a device by name with its backing chain. Whole-image jobs
 //! ([`check`](Image::check), [`convert`], [`compare`], [`commit`], [`rebase`],
-//! [`measure`], [`map`], [`bench`]) work on any device and report progress through a
+//! [`measure`], [`map`], [`bench()`]) work on any device and report progress through a
 //! callback.
 //!
 //! Inside, the crate is layered from the bytes up, each layer using only those below

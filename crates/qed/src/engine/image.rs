@@ -1,7 +1,6 @@
 //! The [`Image`] type: what one open QED image holds, how it is opened (handed its
 //! backing file, never opening one), and how it is closed.
 
-use super::check::{CheckReport, RepairMode};
 use super::claims::Claims;
 use super::create::{self, CreateOptions};
 use super::flush_group::FlushGroup;
@@ -10,6 +9,7 @@ use super::gate::AllocationGate;
 use super::header::{write_header, write_header_to, HeaderCell};
 use super::l1::L1Table;
 use super::l2cache::L2Cache;
+use super::report::{CheckReport, RepairMode};
 use crate::block::{BlockDevice, Format};
 use crate::error::{Error, IoContext, Result};
 use crate::format::header::{features, HEADER_LEN};

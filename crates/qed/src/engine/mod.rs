@@ -10,7 +10,8 @@
 //! - `allocation.rs`: the one allocation protocol every write path uses;
 //! - `mapping.rs`: where a guest range lives; `io.rs`, `zeroes.rs`, `flush.rs`,
 //!   `device.rs`: the image as a block device;
-//! - `check.rs`, `repair.rs`: consistency check, repairs, leak reclaiming;
+//! - `check.rs`, `repair.rs`, `report.rs`: consistency check, repairs, leak
+//!   reclaiming, and what they report;
 //! - `resize.rs`, `backing_file.rs`, `create.rs`: whole-image changes and new images.
 
 mod allocation;
@@ -30,12 +31,13 @@ mod l1;
 mod l2cache;
 mod mapping;
 mod repair;
+mod report;
 mod resize;
 mod tables;
 mod zeroes;
 
 pub use backing_file::NewBacking;
-pub use check::{CheckReport, Corruption, RepairMode};
 pub use create::CreateOptions;
 pub use image::{Backing, Image, ImageOptions, OpeningImage, DEFAULT_L2_CACHE_BYTES};
 pub use mapping::Mapping;
+pub use report::{CheckReport, Corruption, RepairMode};

@@ -7,8 +7,9 @@
 //! them; the sources stay intact until every reference has moved and been flushed, and
 //! only then is the file truncated.
 
-use super::check::{CheckReport, RepairMode, UsedMap, Walk};
+use super::check::{UsedMap, Walk};
 use super::image::Image;
+use super::report::{CheckReport, RepairMode};
 use crate::error::{Error, IoContext, Result};
 use crate::format::table::ENTRIES_PER_SECTOR;
 use std::collections::HashMap;

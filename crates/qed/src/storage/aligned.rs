@@ -6,7 +6,7 @@ use std::ops::{Deref, DerefMut};
 /// devices alike.
 pub const DIRECT_ALIGN: usize = 4096;
 
-/// A heap buffer whose first byte sits on a [`DIRECT_ALIGN`] boundary, so that it can go
+/// A heap buffer whose first byte sits on a 4 KiB boundary, so that it can go
 /// to an O_DIRECT file (or an io_uring request on one) as it is. Its heap block never
 /// moves while it lives, even when the buffer itself is moved.
 pub struct AlignedBuf {

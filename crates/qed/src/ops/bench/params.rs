@@ -29,7 +29,7 @@ pub struct BenchParams {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     /// One thread submits through io_uring, straight to the file for requests that land
-    /// in one extent of it ([`BlockDevice::direct_extent`]); the rest go to worker
+    /// in one extent of it ([`crate::BlockDevice::direct_extent`]); the rest go to worker
     /// threads. Falls back to `Threads` where io_uring is missing, and with flushes in
     /// the workload.
     IoUring,

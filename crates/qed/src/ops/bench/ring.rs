@@ -35,25 +35,10 @@ pub(super) fn run(dev: &dyn BlockDevice, p: &BenchParams) -> Result<bool> {
 
     let result = std::thread::scope(|s| {
         for _ in 0..depth {
-            s.spawn(|| {
-                let mut buf = AlignedBuf::filled(p.size, p.pattern);
-                loop {
-                    let job = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    let Ok((slot, off)) = job else { break };
-                    let r = if p.write {
-                        dev.write_at(&buf, off)
-                    } else {
-                        dev.read_at(&mut buf, off)
-                    };
-                    finished
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((slot, r));
-                    waker.wake();
-                }
-            });
+            s.spawn(|| work(dev, p, &queue, &finished, &waker));
         }
-        let result = drive(dev, p, &mut ring, &mut slots, &jobs, &finished);
+        let mut driver = Driver::new(dev, p, &mut slots, &jobs, &finished);
+        let result = driver.drive(&mut ring);
         drop(jobs);
         result
     });
@@ -61,89 +46,166 @@ pub(super) fn run(dev: &dyn BlockDevice, p: &BenchParams) -> Result<bool> {
     result.map(|()| true)
 }
 
-/// Submits and reaps requests until all `p.count` have completed.
-fn drive(
+/// A worker: runs the requests handed to it through the device's own path.
+fn work(
     dev: &dyn BlockDevice,
     p: &BenchParams,
-    ring: &mut Ring,
-    slots: &mut [AlignedBuf],
-    jobs: &mpsc::Sender<(usize, u64)>,
+    queue: &Mutex<mpsc::Receiver<(usize, u64)>>,
     finished: &Mutex<Vec<Done>>,
-) -> Result<()> {
-    let dev_size = dev.size();
-    let size = p.size as u64;
-    let mut free: Vec<usize> = (0..slots.len()).rev().collect();
-    // Writes to finish when their slot's request completes.
-    let mut pending: Vec<Option<PendingWrite<'_>>> = (0..slots.len()).map(|_| None).collect();
-    // Requests held back because they touch clusters one of ours is allocating: sent
-    // elsewhere they would only wait for it.
-    let mut deferred: VecDeque<(usize, u64)> = VecDeque::new();
-    let mut next = 0u64;
-    let mut in_flight = 0usize;
+    waker: &Waker,
+) {
+    let mut buf = AlignedBuf::filled(p.size, p.pattern);
     loop {
-        let held = std::mem::take(&mut deferred);
-        let fresh = std::iter::from_fn(|| {
-            if next >= p.count {
-                return None;
-            }
-            let slot = free.pop()?;
-            let off = offset_of(p, next, dev_size);
-            next += 1;
-            in_flight += 1;
-            Some((slot, off))
-        });
-        // Held-back requests first, in order; a fresh one behind them waits too.
-        let batch: Vec<(usize, u64)> = held.into_iter().chain(fresh).collect();
-        for (slot, off) in batch {
-            let blocked = pending
-                .iter()
-                .flatten()
-                .any(|w| w.claimed.start < off + size && off < w.claimed.end);
-            if blocked {
-                deferred.push_back((slot, off));
-                continue;
-            }
-            let usable = |x: &DirectExtent| x.offset % x.align == 0 && size % x.align == 0;
-            let direct = if p.write {
-                // A write that cannot be used is dropped, which gives its space back.
-                dev.begin_write(off, size)
-                    .filter(|w| usable(&w.extent))
-                    .map(|w| {
-                        let x = w.extent;
-                        pending[slot] = Some(w);
-                        x
-                    })
-            } else {
-                dev.direct_extent(off, size, false).filter(usable)
-            };
-            let Some(x) = direct else {
-                let _ = jobs.send((slot, off));
-                continue;
-            };
-            let ptr = slots[slot].as_mut_ptr();
-            let len = p.size as u32;
-            // SAFETY: the slot's buffer is not touched again until this request is
-            // reaped, and `run` drains the ring before the buffers go.
-            unsafe {
-                if p.write {
-                    ring.write(x.fd, ptr, len, x.offset, slot as u64)
-                } else {
-                    ring.read(x.fd, ptr, len, x.offset, slot as u64)
-                }
-            }?;
+        let job = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok((slot, off)) = job else { break };
+        let r = if p.write {
+            dev.write_at(&buf, off)
+        } else {
+            dev.read_at(&mut buf, off)
+        };
+        finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((slot, r));
+        waker.wake();
+    }
+}
+
+/// The submitting thread's state.
+struct Driver<'a, 's> {
+    dev: &'a dyn BlockDevice,
+    p: &'a BenchParams,
+    dev_size: u64,
+    slots: &'s mut [AlignedBuf],
+    jobs: &'s mpsc::Sender<(usize, u64)>,
+    finished: &'s Mutex<Vec<Done>>,
+    /// Slots whose buffer is free.
+    free: Vec<usize>,
+    /// Writes to finish when their slot's request completes.
+    pending: Vec<Option<PendingWrite<'a>>>,
+    /// Requests held back because they touch clusters one of ours is allocating: sent
+    /// elsewhere they would only wait for it.
+    deferred: VecDeque<(usize, u64)>,
+    /// Requests issued so far.
+    next: u64,
+    in_flight: usize,
+}
+
+impl<'a, 's> Driver<'a, 's> {
+    fn new(
+        dev: &'a dyn BlockDevice,
+        p: &'a BenchParams,
+        slots: &'s mut [AlignedBuf],
+        jobs: &'s mpsc::Sender<(usize, u64)>,
+        finished: &'s Mutex<Vec<Done>>,
+    ) -> Self {
+        Self {
+            dev,
+            p,
+            dev_size: dev.size(),
+            free: (0..slots.len()).rev().collect(),
+            pending: (0..slots.len()).map(|_| None).collect(),
+            slots,
+            jobs,
+            finished,
+            deferred: VecDeque::new(),
+            next: 0,
+            in_flight: 0,
         }
-        if in_flight == 0 {
+    }
+
+    /// Submits and reaps requests until all `p.count` have completed.
+    fn drive(&mut self, ring: &mut Ring) -> Result<()> {
+        loop {
+            self.start_requests(ring)?;
+            if self.in_flight == 0 {
+                return Ok(());
+            }
+            ring.wait()?;
+            let mut failure = self.reap_ring(ring)?;
+            if let Err(e) = self.reap_workers() {
+                failure.get_or_insert(e);
+            }
+            if let Some(e) = failure {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Starts held-back requests (in order; a fresh one behind them waits too), then new
+    /// ones while slots are free.
+    fn start_requests(&mut self, ring: &mut Ring) -> Result<()> {
+        let mut batch: Vec<(usize, u64)> = std::mem::take(&mut self.deferred).into();
+        while self.next < self.p.count {
+            let Some(slot) = self.free.pop() else { break };
+            batch.push((slot, offset_of(self.p, self.next, self.dev_size)));
+            self.next += 1;
+            self.in_flight += 1;
+        }
+        for (slot, off) in batch {
+            self.start(ring, slot, off)?;
+        }
+        Ok(())
+    }
+
+    /// Starts one request: held back behind an allocation of ours that it touches,
+    /// straight to the file where the device hands out an extent, else on a worker.
+    fn start(&mut self, ring: &mut Ring, slot: usize, off: u64) -> Result<()> {
+        let size = self.p.size as u64;
+        let blocked = self
+            .pending
+            .iter()
+            .flatten()
+            .any(|w| w.claimed.start < off + size && off < w.claimed.end);
+        if blocked {
+            self.deferred.push_back((slot, off));
             return Ok(());
         }
-        ring.wait()?;
+        let Some(x) = self.direct_extent(slot, off) else {
+            let _ = self.jobs.send((slot, off));
+            return Ok(());
+        };
+        let ptr = self.slots[slot].as_mut_ptr();
+        let len = self.p.size as u32;
+        // SAFETY: the slot's buffer is not touched again until this request is reaped,
+        // and `run` drains the ring before the buffers go.
+        unsafe {
+            if self.p.write {
+                ring.write(x.fd, ptr, len, x.offset, slot as u64)
+            } else {
+                ring.read(x.fd, ptr, len, x.offset, slot as u64)
+            }
+        }
+    }
+
+    /// Where the request in `slot` at `off` can go straight to a file, if anywhere; a
+    /// write's pending allocation is kept until the request completes.
+    fn direct_extent(&mut self, slot: usize, off: u64) -> Option<DirectExtent> {
+        let size = self.p.size as u64;
+        let usable = |x: &DirectExtent| x.offset % x.align == 0 && size % x.align == 0;
+        if !self.p.write {
+            return self.dev.direct_extent(off, size, false).filter(usable);
+        }
+        // A write that cannot be used is dropped, which gives its space back.
+        let w = self
+            .dev
+            .begin_write(off, size)
+            .filter(|w| usable(&w.extent))?;
+        let x = w.extent;
+        self.pending[slot] = Some(w);
+        Some(x)
+    }
+
+    /// Finishes the ring's completed requests. Returns the first failure.
+    fn reap_ring(&mut self, ring: &mut Ring) -> Result<Option<crate::error::Error>> {
         let mut failure = None;
         for (user_data, res) in ring.reap()? {
-            in_flight -= 1;
+            self.in_flight -= 1;
             let slot = user_data as usize;
-            free.push(slot);
+            self.free.push(slot);
             let outcome = if res < 0 {
                 Err(std::io::Error::from_raw_os_error(-res))
-            } else if res as usize != p.size {
+            } else if res as usize != self.p.size {
                 Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     "short transfer",
@@ -152,7 +214,7 @@ fn drive(
                 Ok(())
             }
             .context(|| "benchmark request".into());
-            if let Some(w) = pending[slot].take() {
+            if let Some(w) = self.pending[slot].take() {
                 if let Err(e) = w.finish(outcome.is_ok()) {
                     failure.get_or_insert(e);
                 }
@@ -161,16 +223,22 @@ fn drive(
                 failure.get_or_insert(e);
             }
         }
-        let done = std::mem::take(&mut *finished.lock().unwrap_or_else(|e| e.into_inner()));
+        Ok(failure)
+    }
+
+    /// Takes back the slots workers finished with. Returns the first failure.
+    fn reap_workers(&mut self) -> Result<()> {
+        let done = std::mem::take(&mut *self.finished.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut failure = Ok(());
         for (slot, r) in done {
-            in_flight -= 1;
-            free.push(slot);
+            self.in_flight -= 1;
+            self.free.push(slot);
             if let Err(e) = r {
-                failure.get_or_insert(e);
+                if failure.is_ok() {
+                    failure = Err(e);
+                }
             }
         }
-        if let Some(e) = failure {
-            return Err(e);
-        }
+        failure
     }
 }
