@@ -127,7 +127,8 @@ struct State {
 /// every state a crash could leave.
 ///
 /// ```
-/// use qed::storage::{RecordingStorage, Storage};
+/// use qed::Storage;
+/// use qed_testkit::RecordingStorage;
 ///
 /// let storage = RecordingStorage::new(vec![0; 1024]);
 /// storage.write_at(&[1; 1024], 0)?;
