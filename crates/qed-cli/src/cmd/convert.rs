@@ -132,7 +132,8 @@ fn open_source(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
 fn refuse_destination_in_source_chain(plan: &Plan, src: &dyn BlockDevice) -> Result<()> {
     if chain_contains(src, &plan.dst) {
         bail!(
-            "the destination {} is a backing file of the source {}: writing it would change              the data being copied",
+            "the destination {} is a backing file of the source {}: writing it would change \
+             the data being copied",
             plan.dst.display(),
             plan.src.display()
         );
