@@ -53,10 +53,6 @@ enum Command {
     Serve(cmd::serve::Args),
     /// Run a simple image benchmark, as qemu-img bench.
     Bench(cmd::bench::Args),
-    /// Write from several threads with periodic flushes, logging what each flush made
-    /// durable (for crash tests that kill the process).
-    #[command(hide = true)]
-    Stress(cmd::stress::Args),
 }
 
 fn main() -> ExitCode {
@@ -75,7 +71,6 @@ fn main() -> ExitCode {
         Command::Measure(a) => cmd::measure::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Bench(a) => cmd::bench::run(a),
-        Command::Stress(a) => cmd::stress::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,26 +1,35 @@
-//! Process kills: `qed stress` writes from several threads with periodic flushes and is
-//! killed with SIGKILL at random moments. Each image takes several kills in a row, so
-//! later runs open (and repair) an image left by a kill. After each kill, `qed check -r all` must leave the image clean, `qemu-img check` must agree, and
-//! every write the log records as flushed must read back, sector by sector, either as
-//! itself or as a later write of the same slot; no sector may hold bytes from elsewhere.
+//! Process kills: the stress writer ([`qed_testkit::stress`]) writes from several
+//! threads with periodic flushes and is killed with SIGKILL at random moments. Each
+//! image takes several kills in a row, so later runs open (and repair) an image left by
+//! a kill. After each kill, `qed check -r all` must leave the image clean, `qemu-img
+//! check` must agree, and every write the log records as flushed must read back, sector
+//! by sector, either as itself or as a later write of the same slot; no sector may hold
+//! bytes from elsewhere.
+//!
+//! The writer has to be a process of its own to be killed, and is not part of the
+//! `qed` binary: this test has its own `main` (`harness = false`), which runs the writer
+//! when its first argument is `stress` and the kill scenarios otherwise; the scenarios
+//! start the writer by running this same executable with `stress`.
 //!
 //! `QED_KILLS=N` sets the kills per variant (default 30; two variants).
 //!
 //! A missing qemu-img fails the test instead of skipping it.
 
 use qed::{BlockDevice, Image, Mapping, OpenOptions};
+use qed_testkit::harness::{self, Test};
+use qed_testkit::stress::{self, Rng};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const QED: &str = env!("CARGO_BIN_EXE_qed");
 /// The signal `Child::kill` sends on Unix.
 const SIGKILL: i32 = 9;
-const SECTOR: u64 = 512;
+const SECTOR: u64 = stress::SECTOR;
 const CLUSTER: u64 = 64 << 10;
 const SIZE: u64 = 8 << 30;
 /// One cluster per slot, 4 MiB apart: a run allocates new clusters (and L2 tables)
@@ -32,28 +41,35 @@ const KILLS_PER_IMAGE: u64 = 4;
 /// The backing file covers the first half of the slots.
 const BACKING_LEN: u64 = SIZE / 2 + 12345;
 
-/// The same layout as `qed stress` computes.
-const STRIDE: u64 = SIZE / SLOTS / SLOT_SIZE * SLOT_SIZE;
+/// The same layout as the stress writer computes.
+const STRIDE: u64 = stress::stride(SIZE, SLOTS, SLOT_SIZE);
 
-/// splitmix64, as `qed stress` uses it.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+/// The first argument that makes this executable the stress writer instead of the test.
+const STRESS: &str = "stress";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(STRESS) {
+        return stress::main(&args[1..]);
+    }
+    let tests = [
+        Test {
+            name: "kill_without_backing_file",
+            run: kill_without_backing_file,
+        },
+        Test {
+            name: "kill_over_raw_backing_file",
+            run: kill_over_raw_backing_file,
+        },
+    ];
+    harness::run(&tests, &args)
 }
 
-/// What `qed stress` writes into guest sector `sector` for generation `gen` of `slot`.
+/// What the stress writer writes into guest sector `sector` for generation `gen` of
+/// `slot`.
 fn stress_sector(slot: u64, gen: u64, sector: u64) -> Vec<u8> {
     let mut out = vec![0u8; SECTOR as usize];
-    out[0..8].copy_from_slice(&slot.to_le_bytes());
-    out[8..16].copy_from_slice(&gen.to_le_bytes());
-    out[16..24].copy_from_slice(&sector.to_le_bytes());
-    let seed = mix(slot ^ mix(gen ^ mix(sector)));
-    for (i, chunk) in out[24..].chunks_mut(8).enumerate() {
-        let v = mix(seed ^ i as u64).to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
+    stress::sector(slot, gen, sector, &mut out);
     out
 }
 
@@ -65,15 +81,6 @@ fn backing_sector(sector: u64) -> Vec<u8> {
         chunk.copy_from_slice(&(!(sector * 64 + i as u64)).to_le_bytes());
     }
     out
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(1);
-        mix(self.0) % n
-    }
 }
 
 fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
@@ -259,13 +266,19 @@ fn scratch_dir() -> tempfile::TempDir {
         .unwrap()
 }
 
+/// This executable, which runs the stress writer when its first argument is [`STRESS`].
+fn stress_writer() -> PathBuf {
+    std::env::current_exe().expect("the path of the test executable")
+}
+
 fn kill_loop(backing: bool, kills: u64, seed: u64) -> Stats {
     let dir = scratch_dir();
     let d = dir.path();
     let img = d.join("img.qed");
     let log_path = d.join("log.txt");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut stats = Stats::default();
+    let exe = stress_writer();
     for k in 1..=kills {
         if k % KILLS_PER_IMAGE == 1 || KILLS_PER_IMAGE == 1 {
             create_image(d, backing);
@@ -276,8 +289,8 @@ fn kill_loop(backing: bool, kills: u64, seed: u64) -> Stats {
             if backing { "over raw" } else { "no backing" }
         );
         let seed_arg = k.to_string();
-        let mut child = Command::new(QED)
-            .args(["stress", "img.qed", "--seed", &seed_arg, "--threads", "4"])
+        let mut child = Command::new(&exe)
+            .args([STRESS, "img.qed", "--seed", &seed_arg, "--threads", "4"])
             .args(["--slots", &SLOTS.to_string(), "--slot-size", "64k"])
             .args(["--log", "log.txt", "--flush-interval-ms", "15"])
             .current_dir(d)
@@ -358,14 +371,12 @@ fn kills() -> u64 {
         .unwrap_or(30)
 }
 
-#[test]
 fn kill_without_backing_file() {
     let start = Instant::now();
     let stats = kill_loop(false, kills(), 1);
     println!("kills: no backing: {stats:?} in {:?}", start.elapsed());
 }
 
-#[test]
 fn kill_over_raw_backing_file() {
     let start = Instant::now();
     let stats = kill_loop(true, kills(), 2);

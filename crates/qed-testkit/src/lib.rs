@@ -1,13 +1,16 @@
 //! Test harnesses for the `qed` crates, built on the library's public [`qed::Storage`]
 //! trait: storage that fails on purpose ([`FaultyStorage`]), storage that records every
-//! operation so that crash states can be replayed ([`RecordingStorage`]), and the
-//! stress writer that process-kill tests run and kill. None of it ships in the product:
+//! operation so that crash states can be replayed ([`RecordingStorage`]), the stress
+//! writer that process-kill tests run and kill ([`stress`]), and a small runner for test
+//! targets that need their own `main` ([`harness`]). None of it ships in the product:
 //! the crates use it only as a dev-dependency.
 
 #![warn(missing_docs)]
 
 mod faulty;
+pub mod harness;
 mod recording;
+pub mod stress;
 
 pub use faulty::{FaultKind, FaultPlan, FaultyStorage, OpKind};
 pub use recording::{CrashLog, RecordedOp, RecordingStorage};

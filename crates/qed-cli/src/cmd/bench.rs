@@ -50,6 +50,7 @@ pub struct Args {
     file: PathBuf,
 }
 
+/// Runs `qed bench`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     let (direct, writethrough) = match a.cache.as_str() {
         "none" => (true, false),

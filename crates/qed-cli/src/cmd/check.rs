@@ -131,6 +131,7 @@ fn print_human(r: &CheckReport) {
     }
 }
 
+/// Runs `qed check`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     super::require_qed(a.format.as_deref())?;
     let opts = OpenOptions {

@@ -23,6 +23,7 @@ pub struct Args {
     file: PathBuf,
 }
 
+/// Runs `qed commit`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     super::require_qed(a.format.as_deref())?;
     // Look read-only first: a read-write open may repair the image, and a refused

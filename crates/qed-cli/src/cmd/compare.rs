@@ -44,6 +44,7 @@ fn compare_files(a: &Args) -> Result<Option<Difference>> {
     Ok(diff)
 }
 
+/// Runs `qed compare`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     match compare_files(&a) {
         Ok(None) => {

@@ -42,112 +42,197 @@ pub struct Args {
     dst: PathBuf,
 }
 
+/// Runs `qed convert`. Every refusal comes before the destination is created or written.
 pub fn run(a: Args) -> Result<u8> {
-    let src_format = parse_format(a.format.as_deref())?;
-    let dst_format: Format = a.output_format.parse()?;
-    if dst_format == Format::Qcow2 {
-        bail!("cannot write qcow2 images: use -O qed or -O raw");
+    let plan = Plan::new(a)?;
+    refuse_same_file(&plan)?;
+    let src = open_source(&plan)?;
+    refuse_destination_in_source_chain(&plan, &*src)?;
+    prepare_destination(&plan, src.size())?;
+    let dst = open_destination(&plan)?;
+    copy(&plan, &*src, &*dst)?;
+    Ok(0)
+}
+
+/// The arguments, parsed and checked against each other: everything that can be refused
+/// without looking at a file is refused here.
+struct Plan {
+    src: PathBuf,
+    /// `None` probes.
+    src_format: Option<Format>,
+    dst: PathBuf,
+    /// qed or raw.
+    dst_format: Format,
+    /// `-n`: the destination exists and is written into.
+    no_create: bool,
+    /// For a new qed destination; empty otherwise.
+    geometry: CreateGeometry,
+    /// `-B`.
+    backing: Option<String>,
+    /// `-F`: `None` probes.
+    backing_format: Option<Format>,
+    sparse_size: u64,
+    progress: bool,
+}
+
+impl Plan {
+    fn new(a: Args) -> Result<Self> {
+        let src_format = parse_format(a.format.as_deref())?;
+        let dst_format: Format = a.output_format.parse()?;
+        if dst_format == Format::Qcow2 {
+            bail!("cannot write qcow2 images: use -O qed or -O raw");
+        }
+        let sparse_size = parse_size(&a.sparse_size)?;
+        if sparse_size % 512 != 0 {
+            bail!("invalid -S {}: it must be a multiple of 512", a.sparse_size);
+        }
+        if a.no_create && !a.options.is_empty() {
+            bail!("-o has no effect when skipping image creation (-n): drop one of them");
+        }
+        if dst_format == Format::Raw && (a.backing.is_some() || !a.options.is_empty()) {
+            bail!("-B and -o apply to qed destinations only");
+        }
+        let backing_format = parse_format(a.backing_format.as_deref())?;
+        let geometry = CreateGeometry::parse(&a.options)?;
+        Ok(Self {
+            src: a.src,
+            src_format,
+            dst: a.dst,
+            dst_format,
+            no_create: a.no_create,
+            geometry,
+            backing: a.backing,
+            backing_format,
+            sparse_size,
+            progress: a.progress,
+        })
     }
-    let sparse_size = parse_size(&a.sparse_size)?;
-    if sparse_size % 512 != 0 {
-        bail!("invalid -S {}: it must be a multiple of 512", a.sparse_size);
-    }
-    if a.no_create && !a.options.is_empty() {
-        bail!("-o has no effect when skipping image creation (-n): drop one of them");
-    }
-    if dst_format == Format::Raw && (a.backing.is_some() || !a.options.is_empty()) {
-        bail!("-B and -o apply to qed destinations only");
-    }
-    if let (Ok(s), Ok(d)) = (a.src.canonicalize(), a.dst.canonicalize()) {
+}
+
+/// Refuses a destination that is the source itself, however the two are spelled.
+fn refuse_same_file(plan: &Plan) -> Result<()> {
+    if let (Ok(s), Ok(d)) = (plan.src.canonicalize(), plan.dst.canonicalize()) {
         if s == d {
             bail!(
                 "source and destination are the same file: {}",
-                a.src.display()
+                plan.src.display()
             );
         }
     }
-    let src = open_device(&a.src, src_format, &OpenOptions::read_only())
-        .with_context(|| format!("could not open source {}", a.src.display()))?;
-    if chain_contains(&*src, &a.dst) {
+    Ok(())
+}
+
+fn open_source(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
+    open_device(&plan.src, plan.src_format, &OpenOptions::read_only())
+        .with_context(|| format!("could not open source {}", plan.src.display()))
+}
+
+/// Refuses a destination that the source reads through: writing it would change the
+/// data being copied.
+fn refuse_destination_in_source_chain(plan: &Plan, src: &dyn BlockDevice) -> Result<()> {
+    if chain_contains(src, &plan.dst) {
         bail!(
-            "the destination {} is a backing file of the source {}: writing it would change              the data being copied",
-            a.dst.display(),
-            a.src.display()
+            "the destination {} is a backing file of the source {}: writing it would change \
+             the data being copied",
+            plan.dst.display(),
+            plan.src.display()
         );
     }
-    let size = src.size();
+    Ok(())
+}
 
-    // Validate everything about the destination before creating or opening it.
-    let backing_format = parse_format(a.backing_format.as_deref())?;
-    if !a.no_create && dst_format == Format::Qed {
-        let mut opts = CreateOptions::new(size);
-        CreateGeometry::parse(&a.options)?.apply(&mut opts);
-        if let Some(b) = &a.backing {
-            let path = resolve_backing_path(&a.dst, b);
-            let dev = open_device(&path, backing_format, &OpenOptions::read_only())
-                .with_context(|| format!("could not open backing file {}", path.display()))?;
-            if chain_contains(&*dev, &a.dst) {
-                bail!(
-                    "the destination {} cannot be in its own backing chain (-B {b})",
-                    a.dst.display()
-                );
-            }
-            opts.backing_file = Some(b.clone());
-            opts.backing_format = Some(backing_format.unwrap_or(dev.format()));
-        }
-        opts.header()?;
-        for why in opts.qemu_incompatibilities() {
-            eprintln!("qed: warning: {why}");
-        }
-        Image::create(&a.dst, &opts)?;
-    } else if !a.no_create {
-        let storage = FileStorage::create(&a.dst)
-            .with_context(|| format!("could not create {}", a.dst.display()))?;
-        qed::Storage::set_len(&storage, size)
-            .with_context(|| format!("could not size {}", a.dst.display()))?;
+/// Creates the destination, `size` bytes long; with `-n`, checks the existing one
+/// instead.
+fn prepare_destination(plan: &Plan, size: u64) -> Result<()> {
+    if plan.no_create {
+        check_existing_destination(plan, size)
+    } else if plan.dst_format == Format::Qed {
+        create_qed_destination(plan, size)
     } else {
-        // Look at the existing destination read-only first: a read-write open may repair
-        // it, and a refused command must leave it as it was.
-        let ro = OpenOptions {
-            no_backing: true,
-            ..OpenOptions::read_only()
-        };
-        let existing = open_device(&a.dst, Some(dst_format), &ro)
-            .with_context(|| format!("could not open destination {}", a.dst.display()))?;
-        if existing.size() < size {
+        let storage = FileStorage::create(&plan.dst)
+            .with_context(|| format!("could not create {}", plan.dst.display()))?;
+        qed::Storage::set_len(&storage, size)
+            .with_context(|| format!("could not size {}", plan.dst.display()))
+    }
+}
+
+/// Creates a QED destination with the geometry and backing file asked for, having
+/// checked all of it first.
+fn create_qed_destination(plan: &Plan, size: u64) -> Result<()> {
+    let mut opts = CreateOptions::new(size);
+    plan.geometry.apply(&mut opts);
+    if let Some(b) = &plan.backing {
+        let path = resolve_backing_path(&plan.dst, b);
+        let dev = open_device(&path, plan.backing_format, &OpenOptions::read_only())
+            .with_context(|| format!("could not open backing file {}", path.display()))?;
+        if chain_contains(&*dev, &plan.dst) {
             bail!(
-                "the destination {} ({} bytes) is smaller than the source ({size} bytes)",
-                a.dst.display(),
-                existing.size()
+                "the destination {} cannot be in its own backing chain (-B {b})",
+                plan.dst.display()
             );
         }
+        opts.backing_file = Some(b.clone());
+        opts.backing_format = Some(plan.backing_format.unwrap_or(dev.format()));
     }
+    opts.header()?;
+    for why in opts.qemu_incompatibilities() {
+        eprintln!("qed: warning: {why}");
+    }
+    Image::create(&plan.dst, &opts)?;
+    Ok(())
+}
 
-    let rw = OpenOptions::default();
-    let dst: Box<dyn BlockDevice> = match dst_format {
-        Format::Qed => Box::new(super::open_image(&a.dst, &rw)?),
-        _ => {
-            let storage = FileStorage::open(&a.dst, false)
-                .with_context(|| format!("could not open {}", a.dst.display()))?;
-            Box::new(RawDevice::new(
-                Box::new(storage),
-                a.dst.display().to_string(),
-                false,
-            )?)
-        }
+/// Refuses an existing destination smaller than the source. It is looked at read-only:
+/// a read-write open may repair it, and a refused command must leave it as it was.
+fn check_existing_destination(plan: &Plan, size: u64) -> Result<()> {
+    let ro = OpenOptions {
+        no_backing: true,
+        ..OpenOptions::read_only()
     };
+    let existing = open_device(&plan.dst, Some(plan.dst_format), &ro)
+        .with_context(|| format!("could not open destination {}", plan.dst.display()))?;
+    if existing.size() < size {
+        bail!(
+            "the destination {} ({} bytes) is smaller than the source ({size} bytes)",
+            plan.dst.display(),
+            existing.size()
+        );
+    }
+    Ok(())
+}
+
+/// Opens the destination read-write (a QED image with NEED_CHECK set is repaired).
+fn open_destination(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
+    if plan.dst_format == Format::Qed {
+        return Ok(Box::new(super::open_image(
+            &plan.dst,
+            &OpenOptions::default(),
+        )?));
+    }
+    let storage = FileStorage::open(&plan.dst, false)
+        .with_context(|| format!("could not open {}", plan.dst.display()))?;
+    Ok(Box::new(RawDevice::new(
+        Box::new(storage),
+        plan.dst.display().to_string(),
+        false,
+    )?))
+}
+
+/// Copies the source into the destination, showing progress when asked, and flushes.
+fn copy(plan: &Plan, src: &dyn BlockDevice, dst: &dyn BlockDevice) -> Result<()> {
     let opts = ConvertOptions {
-        sparse_size,
-        target_is_zero: !a.no_create && a.backing.is_none(),
-        target_backing: if a.backing.is_some() {
+        sparse_size: plan.sparse_size,
+        // Only a new destination with nothing below it is known to read as zeros.
+        target_is_zero: !plan.no_create && plan.backing.is_none(),
+        target_backing: if plan.backing.is_some() {
             dst.backing()
         } else {
             None
         },
     };
-    let mut progress = ProgressReport::new(a.progress);
-    convert(&*src, &*dst, &opts, &mut |d, t| progress.update(d, t))?;
+    let mut progress = ProgressReport::new(plan.progress);
+    convert(src, dst, &opts, &mut |d, t| progress.update(d, t))?;
     progress.finish();
     dst.flush()?;
-    Ok(0)
+    Ok(())
 }

@@ -33,6 +33,7 @@ pub struct Args {
     size: Option<String>,
 }
 
+/// Runs `qed create`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     if a.format != "qed" {
         bail!(

@@ -41,6 +41,7 @@ struct Info {
     header_size: u32,
 }
 
+/// Runs `qed info`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     super::require_qed(a.format.as_deref())?;
     let opts = OpenOptions {

@@ -211,6 +211,7 @@ fn run_one(dev: &dyn BlockDevice, line: &str) -> Result<()> {
     }
 }
 
+/// Runs `qed io`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     let format = super::parse_format(a.format.as_deref())?;
     let dev = super::open_for_io(&a.file, format, a.read_only)?;

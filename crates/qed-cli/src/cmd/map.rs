@@ -49,6 +49,7 @@ fn hex16(v: u64) -> String {
     format!("{s:<16}")
 }
 
+/// Runs `qed map`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     let format = super::parse_format(a.format.as_deref())?;
     let dev = open_device(&a.file, format, &OpenOptions::read_only())?;

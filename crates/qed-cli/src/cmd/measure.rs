@@ -31,6 +31,7 @@ pub struct Args {
     file: Option<PathBuf>,
 }
 
+/// Runs `qed measure`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     if a.output_format != "qed" {
         bail!("only qed images can be measured (-O qed)");

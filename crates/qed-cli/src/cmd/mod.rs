@@ -13,7 +13,6 @@ pub mod measure;
 pub mod rebase;
 pub mod resize;
 pub mod serve;
-pub mod stress;
 
 use anyhow::{bail, Result};
 use qed::Format;

@@ -31,6 +31,7 @@ pub struct Args {
     file: PathBuf,
 }
 
+/// Runs `qed rebase`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     super::require_qed(a.format.as_deref())?;
     let format = parse_format(a.backing_format.as_deref())?;

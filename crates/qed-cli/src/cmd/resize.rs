@@ -21,6 +21,7 @@ pub struct Args {
     size: String,
 }
 
+/// Runs `qed resize`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     super::require_qed(a.format.as_deref())?;
     // Validate on a read-only open first: a read-write open may repair the image, and a

@@ -57,17 +57,11 @@ pub struct Args {
     file: PathBuf,
 }
 
+/// Runs `qed serve`: serves until SIGINT or SIGTERM (or, unless persistent, until the
+/// last client leaves), then leaves the image clean.
 pub fn run(a: Args) -> Result<u8> {
-    let discard = match a.discard.as_str() {
-        "ignore" | "off" => DiscardMode::Ignore,
-        "unmap" | "on" => DiscardMode::Unmap,
-        d => bail!("invalid --discard '{d}': use ignore or unmap"),
-    };
-    let direct = match a.cache.as_str() {
-        "writeback" => false,
-        "none" => true,
-        c => bail!("invalid --cache '{c}': use writeback or none"),
-    };
+    let discard = parse_discard(&a.discard)?;
+    let direct = parse_cache(&a.cache)?;
     if a.shared == 0 {
         bail!("-e/--shared must be at least 1");
     }
@@ -77,41 +71,8 @@ pub fn run(a: Args) -> Result<u8> {
     let device = super::open_device_with(&a.file, format, a.read_only, direct, l2_cache_bytes)?;
     let device: Arc<dyn qed::BlockDevice> = Arc::from(device);
 
-    let (listener, place) = match &a.socket {
-        Some(path) => {
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                if meta.file_type().is_socket() {
-                    std::fs::remove_file(path).ok();
-                } else {
-                    bail!("{} exists and is not a socket", path.display());
-                }
-            }
-            let l = UnixListener::bind(path)
-                .with_context(|| format!("could not listen on {}", path.display()))?;
-            (Listener::Unix(l), format!("unix socket {}", path.display()))
-        }
-        None => {
-            let addr = format!("{}:{}", a.bind, a.port);
-            let l =
-                TcpListener::bind(&addr).with_context(|| format!("could not listen on {addr}"))?;
-            let local = l.local_addr().map(|a| a.to_string()).unwrap_or(addr);
-            (Listener::Tcp(l), local)
-        }
-    };
-    let export = Export {
-        device: device.clone(),
-        name: a.name.clone(),
-        description: a.description.clone(),
-        read_only: a.read_only,
-        discard,
-    };
-    let config = Config {
-        max_connections: a.shared,
-        persistent: a.persistent,
-        workers: a.workers,
-        ..Config::default()
-    };
-    let server = Server::new(export, config);
+    let (listener, place) = listen(&a)?;
+    let server = build_server(&a, device.clone(), discard);
     let stop = server.shutdown_flag();
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop)?;
@@ -130,13 +91,74 @@ pub fn run(a: Args) -> Result<u8> {
     let flushed = device.flush();
     drop(server);
     drop(device);
+    remove_files(&a);
+    result.context("serving")?;
+    flushed?;
+    Ok(0)
+}
+
+fn parse_discard(discard: &str) -> Result<DiscardMode> {
+    Ok(match discard {
+        "ignore" | "off" => DiscardMode::Ignore,
+        "unmap" | "on" => DiscardMode::Unmap,
+        d => bail!("invalid --discard '{d}': use ignore or unmap"),
+    })
+}
+
+/// Whether `--cache` asks for O_DIRECT.
+fn parse_cache(cache: &str) -> Result<bool> {
+    Ok(match cache {
+        "writeback" => false,
+        "none" => true,
+        c => bail!("invalid --cache '{c}': use writeback or none"),
+    })
+}
+
+/// Binds the Unix socket or TCP address asked for; returns the listener and where it
+/// listens, for people.
+fn listen(a: &Args) -> Result<(Listener, String)> {
+    if let Some(path) = &a.socket {
+        // A socket left by an earlier server that died would make the bind fail.
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(path).ok();
+            } else {
+                bail!("{} exists and is not a socket", path.display());
+            }
+        }
+        let l = UnixListener::bind(path)
+            .with_context(|| format!("could not listen on {}", path.display()))?;
+        return Ok((Listener::Unix(l), format!("unix socket {}", path.display())));
+    }
+    let addr = format!("{}:{}", a.bind, a.port);
+    let l = TcpListener::bind(&addr).with_context(|| format!("could not listen on {addr}"))?;
+    let local = l.local_addr().map(|a| a.to_string()).unwrap_or(addr);
+    Ok((Listener::Tcp(l), local))
+}
+
+fn build_server(a: &Args, device: Arc<dyn qed::BlockDevice>, discard: DiscardMode) -> Server {
+    let export = Export {
+        device,
+        name: a.name.clone(),
+        description: a.description.clone(),
+        read_only: a.read_only,
+        discard,
+    };
+    let config = Config {
+        max_connections: a.shared,
+        persistent: a.persistent,
+        workers: a.workers,
+        ..Config::default()
+    };
+    Server::new(export, config)
+}
+
+/// Removes the socket and pid file the server made; errors do not matter any more.
+fn remove_files(a: &Args) {
     if let Some(path) = &a.socket {
         std::fs::remove_file(path).ok();
     }
     if let Some(p) = &a.pid_file {
         std::fs::remove_file(p).ok();
     }
-    result.context("serving")?;
-    flushed?;
-    Ok(0)
 }
