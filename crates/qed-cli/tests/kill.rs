@@ -17,7 +17,7 @@
 
 use qed::{BlockDevice, Image, Mapping, OpenOptions};
 use qed_testkit::harness::{self, Test};
-use qed_testkit::stress::{self, Rng};
+use qed_testkit::stress;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 const QED: &str = env!("CARGO_BIN_EXE_qed");
 /// The signal `Child::kill` sends on Unix.
 const SIGKILL: i32 = 9;
-const SECTOR: u64 = stress::SECTOR;
+const SECTOR: u64 = 512;
 const CLUSTER: u64 = 64 << 10;
 const SIZE: u64 = 8 << 30;
 /// One cluster per slot, 4 MiB apart: a run allocates new clusters (and L2 tables)
@@ -41,8 +41,9 @@ const KILLS_PER_IMAGE: u64 = 4;
 /// The backing file covers the first half of the slots.
 const BACKING_LEN: u64 = SIZE / 2 + 12345;
 
-/// The same layout as the stress writer computes.
-const STRIDE: u64 = stress::stride(SIZE, SLOTS, SLOT_SIZE);
+/// The same layout as the stress writer computes. The checker keeps its own copy of the
+/// writer's layout and contents, so that a mistake in the writer cannot hide itself.
+const STRIDE: u64 = SIZE / SLOTS / SLOT_SIZE * SLOT_SIZE;
 
 /// The first argument that makes this executable the stress writer instead of the test.
 const STRESS: &str = "stress";
@@ -65,11 +66,26 @@ fn main() -> ExitCode {
     harness::run(&tests, &args)
 }
 
+/// splitmix64, as the stress writer uses it.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 /// What the stress writer writes into guest sector `sector` for generation `gen` of
 /// `slot`.
 fn stress_sector(slot: u64, gen: u64, sector: u64) -> Vec<u8> {
     let mut out = vec![0u8; SECTOR as usize];
-    stress::sector(slot, gen, sector, &mut out);
+    out[0..8].copy_from_slice(&slot.to_le_bytes());
+    out[8..16].copy_from_slice(&gen.to_le_bytes());
+    out[16..24].copy_from_slice(&sector.to_le_bytes());
+    let seed = mix(slot ^ mix(gen ^ mix(sector)));
+    for (i, chunk) in out[24..].chunks_mut(8).enumerate() {
+        let v = mix(seed ^ i as u64).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
     out
 }
 
@@ -81,6 +97,15 @@ fn backing_sector(sector: u64) -> Vec<u8> {
         chunk.copy_from_slice(&(!(sector * 64 + i as u64)).to_le_bytes());
     }
     out
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(1);
+        mix(self.0) % n
+    }
 }
 
 fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
@@ -276,7 +301,7 @@ fn kill_loop(backing: bool, kills: u64, seed: u64) -> Stats {
     let d = dir.path();
     let img = d.join("img.qed");
     let log_path = d.join("log.txt");
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng(seed);
     let mut stats = Stats::default();
     let exe = stress_writer();
     for k in 1..=kills {

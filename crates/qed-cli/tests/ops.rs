@@ -1802,3 +1802,59 @@ fn refusals_leave_an_image_with_need_check_untouched() {
         &all,
     );
 }
+
+/// Errors about a file name it exactly once, and a file that is not QED says so.
+#[test]
+fn errors_name_the_file_once() {
+    let d = Dir::new();
+    std::fs::write(d.path("notes.txt"), "hello\n").unwrap();
+    let stderr_of = |args: &[&str]| {
+        let out = d.run(QED, args);
+        assert_ne!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            d.describe(QED, args, &out)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let once = |text: &str, name: &str| {
+        assert_eq!(
+            text.matches(name).count(),
+            1,
+            "{name} named once in: {text}"
+        );
+    };
+
+    for args in [
+        &["info", "notes.txt"][..],
+        &["check", "notes.txt"],
+        &["info", "-f", "qed", "notes.txt"],
+    ] {
+        let e = stderr_of(args);
+        assert!(
+            e.contains("notes.txt is not a QED image (no QED magic"),
+            "{args:?}: {e}"
+        );
+        once(&e, "notes.txt");
+    }
+    for args in [
+        &["info", "missing.qed"][..],
+        &["compare", "missing.qed", "notes.txt"],
+        &["convert", "missing.qed", "out.qed"],
+        &["resize", "missing.qed", "2M"],
+        &["create", "-b", "missing.qed", "-F", "qed", "top.qed"],
+    ] {
+        let e = stderr_of(args);
+        assert!(e.contains("missing.qed: No such file"), "{args:?}: {e}");
+        once(&e, "missing.qed");
+    }
+
+    // A backing file that went away is named once, by the image that needs it.
+    d.qed(&["create", "base.qed", "1M"]);
+    d.qed(&["create", "-b", "base.qed", "-F", "qed", "top.qed"]);
+    std::fs::remove_file(d.path("base.qed")).unwrap();
+    let e = stderr_of(&["io", "-c", "read 0 512", "top.qed"]);
+    assert!(e.contains("backing file base.qed: No such file"), "{e}");
+    once(&e, "base.qed");
+}

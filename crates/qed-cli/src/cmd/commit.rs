@@ -1,7 +1,8 @@
 //! `qed commit`.
 
+use super::FileContext;
 use super::ProgressReport;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use qed::probe_format;
 use qed::{open_device, BlockDevice, Format, Image, OpenOptions};
 use qed::{FileStorage, Storage};
@@ -33,7 +34,7 @@ pub fn run(a: Args) -> Result<u8> {
         ..OpenOptions::read_only()
     };
     let has_backing = Image::open(&a.file, &ro)
-        .with_context(|| format!("could not open {}", a.file.display()))?
+        .file_context("could not open", &a.file)?
         .backing_file()
         .is_some();
     if !has_backing {
@@ -47,8 +48,8 @@ pub fn run(a: Args) -> Result<u8> {
     let format = match backing.declared_format {
         Some(f) => f,
         None => {
-            let s = FileStorage::open(&base_path, true)
-                .with_context(|| format!("could not open {}", base_path.display()))?;
+            let s =
+                FileStorage::open(&base_path, true).file_context("could not open", &base_path)?;
             probe_format(&s)?
         }
     };
@@ -63,8 +64,8 @@ pub fn run(a: Args) -> Result<u8> {
             base.close()?;
         }
         Format::Raw => {
-            let s = FileStorage::open(&base_path, false)
-                .with_context(|| format!("could not open {}", base_path.display()))?;
+            let s =
+                FileStorage::open(&base_path, false).file_context("could not open", &base_path)?;
             if s.len()? < size {
                 s.set_len(size)?;
             }

@@ -1,7 +1,8 @@
 //! `qed compare`.
 
+use super::FileContext;
 use super::{parse_format, ProgressReport};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use qed::{compare, Difference};
 use qed::{open_device, OpenOptions};
 use std::path::PathBuf;
@@ -32,9 +33,9 @@ pub struct Args {
 fn compare_files(a: &Args) -> Result<Option<Difference>> {
     let ro = OpenOptions::read_only();
     let da = open_device(&a.a, parse_format(a.format_a.as_deref())?, &ro)
-        .with_context(|| format!("could not open {}", a.a.display()))?;
+        .file_context("could not open", &a.a)?;
     let db = open_device(&a.b, parse_format(a.format_b.as_deref())?, &ro)
-        .with_context(|| format!("could not open {}", a.b.display()))?;
+        .file_context("could not open", &a.b)?;
     if da.size() != db.size() && !a.strict {
         println!("Warning: Image size mismatch!");
     }

@@ -1,5 +1,6 @@
 //! `qed convert`.
 
+use super::FileContext;
 use super::{parse_format, CreateGeometry, ProgressReport};
 use crate::units::parse_size;
 use anyhow::{bail, Context, Result};
@@ -124,7 +125,7 @@ fn refuse_same_file(plan: &Plan) -> Result<()> {
 
 fn open_source(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
     open_device(&plan.src, plan.src_format, &OpenOptions::read_only())
-        .with_context(|| format!("could not open source {}", plan.src.display()))
+        .file_context("could not open source", &plan.src)
 }
 
 /// Refuses a destination that the source reads through: writing it would change the
@@ -164,7 +165,7 @@ fn create_qed_destination(plan: &Plan, size: u64) -> Result<()> {
     if let Some(b) = &plan.backing {
         let path = resolve_backing_path(&plan.dst, b);
         let dev = open_device(&path, plan.backing_format, &OpenOptions::read_only())
-            .with_context(|| format!("could not open backing file {}", path.display()))?;
+            .file_context("could not open backing file", &path)?;
         if chain_contains(&*dev, &plan.dst) {
             bail!(
                 "the destination {} cannot be in its own backing chain (-B {b})",
@@ -190,7 +191,7 @@ fn check_existing_destination(plan: &Plan, size: u64) -> Result<()> {
         ..OpenOptions::read_only()
     };
     let existing = open_device(&plan.dst, Some(plan.dst_format), &ro)
-        .with_context(|| format!("could not open destination {}", plan.dst.display()))?;
+        .file_context("could not open destination", &plan.dst)?;
     if existing.size() < size {
         bail!(
             "the destination {} ({} bytes) is smaller than the source ({size} bytes)",
@@ -209,8 +210,7 @@ fn open_destination(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
             &OpenOptions::default(),
         )?));
     }
-    let storage = FileStorage::open(&plan.dst, false)
-        .with_context(|| format!("could not open {}", plan.dst.display()))?;
+    let storage = FileStorage::open(&plan.dst, false).file_context("could not open", &plan.dst)?;
     Ok(Box::new(RawDevice::new(
         Box::new(storage),
         plan.dst.display().to_string(),

@@ -1,5 +1,6 @@
 //! `qed create`.
 
+use super::FileContext;
 use crate::units::parse_size;
 use anyhow::{bail, Context, Result};
 use qed::resolve_backing_path;
@@ -62,7 +63,7 @@ pub fn run(a: Args) -> Result<u8> {
         (Some(name), false) => {
             let path = resolve_backing_path(&a.file, name);
             let dev = open_device(&path, format, &OpenOptions::read_only())
-                .with_context(|| format!("could not open backing file {}", path.display()))?;
+                .file_context("could not open backing file", &path)?;
             if format.is_none() {
                 format = Some(dev.format());
                 if !a.quiet {

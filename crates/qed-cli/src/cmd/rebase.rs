@@ -1,5 +1,6 @@
 //! `qed rebase`.
 
+use super::FileContext;
 use super::{parse_format, ProgressReport};
 use anyhow::{bail, Context, Result};
 use qed::NewBacking;
@@ -44,7 +45,7 @@ pub fn run(a: Args) -> Result<u8> {
             ..OpenOptions::read_only()
         },
     )
-    .with_context(|| format!("could not open {}", a.file.display()))?
+    .file_context("could not open", &a.file)?
     .max_backing_name_len();
     if a.backing.len() as u64 > room {
         bail!(

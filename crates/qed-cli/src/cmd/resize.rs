@@ -1,7 +1,8 @@
 //! `qed resize`.
 
+use super::FileContext;
 use crate::units::parse_size;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use qed::{BlockDevice, Image, OpenOptions};
 use std::path::PathBuf;
 
@@ -30,8 +31,7 @@ pub fn run(a: Args) -> Result<u8> {
         no_backing: true,
         ..OpenOptions::read_only()
     };
-    let image = Image::open(&a.file, &ro)
-        .with_context(|| format!("could not open {}", a.file.display()))?;
+    let image = Image::open(&a.file, &ro).file_context("could not open", &a.file)?;
     let old = image.size();
     let new = if let Some(d) = a.size.strip_prefix('+') {
         old.checked_add(parse_size(d)?)
