@@ -121,7 +121,7 @@ pub fn sector(slot: u64, gen: u64, sector: u64, out: &mut [u8]) {
     }
 }
 
-/// A counter passed through [`mix`]: cheap, reproducible from its seed, and good enough
+/// A counter passed through splitmix64: cheap, reproducible from its seed, and good enough
 /// to pick writes and delays.
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
