@@ -40,8 +40,8 @@ mod storage;
 
 pub use block::{BlockDevice, BlockStatus, DirectExtent, Format, PendingWrite};
 pub use chain::{
-    chain_contains, describe, for_each_run, known_zero, map, open_device, probe_format,
-    resolve_backing_path, MapEntry, OpenOptions, MAX_CHAIN_DEPTH,
+    chain_contains, describe, for_each_run, is_remote_name, known_zero, map, open_device,
+    probe_format, probe_format_at, resolve_backing_path, MapEntry, OpenOptions, MAX_CHAIN_DEPTH,
 };
 #[cfg(feature = "qcow2")]
 pub use devices::Qcow2Device;
@@ -58,4 +58,7 @@ pub use ops::{
 };
 #[cfg(target_os = "linux")]
 pub use ring::{Ring, Waker, WAKE};
-pub use storage::{AlignedBuf, BlockHold, FileStorage, MemoryStorage, Storage, GROW_STEP};
+pub use storage::{
+    AlignedBuf, BlockHold, FileStorage, HttpStorage, MemoryStorage, RemoteOptions, Storage,
+    GROW_STEP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+};
