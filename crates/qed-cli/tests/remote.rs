@@ -469,3 +469,48 @@ fn missing_objects_and_unknown_names_are_clear_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn serve_exports_a_url_read_only() {
+    let nginx = Nginx::start();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    qemu_base(&nginx, w);
+    let url = nginx.url("base.qed");
+    let socket = w.join("nbd.sock");
+    let mut child = Command::new(QED)
+        .args(["serve", "-r", "-k"])
+        .arg(&socket)
+        .arg(&url)
+        .current_dir(w)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("qed serve exited: {status}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "qed serve did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let nbd = format!("nbd+unix:///?socket={}", socket.display());
+    let compared = run(
+        w,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &nbd, "base.raw"],
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        compared.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&compared.stdout),
+        String::from_utf8_lossy(&compared.stderr)
+    );
+}
