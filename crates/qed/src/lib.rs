@@ -2,7 +2,8 @@
 //!
 //! An [`Image`] is one QED image over a [`Storage`]; it is a [`BlockDevice`], as are raw
 //! files ([`RawDevice`]) and qcow2 images ([`Qcow2Device`], read-only). [`open_device`]
-//! and [`Image::open`] open a device by name with its backing chain. Whole-image jobs
+//! and [`Image::open`] open a device by name (a path, or read-only an http or https URL
+//! read through [`HttpStorage`]) with its backing chain. Whole-image jobs
 //! ([`check`](Image::check), [`convert`], [`compare`], [`commit`], [`rebase`],
 //! [`measure`], [`map`], [`bench()`]) work on any device and report progress through a
 //! callback.
