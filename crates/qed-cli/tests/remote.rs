@@ -227,6 +227,9 @@ fn an_overlay_on_a_qed_base_over_http_reads_the_base_and_writes_locally() {
         "qemu-img",
         &["compare", "-f", "raw", "-F", "raw", "out2.raw", "base.raw"],
     );
+    ok(w, "qemu-img", &["check", no_base]);
+    let e = fails(w, QED, &["commit", "top.qed"]);
+    assert!(e.contains(&url) && e.contains("read-only"), "{e}");
     assert_eq!(
         std::fs::read(nginx.root().join("base.qed")).unwrap(),
         base_bytes,
