@@ -96,6 +96,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A remote image (an http or https URL) could not be opened or read.
+    #[error("{url}: {reason}")]
+    Remote {
+        /// The URL, as it was named.
+        url: String,
+        /// What went wrong, and what to do about it.
+        reason: String,
+    },
+
     /// The image needs something this build cannot do.
     #[error("{0}")]
     Unsupported(String),

@@ -2,7 +2,8 @@
 //!
 //! An [`Image`] is one QED image over a [`Storage`]; it is a [`BlockDevice`], as are raw
 //! files ([`RawDevice`]) and qcow2 images ([`Qcow2Device`], read-only). [`open_device`]
-//! and [`Image::open`] open a device by name with its backing chain. Whole-image jobs
+//! and [`Image::open`] open a device by name (a path, or read-only an http or https URL
+//! read through [`HttpStorage`]) with its backing chain. Whole-image jobs
 //! ([`check`](Image::check), [`convert`], [`compare`], [`commit`], [`rebase`],
 //! [`measure`], [`map`], [`bench()`]) work on any device and report progress through a
 //! callback.
@@ -40,8 +41,8 @@ mod storage;
 
 pub use block::{BlockDevice, BlockStatus, DirectExtent, Format, PendingWrite};
 pub use chain::{
-    chain_contains, describe, for_each_run, known_zero, map, open_device, probe_format,
-    resolve_backing_path, MapEntry, OpenOptions, MAX_CHAIN_DEPTH,
+    chain_contains, describe, for_each_run, is_remote_name, known_zero, map, open_device,
+    probe_format, probe_format_at, resolve_backing_path, MapEntry, OpenOptions, MAX_CHAIN_DEPTH,
 };
 #[cfg(feature = "qcow2")]
 pub use devices::Qcow2Device;
@@ -58,4 +59,7 @@ pub use ops::{
 };
 #[cfg(target_os = "linux")]
 pub use ring::{Ring, Waker, WAKE};
-pub use storage::{AlignedBuf, BlockHold, FileStorage, MemoryStorage, Storage, GROW_STEP};
+pub use storage::{
+    AlignedBuf, BlockHold, FileStorage, HttpStorage, MemoryStorage, RemoteOptions, Storage,
+    GROW_STEP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+};

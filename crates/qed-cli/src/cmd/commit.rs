@@ -45,6 +45,13 @@ pub fn run(a: Args) -> Result<u8> {
         bail!("{} has no backing file to commit into", a.file.display());
     };
     let base_path = backing.path.clone();
+    if base_path.to_str().is_some_and(qed::is_remote_name) {
+        bail!(
+            "{}: the backing file is remote and read-only: nothing can be committed into it \
+             (convert the image to a local file instead)",
+            base_path.display()
+        );
+    }
     let format = match backing.declared_format {
         Some(f) => f,
         None => {

@@ -31,7 +31,9 @@ struct Info {
     filename: String,
     cluster_size: u64,
     format: &'static str,
-    actual_size: u64,
+    /// Space the file takes on this host; unknown for an image behind a URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    actual_size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     full_backing_filename: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -50,8 +52,13 @@ pub fn run(a: Args) -> Result<u8> {
     };
     let image = Image::open(&a.file, &opts)?;
     let header = image.header();
-    let meta = std::fs::metadata(&a.file)
-        .with_context(|| format!("could not stat {}", a.file.display()))?;
+    let actual_size = if a.file.to_str().is_some_and(qed::is_remote_name) {
+        None
+    } else {
+        let meta = std::fs::metadata(&a.file)
+            .with_context(|| format!("could not stat {}", a.file.display()))?;
+        Some(meta.blocks() * 512)
+    };
     let backing = image.backing_file();
     let info = Info {
         backing_filename_format: backing
@@ -61,7 +68,7 @@ pub fn run(a: Args) -> Result<u8> {
         filename: a.file.display().to_string(),
         cluster_size: header.cluster_size.into(),
         format: "qed",
-        actual_size: meta.blocks() * 512,
+        actual_size,
         full_backing_filename: backing.map(|b| b.path.display().to_string()),
         backing_filename: backing.map(|b| b.name.clone()),
         dirty_flag: header.needs_check(),
@@ -78,7 +85,10 @@ pub fn run(a: Args) -> Result<u8> {
                 human_size(info.virtual_size),
                 info.virtual_size
             );
-            println!("disk size: {}", human_size(info.actual_size));
+            match info.actual_size {
+                Some(n) => println!("disk size: {}", human_size(n)),
+                None => println!("disk size: unavailable"),
+            }
             println!("cluster_size: {}", info.cluster_size);
             println!("table_size: {}", info.table_size);
             if let Some(b) = &info.backing_filename {

@@ -78,11 +78,7 @@ pub fn open_device_with(
     };
     let format = match format {
         Some(f) => f,
-        None => {
-            let storage = qed::FileStorage::open(path, true)
-                .map_err(|e| anyhow::anyhow!("could not open {}: {e}", path.display()))?;
-            qed::probe_format(&storage)?
-        }
+        None => qed::probe_format_at(path, &opts).file_context("could not open", path)?,
     };
     if format != Format::Qed {
         return Ok(qed::open_device(path, Some(format), &opts)?);

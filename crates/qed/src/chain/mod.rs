@@ -16,7 +16,7 @@ use crate::devices::RawDevice;
 use crate::engine::{Backing, Image, ImageOptions, DEFAULT_L2_CACHE_BYTES};
 use crate::error::{Error, IoContext, Result};
 use crate::format::MAGIC;
-use crate::storage::Storage;
+use crate::storage::{RemoteOptions, Storage};
 use location::Location;
 use std::path::{Path, PathBuf};
 
@@ -37,8 +37,10 @@ pub struct OpenOptions {
     /// On a read-write open of an image with NEED_CHECK set, check and repair it first
     /// (turn this off only to run a repair of your own right after opening).
     pub repair_on_open: bool,
-    /// Open files with O_DIRECT, bypassing the host page cache.
+    /// Open files with O_DIRECT, bypassing the host page cache (files only).
     pub direct: bool,
+    /// How images named by http or https URLs are read.
+    pub remote: RemoteOptions,
 }
 
 impl Default for OpenOptions {
@@ -49,6 +51,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
             repair_on_open: true,
             direct: false,
+            remote: RemoteOptions::default(),
         }
     }
 }
@@ -93,23 +96,39 @@ pub fn probe_format(storage: &dyn Storage) -> std::io::Result<Format> {
     })
 }
 
-/// Opens a device by path. `format` of `None` probes it. A QED image opens its
-/// backing chain unless `opts.no_backing`; backing files are always read-only.
+/// Opens a device by name: a path, or an `http://` / `https://` URL (read-only).
+/// `format` of `None` probes it. A QED image opens its backing chain unless
+/// `opts.no_backing`; backing files are always read-only.
 pub fn open_device(
     path: &Path,
     format: Option<Format>,
     opts: &OpenOptions,
 ) -> Result<Box<dyn BlockDevice>> {
-    Chain::default().open(&Location::file(path), format, opts)
+    Chain::default().open(&Location::named(path), format, opts)
+}
+
+/// Guesses the format of the image named `path` (a path or a URL) from its first
+/// bytes, as [`probe_format`] does.
+pub fn probe_format_at(path: &Path, opts: &OpenOptions) -> Result<Format> {
+    let location = Location::named(path);
+    let storage = location.open_storage(true, false, &opts.remote)?;
+    probe_format(&*storage).context(|| format!("probing {}", path.display()))
+}
+
+/// Whether `name` is a URL that names a remote image (`http://` or `https://`), which
+/// the chain opens read-only and does not resolve against other names.
+pub fn is_remote_name(name: &str) -> bool {
+    Location::named(Path::new(name)).is_remote()
 }
 
 impl Image {
-    /// Opens an image file, with its backing chain unless `opts.no_backing`.
+    /// Opens an image file (or, read-only, an http or https URL), with its backing
+    /// chain unless `opts.no_backing`.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
-        let location = Location::file(path.as_ref());
+        let location = Location::named(path.as_ref());
         let mut chain = Chain::default();
         chain.enter(&location)?;
-        let storage = location.open_storage(opts.read_only, opts.direct)?;
+        let storage = location.open_storage(opts.read_only, opts.direct, &opts.remote)?;
         chain.open_image(storage, &location, opts)
     }
 
@@ -120,7 +139,7 @@ impl Image {
         path: &Path,
         opts: &OpenOptions,
     ) -> Result<Self> {
-        let location = Location::file(path);
+        let location = Location::named(path);
         let mut chain = Chain::default();
         // Storage that is not the file at `path` has no identity of its own to loop on.
         if let Ok(id) = location.identity() {
@@ -178,7 +197,7 @@ impl Chain {
         opts: &OpenOptions,
     ) -> Result<Box<dyn BlockDevice>> {
         let path = location.path();
-        let storage = location.open_storage(opts.read_only, opts.direct)?;
+        let storage = location.open_storage(opts.read_only, opts.direct, &opts.remote)?;
         let format = match format {
             Some(f) => f,
             None => probe_format(&*storage).context(|| format!("probing {}", path.display()))?,
@@ -187,6 +206,10 @@ impl Chain {
         match format {
             Format::Raw => Ok(Box::new(RawDevice::new(storage, name, opts.read_only)?)),
             Format::Qed => Ok(Box::new(self.open_image(storage, location, opts)?)),
+            Format::Qcow2 if location.is_remote() => Err(Error::Unsupported(format!(
+                "{}: qcow2 images cannot be read over http yet: use a raw or qed base",
+                path.display()
+            ))),
             #[cfg(feature = "qcow2")]
             Format::Qcow2 if opts.read_only => {
                 Ok(Box::new(crate::devices::Qcow2Device::open(path)?))

@@ -1,13 +1,17 @@
-//! The bytes under an image: a small trait for positioned I/O, with a file and an
-//! in-memory implementation, and the aligned buffers direct I/O needs.
+//! The bytes under an image: a small trait for positioned I/O, with a file, an
+//! in-memory and a remote (http, https; read-only) implementation, and the aligned
+//! buffers direct I/O needs.
 
 mod aligned;
 mod file;
 mod memory;
+mod remote;
 
 pub use aligned::AlignedBuf;
 pub use file::{FileStorage, GROW_STEP};
 pub use memory::MemoryStorage;
+pub(crate) use remote::is_http_url;
+pub use remote::{HttpStorage, RemoteOptions, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
 use std::fmt::Debug;
 use std::io;

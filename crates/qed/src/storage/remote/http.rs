@@ -1,0 +1,421 @@
+//! Objects behind http and https URLs, fetched with ranged GETs.
+//!
+//! Servers are not trusted to honour what was asked: a read is accepted only as a 206
+//! whose Content-Range is exactly the range asked for, with exactly that many bytes. The
+//! object is pinned when opened (by ETag, else Last-Modified) and every read is made
+//! conditional on it, so that a base replaced under its overlays is noticed instead of
+//! mixed with the old one. Transient failures are retried with backoff, within a deadline.
+
+use super::{RangeSource, RemoteOptions, RemoteStorage};
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+use std::io::{self, Read};
+use std::time::{Duration, Instant};
+
+/// Whether `name` is a URL this module opens.
+pub(crate) fn is_http_url(name: &str) -> bool {
+    let lower = |n: usize| name.get(..n).map(str::to_ascii_lowercase);
+    lower(7).as_deref() == Some("http://") || lower(8).as_deref() == Some("https://")
+}
+
+/// A read-only object behind an `http://` or `https://` URL, as [`Storage`].
+///
+/// Reads are cached in chunks (see [`RemoteOptions`]); writes fail with
+/// [`io::ErrorKind::ReadOnlyFilesystem`].
+#[derive(Debug)]
+pub struct HttpStorage {
+    inner: RemoteStorage<HttpSource>,
+}
+
+impl HttpStorage {
+    /// Opens the object at `url`: finds its size with a one-byte ranged GET (servers
+    /// that do not answer it with a 206 are refused) and pins its ETag or Last-Modified.
+    pub fn open(url: &str, opts: &RemoteOptions) -> Result<Self> {
+        let remote = |reason: String| Error::Remote {
+            url: url.to_string(),
+            reason,
+        };
+        if !is_http_url(url) {
+            return Err(remote("not an http:// or https:// URL".into()));
+        }
+        opts.validate().map_err(remote)?;
+        let source = HttpSource::open(url, opts).map_err(remote)?;
+        Ok(Self {
+            inner: RemoteStorage::new(source, opts),
+        })
+    }
+
+    /// The URL, as given.
+    pub fn url(&self) -> &str {
+        &self.inner.source().url
+    }
+}
+
+impl Storage for HttpStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn extend(&self, from: u64, to: u64) -> io::Result<u64> {
+        self.inner.extend(from, to)
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.zero_range(offset, len)
+    }
+}
+
+/// What the object was when opened, checked on every read.
+#[derive(Debug, Clone)]
+enum Validator {
+    /// A strong ETag: sent as If-Match.
+    ETag(String),
+    /// Last-Modified: sent as If-Unmodified-Since.
+    LastModified(String),
+    /// The server gave neither; only the size is checked.
+    None,
+}
+
+#[derive(Debug)]
+pub(crate) struct HttpSource {
+    url: String,
+    agent: ureq::Agent,
+    size: u64,
+    validator: Validator,
+    /// Any ETag seen at open, weak ones included, to notice a changed object even where
+    /// the precondition cannot be sent.
+    etag: Option<String>,
+    request_timeout: Duration,
+    deadline: Duration,
+}
+
+/// One failed attempt: why, and whether another might succeed.
+struct Failure {
+    reason: String,
+    retry: bool,
+}
+
+impl Failure {
+    fn fatal(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            retry: false,
+        }
+    }
+    fn transient(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            retry: true,
+        }
+    }
+}
+
+/// A response header, when present and text.
+fn header<'a>(resp: &'a ureq::http::Response<ureq::Body>, name: &str) -> Option<&'a str> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Parses `bytes START-END/TOTAL` (TOTAL may be `*`).
+fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = value.trim().strip_prefix("bytes ")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (start, end) = range.trim().split_once('-')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((start.parse().ok()?, end.parse().ok()?, total))
+}
+
+/// How a failed exchange with the server reads in a message.
+fn describe_error(e: &ureq::Error) -> (String, bool) {
+    use ureq::Error as E;
+    match e {
+        E::Timeout(t) => (format!("timed out ({t})"), true),
+        E::Io(io) => (format!("{io}"), true),
+        E::ConnectionFailed => ("connection failed".into(), true),
+        E::HostNotFound => ("host not found".into(), false),
+        E::BadUri(u) => (format!("bad URL: {u}"), false),
+        other => (other.to_string(), false),
+    }
+}
+
+impl HttpSource {
+    fn open(url: &str, opts: &RemoteOptions) -> Result<Self, String> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(opts.connect_timeout))
+            .timeout_global(Some(opts.request_timeout))
+            .max_idle_connections_per_host(opts.connections)
+            .max_response_header_size(64 << 10)
+            .user_agent(concat!("qed/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        let mut source = Self {
+            url: url.to_string(),
+            agent,
+            size: 0,
+            validator: Validator::None,
+            etag: None,
+            request_timeout: opts.request_timeout,
+            deadline: opts.deadline,
+        };
+        let (size, validator, etag) = source.with_retries(|s, timeout| s.probe(timeout))?;
+        source.size = size;
+        source.validator = validator;
+        source.etag = etag;
+        Ok(source)
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the deadline passes; each
+    /// attempt gets the request timeout or what is left of the deadline, if less.
+    fn with_retries<T>(
+        &self,
+        mut attempt: impl FnMut(&Self, Duration) -> Result<T, Failure>,
+    ) -> Result<T, String> {
+        let started = Instant::now();
+        let deadline = started + self.deadline;
+        let mut delay = Duration::from_millis(100);
+        let mut attempts = 0u32;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            attempts += 1;
+            let failure = match attempt(self, self.request_timeout.min(left)) {
+                Ok(v) => return Ok(v),
+                Err(f) => f,
+            };
+            let gave_up = |why: &str| {
+                format!(
+                    "{} ({why} after {attempts} attempt{} in {:.1}s)",
+                    failure.reason,
+                    if attempts == 1 { "" } else { "s" },
+                    started.elapsed().as_secs_f64()
+                )
+            };
+            if !failure.retry {
+                return Err(if attempts == 1 {
+                    failure.reason
+                } else {
+                    gave_up("failed")
+                });
+            }
+            // Half to all of the delay, so that many readers do not retry in step.
+            let pause = delay.mul_f64(0.5 + 0.5 * jitter());
+            if Instant::now() + pause >= deadline {
+                return Err(gave_up(&format!(
+                    "gave up at the {}s deadline",
+                    self.deadline.as_secs_f64()
+                )));
+            }
+            std::thread::sleep(pause);
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Sends a GET of `[start, end]` (inclusive), with the pinned validator.
+    fn get(
+        &self,
+        start: u64,
+        end: u64,
+        timeout: Duration,
+    ) -> Result<ureq::http::Response<ureq::Body>, Failure> {
+        let mut req = self
+            .agent
+            .get(&self.url)
+            .header("Range", format!("bytes={start}-{end}"));
+        match &self.validator {
+            Validator::ETag(tag) => req = req.header("If-Match", tag),
+            Validator::LastModified(date) => req = req.header("If-Unmodified-Since", date),
+            Validator::None => {}
+        }
+        let result = req.config().timeout_global(Some(timeout)).build().call();
+        result.map_err(|e| {
+            let (reason, retry) = describe_error(&e);
+            Failure { reason, retry }
+        })
+    }
+
+    /// A status the caller does not expect: retried when the server may recover.
+    fn unexpected_status(&self, status: u16) -> Failure {
+        match status {
+            412 => Failure::fatal(self.changed("the server refused the pinned version (412)")),
+            429 | 500..=599 => Failure::transient(format!("the server answered {status}")),
+            404 => Failure::fatal("the server answered 404 (not found): check the URL"),
+            401 | 403 => Failure::fatal(format!(
+                "the server answered {status} (access denied): check the URL and its credentials"
+            )),
+            _ => Failure::fatal(format!("the server answered {status}")),
+        }
+    }
+
+    fn changed(&self, how: &str) -> String {
+        format!(
+            "the base image changed since it was opened ({how}); images that use it as \
+             their base no longer read what they were written against: restore it or \
+             rebase them"
+        )
+    }
+
+    /// Finds the size and validator with a GET of the first byte.
+    fn probe(&self, timeout: Duration) -> Result<(u64, Validator, Option<String>), Failure> {
+        let resp = self.get(0, 0, timeout)?;
+        let status = resp.status().as_u16();
+        let content_range = header(&resp, "content-range").map(str::to_string);
+        let size = match status {
+            206 => {
+                let Some((0, 0, Some(total))) =
+                    content_range.as_deref().and_then(parse_content_range)
+                else {
+                    return Err(Failure::fatal(format!(
+                        "does not support byte ranges (a 206 without a valid Content-Range: {})",
+                        content_range.as_deref().unwrap_or("none")
+                    )));
+                };
+                total
+            }
+            // An empty object has no byte 0 to give.
+            416 if content_range.as_deref().map(str::trim) == Some("bytes */0") => 0,
+            200 => {
+                return Err(Failure::fatal(
+                    "does not support byte ranges (it answered a range request with 200 and \
+                     the whole object)",
+                ))
+            }
+            s => return Err(self.unexpected_status(s)),
+        };
+        let etag = header(&resp, "etag").map(str::to_string);
+        let validator = match (&etag, header(&resp, "last-modified")) {
+            (Some(tag), _) if !tag.starts_with("W/") => Validator::ETag(tag.clone()),
+            (_, Some(date)) => Validator::LastModified(date.to_string()),
+            _ => Validator::None,
+        };
+        if size > 0 {
+            let mut byte = [0u8; 1];
+            self.read_body(resp, &mut byte)?;
+        }
+        Ok((size, validator, etag))
+    }
+
+    /// One attempt at fetching `buf.len()` bytes at `offset`.
+    fn fetch_once(&self, buf: &mut [u8], offset: u64, timeout: Duration) -> Result<(), Failure> {
+        let end = offset + buf.len() as u64 - 1;
+        let resp = self.get(offset, end, timeout)?;
+        match resp.status().as_u16() {
+            206 => {}
+            200 => {
+                return Err(Failure::fatal(
+                    "the server ignored the byte range and answered 200 with the whole object",
+                ))
+            }
+            s => return Err(self.unexpected_status(s)),
+        }
+        let content_range = header(&resp, "content-range");
+        match content_range.and_then(parse_content_range) {
+            Some((s, e, total)) if s == offset && e == end => {
+                if let Some(t) = total.filter(|&t| t != self.size) {
+                    return Err(Failure::fatal(self.changed(&format!(
+                        "its size was {} bytes and is now {t}",
+                        self.size
+                    ))));
+                }
+            }
+            _ => {
+                return Err(Failure::fatal(format!(
+                    "the server answered bytes {offset}-{end} with Content-Range {}",
+                    content_range.unwrap_or("missing")
+                )))
+            }
+        }
+        if let (Some(was), Some(now)) = (&self.etag, header(&resp, "etag")) {
+            if was != now {
+                return Err(Failure::fatal(
+                    self.changed(&format!("its ETag was {was} and is now {now}")),
+                ));
+            }
+        }
+        self.read_body(resp, buf)
+    }
+
+    /// Reads exactly `buf.len()` bytes of body, and checks that no more follow.
+    fn read_body(
+        &self,
+        resp: ureq::http::Response<ureq::Body>,
+        buf: &mut [u8],
+    ) -> Result<(), Failure> {
+        // One byte more than asked for at most: enough to tell a long body.
+        let mut reader = resp.into_body().into_reader().take(buf.len() as u64 + 1);
+        let mut got = 0;
+        while got < buf.len() {
+            match reader.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Failure::transient(format!(
+                        "reading the body failed after {got} of {} bytes: {e}",
+                        buf.len()
+                    )))
+                }
+            }
+        }
+        if got < buf.len() {
+            return Err(Failure::transient(format!(
+                "the body was short: {got} of {} bytes",
+                buf.len()
+            )));
+        }
+        let mut extra = [0u8; 1];
+        match reader.read(&mut extra) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(Failure::fatal(format!(
+                "the body was longer than the {} bytes asked for",
+                buf.len()
+            ))),
+            // The bytes asked for all came; a failure past them does not change them.
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+impl RangeSource for HttpSource {
+    fn name(&self) -> &str {
+        &self.url
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.with_retries(|s, timeout| s.fetch_once(buf, offset, timeout))
+            .map_err(|reason| {
+                io::Error::other(format!(
+                    "{}: reading {} bytes at offset {offset}: {reason}",
+                    self.url,
+                    buf.len()
+                ))
+            })
+    }
+}
+
+/// A number in [0, 1), different from call to call and from process to process; good
+/// enough to spread retries, which is all it is for.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}

@@ -1,0 +1,307 @@
+//! Read-only storage whose bytes live on a server: the object is fetched in chunks, on
+//! demand, through a [`RangeSource`] (one per protocol: http and https today), and kept
+//! in a bounded cache of chunks.
+//!
+//! The split keeps what every protocol shares here (chunking, caching, coalescing,
+//! readahead, parallel requests, the read-only refusals) and leaves a protocol only the
+//! question of how to fetch one byte range exactly, so that another (s3) is one more
+//! source next to [`http`].
+
+mod http;
+
+pub(crate) use http::is_http_url;
+pub use http::HttpStorage;
+
+use super::Storage;
+use lru::LruCache;
+use std::fmt::Debug;
+use std::io;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How remote bases (http and https names) are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteOptions {
+    /// Longest one request may take, from connecting to the last byte of its body.
+    pub request_timeout: Duration,
+    /// Longest connecting to the server may take.
+    pub connect_timeout: Duration,
+    /// Longest one read may take, retries included; past it the read fails.
+    pub deadline: Duration,
+    /// Requests one read may have in flight at once (and connections kept open).
+    pub connections: usize,
+    /// Bytes fetched per chunk: reads are widened to whole chunks, which are cached.
+    /// A power of two from 64 KiB to 16 MiB.
+    pub chunk_size: u32,
+    /// Upper bound on memory used for cached chunks, in bytes.
+    pub cache_bytes: usize,
+    /// Bytes fetched ahead of a read that continues the previous one (0: none).
+    pub readahead: u64,
+}
+
+/// Smallest chunk: a QED cluster is at least 4 KiB, and a smaller request costs a round
+/// trip for little data.
+pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
+/// Largest chunk, which bounds the buffer one request needs.
+pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+
+/// Most bytes one request asks for: adjacent chunks are fetched together up to this.
+const MAX_REQUEST_BYTES: u64 = 8 << 20;
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            deadline: Duration::from_secs(120),
+            connections: 4,
+            chunk_size: 256 << 10,
+            cache_bytes: 64 << 20,
+            readahead: 2 << 20,
+        }
+    }
+}
+
+impl RemoteOptions {
+    /// Refuses settings that cannot work, naming the setting.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if !self.chunk_size.is_power_of_two()
+            || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size)
+        {
+            return Err(format!(
+                "chunk size {} is not a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}",
+                self.chunk_size
+            ));
+        }
+        if self.connections == 0 || self.connections > 64 {
+            return Err(format!("{} connections: use 1 to 64", self.connections));
+        }
+        if self.request_timeout.is_zero() || self.deadline.is_zero() {
+            return Err("the request timeout and the deadline must be above zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// Chunks by index.
+type Chunks = Vec<(u64, Arc<[u8]>)>;
+
+/// One protocol's way to fetch bytes of a remote object that does not change.
+pub(crate) trait RangeSource: Send + Sync + Debug {
+    /// The object's name, for messages.
+    fn name(&self) -> &str;
+    /// The object's length, as found when it was opened.
+    fn size(&self) -> u64;
+    /// Fills `buf` with the bytes at `offset`, all of them inside the object; exactly
+    /// these bytes or an error naming the object.
+    fn fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+/// A remote object as read-only [`Storage`], read in cached chunks.
+#[derive(Debug)]
+pub(crate) struct RemoteStorage<S> {
+    source: S,
+    chunk: u64,
+    connections: usize,
+    readahead_chunks: u64,
+    cache: Mutex<LruCache<u64, Arc<[u8]>>>,
+    /// Where the last read ended, to tell a sequential reader.
+    last_end: AtomicU64,
+}
+
+impl<S: RangeSource> RemoteStorage<S> {
+    pub(crate) fn new(source: S, opts: &RemoteOptions) -> Self {
+        let chunk = u64::from(opts.chunk_size);
+        let entries = (opts.cache_bytes / opts.chunk_size as usize).max(1);
+        Self {
+            source,
+            chunk,
+            connections: opts.connections.max(1),
+            readahead_chunks: opts.readahead.div_ceil(chunk),
+            cache: Mutex::new(LruCache::new(
+                NonZeroUsize::new(entries).unwrap_or(NonZeroUsize::MIN),
+            )),
+            last_end: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    pub(crate) fn source(&self) -> &S {
+        &self.source
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, LruCache<u64, Arc<[u8]>>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The bytes of chunk `index` span `[index * chunk, end)`.
+    fn chunk_len(&self, index: u64) -> u64 {
+        let start = index * self.chunk;
+        (self.source.size() - start).min(self.chunk)
+    }
+
+    /// Fetches chunks `first..first + count` in one request.
+    fn fetch_run(&self, first: u64, count: u64) -> io::Result<Chunks> {
+        let start = first * self.chunk;
+        let end = ((first + count) * self.chunk).min(self.source.size());
+        let len = usize::try_from(end - start).map_err(io::Error::other)?;
+        let mut buf = vec![0u8; len];
+        self.source.fetch(&mut buf, start)?;
+        Ok((0..count)
+            .map(|i| {
+                let from = (i * self.chunk) as usize;
+                let to = (from + self.chunk_len(first + i) as usize).min(len);
+                (first + i, Arc::from(&buf[from..to]))
+            })
+            .collect())
+    }
+
+    /// Fetches the runs, several at once when there are several, and caches what came.
+    fn fetch_runs(&self, runs: &[(u64, u64)]) -> io::Result<Chunks> {
+        let fetched: Vec<io::Result<Chunks>> = if runs.len() == 1 {
+            vec![self.fetch_run(runs[0].0, runs[0].1)]
+        } else {
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let results = Mutex::new(Vec::with_capacity(runs.len()));
+            std::thread::scope(|s| {
+                for _ in 0..self.connections.min(runs.len()) {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(first, count)) = runs.get(i) else {
+                            break;
+                        };
+                        let r = self.fetch_run(first, count);
+                        let failed = r.is_err();
+                        results.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+                        if failed {
+                            // The read fails anyway: start no more requests for it.
+                            next.store(runs.len(), Ordering::Relaxed);
+                        }
+                    });
+                }
+            });
+            results.into_inner().unwrap_or_else(|p| p.into_inner())
+        };
+        let mut chunks = Vec::new();
+        for r in fetched {
+            chunks.extend(r?);
+        }
+        let mut cache = self.cache();
+        for (index, data) in &chunks {
+            cache.put(*index, data.clone());
+        }
+        Ok(chunks)
+    }
+}
+
+impl<S: RangeSource> Storage for RemoteStorage<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let size = self.source.size();
+        let end = offset.saturating_add(buf.len() as u64);
+        let inside = end.min(size).saturating_sub(offset) as usize;
+        // Past the end of the object reads as zeros, without asking the server.
+        buf[inside..].fill(0);
+        if inside == 0 {
+            return Ok(());
+        }
+        let first = offset / self.chunk;
+        let last = (offset + inside as u64 - 1) / self.chunk;
+        let last_chunk = (size - 1) / self.chunk;
+        let sequential = self
+            .last_end
+            .swap(offset + inside as u64, Ordering::Relaxed)
+            == offset;
+        let fetch_last = if sequential {
+            (last + self.readahead_chunks).min(last_chunk)
+        } else {
+            last
+        };
+
+        let mut have: Vec<Option<Arc<[u8]>>> = {
+            let mut cache = self.cache();
+            (first..=fetch_last)
+                .map(|i| cache.get(&i).cloned())
+                .collect()
+        };
+        // Missing chunks in adjacent runs, each run one request of bounded size.
+        let per_request = (MAX_REQUEST_BYTES / self.chunk).max(1);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (i, slot) in have.iter().enumerate() {
+            if slot.is_some() {
+                continue;
+            }
+            let index = first + i as u64;
+            match runs.last_mut() {
+                Some((start, count)) if *start + *count == index && *count < per_request => {
+                    *count += 1
+                }
+                _ => runs.push((index, 1)),
+            }
+        }
+        // Readahead past the read must not cost a request of its own.
+        if let Some(&(start, _)) = runs.last() {
+            if start > last {
+                runs.pop();
+            }
+        }
+        if !runs.is_empty() {
+            for (index, data) in self.fetch_runs(&runs)? {
+                have[(index - first) as usize] = Some(data);
+            }
+        }
+
+        let mut pos = offset;
+        let mut out = &mut buf[..inside];
+        while !out.is_empty() {
+            let index = pos / self.chunk;
+            let data = have[(index - first) as usize].as_ref().ok_or_else(|| {
+                io::Error::other(format!("{}: chunk missing", self.source.name()))
+            })?;
+            let from = (pos - index * self.chunk) as usize;
+            let n = out.len().min(data.len().saturating_sub(from));
+            if n == 0 {
+                return Err(io::Error::other(format!(
+                    "{}: chunk {index} is shorter than expected",
+                    self.source.name()
+                )));
+            }
+            out[..n].copy_from_slice(&data[from..from + n]);
+            out = &mut out[n..];
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(read_only(self.source.name()))
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // Nothing is ever written, so there is nothing to make durable.
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.source.size())
+    }
+
+    fn set_len(&self, _len: u64) -> io::Result<()> {
+        Err(read_only(self.source.name()))
+    }
+
+    fn extend(&self, _from: u64, _to: u64) -> io::Result<u64> {
+        Err(read_only(self.source.name()))
+    }
+
+    fn zero_range(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(read_only(self.source.name()))
+    }
+}
+
+fn read_only(name: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ReadOnlyFilesystem,
+        format!("{name}: a remote image is read-only; write to a local overlay on it instead"),
+    )
+}

@@ -1,0 +1,670 @@
+//! Remote images over http against a server that misbehaves on purpose: every wrong
+//! answer must be an error naming the URL, never data, and nothing may wait for ever.
+
+use qed::{
+    open_device, BlockDevice, CreateOptions, HttpStorage, Image, OpenOptions, RemoteOptions,
+    Storage,
+};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A request as the test server saw it.
+#[derive(Debug, Clone)]
+struct Request {
+    headers: HashMap<String, String>,
+    /// `Range: bytes=a-b`, inclusive.
+    range: Option<(u64, u64)>,
+}
+
+/// What the server sends back.
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    /// Sleep before sending anything.
+    stall_head: Duration,
+    /// Sleep after the head, before the body.
+    stall_body: Duration,
+}
+
+impl Reply {
+    fn status(status: u16) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+            stall_head: Duration::ZERO,
+            stall_body: Duration::ZERO,
+        }
+    }
+}
+
+type Behaviour = dyn Fn(&Request, usize) -> Reply + Send + Sync;
+
+/// A one-request-per-connection HTTP/1.1 server on a free loopback port; `behaviour`
+/// gets each request and how many came before it.
+struct Server {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    requests: Arc<Mutex<Vec<Request>>>,
+    accept: Option<thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(behaviour: impl Fn(&Request, usize) -> Reply + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let behaviour: Arc<Behaviour> = Arc::new(behaviour);
+        let accept = {
+            let (stop, requests) = (stop.clone(), requests.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, _)) => {
+                            let (stop, requests, behaviour) =
+                                (stop.clone(), requests.clone(), behaviour.clone());
+                            thread::spawn(move || serve(conn, &stop, &requests, &*behaviour));
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        Self {
+            port,
+            stop,
+            requests,
+            accept: Some(accept),
+        }
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+
+    fn requests(&self) -> Vec<Request> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sleeps `d`, or less if the server stops.
+fn nap(d: Duration, stop: &AtomicBool) {
+    let end = Instant::now() + d;
+    while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn serve(
+    conn: TcpStream,
+    stop: &AtomicBool,
+    requests: &Mutex<Vec<Request>>,
+    behaviour: &Behaviour,
+) {
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut headers = HashMap::new();
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let range = headers.get("range").and_then(|r| {
+        let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    });
+    let req = Request { headers, range };
+    let n = {
+        let mut all = requests.lock().unwrap();
+        all.push(req.clone());
+        all.len() - 1
+    };
+    let reply = behaviour(&req, n);
+    nap(reply.stall_head, stop);
+    let mut head = format!("HTTP/1.1 {} X\r\nConnection: close\r\n", reply.status);
+    let has_length = reply
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
+    for (k, v) in &reply.headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    if !has_length {
+        head += &format!("Content-Length: {}\r\n", reply.body.len());
+    }
+    head += "\r\n";
+    let mut conn = conn;
+    let _ = conn.write_all(head.as_bytes());
+    let _ = conn.flush();
+    nap(reply.stall_body, stop);
+    let _ = conn.write_all(&reply.body);
+    let _ = conn.flush();
+    let mut rest = Vec::new();
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(50)));
+    let _ = reader.read_to_end(&mut rest);
+}
+
+/// A well-behaved ranged answer from `data`, with `etag`, honouring If-Match.
+fn ranged(data: &[u8], req: &Request, etag: &str) -> Reply {
+    if let Some(want) = req.headers.get("if-match") {
+        if want != etag {
+            return Reply::status(412);
+        }
+    }
+    let Some((a, b)) = req.range else {
+        let mut r = Reply::status(200);
+        r.body = data.to_vec();
+        return r;
+    };
+    let size = data.len() as u64;
+    if a >= size {
+        let mut r = Reply::status(416);
+        r.headers
+            .push(("Content-Range".into(), format!("bytes */{size}")));
+        return r;
+    }
+    let b = b.min(size - 1);
+    let mut r = Reply::status(206);
+    r.headers
+        .push(("Content-Range".into(), format!("bytes {a}-{b}/{size}")));
+    r.headers.push(("ETag".into(), etag.into()));
+    r.body = data[a as usize..=b as usize].to_vec();
+    r
+}
+
+fn pattern(len: usize) -> Arc<Vec<u8>> {
+    Arc::new(
+        (0..len)
+            .map(|i| (i / 7 % 251) as u8 ^ (i >> 16) as u8)
+            .collect(),
+    )
+}
+
+/// Quick options, so that retried failures end in seconds.
+fn quick() -> RemoteOptions {
+    RemoteOptions {
+        request_timeout: Duration::from_millis(500),
+        connect_timeout: Duration::from_millis(500),
+        deadline: Duration::from_secs(2),
+        ..RemoteOptions::default()
+    }
+}
+
+/// A server that answers well, except as `bad` says for the reads after the first
+/// request (the open's probe).
+fn serve_data(
+    data: Arc<Vec<u8>>,
+    bad: impl Fn(&Request, usize, Reply) -> Reply + Send + Sync + 'static,
+) -> Server {
+    Server::start(move |req, n| {
+        let good = ranged(&data, req, "\"v1\"");
+        if n == 0 {
+            good
+        } else {
+            bad(req, n, good)
+        }
+    })
+}
+
+fn read_error(storage: &HttpStorage, len: usize, offset: u64) -> String {
+    let mut buf = vec![0u8; len];
+    let e = storage.read_at(&mut buf, offset).unwrap_err().to_string();
+    eprintln!("MSG {e}");
+    e
+}
+
+#[test]
+fn reads_exact_ranges_caches_and_refuses_writes() {
+    let data = pattern(3 << 20 | 12345);
+    let server = serve_data(data.clone(), |_, _, good| good);
+    let url = server.url("disk.raw");
+    let s = HttpStorage::open(&url, &quick()).unwrap();
+    assert_eq!(s.len().unwrap(), data.len() as u64);
+    let probe = &server.requests()[0];
+    assert_eq!(probe.range, Some((0, 0)));
+
+    for (offset, len) in [
+        (0u64, 4096usize),
+        (262_000, 5000),
+        (1 << 20, 1 << 20),
+        (3 << 20, 12345),
+    ] {
+        let mut buf = vec![0u8; len];
+        s.read_at(&mut buf, offset).unwrap();
+        assert_eq!(
+            &buf[..],
+            &data[offset as usize..offset as usize + len],
+            "at {offset}"
+        );
+    }
+    // Every read is conditional on the version pinned at open.
+    for r in &server.requests()[1..] {
+        assert_eq!(
+            r.headers.get("if-match").map(String::as_str),
+            Some("\"v1\"")
+        );
+    }
+
+    // Cached: the same bytes again cost nothing.
+    let before = server.requests().len();
+    let mut buf = vec![0u8; 4096];
+    s.read_at(&mut buf, 100).unwrap();
+    assert_eq!(&buf[..], &data[100..4196]);
+    assert_eq!(server.requests().len(), before);
+
+    // Past the end reads as zeros, without asking.
+    let mut tail = vec![0xffu8; 8192];
+    let end = data.len() as u64;
+    s.read_at(&mut tail, end - 100).unwrap();
+    assert_eq!(&tail[..100], &data[data.len() - 100..]);
+    assert!(tail[100..].iter().all(|&b| b == 0));
+    let before = server.requests().len();
+    s.read_at(&mut tail, end + 10).unwrap();
+    assert!(tail.iter().all(|&b| b == 0));
+    assert_eq!(server.requests().len(), before);
+
+    let e = s.write_at(b"x", 0).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ReadOnlyFilesystem);
+    assert!(e.to_string().contains(&url), "{e}");
+    assert_eq!(
+        s.set_len(1).unwrap_err().kind(),
+        std::io::ErrorKind::ReadOnlyFilesystem
+    );
+}
+
+#[test]
+fn adjacent_chunks_come_in_one_request_and_sequential_reads_read_ahead() {
+    let data = pattern(8 << 20);
+    let server = serve_data(data.clone(), |_, _, good| good);
+    let opts = RemoteOptions {
+        chunk_size: 256 << 10,
+        readahead: 1 << 20,
+        ..quick()
+    };
+    let s = HttpStorage::open(&server.url("d"), &opts).unwrap();
+    // Four chunks, one request.
+    let mut buf = vec![0u8; 1 << 20];
+    s.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..], &data[..1 << 20]);
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[1].range, Some((0, (1 << 20) - 1)));
+    // It continues the last read: the next 1 MiB comes along with it.
+    let mut buf = vec![0u8; 64 << 10];
+    s.read_at(&mut buf, 1 << 20).unwrap();
+    assert_eq!(&buf[..], &data[1 << 20..(1 << 20) + (64 << 10)]);
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 3);
+    assert_eq!(reqs[2].range, Some((1 << 20, (2 << 20) + (256 << 10) - 1)));
+    // ...so reading on costs no request.
+    let mut buf = vec![0u8; 1 << 20];
+    s.read_at(&mut buf, (1 << 20) + (64 << 10)).unwrap();
+    assert_eq!(
+        &buf[..],
+        &data[(1 << 20) + (64 << 10)..(2 << 20) + (64 << 10)]
+    );
+    assert_eq!(server.requests().len(), 3);
+}
+
+#[test]
+fn a_large_read_is_split_into_parallel_requests() {
+    let data = pattern(40 << 20);
+    let server = serve_data(data.clone(), |_, _, good| good);
+    let s = HttpStorage::open(&server.url("big"), &quick()).unwrap();
+    let mut buf = vec![0u8; 40 << 20];
+    s.read_at(&mut buf, 0).unwrap();
+    assert!(buf == *data);
+    let reads = server.requests().len() - 1;
+    assert!(reads >= 5, "{reads} requests for 40 MiB");
+}
+
+#[test]
+fn a_server_without_ranges_is_refused_at_open() {
+    let data = pattern(1 << 20);
+    let server = Server::start(move |_, _| {
+        let mut r = Reply::status(200);
+        r.body = data.to_vec();
+        r
+    });
+    let url = server.url("whole");
+    let e = HttpStorage::open(&url, &quick()).unwrap_err().to_string();
+    assert!(
+        e.contains(&url) && e.contains("does not support byte ranges"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_206_without_content_range_is_refused_at_open() {
+    let server = Server::start(|_, _| {
+        let mut r = Reply::status(206);
+        r.body = vec![0];
+        r
+    });
+    let e = HttpStorage::open(&server.url("x"), &quick())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not support byte ranges"), "{e}");
+}
+
+#[test]
+fn the_whole_object_for_a_range_is_an_error() {
+    let data = pattern(1 << 20);
+    let d = data.clone();
+    let server = serve_data(data, move |_, _, _| {
+        let mut r = Reply::status(200);
+        r.body = d.to_vec();
+        r
+    });
+    let url = server.url("x");
+    let s = HttpStorage::open(&url, &quick()).unwrap();
+    let e = read_error(&s, 4096, 8192);
+    assert!(e.contains(&url) && e.contains("200"), "{e}");
+}
+
+#[test]
+fn a_short_body_is_an_error() {
+    let server = serve_data(pattern(1 << 20), |_, _, mut good| {
+        good.body.truncate(good.body.len() / 2);
+        good
+    });
+    let url = server.url("x");
+    let s = HttpStorage::open(&url, &quick()).unwrap();
+    let started = Instant::now();
+    let e = read_error(&s, 4096, 0);
+    assert!(e.contains(&url) && e.contains("short"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_body_cut_off_before_its_length_is_an_error() {
+    let server = serve_data(pattern(1 << 20), |_, _, mut good| {
+        let len = good.body.len();
+        good.headers
+            .push(("Content-Length".into(), len.to_string()));
+        good.body.truncate(len / 2);
+        good
+    });
+    let url = server.url("x");
+    let s = HttpStorage::open(&url, &quick()).unwrap();
+    let e = read_error(&s, 4096, 0);
+    assert!(e.contains(&url), "{e}");
+}
+
+#[test]
+fn a_long_body_is_an_error() {
+    let server = serve_data(pattern(1 << 20), |_, _, mut good| {
+        good.body.extend_from_slice(b"more");
+        good
+    });
+    let url = server.url("x");
+    let s = HttpStorage::open(&url, &quick()).unwrap();
+    let e = read_error(&s, 4096, 0);
+    assert!(e.contains(&url) && e.contains("longer"), "{e}");
+}
+
+#[test]
+fn a_wrong_content_range_is_an_error() {
+    let server = serve_data(pattern(1 << 20), |req, _, mut good| {
+        let (a, b) = req.range.unwrap();
+        good.headers.retain(|(k, _)| k != "Content-Range");
+        good.headers.push((
+            "Content-Range".into(),
+            format!("bytes {}-{}/{}", a + 1, b + 1, 1 << 20),
+        ));
+        good
+    });
+    let url = server.url("x");
+    let s = HttpStorage::open(&url, &quick()).unwrap();
+    let e = read_error(&s, 4096, 0);
+    assert!(e.contains(&url) && e.contains("Content-Range"), "{e}");
+}
+
+#[test]
+fn transient_failures_are_retried() {
+    let data = pattern(1 << 20);
+    // The probe, then three 503s and a 429, then good answers.
+    let server = serve_data(data.clone(), |_, n, good| {
+        if n <= 3 {
+            Reply::status(503)
+        } else if n == 4 {
+            Reply::status(429)
+        } else {
+            good
+        }
+    });
+    let s = HttpStorage::open(&server.url("x"), &quick()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    s.read_at(&mut buf, 4096).unwrap();
+    assert_eq!(&buf[..], &data[4096..8192]);
+    assert_eq!(server.requests().len(), 6);
+}
+
+#[test]
+fn a_server_that_keeps_failing_fails_by_the_deadline() {
+    let server = serve_data(pattern(1 << 20), |_, _, _| Reply::status(503));
+    let url = server.url("x");
+    let s = HttpStorage::open(&url, &quick()).unwrap();
+    let started = Instant::now();
+    let e = read_error(&s, 4096, 0);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert!(
+        e.contains(&url) && e.contains("503") && e.contains("attempts"),
+        "{e}"
+    );
+    let attempts = server.requests().len() - 1;
+    assert!(attempts >= 3, "{attempts} attempts");
+    assert!(e.contains(&format!("after {attempts} attempts")), "{e}");
+}
+
+#[test]
+fn a_404_names_the_url() {
+    let server = Server::start(|_, _| Reply::status(404));
+    let url = server.url("missing.qed");
+    let e = HttpStorage::open(&url, &quick()).unwrap_err().to_string();
+    assert!(e.contains(&url) && e.contains("404"), "{e}");
+    // Not retried: it will not get better.
+    assert_eq!(server.requests().len(), 1);
+}
+
+#[test]
+fn a_server_that_stalls_before_answering_fails_by_the_deadline() {
+    let server = serve_data(pattern(1 << 20), |_, _, mut good| {
+        good.stall_head = Duration::from_secs(30);
+        good
+    });
+    let url = server.url("x");
+    let s = HttpStorage::open(&url, &quick()).unwrap();
+    let started = Instant::now();
+    let e = read_error(&s, 4096, 0);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert!(e.contains(&url) && e.contains("attempt"), "{e}");
+}
+
+#[test]
+fn a_server_that_stalls_in_the_body_fails_by_the_deadline() {
+    let server = serve_data(pattern(1 << 20), |_, _, mut good| {
+        good.stall_body = Duration::from_secs(30);
+        good
+    });
+    let url = server.url("x");
+    let s = HttpStorage::open(&url, &quick()).unwrap();
+    let started = Instant::now();
+    let e = read_error(&s, 4096, 0);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert!(e.contains(&url), "{e}");
+}
+
+#[test]
+fn a_replaced_object_is_noticed_through_if_match() {
+    let old = pattern(1 << 20);
+    let new = pattern(1 << 20);
+    let server = Server::start(move |req, n| {
+        if n < 2 {
+            ranged(&old, req, "\"v1\"")
+        } else {
+            ranged(&new, req, "\"v2\"")
+        }
+    });
+    let url = server.url("base.raw");
+    let s = HttpStorage::open(&url, &quick()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    s.read_at(&mut buf, 0).unwrap();
+    let e = read_error(&s, 4096, 1 << 19);
+    assert!(
+        e.contains(&url) && e.contains("changed") && e.contains("412"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_replaced_object_is_noticed_through_its_etag() {
+    let data = pattern(1 << 20);
+    // This server ignores If-Match but tells the new ETag.
+    let server = serve_data(data, |_, n, mut good| {
+        if n >= 2 {
+            for (k, v) in &mut good.headers {
+                if k == "ETag" {
+                    *v = "\"v2\"".into();
+                }
+            }
+        }
+        good
+    });
+    let url = server.url("base.raw");
+    let s = HttpStorage::open(&url, &quick()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    s.read_at(&mut buf, 0).unwrap();
+    let e = read_error(&s, 4096, 1 << 19);
+    assert!(e.contains(&url) && e.contains("changed"), "{e}");
+}
+
+#[test]
+fn last_modified_pins_when_there_is_no_etag() {
+    let date = "Wed, 21 Oct 2015 07:28:00 GMT";
+    let only_date = Server::start(move |req, _| {
+        let mut r = ranged(&pattern(1 << 20), req, "\"x\"");
+        r.headers.retain(|(k, _)| k != "ETag");
+        r.headers.push(("Last-Modified".into(), date.into()));
+        r
+    });
+    let s = HttpStorage::open(&only_date.url("x"), &quick()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    s.read_at(&mut buf, 0).unwrap();
+    let reqs = only_date.requests();
+    assert_eq!(
+        reqs[1]
+            .headers
+            .get("if-unmodified-since")
+            .map(String::as_str),
+        Some(date)
+    );
+    assert!(!reqs[1].headers.contains_key("if-match"));
+}
+
+#[test]
+fn names_that_are_neither_urls_nor_files_are_refused_clearly() {
+    let e = open_device(
+        Path::new("no/such/image.qed"),
+        None,
+        &OpenOptions::read_only(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("no/such/image.qed") && e.contains("No such file"),
+        "{e}"
+    );
+    let e = open_device(
+        Path::new("s3://bucket/base.qed"),
+        None,
+        &OpenOptions::read_only(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("s3://bucket/base.qed") && e.contains("http://"),
+        "{e}"
+    );
+}
+
+#[test]
+fn remote_images_open_read_only_only() {
+    let server = serve_data(pattern(1 << 20), |_, _, good| good);
+    let url = server.url("base.raw");
+    let e = open_device(Path::new(&url), None, &OpenOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains(&url) && e.contains("read-only"), "{e}");
+    let dev = open_device(Path::new(&url), None, &OpenOptions::read_only()).unwrap();
+    assert_eq!(dev.size(), 1 << 20);
+    assert_eq!(dev.format(), qed::Format::Raw);
+}
+
+#[test]
+fn an_overlay_reads_a_qed_base_over_http_and_writes_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = dir.path().join("base.qed");
+    Image::create(&base_path, &CreateOptions::new(16 << 20)).unwrap();
+    let contents = pattern(1 << 20);
+    {
+        let base = Image::open(&base_path, &OpenOptions::default()).unwrap();
+        base.write_at(&contents, 3 << 20).unwrap();
+        base.close().unwrap();
+    }
+    let bytes = Arc::new(std::fs::read(&base_path).unwrap());
+    let server = serve_data(bytes, |_, _, good| good);
+    let url = server.url("base.qed");
+
+    let top_path = dir.path().join("top.qed");
+    let mut create = CreateOptions::new(16 << 20);
+    create.backing_file = Some(url.clone());
+    create.backing_format = Some(qed::Format::Qed);
+    Image::create(&top_path, &create).unwrap();
+    let top = Image::open(&top_path, &OpenOptions::default()).unwrap();
+    assert_eq!(top.backing_file().unwrap().path, Path::new(&url));
+    let mut buf = vec![0u8; 1 << 20];
+    top.read_at(&mut buf, 3 << 20).unwrap();
+    assert!(buf == *contents);
+    top.write_at(&[7u8; 4096], 3 << 20).unwrap();
+    top.read_at(&mut buf, 3 << 20).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 7));
+    assert_eq!(&buf[4096..], &contents[4096..]);
+    top.close().unwrap();
+    // Unallocated clusters of the base read as zeros.
+    let top = Image::open(&top_path, &OpenOptions::read_only()).unwrap();
+    top.read_at(&mut buf, 8 << 20).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+}
