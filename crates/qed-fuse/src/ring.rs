@@ -4,18 +4,25 @@
 //! worker pool. A request then costs no thread hand-off and no blocked worker, and the
 //! disk is told of new I/O once a batch rather than once a request: on a machine with
 //! few CPUs, those context switches and notifications are most of a request's cost.
+//! Of a deep queue, half is held back, so that the next batch is ready the moment the
+//! disk completes one (see [`RingThread::disk_share`]).
 
 use crate::admission::Ticket;
+use crate::export::MAX_REQUEST;
 use crate::ops::Failure;
 use crate::pool::Pool;
 use crate::replies::{read_and_reply, write_and_reply};
 use crate::tally::Tally;
 use fuser::{ReplyData, ReplyWrite};
 use qed::{AlignedBuf, BlockDevice, DirectExtent, PendingWrite, Ring, Waker};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+
+/// The disk is given at least this many requests at once before any is held back.
+const RESERVE_FLOOR: usize = 8;
 
 /// A read or write for the ring thread, with what answers it.
 pub(crate) enum Io {
@@ -86,6 +93,9 @@ pub(crate) fn start(
                 rx,
                 parked: &parked,
                 stopping: false,
+                zeros: vec![0; MAX_REQUEST as usize],
+                held: VecDeque::new(),
+                peak: 0,
             };
             t.run();
         })
@@ -118,6 +128,13 @@ struct RingThread<'a> {
     rx: Receiver<Io>,
     parked: &'a AtomicBool,
     stopping: bool,
+    /// The answer to reads of runs known to be zero. Never written, so its pages stay
+    /// the kernel's shared zero page and take no memory.
+    zeros: Vec<u8>,
+    /// Requests held back from the disk, oldest first (see [`RingThread::disk_share`]).
+    held: VecDeque<Io>,
+    /// The most requests held here at once lately (in the ring and held back).
+    peak: usize,
 }
 
 impl<'a> RingThread<'a> {
@@ -129,7 +146,7 @@ impl<'a> RingThread<'a> {
                 match self.rx.try_recv() {
                     Ok(io) => {
                         progress = true;
-                        self.dispatch(io);
+                        self.hold(io);
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
@@ -138,7 +155,7 @@ impl<'a> RingThread<'a> {
                     }
                 }
             }
-            if self.stopping && self.ring.in_kernel() == 0 {
+            if self.stopping && self.ring.in_kernel() == 0 && self.held.is_empty() {
                 break;
             }
             if !progress {
@@ -155,16 +172,45 @@ impl<'a> RingThread<'a> {
         match self.rx.try_recv() {
             Ok(io) => {
                 self.parked.store(false, Ordering::SeqCst);
-                self.dispatch(io);
+                self.hold(io);
                 return;
             }
             Err(TryRecvError::Disconnected) => self.stopping = true,
             Err(TryRecvError::Empty) => {}
         }
-        if !(self.stopping && self.ring.in_kernel() == 0) && self.ring.wait().is_err() {
+        let idle = self.stopping && self.ring.in_kernel() == 0 && self.held.is_empty();
+        if !idle && self.ring.wait().is_err() {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         self.parked.store(false, Ordering::SeqCst);
+    }
+
+    /// How many requests the disk is given at once. A disk that completes what it has
+    /// as one batch (a virtual disk whose host works through its queue before it
+    /// signals, say) would otherwise get all the client's requests together, and sit
+    /// idle while the answers travel back through the kernel and the next requests
+    /// come: half of them are held back instead, to go the moment a batch completes.
+    /// A disk that completes requests one by one still has half the client's depth to
+    /// work on, and never fewer than [`RESERVE_FLOOR`].
+    fn disk_share(&self) -> usize {
+        (self.peak / 2).max(RESERVE_FLOOR)
+    }
+
+    /// Queues `io` behind the requests held back, and starts what the disk has room for.
+    fn hold(&mut self, io: Io) {
+        self.held.push_back(io);
+        self.peak = self.peak.max(self.ring.in_kernel() + self.held.len());
+        self.start_held();
+    }
+
+    /// Starts held requests, oldest first, while the disk has room for them.
+    fn start_held(&mut self) {
+        while self.ring.in_kernel() < self.disk_share() {
+            let Some(io) = self.held.pop_front() else {
+                break;
+            };
+            self.dispatch(io);
+        }
     }
 
     fn dispatch(&mut self, io: Io) {
@@ -189,6 +235,10 @@ impl<'a> RingThread<'a> {
     fn start_read(&mut self, offset: u64, len: u32, reply: ReplyData, ticket: Ticket) {
         let size = self.dev.size();
         let n = u64::from(len).min(size.saturating_sub(offset));
+        // What the chain knows reads as zeros needs no I/O, nor a worker.
+        if n == 0 || qed::known_zero(self.dev, offset, n).unwrap_or(false) {
+            return reply.data(&self.zeros[..n as usize]);
+        }
         let extent = (n > 0)
             .then(|| self.dev.direct_extent(offset, n, false))
             .flatten()
@@ -330,19 +380,34 @@ impl<'a> RingThread<'a> {
         }
     }
 
-    /// Answers what the ring finished; returns whether anything did.
+    /// Answers what the ring finished, after giving the disk the requests held back;
+    /// returns whether anything finished.
     fn reap(&mut self) -> bool {
         let done = self.ring.reap().unwrap_or_default();
-        let progress = !done.is_empty();
-        for (user_data, res) in done {
-            let slot = user_data as usize;
-            let Some(f) = self.flight.get_mut(slot).and_then(Option::take) else {
-                continue;
-            };
-            self.free.push(slot);
+        if done.is_empty() {
+            return false;
+        }
+        let finished: Vec<_> = done
+            .into_iter()
+            .filter_map(|(user_data, res)| {
+                let slot = user_data as usize;
+                let f = self.flight.get_mut(slot).and_then(Option::take)?;
+                self.free.push(slot);
+                Some((f, res))
+            })
+            .collect();
+        // What came in meanwhile counts towards the depth, and may go to the disk now.
+        while let Ok(io) = self.rx.try_recv() {
+            self.held.push_back(io);
+        }
+        // Forget, slowly, a depth the client no longer keeps.
+        self.peak = (self.peak.saturating_sub(1)).max(self.ring.in_kernel() + self.held.len());
+        self.start_held();
+        let _ = self.ring.submit();
+        for (f, res) in finished {
             self.complete(f, res);
         }
-        progress
+        true
     }
 
     fn complete(&self, f: InFlight<'a>, res: i32) {
