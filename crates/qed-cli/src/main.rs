@@ -51,6 +51,8 @@ enum Command {
     Measure(cmd::measure::Args),
     /// Serve an image over NBD.
     Serve(cmd::serve::Args),
+    /// Mount an image as a file (FUSE).
+    Mount(cmd::mount::Args),
     /// Run a simple image benchmark, as qemu-img bench.
     Bench(cmd::bench::Args),
 }
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         Command::Resize(a) => cmd::resize::run(a),
         Command::Measure(a) => cmd::measure::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Mount(a) => cmd::mount::run(a),
         Command::Bench(a) => cmd::bench::run(a),
     };
     match result {

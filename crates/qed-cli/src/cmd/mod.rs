@@ -10,6 +10,7 @@ pub mod info;
 pub mod io;
 pub mod map;
 pub mod measure;
+pub mod mount;
 pub mod rebase;
 pub mod resize;
 pub mod serve;
@@ -50,6 +51,15 @@ pub fn require_qed(format: Option<&str>) -> Result<()> {
 /// Parses an optional `-f` into a format (`None` probes).
 pub fn parse_format(format: Option<&str>) -> Result<Option<Format>> {
     Ok(format.map(str::parse).transpose()?)
+}
+
+/// Whether `--cache` asks for O_DIRECT.
+pub fn parse_cache(cache: &str) -> Result<bool> {
+    Ok(match cache {
+        "writeback" => false,
+        "none" => true,
+        c => bail!("invalid --cache '{c}': use writeback or none"),
+    })
 }
 
 /// Opens a device for I/O. A QED image opened read-write with NEED_CHECK set is

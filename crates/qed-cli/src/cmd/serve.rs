@@ -61,7 +61,7 @@ pub struct Args {
 /// last client leaves), then leaves the image clean.
 pub fn run(a: Args) -> Result<u8> {
     let discard = parse_discard(&a.discard)?;
-    let direct = parse_cache(&a.cache)?;
+    let direct = super::parse_cache(&a.cache)?;
     if a.shared == 0 {
         bail!("-e/--shared must be at least 1");
     }
@@ -102,15 +102,6 @@ fn parse_discard(discard: &str) -> Result<DiscardMode> {
         "ignore" | "off" => DiscardMode::Ignore,
         "unmap" | "on" => DiscardMode::Unmap,
         d => bail!("invalid --discard '{d}': use ignore or unmap"),
-    })
-}
-
-/// Whether `--cache` asks for O_DIRECT.
-fn parse_cache(cache: &str) -> Result<bool> {
-    Ok(match cache {
-        "writeback" => false,
-        "none" => true,
-        c => bail!("invalid --cache '{c}': use writeback or none"),
     })
 }
 

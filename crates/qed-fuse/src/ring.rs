@@ -1,0 +1,455 @@
+//! The ring thread. Reads of mapped data and writes in place (or into space the image
+//! sets aside) go straight to the image file through one io_uring, submitted in batches
+//! as requests come in and answered as they complete; everything else goes to the
+//! worker pool. A request then costs no thread hand-off and no blocked worker, and the
+//! disk is told of new I/O once a batch rather than once a request: on a machine with
+//! few CPUs, those context switches and notifications are most of a request's cost.
+//! Of a deep queue, half is held back, so that the next batch is ready the moment the
+//! disk completes one (see [`RingThread::disk_share`]).
+
+use crate::admission::Ticket;
+use crate::export::MAX_REQUEST;
+use crate::ops::Failure;
+use crate::pool::Pool;
+use crate::replies::{read_and_reply, write_and_reply};
+use crate::tally::Tally;
+use fuser::{ReplyData, ReplyWrite};
+use qed::{AlignedBuf, BlockDevice, DirectExtent, PendingWrite, Ring, Waker};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// The disk is given at least this many requests at once before any is held back.
+const RESERVE_FLOOR: usize = 8;
+
+/// A read or write for the ring thread, with what answers it.
+pub(crate) enum Io {
+    /// Read `len` bytes at `offset`.
+    Read {
+        offset: u64,
+        len: u32,
+        reply: ReplyData,
+        ticket: Ticket,
+    },
+    /// Write `data` at `offset`; `sync` flushes afterwards.
+    Write {
+        offset: u64,
+        data: AlignedBuf,
+        sync: bool,
+        reply: ReplyWrite,
+        ticket: Ticket,
+    },
+    /// Finish what is in flight and end.
+    Stop,
+}
+
+/// How the readers reach the ring thread.
+pub(crate) struct RingLink {
+    tx: Sender<Io>,
+    waker: Waker,
+    /// The ring thread is (about to be) asleep on the ring: a sender must wake it.
+    parked: Arc<AtomicBool>,
+}
+
+impl RingLink {
+    /// Hands `io` to the ring thread, waking it only if it sleeps.
+    pub(crate) fn send(&self, io: Io) {
+        // The thread outlives every sender (it ends on `Stop`, sent last).
+        let _ = self.tx.send(io);
+        if self.parked.swap(false, Ordering::SeqCst) {
+            self.waker.wake();
+        }
+    }
+}
+
+/// Starts the ring thread over `device`, handing what it cannot do to `pool`; `None`
+/// where io_uring is missing, and the pool then does everything.
+pub(crate) fn start(
+    tally: Arc<Tally>,
+    pool: Arc<Pool>,
+    device: Arc<dyn BlockDevice>,
+    capacity: usize,
+) -> Option<(RingLink, JoinHandle<()>)> {
+    let ring = Ring::new(u32::try_from(capacity).unwrap_or(u32::MAX / 2))?;
+    let (tx, rx) = channel();
+    let parked = Arc::new(AtomicBool::new(false));
+    let link = RingLink {
+        tx,
+        waker: ring.waker(),
+        parked: parked.clone(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("fuse-ring".into())
+        .spawn(move || {
+            let mut t = RingThread {
+                ring,
+                flight: Vec::new(),
+                free: Vec::new(),
+                dev: &*device,
+                tally: &tally,
+                pool: &pool,
+                rx,
+                parked: &parked,
+                stopping: false,
+                zeros: vec![0; MAX_REQUEST as usize],
+                held: VecDeque::new(),
+                peak: 0,
+            };
+            t.run();
+        })
+        .ok()?;
+    Some((link, thread))
+}
+
+/// A request in the kernel.
+struct InFlight<'a> {
+    buf: AlignedBuf,
+    offset: u64,
+    kind: Kind<'a>,
+    ticket: Ticket,
+}
+
+enum Kind<'a> {
+    Read(ReplyData),
+    Write(ReplyWrite, PendingWrite<'a>),
+}
+
+struct RingThread<'a> {
+    /// First, so that it is drained before the buffers it may still use are dropped.
+    ring: Ring,
+    /// Requests in the kernel, by slot (the ring's `user_data`).
+    flight: Vec<Option<InFlight<'a>>>,
+    free: Vec<usize>,
+    dev: &'a dyn BlockDevice,
+    tally: &'a Arc<Tally>,
+    pool: &'a Arc<Pool>,
+    rx: Receiver<Io>,
+    parked: &'a AtomicBool,
+    stopping: bool,
+    /// The answer to reads of runs known to be zero. Never written, so its pages stay
+    /// the kernel's shared zero page and take no memory.
+    zeros: Vec<u8>,
+    /// Requests held back from the disk, oldest first (see [`RingThread::disk_share`]).
+    held: VecDeque<Io>,
+    /// The most requests held here at once lately (in the ring and held back).
+    peak: usize,
+}
+
+impl<'a> RingThread<'a> {
+    fn run(&mut self) {
+        loop {
+            let _ = self.ring.submit();
+            let mut progress = self.reap();
+            loop {
+                match self.rx.try_recv() {
+                    Ok(io) => {
+                        progress = true;
+                        self.hold(io);
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.stopping = true;
+                        break;
+                    }
+                }
+            }
+            if self.stopping && self.ring.in_kernel() == 0 && self.held.is_empty() {
+                break;
+            }
+            if !progress {
+                self.sleep();
+            }
+        }
+        self.ring.drain();
+    }
+
+    /// Sleeps on the ring until a completion, or a sender's wake-up.
+    fn sleep(&mut self) {
+        self.parked.store(true, Ordering::SeqCst);
+        // A message sent before the flag went up found nobody to wake: look once more.
+        match self.rx.try_recv() {
+            Ok(io) => {
+                self.parked.store(false, Ordering::SeqCst);
+                self.hold(io);
+                return;
+            }
+            Err(TryRecvError::Disconnected) => self.stopping = true,
+            Err(TryRecvError::Empty) => {}
+        }
+        let idle = self.stopping && self.ring.in_kernel() == 0 && self.held.is_empty();
+        if !idle && self.ring.wait().is_err() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.parked.store(false, Ordering::SeqCst);
+    }
+
+    /// How many requests the disk is given at once. A disk that completes what it has
+    /// as one batch (a virtual disk whose host works through its queue before it
+    /// signals, say) would otherwise get all the client's requests together, and sit
+    /// idle while the answers travel back through the kernel and the next requests
+    /// come: half of them are held back instead, to go the moment a batch completes.
+    /// A disk that completes requests one by one still has half the client's depth to
+    /// work on, and never fewer than [`RESERVE_FLOOR`].
+    fn disk_share(&self) -> usize {
+        (self.peak / 2).max(RESERVE_FLOOR)
+    }
+
+    /// Queues `io` behind the requests held back, and starts what the disk has room for.
+    fn hold(&mut self, io: Io) {
+        self.held.push_back(io);
+        self.peak = self.peak.max(self.ring.in_kernel() + self.held.len());
+        self.start_held();
+    }
+
+    /// Starts held requests, oldest first, while the disk has room for them.
+    fn start_held(&mut self) {
+        while self.ring.in_kernel() < self.disk_share() {
+            let Some(io) = self.held.pop_front() else {
+                break;
+            };
+            self.dispatch(io);
+        }
+    }
+
+    fn dispatch(&mut self, io: Io) {
+        match io {
+            Io::Stop => self.stopping = true,
+            Io::Read {
+                offset,
+                len,
+                reply,
+                ticket,
+            } => self.start_read(offset, len, reply, ticket),
+            Io::Write {
+                offset,
+                data,
+                sync,
+                reply,
+                ticket,
+            } => self.start_write(offset, data, sync, reply, ticket),
+        }
+    }
+
+    fn start_read(&mut self, offset: u64, len: u32, reply: ReplyData, ticket: Ticket) {
+        let size = self.dev.size();
+        let n = u64::from(len).min(size.saturating_sub(offset));
+        // What the chain knows reads as zeros needs no I/O, nor a worker.
+        if n == 0 || qed::known_zero(self.dev, offset, n).unwrap_or(false) {
+            return reply.data(&self.zeros[..n as usize]);
+        }
+        let extent = (n > 0)
+            .then(|| self.dev.direct_extent(offset, n, false))
+            .flatten()
+            .filter(|x| usable(x, n));
+        let Some(extent) = extent else {
+            return self.to_pool(Io::Read {
+                offset,
+                len,
+                reply,
+                ticket,
+            });
+        };
+        let mut buf = AlignedBuf::new(n as usize);
+        let ptr = buf.as_mut_ptr();
+        let slot = self.store(InFlight {
+            buf,
+            offset,
+            kind: Kind::Read(reply),
+            ticket,
+        });
+        // SAFETY: the buffer lives in `flight` (its heap block never moves) until this
+        // request is reaped, and the ring is drained before the thread ends.
+        let pushed = unsafe {
+            self.ring
+                .read(extent.fd, ptr, n as u32, extent.offset, slot as u64)
+        };
+        if pushed.is_err() {
+            self.unstore(slot);
+        }
+    }
+
+    fn start_write(
+        &mut self,
+        offset: u64,
+        data: AlignedBuf,
+        sync: bool,
+        reply: ReplyWrite,
+        ticket: Ticket,
+    ) {
+        let n = data.len() as u64;
+        let fits = n > 0 && offset.checked_add(n).is_some_and(|e| e <= self.dev.size());
+        // A synchronous write needs a flush after it: the pool does that.
+        let write = (fits && !sync)
+            .then(|| self.dev.begin_write(offset, n))
+            .flatten()
+            .filter(|w| usable(&w.extent, n));
+        let Some(write) = write else {
+            return self.to_pool(Io::Write {
+                offset,
+                data,
+                sync,
+                reply,
+                ticket,
+            });
+        };
+        let extent = write.extent;
+        let ptr = data.as_ptr();
+        let slot = self.store(InFlight {
+            buf: data,
+            offset,
+            kind: Kind::Write(reply, write),
+            ticket,
+        });
+        // SAFETY: as for reads: the payload stays in `flight` until reaped.
+        let pushed = unsafe {
+            self.ring
+                .write(extent.fd, ptr, n as u32, extent.offset, slot as u64)
+        };
+        if pushed.is_err() {
+            self.unstore(slot);
+        }
+    }
+
+    fn store(&mut self, f: InFlight<'a>) -> usize {
+        match self.free.pop() {
+            Some(slot) => {
+                self.flight[slot] = Some(f);
+                slot
+            }
+            None => {
+                self.flight.push(Some(f));
+                self.flight.len() - 1
+            }
+        }
+    }
+
+    /// Takes back a request the ring would not queue, and runs it on the pool.
+    fn unstore(&mut self, slot: usize) {
+        let Some(f) = self.flight[slot].take() else {
+            return;
+        };
+        self.free.push(slot);
+        let io = match f.kind {
+            Kind::Read(reply) => Io::Read {
+                offset: f.offset,
+                len: f.buf.len() as u32,
+                reply,
+                ticket: f.ticket,
+            },
+            Kind::Write(reply, write) => {
+                // Given up unused: the range reads as before.
+                drop(write);
+                Io::Write {
+                    offset: f.offset,
+                    data: f.buf,
+                    sync: false,
+                    reply,
+                    ticket: f.ticket,
+                }
+            }
+        };
+        self.to_pool(io);
+    }
+
+    fn to_pool(&self, io: Io) {
+        let pool = self.pool;
+        let tally = self.tally.clone();
+        match io {
+            Io::Read {
+                offset,
+                len,
+                reply,
+                ticket,
+            } => pool.execute(move || {
+                read_and_reply(&tally, &*ticket.device, offset, len, reply);
+                drop(ticket);
+            }),
+            Io::Write {
+                offset,
+                data,
+                sync,
+                reply,
+                ticket,
+            } => pool.execute(move || {
+                write_and_reply(&tally, &*ticket.device, offset, &data, sync, reply);
+                drop(ticket);
+            }),
+            Io::Stop => {}
+        }
+    }
+
+    /// Answers what the ring finished, after giving the disk the requests held back;
+    /// returns whether anything finished.
+    fn reap(&mut self) -> bool {
+        let done = self.ring.reap().unwrap_or_default();
+        if done.is_empty() {
+            return false;
+        }
+        let finished: Vec<_> = done
+            .into_iter()
+            .filter_map(|(user_data, res)| {
+                let slot = user_data as usize;
+                let f = self.flight.get_mut(slot).and_then(Option::take)?;
+                self.free.push(slot);
+                Some((f, res))
+            })
+            .collect();
+        // What came in meanwhile counts towards the depth, and may go to the disk now.
+        while let Ok(io) = self.rx.try_recv() {
+            self.held.push_back(io);
+        }
+        // Forget, slowly, a depth the client no longer keeps.
+        self.peak = (self.peak.saturating_sub(1)).max(self.ring.in_kernel() + self.held.len());
+        self.start_held();
+        let _ = self.ring.submit();
+        for (f, res) in finished {
+            self.complete(f, res);
+        }
+        true
+    }
+
+    fn complete(&self, f: InFlight<'a>, res: i32) {
+        let n = f.buf.len();
+        let whole = usize::try_from(res).is_ok_and(|r| r == n);
+        let failure = |what: &str| {
+            let cause = if res < 0 {
+                std::io::Error::from_raw_os_error(-res)
+            } else {
+                std::io::Error::other(format!("short {what}: {res} of {n} bytes"))
+            };
+            Failure::Device(qed::Error::Io {
+                context: format!(
+                    "{what} {n} bytes at {} of {}",
+                    f.offset,
+                    self.dev.filename()
+                ),
+                cause,
+            })
+        };
+        match f.kind {
+            Kind::Read(reply) => {
+                if whole {
+                    reply.data(&f.buf);
+                } else {
+                    reply.error(self.tally.errno(failure("reading")));
+                }
+            }
+            Kind::Write(reply, write) => {
+                self.tally.wrote();
+                match write.finish(whole) {
+                    Ok(()) if whole => reply.written(n as u32),
+                    Ok(()) => reply.error(self.tally.errno(failure("writing"))),
+                    Err(e) => reply.error(self.tally.errno(Failure::Device(e))),
+                }
+            }
+        }
+    }
+}
+
+/// Whether direct I/O on the file can take the extent and length as they are (the
+/// buffers are aligned already).
+fn usable(x: &DirectExtent, len: u64) -> bool {
+    x.offset % x.align == 0 && len % x.align == 0
+}
