@@ -647,23 +647,25 @@ fn signals_leave_a_clean_image_with_requests_in_flight() {
         assert_eq!(written.trim(), m.pid().to_string());
 
         // fio keeps a queue of 32 in flight on the first 32M...
-        let fio = Command::new(FIO)
-            .args([
-                "--name=load",
-                &format!("--filename={}", m.disk.display()),
-                "--ioengine=libaio",
-                "--direct=1",
-                "--rw=randwrite",
-                "--bs=4k",
-                "--size=32M",
-                "--iodepth=32",
-                "--time_based",
-                "--runtime=60",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run fio (apt-get install fio)");
+        let mut fio = KillOnDrop(
+            Command::new(FIO)
+                .args([
+                    "--name=load",
+                    &format!("--filename={}", m.disk.display()),
+                    "--ioengine=libaio",
+                    "--direct=1",
+                    "--rw=randwrite",
+                    "--bs=4k",
+                    "--size=32M",
+                    "--iodepth=32",
+                    "--time_based",
+                    "--runtime=60",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("run fio (apt-get install fio)"),
+        );
         // ...while writers record which of their writes past 64M were acknowledged.
         const LEN: usize = 256 * K as usize;
         let pattern = |i: u64| (i % 250) as u8 + 1;
@@ -675,7 +677,8 @@ fn signals_leave_a_clean_image_with_requests_in_flight() {
                 std::thread::spawn(move || {
                     let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
                     let mut acked = Vec::new();
-                    for i in (w..64).step_by(4) {
+                    // 256 slots of 256k fill 64M..128M, each written once.
+                    for i in (w..256).step_by(4) {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
@@ -684,7 +687,7 @@ fn signals_leave_a_clean_image_with_requests_in_flight() {
                             break;
                         }
                         acked.push(i);
-                        std::thread::sleep(Duration::from_millis(5));
+                        std::thread::sleep(Duration::from_millis(10));
                     }
                     acked
                 })
@@ -697,7 +700,13 @@ fn signals_leave_a_clean_image_with_requests_in_flight() {
             "NEED_CHECK set by the writes",
             || need_check(&dir.join("img.qed")),
         );
-        std::thread::sleep(Duration::from_millis(100));
+        // fio takes a moment to start; both must still be writing when the signal lands.
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(fio.0.try_wait().unwrap().is_none(), "fio ended early");
+        assert!(
+            writers.iter().all(|w| !w.is_finished()),
+            "the writers ended early"
+        );
         m.signal(sig);
         let signalled = Instant::now();
         let st = m.wait_exit(Duration::from_secs(30));
@@ -708,14 +717,8 @@ fn signals_leave_a_clean_image_with_requests_in_flight() {
             "SIG{sig}: exit took {:?}",
             signalled.elapsed()
         );
-        let mut fio = fio;
-        let t = Instant::now();
-        while fio.try_wait().unwrap().is_none() {
-            if t.elapsed() > Duration::from_secs(20) {
-                let _ = fio.kill();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // fio would go on with the plain file the mount leaves when it reopens its file.
+        drop(fio);
         let acked: Vec<u64> = writers
             .into_iter()
             .flat_map(|w| w.join().unwrap())
@@ -875,6 +878,17 @@ fn daemon_returns_once_mounted_and_ends_at_unmount() {
     assert!(!pid_file.exists(), "the pid file is left behind");
     qemu_io(dir, "qed", "img.qed", &["read -P 0x5d 2M 1M"]);
     assert_clean(dir, "img.qed");
+}
+
+/// A child process killed (and reaped) when dropped, so a failing test leaves none
+/// behind.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Whether `pid` has exited and waits for its parent to reap it.
