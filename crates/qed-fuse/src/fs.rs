@@ -1,7 +1,7 @@
 //! The filesystem the kernel talks to: one file that is the disk (the mount's root, or
 //! the one entry of a root directory). Requests about names and attributes are answered
-//! where they are read; requests that touch the device pass the admission gate and run
-//! on the worker pool, which answers them.
+//! where they are read; requests that touch the device pass the admission gate and go to
+//! the ring thread (reads and writes) or the worker pool (the rest), which answer them.
 
 use crate::admission::{Admission, Ticket};
 use crate::export::{DiscardMode, Export, MAX_REQUEST};

@@ -380,20 +380,22 @@ impl<'a> RingThread<'a> {
         }
     }
 
-    /// Answers what the ring finished, after giving the disk the requests held back;
-    /// returns whether anything finished.
+    /// Answers what the ring finished; returns whether anything did. The writes are
+    /// settled first, so that nothing they hold (claims, block holds, the allocation
+    /// gate) is still held while this thread starts the requests held back, which may
+    /// wait for those; the answers go out once the disk has its next batch.
     fn reap(&mut self) -> bool {
         let done = self.ring.reap().unwrap_or_default();
         if done.is_empty() {
             return false;
         }
-        let finished: Vec<_> = done
+        let answers: Vec<Answer> = done
             .into_iter()
             .filter_map(|(user_data, res)| {
                 let slot = user_data as usize;
                 let f = self.flight.get_mut(slot).and_then(Option::take)?;
                 self.free.push(slot);
-                Some((f, res))
+                Some(self.settle(f, res))
             })
             .collect();
         // What came in meanwhile counts towards the depth, and may go to the disk now.
@@ -404,13 +406,15 @@ impl<'a> RingThread<'a> {
         self.peak = (self.peak.saturating_sub(1)).max(self.ring.in_kernel() + self.held.len());
         self.start_held();
         let _ = self.ring.submit();
-        for (f, res) in finished {
-            self.complete(f, res);
+        for a in answers {
+            a.send();
         }
         true
     }
 
-    fn complete(&self, f: InFlight<'a>, res: i32) {
+    /// Finishes what a completion finished (a write's allocation or block hold), and
+    /// says how to answer it.
+    fn settle(&self, f: InFlight<'a>, res: i32) -> Answer {
         let n = f.buf.len();
         let whole = usize::try_from(res).is_ok_and(|r| r == n);
         let failure = |what: &str| {
@@ -428,22 +432,52 @@ impl<'a> RingThread<'a> {
                 cause,
             })
         };
-        match f.kind {
-            Kind::Read(reply) => {
+        let result = match f.kind {
+            Kind::Read(reply) => Reply::Read(
+                reply,
                 if whole {
-                    reply.data(&f.buf);
+                    Ok(f.buf)
                 } else {
-                    reply.error(self.tally.errno(failure("reading")));
-                }
-            }
+                    Err(self.tally.errno(failure("reading")))
+                },
+            ),
             Kind::Write(reply, write) => {
                 self.tally.wrote();
-                match write.finish(whole) {
-                    Ok(()) if whole => reply.written(n as u32),
-                    Ok(()) => reply.error(self.tally.errno(failure("writing"))),
-                    Err(e) => reply.error(self.tally.errno(Failure::Device(e))),
-                }
+                Reply::Write(
+                    reply,
+                    match write.finish(whole) {
+                        Ok(()) if whole => Ok(n as u32),
+                        Ok(()) => Err(self.tally.errno(failure("writing"))),
+                        Err(e) => Err(self.tally.errno(Failure::Device(e))),
+                    },
+                )
             }
+        };
+        Answer {
+            reply: result,
+            _ticket: f.ticket,
+        }
+    }
+}
+
+/// A settled request's answer, and its ticket, given back once the answer is sent.
+struct Answer {
+    reply: Reply,
+    _ticket: Ticket,
+}
+
+enum Reply {
+    Read(ReplyData, Result<AlignedBuf, fuser::Errno>),
+    Write(ReplyWrite, Result<u32, fuser::Errno>),
+}
+
+impl Answer {
+    fn send(self) {
+        match self.reply {
+            Reply::Read(r, Ok(buf)) => r.data(&buf),
+            Reply::Read(r, Err(e)) => r.error(e),
+            Reply::Write(r, Ok(n)) => r.written(n),
+            Reply::Write(r, Err(e)) => r.error(e),
         }
     }
 }

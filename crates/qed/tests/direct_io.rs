@@ -80,3 +80,51 @@ fn a_hold_keeps_read_modify_writes_off_its_blocks() {
     storage.read_at(&mut b, 4096).unwrap();
     assert!(b[..50].iter().all(|&x| x == 0) && b[50..150].iter().all(|&x| x == 9));
 }
+
+#[test]
+fn begin_write_never_waits_to_mark_the_image() {
+    use qed::{BlockDevice, CreateOptions, Image, OpenOptions};
+    const K: u64 = 1 << 10;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("mark.qed");
+    Image::create(&path, &CreateOptions::new(64 << 20)).unwrap();
+    let opts = OpenOptions {
+        direct: true,
+        ..OpenOptions::default()
+    };
+    let image = Image::open(&path, &opts).unwrap();
+    // Data clusters until one sits in the file where its block shares the header
+    // block's lock stripe (every 256 KiB of the file).
+    let mut shared_stripe = None;
+    for cluster in 0..16u64 {
+        image.write_at(&[1u8; 4096], cluster * 64 * K).unwrap();
+        let x = image.direct_extent(cluster * 64 * K, 4096, true).unwrap();
+        if x.offset % (256 * K) == 0 {
+            shared_stripe = Some(cluster * 64 * K);
+            break;
+        }
+    }
+    let guest = shared_stripe.expect("a data cluster 256 KiB-aligned in the file");
+    // Clean again: the next allocation has to set NEED_CHECK, rewriting the header.
+    image.flush().unwrap();
+    // An io_uring caller's write in place, in flight, holds that stripe...
+    let in_place = image.begin_write(guest, 4096).expect("a write in place");
+    // ...and its next allocation must not wait for it (it could never be reaped).
+    let (tx, rx) = mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let pending = image.begin_write(32 << 20, 64 * K);
+            tx.send(pending.is_some()).unwrap();
+        });
+        let answered = rx.recv_timeout(Duration::from_secs(10));
+        drop(in_place);
+        assert_eq!(
+            answered,
+            Ok(false),
+            "begin_write waited, or allocated without NEED_CHECK set"
+        );
+    });
+    // The blocking path marks the image; then io_uring callers allocate again.
+    image.write_at(&[2u8; 4096], 40 << 20).unwrap();
+    assert!(image.begin_write(48 << 20, 64 * K).is_some());
+}

@@ -97,9 +97,10 @@ impl Image {
 impl<'a> Allocation<'a> {
     /// Step 2: enters the allocation gate; for an allocation that will put `data` into an
     /// image without a backing file, NEED_CHECK is made durable first. `false` when, with
-    /// [`Wait::Never`], the gate is closed.
+    /// [`Wait::Never`], the gate is closed or NEED_CHECK would have to be written.
     pub(super) fn enter_gate(&mut self, data: bool, wait: Wait) -> Result<bool> {
         let image = self.image;
+        let needs_mark = data && !image.backing_present();
         let gate = match wait {
             Wait::Block => image.gate.shared(),
             Wait::Never => match image.gate.try_shared() {
@@ -107,8 +108,16 @@ impl<'a> Allocation<'a> {
                 None => return Ok(false),
             },
         };
+        // Setting NEED_CHECK rewrites the header's block, which under O_DIRECT waits for
+        // the writes in flight to that block's lock stripe; an io_uring caller may hold
+        // one of those itself, unreaped, and would wait for itself. The first allocation
+        // after the image was clean takes the blocking path instead. (With the gate held,
+        // no flush can clear the bit after this look.)
+        if wait == Wait::Never && needs_mark && !image.header.get().needs_check() {
+            return Ok(false);
+        }
         self.gate = Some(gate);
-        if data && !image.backing_present() {
+        if needs_mark {
             image.header.mark_need_check(&*image.storage, &image.name)?;
         }
         Ok(true)
