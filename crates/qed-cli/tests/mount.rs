@@ -12,17 +12,18 @@ use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
 
-const QED: &str = env!("CARGO_BIN_EXE_qed");
-const QEMU_IMG: &str = "qemu-img";
-const QEMU_IO: &str = "qemu-io";
-const FIO: &str = "fio";
+mod common;
+
+use common::{
+    create_qed, describe, fails, need_check, new_dir, ok, qemu_io, run, FIO, QED, QEMU_IMG,
+};
+
 const FUSERMOUNT: &str = "fusermount3";
 
 const K: u64 = 1 << 10;
@@ -31,110 +32,12 @@ const M: u64 = 1 << 20;
 // ---------------------------------------------------------------------------------------
 // Running tools.
 
-fn run<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| {
-            let package = match prog {
-                QEMU_IMG | QEMU_IO => " (apt-get install qemu-utils)",
-                FIO => " (apt-get install fio)",
-                FUSERMOUNT => " (apt-get install fuse3)",
-                "mkfs.ext4" | "e2fsck" => " (apt-get install e2fsprogs)",
-                _ => "",
-            };
-            panic!("cannot run {prog}: {e}{package}")
-        })
-}
-
-fn describe<S: AsRef<OsStr>>(prog: &str, args: &[S], out: &Output) -> String {
-    let line: Vec<String> = args
-        .iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect();
-    format!(
-        "`{prog} {}`\n  status: {}\n  stdout:\n{}\n  stderr:\n{}",
-        line.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Runs `prog`, asserts success, returns stdout.
-fn ok<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> String {
-    let out = run(dir, prog, args);
-    assert!(out.status.success(), "{}", describe(prog, args, &out));
-    String::from_utf8(out.stdout).expect("stdout is UTF-8")
-}
-
-/// Runs `prog`, asserts failure, returns stdout and stderr together.
-fn fails<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> String {
-    let out = run(dir, prog, args);
-    assert!(
-        !out.status.success(),
-        "expected failure from {}",
-        describe(prog, args, &out)
-    );
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// qemu-io on a file; a pattern mismatch is also looked for in the output, so that a
-/// verification failure can never pass silently.
-fn qemu_io(dir: &Path, fmt: &str, target: &str, cmds: &[&str]) {
-    qemu_io_opts(dir, fmt, target, false, cmds)
-}
-
-/// [`qemu_io`], opening the file read-only.
-fn qemu_io_ro(dir: &Path, fmt: &str, target: &str, cmds: &[&str]) {
-    qemu_io_opts(dir, fmt, target, true, cmds)
-}
-
-fn qemu_io_opts(dir: &Path, fmt: &str, target: &str, read_only: bool, cmds: &[&str]) {
-    let mut args = vec!["-f", fmt];
-    if read_only {
-        args.push("-r");
-    }
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(target);
-    let out = ok(dir, QEMU_IO, &args);
-    assert!(
-        !out.contains("Pattern verification failed") && !out.contains("failed:"),
-        "qemu-io {args:?} reported a failure:\n{out}"
-    );
-}
-
 /// The image is consistent by both checkers and not marked in use.
 fn assert_clean(dir: &Path, image: &str) {
     let out = ok(dir, QEMU_IMG, &["check", "-f", "qed", image]);
     assert!(out.contains("No errors were found"), "{out}");
     ok(dir, QED, &["check", image]);
     assert!(!need_check(&dir.join(image)), "{image}: NEED_CHECK is set");
-}
-
-/// The QED header's NEED_CHECK bit (features at 0x10, bit 0x2).
-fn need_check(path: &Path) -> bool {
-    let mut b = [0u8; 8];
-    std::fs::File::open(path)
-        .and_then(|f| f.read_exact_at(&mut b, 0x10))
-        .expect("read the image header");
-    u64::from_le_bytes(b) & 0x2 != 0
-}
-
-fn new_dir() -> TempDir {
-    tempfile::tempdir().expect("create a temporary directory")
-}
-
-fn create_qed(dir: &Path, name: &str, size: &str) {
-    ok(dir, QED, &["create", "-q", name, size]);
 }
 
 /// An empty regular file to mount on.
@@ -422,6 +325,7 @@ fn fio_verifies_random_writes_at_depth_32() {
             dir,
             "raw",
             &disk,
+            false,
             &["write -P 0x77 33M 1000", "write -P 0x78 36863k 7k"],
         );
         m.unmount(&mnt);
@@ -434,6 +338,7 @@ fn fio_verifies_random_writes_at_depth_32() {
             dir,
             "raw",
             &disk,
+            false,
             &["read -P 0x77 33M 1000", "read -P 0x78 36863k 7k"],
         );
         m.unmount(&mnt);
@@ -441,6 +346,7 @@ fn fio_verifies_random_writes_at_depth_32() {
             dir,
             "qed",
             "img.qed",
+            false,
             &["read -P 0x77 33M 1000", "read -P 0x78 36863k 7k"],
         );
         assert_clean(dir, "img.qed");
@@ -470,7 +376,7 @@ fn holes_show_through_lseek_and_copies_stay_sparse() {
     // the chain decides what is a hole. (qemu-img would allocate the raw file's first
     // block; truncate leaves all of it a hole.)
     ok(dir, "truncate", &["-s", "1G", "base.raw"]);
-    qemu_io(dir, "raw", "base.raw", &["write -P 0x11 2M 64k"]);
+    qemu_io(dir, "raw", "base.raw", false, &["write -P 0x11 2M 64k"]);
     ok(
         dir,
         QED,
@@ -482,6 +388,7 @@ fn holes_show_through_lseek_and_copies_stay_sparse() {
         dir,
         "qed",
         "img.qed",
+        false,
         &[
             "write -P 0x22 5M 64k",
             "write -P 0x33 300M 128k",
@@ -544,7 +451,7 @@ fn punched_holes_and_zero_ranges_read_as_zeros() {
         let tmp = new_dir();
         let dir = tmp.path();
         create_qed(dir, "img.qed", "16M");
-        qemu_io(dir, "qed", "img.qed", &["write -P 0x55 0 16M"]);
+        qemu_io(dir, "qed", "img.qed", false, &["write -P 0x55 0 16M"]);
         let mnt = touch(dir, "disk");
         let m = Mounted::start(dir, &[&format!("--discard={discard}")], "img.qed", &mnt);
         let disk = m.disk.to_str().unwrap().to_string();
@@ -564,6 +471,7 @@ fn punched_holes_and_zero_ranges_read_as_zeros() {
             dir,
             "qed",
             "img.qed",
+            false,
             &[
                 "read -P 0x55 0 1000",
                 "read -P 0 1000 300000",
@@ -584,7 +492,7 @@ fn read_only_mount_refuses_writes() {
     let tmp = new_dir();
     let dir = tmp.path();
     create_qed(dir, "img.qed", "16M");
-    qemu_io(dir, "qed", "img.qed", &["write -P 0x66 1M 64k"]);
+    qemu_io(dir, "qed", "img.qed", false, &["write -P 0x66 1M 64k"]);
     let before = std::fs::read(dir.join("img.qed")).unwrap();
     let mnt = touch(dir, "disk");
     let m = Mounted::start(dir, &["-r"], "img.qed", &mnt);
@@ -612,10 +520,11 @@ fn read_only_mount_refuses_writes() {
     assert!(out.contains("Read-only file system"), "{out}");
     fails(dir, "truncate", &["-s", "0", &disk]);
     // Reads still work.
-    qemu_io_ro(
+    qemu_io(
         dir,
         "raw",
         &disk,
+        true,
         &["read -P 0x66 1M 64k", "read -P 0 0 1M"],
     );
     m.unmount(&mnt);
@@ -735,7 +644,7 @@ fn signals_leave_a_clean_image_with_requests_in_flight() {
             .map(|&i| format!("read -P {} {} {LEN}", pattern(i), 64 * M + i * LEN as u64))
             .collect();
         let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-        qemu_io(dir, "qed", "img.qed", &cmds);
+        qemu_io(dir, "qed", "img.qed", false, &cmds);
     }
 }
 
@@ -747,7 +656,7 @@ fn refused_mountpoints_leave_the_image_untouched() {
     let tmp = new_dir();
     let dir = tmp.path();
     create_qed(dir, "img.qed", "16M");
-    qemu_io(dir, "qed", "img.qed", &["write -P 0x12 0 64k"]);
+    qemu_io(dir, "qed", "img.qed", false, &["write -P 0x12 0 64k"]);
     create_qed(dir, "other.qed", "16M");
     let image = dir.join("img.qed");
     let before = std::fs::read(&image).unwrap();
@@ -827,10 +736,11 @@ fn directory_mountpoint_shows_the_disk_by_the_image_name() {
         dir,
         "raw",
         disk.to_str().unwrap(),
+        false,
         &["write -P 0x3c 1M 100k"],
     );
     m.unmount(&mnt);
-    qemu_io(dir, "qed", "disk.qed", &["read -P 0x3c 1M 100k"]);
+    qemu_io(dir, "qed", "disk.qed", false, &["read -P 0x3c 1M 100k"]);
     assert_clean(dir, "disk.qed");
 }
 
@@ -872,11 +782,17 @@ fn daemon_returns_once_mounted_and_ends_at_unmount() {
     let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists() && !zombie(pid);
     assert!(alive(pid), "the daemon is not running");
 
-    qemu_io(dir, "raw", mnt.to_str().unwrap(), &["write -P 0x5d 2M 1M"]);
+    qemu_io(
+        dir,
+        "raw",
+        mnt.to_str().unwrap(),
+        false,
+        &["write -P 0x5d 2M 1M"],
+    );
     unmount(&mnt);
     wait_for(Duration::from_secs(30), "the daemon ends", || !alive(pid));
     assert!(!pid_file.exists(), "the pid file is left behind");
-    qemu_io(dir, "qed", "img.qed", &["read -P 0x5d 2M 1M"]);
+    qemu_io(dir, "qed", "img.qed", false, &["read -P 0x5d 2M 1M"]);
     assert_clean(dir, "img.qed");
 }
 

@@ -7,21 +7,21 @@
 //! a machine without the tools report the NBD suite as passing.
 
 use serde_json::Value;
-use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
 
-const QED: &str = env!("CARGO_BIN_EXE_qed");
-const QEMU_IMG: &str = "qemu-img";
-const QEMU_IO: &str = "qemu-io";
+mod common;
+
+use common::{
+    create_qed, describe, fails, need_check, new_dir, ok, qemu_io, FIO, QED, QEMU_IMG, QEMU_IO,
+};
+
 const NBDINFO: &str = "nbdinfo";
 const NBDCOPY: &str = "nbdcopy";
-const FIO: &str = "fio";
 
 const K: u64 = 1 << 10;
 const M: u64 = 1 << 20;
@@ -30,107 +30,9 @@ const CLUSTER: u64 = 64 * K;
 // ---------------------------------------------------------------------------------------
 // Running tools.
 
-fn run<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| {
-            let package = match prog {
-                QEMU_IMG | QEMU_IO => " (apt-get install qemu-utils)",
-                NBDINFO | NBDCOPY => " (apt-get install libnbd-bin)",
-                FIO => " (apt-get install fio)",
-                _ => "",
-            };
-            panic!("cannot run {prog}: {e}{package}")
-        })
-}
-
-fn describe<S: AsRef<OsStr>>(prog: &str, args: &[S], out: &Output) -> String {
-    let line: Vec<String> = args
-        .iter()
-        .map(|a| {
-            let a = a.as_ref().to_string_lossy();
-            if a.contains(' ') {
-                format!("'{a}'")
-            } else {
-                a.into_owned()
-            }
-        })
-        .collect();
-    format!(
-        "`{prog} {}`\n  status: {}\n  stdout:\n{}\n  stderr:\n{}",
-        line.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Runs `prog`, asserts success, returns stdout.
-fn ok<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> String {
-    let out = run(dir, prog, args);
-    assert!(out.status.success(), "{}", describe(prog, args, &out));
-    String::from_utf8(out.stdout).expect("stdout is UTF-8")
-}
-
-/// Runs `prog`, asserts failure, returns stdout and stderr together.
-fn fails<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> String {
-    let out = run(dir, prog, args);
-    assert!(
-        !out.status.success(),
-        "expected failure from {}",
-        describe(prog, args, &out)
-    );
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// qemu-io on `target` (`fmt` is raw for NBD URIs). qemu-io exits non-zero when a
-/// command fails, but a pattern mismatch is also looked for in the output so a
-/// verification failure can never pass silently.
-fn qemu_io(dir: &Path, fmt: &str, target: &str, read_only: bool, cmds: &[&str]) -> String {
-    let mut args = vec!["-f", fmt];
-    if read_only {
-        args.push("-r");
-    }
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(target);
-    let out = ok(dir, QEMU_IO, &args);
-    assert!(
-        !out.contains("Pattern verification failed") && !out.contains("failed:"),
-        "qemu-io {args:?} reported a failure:\n{out}"
-    );
-    out
-}
-
 fn qemu_img_check(dir: &Path, image: &str) {
     let out = ok(dir, QEMU_IMG, &["check", "-f", "qed", image]);
     assert!(out.contains("No errors were found"), "{out}");
-}
-
-/// The QED header's NEED_CHECK bit (features at 0x10, bit 0x2).
-fn need_check(path: &Path) -> bool {
-    use std::os::unix::fs::FileExt;
-    let mut b = [0u8; 8];
-    std::fs::File::open(path)
-        .and_then(|f| f.read_exact_at(&mut b, 0x10))
-        .expect("read the image header");
-    u64::from_le_bytes(b) & 0x2 != 0
-}
-
-fn new_dir() -> TempDir {
-    tempfile::tempdir().expect("create a temporary directory")
-}
-
-fn create_qed(dir: &Path, name: &str, size: &str) {
-    ok(dir, QED, &["create", "-q", name, size]);
 }
 
 /// Deterministic bytes with runs of zeros, so copies exercise holes as well as data.

@@ -1,0 +1,123 @@
+//! What the CLI's integration tests share: running the real tools and reading what they
+//! leave. Each test file takes the parts it needs.
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use tempfile::TempDir;
+
+pub const QED: &str = env!("CARGO_BIN_EXE_qed");
+pub const QEMU_IMG: &str = "qemu-img";
+pub const QEMU_IO: &str = "qemu-io";
+pub const FIO: &str = "fio";
+
+/// Runs `prog` in `dir`. A missing tool fails the test, saying what to install:
+/// skipping would let a machine without it report the suite as passing.
+pub fn run<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> Output {
+    Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}{}", install_hint(prog)))
+}
+
+/// Where a tool the tests run comes from (`tests/run` installs them all).
+pub fn install_hint(prog: &str) -> &'static str {
+    match prog {
+        "qemu-img" | "qemu-io" | "qemu-nbd" | "qemu-storage-daemon" => {
+            " (apt-get install qemu-utils, or run tests/run)"
+        }
+        "nbdinfo" | "nbdcopy" => " (apt-get install libnbd-bin, or run tests/run)",
+        "fio" => " (apt-get install fio, or run tests/run)",
+        "fusermount3" => " (apt-get install fuse3, or run tests/run)",
+        "mkfs.ext4" | "e2fsck" | "mke2fs" => " (apt-get install e2fsprogs, or run tests/run)",
+        "nginx" => " (apt-get install nginx-light, or run tests/run)",
+        "qemu-system-x86_64" => " (qemu-system-x86 from bookworm-backports: run tests/run)",
+        _ => "",
+    }
+}
+
+/// A command and what came of it, for assertion messages.
+pub fn describe<S: AsRef<OsStr>>(prog: &str, args: &[S], out: &Output) -> String {
+    let line: Vec<String> = args
+        .iter()
+        .map(|a| {
+            let a = a.as_ref().to_string_lossy();
+            if a.contains(' ') {
+                format!("'{a}'")
+            } else {
+                a.into_owned()
+            }
+        })
+        .collect();
+    format!(
+        "`{prog} {}`\n  status: {}\n  stdout:\n{}\n  stderr:\n{}",
+        line.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `prog`, asserts success, returns stdout.
+pub fn ok<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> String {
+    let out = run(dir, prog, args);
+    assert!(out.status.success(), "{}", describe(prog, args, &out));
+    String::from_utf8(out.stdout).expect("stdout is UTF-8")
+}
+
+/// Runs `prog`, asserts failure, returns stdout and stderr together.
+pub fn fails<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> String {
+    let out = run(dir, prog, args);
+    assert!(
+        !out.status.success(),
+        "expected failure from {}",
+        describe(prog, args, &out)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// qemu-io on `target` (`fmt` is raw for NBD URIs and mounted files). qemu-io exits
+/// non-zero when a command fails, but a pattern mismatch is also looked for in the
+/// output, so that a verification failure can never pass silently.
+pub fn qemu_io(dir: &Path, fmt: &str, target: &str, read_only: bool, cmds: &[&str]) -> String {
+    let mut args = vec!["-f", fmt];
+    if read_only {
+        args.push("-r");
+    }
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(target);
+    let out = ok(dir, QEMU_IO, &args);
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("failed:"),
+        "qemu-io {args:?} reported a failure:\n{out}"
+    );
+    out
+}
+
+/// The QED header's NEED_CHECK bit (features at 0x10, bit 0x2).
+pub fn need_check(path: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|f| f.read_exact_at(&mut b, 0x10))
+        .expect("read the image header");
+    u64::from_le_bytes(b) & 0x2 != 0
+}
+
+pub fn new_dir() -> TempDir {
+    tempfile::tempdir().expect("create a temporary directory")
+}
+
+pub fn create_qed(dir: &Path, name: &str, size: &str) {
+    ok(dir, QED, &["create", "-q", name, size]);
+}
