@@ -128,3 +128,43 @@ fn begin_write_never_waits_to_mark_the_image() {
     image.write_at(&[2u8; 4096], 40 << 20).unwrap();
     assert!(image.begin_write(48 << 20, 64 * K).is_some());
 }
+
+#[test]
+fn begin_write_leaves_a_write_back_to_the_blocking_path() {
+    use qed::{BlockDevice, CreateOptions, Image, OpenOptions};
+    const K: u64 = 1 << 10;
+    const M: u64 = 1 << 20;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("dirty.qed");
+    let mut create = CreateOptions::new(64 * M);
+    create.cluster_size = 4096;
+    create.table_size = 16;
+    Image::create(&path, &create).unwrap();
+    // The smallest cache: 16 pages, written back past 8 dirty ones.
+    let opts = OpenOptions {
+        direct: true,
+        l2_cache_bytes: 0,
+        ..OpenOptions::default()
+    };
+    let image = Image::open(&path, &opts).unwrap();
+    // One table (32 MiB of guest space), then a cluster in each of 8 pages of it (a page
+    // of entries maps 2 MiB): 8 dirty pages, at the limit but not past it.
+    image.write_at(&[1u8; 4096], 0).unwrap();
+    for page in 0..8u64 {
+        image.write_at(&[1u8; 4096], page * 2 * M + 4 * K).unwrap();
+    }
+    // Mapping one more cluster would pass the limit and write back table sectors, which
+    // under O_DIRECT may wait for an io_uring caller's own writes: it is declined.
+    assert!(
+        image.begin_write(16 * M, 4096).is_none(),
+        "an allocation at the dirty limit was taken by a caller that must not wait"
+    );
+    // Once a flush wrote the entries back (and a blocking allocation marked the image
+    // again), such callers allocate again.
+    image.flush().unwrap();
+    image.write_at(&[2u8; 4096], 20 * M).unwrap();
+    let pending = image
+        .begin_write(16 * M, 4096)
+        .expect("an allocation after the write-back");
+    drop(pending);
+}

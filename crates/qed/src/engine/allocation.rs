@@ -30,8 +30,15 @@ pub(super) enum Wait {
 }
 
 /// An allocation in progress over whole guest clusters.
+///
+/// One taken with [`Wait::Never`] promises its caller never to block, and an io_uring
+/// caller holds O_DIRECT block locks of its own writes in flight while it finishes one.
+/// Such an allocation therefore does no metadata I/O that could wait for those locks: it
+/// declines to start when it would have to set NEED_CHECK or when the L2 cache is at its
+/// dirty limit, and its entries are never written back on the spot.
 pub(super) struct Allocation<'a> {
     image: &'a Image,
+    wait: Wait,
     _claim: ClusterClaim<'a>,
     gate: Option<GateHold<'a>>,
     /// Guest offset of the first claimed cluster.
@@ -78,6 +85,7 @@ impl Image {
         claim.shrink(clusters);
         Ok(Some(Allocation {
             image: self,
+            wait,
             _claim: claim,
             gate: None,
             first,
@@ -97,23 +105,26 @@ impl Image {
 impl<'a> Allocation<'a> {
     /// Step 2: enters the allocation gate; for an allocation that will put `data` into an
     /// image without a backing file, NEED_CHECK is made durable first. `false` when, with
-    /// [`Wait::Never`], the gate is closed or NEED_CHECK would have to be written.
-    pub(super) fn enter_gate(&mut self, data: bool, wait: Wait) -> Result<bool> {
+    /// [`Wait::Never`], the gate is closed or metadata would have to be written first.
+    pub(super) fn enter_gate(&mut self, data: bool) -> Result<bool> {
         let image = self.image;
         let needs_mark = data && !image.backing_present();
-        let gate = match wait {
+        let gate = match self.wait {
             Wait::Block => image.gate.shared(),
             Wait::Never => match image.gate.try_shared() {
                 Some(g) => g,
                 None => return Ok(false),
             },
         };
-        // Setting NEED_CHECK rewrites the header's block, which under O_DIRECT waits for
-        // the writes in flight to that block's lock stripe; an io_uring caller may hold
-        // one of those itself, unreaped, and would wait for itself. The first allocation
-        // after the image was clean takes the blocking path instead. (With the gate held,
-        // no flush can clear the bit after this look.)
-        if wait == Wait::Never && needs_mark && !image.header.get().needs_check() {
+        // Setting NEED_CHECK rewrites the header's block, and a write-back rewrites table
+        // sectors: under O_DIRECT each waits for the writes in flight to its block's lock
+        // stripe, which an io_uring caller may hold itself, unreaped. Those allocations
+        // take the blocking path instead. (With the gate held, no flush can clear
+        // NEED_CHECK after this look.)
+        if self.wait == Wait::Never
+            && ((needs_mark && !image.header.get().needs_check())
+                || image.l2.dirty_pages() >= image.l2.dirty_limit())
+        {
             return Ok(false);
         }
         self.gate = Some(gate);
@@ -142,13 +153,15 @@ impl<'a> Allocation<'a> {
     /// caller has written.
     pub(super) fn map_data(self, at: u64) -> Result<()> {
         let cs = self.image.geometry.cluster_size();
+        let write_back = self.wait == Wait::Block;
         self.image
-            .set_l2_entries(self.first, self.clusters, |i| at + i * cs)
+            .set_l2_entries(self.first, self.clusters, write_back, |i| at + i * cs)
     }
 
     /// Step 4 for zeros: makes the clusters zero clusters.
     pub(super) fn map_zero(self) -> Result<()> {
+        let write_back = self.wait == Wait::Block;
         self.image
-            .set_l2_entries(self.first, self.clusters, |_| ZERO_CLUSTER)
+            .set_l2_entries(self.first, self.clusters, write_back, |_| ZERO_CLUSTER)
     }
 }

@@ -106,7 +106,7 @@ impl Image {
         let Some(mut alloc) = self.claim_allocation(pos, buf.len() as u64, Wait::Block)? else {
             return Ok(0);
         };
-        alloc.enter_gate(true, Wait::Block)?;
+        alloc.enter_gate(true)?;
         let at = alloc.reserve()?;
         let n = alloc.len;
         let first = alloc.first();
@@ -159,7 +159,7 @@ impl Image {
             Mapping::Unallocated => whole || !self.backing_present(),
             _ => true,
         };
-        if alloc.len < len || !zeros_around || !alloc.enter_gate(true, Wait::Never).ok()? {
+        if alloc.len < len || !zeros_around || !alloc.enter_gate(true).ok()? {
             return None;
         }
         let at = alloc.reserve().ok()?;

@@ -185,6 +185,11 @@ impl L2Cache {
         Ok(dirty.len())
     }
 
+    /// How many pages are dirty now.
+    pub(crate) fn dirty_pages(&self) -> usize {
+        lock(&self.dirty).len()
+    }
+
     /// How many dirty pages the engine lets accumulate before it writes them back: half
     /// the cache, since dirty pages stay in it until written.
     pub(crate) fn dirty_limit(&self) -> usize {

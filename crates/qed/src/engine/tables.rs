@@ -51,11 +51,14 @@ impl Image {
 
     /// Sets the L2 entries of `n` clusters from guest offset `first` (all inside one page
     /// of entries) to `value(i)`, creating the L2 table if there is none. The caller holds
-    /// the claim on those clusters and the allocation gate.
+    /// the claim on those clusters and the allocation gate. With `write_back`, dirty
+    /// entries past the cache's limit are written back now; without, the next flush or
+    /// blocking allocation does it.
     pub(super) fn set_l2_entries(
         &self,
         first: u64,
         n: u64,
+        write_back: bool,
         value: impl Fn(u64) -> u64,
     ) -> Result<()> {
         let g = self.geometry;
@@ -70,7 +73,7 @@ impl Image {
             if l2_offset != 0 {
                 self.check_l2_offset(l1_index, l2_offset)?;
                 let dirty = self.l2.set(&*self.storage, l2_offset, l2_index, &updates)?;
-                if dirty > self.l2.dirty_limit() {
+                if write_back && dirty > self.l2.dirty_limit() {
                     // Dirty pages cannot be evicted: keep them within the cache's bound.
                     self.write_back_tables()?;
                 }

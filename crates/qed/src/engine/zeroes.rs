@@ -68,7 +68,7 @@ impl Image {
         if alloc.was != Mapping::Unallocated {
             return Ok(0);
         }
-        alloc.enter_gate(false, Wait::Block)?;
+        alloc.enter_gate(false)?;
         let covered = alloc.span();
         alloc.map_zero()?;
         Ok(covered)
