@@ -27,15 +27,16 @@ use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
 
-const QED: &str = env!("CARGO_BIN_EXE_qed");
+mod common;
+
+use common::{describe, install_hint, new_dir, ok, run, QED, QEMU_IMG};
+
 const QEMU: &str = "qemu-system-x86_64";
-const QEMU_IMG: &str = "qemu-img";
 
 const M: u64 = 1 << 20;
 
@@ -53,35 +54,6 @@ const SCRATCH: u64 = 32 * M;
 // ---------------------------------------------------------------------------------------
 // Running tools.
 
-fn run<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}{}", install_hint(prog)))
-}
-
-fn install_hint(prog: &str) -> &'static str {
-    match prog {
-        QEMU => " (apt-get install qemu-system-x86, or run tests/run, which installs it)",
-        p if p.starts_with("qemu") => " (apt-get install qemu-utils, or run tests/run)",
-        "bash" | "md5sum" => " (a base system tool)",
-        _ => "",
-    }
-}
-
-fn describe<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S], out: &Output) -> String {
-    let line: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
-    format!(
-        "`{prog} {}` in {}\n  status: {}\n  stdout:\n{}\n  stderr:\n{}",
-        line.join(" "),
-        dir.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Runs `prog` and asserts its exit code; returns its stdout.
 fn exits<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S], code: i32) -> String {
     let out = run(dir, prog, args);
@@ -89,13 +61,9 @@ fn exits<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S], code: i32) -> Stri
         out.status.code(),
         Some(code),
         "expected exit code {code} from {}",
-        describe(dir, prog, args, &out)
+        describe(prog, args, &out)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn ok<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> String {
-    exits(dir, prog, args, 0)
 }
 
 fn md5(dir: &Path, file: &str) -> String {
@@ -206,7 +174,6 @@ fn prepare_kit() -> Result<Kit, String> {
             .map_err(|e| format!("cannot run bash: {e}"))?;
         if !out.status.success() {
             return Err(describe(
-                &cache,
                 "bash",
                 &[
                     script.as_os_str(),
@@ -618,7 +585,7 @@ impl Served {
 fn check_report(dir: &Path, prog: &str, image: &str, code: i32) -> Value {
     let args = ["check", "--output=json", image];
     let out = run(dir, prog, &args);
-    let what = || describe(dir, prog, &args, &out);
+    let what = || describe(prog, &args, &out);
     assert_eq!(out.status.code(), Some(code), "{}", what());
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", what()))
 }
@@ -715,10 +682,6 @@ fn assert_discarded(dir: &Path, image: &str, wrote: &Outcome) {
         "{image} maps {mapped} bytes of data but takes {on_disk} bytes: the discards \
          of a {SCRATCH}-byte deleted file did not release its space"
     );
-}
-
-fn new_dir() -> TempDir {
-    tempfile::tempdir().expect("create a temporary directory")
 }
 
 fn create(dir: &Path, args: &[&str]) {

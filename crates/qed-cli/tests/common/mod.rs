@@ -36,6 +36,7 @@ pub fn install_hint(prog: &str) -> &'static str {
         "mkfs.ext4" | "e2fsck" | "mke2fs" => " (apt-get install e2fsprogs, or run tests/run)",
         "nginx" => " (apt-get install nginx-light, or run tests/run)",
         "qemu-system-x86_64" => " (qemu-system-x86 from bookworm-backports: run tests/run)",
+        "bash" | "md5sum" => " (a base system tool)",
         _ => "",
     }
 }
