@@ -63,19 +63,23 @@ impl Image {
         len: u64,
         wait: Wait,
     ) -> Result<Option<Allocation<'_>>> {
-        let (mapping, n) = self.lookup(pos, len)?;
-        if let Mapping::Data(_) = mapping {
-            return Ok(None);
-        }
         let cs = self.geometry.cluster_size();
         let first = self.geometry.cluster_start(pos);
-        let count = ((pos + n).next_multiple_of(cs) - first) / cs;
-        let mut claim = match wait {
-            Wait::Block => self.claims.clusters(first / cs, count),
-            Wait::Never => match self.claims.try_clusters(first / cs, count) {
-                Some(c) => c,
-                None => return Ok(None),
-            },
+        let (mut claim, n) = loop {
+            let (mapping, n) = self.lookup(pos, len)?;
+            if let Mapping::Data(_) = mapping {
+                return Ok(None);
+            }
+            let count = ((pos + n).next_multiple_of(cs) - first) / cs;
+            if let Some(c) = self.claims.try_clusters(first / cs, count) {
+                break (c, n);
+            }
+            if wait == Wait::Never {
+                return Ok(None);
+            }
+            // Whoever holds them is most likely allocating them: once they are
+            // released, the next look usually finds data to write in place.
+            self.claims.wait_released(first / cs, count);
         };
         let (was, n) = self.lookup(pos, n)?;
         if let Mapping::Data(_) = was {
