@@ -20,6 +20,7 @@ use super::l2cache::PAGE_ENTRIES;
 use super::mapping::Mapping;
 use crate::block::{check_range, BlockDevice, DirectExtent, PendingWrite};
 use crate::error::{Error, IoContext, Result};
+use crate::storage::AlignedBuf;
 
 /// Largest buffer used to copy from the backing file.
 pub(super) const COPY_CHUNK: u64 = 1 << 20;
@@ -110,22 +111,65 @@ impl Image {
         let at = alloc.reserve()?;
         let n = alloc.len;
         let first = alloc.first();
+        let span = alloc.span();
         let head = pos - first;
-        let tail = alloc.span() - head - n;
+        let tail = span - head - n;
+        let data = &buf[..n as usize];
         // What the guest read around the write: the backing file's data for an
-        // unallocated cluster, zeros (which new space already reads as) for a zero one.
-        let from_backing = alloc.was == Mapping::Unallocated;
-        if head > 0 && from_backing {
-            self.copy_from_backing(first, head, at)?;
-        }
-        self.storage
-            .write_at(&buf[..n as usize], at + head)
-            .context(|| format!("writing {n} bytes at {:#x} of {}", at + head, self.name))?;
-        if tail > 0 && from_backing {
-            self.copy_from_backing(pos + n, tail, at + head + n)?;
+        // unallocated cluster, zeros (which new space already reads as) for a zero one
+        // or past the backing file's end.
+        let from_backing =
+            alloc.was == Mapping::Unallocated && head + tail > 0 && self.backing_size() > first;
+        if !from_backing {
+            self.write_data(data, at + head)?;
+        } else if span <= COPY_CHUNK {
+            self.write_over_backing(data, pos, first, span, at)?;
+        } else {
+            if head > 0 {
+                self.copy_from_backing(first, head, at)?;
+            }
+            self.write_data(data, at + head)?;
+            if tail > 0 {
+                self.copy_from_backing(pos + n, tail, at + head + n)?;
+            }
         }
         alloc.map_data(at)?;
         Ok(n as usize)
+    }
+
+    fn write_data(&self, data: &[u8], at: u64) -> Result<()> {
+        let n = data.len();
+        self.storage
+            .write_at(data, at)
+            .context(|| format!("writing {n} bytes at {at:#x} of {}", self.name))
+    }
+
+    /// Writes new clusters whole, at file offset `at`: `data` (guest bytes at `pos`)
+    /// and, around it, what the backing file holds of the `span` bytes from guest offset
+    /// `first`. One write of an aligned buffer, where a write of the data and a copy on
+    /// each side of it would take three, each a bounce through unaligned memory under
+    /// O_DIRECT.
+    fn write_over_backing(
+        &self,
+        data: &[u8],
+        pos: u64,
+        first: u64,
+        span: u64,
+        at: u64,
+    ) -> Result<()> {
+        let mut clusters = AlignedBuf::new(span as usize);
+        let head = (pos - first) as usize;
+        let end = head + data.len();
+        if head > 0 {
+            self.read_unallocated(&mut clusters[..head], first)?;
+        }
+        clusters[head..end].copy_from_slice(data);
+        if end < clusters.len() {
+            self.read_unallocated(&mut clusters[end..], first + end as u64)?;
+        }
+        self.storage
+            .write_at(&clusters, at)
+            .context(|| format!("writing {span} bytes at {at:#x} of {}", self.name))
     }
 
     /// [`crate::BlockDevice::begin_write`] for writes into clusters not allocated yet:
@@ -181,7 +225,8 @@ impl Image {
     /// Bytes past the end of the backing file already read as zeros in a new cluster.
     pub(super) fn copy_from_backing(&self, pos: u64, len: u64, to: u64) -> Result<()> {
         let len = len.min(self.backing_size().saturating_sub(pos));
-        let mut buf = vec![0u8; len.min(COPY_CHUNK) as usize];
+        // Aligned, so that O_DIRECT reads and writes need no bounce buffer.
+        let mut buf = AlignedBuf::new(len.min(COPY_CHUNK) as usize);
         let mut done = 0;
         while done < len {
             let n = (len - done).min(COPY_CHUNK) as usize;
