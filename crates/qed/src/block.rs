@@ -122,6 +122,17 @@ pub trait BlockDevice: Send + Sync + Debug {
             .map(|x| PendingWrite::new(x, 0..0, |_| Ok(())))
     }
 
+    /// The guest bytes a write of `len` bytes at `offset` through the device's own path
+    /// would hold while it runs (an allocation claims whole clusters), as
+    /// [`PendingWrite::claimed`] tells of a write begun with
+    /// [`BlockDevice::begin_write`]: other writes there would wait for it, so a caller
+    /// that can hold back its own should. Empty when the write would hold nothing (the
+    /// default). An answer for now: a concurrent writer may change it.
+    fn write_claim(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        let _ = (offset, len);
+        0..0
+    }
+
     /// Whether [`BlockDevice::write_zeroes`] on this range would only change metadata or
     /// release space, never write zeros or copy data (NBD's FAST_ZERO asks this). An
     /// answer for now: a concurrent writer may change it.

@@ -110,6 +110,19 @@ impl BlockDevice for Image {
         }
     }
 
+    fn write_claim(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        if self.read_only || len == 0 || check_range(offset, len, self.size()).is_err() {
+            return 0..0;
+        }
+        match self.lookup(offset, len) {
+            Ok((Mapping::Data(_), n)) if n >= len => 0..0,
+            _ => {
+                let cs = self.geometry.cluster_size();
+                self.geometry.cluster_start(offset)..(offset + len).next_multiple_of(cs)
+            }
+        }
+    }
+
     /// A range inside one data cluster run, or (to read) one the backing file supplies.
     /// QED never moves or frees a data cluster while the image is open (only a repair or
     /// shrink, which need `&mut self`, do), so the extent stays right for as long as the

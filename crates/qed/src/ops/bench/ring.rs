@@ -83,8 +83,11 @@ struct Driver<'a, 's> {
     free: Vec<usize>,
     /// Writes to finish when their slot's request completes.
     pending: Vec<Option<PendingWrite<'a>>>,
+    /// What the writes on workers hold while they allocate, by slot.
+    held: Vec<std::ops::Range<u64>>,
     /// Requests held back because they touch clusters one of ours is allocating: sent
-    /// elsewhere they would only wait for it.
+    /// to a worker they would only wait there for it, a thread asleep each, and then
+    /// write in place, which the ring does better once the allocation is done.
     deferred: VecDeque<(usize, u64)>,
     /// Requests issued so far.
     next: u64,
@@ -105,6 +108,7 @@ impl<'a, 's> Driver<'a, 's> {
             dev_size: dev.size(),
             free: (0..slots.len()).rev().collect(),
             pending: (0..slots.len()).map(|_| None).collect(),
+            held: (0..slots.len()).map(|_| 0..0).collect(),
             slots,
             jobs,
             finished,
@@ -156,12 +160,17 @@ impl<'a, 's> Driver<'a, 's> {
             .pending
             .iter()
             .flatten()
-            .any(|w| w.claimed.start < off + size && off < w.claimed.end);
+            .map(|w| &w.claimed)
+            .chain(&self.held)
+            .any(|c| c.start < off + size && off < c.end);
         if blocked {
             self.deferred.push_back((slot, off));
             return Ok(());
         }
         let Some(x) = self.direct_extent(slot, off) else {
+            if self.p.write {
+                self.held[slot] = self.dev.write_claim(off, size);
+            }
             let _ = self.jobs.send((slot, off));
             return Ok(());
         };
@@ -233,6 +242,7 @@ impl<'a, 's> Driver<'a, 's> {
         for (slot, r) in done {
             self.in_flight -= 1;
             self.free.push(slot);
+            self.held[slot] = 0..0;
             if let Err(e) = r {
                 if failure.is_ok() {
                     failure = Err(e);
