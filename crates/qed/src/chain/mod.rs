@@ -16,7 +16,7 @@ use crate::devices::RawDevice;
 use crate::engine::{Backing, Image, ImageOptions, DEFAULT_L2_CACHE_BYTES};
 use crate::error::{Error, IoContext, Result};
 use crate::format::MAGIC;
-use crate::storage::{RemoteOptions, Storage};
+use crate::storage::{NoFlush, RemoteOptions, Storage};
 use location::Location;
 use std::path::{Path, PathBuf};
 
@@ -39,6 +39,11 @@ pub struct OpenOptions {
     pub repair_on_open: bool,
     /// Open files with O_DIRECT, bypassing the host page cache (files only).
     pub direct: bool,
+    /// Ignore flushes of a file opened for writing (QEMU's cache.no-flush, as in its
+    /// cache=unsafe): nothing here waits for the data to reach the disk, which the
+    /// system writes back in its own time. For work that is redone after a crash, such
+    /// as a copy into a new image.
+    pub no_flush: bool,
     /// How images named by http or https URLs are read.
     pub remote: RemoteOptions,
 }
@@ -51,6 +56,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
             repair_on_open: true,
             direct: false,
+            no_flush: false,
             remote: RemoteOptions::default(),
         }
     }
@@ -71,6 +77,15 @@ impl OpenOptions {
             read_only: self.read_only,
             l2_cache_bytes: self.l2_cache_bytes,
             repair_on_open: self.repair_on_open,
+        }
+    }
+
+    /// `storage`, opened with these options, with its flushes ignored if asked.
+    fn flushing(&self, storage: Box<dyn Storage>) -> Box<dyn Storage> {
+        if self.no_flush && !self.read_only {
+            Box::new(NoFlush(storage))
+        } else {
+            storage
         }
     }
 
@@ -129,7 +144,7 @@ impl Image {
         let mut chain = Chain::default();
         chain.enter(&location)?;
         let storage = location.open_storage(opts.read_only, opts.direct, &opts.remote)?;
-        chain.open_image(storage, &location, opts)
+        chain.open_image(opts.flushing(storage), &location, opts)
     }
 
     /// Opens an image held in `storage`. `path` names it in messages and anchors
@@ -145,7 +160,7 @@ impl Image {
         if let Ok(id) = location.identity() {
             chain.files.push(id);
         }
-        chain.open_image(storage, &location, opts)
+        chain.open_image(opts.flushing(storage), &location, opts)
     }
 }
 
@@ -198,6 +213,7 @@ impl Chain {
     ) -> Result<Box<dyn BlockDevice>> {
         let path = location.path();
         let storage = location.open_storage(opts.read_only, opts.direct, &opts.remote)?;
+        let storage = opts.flushing(storage);
         let format = match format {
             Some(f) => f,
             None => probe_format(&*storage).context(|| format!("probing {}", path.display()))?,

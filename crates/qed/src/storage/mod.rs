@@ -103,6 +103,43 @@ impl Debug for BlockHold<'_> {
     }
 }
 
+/// Storage whose flushes do nothing ([`crate::OpenOptions::no_flush`]).
+#[derive(Debug)]
+pub(crate) struct NoFlush(pub(crate) Box<dyn Storage>);
+
+impl Storage for NoFlush {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn extend(&self, from: u64, to: u64) -> io::Result<u64> {
+        self.0.extend(from, to)
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.zero_range(offset, len)
+    }
+    fn zero_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        self.0.zero_status(offset, len)
+    }
+    fn direct_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        self.0.direct_fd()
+    }
+    fn try_hold_blocks(&self, offset: u64, len: u64) -> Option<BlockHold<'_>> {
+        self.0.try_hold_blocks(offset, len)
+    }
+}
+
 /// Largest buffer the default `zero_range` allocates.
 const ZERO_CHUNK: u64 = 1 << 20;
 
