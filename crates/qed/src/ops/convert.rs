@@ -4,6 +4,8 @@ use super::step::{is_zero, read_padded, Progress, STEP};
 use crate::block::BlockDevice;
 use crate::chain::known_zero;
 use crate::error::{Error, Result};
+use crate::storage::AlignedBuf;
+use std::sync::mpsc;
 
 /// How to copy.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +31,14 @@ impl Default for ConvertOptions<'_> {
     }
 }
 
+/// Steps read ahead of the one being written.
+const READ_AHEAD: usize = 4;
+
 /// Copies all of `src` into `dst`, which must be at least as large.
+///
+/// A thread reads the source (and the destination's new backing file) up to
+/// [`READ_AHEAD`] steps ahead while this one writes, in order: reading waits on the
+/// source's disk and writing on the destination's, and neither waits for the other.
 pub fn convert(
     src: &dyn BlockDevice,
     dst: &dyn BlockDevice,
@@ -43,32 +52,101 @@ pub fn convert(
             dst.size()
         )));
     }
-    let mut buf = vec![0u8; STEP as usize];
-    let mut under = opts.target_backing.map(|_| vec![0u8; STEP as usize]);
-    let mut pos = 0;
     progress(0, size);
+    std::thread::scope(|s| {
+        let (read_tx, read_rx) = mpsc::sync_channel::<Result<Step>>(READ_AHEAD);
+        let (free_tx, free_rx) = mpsc::channel::<Buffers>();
+        s.spawn(move || read_steps(src, opts, &read_tx, &free_rx));
+        for step in read_rx {
+            let step = step?;
+            if let Some(bufs) = step.bufs {
+                let n = step.len as usize;
+                let base = bufs.under.as_ref().map(|u| &u[..n]);
+                copy_chunk(dst, &bufs.data[..n], base, step.pos, opts)?;
+                let _ = free_tx.send(bufs);
+            }
+            progress(step.pos + step.len, size);
+        }
+        Ok(())
+    })?;
+    dst.flush()
+}
+
+/// The buffers of one step: the source's bytes (aligned, so that a destination opened
+/// with O_DIRECT takes them as they are), and the new backing file's.
+struct Buffers {
+    data: AlignedBuf,
+    under: Option<Vec<u8>>,
+}
+
+/// One step of the copy, read; `bufs` is `None` for a step skipped without reading.
+struct Step {
+    pos: u64,
+    len: u64,
+    bufs: Option<Buffers>,
+}
+
+/// Reads the steps in order and sends them, taking buffers back from the writer. Stops
+/// after the first error, or when the writer stops listening.
+fn read_steps(
+    src: &dyn BlockDevice,
+    opts: &ConvertOptions<'_>,
+    out: &mpsc::SyncSender<Result<Step>>,
+    free: &mpsc::Receiver<Buffers>,
+) {
+    let size = src.size();
+    // Enough for the steps queued, the one being read and the one being written.
+    let mut spare = READ_AHEAD + 2;
+    let mut pos = 0;
     while pos < size {
         let n = (size - pos).min(STEP);
-        let skip_whole = opts.sparse_size > 0
-            && opts.target_is_zero
-            && opts.target_backing.is_none()
-            && known_zero(src, pos, n)?;
-        if !skip_whole {
-            let chunk = &mut buf[..n as usize];
-            src.read_at(chunk, pos)?;
-            let base = match (&mut under, opts.target_backing) {
-                (Some(u), Some(b)) => {
-                    read_padded(b, &mut u[..n as usize], pos)?;
-                    Some(&u[..n as usize])
+        let step = (|| -> Result<Option<Step>> {
+            let skip_whole = opts.sparse_size > 0
+                && opts.target_is_zero
+                && opts.target_backing.is_none()
+                && known_zero(src, pos, n)?;
+            if skip_whole {
+                return Ok(Some(Step {
+                    pos,
+                    len: n,
+                    bufs: None,
+                }));
+            }
+            let mut bufs = match free.try_recv() {
+                Ok(b) => b,
+                Err(_) if spare > 0 => {
+                    spare -= 1;
+                    Buffers {
+                        data: AlignedBuf::new(STEP as usize),
+                        under: opts.target_backing.map(|_| vec![0u8; STEP as usize]),
+                    }
                 }
-                _ => None,
+                Err(_) => match free.recv() {
+                    Ok(b) => b,
+                    Err(_) => return Ok(None), // the writer has stopped
+                },
             };
-            copy_chunk(dst, chunk, base, pos, opts)?;
+            src.read_at(&mut bufs.data[..n as usize], pos)?;
+            if let (Some(u), Some(b)) = (&mut bufs.under, opts.target_backing) {
+                read_padded(b, &mut u[..n as usize], pos)?;
+            }
+            Ok(Some(Step {
+                pos,
+                len: n,
+                bufs: Some(bufs),
+            }))
+        })();
+        let step = match step {
+            Ok(Some(step)) => Ok(step),
+            Ok(None) => return,
+            Err(e) => Err(e),
+        };
+        let failed = step.is_err();
+        if out.send(step).is_err() || failed {
+            return;
         }
         pos += n;
-        progress(pos, size);
     }
-    dst.flush()
 }
 
 /// What to do with one block of a chunk.
