@@ -498,6 +498,39 @@ fn convert_n_writes_into_existing_destination() {
     assert_eq!(d.len("dst.qed"), before);
 }
 
+#[test]
+fn convert_in_every_cache_mode_of_the_destination() {
+    let d = Dir::new();
+    // Steps of the copy (2 MiB) with data, with zeros, and a partial last one.
+    d.raw_image(
+        "src.raw",
+        "9M",
+        &[
+            (0, 3 * M, 0x31),
+            (5 * M + 4 * K, 12 * K, 0x32),
+            (9 * M - 512, 512, 0x33),
+        ],
+    );
+    for cache in ["unsafe", "writeback", "none"] {
+        let (qed, raw) = (format!("{cache}.qed"), format!("{cache}.raw"));
+        d.qed(&["convert", "-t", cache, "-f", "raw", "src.raw", &qed]);
+        d.qed(&[
+            "convert", "-t", cache, "-f", "raw", "-O", "raw", "src.raw", &raw,
+        ]);
+        d.same("src.raw", &qed);
+        d.same("src.raw", &raw);
+        d.clean(&qed);
+    }
+    d.qed_fails(
+        &["convert", "-t", "writethrough", "src.raw", "wt.qed"],
+        "invalid cache mode",
+    );
+    assert!(
+        !d.path("wt.qed").exists(),
+        "a refused convert creates nothing"
+    );
+}
+
 // ----------------------------------------------------------------------------------
 // compare
 

@@ -5,7 +5,7 @@ use super::{parse_format, CreateGeometry, ProgressReport};
 use crate::units::parse_size;
 use anyhow::{bail, Context, Result};
 use qed::FileStorage;
-use qed::{chain_contains, resolve_backing_path, RawDevice};
+use qed::{chain_contains, resolve_backing_path};
 use qed::{convert, ConvertOptions};
 use qed::{open_device, BlockDevice, CreateOptions, Format, Image, OpenOptions};
 use std::path::PathBuf;
@@ -31,6 +31,11 @@ pub struct Args {
     /// Zero runs at least this long are not written (default 4k; 0 writes everything).
     #[arg(short = 'S', default_value = "4k")]
     sparse_size: String,
+    /// Cache mode of the destination, as qemu-img convert's: unsafe (the default: no
+    /// flush, the system writes the copy back in its own time), writeback (flushed
+    /// before the command returns) or none (O_DIRECT, flushed).
+    #[arg(short = 't', default_value = "unsafe")]
+    cache: String,
     /// Do not create the destination: it exists and is at least as large as the source.
     #[arg(short = 'n')]
     no_create: bool,
@@ -73,6 +78,10 @@ struct Plan {
     /// `-F`: `None` probes.
     backing_format: Option<Format>,
     sparse_size: u64,
+    /// `-t none`: O_DIRECT on the destination.
+    direct: bool,
+    /// `-t unsafe`: the destination is never flushed.
+    no_flush: bool,
     progress: bool,
 }
 
@@ -95,6 +104,14 @@ impl Plan {
         }
         let backing_format = parse_format(a.backing_format.as_deref())?;
         let geometry = CreateGeometry::parse(&a.options)?;
+        let (direct, no_flush) = match a.cache.as_str() {
+            "unsafe" => (false, true),
+            "writeback" => (false, false),
+            "none" => (true, false),
+            c => {
+                bail!("invalid cache mode '{c}' for the destination: use unsafe, writeback or none")
+            }
+        };
         Ok(Self {
             src: a.src,
             src_format,
@@ -105,6 +122,8 @@ impl Plan {
             backing: a.backing,
             backing_format,
             sparse_size,
+            direct,
+            no_flush,
             progress: a.progress,
         })
     }
@@ -202,23 +221,22 @@ fn check_existing_destination(plan: &Plan, size: u64) -> Result<()> {
     Ok(())
 }
 
-/// Opens the destination read-write (a QED image with NEED_CHECK set is repaired).
+/// Opens the destination read-write, in the cache mode asked for (a QED image with
+/// NEED_CHECK set is repaired).
 fn open_destination(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
+    let opts = OpenOptions {
+        direct: plan.direct,
+        no_flush: plan.no_flush,
+        ..OpenOptions::default()
+    };
     if plan.dst_format == Format::Qed {
-        return Ok(Box::new(super::open_image(
-            &plan.dst,
-            &OpenOptions::default(),
-        )?));
+        return Ok(Box::new(super::open_image(&plan.dst, &opts)?));
     }
-    let storage = FileStorage::open(&plan.dst, false).file_context("could not open", &plan.dst)?;
-    Ok(Box::new(RawDevice::new(
-        Box::new(storage),
-        plan.dst.display().to_string(),
-        false,
-    )?))
+    open_device(&plan.dst, Some(Format::Raw), &opts).file_context("could not open", &plan.dst)
 }
 
-/// Copies the source into the destination, showing progress when asked, and flushes.
+/// Copies the source into the destination, showing progress when asked; the copy ends
+/// with a flush (which `-t unsafe` ignores).
 fn copy(plan: &Plan, src: &dyn BlockDevice, dst: &dyn BlockDevice) -> Result<()> {
     let opts = ConvertOptions {
         sparse_size: plan.sparse_size,
@@ -233,6 +251,5 @@ fn copy(plan: &Plan, src: &dyn BlockDevice, dst: &dyn BlockDevice) -> Result<()>
     let mut progress = ProgressReport::new(plan.progress);
     convert(src, dst, &opts, &mut |d, t| progress.update(d, t))?;
     progress.finish();
-    dst.flush()?;
     Ok(())
 }
