@@ -104,7 +104,7 @@ pub fn convert(
                 if let Some(bufs) = step.bufs {
                     let n = step.len as usize;
                     let base = bufs.under.as_ref().map(|u| &u[..n]);
-                    copy_chunk(dst, &bufs.data[..n], base, step.pos, opts)?;
+                    copy_chunk(dst, &bufs.data[..n], &bufs.zeros, base, step.pos, opts)?;
                     let _ = free_tx.send(bufs);
                 }
                 progress(step.pos + step.len, size);
@@ -133,6 +133,9 @@ struct Pool {
 struct Buffers {
     data: AlignedBuf,
     under: Option<Vec<u8>>,
+    /// Ranges of `data`, in order, filled with zeros instead of read: known to be
+    /// zeros without looking.
+    zeros: Vec<(usize, usize)>,
 }
 
 /// One step of the copy, read; `bufs` is `None` for a step skipped without reading.
@@ -200,6 +203,7 @@ fn take_buffer(pool: &Pool, opts: &ConvertOptions<'_>) -> Option<Buffers> {
         return Some(Buffers {
             data: AlignedBuf::new(STEP as usize),
             under: opts.target_backing.map(|_| vec![0u8; STEP as usize]),
+            zeros: Vec::new(),
         });
     }
     free.0.recv().ok()
@@ -239,13 +243,21 @@ fn read_step(
         return Ok(false);
     }
     let data = &mut bufs.data[..n as usize];
-    let mut filled = pos;
+    bufs.zeros.clear();
+    let mut zero_from = 0;
     for &(a, b) in &reads {
-        data[(filled - pos) as usize..(a - pos) as usize].fill(0);
-        src.read_at(&mut data[(a - pos) as usize..(b - pos) as usize], a)?;
-        filled = b;
+        let (a, b) = ((a - pos) as usize, (b - pos) as usize);
+        if zero_from < a {
+            data[zero_from..a].fill(0);
+            bufs.zeros.push((zero_from, a));
+        }
+        src.read_at(&mut data[a..b], pos + a as u64)?;
+        zero_from = b;
     }
-    data[(filled - pos) as usize..].fill(0);
+    if zero_from < data.len() {
+        data[zero_from..].fill(0);
+        bufs.zeros.push((zero_from, data.len()));
+    }
     if let (Some(u), Some(b)) = (&mut bufs.under, opts.target_backing) {
         read_padded(b, &mut u[..n as usize], pos)?;
     }
@@ -261,10 +273,12 @@ enum Action {
 }
 
 /// Writes one chunk, block by block (blocks of `sparse_size`), merging neighbours that
-/// need the same action into one request.
+/// need the same action into one request. `zeros` are ranges of the chunk, in order,
+/// known to hold zeros: blocks inside them are not scanned.
 fn copy_chunk(
     dst: &dyn BlockDevice,
     chunk: &[u8],
+    zeros: &[(usize, usize)],
     base: Option<&[u8]>,
     pos: u64,
     opts: &ConvertOptions<'_>,
@@ -274,14 +288,17 @@ fn copy_chunk(
     } else {
         opts.sparse_size.min(chunk.len() as u64) as usize
     };
-    let action = |start: usize, end: usize| -> Action {
+    let mut zeros = zeros.iter().peekable();
+    let mut action = |start: usize, end: usize| -> Action {
         let data = &chunk[start..end];
         if let Some(b) = base {
             if data == &b[start..end] {
                 return Action::Skip;
             }
         }
-        if opts.sparse_size == 0 || !is_zero(data) {
+        while zeros.next_if(|z| z.1 <= start).is_some() {}
+        let known_zero = zeros.peek().is_some_and(|z| z.0 <= start && end <= z.1);
+        if opts.sparse_size == 0 || !(known_zero || is_zero(data)) {
             Action::Data
         } else if opts.target_is_zero && base.is_none() {
             Action::Skip
