@@ -59,8 +59,8 @@ pub fn stream_base(image: &Image, base: &str) -> Result<u32> {
         depth += 1;
     }
     Err(Error::invalid_argument(format!(
-        "{base} is not in the backing chain of {}: name one of its backing files (qed info \
-         --backing-chain lists them)",
+        "{base} is not in the backing chain of {}: name one of its backing files (qed map \
+         shows them)",
         image.filename()
     )))
 }
