@@ -152,13 +152,26 @@ impl Setup {
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    Write { off: u64, len: u64, seed: u64 },
-    Zeroes { off: u64, len: u64 },
-    Discard { off: u64, len: u64 },
+    Write {
+        off: u64,
+        len: u64,
+        seed: u64,
+    },
+    Zeroes {
+        off: u64,
+        len: u64,
+    },
+    Discard {
+        off: u64,
+        len: u64,
+    },
     Flush,
     /// A read with copy-on-read on (over a backing file): failed or not, it changes
     /// nothing the guest reads.
-    Read { off: u64, len: u64 },
+    Read {
+        off: u64,
+        len: u64,
+    },
     /// `qed::stream` of everything: failed or not, nothing the guest reads changes.
     Stream,
 }
@@ -239,13 +252,16 @@ fn script(s: &Setup) -> Vec<Op> {
             off: 50 * cs + 100,
             len: 2 * cs,
         }, // fills unallocated clusters over the backing file
-        Read { off: 0, len: 8 * cs }, // data, zero and unallocated clusters mixed
+        Read {
+            off: 0,
+            len: 8 * cs,
+        }, // data, zero and unallocated clusters mixed
         w(50 * cs + 200, 100, 15), // in place, into a filled cluster
         Read {
             off: c - cs,
             len: 3 * cs,
         }, // across tables 0 and 1
-        w(40 * cs + 7, cs, 14), // left for close to flush
+        w(40 * cs + 7, cs, 14),    // left for close to flush
     ];
     if s.backing_len > 0 {
         // What is left of the backing file in, then none: the last request.
