@@ -65,3 +65,20 @@ fn a_second_stream_names_the_layer_the_first_one_kept() {
     assert_eq!(read(&image, 2 * M), vec![0xdd; M as usize]);
     assert_eq!(read(&image, 3 * M), vec![0; M as usize]);
 }
+
+#[test]
+fn a_base_is_found_relative_to_the_image_as_well() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    create(&dir.join("base.qed"), None, None);
+    create(&dir.join("top.qed"), Some("base.qed"), None);
+    let image = Image::open(dir.join("top.qed"), &OpenOptions::default()).unwrap();
+    // The tests' directory is not the image's: only the image's directory has it.
+    assert!(!Path::new("base.qed").exists());
+    assert_eq!(qed::stream_base(&image, "base.qed").unwrap(), 1);
+    let err = qed::stream_base(&image, "other.qed").unwrap_err();
+    assert!(
+        err.to_string().contains("not in the backing chain"),
+        "{err}"
+    );
+}

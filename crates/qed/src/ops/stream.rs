@@ -46,13 +46,22 @@ pub enum StreamEnd {
 
 /// Finds the layer of `image`'s backing chain named `base`, for
 /// [`StreamOptions::base`]: 1 for its backing file, 2 for that file's, and so on.
+/// `base` is a URL or a path, relative to the current directory or, as a backing file
+/// name in a header is, to the image's directory (a server's current directory is
+/// rarely where its client is).
 pub fn stream_base(image: &Image, base: &str) -> Result<u32> {
     let identity = |name: &str| Location::named(Path::new(name)).identity().ok();
-    let want = identity(base);
+    let wants = [
+        identity(base),
+        Location::backing(Path::new(image.filename()), base)
+            .identity()
+            .ok(),
+    ];
     let mut layer = image.backing();
     let mut depth = 1;
     while let Some(dev) = layer {
-        if want.is_some() && identity(dev.filename()) == want {
+        let have = identity(dev.filename());
+        if have.is_some() && wants.contains(&have) {
             return Ok(depth);
         }
         layer = dev.backing();
