@@ -9,6 +9,7 @@ use serde_json::json;
 use std::sync::Arc;
 
 /// What a stream would run on.
+#[derive(Clone)]
 pub enum StreamTarget {
     /// The QED image being exported, shared with the export.
     Image(Arc<qed::Image>),
