@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{fails, need_check, new_dir, ok, qemu_io, FIO, QED, QEMU_IMG};
+use common::{describe, fails, need_check, new_dir, ok, qemu_io, FIO, QED, QEMU_IMG};
 
 const K: u64 = 1 << 10;
 const M: u64 = 1 << 20;
@@ -234,14 +234,17 @@ fn query(dir: &Path, ctl: &str) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("query printed bad JSON ({e}):\n{out}"))
 }
 
-fn job(dir: &Path, ctl: &str, id: &str) -> Value {
+fn find_job(dir: &Path, ctl: &str, id: &str) -> Option<Value> {
     let all = query(dir, ctl);
     all.as_array()
         .unwrap()
         .iter()
         .find(|j| j["id"] == id)
-        .unwrap_or_else(|| panic!("no job {id} in {all}"))
-        .clone()
+        .cloned()
+}
+
+fn job(dir: &Path, ctl: &str, id: &str) -> Value {
+    find_job(dir, ctl, id).unwrap_or_else(|| panic!("no job {id} in {}", query(dir, ctl)))
 }
 
 /// Polls until the job `id` is concluded; returns it as the server lists it.
@@ -261,15 +264,19 @@ fn wait_concluded(dir: &Path, ctl: &str, id: &str, limit: Duration) -> Value {
     }
 }
 
-/// Polls until the job `id` has copied something.
+/// Polls until the job `id` exists (it may be being started by another process) and
+/// has copied something.
 fn wait_progress(dir: &Path, ctl: &str, id: &str) -> Value {
     let t = Instant::now();
     loop {
-        let j = job(dir, ctl, id);
-        if j["current-progress"].as_u64().unwrap() > 0 {
-            return j;
+        let j = find_job(dir, ctl, id);
+        if let Some(j) = j
+            .as_ref()
+            .filter(|j| j["current-progress"].as_u64().unwrap() > 0)
+        {
+            return j.clone();
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "no progress: {j}");
+        assert!(t.elapsed() < Duration::from_secs(30), "no progress: {j:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -418,8 +425,40 @@ fn qed_job_query_cancel_and_an_offline_stream_after() {
     assert!(out.contains("cannot accept command verb 'cancel'"), "{out}");
     ok(dir, QED, &["job", s.ctl(), "dismiss", "slow"]);
     assert_eq!(query(dir, s.ctl()), serde_json::json!([]));
+
+    // A client waiting for a job that does not complete says so, and fails.
+    let waiting = Command::new(QED)
+        .args([
+            "job",
+            s.ctl(),
+            "stream",
+            "--rate",
+            "1M",
+            "--id",
+            "w",
+            "--wait",
+        ])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_progress(dir, s.ctl(), "w");
+    ok(dir, QED, &["job", s.ctl(), "cancel", "w"]);
+    let out = waiting.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        describe("qed job", &["--wait"], &out)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "w");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("qed: job 'w' (stream) cancelled at"), "{err}");
+
     let log = s.stop();
     assert!(log.contains("job 'slow' (stream) cancelled at"), "{log}");
+    assert!(log.contains("job 'w' (stream) cancelled at"), "{log}");
 
     // Some clusters were copied, the header still names the base, and the image reads
     // exactly as its base.
@@ -601,12 +640,19 @@ fn control_protocol_errors() {
     let r = c.ask(r#"{"execute":"query-jobs"}"#);
     assert_eq!(r["return"][0]["id"], "one", "{r}");
 
-    // A line past the bound: an error, then the connection ends.
+    // A line past the bound: an error, then the connection ends (maybe before the
+    // line's end is written).
     let long = format!(
-        "{{\"execute\":\"query-jobs\",\"id\":\"{}\"}}",
+        "{{\"execute\":\"query-jobs\",\"id\":\"{}\"}}\n",
         "x".repeat(70_000)
     );
-    c.refused(&long, "GenericError", "longer than");
+    let _ = c.out.write_all(long.as_bytes());
+    let r = c.read().expect("a reply to the long line");
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("longer than"),
+        "{r}"
+    );
     let mut rest = Vec::new();
     let _ = c.lines.read_to_end(&mut rest);
     assert!(rest.is_empty(), "more after the refusal: {rest:?}");
