@@ -80,7 +80,7 @@ impl Commands {
                 None | Some(Value::Null) => {}
                 Some(Value::Array(a)) if a.is_empty() => {}
                 Some(Value::Array(a)) => {
-                    let first = a[0].as_str().unwrap_or("?");
+                    let first = a.first().and_then(Value::as_str).unwrap_or("?");
                     return Err(ControlError::generic(format!(
                         "Capability '{first}' not available"
                     )));
