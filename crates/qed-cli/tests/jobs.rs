@@ -729,7 +729,8 @@ fn serve_stream_at_launch_with_copy_on_read_and_signals() {
         &["--stream", "--stream-rate", "4M", "--copy-on-read"],
         "top.qed",
     );
-    assert_eq!(job(dir, s.ctl(), "stream0")["status"], "running");
+    // Started just after the banner, so perhaps not yet listed.
+    assert_eq!(wait_progress(dir, s.ctl(), "stream0")["status"], "running");
     assert_identical(dir, ("raw", "base.raw"), ("raw", &s.uri()));
     let j = wait_concluded(dir, s.ctl(), "stream0", Duration::from_secs(120));
     assert_completed(&j, SIZE);

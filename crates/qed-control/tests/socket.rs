@@ -110,9 +110,19 @@ fn jobs_through_the_client() {
         .execute("spin", serde_json::json!({"target": "t"}))
         .unwrap_err();
     assert!(matches!(&busy, ClientError::Server(e) if e.desc.contains("busy")));
-    let list = c.query_jobs().unwrap();
-    assert_eq!(list.len(), 1);
-    assert_eq!((list[0].status, list[0].current), (JobStatus::Running, 1));
+    // The job reports its progress from its own thread, soon.
+    let mut progressed = false;
+    for _ in 0..200 {
+        let list = c.query_jobs().unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].status, JobStatus::Running);
+        if (list[0].current, list[0].total) == (1, 2) {
+            progressed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(progressed, "no progress reported");
     c.execute("job-cancel", serde_json::json!({ "id": id }))
         .unwrap();
     let mut concluded = false;
