@@ -668,3 +668,27 @@ fn an_overlay_reads_a_qed_base_over_http_and_writes_locally() {
     top.read_at(&mut buf, 8 << 20).unwrap();
     assert!(buf.iter().all(|&b| b == 0));
 }
+
+#[test]
+fn concurrent_readers_of_a_chunk_fetch_it_once() {
+    let data = pattern(4 << 20);
+    // Slow answers, so that the readers' requests would overlap.
+    let server = serve_data(data.clone(), |_, _, mut good| {
+        good.stall_head = Duration::from_millis(200);
+        good
+    });
+    let s = HttpStorage::open(&server.url("disk.raw"), &quick()).unwrap();
+    thread::scope(|scope| {
+        for i in 0..8u64 {
+            let (s, data) = (&s, &data);
+            scope.spawn(move || {
+                let off = (1 << 20) + i * 4096;
+                let mut buf = vec![0u8; 4096];
+                s.read_at(&mut buf, off).unwrap();
+                assert_eq!(buf, data[off as usize..off as usize + 4096]);
+            });
+        }
+    });
+    let reads: Vec<_> = server.requests()[1..].iter().map(|r| r.range).collect();
+    assert_eq!(reads.len(), 1, "{reads:?}");
+}

@@ -14,11 +14,12 @@ pub use http::HttpStorage;
 
 use super::Storage;
 use lru::LruCache;
+use std::collections::HashSet;
 use std::fmt::Debug;
 use std::io;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// How remote bases (http and https names) are read.
@@ -99,6 +100,14 @@ pub(crate) trait RangeSource: Send + Sync + Debug {
     fn fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 }
 
+/// The chunks at hand, and those some reader is fetching: a chunk crosses the wire once
+/// however many readers want it at the same time.
+#[derive(Debug)]
+struct Cache {
+    chunks: LruCache<u64, Arc<[u8]>>,
+    in_flight: HashSet<u64>,
+}
+
 /// A remote object as read-only [`Storage`], read in cached chunks.
 #[derive(Debug)]
 pub(crate) struct RemoteStorage<S> {
@@ -106,7 +115,10 @@ pub(crate) struct RemoteStorage<S> {
     chunk: u64,
     connections: usize,
     readahead_chunks: u64,
-    cache: Mutex<LruCache<u64, Arc<[u8]>>>,
+    cache: Mutex<Cache>,
+    /// Signalled whenever fetched chunks land in the cache (or a fetch gives up), for
+    /// readers waiting on chunks another reader is fetching.
+    landed: Condvar,
     /// Where the last read ended, to tell a sequential reader.
     last_end: AtomicU64,
 }
@@ -120,9 +132,11 @@ impl<S: RangeSource> RemoteStorage<S> {
             chunk,
             connections: opts.connections.max(1),
             readahead_chunks: opts.readahead.div_ceil(chunk),
-            cache: Mutex::new(LruCache::new(
-                NonZeroUsize::new(entries).unwrap_or(NonZeroUsize::MIN),
-            )),
+            cache: Mutex::new(Cache {
+                chunks: LruCache::new(NonZeroUsize::new(entries).unwrap_or(NonZeroUsize::MIN)),
+                in_flight: HashSet::new(),
+            }),
+            landed: Condvar::new(),
             last_end: AtomicU64::new(u64::MAX),
         }
     }
@@ -131,7 +145,7 @@ impl<S: RangeSource> RemoteStorage<S> {
         &self.source
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, LruCache<u64, Arc<[u8]>>> {
+    fn cache(&self) -> MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -184,14 +198,48 @@ impl<S: RangeSource> RemoteStorage<S> {
             results.into_inner().unwrap_or_else(|p| p.into_inner())
         };
         let mut chunks = Vec::new();
+        let mut failed = None;
         for r in fetched {
-            chunks.extend(r?);
+            match r {
+                Ok(c) => chunks.extend(c),
+                Err(e) => failed = failed.or(Some(e)),
+            }
         }
         let mut cache = self.cache();
         for (index, data) in &chunks {
-            cache.put(*index, data.clone());
+            cache.chunks.put(*index, data.clone());
         }
-        Ok(chunks)
+        for &(first, count) in runs {
+            for index in first..first + count {
+                cache.in_flight.remove(&index);
+            }
+        }
+        drop(cache);
+        self.landed.notify_all();
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(chunks),
+        }
+    }
+
+    /// Waits for chunk `index`, which another reader is fetching; fetches it itself if
+    /// that reader gave up (or the chunk was evicted before this one saw it).
+    fn wait_for(&self, index: u64) -> io::Result<Arc<[u8]>> {
+        let mut cache = self.cache();
+        loop {
+            if let Some(data) = cache.chunks.get(&index) {
+                return Ok(data.clone());
+            }
+            if !cache.in_flight.contains(&index) {
+                cache.in_flight.insert(index);
+                drop(cache);
+                let chunks = self.fetch_runs(&[(index, 1)])?;
+                return chunks.into_iter().next().map(|(_, d)| d).ok_or_else(|| {
+                    io::Error::other(format!("{}: chunk missing", self.source.name()))
+                });
+            }
+            cache = self.landed.wait(cache).unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 
@@ -218,37 +266,54 @@ impl<S: RangeSource> Storage for RemoteStorage<S> {
             last
         };
 
-        let mut have: Vec<Option<Arc<[u8]>>> = {
-            let mut cache = self.cache();
-            (first..=fetch_last)
-                .map(|i| cache.get(&i).cloned())
-                .collect()
-        };
-        // Missing chunks in adjacent runs, each run one request of bounded size.
+        // Under one hold of the cache: what is at hand, what others are fetching, and
+        // the missing chunks in adjacent runs (each run one request of bounded size),
+        // marked as being fetched by this read.
         let per_request = (MAX_REQUEST_BYTES / self.chunk).max(1);
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (i, slot) in have.iter().enumerate() {
-            if slot.is_some() {
-                continue;
-            }
-            let index = first + i as u64;
-            match runs.last_mut() {
-                Some((start, count)) if *start + *count == index && *count < per_request => {
-                    *count += 1
+        let mut awaited: Vec<u64> = Vec::new();
+        let mut have: Vec<Option<Arc<[u8]>>> = {
+            let mut cache = self.cache();
+            let have: Vec<_> = (first..=fetch_last)
+                .map(|i| cache.chunks.get(&i).cloned())
+                .collect();
+            for (i, slot) in have.iter().enumerate() {
+                let index = first + i as u64;
+                if slot.is_some() {
+                    continue;
                 }
-                _ => runs.push((index, 1)),
+                if cache.in_flight.contains(&index) {
+                    // Readahead another reader is fetching is not waited for.
+                    if index <= last {
+                        awaited.push(index);
+                    }
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some((start, count)) if *start + *count == index && *count < per_request => {
+                        *count += 1
+                    }
+                    _ => runs.push((index, 1)),
+                }
             }
-        }
-        // Readahead past the read must not cost a request of its own.
-        if let Some(&(start, _)) = runs.last() {
-            if start > last {
-                runs.pop();
+            // Readahead past the read must not cost a request of its own.
+            if let Some(&(start, _)) = runs.last() {
+                if start > last {
+                    runs.pop();
+                }
             }
-        }
+            for &(start, count) in &runs {
+                cache.in_flight.extend(start..start + count);
+            }
+            have
+        };
         if !runs.is_empty() {
             for (index, data) in self.fetch_runs(&runs)? {
                 have[(index - first) as usize] = Some(data);
             }
+        }
+        for index in awaited {
+            have[(index - first) as usize] = Some(self.wait_for(index)?);
         }
 
         let mut pos = offset;
