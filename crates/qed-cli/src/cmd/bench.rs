@@ -48,6 +48,8 @@ pub struct Args {
     quiet: bool,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed bench`; returns the exit code.
@@ -97,6 +99,7 @@ pub fn run(a: Args) -> Result<u8> {
         !a.write,
         direct,
         qed::DEFAULT_L2_CACHE_BYTES,
+        &a.remote,
     )?;
     if !a.quiet {
         println!(

@@ -21,6 +21,8 @@ pub struct Args {
     commands: Vec<String>,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Largest buffer one command moves at a time.
@@ -214,7 +216,7 @@ fn run_one(dev: &dyn BlockDevice, line: &str) -> Result<()> {
 /// Runs `qed io`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     let format = super::parse_format(a.format.as_deref())?;
-    let dev = super::open_for_io(&a.file, format, a.read_only)?;
+    let dev = super::open_for_io(&a.file, format, a.read_only, &a.remote)?;
     let mut failed = false;
     for c in &a.commands {
         if let Err(e) = run_one(&*dev, c) {

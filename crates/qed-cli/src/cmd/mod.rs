@@ -15,6 +15,7 @@ pub mod rebase;
 pub mod resize;
 pub mod serve;
 
+use crate::remote::RemoteArgs;
 use anyhow::{bail, Result};
 use qed::Format;
 use std::path::Path;
@@ -68,8 +69,16 @@ pub fn open_for_io(
     path: &std::path::Path,
     format: Option<Format>,
     read_only: bool,
+    remote: &RemoteArgs,
 ) -> Result<Box<dyn qed::BlockDevice>> {
-    open_device_with(path, format, read_only, false, qed::DEFAULT_L2_CACHE_BYTES)
+    open_device_with(
+        path,
+        format,
+        read_only,
+        false,
+        qed::DEFAULT_L2_CACHE_BYTES,
+        remote,
+    )
 }
 
 /// [`open_for_io`] with the host cache mode (`direct`: O_DIRECT) and L2 cache bound.
@@ -79,12 +88,13 @@ pub fn open_device_with(
     read_only: bool,
     direct: bool,
     l2_cache_bytes: usize,
+    remote: &RemoteArgs,
 ) -> Result<Box<dyn qed::BlockDevice>> {
     let opts = qed::OpenOptions {
         read_only,
         direct,
         l2_cache_bytes,
-        ..Default::default()
+        ..remote.read_write()
     };
     let format = match format {
         Some(f) => f,

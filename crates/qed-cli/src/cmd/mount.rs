@@ -45,6 +45,8 @@ pub struct Args {
     /// An existing regular file (it becomes the disk) or directory (the disk appears in
     /// it under the image's name).
     mountpoint: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed mount`: serves until the mount is unmounted (`fusermount3 -u`), SIGINT or
@@ -76,7 +78,14 @@ pub fn run(a: Args) -> Result<u8> {
     qed_fuse::check_fuse_device()?;
     refuse_mounting_on_the_image(&a.file, &a.mountpoint, &place)?;
 
-    let device = super::open_device_with(&a.file, format, a.read_only, direct, l2_cache_bytes)?;
+    let device = super::open_device_with(
+        &a.file,
+        format,
+        a.read_only,
+        direct,
+        l2_cache_bytes,
+        &a.remote,
+    )?;
     let device: Arc<dyn qed::BlockDevice> = Arc::from(device);
     if qed::chain_contains(&*device, place.path()) {
         bail!(

@@ -55,6 +55,8 @@ pub struct Args {
     l2_cache: String,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed serve`: serves until SIGINT or SIGTERM (or, unless persistent, until the
@@ -68,7 +70,14 @@ pub fn run(a: Args) -> Result<u8> {
     let l2_cache_bytes = usize::try_from(crate::units::parse_size(&a.l2_cache)?)
         .context("--l2-cache-size is too large")?;
     let format = super::parse_format(a.format.as_deref())?;
-    let device = super::open_device_with(&a.file, format, a.read_only, direct, l2_cache_bytes)?;
+    let device = super::open_device_with(
+        &a.file,
+        format,
+        a.read_only,
+        direct,
+        l2_cache_bytes,
+        &a.remote,
+    )?;
     let device: Arc<dyn qed::BlockDevice> = Arc::from(device);
 
     let (listener, place) = listen(&a)?;
