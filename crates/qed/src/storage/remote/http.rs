@@ -28,7 +28,8 @@ pub(crate) fn has_scheme(name: &str, scheme: &str) -> bool {
         .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
 }
 
-/// A read-only object behind an `http://` or `https://` URL, as [`Storage`].
+/// A read-only object behind an `http://` or `https://` URL, as
+/// [`Storage`](crate::storage::Storage).
 ///
 /// Reads are cached in chunks (see [`RemoteOptions`]); writes fail with
 /// [`io::ErrorKind::ReadOnlyFilesystem`].
