@@ -278,7 +278,7 @@ impl<T: Target> RangedGet<T> {
             // the deadline (or an absurd one) is not honoured, since the read would fail
             // by then anyway: the backoff goes on, and may find the server ready sooner.
             if let Some(wait) = failure.retry_after {
-                if Instant::now() + wait < deadline {
+                if wait < deadline.saturating_duration_since(Instant::now()) {
                     pause = pause.max(wait);
                 }
             }
