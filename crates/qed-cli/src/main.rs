@@ -46,6 +46,8 @@ enum Command {
     Commit(cmd::commit::Args),
     /// Change an image's backing file.
     Rebase(cmd::rebase::Args),
+    /// Copy what an image reads from its backing chain into it, then drop the backing file.
+    Stream(cmd::stream::Args),
     /// Change an image's virtual size.
     Resize(cmd::resize::Args),
     /// Compute the file size a QED image needs.
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         Command::Compare(a) => cmd::compare::run(a),
         Command::Commit(a) => cmd::commit::run(a),
         Command::Rebase(a) => cmd::rebase::run(a),
+        Command::Stream(a) => cmd::stream::run(a),
         Command::Resize(a) => cmd::resize::run(a),
         Command::Measure(a) => cmd::measure::run(a),
         Command::Serve(a) => cmd::serve::run(a),

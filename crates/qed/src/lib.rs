@@ -55,8 +55,8 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use format::{features, Geometry, Header, L2Entry};
 pub use ops::{
-    bench, commit, compare, convert, measure, no_progress, rebase, BenchParams, ConvertOptions,
-    Difference, Engine, Measure, Progress,
+    bench, commit, compare, convert, measure, no_progress, rebase, stream, stream_base,
+    BenchParams, ConvertOptions, Difference, Engine, Measure, Progress, StreamEnd, StreamOptions,
 };
 #[cfg(target_os = "linux")]
 pub use ring::{Ring, Waker, WAKE};

@@ -16,6 +16,9 @@ pub struct Args {
     /// Image format (raw or qed; probed when omitted).
     #[arg(short = 'f')]
     format: Option<String>,
+    /// Reads of clusters the image does not hold copy them in from its backing chain.
+    #[arg(long = "copy-on-read")]
+    copy_on_read: bool,
     /// A command to run; repeat for several, run in order.
     #[arg(short = 'c', required = true)]
     commands: Vec<String>,
@@ -226,7 +229,15 @@ fn run_one(dev: &dyn BlockDevice, line: &str) -> Result<()> {
 /// Runs `qed io`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     let format = super::parse_format(a.format.as_deref())?;
-    let dev = super::open_for_io(&a.file, format, a.read_only, &a.remote)?;
+    let dev = super::open_for_io(
+        &a.file,
+        format,
+        &qed::OpenOptions {
+            read_only: a.read_only,
+            copy_on_read: a.copy_on_read,
+            ..a.remote.read_write()
+        },
+    )?;
     let mut failed = false;
     for c in &a.commands {
         if let Err(e) = run_one(&*dev, c) {

@@ -14,8 +14,8 @@ pub mod mount;
 pub mod rebase;
 pub mod resize;
 pub mod serve;
+pub mod stream;
 
-use crate::remote::RemoteArgs;
 use anyhow::{bail, Result};
 use qed::Format;
 use std::path::Path;
@@ -68,34 +68,12 @@ pub fn parse_cache(cache: &str) -> Result<bool> {
 pub fn open_for_io(
     path: &std::path::Path,
     format: Option<Format>,
-    read_only: bool,
-    remote: &RemoteArgs,
+    opts: &qed::OpenOptions,
 ) -> Result<Box<dyn qed::BlockDevice>> {
-    open_device_with(
-        path,
-        format,
-        read_only,
-        false,
-        qed::DEFAULT_L2_CACHE_BYTES,
-        remote,
-    )
-}
-
-/// [`open_for_io`] with the host cache mode (`direct`: O_DIRECT) and L2 cache bound.
-pub fn open_device_with(
-    path: &std::path::Path,
-    format: Option<Format>,
-    read_only: bool,
-    direct: bool,
-    l2_cache_bytes: usize,
-    remote: &RemoteArgs,
-) -> Result<Box<dyn qed::BlockDevice>> {
-    let opts = qed::OpenOptions {
-        read_only,
-        direct,
-        l2_cache_bytes,
-        ..remote.read_write()
-    };
+    if opts.copy_on_read && opts.read_only {
+        bail!("--copy-on-read writes what it reads into the image: it cannot be read-only");
+    }
+    let opts = opts.clone();
     let format = match format {
         Some(f) => f,
         None => qed::probe_format_at(path, &opts).file_context("could not open", path)?,

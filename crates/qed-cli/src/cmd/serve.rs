@@ -41,6 +41,9 @@ pub struct Args {
     /// Host cache mode: writeback (page cache) or none (O_DIRECT).
     #[arg(long = "cache", default_value = "writeback")]
     cache: String,
+    /// Reads of clusters the image does not hold copy them in from its backing chain.
+    #[arg(long = "copy-on-read")]
+    copy_on_read: bool,
     /// Trim requests: ignore, or unmap (discard in the image).
     #[arg(long = "discard", default_value = "ignore")]
     discard: String,
@@ -70,13 +73,16 @@ pub fn run(a: Args) -> Result<u8> {
     let l2_cache_bytes = usize::try_from(crate::units::parse_size(&a.l2_cache)?)
         .context("--l2-cache-size is too large")?;
     let format = super::parse_format(a.format.as_deref())?;
-    let device = super::open_device_with(
+    let device = super::open_for_io(
         &a.file,
         format,
-        a.read_only,
-        direct,
-        l2_cache_bytes,
-        &a.remote,
+        &qed::OpenOptions {
+            read_only: a.read_only,
+            direct,
+            l2_cache_bytes,
+            copy_on_read: a.copy_on_read,
+            ..a.remote.read_write()
+        },
     )?;
     let device: Arc<dyn qed::BlockDevice> = Arc::from(device);
 

@@ -17,7 +17,7 @@ use crate::engine::{Backing, Image, ImageOptions, DEFAULT_L2_CACHE_BYTES};
 use crate::error::{Error, IoContext, Result};
 use crate::format::MAGIC;
 use crate::storage::{RemoteOptions, Storage};
-use location::Location;
+pub(crate) use location::Location;
 use std::path::{Path, PathBuf};
 
 /// How deep a backing chain may go (the image itself excluded).
@@ -41,6 +41,9 @@ pub struct OpenOptions {
     pub direct: bool,
     /// How images named by http, https or s3 URLs are read.
     pub remote: RemoteOptions,
+    /// Reads of clusters the image does not hold copy them in from its backing chain
+    /// (the image itself only: its backing files stay read-only).
+    pub copy_on_read: bool,
 }
 
 impl Default for OpenOptions {
@@ -52,6 +55,7 @@ impl Default for OpenOptions {
             repair_on_open: true,
             direct: false,
             remote: RemoteOptions::default(),
+            copy_on_read: false,
         }
     }
 }
@@ -71,6 +75,7 @@ impl OpenOptions {
             read_only: self.read_only,
             l2_cache_bytes: self.l2_cache_bytes,
             repair_on_open: self.repair_on_open,
+            copy_on_read: self.copy_on_read,
         }
     }
 
@@ -78,6 +83,7 @@ impl OpenOptions {
     fn for_backing(&self) -> Self {
         Self {
             read_only: true,
+            copy_on_read: false,
             ..self.clone()
         }
     }

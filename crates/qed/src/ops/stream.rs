@@ -1,0 +1,182 @@
+//! Streaming: copying into an image everything its backing chain supplies above a base,
+//! then making that base (or nothing) its backing file.
+//!
+//! The job runs while the image is in use: each run of clusters is filled through the
+//! same claim as a guest write ([`Image::populate`]), so a guest write always wins, and
+//! the header changes only once every copied cluster is durable. Stopped at any point
+//! (killed, cancelled, a failing server), the image is consistent and still names its
+//! old backing file; a new run skips what is already copied.
+
+use super::step::{Progress, STEP};
+use crate::block::BlockDevice;
+use crate::chain::{describe, Location};
+use crate::engine::Image;
+use crate::error::{Error, Result};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How a stream runs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StreamOptions<'a> {
+    /// The layer of the backing chain that stays the backing file (1 is the image's
+    /// backing file; see [`stream_base`]); `None` copies everything and leaves no
+    /// backing file.
+    pub base: Option<u32>,
+    /// Bytes copied per second at most (`None`: as fast as it goes).
+    pub rate: Option<u64>,
+    /// Set to stop the job between steps.
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+/// How a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Everything is copied and the header names the base (or no backing file).
+    Done {
+        /// Bytes copied into the image.
+        copied: u64,
+    },
+    /// Cancelled: what was copied stays, the header is unchanged.
+    Cancelled {
+        /// Bytes copied into the image.
+        copied: u64,
+    },
+}
+
+/// Finds the layer of `image`'s backing chain named `base`, for
+/// [`StreamOptions::base`]: 1 for its backing file, 2 for that file's, and so on.
+pub fn stream_base(image: &Image, base: &str) -> Result<u32> {
+    let identity = |name: &str| Location::named(Path::new(name)).identity().ok();
+    let want = identity(base);
+    let mut layer = image.backing();
+    let mut depth = 1;
+    while let Some(dev) = layer {
+        if want.is_some() && identity(dev.filename()) == want {
+            return Ok(depth);
+        }
+        layer = dev.backing();
+        depth += 1;
+    }
+    Err(Error::invalid_argument(format!(
+        "{base} is not in the backing chain of {}: name one of its backing files (qed map \
+         shows them)",
+        image.filename()
+    )))
+}
+
+/// Copies into `image` every cluster its backing chain supplies above `opts.base`,
+/// then rewrites the header to name that base (or none). `progress` is called with the
+/// guest offset reached and the image's size.
+pub fn stream(
+    image: &Image,
+    opts: &StreamOptions<'_>,
+    progress: Progress<'_>,
+) -> Result<StreamEnd> {
+    if image.is_read_only() {
+        return Err(Error::ReadOnly);
+    }
+    let new_name = match opts.base {
+        Some(depth) => Some((depth, base_name(image, depth)?)),
+        None => None,
+    };
+    let size = image.size();
+    let mut pacer = Pacer::new(opts.rate);
+    let cancelled = || opts.cancel.is_some_and(|c| c.load(Ordering::Acquire));
+    let mut pos = 0;
+    progress(0, size);
+    while pos < size {
+        if cancelled() {
+            return Ok(StreamEnd::Cancelled {
+                copied: pacer.copied,
+            });
+        }
+        let run = describe(image, pos, (size - pos).min(STEP), 0)?;
+        let copy = run.depth > 0
+            && run.present
+            && match opts.base {
+                // Below no base, zeros need no copy: they read as zeros without one.
+                None => !run.zero,
+                Some(base) => run.depth < base,
+            };
+        if !copy {
+            pos += run.length;
+        } else {
+            match image.populate(pos, run.length, None)? {
+                Some(n) => {
+                    pos += n;
+                    pacer.copied(n, cancelled);
+                }
+                // A guest write got there first: look again.
+                None => continue,
+            }
+        }
+        progress(pos, size);
+    }
+    image.flush()?;
+    image.cut_backing(new_name.as_ref().map(|(d, n)| (*d, n.as_str())))?;
+    Ok(StreamEnd::Done {
+        copied: pacer.copied,
+    })
+}
+
+/// The name to store for the layer at `depth`: the image's own backing file keeps the
+/// name its header has; a deeper one is stored as an absolute path (a relative name in
+/// a lower image's header is relative to that image, not to this one) or its URL.
+fn base_name(image: &Image, depth: u32) -> Result<String> {
+    if depth == 1 {
+        if let Some(b) = image.backing_file() {
+            return Ok(b.name.clone());
+        }
+    }
+    let mut layer = image.backing();
+    for _ in 1..depth {
+        layer = layer.and_then(|d| d.backing());
+    }
+    let dev = layer.filter(|_| depth >= 1).ok_or_else(|| {
+        Error::invalid_argument(format!(
+            "{}: its backing chain has no layer {depth}",
+            image.filename()
+        ))
+    })?;
+    let at = Location::named(Path::new(dev.filename()));
+    if at.is_remote() {
+        return Ok(dev.filename().to_string());
+    }
+    let path = at.identity()?;
+    path.to_str().map(str::to_string).ok_or_else(|| {
+        Error::invalid_argument(format!("{}: the base's path is not UTF-8", path.display()))
+    })
+}
+
+/// Keeps a job at or under a rate, sleeping between steps (in slices, so that a cancel
+/// is seen within a tenth of a second).
+struct Pacer {
+    rate: Option<u64>,
+    start: Instant,
+    copied: u64,
+}
+
+impl Pacer {
+    fn new(rate: Option<u64>) -> Self {
+        Self {
+            rate: rate.filter(|r| *r > 0),
+            start: Instant::now(),
+            copied: 0,
+        }
+    }
+
+    fn copied(&mut self, n: u64, cancelled: impl Fn() -> bool) {
+        self.copied += n;
+        let Some(rate) = self.rate else {
+            return;
+        };
+        let due = Duration::from_secs_f64(self.copied as f64 / rate as f64);
+        while !cancelled() {
+            let Some(wait) = due.checked_sub(self.start.elapsed()) else {
+                return;
+            };
+            std::thread::sleep(wait.min(Duration::from_millis(100)));
+        }
+    }
+}
