@@ -185,7 +185,7 @@ fn a_base_replaced_mid_stream_stops_it_and_touches_nothing_more() {
         &["create", "-q", "-b", &url, "-F", "raw", "top.qed"],
     );
 
-    let mut child = Command::new(QED)
+    let child = Command::new(QED)
         .args(["stream", "--rate", "8M", "top.qed"])
         .current_dir(w)
         .stdout(Stdio::null())

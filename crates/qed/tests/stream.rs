@@ -287,8 +287,10 @@ fn a_cancelled_stream_leaves_the_backing_file_and_resumes() {
 
     let image = Image::open(&top, &OpenOptions::default()).unwrap();
     let cancel = AtomicBool::new(false);
+    // Slow enough that progress reports come while it runs.
     let so = StreamOptions {
         cancel: Some(&cancel),
+        rate: Some(16 << 20),
         ..StreamOptions::default()
     };
     let end = qed::stream(&image, &so, &mut |done, _| {

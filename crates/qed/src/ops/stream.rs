@@ -13,7 +13,8 @@ use crate::chain::{describe, Location};
 use crate::engine::Image;
 use crate::error::{Error, Result};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How a stream runs.
@@ -67,7 +68,11 @@ pub fn stream_base(image: &Image, base: &str) -> Result<u32> {
 
 /// Copies into `image` every cluster its backing chain supplies above `opts.base`,
 /// then rewrites the header to name that base (or none). `progress` is called with the
-/// guest offset reached and the image's size.
+/// bytes of the image gone through so far and its size.
+///
+/// Workers take the image a segment at a time, so that fetching from a slow backing
+/// file (a server) overlaps with writing what came before; each cluster is still filled
+/// once, under its claim.
 pub fn stream(
     image: &Image,
     opts: &StreamOptions<'_>,
@@ -81,43 +86,92 @@ pub fn stream(
         None => None,
     };
     let size = image.size();
-    let mut pacer = Pacer::new(opts.rate);
     let cancelled = || opts.cancel.is_some_and(|c| c.load(Ordering::Acquire));
-    let mut pos = 0;
+    let pacer = Pacer::new(opts.rate);
+    let next = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let running = AtomicUsize::new(STREAM_WORKERS);
+    let failed: Mutex<Option<Error>> = Mutex::new(None);
+    let stop = || cancelled() || failed.lock().map_or(true, |f| f.is_some());
     progress(0, size);
-    while pos < size {
-        if cancelled() {
-            return Ok(StreamEnd::Cancelled {
-                copied: pacer.copied,
+    std::thread::scope(|s| {
+        for _ in 0..STREAM_WORKERS {
+            s.spawn(|| {
+                while !stop() {
+                    let start = next.fetch_add(SEGMENT, Ordering::AcqRel);
+                    if start >= size {
+                        break;
+                    }
+                    let end = (start + SEGMENT).min(size);
+                    let result = stream_segment(image, start, end, opts.base, &pacer, &stop, &done);
+                    if let Err(e) = result {
+                        let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                        f.get_or_insert(e);
+                    }
+                }
+                running.fetch_sub(1, Ordering::AcqRel);
             });
         }
-        let run = describe(image, pos, (size - pos).min(STEP), 0)?;
+        while running.load(Ordering::Acquire) > 0 {
+            progress(done.load(Ordering::Acquire), size);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let copied = pacer.copied();
+    if cancelled() {
+        return Ok(StreamEnd::Cancelled { copied });
+    }
+    progress(size, size);
+    image.flush()?;
+    image.cut_backing(new_name.as_ref().map(|(d, n)| (*d, n.as_str())))?;
+    Ok(StreamEnd::Done { copied })
+}
+
+/// Workers a stream runs: enough to keep a few requests to a server in flight while
+/// others write.
+const STREAM_WORKERS: usize = 4;
+/// Guest bytes a worker takes at a time.
+const SEGMENT: u64 = 8 << 20;
+
+/// Streams guest bytes `start..end`; stops early when `stop` says so.
+fn stream_segment(
+    image: &Image,
+    start: u64,
+    end: u64,
+    base: Option<u32>,
+    pacer: &Pacer,
+    stop: &dyn Fn() -> bool,
+    done: &AtomicU64,
+) -> Result<()> {
+    let mut pos = start;
+    while pos < end && !stop() {
+        let run = describe(image, pos, (end - pos).min(STEP), 0)?;
         let copy = run.depth > 0
             && run.present
-            && match opts.base {
+            && match base {
                 // Below no base, zeros need no copy: they read as zeros without one.
                 None => !run.zero,
                 Some(base) => run.depth < base,
             };
-        if !copy {
-            pos += run.length;
+        let n = if !copy {
+            run.length
         } else {
             match image.populate(pos, run.length, None)? {
                 Some(n) => {
-                    pos += n;
-                    pacer.copied(n, cancelled);
+                    pacer.add(n, stop);
+                    n
                 }
                 // A guest write got there first: look again.
                 None => continue,
             }
-        }
-        progress(pos, size);
+        };
+        pos += n;
+        done.fetch_add(n, Ordering::AcqRel);
     }
-    image.flush()?;
-    image.cut_backing(new_name.as_ref().map(|(d, n)| (*d, n.as_str())))?;
-    Ok(StreamEnd::Done {
-        copied: pacer.copied,
-    })
+    Ok(())
 }
 
 /// The name to store for the layer at `depth`: the image's own backing file keeps the
@@ -149,12 +203,13 @@ fn base_name(image: &Image, depth: u32) -> Result<String> {
     })
 }
 
-/// Keeps a job at or under a rate, sleeping between steps (in slices, so that a cancel
-/// is seen within a tenth of a second).
+/// Keeps a job at or under a rate, shared by its workers: each sleeps after a step
+/// until the bytes copied so far are due (in slices, so that a stop is seen within a
+/// tenth of a second).
 struct Pacer {
     rate: Option<u64>,
     start: Instant,
-    copied: u64,
+    copied: AtomicU64,
 }
 
 impl Pacer {
@@ -162,17 +217,21 @@ impl Pacer {
         Self {
             rate: rate.filter(|r| *r > 0),
             start: Instant::now(),
-            copied: 0,
+            copied: AtomicU64::new(0),
         }
     }
 
-    fn copied(&mut self, n: u64, cancelled: impl Fn() -> bool) {
-        self.copied += n;
+    fn copied(&self) -> u64 {
+        self.copied.load(Ordering::Acquire)
+    }
+
+    fn add(&self, n: u64, stop: &dyn Fn() -> bool) {
+        let total = self.copied.fetch_add(n, Ordering::AcqRel) + n;
         let Some(rate) = self.rate else {
             return;
         };
-        let due = Duration::from_secs_f64(self.copied as f64 / rate as f64);
-        while !cancelled() {
+        let due = Duration::from_secs_f64(total as f64 / rate as f64);
+        while !stop() {
             let Some(wait) = due.checked_sub(self.start.elapsed()) else {
                 return;
             };
