@@ -522,7 +522,7 @@ fn serve_exports_a_url_read_only() {
 fn every_command_that_opens_an_image_takes_the_remote_flags_and_refuses_bad_values() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    let commands: [&[&str]; 14] = [
+    let commands: [&[&str]; 15] = [
         &["create", "-b", "base", "top.qed"],
         &["info", "x"],
         &["map", "x"],
@@ -537,6 +537,7 @@ fn every_command_that_opens_an_image_takes_the_remote_flags_and_refuses_bad_valu
         &["serve", "x"],
         &["mount", "x", "y"],
         &["bench", "x"],
+        &["stream", "x"],
     ];
     for command in commands {
         for (flag, value) in [
