@@ -56,6 +56,8 @@ enum Command {
     Serve(cmd::serve::Args),
     /// Mount an image as a file (FUSE).
     Mount(cmd::mount::Args),
+    /// Start, watch and cancel jobs in a running qed serve, through its control socket.
+    Job(cmd::job::Args),
     /// Run a simple image benchmark, as qemu-img bench.
     Bench(cmd::bench::Args),
 }
@@ -77,6 +79,7 @@ fn main() -> ExitCode {
         Command::Measure(a) => cmd::measure::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Mount(a) => cmd::mount::run(a),
+        Command::Job(a) => cmd::job::run(a),
         Command::Bench(a) => cmd::bench::run(a),
     };
     match result {

@@ -47,13 +47,22 @@ pub enum StreamEnd {
 
 /// Finds the layer of `image`'s backing chain named `base`, for
 /// [`StreamOptions::base`]: 1 for its backing file, 2 for that file's, and so on.
+/// `base` is a URL or a path, relative to the current directory or, as a backing file
+/// name in a header is, to the image's directory (a server's current directory is
+/// rarely where its client is).
 pub fn stream_base(image: &Image, base: &str) -> Result<u32> {
     let identity = |name: &str| Location::named(Path::new(name)).identity().ok();
-    let want = identity(base);
+    let wants = [
+        identity(base),
+        Location::backing(Path::new(image.filename()), base)
+            .identity()
+            .ok(),
+    ];
     let mut layer = image.backing();
     let mut depth = 1;
     while let Some(dev) = layer {
-        if want.is_some() && identity(dev.filename()) == want {
+        let have = identity(dev.filename());
+        if have.is_some() && wants.contains(&have) {
             return Ok(depth);
         }
         layer = dev.backing();
@@ -179,8 +188,17 @@ fn stream_segment(
 /// a lower image's header is relative to that image, not to this one) or its URL.
 fn base_name(image: &Image, depth: u32) -> Result<String> {
     if depth == 1 {
+        // Only while the backing file is still the one the image was opened with: after
+        // an earlier stream in this process kept a deeper layer, that name is stale.
         if let Some(b) = image.backing_file() {
-            return Ok(b.name.clone());
+            let current = image.backing().map(|d| d as *const dyn BlockDevice);
+            let same = match b.device.as_deref() {
+                None => true,
+                Some(o) => current.is_some_and(|c| std::ptr::addr_eq(o, c)),
+            };
+            if same {
+                return Ok(b.name.clone());
+            }
         }
     }
     let mut layer = image.backing();
