@@ -2,6 +2,7 @@
 //! qemu-io.
 
 mod cmd;
+mod remote;
 mod units;
 
 use clap::{Parser, Subcommand, ValueEnum};

@@ -517,3 +517,145 @@ fn serve_exports_a_url_read_only() {
         String::from_utf8_lossy(&compared.stderr)
     );
 }
+
+#[test]
+fn every_command_that_opens_an_image_takes_the_remote_flags_and_refuses_bad_values() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let commands: [&[&str]; 15] = [
+        &["create", "-b", "base", "top.qed"],
+        &["info", "x"],
+        &["map", "x"],
+        &["check", "x"],
+        &["io", "-c", "read 0 1", "x"],
+        &["convert", "x", "y"],
+        &["compare", "x", "y"],
+        &["commit", "x"],
+        &["rebase", "-b", "y", "x"],
+        &["resize", "x", "1M"],
+        &["measure", "x"],
+        &["serve", "x"],
+        &["mount", "x", "y"],
+        &["bench", "x"],
+        &["stream", "x"],
+    ];
+    for command in commands {
+        for (flag, value) in [
+            ("--remote-timeout", "0"),
+            ("--remote-deadline", "-3"),
+            ("--remote-connections", "0"),
+            ("--remote-chunk-size", "100k"),
+            ("--remote-cache", "12Q"),
+        ] {
+            let mut args = command.to_vec();
+            let given = format!("{flag}={value}");
+            args.insert(1, &given);
+            let out = run(w, QED, &args);
+            let e = String::from_utf8_lossy(&out.stderr);
+            // clap's usage error: refused before anything is opened.
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {e}");
+            assert!(
+                e.contains(&format!("invalid value '{value}' for '{flag}")),
+                "{args:?}: {e}"
+            );
+        }
+    }
+    // Good values pass through to an ordinary open.
+    ok(w, QED, &["create", "-q", "local.qed", "1M"]);
+    ok(
+        w,
+        QED,
+        &[
+            "info",
+            "--remote-timeout",
+            "0.5",
+            "--remote-deadline",
+            "2",
+            "--remote-connections",
+            "2",
+            "--remote-chunk-size",
+            "1M",
+            "--remote-cache",
+            "4M",
+            "--remote-readahead",
+            "0",
+            "local.qed",
+        ],
+    );
+}
+
+/// A server that accepts connections and never answers; the connections stay open
+/// until it is dropped.
+struct Stalled {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Stalled {
+    fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((conn, _)) = listener.accept() {
+                        held.push(conn);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+        };
+        Self {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_short_deadline_makes_a_stalled_server_fail_fast() {
+    let server = Stalled::start();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let url = format!("http://127.0.0.1:{}/base.qed", server.port);
+    for command in [
+        vec!["info", url.as_str()],
+        vec!["create", "-b", url.as_str(), "-F", "qed", "top.qed"],
+        vec!["convert", "-O", "raw", url.as_str(), "out.raw"],
+    ] {
+        let mut args = vec![
+            command[0],
+            "--remote-timeout",
+            "0.5",
+            "--remote-deadline",
+            "1.5",
+        ];
+        args.extend(&command[1..]);
+        let started = Instant::now();
+        let e = fails(w, QED, &args);
+        let took = started.elapsed();
+        // The defaults (30 s a request, 120 s in all) would wait minutes.
+        assert!(took < Duration::from_secs(6), "{args:?} took {took:?}");
+        assert!(
+            e.contains(&url) && e.contains("timed out") && e.contains("deadline"),
+            "{args:?}: {e}"
+        );
+    }
+    assert!(!w.join("top.qed").exists());
+}

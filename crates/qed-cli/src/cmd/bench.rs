@@ -48,6 +48,8 @@ pub struct Args {
     quiet: bool,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed bench`; returns the exit code.
@@ -97,7 +99,7 @@ pub fn run(a: Args) -> Result<u8> {
         &qed::OpenOptions {
             read_only: !a.write,
             direct,
-            ..Default::default()
+            ..a.remote.read_write()
         },
     )?;
     if !a.quiet {

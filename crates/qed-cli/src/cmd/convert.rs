@@ -41,6 +41,8 @@ pub struct Args {
     src: PathBuf,
     /// The destination image.
     dst: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed convert`. Every refusal comes before the destination is created or written.
@@ -74,6 +76,7 @@ struct Plan {
     backing_format: Option<Format>,
     sparse_size: u64,
     progress: bool,
+    remote: crate::remote::RemoteArgs,
 }
 
 impl Plan {
@@ -106,6 +109,7 @@ impl Plan {
             backing_format,
             sparse_size,
             progress: a.progress,
+            remote: a.remote,
         })
     }
 }
@@ -124,7 +128,7 @@ fn refuse_same_file(plan: &Plan) -> Result<()> {
 }
 
 fn open_source(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
-    open_device(&plan.src, plan.src_format, &OpenOptions::read_only())
+    open_device(&plan.src, plan.src_format, &plan.remote.read_only())
         .file_context("could not open source", &plan.src)
 }
 
@@ -164,7 +168,7 @@ fn create_qed_destination(plan: &Plan, size: u64) -> Result<()> {
     plan.geometry.apply(&mut opts);
     if let Some(b) = &plan.backing {
         let path = resolve_backing_path(&plan.dst, b);
-        let dev = open_device(&path, plan.backing_format, &OpenOptions::read_only())
+        let dev = open_device(&path, plan.backing_format, &plan.remote.read_only())
             .file_context("could not open backing file", &path)?;
         if chain_contains(&*dev, &plan.dst) {
             bail!(
@@ -188,7 +192,7 @@ fn create_qed_destination(plan: &Plan, size: u64) -> Result<()> {
 fn check_existing_destination(plan: &Plan, size: u64) -> Result<()> {
     let ro = OpenOptions {
         no_backing: true,
-        ..OpenOptions::read_only()
+        ..plan.remote.read_only()
     };
     let existing = open_device(&plan.dst, Some(plan.dst_format), &ro)
         .file_context("could not open destination", &plan.dst)?;
@@ -207,7 +211,7 @@ fn open_destination(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
     if plan.dst_format == Format::Qed {
         return Ok(Box::new(super::open_image(
             &plan.dst,
-            &OpenOptions::default(),
+            &plan.remote.read_write(),
         )?));
     }
     let storage = FileStorage::open(&plan.dst, false).file_context("could not open", &plan.dst)?;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// Run commands on an image, as qemu-io: `read [-P PATTERN] [-v] OFF LEN`,
-/// `write [-P PATTERN] [-z] OFF LEN`, `discard OFF LEN`, `flush`, `map`.
+/// `write [-P PATTERN] [-z] OFF LEN`, `discard OFF LEN`, `flush`, `map`, `sleep MS`.
 #[derive(clap::Args)]
 pub struct Args {
     /// Open read-only.
@@ -24,6 +24,8 @@ pub struct Args {
     commands: Vec<String>,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Largest buffer one command moves at a time.
@@ -210,7 +212,17 @@ fn run_one(dev: &dyn BlockDevice, line: &str) -> Result<()> {
         }
         "flush" => Ok(dev.flush()?),
         "map" => map(dev),
-        _ => bail!("unknown command '{name}': use read, write, discard, flush or map"),
+        // As qemu-io's: lets a script leave time for something else to happen.
+        "sleep" => {
+            let ms = match args {
+                [ms] => ms.parse::<u64>().ok().filter(|&ms| ms <= 86_400_000),
+                _ => None,
+            }
+            .context("sleep: expected milliseconds, such as 500")?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Ok(())
+        }
+        _ => bail!("unknown command '{name}': use read, write, discard, flush, map or sleep"),
     }
 }
 
@@ -223,7 +235,7 @@ pub fn run(a: Args) -> Result<u8> {
         &qed::OpenOptions {
             read_only: a.read_only,
             copy_on_read: a.copy_on_read,
-            ..Default::default()
+            ..a.remote.read_write()
         },
     )?;
     let mut failed = false;

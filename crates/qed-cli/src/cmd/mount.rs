@@ -48,6 +48,8 @@ pub struct Args {
     /// An existing regular file (it becomes the disk) or directory (the disk appears in
     /// it under the image's name).
     mountpoint: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed mount`: serves until the mount is unmounted (`fusermount3 -u`), SIGINT or
@@ -87,7 +89,7 @@ pub fn run(a: Args) -> Result<u8> {
             direct,
             l2_cache_bytes,
             copy_on_read: a.copy_on_read,
-            ..Default::default()
+            ..a.remote.read_write()
         },
     )?;
     let device: Arc<dyn qed::BlockDevice> = Arc::from(device);

@@ -77,6 +77,8 @@ pub struct Args {
     stream_rate: Option<String>,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed serve`: serves until SIGINT or SIGTERM (or, unless persistent, until the
@@ -98,7 +100,7 @@ pub fn run(a: Args) -> Result<u8> {
             direct,
             l2_cache_bytes,
             copy_on_read: a.copy_on_read,
-            ..Default::default()
+            ..a.remote.read_write()
         },
     )?;
     // A QED image is shared by the export and its jobs; anything else cannot stream.

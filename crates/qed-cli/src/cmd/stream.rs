@@ -2,7 +2,7 @@
 
 use super::{FileContext, ProgressReport};
 use anyhow::{Context, Result};
-use qed::{OpenOptions, StreamEnd, StreamOptions};
+use qed::{StreamEnd, StreamOptions};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -27,6 +27,8 @@ pub struct Args {
     format: Option<String>,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed stream`; returns the exit code (1 when interrupted).
@@ -41,7 +43,7 @@ pub fn run(a: Args) -> Result<u8> {
     if rate == Some(0) {
         anyhow::bail!("--rate must be more than 0 bytes per second");
     }
-    let image = super::open_image(&a.file, &OpenOptions::default())?;
+    let image = super::open_image(&a.file, &a.remote.read_write())?;
     let base = a
         .base
         .as_deref()

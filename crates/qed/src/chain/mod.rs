@@ -39,7 +39,7 @@ pub struct OpenOptions {
     pub repair_on_open: bool,
     /// Open files with O_DIRECT, bypassing the host page cache (files only).
     pub direct: bool,
-    /// How images named by http or https URLs are read.
+    /// How images named by http, https or s3 URLs are read.
     pub remote: RemoteOptions,
     /// Reads of clusters the image does not hold copy them in from its backing chain
     /// (the image itself only: its backing files stay read-only).
@@ -102,7 +102,8 @@ pub fn probe_format(storage: &dyn Storage) -> std::io::Result<Format> {
     })
 }
 
-/// Opens a device by name: a path, or an `http://` / `https://` URL (read-only).
+/// Opens a device by name: a path, or an `http://`, `https://` or `s3://` URL
+/// (read-only).
 /// `format` of `None` probes it. A QED image opens its backing chain unless
 /// `opts.no_backing`; backing files are always read-only.
 pub fn open_device(
@@ -121,14 +122,14 @@ pub fn probe_format_at(path: &Path, opts: &OpenOptions) -> Result<Format> {
     probe_format(&*storage).context(|| format!("probing {}", path.display()))
 }
 
-/// Whether `name` is a URL that names a remote image (`http://` or `https://`), which
+/// Whether `name` is a URL that names a remote image (`http://`, `https://` or `s3://`), which
 /// the chain opens read-only and does not resolve against other names.
 pub fn is_remote_name(name: &str) -> bool {
     Location::named(Path::new(name)).is_remote()
 }
 
 impl Image {
-    /// Opens an image file (or, read-only, an http or https URL), with its backing
+    /// Opens an image file (or, read-only, an http, https or s3 URL), with its backing
     /// chain unless `opts.no_backing`.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
         let location = Location::named(path.as_ref());
@@ -213,7 +214,7 @@ impl Chain {
             Format::Raw => Ok(Box::new(RawDevice::new(storage, name, opts.read_only)?)),
             Format::Qed => Ok(Box::new(self.open_image(storage, location, opts)?)),
             Format::Qcow2 if location.is_remote() => Err(Error::Unsupported(format!(
-                "{}: qcow2 images cannot be read over http yet: use a raw or qed base",
+                "{}: remote qcow2 images cannot be read yet: use a raw or qed base",
                 path.display()
             ))),
             #[cfg(feature = "qcow2")]

@@ -1,16 +1,19 @@
 //! Read-only storage whose bytes live on a server: the object is fetched in chunks, on
-//! demand, through a [`RangeSource`] (one per protocol: http and https today), and kept
-//! in a bounded cache of chunks.
+//! demand, through a [`RangeSource`], and kept in a bounded cache of chunks.
 //!
 //! The split keeps what every protocol shares here (chunking, caching, coalescing,
-//! readahead, parallel requests, the read-only refusals) and leaves a protocol only the
-//! question of how to fetch one byte range exactly, so that another (s3) is one more
-//! source next to [`http`].
+//! readahead, parallel requests, the read-only refusals) and leaves a source only the
+//! question of how to fetch one byte range exactly. Both sources are ranged GETs
+//! ([`http`]); S3 ([`s3`]) differs only in how each request is addressed and signed and
+//! how its refusals read.
 
 mod http;
+mod s3;
 
 pub(crate) use http::is_http_url;
 pub use http::HttpStorage;
+pub(crate) use s3::is_s3_url;
+pub use s3::{S3Config, S3Credentials, S3Storage};
 
 use super::Storage;
 use lru::LruCache;
@@ -22,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// How remote bases (http and https names) are read.
+/// How remote bases (http, https and s3 names) are read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteOptions {
     /// Longest one request may take, from connecting to the last byte of its body.
@@ -85,6 +88,36 @@ impl RemoteOptions {
         Ok(())
     }
 }
+
+/// Implements [`Storage`] for a type whose `inner` is a [`RemoteStorage`].
+macro_rules! delegate_storage {
+    ($t:ty) => {
+        impl $crate::storage::Storage for $t {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+                self.inner.read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+                self.inner.write_at(buf, offset)
+            }
+            fn flush(&self) -> std::io::Result<()> {
+                self.inner.flush()
+            }
+            fn len(&self) -> std::io::Result<u64> {
+                self.inner.len()
+            }
+            fn set_len(&self, len: u64) -> std::io::Result<()> {
+                self.inner.set_len(len)
+            }
+            fn extend(&self, from: u64, to: u64) -> std::io::Result<u64> {
+                self.inner.extend(from, to)
+            }
+            fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+                self.inner.zero_range(offset, len)
+            }
+        }
+    };
+}
+use delegate_storage;
 
 /// Chunks by index.
 type Chunks = Vec<(u64, Arc<[u8]>)>;
