@@ -162,7 +162,11 @@ fn copy_on_read_fills_only_what_was_read() {
             "read -P 0 0 64k",
         ],
     );
-    let err = fails(w, QED, &["io", "-r", "-c", "read 0 4k", "top.qed"]);
+    let err = fails(
+        w,
+        QED,
+        &["io", "--remote-deadline", "2", "-r", "-c", "read 0 4k", "top.qed"],
+    );
     assert!(err.contains(&url), "{err}");
 }
 
