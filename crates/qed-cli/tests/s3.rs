@@ -484,6 +484,41 @@ fn overlays_read_s3_bases_and_write_locally(kind: Kind) {
             raw_url,
         ],
     );
+
+    // Streamed in, the overlay needs the bucket no more.
+    server.qed_ok(
+        w,
+        &["create", "-q", "-b", qed_url, "-F", "qed", "streamed.qed"],
+    );
+    server.qed_ok(w, &["io", "-c", "write -P 0x66 2M 4k", "streamed.qed"]);
+    server.qed_ok(w, &["stream", "streamed.qed"]);
+    let info: Value = serde_json::from_str(&local_ok(
+        w,
+        QEMU_IMG,
+        &["info", "--output", "json", "streamed.qed"],
+    ))
+    .unwrap();
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    local_ok(w, QEMU_IMG, &["check", "streamed.qed"]);
+    local_ok(
+        w,
+        QEMU_IO,
+        &[
+            "-c",
+            "read -P 0xab 1M 1M",
+            "-c",
+            "read -P 0x66 2M 4k",
+            "-c",
+            "read -P 0xab 2052k 1020k",
+            "-c",
+            "read -P 0x11 40M 64k",
+            "-c",
+            "read -P 0x5c 63M 1M",
+            "-c",
+            "read -P 0 0 1M",
+            "streamed.qed",
+        ],
+    );
 }
 
 /// Wrong names and wrong credentials fail at once with the URL and what to check; a

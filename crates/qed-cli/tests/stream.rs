@@ -165,7 +165,15 @@ fn copy_on_read_fills_only_what_was_read() {
     let err = fails(
         w,
         QED,
-        &["io", "--remote-deadline", "2", "-r", "-c", "read 0 4k", "top.qed"],
+        &[
+            "io",
+            "--remote-deadline",
+            "2",
+            "-r",
+            "-c",
+            "read 0 4k",
+            "top.qed",
+        ],
     );
     assert!(err.contains(&url), "{err}");
 }
@@ -296,4 +304,66 @@ fn a_stream_can_keep_a_base_and_qemu_agrees() {
     // Only mid's megabyte moved up: 16 clusters, and the base supplies the rest.
     let len = std::fs::metadata(w.join("top.qed")).unwrap().len();
     assert!(len < 2 << 20, "top.qed is {len} bytes");
+}
+
+#[test]
+fn a_server_killed_mid_stream_fails_it_and_a_rerun_completes() {
+    let mut nginx = Nginx::start();
+    let work = common::new_dir();
+    let w = work.path();
+    let www = nginx.root();
+    ok(
+        &www,
+        QEMU_IMG,
+        &["create", "-q", "-f", "raw", "base.raw", "64M"],
+    );
+    qemu_io(&www, "raw", "base.raw", false, &["write -P 0x51 0 64M"]);
+    let url = nginx.url("base.raw");
+    ok(
+        w,
+        QED,
+        &["create", "-q", "-b", &url, "-F", "raw", "top.qed"],
+    );
+
+    let child = Command::new(QED)
+        .args([
+            "stream",
+            "--rate",
+            "8M",
+            "--remote-deadline",
+            "3",
+            "top.qed",
+        ])
+        .current_dir(w)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    nginx.stop();
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the stream took {:?} to give up",
+        started.elapsed()
+    );
+    assert!(
+        !out.status.success(),
+        "the stream went on without its server"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&url), "{err}");
+
+    // Consistent without the server (QEMU told to open no backing file)...
+    let alone =
+        r#"json:{"driver":"qed","file":{"driver":"file","filename":"top.qed"},"backing":null}"#;
+    ok(w, QEMU_IMG, &["check", alone]);
+    // ... and still naming it.
+    nginx.restart();
+    assert_eq!(info(w, "top.qed")["backing-filename"], url.as_str());
+    ok(w, QED, &["stream", "top.qed"]);
+    assert!(info(w, "top.qed").get("backing-filename").is_none());
+    ok(w, QEMU_IMG, &["check", "top.qed"]);
+    qemu_io(w, "qed", "top.qed", true, &["read -P 0x51 0 64M"]);
 }
