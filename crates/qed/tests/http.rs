@@ -1100,3 +1100,25 @@ fn s3_names_that_cannot_be_objects_are_refused() {
     }
     assert!(server.requests().is_empty());
 }
+
+#[test]
+fn absurd_settings_are_refused_or_cost_nothing_up_front() {
+    let data = pattern(1 << 20);
+    let server = serve_data(data.clone(), |_, _, good| good);
+    let url = server.url("disk.raw");
+    let forever = RemoteOptions {
+        deadline: Duration::from_secs(u64::MAX / 4),
+        ..quick()
+    };
+    let e = HttpStorage::open(&url, &forever).unwrap_err().to_string();
+    assert!(e.contains("deadline"), "{e}");
+    // A cache bound of most of the address space reserves nothing until used.
+    let huge = RemoteOptions {
+        cache_bytes: usize::MAX / 2,
+        ..quick()
+    };
+    let s = HttpStorage::open(&url, &huge).unwrap();
+    let mut buf = vec![0u8; 4096];
+    s.read_at(&mut buf, 8192).unwrap();
+    assert_eq!(buf, data[8192..8192 + 4096]);
+}

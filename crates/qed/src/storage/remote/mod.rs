@@ -20,7 +20,6 @@ use lru::LruCache;
 use std::collections::HashSet;
 use std::fmt::Debug;
 use std::io;
-use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -50,6 +49,9 @@ pub struct RemoteOptions {
 pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
 /// Largest chunk, which bounds the buffer one request needs.
 pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+
+/// Longest timeout or deadline accepted.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// Most bytes one request asks for: adjacent chunks are fetched together up to this.
 const MAX_REQUEST_BYTES: u64 = 8 << 20;
@@ -84,6 +86,20 @@ impl RemoteOptions {
         }
         if self.request_timeout.is_zero() || self.deadline.is_zero() {
             return Err("the request timeout and the deadline must be above zero".into());
+        }
+        // Far beyond any sensible wait, and far from where instants overflow.
+        for (what, d) in [
+            ("request timeout", self.request_timeout),
+            ("connect timeout", self.connect_timeout),
+            ("deadline", self.deadline),
+        ] {
+            if d > MAX_WAIT {
+                return Err(format!(
+                    "a {what} of {} s is more than a day: use at most {} s",
+                    d.as_secs(),
+                    MAX_WAIT.as_secs()
+                ));
+            }
         }
         Ok(())
     }
@@ -138,6 +154,8 @@ pub(crate) trait RangeSource: Send + Sync + Debug {
 #[derive(Debug)]
 struct Cache {
     chunks: LruCache<u64, Arc<[u8]>>,
+    /// Most chunks kept.
+    capacity: usize,
     in_flight: HashSet<u64>,
 }
 
@@ -166,7 +184,10 @@ impl<S: RangeSource> RemoteStorage<S> {
             connections: opts.connections.max(1),
             readahead_chunks: opts.readahead.div_ceil(chunk),
             cache: Mutex::new(Cache {
-                chunks: LruCache::new(NonZeroUsize::new(entries).unwrap_or(NonZeroUsize::MIN)),
+                // Unbounded to the map, bounded here: a bounded map reserves room for
+                // every entry up front, which a large cache setting would make huge.
+                chunks: LruCache::unbounded(),
+                capacity: entries,
                 in_flight: HashSet::new(),
             }),
             landed: Condvar::new(),
@@ -241,6 +262,9 @@ impl<S: RangeSource> RemoteStorage<S> {
         let mut cache = self.cache();
         for (index, data) in &chunks {
             cache.chunks.put(*index, data.clone());
+            while cache.chunks.len() > cache.capacity {
+                cache.chunks.pop_lru();
+            }
         }
         for &(first, count) in runs {
             for index in first..first + count {
