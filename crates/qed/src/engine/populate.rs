@@ -26,7 +26,7 @@ use crate::storage::AlignedBuf;
 
 impl Image {
     /// Fills the unallocated clusters of the run at `pos` (at most `len` bytes, and at
-    /// most a megabyte plus the clusters around it) from the backing chain, and copies
+    /// most a megabyte plus the clusters around it, as a read would) from the backing chain, and copies
     /// the guest bytes from `pos` into `out` when given (`out` is at least as long as
     /// what is covered). Returns how many bytes from `pos` it covered, or `None` when the
     /// first cluster is no longer unallocated (someone else wrote or filled it: look it
@@ -37,7 +37,19 @@ impl Image {
         len: u64,
         out: Option<&mut [u8]>,
     ) -> Result<Option<u64>> {
-        let Some(mut alloc) = self.claim_allocation(pos, len.min(COPY_CHUNK), Wait::Block)? else {
+        self.populate_up_to(pos, len, COPY_CHUNK, out)
+    }
+
+    /// [`Image::populate`] of at most `most` bytes at a time (plus the clusters around):
+    /// a stream takes more per step, so that a server sends fewer, larger answers.
+    pub(crate) fn populate_up_to(
+        &self,
+        pos: u64,
+        len: u64,
+        most: u64,
+        out: Option<&mut [u8]>,
+    ) -> Result<Option<u64>> {
+        let Some(mut alloc) = self.claim_allocation(pos, len.min(most.max(1)), Wait::Block)? else {
             return Ok(None);
         };
         if alloc.was != Mapping::Unallocated {

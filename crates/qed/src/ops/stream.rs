@@ -168,7 +168,7 @@ fn stream_segment(
         let n = if !copy {
             run.length
         } else {
-            match image.populate(pos, run.length, None)? {
+            match image.populate_up_to(pos, run.length, SEGMENT, None)? {
                 Some(n) => {
                     pacer.add(n, stop);
                     n
