@@ -4,130 +4,15 @@
 //! nginx and QEMU's tools are required (tests/run installs them): a missing one fails
 //! these tests rather than skipping them.
 
+mod common;
+
+use common::nginx::Nginx;
+use common::{fails, ok, run, QED};
 use serde_json::Value;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
-
-const QED: &str = env!("CARGO_BIN_EXE_qed");
-
-/// An nginx serving `root()` on a free loopback port, as this user, with every file it
-/// writes in its own directory; stopped when dropped.
-struct Nginx {
-    dir: TempDir,
-    port: u16,
-    child: Child,
-}
-
-impl Nginx {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("www")).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let d = dir.path().display();
-        let conf = format!(
-            "daemon off;\nmaster_process off;\nerror_log stderr;\npid {d}/nginx.pid;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n\
-               log_format sent '$uri $status $body_bytes_sent';\n\
-               access_log {d}/access.log sent;\n\
-               client_body_temp_path {d}/client_body;\n\
-               proxy_temp_path {d}/proxy;\n\
-               fastcgi_temp_path {d}/fastcgi;\n\
-               uwsgi_temp_path {d}/uwsgi;\n\
-               scgi_temp_path {d}/scgi;\n\
-               server {{ listen 127.0.0.1:{port}; root {d}/www; }}\n\
-             }}\n"
-        );
-        let conf_path = dir.path().join("nginx.conf");
-        std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new("nginx")
-            .arg("-e")
-            .arg("stderr")
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run nginx: {e} (these tests need it: apt-get install nginx-light)")
-            });
-        let mut nginx = Self { dir, port, child };
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = nginx.child.try_wait() {
-                panic!("nginx exited at start: {status}");
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "nginx did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        nginx
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("www")
-    }
-
-    fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{name}", self.port)
-    }
-
-    /// Body bytes sent for `name` so far, from the access log.
-    fn bytes_sent(&self, name: &str) -> u64 {
-        let log = std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
-        let want = format!("/{name}");
-        log.lines()
-            .filter_map(|l| {
-                let mut f = l.split(' ');
-                let (uri, _status, sent) = (f.next()?, f.next()?, f.next()?);
-                (uri == want).then(|| sent.parse::<u64>().ok()).flatten()
-            })
-            .sum()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e} (apt-get install qemu-utils)"))
-}
-
-fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = run(dir, prog, args);
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = run(dir, prog, args);
-    assert!(!out.status.success(), "{prog} {args:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 /// A QED base that qemu-img made and qemu-io wrote, with its raw contents beside it.
 fn qemu_base(nginx: &Nginx, work: &Path) -> PathBuf {

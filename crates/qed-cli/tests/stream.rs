@@ -178,24 +178,38 @@ fn copy_on_read_fills_only_what_was_read() {
     assert!(err.contains(&url), "{err}");
 }
 
-#[test]
-fn a_base_replaced_mid_stream_stops_it_and_touches_nothing_more() {
-    let nginx = Nginx::start();
-    let work = common::new_dir();
-    let w = work.path();
+/// A 64 MiB raw base of `byte`s behind `nginx`, and an overlay on it in `w`. Returns the
+/// base's URL.
+fn raw_base_and_overlay(nginx: &Nginx, w: &Path, byte: u8) -> String {
     let www = nginx.root();
     ok(
         &www,
         QEMU_IMG,
         &["create", "-q", "-f", "raw", "base.raw", "64M"],
     );
-    qemu_io(&www, "raw", "base.raw", false, &["write -P 0x31 0 64M"]);
+    qemu_io(
+        &www,
+        "raw",
+        "base.raw",
+        false,
+        &[&format!("write -P {byte:#x} 0 64M")],
+    );
     let url = nginx.url("base.raw");
     ok(
         w,
         QED,
         &["create", "-q", "-b", &url, "-F", "raw", "top.qed"],
     );
+    url
+}
+
+#[test]
+fn a_base_replaced_mid_stream_stops_it_and_touches_nothing_more() {
+    let nginx = Nginx::start();
+    let work = common::new_dir();
+    let w = work.path();
+    let www = nginx.root();
+    let url = raw_base_and_overlay(&nginx, w, 0x31);
 
     let child = Command::new(QED)
         .args(["stream", "--rate", "8M", "top.qed"])
@@ -311,19 +325,7 @@ fn a_server_killed_mid_stream_fails_it_and_a_rerun_completes() {
     let mut nginx = Nginx::start();
     let work = common::new_dir();
     let w = work.path();
-    let www = nginx.root();
-    ok(
-        &www,
-        QEMU_IMG,
-        &["create", "-q", "-f", "raw", "base.raw", "64M"],
-    );
-    qemu_io(&www, "raw", "base.raw", false, &["write -P 0x51 0 64M"]);
-    let url = nginx.url("base.raw");
-    ok(
-        w,
-        QED,
-        &["create", "-q", "-b", &url, "-F", "raw", "top.qed"],
-    );
+    let url = raw_base_and_overlay(&nginx, w, 0x51);
 
     let child = Command::new(QED)
         .args([

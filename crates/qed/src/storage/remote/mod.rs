@@ -53,10 +53,6 @@ pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
 /// Longest timeout or deadline accepted.
 const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
-/// Reads at least this long go straight to the server, past the cache: a stream or a
-/// copy reads each byte once, and would only churn the cache.
-const DIRECT_READ: u64 = 1 << 20;
-
 /// Most bytes one request asks for: adjacent chunks are fetched together up to this.
 const MAX_REQUEST_BYTES: u64 = 8 << 20;
 
@@ -283,42 +279,6 @@ impl<S: RangeSource> RemoteStorage<S> {
         }
     }
 
-    /// Fetches a large read straight into `buf`, in requests of at most
-    /// [`MAX_REQUEST_BYTES`], several at once: no chunk is cached, and no byte copied
-    /// twice.
-    fn fetch_direct(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let pieces: Vec<(u64, &mut [u8])> = buf
-            .chunks_mut(MAX_REQUEST_BYTES as usize)
-            .enumerate()
-            .map(|(i, piece)| (offset + i as u64 * MAX_REQUEST_BYTES, piece))
-            .collect();
-        if pieces.len() == 1 {
-            let (at, piece) = pieces.into_iter().next().unwrap_or((offset, &mut []));
-            return self.source.fetch(piece, at);
-        }
-        let queue = Mutex::new(pieces.into_iter());
-        let failed: Mutex<Option<io::Error>> = Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..self.connections {
-                s.spawn(|| loop {
-                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
-                    let Some((at, piece)) = next else {
-                        break;
-                    };
-                    if let Err(e) = self.source.fetch(piece, at) {
-                        failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-                        // The read fails anyway: start no more requests for it.
-                        queue.lock().unwrap_or_else(|p| p.into_inner()).by_ref().for_each(drop);
-                    }
-                });
-            }
-        });
-        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
     /// Waits for chunk `index`, which another reader is fetching; fetches it itself if
     /// that reader gave up (or the chunk was evicted before this one saw it).
     fn wait_for(&self, index: u64) -> io::Result<Arc<[u8]>> {
@@ -349,9 +309,6 @@ impl<S: RangeSource> Storage for RemoteStorage<S> {
         buf[inside..].fill(0);
         if inside == 0 {
             return Ok(());
-        }
-        if inside as u64 >= DIRECT_READ {
-            return self.fetch_direct(&mut buf[..inside], offset);
         }
         let first = offset / self.chunk;
         let last = (offset + inside as u64 - 1) / self.chunk;
