@@ -2,6 +2,7 @@
 //! qemu-io.
 
 mod cmd;
+mod remote;
 mod units;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -45,6 +46,8 @@ enum Command {
     Commit(cmd::commit::Args),
     /// Change an image's backing file.
     Rebase(cmd::rebase::Args),
+    /// Copy what an image reads from its backing chain into it, then drop the backing file.
+    Stream(cmd::stream::Args),
     /// Change an image's virtual size.
     Resize(cmd::resize::Args),
     /// Compute the file size a QED image needs.
@@ -53,6 +56,8 @@ enum Command {
     Serve(cmd::serve::Args),
     /// Mount an image as a file (FUSE).
     Mount(cmd::mount::Args),
+    /// Start, watch and cancel jobs in a running qed serve, through its control socket.
+    Job(cmd::job::Args),
     /// Run a simple image benchmark, as qemu-img bench.
     Bench(cmd::bench::Args),
 }
@@ -69,10 +74,12 @@ fn main() -> ExitCode {
         Command::Compare(a) => cmd::compare::run(a),
         Command::Commit(a) => cmd::commit::run(a),
         Command::Rebase(a) => cmd::rebase::run(a),
+        Command::Stream(a) => cmd::stream::run(a),
         Command::Resize(a) => cmd::resize::run(a),
         Command::Measure(a) => cmd::measure::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Mount(a) => cmd::mount::run(a),
+        Command::Job(a) => cmd::job::run(a),
         Command::Bench(a) => cmd::bench::run(a),
     };
     match result {

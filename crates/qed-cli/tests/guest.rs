@@ -867,3 +867,94 @@ fn overlay_takes_the_changes_and_the_base_is_unchanged() {
     assert!(differ.contains("Content mismatch"), "{differ}");
     finished("overlay over a base QEMU wrote", t);
 }
+
+/// A guest boots from an overlay on a base behind a web server while `qed serve
+/// --stream` copies the base in; once the stream has concluded and the web server is
+/// gone, a second guest verifies everything through the overlay alone.
+#[test]
+fn guest_on_an_http_base_while_it_streams_then_without_the_server() {
+    let t = Instant::now();
+    let dir = new_dir();
+    let d = dir.path();
+    create(d, &["base.qed", DISK_SIZE]);
+    let server = Served::start(d, &["--discard=unmap"], "base.qed");
+    let base = boot(
+        d,
+        "base-write",
+        &server.drive(false),
+        Job::Write { block: 4096 },
+    );
+    server.finish();
+    assert_sound(d, "base.qed");
+
+    let mut nginx = common::nginx::Nginx::start();
+    fs::copy(d.join("base.qed"), nginx.root().join("base.qed")).expect("copy the base");
+    let url = nginx.url("base.qed");
+    create(d, &["-b", &url, "-F", "qed", "overlay.qed"]);
+    let control = d.join("control.sock");
+    let control = control.to_str().expect("a UTF-8 path");
+    // Slow enough that the guest runs while the stream does.
+    let server = Served::start(
+        d,
+        &[
+            "-t",
+            "--discard=unmap",
+            "--control",
+            control,
+            "--stream",
+            "--stream-rate",
+            "4M",
+        ],
+        "overlay.qed",
+    );
+    let changed = boot(
+        d,
+        "overlay-modify",
+        &server.drive(false),
+        Job::Modify { sums: base.sums() },
+    );
+    let jobs = || -> Value {
+        serde_json::from_str(&ok(d, QED, &["job", control, "query", "--output", "json"]))
+            .expect("query-jobs JSON")
+    };
+    let during = jobs();
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    let job = loop {
+        let j = jobs();
+        let job = j
+            .as_array()
+            .and_then(|a| a.first())
+            .cloned()
+            .expect("a job");
+        if job["status"] == "concluded" {
+            break job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream did not conclude: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(job.get("error").is_none(), "the stream failed: {job}");
+    server.stop();
+    eprintln!("{}: stream while the guest ran: {during}", test_name());
+
+    nginx.stop();
+    let info: Value =
+        serde_json::from_str(&ok(d, QEMU_IMG, &["info", "--output=json", "overlay.qed"]))
+            .expect("qemu-img info JSON");
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    let server = Served::start(d, &[], "overlay.qed");
+    let checked = boot(
+        d,
+        "overlay-verify",
+        &server.drive(true),
+        Job::Verify {
+            sums: changed.sums(),
+        },
+    );
+    server.finish();
+    assert_eq!(checked.files(), changed.files());
+    assert_sound(d, "overlay.qed");
+    finished("a guest on an http base while it streams", t);
+}

@@ -4,130 +4,15 @@
 //! nginx and QEMU's tools are required (tests/run installs them): a missing one fails
 //! these tests rather than skipping them.
 
+mod common;
+
+use common::nginx::Nginx;
+use common::{fails, ok, run, QED};
 use serde_json::Value;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
-
-const QED: &str = env!("CARGO_BIN_EXE_qed");
-
-/// An nginx serving `root()` on a free loopback port, as this user, with every file it
-/// writes in its own directory; stopped when dropped.
-struct Nginx {
-    dir: TempDir,
-    port: u16,
-    child: Child,
-}
-
-impl Nginx {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("www")).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let d = dir.path().display();
-        let conf = format!(
-            "daemon off;\nmaster_process off;\nerror_log stderr;\npid {d}/nginx.pid;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n\
-               log_format sent '$uri $status $body_bytes_sent';\n\
-               access_log {d}/access.log sent;\n\
-               client_body_temp_path {d}/client_body;\n\
-               proxy_temp_path {d}/proxy;\n\
-               fastcgi_temp_path {d}/fastcgi;\n\
-               uwsgi_temp_path {d}/uwsgi;\n\
-               scgi_temp_path {d}/scgi;\n\
-               server {{ listen 127.0.0.1:{port}; root {d}/www; }}\n\
-             }}\n"
-        );
-        let conf_path = dir.path().join("nginx.conf");
-        std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new("nginx")
-            .arg("-e")
-            .arg("stderr")
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run nginx: {e} (these tests need it: apt-get install nginx-light)")
-            });
-        let mut nginx = Self { dir, port, child };
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = nginx.child.try_wait() {
-                panic!("nginx exited at start: {status}");
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "nginx did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        nginx
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("www")
-    }
-
-    fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{name}", self.port)
-    }
-
-    /// Body bytes sent for `name` so far, from the access log.
-    fn bytes_sent(&self, name: &str) -> u64 {
-        let log = std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
-        let want = format!("/{name}");
-        log.lines()
-            .filter_map(|l| {
-                let mut f = l.split(' ');
-                let (uri, _status, sent) = (f.next()?, f.next()?, f.next()?);
-                (uri == want).then(|| sent.parse::<u64>().ok()).flatten()
-            })
-            .sum()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e} (apt-get install qemu-utils)"))
-}
-
-fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = run(dir, prog, args);
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = run(dir, prog, args);
-    assert!(!out.status.success(), "{prog} {args:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 /// A QED base that qemu-img made and qemu-io wrote, with its raw contents beside it.
 fn qemu_base(nginx: &Nginx, work: &Path) -> PathBuf {
@@ -516,4 +401,146 @@ fn serve_exports_a_url_read_only() {
         String::from_utf8_lossy(&compared.stdout),
         String::from_utf8_lossy(&compared.stderr)
     );
+}
+
+#[test]
+fn every_command_that_opens_an_image_takes_the_remote_flags_and_refuses_bad_values() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let commands: [&[&str]; 15] = [
+        &["create", "-b", "base", "top.qed"],
+        &["info", "x"],
+        &["map", "x"],
+        &["check", "x"],
+        &["io", "-c", "read 0 1", "x"],
+        &["convert", "x", "y"],
+        &["compare", "x", "y"],
+        &["commit", "x"],
+        &["rebase", "-b", "y", "x"],
+        &["resize", "x", "1M"],
+        &["measure", "x"],
+        &["serve", "x"],
+        &["mount", "x", "y"],
+        &["bench", "x"],
+        &["stream", "x"],
+    ];
+    for command in commands {
+        for (flag, value) in [
+            ("--remote-timeout", "0"),
+            ("--remote-deadline", "-3"),
+            ("--remote-connections", "0"),
+            ("--remote-chunk-size", "100k"),
+            ("--remote-cache", "12Q"),
+        ] {
+            let mut args = command.to_vec();
+            let given = format!("{flag}={value}");
+            args.insert(1, &given);
+            let out = run(w, QED, &args);
+            let e = String::from_utf8_lossy(&out.stderr);
+            // clap's usage error: refused before anything is opened.
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {e}");
+            assert!(
+                e.contains(&format!("invalid value '{value}' for '{flag}")),
+                "{args:?}: {e}"
+            );
+        }
+    }
+    // Good values pass through to an ordinary open.
+    ok(w, QED, &["create", "-q", "local.qed", "1M"]);
+    ok(
+        w,
+        QED,
+        &[
+            "info",
+            "--remote-timeout",
+            "0.5",
+            "--remote-deadline",
+            "2",
+            "--remote-connections",
+            "2",
+            "--remote-chunk-size",
+            "1M",
+            "--remote-cache",
+            "4M",
+            "--remote-readahead",
+            "0",
+            "local.qed",
+        ],
+    );
+}
+
+/// A server that accepts connections and never answers; the connections stay open
+/// until it is dropped.
+struct Stalled {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Stalled {
+    fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((conn, _)) = listener.accept() {
+                        held.push(conn);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+        };
+        Self {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_short_deadline_makes_a_stalled_server_fail_fast() {
+    let server = Stalled::start();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let url = format!("http://127.0.0.1:{}/base.qed", server.port);
+    for command in [
+        vec!["info", url.as_str()],
+        vec!["create", "-b", url.as_str(), "-F", "qed", "top.qed"],
+        vec!["convert", "-O", "raw", url.as_str(), "out.raw"],
+    ] {
+        let mut args = vec![
+            command[0],
+            "--remote-timeout",
+            "0.5",
+            "--remote-deadline",
+            "1.5",
+        ];
+        args.extend(&command[1..]);
+        let started = Instant::now();
+        let e = fails(w, QED, &args);
+        let took = started.elapsed();
+        // The defaults (30 s a request, 120 s in all) would wait minutes.
+        assert!(took < Duration::from_secs(6), "{args:?} took {took:?}");
+        assert!(
+            e.contains(&url) && e.contains("timed out") && e.contains("deadline"),
+            "{args:?}: {e}"
+        );
+    }
+    assert!(!w.join("top.qed").exists());
 }

@@ -3,7 +3,8 @@
 //! An [`Image`] is one QED image over a [`Storage`]; it is a [`BlockDevice`], as are raw
 //! files ([`RawDevice`]) and qcow2 images ([`Qcow2Device`], read-only). [`open_device`]
 //! and [`Image::open`] open a device by name (a path, or read-only an http or https URL
-//! read through [`HttpStorage`]) with its backing chain. Whole-image jobs
+//! read through [`HttpStorage`] or an s3 URL read through [`S3Storage`]) with its
+//! backing chain. Whole-image jobs
 //! ([`check`](Image::check), [`convert`], [`compare`], [`commit`], [`rebase`],
 //! [`measure`], [`map`], [`bench()`]) work on any device and report progress through a
 //! callback.
@@ -54,12 +55,12 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use format::{features, Geometry, Header, L2Entry};
 pub use ops::{
-    bench, commit, compare, convert, measure, no_progress, rebase, BenchParams, ConvertOptions,
-    Difference, Engine, Measure, Progress,
+    bench, commit, compare, convert, measure, no_progress, rebase, stream, stream_base,
+    BenchParams, ConvertOptions, Difference, Engine, Measure, Progress, StreamEnd, StreamOptions,
 };
 #[cfg(target_os = "linux")]
 pub use ring::{Ring, Waker, WAKE};
 pub use storage::{
-    AlignedBuf, BlockHold, FileStorage, HttpStorage, MemoryStorage, RemoteOptions, Storage,
-    GROW_STEP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    AlignedBuf, BlockHold, FileStorage, HttpStorage, MemoryStorage, RemoteOptions, S3Config,
+    S3Credentials, S3Storage, Storage, GROW_STEP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };

@@ -182,6 +182,16 @@ enum Step {
     Resize {
         size: u64,
     },
+    /// A read, with copy-on-read on (over a backing file): it may fill clusters, and must
+    /// change nothing the guest sees.
+    Read {
+        off: u64,
+        len: u64,
+    },
+    /// `qed::stream` of everything, leaving no backing file: nothing the guest sees
+    /// changes. It flushes before it rewrites the header, so it is a barrier. (Workloads
+    /// put it last: a later shrink would drop sectors to zeros, not the old backing file.)
+    Stream,
     Close,
 }
 
@@ -362,7 +372,15 @@ fn record(w: &Workload) -> Recorded {
         slow: AtomicBool::new(false),
     });
     let mut image = Some(
-        Image::open_storage(Box::new(slow.clone()), &image_path, &OpenOptions::default()).unwrap(),
+        Image::open_storage(
+            Box::new(slow.clone()),
+            &image_path,
+            &OpenOptions {
+                copy_on_read: w.backing,
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap(),
     );
 
     let mut size = size0;
@@ -488,6 +506,24 @@ fn record(w: &Workload) -> Recorded {
             }
             Step::Flush => {
                 img.flush().unwrap();
+                barrier = true;
+            }
+            Step::Read { off, len } => {
+                let got = read(img, off, len);
+                for (k, s) in sectors_of(off, len).enumerate() {
+                    let h = hash(&got[k * SECTOR as usize..(k + 1) * SECTOR as usize]);
+                    assert_eq!(
+                        Some(h),
+                        history[s].last().unwrap().after,
+                        "{ctx}: sector {s} read wrong"
+                    );
+                }
+            }
+            Step::Stream => {
+                let end = qed::stream(img, &qed::StreamOptions::default(), &mut qed::no_progress)
+                    .unwrap();
+                assert!(matches!(end, qed::StreamEnd::Done { .. }), "{ctx}: {end:?}");
+                assert!(img.backing_file().is_none(), "{ctx}: backing file left");
                 barrier = true;
             }
             Step::Close => {
@@ -899,6 +935,20 @@ fn tour(backing: bool) -> Workload {
             len: 12288,
         },
         Flush,
+        // Reads filling clusters (copy-on-read, over the backing file): a whole cluster,
+        // a part of one beside data, and a run across the table boundary.
+        Read {
+            off: 16 * k,
+            len: 4096,
+        },
+        Read {
+            off: 8192 + 2048,
+            len: 6144,
+        },
+        Read {
+            off: l2 - 12288,
+            len: 20480,
+        },
         // Racing allocations: two writers in one unallocated cluster, neighbours sharing
         // an L2 sector, and a write in place beside them.
         Parallel {
@@ -1013,8 +1063,17 @@ fn tour(backing: bool) -> Workload {
             off: 700 * k,
             len: 2 * 4096,
         },
-        Close,
+        Read {
+            off: 600 * k,
+            len: 64 * k,
+        },
     ];
+    let mut steps = steps;
+    if backing {
+        // Everything else in, then no backing file.
+        steps.push(Stream);
+    }
+    steps.push(Close);
     Workload {
         name: format!(
             "tour ({})",
@@ -1128,7 +1187,7 @@ fn random(backing: bool, table: u32, n: usize, seed: u64) -> Workload {
         (spot * SECTOR, len * SECTOR)
     };
     for _ in 0..n {
-        let step = match rng.below(15) {
+        let step = match rng.below(17) {
             0..=6 => {
                 let (off, len) = range(&mut rng, size);
                 Step::Write { off, len }
@@ -1154,6 +1213,10 @@ fn random(backing: bool, table: u32, n: usize, seed: u64) -> Workload {
                 Step::Parallel { writes }
             }
             13 => Step::Flush,
+            15 | 16 => {
+                let (off, len) = range(&mut rng, size);
+                Step::Read { off, len }
+            }
             _ => {
                 // From half a table's reach to well into the second table.
                 let new = (reach(table) / 2 + rng.below(reach(table) * 5 / 4)) / SECTOR * SECTOR;
@@ -1162,6 +1225,9 @@ fn random(backing: bool, table: u32, n: usize, seed: u64) -> Workload {
             }
         };
         steps.push(step);
+    }
+    if backing && rng.below(2) == 0 {
+        steps.push(Step::Stream);
     }
     steps.push(Step::Close);
     Workload {

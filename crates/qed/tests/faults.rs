@@ -139,7 +139,11 @@ impl Setup {
     }
 
     fn open(&self, storage: Box<dyn Storage>) -> qed::Result<Image> {
-        Image::open_storage(storage, Path::new("faults.qed"), &OpenOptions::default())
+        let opts = OpenOptions {
+            copy_on_read: self.backing_len > 0,
+            ..OpenOptions::default()
+        };
+        Image::open_storage(storage, Path::new("faults.qed"), &opts)
     }
 }
 
@@ -148,10 +152,28 @@ impl Setup {
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    Write { off: u64, len: u64, seed: u64 },
-    Zeroes { off: u64, len: u64 },
-    Discard { off: u64, len: u64 },
+    Write {
+        off: u64,
+        len: u64,
+        seed: u64,
+    },
+    Zeroes {
+        off: u64,
+        len: u64,
+    },
+    Discard {
+        off: u64,
+        len: u64,
+    },
     Flush,
+    /// A read with copy-on-read on (over a backing file): failed or not, it changes
+    /// nothing the guest reads.
+    Read {
+        off: u64,
+        len: u64,
+    },
+    /// `qed::stream` of everything: failed or not, nothing the guest reads changes.
+    Stream,
 }
 
 fn pattern(off: u64, len: u64, seed: u64) -> Vec<u8> {
@@ -169,7 +191,7 @@ fn script(s: &Setup) -> Vec<Op> {
     let (cs, c) = (s.cs, s.coverage);
     let w = |off: u64, len: u64, seed: u64| Write { off, len, seed };
     let page_reach = PAGE_ENTRIES * cs;
-    vec![
+    let mut ops = vec![
         w(100, 3000, 1),                  // new table 0; the rest of the cluster from backing
         w(5 * cs - 300, 2 * cs + 700, 2), // several new clusters, unaligned
         w(c + 2 * cs, cs, 3),             // new table 1, one whole cluster
@@ -226,8 +248,26 @@ fn script(s: &Setup) -> Vec<Op> {
             off: s.size - cs,
             len: cs,
         },
-        w(40 * cs + 7, cs, 14), // left for close to flush
-    ]
+        Read {
+            off: 50 * cs + 100,
+            len: 2 * cs,
+        }, // fills unallocated clusters over the backing file
+        Read {
+            off: 0,
+            len: 8 * cs,
+        }, // data, zero and unallocated clusters mixed
+        w(50 * cs + 200, 100, 15), // in place, into a filled cluster
+        Read {
+            off: c - cs,
+            len: 3 * cs,
+        }, // across tables 0 and 1
+        w(40 * cs + 7, cs, 14),    // left for close to flush
+    ];
+    if s.backing_len > 0 {
+        // What is left of the backing file in, then none: the last request.
+        ops.push(Stream);
+    }
+    ops
 }
 
 fn exec(image: &Image, op: &Op) -> qed::Result<()> {
@@ -236,6 +276,10 @@ fn exec(image: &Image, op: &Op) -> qed::Result<()> {
         Op::Zeroes { off, len } => image.write_zeroes(off, len),
         Op::Discard { off, len } => image.discard(off, len),
         Op::Flush => image.flush(),
+        Op::Read { off, len } => image.read_at(&mut vec![0u8; len as usize], off),
+        Op::Stream => {
+            qed::stream(image, &qed::StreamOptions::default(), &mut qed::no_progress).map(|_| ())
+        }
     }
 }
 
@@ -272,7 +316,7 @@ impl Model {
 
     fn apply(&mut self, s: &Setup, op: &Op, ok: bool) {
         match (*op, ok) {
-            (Op::Flush, _) => {}
+            (Op::Flush | Op::Read { .. } | Op::Stream, _) => {}
             (Op::Write { off, len, .. }, false)
             | (Op::Zeroes { off, len }, false)
             | (Op::Discard { off, len }, false) => {

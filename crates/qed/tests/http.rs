@@ -3,7 +3,7 @@
 
 use qed::{
     open_device, BlockDevice, CreateOptions, HttpStorage, Image, OpenOptions, RemoteOptions,
-    Storage,
+    S3Config, S3Credentials, S3Storage, Storage,
 };
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 /// A request as the test server saw it.
 #[derive(Debug, Clone)]
 struct Request {
+    /// The request target: path and query.
+    target: String,
     headers: HashMap<String, String>,
     /// `Range: bytes=a-b`, inclusive.
     range: Option<(u64, u64)>,
@@ -126,6 +128,7 @@ fn serve(
     if reader.read_line(&mut line).unwrap_or(0) == 0 {
         return;
     }
+    let target = line.split(' ').nth(1).unwrap_or("").to_string();
     loop {
         line.clear();
         if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
@@ -139,7 +142,11 @@ fn serve(
         let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
         Some((a.parse().ok()?, b.parse().ok()?))
     });
-    let req = Request { headers, range };
+    let req = Request {
+        target,
+        headers,
+        range,
+    };
     let n = {
         let mut all = requests.lock().unwrap();
         all.push(req.clone());
@@ -467,6 +474,135 @@ fn transient_failures_are_retried() {
 }
 
 #[test]
+fn retry_after_is_honoured_within_the_deadline() {
+    let data = pattern(1 << 20);
+    // The read's first attempt is told to come back in 2 s.
+    let server = serve_data(data.clone(), |_, n, good| {
+        if n == 1 {
+            let mut r = Reply::status(503);
+            r.headers.push(("Retry-After".into(), "2".into()));
+            r
+        } else {
+            good
+        }
+    });
+    let opts = RemoteOptions {
+        deadline: Duration::from_secs(10),
+        ..quick()
+    };
+    let s = HttpStorage::open(&server.url("x"), &opts).unwrap();
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    s.read_at(&mut buf, 0).unwrap();
+    let took = started.elapsed();
+    assert_eq!(&buf[..], &data[..4096]);
+    assert_eq!(server.requests().len(), 3);
+    // Without the header the backoff would have retried within 100 ms.
+    assert!(took >= Duration::from_secs(2), "retried after {took:?}");
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+}
+
+#[test]
+fn retry_after_as_a_date_is_honoured() {
+    let data = pattern(1 << 20);
+    let server = serve_data(data.clone(), |_, n, good| {
+        if n == 1 {
+            let mut r = Reply::status(429);
+            // Two seconds ahead, as an HTTP-date (whole seconds: at least one ahead).
+            let when = std::time::SystemTime::now() + Duration::from_secs(2);
+            r.headers.push(("Retry-After".into(), http_date(when)));
+            r
+        } else {
+            good
+        }
+    });
+    let opts = RemoteOptions {
+        deadline: Duration::from_secs(10),
+        ..quick()
+    };
+    let s = HttpStorage::open(&server.url("x"), &opts).unwrap();
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    s.read_at(&mut buf, 0).unwrap();
+    let took = started.elapsed();
+    assert_eq!(&buf[..], &data[..4096]);
+    assert!(took >= Duration::from_millis(900), "retried after {took:?}");
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+}
+
+#[test]
+fn retry_after_past_the_deadline_or_unreadable_falls_back_to_backoff() {
+    let data = pattern(1 << 20);
+    // An hour, a date far ahead, garbage: none can be waited for within a 2 s deadline,
+    // so the usual backoff retries, and the server is ready by then.
+    for value in ["3600", "Fri, 01 Jan 9999 00:00:00 GMT", "soon", "-1"] {
+        let server = serve_data(data.clone(), move |_, n, good| {
+            if n == 1 {
+                let mut r = Reply::status(503);
+                r.headers.push(("Retry-After".into(), value.into()));
+                r
+            } else {
+                good
+            }
+        });
+        let s = HttpStorage::open(&server.url("x"), &quick()).unwrap();
+        let started = Instant::now();
+        let mut buf = vec![0u8; 4096];
+        s.read_at(&mut buf, 0).unwrap();
+        let took = started.elapsed();
+        assert_eq!(&buf[..], &data[..4096]);
+        assert!(took < Duration::from_secs(1), "{value}: took {took:?}");
+    }
+    // A server that keeps asking for an hour fails by the deadline, not in an hour.
+    let server = serve_data(data, |_, _, _| {
+        let mut r = Reply::status(503);
+        r.headers.push(("Retry-After".into(), "3600".into()));
+        r
+    });
+    let url = server.url("x");
+    let s = HttpStorage::open(&url, &quick()).unwrap();
+    let started = Instant::now();
+    let e = read_error(&s, 4096, 0);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert!(
+        e.contains(&url) && e.contains("503") && e.contains("deadline"),
+        "{e}"
+    );
+}
+
+/// `when` as an HTTP-date (IMF-fixdate), as a server writes Retry-After.
+fn http_date(when: std::time::SystemTime) -> String {
+    let secs = when
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
+        WEEKDAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize],
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
+#[test]
 fn a_server_that_keeps_failing_fails_by_the_deadline() {
     let server = serve_data(pattern(1 << 20), |_, _, _| Reply::status(503));
     let url = server.url("x");
@@ -606,7 +742,7 @@ fn names_that_are_neither_urls_nor_files_are_refused_clearly() {
         "{e}"
     );
     let e = open_device(
-        Path::new("s3://bucket/base.qed"),
+        Path::new("ftp://host/base.qed"),
         None,
         &OpenOptions::read_only(),
     )
@@ -614,7 +750,7 @@ fn names_that_are_neither_urls_nor_files_are_refused_clearly() {
     .unwrap()
     .to_string();
     assert!(
-        e.contains("s3://bucket/base.qed") && e.contains("http://"),
+        e.contains("ftp://host/base.qed") && e.contains("http://") && e.contains("s3://"),
         "{e}"
     );
 }
@@ -667,4 +803,322 @@ fn an_overlay_reads_a_qed_base_over_http_and_writes_locally() {
     let top = Image::open(&top_path, &OpenOptions::read_only()).unwrap();
     top.read_at(&mut buf, 8 << 20).unwrap();
     assert!(buf.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn concurrent_readers_of_a_chunk_fetch_it_once() {
+    let data = pattern(4 << 20);
+    // Slow answers, so that the readers' requests would overlap.
+    let server = serve_data(data.clone(), |_, _, mut good| {
+        good.stall_head = Duration::from_millis(200);
+        good
+    });
+    let s = HttpStorage::open(&server.url("disk.raw"), &quick()).unwrap();
+    thread::scope(|scope| {
+        for i in 0..8u64 {
+            let (s, data) = (&s, &data);
+            scope.spawn(move || {
+                let off = (1 << 20) + i * 4096;
+                let mut buf = vec![0u8; 4096];
+                s.read_at(&mut buf, off).unwrap();
+                assert_eq!(buf, data[off as usize..off as usize + 4096]);
+            });
+        }
+    });
+    let reads: Vec<_> = server.requests()[1..].iter().map(|r| r.range).collect();
+    assert_eq!(reads.len(), 1, "{reads:?}");
+}
+
+// S3: the same ranged GETs, signed, with XML error replies.
+
+fn s3_config(server: &Server, signed: bool) -> S3Config {
+    S3Config {
+        endpoint: Some(format!("http://127.0.0.1:{}", server.port)),
+        region: "eu-west-3".into(),
+        credentials: signed.then(|| S3Credentials {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
+            session_token: Some("session".into()),
+        }),
+    }
+}
+
+/// The value of query parameter `name` in a request target.
+fn query_param<'a>(target: &'a str, name: &str) -> Option<&'a str> {
+    target
+        .split_once('?')?
+        .1
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+}
+
+fn s3_error(status: u16, code: &str, message: &str) -> Reply {
+    let mut r = Reply::status(status);
+    r.headers
+        .push(("Content-Type".into(), "application/xml".into()));
+    r.body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
+         <Message>{message}</Message><RequestId>1</RequestId></Error>"
+    )
+    .into_bytes();
+    r
+}
+
+#[test]
+fn s3_requests_address_the_bucket_by_path_and_each_is_signed_anew() {
+    let data = pattern(1 << 20);
+    // The first read is told to come back in 2 s: its retry must be signed then.
+    let server = serve_data(data.clone(), |_, n, good| {
+        if n == 1 {
+            let mut r = s3_error(503, "SlowDown", "Please reduce your request rate.");
+            r.headers.push(("Retry-After".into(), "2".into()));
+            r
+        } else {
+            good
+        }
+    });
+    let url = "s3://bucket/dir/disk image.raw";
+    let opts = RemoteOptions {
+        deadline: Duration::from_secs(10),
+        ..quick()
+    };
+    let s = S3Storage::open_with(url, &s3_config(&server, true), &opts).unwrap();
+    assert_eq!(s.url(), url);
+    assert_eq!(s.len().unwrap(), 1 << 20);
+    let mut buf = vec![0u8; 4096];
+    s.read_at(&mut buf, 8192).unwrap();
+    assert_eq!(&buf[..], &data[8192..12288]);
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 3, "{reqs:?}");
+    for r in &reqs {
+        let (path, _) = r.target.split_once('?').unwrap();
+        assert_eq!(path, "/bucket/dir/disk%20image.raw");
+        assert_eq!(
+            query_param(&r.target, "X-Amz-Algorithm"),
+            Some("AWS4-HMAC-SHA256")
+        );
+        assert!(
+            query_param(&r.target, "X-Amz-Credential")
+                .unwrap()
+                .contains("%2Feu-west-3%2Fs3%2Faws4_request"),
+            "{}",
+            r.target
+        );
+        assert_eq!(
+            query_param(&r.target, "X-Amz-Security-Token"),
+            Some("session")
+        );
+        assert!(query_param(&r.target, "X-Amz-Signature").is_some());
+        assert!(
+            !r.target.contains("wJalr"),
+            "the secret was sent: {}",
+            r.target
+        );
+    }
+    // The retry 2 s later carries a signature of its own time.
+    let date = |r: &Request| query_param(&r.target, "X-Amz-Date").unwrap().to_string();
+    assert!(
+        date(&reqs[2]) > date(&reqs[1]),
+        "{} {}",
+        date(&reqs[1]),
+        date(&reqs[2])
+    );
+    assert_ne!(
+        query_param(&reqs[1].target, "X-Amz-Signature"),
+        query_param(&reqs[2].target, "X-Amz-Signature")
+    );
+    // Pinned like any ranged GET.
+    assert_eq!(
+        reqs[2].headers.get("if-match").map(String::as_str),
+        Some("\"v1\"")
+    );
+}
+
+#[test]
+fn s3_requests_without_credentials_are_anonymous() {
+    let data = pattern(1 << 20);
+    let server = serve_data(data.clone(), |_, _, good| good);
+    let s = S3Storage::open_with("s3://pub/k", &s3_config(&server, false), &quick()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    s.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..], &data[..4096]);
+    for r in server.requests() {
+        assert_eq!(r.target, "/pub/k");
+        assert!(!r.headers.contains_key("authorization"));
+    }
+}
+
+#[test]
+fn s3_error_replies_say_what_to_check() {
+    let cases: Vec<(Reply, bool, &[&str])> = vec![
+        (
+            s3_error(404, "NoSuchBucket", "The specified bucket does not exist"),
+            true,
+            &[
+                "bucket 'bucket' does not exist",
+                "NoSuchBucket",
+                "AWS_ENDPOINT_URL_S3",
+            ],
+        ),
+        (
+            s3_error(404, "NoSuchKey", "The specified key does not exist."),
+            true,
+            &["no object 'dir/k'", "NoSuchKey", "check the key"],
+        ),
+        (
+            s3_error(
+                403,
+                "InvalidAccessKeyId",
+                "The AWS Access Key Id you provided does not exist in our records.",
+            ),
+            true,
+            &[
+                "InvalidAccessKeyId",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+            ],
+        ),
+        (
+            s3_error(
+                403,
+                "SignatureDoesNotMatch",
+                "The request signature we calculated does not match &amp; so on",
+            ),
+            true,
+            &[
+                "SignatureDoesNotMatch",
+                "does not match & so on",
+                "AWS_SECRET_ACCESS_KEY",
+            ],
+        ),
+        (
+            s3_error(403, "AccessDenied", "Access Denied"),
+            false,
+            &["access denied", "anonymous", "AWS_ACCESS_KEY_ID"],
+        ),
+        (
+            s3_error(400, "ExpiredToken", "The provided token has expired."),
+            true,
+            &["ExpiredToken", "AWS_SESSION_TOKEN"],
+        ),
+        (
+            s3_error(
+                400,
+                "AuthorizationHeaderMalformed",
+                "the region 'eu-west-3' is wrong; expecting 'us-west-2'",
+            ),
+            true,
+            &["AWS_REGION", "eu-west-3"],
+        ),
+        // Garbage where XML should be: the status still speaks.
+        (
+            Reply {
+                body: b"\xff\x00<Code>\x01<html>".repeat(1000),
+                ..Reply::status(403)
+            },
+            true,
+            &["403", "AWS_ACCESS_KEY_ID"],
+        ),
+        (
+            Reply {
+                body: vec![b'<'; 8 << 20],
+                ..Reply::status(404)
+            },
+            true,
+            &["404", "no object 'dir/k'"],
+        ),
+    ];
+    for (reply, signed, wants) in cases {
+        let reply = Arc::new(Mutex::new(Some(reply)));
+        let server = Server::start(move |_, _| {
+            reply
+                .lock()
+                .unwrap()
+                .take()
+                .unwrap_or_else(|| Reply::status(599))
+        });
+        let url = "s3://bucket/dir/k";
+        let started = Instant::now();
+        let e = S3Storage::open_with(url, &s3_config(&server, signed), &quick())
+            .unwrap_err()
+            .to_string();
+        eprintln!("MSG {e}");
+        assert!(e.starts_with(url), "{e}");
+        for want in wants {
+            assert!(e.contains(want), "{want:?} not in: {e}");
+        }
+        assert!(e.len() < 1000, "{e}");
+        // Not retried: they will not get better.
+        assert_eq!(server.requests().len(), 1, "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+}
+
+#[test]
+fn s3_throttling_is_retried() {
+    let data = pattern(1 << 20);
+    let server = serve_data(data.clone(), |_, n, good| match n {
+        1 => s3_error(503, "SlowDown", "Please reduce your request rate."),
+        2 => s3_error(500, "InternalError", "We encountered an internal error."),
+        3 => Reply::status(429),
+        _ => good,
+    });
+    let s = S3Storage::open_with("s3://b/k", &s3_config(&server, true), &quick()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    s.read_at(&mut buf, 4096).unwrap();
+    assert_eq!(&buf[..], &data[4096..8192]);
+    assert_eq!(server.requests().len(), 5);
+
+    // Throttled for good: the message says so, by the deadline.
+    let server = serve_data(data, |_, _, _| {
+        s3_error(503, "SlowDown", "Please reduce your request rate.")
+    });
+    let s = S3Storage::open_with("s3://b/k", &s3_config(&server, true), &quick()).unwrap();
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let e = s.read_at(&mut buf, 0).unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(
+        e.starts_with("s3://b/k") && e.contains("SlowDown") && e.contains("deadline"),
+        "{e}"
+    );
+}
+
+#[test]
+fn s3_names_that_cannot_be_objects_are_refused() {
+    let server = serve_data(pattern(1 << 20), |_, _, good| good);
+    for (url, want) in [
+        ("s3://bucket", "no key"),
+        ("s3://bucket/", "no key"),
+        ("s3://bu/cket/../k", "'..'"),
+        ("s3://b@d/k", "not a bucket name"),
+    ] {
+        let e = S3Storage::open_with(url, &s3_config(&server, true), &quick())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(url) && e.contains(want), "{e}");
+    }
+    assert!(server.requests().is_empty());
+}
+
+#[test]
+fn absurd_settings_are_refused_or_cost_nothing_up_front() {
+    let data = pattern(1 << 20);
+    let server = serve_data(data.clone(), |_, _, good| good);
+    let url = server.url("disk.raw");
+    let forever = RemoteOptions {
+        deadline: Duration::from_secs(u64::MAX / 4),
+        ..quick()
+    };
+    let e = HttpStorage::open(&url, &forever).unwrap_err().to_string();
+    assert!(e.contains("deadline"), "{e}");
+    // A cache bound of most of the address space reserves nothing until used.
+    let huge = RemoteOptions {
+        cache_bytes: usize::MAX / 2,
+        ..quick()
+    };
+    let s = HttpStorage::open(&url, &huge).unwrap();
+    let mut buf = vec![0u8; 4096];
+    s.read_at(&mut buf, 8192).unwrap();
+    assert_eq!(buf, data[8192..8192 + 4096]);
 }

@@ -48,6 +48,8 @@ pub struct Args {
     quiet: bool,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed bench`; returns the exit code.
@@ -91,12 +93,14 @@ pub fn run(a: Args) -> Result<u8> {
         },
     };
     let format = super::parse_format(a.format.as_deref())?;
-    let dev = super::open_device_with(
+    let dev = super::open_for_io(
         &a.file,
         format,
-        !a.write,
-        direct,
-        qed::DEFAULT_L2_CACHE_BYTES,
+        &qed::OpenOptions {
+            read_only: !a.write,
+            direct,
+            ..a.remote.read_write()
+        },
     )?;
     if !a.quiet {
         println!(

@@ -23,6 +23,8 @@ pub struct Args {
     repair: Option<Repair>,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// What `-r` repairs.
@@ -138,7 +140,7 @@ pub fn run(a: Args) -> Result<u8> {
         no_backing: true,
         read_only: a.repair.is_none(),
         repair_on_open: false,
-        ..OpenOptions::default()
+        ..a.remote.read_write()
     };
     let mut image = Image::open(&a.file, &opts)?;
     let r = match a.repair {

@@ -22,6 +22,8 @@ pub struct Args {
     format: Option<String>,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed commit`; returns the exit code.
@@ -31,7 +33,7 @@ pub fn run(a: Args) -> Result<u8> {
     // command must leave it as it was.
     let ro = OpenOptions {
         no_backing: true,
-        ..OpenOptions::read_only()
+        ..a.remote.read_only()
     };
     let has_backing = Image::open(&a.file, &ro)
         .file_context("could not open", &a.file)?
@@ -40,7 +42,7 @@ pub fn run(a: Args) -> Result<u8> {
     if !has_backing {
         bail!("{} has no backing file to commit into", a.file.display());
     }
-    let mut top = super::open_image(&a.file, &OpenOptions::default())?;
+    let mut top = super::open_image(&a.file, &a.remote.read_write())?;
     let Some(backing) = top.backing_file() else {
         bail!("{} has no backing file to commit into", a.file.display());
     };
@@ -64,7 +66,7 @@ pub fn run(a: Args) -> Result<u8> {
     let size = top.size();
     match format {
         Format::Qed => {
-            let mut base = super::open_image(&base_path, &OpenOptions::default())?;
+            let mut base = super::open_image(&base_path, &a.remote.read_write())?;
             if base.size() < size {
                 base.resize(size, false)?;
             }
@@ -79,7 +81,7 @@ pub fn run(a: Args) -> Result<u8> {
         }
         Format::Qcow2 => bail!("cannot commit into a qcow2 backing file"),
     }
-    let base = open_device(&base_path, Some(format), &OpenOptions::default())?;
+    let base = open_device(&base_path, Some(format), &a.remote.read_write())?;
     let mut progress = ProgressReport::new(a.progress);
     qed::commit(&top, &*base, &mut |d, t| progress.update(d, t))?;
     progress.finish();

@@ -3,8 +3,8 @@
 use super::FileContext;
 use super::{parse_format, ProgressReport};
 use anyhow::Result;
+use qed::open_device;
 use qed::{compare, Difference};
-use qed::{open_device, OpenOptions};
 use std::path::PathBuf;
 
 /// Compare the contents of two images, as `qemu-img compare`.
@@ -28,10 +28,12 @@ pub struct Args {
     a: PathBuf,
     /// The second image.
     b: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 fn compare_files(a: &Args) -> Result<Option<Difference>> {
-    let ro = OpenOptions::read_only();
+    let ro = a.remote.read_only();
     let da = open_device(&a.a, parse_format(a.format_a.as_deref())?, &ro)
         .file_context("could not open", &a.a)?;
     let db = open_device(&a.b, parse_format(a.format_b.as_deref())?, &ro)

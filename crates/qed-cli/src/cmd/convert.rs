@@ -46,6 +46,8 @@ pub struct Args {
     src: PathBuf,
     /// The destination image.
     dst: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed convert`. Every refusal comes before the destination is created or written.
@@ -83,6 +85,7 @@ struct Plan {
     /// `-t unsafe`: the destination is never flushed.
     no_flush: bool,
     progress: bool,
+    remote: crate::remote::RemoteArgs,
 }
 
 impl Plan {
@@ -125,6 +128,7 @@ impl Plan {
             direct,
             no_flush,
             progress: a.progress,
+            remote: a.remote,
         })
     }
 }
@@ -143,7 +147,7 @@ fn refuse_same_file(plan: &Plan) -> Result<()> {
 }
 
 fn open_source(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
-    open_device(&plan.src, plan.src_format, &OpenOptions::read_only())
+    open_device(&plan.src, plan.src_format, &plan.remote.read_only())
         .file_context("could not open source", &plan.src)
 }
 
@@ -183,7 +187,7 @@ fn create_qed_destination(plan: &Plan, size: u64) -> Result<()> {
     plan.geometry.apply(&mut opts);
     if let Some(b) = &plan.backing {
         let path = resolve_backing_path(&plan.dst, b);
-        let dev = open_device(&path, plan.backing_format, &OpenOptions::read_only())
+        let dev = open_device(&path, plan.backing_format, &plan.remote.read_only())
             .file_context("could not open backing file", &path)?;
         if chain_contains(&*dev, &plan.dst) {
             bail!(
@@ -207,7 +211,7 @@ fn create_qed_destination(plan: &Plan, size: u64) -> Result<()> {
 fn check_existing_destination(plan: &Plan, size: u64) -> Result<()> {
     let ro = OpenOptions {
         no_backing: true,
-        ..OpenOptions::read_only()
+        ..plan.remote.read_only()
     };
     let existing = open_device(&plan.dst, Some(plan.dst_format), &ro)
         .file_context("could not open destination", &plan.dst)?;
@@ -227,7 +231,7 @@ fn open_destination(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
     let opts = OpenOptions {
         direct: plan.direct,
         no_flush: plan.no_flush,
-        ..OpenOptions::default()
+        ..plan.remote.read_write()
     };
     if plan.dst_format == Format::Qed {
         return Ok(Box::new(super::open_image(&plan.dst, &opts)?));

@@ -4,7 +4,7 @@ use super::FileContext;
 use crate::units::parse_size;
 use anyhow::{bail, Context, Result};
 use qed::resolve_backing_path;
-use qed::{open_device, CreateOptions, Format, Image, OpenOptions};
+use qed::{open_device, CreateOptions, Format, Image};
 use std::path::PathBuf;
 
 /// Create a new QED image.
@@ -32,6 +32,8 @@ pub struct Args {
     file: PathBuf,
     /// Virtual size (k, M, G, T suffixes); defaults to the backing file's size.
     size: Option<String>,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed create`; returns the exit code.
@@ -62,7 +64,7 @@ pub fn run(a: Args) -> Result<u8> {
     let size = match (&backing, a.unsafe_backing) {
         (Some(name), false) => {
             let path = resolve_backing_path(&a.file, name);
-            let dev = open_device(&path, format, &OpenOptions::read_only())
+            let dev = open_device(&path, format, &a.remote.read_only())
                 .file_context("could not open backing file", &path)?;
             if format.is_none() {
                 format = Some(dev.format());

@@ -19,6 +19,8 @@ pub struct Args {
     format: Option<String>,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// `qemu-img info --output=json`'s keys for a QED image, plus the table and header size.
@@ -48,7 +50,7 @@ pub fn run(a: Args) -> Result<u8> {
     super::require_qed(a.format.as_deref())?;
     let opts = OpenOptions {
         no_backing: true,
-        ..OpenOptions::read_only()
+        ..a.remote.read_only()
     };
     let image = Image::open(&a.file, &opts)?;
     let header = image.header();

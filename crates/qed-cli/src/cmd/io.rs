@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// Run commands on an image, as qemu-io: `read [-P PATTERN] [-v] OFF LEN`,
-/// `write [-P PATTERN] [-z] OFF LEN`, `discard OFF LEN`, `flush`, `map`.
+/// `write [-P PATTERN] [-z] OFF LEN`, `discard OFF LEN`, `flush`, `map`, `sleep MS`.
 #[derive(clap::Args)]
 pub struct Args {
     /// Open read-only.
@@ -16,11 +16,16 @@ pub struct Args {
     /// Image format (raw or qed; probed when omitted).
     #[arg(short = 'f')]
     format: Option<String>,
+    /// Reads of clusters the image does not hold copy them in from its backing chain.
+    #[arg(long = "copy-on-read")]
+    copy_on_read: bool,
     /// A command to run; repeat for several, run in order.
     #[arg(short = 'c', required = true)]
     commands: Vec<String>,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Largest buffer one command moves at a time.
@@ -207,14 +212,32 @@ fn run_one(dev: &dyn BlockDevice, line: &str) -> Result<()> {
         }
         "flush" => Ok(dev.flush()?),
         "map" => map(dev),
-        _ => bail!("unknown command '{name}': use read, write, discard, flush or map"),
+        // As qemu-io's: lets a script leave time for something else to happen.
+        "sleep" => {
+            let ms = match args {
+                [ms] => ms.parse::<u64>().ok().filter(|&ms| ms <= 86_400_000),
+                _ => None,
+            }
+            .context("sleep: expected milliseconds, such as 500")?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Ok(())
+        }
+        _ => bail!("unknown command '{name}': use read, write, discard, flush, map or sleep"),
     }
 }
 
 /// Runs `qed io`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     let format = super::parse_format(a.format.as_deref())?;
-    let dev = super::open_for_io(&a.file, format, a.read_only)?;
+    let dev = super::open_for_io(
+        &a.file,
+        format,
+        &qed::OpenOptions {
+            read_only: a.read_only,
+            copy_on_read: a.copy_on_read,
+            ..a.remote.read_write()
+        },
+    )?;
     let mut failed = false;
     for c in &a.commands {
         if let Err(e) = run_one(&*dev, c) {

@@ -3,8 +3,8 @@
 use crate::units::parse_size;
 use crate::Output;
 use anyhow::Result;
+use qed::open_device;
 use qed::{for_each_run, MapEntry};
-use qed::{open_device, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -25,6 +25,8 @@ pub struct Args {
     max_length: Option<String>,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 fn json_row(e: &MapEntry) -> String {
@@ -52,7 +54,7 @@ fn hex16(v: u64) -> String {
 /// Runs `qed map`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     let format = super::parse_format(a.format.as_deref())?;
-    let dev = open_device(&a.file, format, &OpenOptions::read_only())?;
+    let dev = open_device(&a.file, format, &a.remote.read_only())?;
     let start = parse_size(&a.start_offset)?;
     let len = match &a.max_length {
         Some(s) => parse_size(s)?,

@@ -6,7 +6,7 @@ use crate::Output;
 use anyhow::{bail, Result};
 use qed::measure;
 use qed::Geometry;
-use qed::{open_device, CreateOptions, OpenOptions};
+use qed::{open_device, CreateOptions};
 use std::path::PathBuf;
 
 /// How large a QED image must be: for a new image of `--size`, or to hold FILE's data.
@@ -29,6 +29,8 @@ pub struct Args {
     options: Vec<String>,
     /// The source image.
     file: Option<PathBuf>,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed measure`; returns the exit code.
@@ -46,11 +48,7 @@ pub fn run(a: Args) -> Result<u8> {
             measure(None, size, geometry)?
         }
         (None, Some(f)) => {
-            let src = open_device(
-                f,
-                parse_format(a.format.as_deref())?,
-                &OpenOptions::read_only(),
-            )?;
+            let src = open_device(f, parse_format(a.format.as_deref())?, &a.remote.read_only())?;
             opts.size = src.size();
             let size = opts.header()?.image_size;
             measure(Some(&*src), size, geometry)?

@@ -8,12 +8,14 @@ pub mod convert;
 pub mod create;
 pub mod info;
 pub mod io;
+pub mod job;
 pub mod map;
 pub mod measure;
 pub mod mount;
 pub mod rebase;
 pub mod resize;
 pub mod serve;
+pub mod stream;
 
 use anyhow::{bail, Result};
 use qed::Format;
@@ -67,34 +69,39 @@ pub fn parse_cache(cache: &str) -> Result<bool> {
 pub fn open_for_io(
     path: &std::path::Path,
     format: Option<Format>,
-    read_only: bool,
+    opts: &qed::OpenOptions,
 ) -> Result<Box<dyn qed::BlockDevice>> {
-    open_device_with(path, format, read_only, false, qed::DEFAULT_L2_CACHE_BYTES)
+    Ok(match open_for_jobs(path, format, opts)? {
+        Opened::Qed(image) => image,
+        Opened::Other(device) => device,
+    })
 }
 
-/// [`open_for_io`] with the host cache mode (`direct`: O_DIRECT) and L2 cache bound.
-pub fn open_device_with(
+/// A device opened for I/O, a QED image kept as one: jobs (streaming) need the image.
+pub enum Opened {
+    /// A QED image.
+    Qed(Box<qed::Image>),
+    /// Any other device.
+    Other(Box<dyn qed::BlockDevice>),
+}
+
+/// [`open_for_io`], keeping a QED image's type.
+pub fn open_for_jobs(
     path: &std::path::Path,
     format: Option<Format>,
-    read_only: bool,
-    direct: bool,
-    l2_cache_bytes: usize,
-) -> Result<Box<dyn qed::BlockDevice>> {
-    let opts = qed::OpenOptions {
-        read_only,
-        direct,
-        l2_cache_bytes,
-        ..Default::default()
-    };
+    opts: &qed::OpenOptions,
+) -> Result<Opened> {
+    if opts.copy_on_read && opts.read_only {
+        bail!("--copy-on-read writes what it reads into the image: it cannot be read-only");
+    }
     let format = match format {
         Some(f) => f,
-        None => qed::probe_format_at(path, &opts).file_context("could not open", path)?,
+        None => qed::probe_format_at(path, opts).file_context("could not open", path)?,
     };
     if format != Format::Qed {
-        return Ok(qed::open_device(path, Some(format), &opts)?);
+        return Ok(Opened::Other(qed::open_device(path, Some(format), opts)?));
     }
-    let image = open_image(path, &opts)?;
-    Ok(Box::new(image))
+    Ok(Opened::Qed(Box::new(open_image(path, opts)?)))
 }
 
 /// Opens a QED image; when the open had to repair it (NEED_CHECK was set), says what

@@ -21,6 +21,9 @@ pub struct Args {
     /// kernel cache on the mounted file).
     #[arg(long = "cache", default_value = "writeback")]
     cache: String,
+    /// Reads of clusters the image does not hold copy them in from its backing chain.
+    #[arg(long = "copy-on-read")]
+    copy_on_read: bool,
     /// Punched holes: ignore (a zero write), or unmap (discard in the image, then zero).
     #[arg(long = "discard", default_value = "ignore")]
     discard: String,
@@ -45,6 +48,8 @@ pub struct Args {
     /// An existing regular file (it becomes the disk) or directory (the disk appears in
     /// it under the image's name).
     mountpoint: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed mount`: serves until the mount is unmounted (`fusermount3 -u`), SIGINT or
@@ -76,7 +81,17 @@ pub fn run(a: Args) -> Result<u8> {
     qed_fuse::check_fuse_device()?;
     refuse_mounting_on_the_image(&a.file, &a.mountpoint, &place)?;
 
-    let device = super::open_device_with(&a.file, format, a.read_only, direct, l2_cache_bytes)?;
+    let device = super::open_for_io(
+        &a.file,
+        format,
+        &qed::OpenOptions {
+            read_only: a.read_only,
+            direct,
+            l2_cache_bytes,
+            copy_on_read: a.copy_on_read,
+            ..a.remote.read_write()
+        },
+    )?;
     let device: Arc<dyn qed::BlockDevice> = Arc::from(device);
     if qed::chain_contains(&*device, place.path()) {
         bail!(

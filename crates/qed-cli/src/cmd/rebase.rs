@@ -30,6 +30,8 @@ pub struct Args {
     format: Option<String>,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed rebase`; returns the exit code.
@@ -42,7 +44,7 @@ pub fn run(a: Args) -> Result<u8> {
         &a.file,
         &OpenOptions {
             no_backing: true,
-            ..OpenOptions::read_only()
+            ..a.remote.read_only()
         },
     )
     .file_context("could not open", &a.file)?
@@ -61,7 +63,7 @@ pub fn run(a: Args) -> Result<u8> {
             None
         } else {
             Some(
-                open_device(&path, format, &OpenOptions::read_only()).with_context(|| {
+                open_device(&path, format, &a.remote.read_only()).with_context(|| {
                     format!("could not open new backing file {}", path.display())
                 })?,
             )
@@ -87,7 +89,7 @@ pub fn run(a: Args) -> Result<u8> {
     };
     let opts = OpenOptions {
         no_backing: a.unsafe_mode,
-        ..OpenOptions::default()
+        ..a.remote.read_write()
     };
     let mut image = super::open_image(&a.file, &opts)?;
     if !a.unsafe_mode {

@@ -20,6 +20,8 @@ pub struct Args {
     /// New size, or a change to it with + or -.
     #[arg(allow_hyphen_values = true)]
     size: String,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed resize`; returns the exit code.
@@ -29,7 +31,7 @@ pub fn run(a: Args) -> Result<u8> {
     // refused command must leave it as it was.
     let ro = OpenOptions {
         no_backing: true,
-        ..OpenOptions::read_only()
+        ..a.remote.read_only()
     };
     let image = Image::open(&a.file, &ro).file_context("could not open", &a.file)?;
     let old = image.size();
@@ -49,7 +51,7 @@ pub fn run(a: Args) -> Result<u8> {
     };
     image.validate_resize(new, a.shrink)?;
     drop(image);
-    let mut image = super::open_image(&a.file, &OpenOptions::default())?;
+    let mut image = super::open_image(&a.file, &a.remote.read_write())?;
     image.resize(new, a.shrink)?;
     image.close()?;
     println!("Image resized.");

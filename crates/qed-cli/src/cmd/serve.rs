@@ -1,11 +1,16 @@
 //! `qed serve`: export an image over NBD, in the manner of qemu-nbd.
 
+use super::Opened;
 use anyhow::{bail, Context, Result};
+use qed::BlockDevice;
+use qed_control::{Commands, ControlServer, Jobs, StreamRequest, StreamTarget};
 use qed_nbd::{Config, DiscardMode, Export, Listener, Server};
+use signal_hook::consts::{SIGINT, SIGTERM};
 use std::net::TcpListener;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Serve an image over NBD.
@@ -41,6 +46,9 @@ pub struct Args {
     /// Host cache mode: writeback (page cache) or none (O_DIRECT).
     #[arg(long = "cache", default_value = "writeback")]
     cache: String,
+    /// Reads of clusters the image does not hold copy them in from its backing chain.
+    #[arg(long = "copy-on-read")]
+    copy_on_read: bool,
     /// Trim requests: ignore, or unmap (discard in the image).
     #[arg(long = "discard", default_value = "ignore")]
     discard: String,
@@ -53,12 +61,28 @@ pub struct Args {
     /// Bound on cached L2 table entries, in bytes (k, M suffixes).
     #[arg(long = "l2-cache-size", default_value = "16M")]
     l2_cache: String,
+    /// Listen for control commands on this Unix socket: QMP-shaped JSON lines that
+    /// start, query and cancel jobs (stream, query-jobs, job-cancel; see qed job).
+    #[arg(long = "control")]
+    control: Option<PathBuf>,
+    /// Start a stream job at launch: copy what the image reads from its backing chain
+    /// into it while it is served, then drop the backing file (see qed stream).
+    #[arg(long = "stream")]
+    stream: bool,
+    /// With --stream: keep this backing file (one of the chain's).
+    #[arg(long = "stream-base", requires = "stream")]
+    stream_base: Option<String>,
+    /// With --stream: copy at most this many bytes per second (k, M, G suffixes).
+    #[arg(long = "stream-rate", requires = "stream")]
+    stream_rate: Option<String>,
     /// The image.
     file: PathBuf,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed serve`: serves until SIGINT or SIGTERM (or, unless persistent, until the
-/// last client leaves), then leaves the image clean.
+/// last client leaves), then cancels the jobs still running and leaves the image clean.
 pub fn run(a: Args) -> Result<u8> {
     let discard = parse_discard(&a.discard)?;
     let direct = super::parse_cache(&a.cache)?;
@@ -68,33 +92,131 @@ pub fn run(a: Args) -> Result<u8> {
     let l2_cache_bytes = usize::try_from(crate::units::parse_size(&a.l2_cache)?)
         .context("--l2-cache-size is too large")?;
     let format = super::parse_format(a.format.as_deref())?;
-    let device = super::open_device_with(&a.file, format, a.read_only, direct, l2_cache_bytes)?;
-    let device: Arc<dyn qed::BlockDevice> = Arc::from(device);
+    let opened = super::open_for_jobs(
+        &a.file,
+        format,
+        &qed::OpenOptions {
+            read_only: a.read_only,
+            direct,
+            l2_cache_bytes,
+            copy_on_read: a.copy_on_read,
+            ..a.remote.read_write()
+        },
+    )?;
+    // A QED image is shared by the export and its jobs; anything else cannot stream.
+    let (device, target): (Arc<dyn BlockDevice>, StreamTarget) = match opened {
+        Opened::Qed(image) => {
+            let image: Arc<qed::Image> = Arc::from(image);
+            (image.clone(), StreamTarget::Image(image))
+        }
+        Opened::Other(device) => {
+            let why = format!(
+                "{} is a {} image: only a QED image has a backing chain to stream from",
+                a.file.display(),
+                device.format()
+            );
+            (Arc::from(device), StreamTarget::Refused(why))
+        }
+    };
+    let stream = launch_stream(&a, &target)?.map(|req| (req, target.clone()));
 
+    let jobs = Jobs::new();
+    let name = a.file.display().to_string();
+    jobs.set_observer(move |j| eprintln!("qed serve: {name}: {}", super::job::outcome(j)));
+    // The control socket first: refused (in use by a live server), it leaves nothing
+    // behind, and it is removed again if the NBD socket is refused.
+    let control = match &a.control {
+        Some(path) => {
+            let mut commands = Commands::new(jobs.clone());
+            qed_control::add_stream_command(&mut commands, target);
+            Some(ControlServer::start(path, Arc::new(commands))?)
+        }
+        None => None,
+    };
     let (listener, place) = listen(&a)?;
     let server = build_server(&a, device.clone(), discard);
     let stop = server.shutdown_flag();
-    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop)?;
+    // A signal stops the jobs before the server: a cancelled stream leaves the image
+    // naming its old backing file, consistent, while requests in flight finish.
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let signal_handle = signals.handle();
+    let signal_jobs = jobs.clone();
+    let signal_thread = std::thread::spawn(move || {
+        for _ in signals.forever() {
+            signal_jobs.close();
+            stop.store(true, Ordering::Release);
+        }
+    });
     if let Some(p) = &a.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .with_context(|| format!("could not write {}", p.display()))?;
     }
     eprintln!(
-        "qed serve: {} exported as '{}' on {place}{}",
+        "qed serve: {} exported as '{}' on {place}{}{}",
         a.file.display(),
         a.name,
-        if a.read_only { " (read-only)" } else { "" }
+        if a.read_only { " (read-only)" } else { "" },
+        match &control {
+            Some(c) => format!(", control socket {}", c.path().display()),
+            None => String::new(),
+        }
     );
-    let result = server.run(listener);
+    // Started once the banner is out, so that the job's end is never logged before it.
+    let started = match stream {
+        Some((req, target)) => qed_control::start_stream(&jobs, &target, req).map(|_| ()),
+        None => Ok(()),
+    };
+    let result = match started {
+        Err(e) => Err(anyhow::anyhow!("--stream: {e}")),
+        Ok(()) => server.run(listener).context("serving"),
+    };
+    jobs.close();
+    jobs.wait();
+    if let Some(c) = control {
+        c.stop();
+    }
+    signal_handle.close();
+    let _ = signal_thread.join();
     // Every request has been answered: make the image clean (flush, NEED_CHECK off).
     let flushed = device.flush();
     drop(server);
     drop(device);
     remove_files(&a);
-    result.context("serving")?;
+    result?;
     flushed?;
     Ok(0)
+}
+
+/// The stream `--stream` asks for, refused before anything listens when it could not
+/// start.
+fn launch_stream(a: &Args, target: &StreamTarget) -> Result<Option<StreamRequest>> {
+    if !a.stream {
+        return Ok(None);
+    }
+    let image = match target {
+        StreamTarget::Image(image) => image,
+        StreamTarget::Refused(why) => bail!("--stream: {why}"),
+    };
+    if a.read_only {
+        bail!("--stream writes into the image: it cannot be exported read-only (-r)");
+    }
+    let rate = a
+        .stream_rate
+        .as_deref()
+        .map(crate::units::parse_size)
+        .transpose()
+        .context("--stream-rate")?;
+    if rate == Some(0) {
+        bail!("--stream-rate must be more than 0 bytes per second");
+    }
+    if let Some(base) = &a.stream_base {
+        qed::stream_base(image, base).context("--stream-base")?;
+    }
+    Ok(Some(StreamRequest {
+        id: None,
+        base: a.stream_base.clone(),
+        rate,
+    }))
 }
 
 fn parse_discard(discard: &str) -> Result<DiscardMode> {

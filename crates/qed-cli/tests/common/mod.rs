@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod nginx;
+
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -35,6 +37,11 @@ pub fn install_hint(prog: &str) -> &'static str {
         "fusermount3" => " (apt-get install fuse3, or run tests/run)",
         "mkfs.ext4" | "e2fsck" | "mke2fs" => " (apt-get install e2fsprogs, or run tests/run)",
         "nginx" => " (apt-get install nginx-light, or run tests/run)",
+        "s3s-fs" => {
+            " (cargo install s3s-fs --version 0.14.1 --features binary --locked, or run \
+             tests/run)"
+        }
+        "moto_server" => " (pip install 'moto[server]' in a venv, or run tests/run)",
         "qemu-system-x86_64" => " (qemu-system-x86 from bookworm-backports: run tests/run)",
         "bash" | "md5sum" => " (a base system tool)",
         _ => "",

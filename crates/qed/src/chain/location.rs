@@ -2,12 +2,14 @@
 //!
 //! Every name the chain opens (an image named by the caller, a backing file named in a
 //! header) passes through [`Location`]: it is the one place that turns a name into
-//! storage. A name is a path, or an `http://` / `https://` URL; another kind of remote
-//! base (s3) is one more variant here, opening a storage of its own, and nothing above
-//! this module changes.
+//! storage. A name is a path, an `http://` / `https://` URL, or an `s3://BUCKET/KEY`
+//! URL; each kind of remote base is a variant here, opening a storage of its own, and
+//! nothing above this module tells them apart.
 
 use crate::error::{Error, Result};
-use crate::storage::{is_http_url, FileStorage, HttpStorage, RemoteOptions, Storage};
+use crate::storage::{
+    is_http_url, is_s3_url, FileStorage, HttpStorage, RemoteOptions, S3Storage, Storage,
+};
 use std::path::{Path, PathBuf};
 
 /// A place the chain can open.
@@ -17,6 +19,8 @@ pub(crate) enum Location {
     File(PathBuf),
     /// An object behind an http or https URL, read-only.
     Http(String),
+    /// An object in S3 (`s3://BUCKET/KEY`), read-only.
+    S3(String),
 }
 
 impl Location {
@@ -24,6 +28,7 @@ impl Location {
     pub(crate) fn named(path: &Path) -> Self {
         match path.to_str() {
             Some(name) if is_http_url(name) => Location::Http(name.to_string()),
+            Some(name) if is_s3_url(name) => Location::S3(name.to_string()),
             _ => Location::File(path.to_path_buf()),
         }
     }
@@ -37,20 +42,20 @@ impl Location {
     pub(crate) fn path(&self) -> &Path {
         match self {
             Location::File(p) => p,
-            Location::Http(url) => Path::new(url),
+            Location::Http(url) | Location::S3(url) => Path::new(url),
         }
     }
 
     /// Whether the location is on a server, and so read-only.
     pub(crate) fn is_remote(&self) -> bool {
-        matches!(self, Location::Http(_))
+        matches!(self, Location::Http(_) | Location::S3(_))
     }
 
     /// What identifies the location whatever it is called, for loop detection.
     pub(crate) fn identity(&self) -> Result<PathBuf> {
         match self {
             Location::File(p) => p.canonicalize().map_err(|e| file_error(p, e)),
-            Location::Http(url) => Ok(PathBuf::from(url)),
+            Location::Http(url) | Location::S3(url) => Ok(PathBuf::from(url)),
         }
     }
 
@@ -66,28 +71,25 @@ impl Location {
                 Ok(s) => Ok(Box::new(s)),
                 Err(e) => Err(file_error(p, e)),
             },
-            Location::Http(url) => {
-                if !read_only {
-                    return Err(Error::Remote {
-                        url: url.clone(),
-                        reason: "a remote image can only be opened read-only; to change it, \
-                                 create a local overlay on it (qed create -b URL)"
-                            .into(),
-                    });
-                }
-                Ok(Box::new(HttpStorage::open(url, remote)?))
-            }
+            Location::Http(url) | Location::S3(url) if !read_only => Err(Error::Remote {
+                url: url.clone(),
+                reason: "a remote image can only be opened read-only; to change it, create \
+                         a local overlay on it (qed create -b URL)"
+                    .into(),
+            }),
+            Location::Http(url) => Ok(Box::new(HttpStorage::open(url, remote)?)),
+            Location::S3(url) => Ok(Box::new(S3Storage::open(url, remote)?)),
         }
     }
 }
 
-/// The error of a file that could not be opened. A missing file named like s3://... is
+/// The error of a file that could not be opened. A missing file named like ftp://... is
 /// more likely a URL of a kind not read here than a path: that is said rather than "no
 /// such file".
 fn file_error(p: &Path, e: std::io::Error) -> Error {
     if e.kind() == std::io::ErrorKind::NotFound && looks_like_url(p) {
         return Error::Unsupported(format!(
-            "{}: no such file, and only http:// and https:// URLs name remote images",
+            "{}: no such file, and only http://, https:// and s3:// URLs name remote images",
             p.display()
         ));
     }
@@ -111,13 +113,18 @@ fn looks_like_url(path: &Path) -> bool {
 
 /// Resolves a backing file name as QEMU does: a URL stays as it is; other names that
 /// are relative are relative to the directory of the image that names them (for an
-/// image behind a URL, to the URL's directory, on the same server).
+/// image behind a URL, to the URL's directory, on the same server or in the same
+/// bucket).
 pub fn resolve_backing_path(image_path: &Path, name: &str) -> PathBuf {
-    if is_http_url(name) {
+    if is_http_url(name) || is_s3_url(name) {
         return PathBuf::from(name);
     }
     if let Some(image_url) = image_path.to_str().filter(|s| is_http_url(s)) {
-        return PathBuf::from(resolve_against_url(image_url, name));
+        return PathBuf::from(resolve_against_url(image_url, name, true));
+    }
+    // An S3 key is all of what follows the bucket: '?' and '#' are part of it.
+    if let Some(image_url) = image_path.to_str().filter(|s| is_s3_url(s)) {
+        return PathBuf::from(resolve_against_url(image_url, name, false));
     }
     let p = Path::new(name);
     if p.is_absolute() {
@@ -130,9 +137,14 @@ pub fn resolve_backing_path(image_path: &Path, name: &str) -> PathBuf {
 }
 
 /// `name` relative to the URL `base`: an absolute path replaces the base's path, a
-/// relative one its last segment. The query of the base is not carried over.
-fn resolve_against_url(base: &str, name: &str) -> String {
-    let base = base.split(['?', '#']).next().unwrap_or(base);
+/// relative one its last segment. The query of the base (when `has_query`) is not
+/// carried over.
+fn resolve_against_url(base: &str, name: &str, has_query: bool) -> String {
+    let base = if has_query {
+        base.split(['?', '#']).next().unwrap_or(base)
+    } else {
+        base
+    };
     let after_scheme = base.find("://").map_or(0, |i| i + 3);
     let origin_end = base[after_scheme..]
         .find('/')
@@ -161,6 +173,28 @@ mod tests {
         assert_eq!(
             Location::backing(Path::new("dir/top.qed"), "base.qed"),
             Location::File(PathBuf::from("dir/base.qed"))
+        );
+    }
+
+    #[test]
+    fn s3_names_are_remote_and_relative_names_stay_in_the_bucket() {
+        assert_eq!(
+            Location::backing(Path::new("dir/top.qed"), "s3://b/k/base.qed"),
+            Location::S3("s3://b/k/base.qed".into())
+        );
+        assert!(Location::named(Path::new("S3://b/k")).is_remote());
+        let img = Path::new("s3://b/dir/top?.qed");
+        assert_eq!(
+            resolve_backing_path(img, "base.raw"),
+            PathBuf::from("s3://b/dir/base.raw")
+        );
+        assert_eq!(
+            resolve_backing_path(img, "/other/base.raw"),
+            PathBuf::from("s3://b/other/base.raw")
+        );
+        assert_eq!(
+            resolve_backing_path(img, "http://h/base.raw"),
+            PathBuf::from("http://h/base.raw")
         );
     }
 

@@ -17,7 +17,7 @@ use crate::engine::{Backing, Image, ImageOptions, DEFAULT_L2_CACHE_BYTES};
 use crate::error::{Error, IoContext, Result};
 use crate::format::MAGIC;
 use crate::storage::{NoFlush, RemoteOptions, Storage};
-use location::Location;
+pub(crate) use location::Location;
 use std::path::{Path, PathBuf};
 
 /// How deep a backing chain may go (the image itself excluded).
@@ -44,8 +44,11 @@ pub struct OpenOptions {
     /// system writes back in its own time. For work that is redone after a crash, such
     /// as a copy into a new image.
     pub no_flush: bool,
-    /// How images named by http or https URLs are read.
+    /// How images named by http, https or s3 URLs are read.
     pub remote: RemoteOptions,
+    /// Reads of clusters the image does not hold copy them in from its backing chain
+    /// (the image itself only: its backing files stay read-only).
+    pub copy_on_read: bool,
 }
 
 impl Default for OpenOptions {
@@ -58,6 +61,7 @@ impl Default for OpenOptions {
             direct: false,
             no_flush: false,
             remote: RemoteOptions::default(),
+            copy_on_read: false,
         }
     }
 }
@@ -77,6 +81,7 @@ impl OpenOptions {
             read_only: self.read_only,
             l2_cache_bytes: self.l2_cache_bytes,
             repair_on_open: self.repair_on_open,
+            copy_on_read: self.copy_on_read,
         }
     }
 
@@ -93,6 +98,7 @@ impl OpenOptions {
     fn for_backing(&self) -> Self {
         Self {
             read_only: true,
+            copy_on_read: false,
             ..self.clone()
         }
     }
@@ -111,7 +117,8 @@ pub fn probe_format(storage: &dyn Storage) -> std::io::Result<Format> {
     })
 }
 
-/// Opens a device by name: a path, or an `http://` / `https://` URL (read-only).
+/// Opens a device by name: a path, or an `http://`, `https://` or `s3://` URL
+/// (read-only).
 /// `format` of `None` probes it. A QED image opens its backing chain unless
 /// `opts.no_backing`; backing files are always read-only.
 pub fn open_device(
@@ -130,14 +137,14 @@ pub fn probe_format_at(path: &Path, opts: &OpenOptions) -> Result<Format> {
     probe_format(&*storage).context(|| format!("probing {}", path.display()))
 }
 
-/// Whether `name` is a URL that names a remote image (`http://` or `https://`), which
+/// Whether `name` is a URL that names a remote image (`http://`, `https://` or `s3://`), which
 /// the chain opens read-only and does not resolve against other names.
 pub fn is_remote_name(name: &str) -> bool {
     Location::named(Path::new(name)).is_remote()
 }
 
 impl Image {
-    /// Opens an image file (or, read-only, an http or https URL), with its backing
+    /// Opens an image file (or, read-only, an http, https or s3 URL), with its backing
     /// chain unless `opts.no_backing`.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
         let location = Location::named(path.as_ref());
@@ -223,7 +230,7 @@ impl Chain {
             Format::Raw => Ok(Box::new(RawDevice::new(storage, name, opts.read_only)?)),
             Format::Qed => Ok(Box::new(self.open_image(storage, location, opts)?)),
             Format::Qcow2 if location.is_remote() => Err(Error::Unsupported(format!(
-                "{}: qcow2 images cannot be read over http yet: use a raw or qed base",
+                "{}: remote qcow2 images cannot be read yet: use a raw or qed base",
                 path.display()
             ))),
             #[cfg(feature = "qcow2")]

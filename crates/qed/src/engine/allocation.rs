@@ -143,6 +143,12 @@ impl<'a> Allocation<'a> {
         self.image.reserve(self.span())
     }
 
+    /// Step 3 when only `n` of the claimed clusters will hold data (the rest becoming
+    /// zero clusters). Returns where the first new one starts.
+    pub(super) fn reserve_clusters(&self, n: u64) -> Result<u64> {
+        self.image.reserve(n * self.image.geometry.cluster_size())
+    }
+
     /// Guest offset of the first claimed cluster.
     pub(super) fn first(&self) -> u64 {
         self.first
@@ -160,6 +166,14 @@ impl<'a> Allocation<'a> {
         let write_back = self.wait == Wait::Block;
         self.image
             .set_l2_entries(self.first, self.clusters, write_back, |i| at + i * cs)
+    }
+
+    /// Step 4 for a mix: sets the entry of the `i`th claimed cluster to `entry(i)`, a
+    /// data cluster the caller has written or [`ZERO_CLUSTER`].
+    pub(super) fn map_entries(self, entry: impl Fn(u64) -> u64) -> Result<()> {
+        let write_back = self.wait == Wait::Block;
+        self.image
+            .set_l2_entries(self.first, self.clusters, write_back, entry)
     }
 
     /// Step 4 for zeros: makes the clusters zero clusters.

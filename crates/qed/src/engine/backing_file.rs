@@ -1,12 +1,13 @@
 //! Recording a new backing file (or none) in the header. No data moves here; the
 //! rebase job copies what must be copied first.
 
-use super::image::{Backing, Image};
+use super::image::{Backing, Image, NO_BACKING};
 use crate::block::{BlockDevice, Format};
 use crate::error::{Error, IoContext, Result};
 use crate::format::geometry::SECTOR_SIZE;
 use crate::format::header::{features, HEADER_LEN, MAX_BACKING_NAME_LEN};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 /// A backing file to record in an image's header.
 #[derive(Debug)]
@@ -33,27 +34,86 @@ impl Image {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.write_backing_name(new.as_ref().map(|b| (b.name.as_str(), b.format)))?;
+        self.backing = new.map(|b| Backing {
+            name: b.name,
+            path: b.path,
+            declared_format: b.format,
+            device: b.device,
+        });
+        self.backing_depth.store(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes a layer of the open backing chain the backing file, while the image is in
+    /// use: `Some((depth, name))` for the layer `depth` down (1 is the current backing
+    /// file, as [`crate::BlockDevice::backing`] walks the chain), stored in the header as `name`; `None` for no backing file. The header
+    /// is rewritten and flushed, and from then on unallocated clusters read through to
+    /// that layer (or as zeros).
+    ///
+    /// The caller has copied into the image every cluster the layers above it supply
+    /// (`ops::stream`): what the guest reads does not change. Every allocation in
+    /// flight finishes first and the image is flushed, so the new header never names
+    /// less than the entries on disk need.
+    pub fn cut_backing(&self, keep: Option<(u32, &str)>) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        // Depths count from the layer unallocated clusters read through to now.
+        let current = self.backing_depth.load(Ordering::Acquire);
+        let format = match keep {
+            None => None,
+            Some((depth, _)) => {
+                let mut dev = self.backing_device();
+                for _ in 1..depth {
+                    dev = dev.and_then(|d| d.backing());
+                }
+                let dev = dev.filter(|_| depth >= 1).ok_or_else(|| {
+                    Error::invalid_argument(format!(
+                        "{}: its backing chain has no layer {depth}",
+                        self.name
+                    ))
+                })?;
+                Some(dev.format())
+            }
+        };
+        let _exclusive = self.gate.exclusive();
+        self.write_back_tables()?;
+        self.flush_storage()?;
+        let raw = (format == Some(Format::Raw)).then_some(Format::Raw);
+        self.write_backing_name(keep.map(|(_, name)| (name, raw)))?;
+        let depth = match keep {
+            None => NO_BACKING,
+            Some((depth, _)) => current + depth - 1,
+        };
+        self.backing_depth.store(depth, Ordering::Release);
+        Ok(())
+    }
+
+    /// Writes the header naming `backing` (name and format, `Some(Raw)` setting NO_PROBE)
+    /// or no backing file, with the name after it, in one write, then flushes.
+    fn write_backing_name(&self, backing: Option<(&str, Option<Format>)>) -> Result<()> {
         let mut header = self.header();
         header.features &= !(features::BACKING_FILE | features::BACKING_FORMAT_NO_PROBE);
         let mut bytes = Vec::with_capacity(HEADER_LEN);
-        match &new {
-            Some(b) => {
+        match backing {
+            Some((name, format)) => {
                 let room = self.max_backing_name_len();
-                if b.name.is_empty() || b.name.len() as u64 > room {
+                if name.is_empty() || name.len() as u64 > room {
                     return Err(Error::invalid_argument(format!(
                         "backing file name of {} bytes does not fit in the header area: it \
                          must be from 1 to {room} bytes",
-                        b.name.len()
+                        name.len()
                     )));
                 }
                 header.features |= features::BACKING_FILE;
-                if b.format == Some(Format::Raw) {
+                if format == Some(Format::Raw) {
                     header.features |= features::BACKING_FORMAT_NO_PROBE;
                 }
                 header.backing_filename_offset = HEADER_LEN as u32;
-                header.backing_filename_size = b.name.len() as u32;
+                header.backing_filename_size = name.len() as u32;
                 bytes.extend_from_slice(&header.encode());
-                bytes.extend_from_slice(b.name.as_bytes());
+                bytes.extend_from_slice(name.as_bytes());
             }
             None => {
                 header.backing_filename_offset = 0;
@@ -73,12 +133,6 @@ impl Image {
             .and_then(|_| self.storage.flush())
             .context(|| format!("writing the header of {}", self.name))?;
         self.header.set(header);
-        self.backing = new.map(|b| Backing {
-            name: b.name,
-            path: b.path,
-            declared_format: b.format,
-            device: b.device,
-        });
         Ok(())
     }
 }

@@ -94,7 +94,7 @@ impl BlockDevice for Image {
     }
 
     fn backing(&self) -> Option<&dyn BlockDevice> {
-        self.backing.as_ref().and_then(|b| b.device.as_deref())
+        self.backing_device()
     }
 
     fn begin_write(&self, offset: u64, len: u64) -> Option<PendingWrite<'_>> {
@@ -139,9 +139,9 @@ impl BlockDevice for Image {
                 align,
             }),
             // Reads the backing file supplies whole come from there.
-            (Mapping::Unallocated, n) if n >= len && !write => {
-                let backing = self.backing.as_ref()?.device.as_deref()?;
-                backing.direct_extent(offset, len, false)
+            // (Not with copy-on-read, whose reads must go through the image.)
+            (Mapping::Unallocated, n) if n >= len && !write && !self.copy_on_read => {
+                self.backing_device()?.direct_extent(offset, len, false)
             }
             _ => None,
         }

@@ -16,8 +16,11 @@ use crate::format::header::{features, HEADER_LEN};
 use crate::format::{Geometry, Header, MAGIC};
 use crate::storage::{FileStorage, Storage};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
+
+/// [`Image::backing_depth`] once the image has no backing file left.
+pub(super) const NO_BACKING: u32 = 0;
 
 /// Default bound on cached L2 entries: 16 MiB, which maps 256 GiB of guest space with
 /// 64 KiB clusters.
@@ -46,6 +49,9 @@ pub struct ImageOptions {
     pub l2_cache_bytes: usize,
     /// On a read-write open of an image with NEED_CHECK set, check and repair it first.
     pub repair_on_open: bool,
+    /// Reads of clusters the image does not hold write what they read into it (see
+    /// `populate.rs`). Ignored when read-only or without a backing file.
+    pub copy_on_read: bool,
 }
 
 impl Default for ImageOptions {
@@ -54,6 +60,7 @@ impl Default for ImageOptions {
             read_only: false,
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
             repair_on_open: true,
+            copy_on_read: false,
         }
     }
 }
@@ -65,6 +72,12 @@ pub struct Image {
     pub(super) geometry: Geometry,
     pub(super) header: HeaderCell,
     pub(super) backing: Option<Backing>,
+    /// Which layer of the opened backing chain unallocated clusters read through to:
+    /// 1 is `backing` itself, deeper after a stream cut the layers above a base off,
+    /// [`NO_BACKING`] once the header names no backing file (see `backing_file.rs`).
+    pub(super) backing_depth: AtomicU32,
+    /// Reads of unallocated clusters copy what they read into the image.
+    pub(super) copy_on_read: bool,
     pub(super) read_only: bool,
     pub(super) name: String,
     /// First byte past the header area: data and tables live at or after it.
@@ -150,7 +163,9 @@ impl OpeningImage {
             storage: self.storage,
             geometry: self.geometry,
             header: HeaderCell::at_open(self.header),
+            copy_on_read: opts.copy_on_read && !opts.read_only && backing.is_some(),
             backing,
+            backing_depth: AtomicU32::new(1),
             read_only: opts.read_only,
             name,
             l1,
@@ -249,8 +264,13 @@ impl Image {
         self.header.get().clone()
     }
 
-    /// The backing file, if the header names one.
+    /// The backing file, if the header names one. After a stream made a deeper layer the
+    /// backing file while the image was open, this is still the file it was opened with
+    /// (which reads the same); the header names the new one.
     pub fn backing_file(&self) -> Option<&Backing> {
+        if self.backing_depth.load(Ordering::Acquire) == NO_BACKING {
+            return None;
+        }
         self.backing.as_ref()
     }
 
@@ -287,7 +307,23 @@ impl Image {
 
     /// Whether the header names a backing file (opened or not).
     pub(super) fn backing_present(&self) -> bool {
-        self.backing.is_some()
+        self.backing.is_some() && self.backing_depth.load(Ordering::Acquire) != NO_BACKING
+    }
+
+    /// The device unallocated clusters read through to: the backing file, or the layer
+    /// of its chain a stream made the new backing file. `None` without one, or when the
+    /// image was opened without its backing chain.
+    pub(super) fn backing_device(&self) -> Option<&dyn BlockDevice> {
+        let mut dev = self.backing.as_ref()?.device.as_deref()?;
+        match self.backing_depth.load(Ordering::Acquire) {
+            NO_BACKING => None,
+            depth => {
+                for _ in 1..depth {
+                    dev = dev.backing()?;
+                }
+                Some(dev)
+            }
+        }
     }
 }
 

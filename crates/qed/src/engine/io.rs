@@ -35,13 +35,18 @@ impl Image {
 
     /// Reads guest bytes that this image does not hold: from the backing file, or zeros.
     pub(super) fn read_unallocated(&self, buf: &mut [u8], pos: u64) -> Result<()> {
-        let Some(backing) = &self.backing else {
+        if !self.backing_present() {
             buf.fill(0);
             return Ok(());
-        };
-        let Some(dev) = &backing.device else {
+        }
+        let Some(dev) = self.backing_device() else {
+            let path = self
+                .backing
+                .as_ref()
+                .map(|b| b.path.clone())
+                .unwrap_or_default();
             return Err(Error::Backing {
-                path: backing.path.clone(),
+                path,
                 reason: "the image was opened without its backing file".into(),
             });
         };
@@ -55,10 +60,7 @@ impl Image {
 
     /// Size of the backing device, 0 without one.
     pub(super) fn backing_size(&self) -> u64 {
-        self.backing
-            .as_ref()
-            .and_then(|b| b.device.as_ref())
-            .map_or(0, |d| d.size())
+        self.backing_device().map_or(0, |d| d.size())
     }
 
     pub(super) fn read_guest(&self, buf: &mut [u8], pos: u64) -> Result<()> {
@@ -74,6 +76,14 @@ impl Image {
                     .read_at(chunk, off)
                     .context(|| format!("reading {n} bytes at {off:#x} of {}", self.name))?,
                 Mapping::Zero => chunk.fill(0),
+                Mapping::Unallocated if self.copy_on_read && self.backing_present() => {
+                    // Someone else mapped the cluster first: look again.
+                    let Some(k) = self.populate(p, n, Some(chunk))? else {
+                        continue;
+                    };
+                    done += k as usize;
+                    continue;
+                }
                 Mapping::Unallocated => self.read_unallocated(chunk, p)?,
             }
             done += n as usize;

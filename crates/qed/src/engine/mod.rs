@@ -10,6 +10,7 @@
 //! - `allocation.rs`: the one allocation protocol every write path uses;
 //! - `mapping.rs`: where a guest range lives; `io.rs`, `zeroes.rs`, `flush.rs`,
 //!   `device.rs`: the image as a block device;
+//! - `populate.rs`: clusters filled from the backing chain (copy-on-read, streaming);
 //! - `check.rs`, `repair.rs`, `report.rs`: consistency check, repairs, leak
 //!   reclaiming, and what they report;
 //! - `resize.rs`, `backing_file.rs`, `create.rs`: whole-image changes and new images.
@@ -30,6 +31,7 @@ mod io;
 mod l1;
 mod l2cache;
 mod mapping;
+mod populate;
 mod repair;
 mod report;
 mod resize;

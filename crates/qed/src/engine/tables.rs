@@ -135,8 +135,11 @@ impl Image {
             .write_back_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        // Opened with a backing file, entries follow their data to disk even after a
+        // stream cut the backing file off: an allocation made before the cut took no
+        // NEED_CHECK, so only this order keeps its entries from exposing unwritten data.
         self.l2.write_back(&*self.storage, || {
-            if self.backing_present() {
+            if self.backing.is_some() {
                 self.flush_storage()
             } else {
                 Ok(())

@@ -8,6 +8,7 @@ mod convert;
 mod measure;
 mod rebase;
 mod step;
+mod stream;
 
 pub use bench::{bench, BenchParams, Engine};
 pub use commit::commit;
@@ -16,3 +17,4 @@ pub use convert::{convert, ConvertOptions};
 pub use measure::{measure, Measure};
 pub use rebase::rebase;
 pub use step::{no_progress, Progress};
+pub use stream::{stream, stream_base, StreamEnd, StreamOptions};

@@ -1,5 +1,6 @@
 //! How jobs move through devices: in steps, reporting progress, skipping zeros.
 
+pub(crate) use crate::block::is_zero;
 use crate::block::BlockDevice;
 use crate::error::Result;
 
@@ -11,17 +12,6 @@ pub fn no_progress(_done: u64, _total: u64) {}
 
 /// Bytes an operation moves per step.
 pub(crate) const STEP: u64 = 2 << 20;
-
-/// Whether `buf` is all zeros.
-pub(crate) fn is_zero(buf: &[u8]) -> bool {
-    // OR-folding fixed-size blocks lets the compiler vectorize; stop at the first non-zero.
-    let blocks = buf.chunks_exact(64);
-    let tail = blocks.remainder();
-    blocks
-        .into_iter()
-        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
-        && tail.iter().all(|&b| b == 0)
-}
 
 /// Reads `buf.len()` bytes of `dev` at `pos`, zeros past its end.
 pub(crate) fn read_padded(dev: &dyn BlockDevice, buf: &mut [u8], pos: u64) -> Result<()> {

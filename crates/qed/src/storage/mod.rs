@@ -1,5 +1,5 @@
 //! The bytes under an image: a small trait for positioned I/O, with a file, an
-//! in-memory and a remote (http, https; read-only) implementation, and the aligned
+//! in-memory and a remote (http, https, s3; read-only) implementation, and the aligned
 //! buffers direct I/O needs.
 
 mod aligned;
@@ -10,8 +10,10 @@ mod remote;
 pub use aligned::AlignedBuf;
 pub use file::{FileStorage, GROW_STEP};
 pub use memory::MemoryStorage;
-pub(crate) use remote::is_http_url;
-pub use remote::{HttpStorage, RemoteOptions, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+pub(crate) use remote::{is_http_url, is_s3_url};
+pub use remote::{
+    HttpStorage, RemoteOptions, S3Config, S3Credentials, S3Storage, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+};
 
 use std::fmt::Debug;
 use std::io;

@@ -1,30 +1,41 @@
-//! Objects behind http and https URLs, fetched with ranged GETs.
+//! Ranged GETs over http and https, for every protocol whose objects are reached that
+//! way (plain URLs here, S3 in `s3.rs`), and [`HttpStorage`] for plain URLs.
 //!
 //! Servers are not trusted to honour what was asked: a read is accepted only as a 206
 //! whose Content-Range is exactly the range asked for, with exactly that many bytes. The
 //! object is pinned when opened (by ETag, else Last-Modified) and every read is made
 //! conditional on it, so that a base replaced under its overlays is noticed instead of
-//! mixed with the old one. Transient failures are retried with backoff, within a deadline.
+//! mixed with the old one. Transient failures are retried with backoff, within a deadline,
+//! waiting at least as long as a 429's or 503's Retry-After asks.
+//!
+//! What differs between protocols is only how a request is addressed and how a refusal
+//! reads: that is a [`Target`], and the rest ([`RangedGet`]) is one implementation.
 
 use super::{RangeSource, RemoteOptions, RemoteStorage};
 use crate::error::{Error, Result};
-use crate::storage::Storage;
+use std::fmt::Debug;
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
 /// Whether `name` is a URL this module opens.
 pub(crate) fn is_http_url(name: &str) -> bool {
-    let lower = |n: usize| name.get(..n).map(str::to_ascii_lowercase);
-    lower(7).as_deref() == Some("http://") || lower(8).as_deref() == Some("https://")
+    has_scheme(name, "http://") || has_scheme(name, "https://")
 }
 
-/// A read-only object behind an `http://` or `https://` URL, as [`Storage`].
+/// Whether `name` starts with `scheme` (given in lower case), in any case.
+pub(crate) fn has_scheme(name: &str, scheme: &str) -> bool {
+    name.get(..scheme.len())
+        .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+}
+
+/// A read-only object behind an `http://` or `https://` URL, as
+/// [`Storage`](crate::storage::Storage).
 ///
 /// Reads are cached in chunks (see [`RemoteOptions`]); writes fail with
 /// [`io::ErrorKind::ReadOnlyFilesystem`].
 #[derive(Debug)]
 pub struct HttpStorage {
-    inner: RemoteStorage<HttpSource>,
+    inner: RemoteStorage<RangedGet<PlainUrl>>,
 }
 
 impl HttpStorage {
@@ -39,7 +50,7 @@ impl HttpStorage {
             return Err(remote("not an http:// or https:// URL".into()));
         }
         opts.validate().map_err(remote)?;
-        let source = HttpSource::open(url, opts).map_err(remote)?;
+        let source = RangedGet::open(PlainUrl(url.to_string()), opts).map_err(remote)?;
         Ok(Self {
             inner: RemoteStorage::new(source, opts),
         })
@@ -47,32 +58,102 @@ impl HttpStorage {
 
     /// The URL, as given.
     pub fn url(&self) -> &str {
-        &self.inner.source().url
+        self.inner.source().target.name()
     }
 }
 
-impl Storage for HttpStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
+super::delegate_storage!(HttpStorage);
+
+/// A URL that is fetched as it is.
+#[derive(Debug)]
+pub(crate) struct PlainUrl(String);
+
+impl Target for PlainUrl {
+    fn name(&self) -> &str {
+        &self.0
     }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.inner.write_at(buf, offset)
+
+    fn url(&self) -> Result<String, String> {
+        Ok(self.0.clone())
     }
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
+
+    fn refusal(&self, status: u16, _body: &[u8]) -> Failure {
+        match status {
+            404 => Failure::fatal("the server answered 404 (not found): check the URL"),
+            401 | 403 => Failure::fatal(format!(
+                "the server answered {status} (access denied): check the URL and its credentials"
+            )),
+            s => Failure::fatal(format!("the server answered {s}")),
+        }
     }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
+}
+
+/// How one protocol addresses the GETs of an object, and reads the server's refusals.
+pub(crate) trait Target: Send + Sync + Debug {
+    /// The object's name as the user gave it, for messages; never a signed URL.
+    fn name(&self) -> &str;
+
+    /// The URL of the next request. Called for every attempt, so that a signature made
+    /// here is always fresh, however long the retries took.
+    fn url(&self) -> Result<String, String>;
+
+    /// What a reply with `status` means, given the start of its body (at most
+    /// [`ERROR_BODY_LIMIT`] bytes). Not asked about 2xx, 412 (the pinned version is
+    /// gone), 429 and 5xx (retried), which mean the same on every protocol; a
+    /// [`Failure::transient`] answer is retried.
+    fn refusal(&self, status: u16, body: &[u8]) -> Failure;
+}
+
+/// The most of an error reply's body that is read, to explain it.
+pub(crate) const ERROR_BODY_LIMIT: u64 = 16 << 10;
+
+/// One failed attempt: why, and whether another might succeed.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    reason: String,
+    retry: bool,
+    /// How long the server asked to be left alone (a 429's or 503's Retry-After).
+    retry_after: Option<Duration>,
+}
+
+impl Failure {
+    /// A failure that another attempt would repeat.
+    pub(crate) fn fatal(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            retry: false,
+            retry_after: None,
+        }
     }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
+
+    /// A failure that another attempt may not repeat.
+    pub(crate) fn transient(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            retry: true,
+            retry_after: None,
+        }
     }
-    fn extend(&self, from: u64, to: u64) -> io::Result<u64> {
-        self.inner.extend(from, to)
+}
+
+/// Reads a Retry-After value: delay-seconds or an HTTP-date, as the time to wait from
+/// now (zero for a date already past). Anything else (garbage, a negative number) is
+/// `None`, and the usual backoff applies.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    // Longer than any deadline worth having; it also keeps the arithmetic small.
+    const CAP: u64 = 1 << 32;
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        let secs = value.parse::<u64>().unwrap_or(CAP).min(CAP);
+        return Some(Duration::from_secs(secs));
     }
-    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.zero_range(offset, len)
-    }
+    let when = jiff::fmt::rfc2822::DateTimeParser::new()
+        .parse_timestamp(value)
+        .ok()?;
+    let ahead = when
+        .as_second()
+        .saturating_sub(jiff::Timestamp::now().as_second());
+    Some(Duration::from_secs(ahead.clamp(0, CAP as i64) as u64))
 }
 
 /// What the object was when opened, checked on every read.
@@ -86,9 +167,10 @@ enum Validator {
     None,
 }
 
+/// An object read by exact ranged GETs, addressed by a [`Target`].
 #[derive(Debug)]
-pub(crate) struct HttpSource {
-    url: String,
+pub(crate) struct RangedGet<T> {
+    pub(crate) target: T,
     agent: ureq::Agent,
     size: u64,
     validator: Validator,
@@ -97,27 +179,6 @@ pub(crate) struct HttpSource {
     etag: Option<String>,
     request_timeout: Duration,
     deadline: Duration,
-}
-
-/// One failed attempt: why, and whether another might succeed.
-struct Failure {
-    reason: String,
-    retry: bool,
-}
-
-impl Failure {
-    fn fatal(reason: impl Into<String>) -> Self {
-        Self {
-            reason: reason.into(),
-            retry: false,
-        }
-    }
-    fn transient(reason: impl Into<String>) -> Self {
-        Self {
-            reason: reason.into(),
-            retry: true,
-        }
-    }
 }
 
 /// A response header, when present and text.
@@ -145,13 +206,15 @@ fn describe_error(e: &ureq::Error) -> (String, bool) {
         E::Io(io) => (format!("{io}"), true),
         E::ConnectionFailed => ("connection failed".into(), true),
         E::HostNotFound => ("host not found".into(), false),
-        E::BadUri(u) => (format!("bad URL: {u}"), false),
+        // The URL may be a signed one: its text is not repeated.
+        E::BadUri(_) => ("the request URL is not valid".into(), false),
         other => (other.to_string(), false),
     }
 }
 
-impl HttpSource {
-    fn open(url: &str, opts: &RemoteOptions) -> Result<Self, String> {
+impl<T: Target> RangedGet<T> {
+    /// Opens the object: its size and validator, from a GET of its first byte.
+    pub(crate) fn open(target: T, opts: &RemoteOptions) -> Result<Self, String> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(opts.connect_timeout))
@@ -162,7 +225,7 @@ impl HttpSource {
             .build()
             .into();
         let mut source = Self {
-            url: url.to_string(),
+            target,
             agent,
             size: 0,
             validator: Validator::None,
@@ -179,10 +242,10 @@ impl HttpSource {
 
     /// Runs `attempt` until it succeeds, fails for good, or the deadline passes; each
     /// attempt gets the request timeout or what is left of the deadline, if less.
-    fn with_retries<T>(
+    fn with_retries<R>(
         &self,
-        mut attempt: impl FnMut(&Self, Duration) -> Result<T, Failure>,
-    ) -> Result<T, String> {
+        mut attempt: impl FnMut(&Self, Duration) -> Result<R, Failure>,
+    ) -> Result<R, String> {
         let started = Instant::now();
         let deadline = started + self.deadline;
         let mut delay = Duration::from_millis(100);
@@ -210,7 +273,15 @@ impl HttpSource {
                 });
             }
             // Half to all of the delay, so that many readers do not retry in step.
-            let pause = delay.mul_f64(0.5 + 0.5 * jitter());
+            let mut pause = delay.mul_f64(0.5 + 0.5 * jitter());
+            // The server knows when it will be ready: not sooner than that. A wait past
+            // the deadline (or an absurd one) is not honoured, since the read would fail
+            // by then anyway: the backoff goes on, and may find the server ready sooner.
+            if let Some(wait) = failure.retry_after {
+                if wait < deadline.saturating_duration_since(Instant::now()) {
+                    pause = pause.max(wait);
+                }
+            }
             if Instant::now() + pause >= deadline {
                 return Err(gave_up(&format!(
                     "gave up at the {}s deadline",
@@ -229,9 +300,10 @@ impl HttpSource {
         end: u64,
         timeout: Duration,
     ) -> Result<ureq::http::Response<ureq::Body>, Failure> {
+        let url = self.target.url().map_err(Failure::fatal)?;
         let mut req = self
             .agent
-            .get(&self.url)
+            .get(&url)
             .header("Range", format!("bytes={start}-{end}"));
         match &self.validator {
             Validator::ETag(tag) => req = req.header("If-Match", tag),
@@ -241,21 +313,36 @@ impl HttpSource {
         let result = req.config().timeout_global(Some(timeout)).build().call();
         result.map_err(|e| {
             let (reason, retry) = describe_error(&e);
-            Failure { reason, retry }
+            Failure {
+                reason,
+                retry,
+                retry_after: None,
+            }
         })
     }
 
     /// A status the caller does not expect: retried when the server may recover.
-    fn unexpected_status(&self, status: u16) -> Failure {
-        match status {
+    fn unexpected_status(&self, resp: ureq::http::Response<ureq::Body>) -> Failure {
+        let status = resp.status().as_u16();
+        let retry_after = header(&resp, "retry-after").and_then(parse_retry_after);
+        let body = error_body(resp);
+        let mut failure = match status {
             412 => Failure::fatal(self.changed("the server refused the pinned version (412)")),
-            429 | 500..=599 => Failure::transient(format!("the server answered {status}")),
-            404 => Failure::fatal("the server answered 404 (not found): check the URL"),
-            401 | 403 => Failure::fatal(format!(
-                "the server answered {status} (access denied): check the URL and its credentials"
-            )),
-            _ => Failure::fatal(format!("the server answered {status}")),
+            // The protocol may tell more (S3 says SlowDown), but these are retried anyway.
+            429 | 500..=599 => {
+                let mut f = self.target.refusal(status, &body);
+                if !f.reason.contains(&status.to_string()) {
+                    f.reason = format!("the server answered {status}: {}", f.reason);
+                }
+                f.retry = true;
+                f
+            }
+            s => self.target.refusal(s, &body),
+        };
+        if matches!(status, 429 | 503) {
+            failure.retry_after = retry_after;
         }
+        failure
     }
 
     fn changed(&self, how: &str) -> String {
@@ -291,7 +378,7 @@ impl HttpSource {
                      the whole object)",
                 ))
             }
-            s => return Err(self.unexpected_status(s)),
+            _ => return Err(self.unexpected_status(resp)),
         };
         let etag = header(&resp, "etag").map(str::to_string);
         let validator = match (&etag, header(&resp, "last-modified")) {
@@ -317,7 +404,7 @@ impl HttpSource {
                     "the server ignored the byte range and answered 200 with the whole object",
                 ))
             }
-            s => return Err(self.unexpected_status(s)),
+            _ => return Err(self.unexpected_status(resp)),
         }
         let content_range = header(&resp, "content-range");
         match content_range.and_then(parse_content_range) {
@@ -387,9 +474,26 @@ impl HttpSource {
     }
 }
 
-impl RangeSource for HttpSource {
+/// The start of an error reply's body, at most [`ERROR_BODY_LIMIT`] bytes; whatever
+/// could be read before a failure (the request's timeout bounds the wait).
+fn error_body(resp: ureq::http::Response<ureq::Body>) -> Vec<u8> {
+    let mut body = Vec::new();
+    let mut reader = resp.into_body().into_reader().take(ERROR_BODY_LIMIT);
+    let mut chunk = [0u8; 4096];
+    loop {
+        match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    body
+}
+
+impl<T: Target> RangeSource for RangedGet<T> {
     fn name(&self) -> &str {
-        &self.url
+        self.target.name()
     }
 
     fn size(&self) -> u64 {
@@ -404,7 +508,7 @@ impl RangeSource for HttpSource {
             .map_err(|reason| {
                 io::Error::other(format!(
                     "{}: reading {} bytes at offset {offset}: {reason}",
-                    self.url,
+                    self.target.name(),
                     buf.len()
                 ))
             })
@@ -418,4 +522,32 @@ fn jitter() -> f64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(Instant::now().elapsed().as_nanos());
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates() {
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(parse_retry_after(" 3 "), secs(3));
+        assert_eq!(parse_retry_after("0"), secs(0));
+        assert_eq!(parse_retry_after("99999999999999999999999"), secs(1 << 32));
+        for garbage in ["", "-5", "1.5", "soon", "3s", "Wed, 99 Foo 2015"] {
+            assert_eq!(parse_retry_after(garbage), None, "{garbage:?}");
+        }
+        // A date in the past: no wait of its own.
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), secs(0));
+        assert_eq!(
+            parse_retry_after("Fri, 01 Jan 9999 00:00:00 GMT"),
+            secs(1 << 32)
+        );
+        let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(30);
+        let soon = jiff::fmt::rfc2822::DateTimePrinter::new()
+            .timestamp_to_rfc9110_string(&soon)
+            .unwrap();
+        let wait = parse_retry_after(&soon).unwrap().as_secs();
+        assert!((28..=30).contains(&wait), "{soon}: {wait}");
+    }
 }

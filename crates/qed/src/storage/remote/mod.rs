@@ -1,27 +1,30 @@
 //! Read-only storage whose bytes live on a server: the object is fetched in chunks, on
-//! demand, through a [`RangeSource`] (one per protocol: http and https today), and kept
-//! in a bounded cache of chunks.
+//! demand, through a [`RangeSource`], and kept in a bounded cache of chunks.
 //!
 //! The split keeps what every protocol shares here (chunking, caching, coalescing,
-//! readahead, parallel requests, the read-only refusals) and leaves a protocol only the
-//! question of how to fetch one byte range exactly, so that another (s3) is one more
-//! source next to [`http`].
+//! readahead, parallel requests, the read-only refusals) and leaves a source only the
+//! question of how to fetch one byte range exactly. Both sources are ranged GETs
+//! ([`http`]); S3 ([`s3`]) differs only in how each request is addressed and signed and
+//! how its refusals read.
 
 mod http;
+mod s3;
 
 pub(crate) use http::is_http_url;
 pub use http::HttpStorage;
+pub(crate) use s3::is_s3_url;
+pub use s3::{S3Config, S3Credentials, S3Storage};
 
 use super::Storage;
 use lru::LruCache;
+use std::collections::HashSet;
 use std::fmt::Debug;
 use std::io;
-use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// How remote bases (http and https names) are read.
+/// How remote bases (http, https and s3 names) are read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteOptions {
     /// Longest one request may take, from connecting to the last byte of its body.
@@ -46,6 +49,9 @@ pub struct RemoteOptions {
 pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
 /// Largest chunk, which bounds the buffer one request needs.
 pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+
+/// Longest timeout or deadline accepted.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// Most bytes one request asks for: adjacent chunks are fetched together up to this.
 const MAX_REQUEST_BYTES: u64 = 8 << 20;
@@ -81,9 +87,53 @@ impl RemoteOptions {
         if self.request_timeout.is_zero() || self.deadline.is_zero() {
             return Err("the request timeout and the deadline must be above zero".into());
         }
+        // Far beyond any sensible wait, and far from where instants overflow.
+        for (what, d) in [
+            ("request timeout", self.request_timeout),
+            ("connect timeout", self.connect_timeout),
+            ("deadline", self.deadline),
+        ] {
+            if d > MAX_WAIT {
+                return Err(format!(
+                    "a {what} of {} s is more than a day: use at most {} s",
+                    d.as_secs(),
+                    MAX_WAIT.as_secs()
+                ));
+            }
+        }
         Ok(())
     }
 }
+
+/// Implements [`Storage`] for a type whose `inner` is a [`RemoteStorage`].
+macro_rules! delegate_storage {
+    ($t:ty) => {
+        impl $crate::storage::Storage for $t {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+                self.inner.read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+                self.inner.write_at(buf, offset)
+            }
+            fn flush(&self) -> std::io::Result<()> {
+                self.inner.flush()
+            }
+            fn len(&self) -> std::io::Result<u64> {
+                self.inner.len()
+            }
+            fn set_len(&self, len: u64) -> std::io::Result<()> {
+                self.inner.set_len(len)
+            }
+            fn extend(&self, from: u64, to: u64) -> std::io::Result<u64> {
+                self.inner.extend(from, to)
+            }
+            fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+                self.inner.zero_range(offset, len)
+            }
+        }
+    };
+}
+use delegate_storage;
 
 /// Chunks by index.
 type Chunks = Vec<(u64, Arc<[u8]>)>;
@@ -99,6 +149,16 @@ pub(crate) trait RangeSource: Send + Sync + Debug {
     fn fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 }
 
+/// The chunks at hand, and those some reader is fetching: a chunk crosses the wire once
+/// however many readers want it at the same time.
+#[derive(Debug)]
+struct Cache {
+    chunks: LruCache<u64, Arc<[u8]>>,
+    /// Most chunks kept.
+    capacity: usize,
+    in_flight: HashSet<u64>,
+}
+
 /// A remote object as read-only [`Storage`], read in cached chunks.
 #[derive(Debug)]
 pub(crate) struct RemoteStorage<S> {
@@ -106,7 +166,10 @@ pub(crate) struct RemoteStorage<S> {
     chunk: u64,
     connections: usize,
     readahead_chunks: u64,
-    cache: Mutex<LruCache<u64, Arc<[u8]>>>,
+    cache: Mutex<Cache>,
+    /// Signalled whenever fetched chunks land in the cache (or a fetch gives up), for
+    /// readers waiting on chunks another reader is fetching.
+    landed: Condvar,
     /// Where the last read ended, to tell a sequential reader.
     last_end: AtomicU64,
 }
@@ -120,9 +183,14 @@ impl<S: RangeSource> RemoteStorage<S> {
             chunk,
             connections: opts.connections.max(1),
             readahead_chunks: opts.readahead.div_ceil(chunk),
-            cache: Mutex::new(LruCache::new(
-                NonZeroUsize::new(entries).unwrap_or(NonZeroUsize::MIN),
-            )),
+            cache: Mutex::new(Cache {
+                // Unbounded to the map, bounded here: a bounded map reserves room for
+                // every entry up front, which a large cache setting would make huge.
+                chunks: LruCache::unbounded(),
+                capacity: entries,
+                in_flight: HashSet::new(),
+            }),
+            landed: Condvar::new(),
             last_end: AtomicU64::new(u64::MAX),
         }
     }
@@ -131,7 +199,7 @@ impl<S: RangeSource> RemoteStorage<S> {
         &self.source
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, LruCache<u64, Arc<[u8]>>> {
+    fn cache(&self) -> MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -184,14 +252,51 @@ impl<S: RangeSource> RemoteStorage<S> {
             results.into_inner().unwrap_or_else(|p| p.into_inner())
         };
         let mut chunks = Vec::new();
+        let mut failed = None;
         for r in fetched {
-            chunks.extend(r?);
+            match r {
+                Ok(c) => chunks.extend(c),
+                Err(e) => failed = failed.or(Some(e)),
+            }
         }
         let mut cache = self.cache();
         for (index, data) in &chunks {
-            cache.put(*index, data.clone());
+            cache.chunks.put(*index, data.clone());
+            while cache.chunks.len() > cache.capacity {
+                cache.chunks.pop_lru();
+            }
         }
-        Ok(chunks)
+        for &(first, count) in runs {
+            for index in first..first + count {
+                cache.in_flight.remove(&index);
+            }
+        }
+        drop(cache);
+        self.landed.notify_all();
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(chunks),
+        }
+    }
+
+    /// Waits for chunk `index`, which another reader is fetching; fetches it itself if
+    /// that reader gave up (or the chunk was evicted before this one saw it).
+    fn wait_for(&self, index: u64) -> io::Result<Arc<[u8]>> {
+        let mut cache = self.cache();
+        loop {
+            if let Some(data) = cache.chunks.get(&index) {
+                return Ok(data.clone());
+            }
+            if !cache.in_flight.contains(&index) {
+                cache.in_flight.insert(index);
+                drop(cache);
+                let chunks = self.fetch_runs(&[(index, 1)])?;
+                return chunks.into_iter().next().map(|(_, d)| d).ok_or_else(|| {
+                    io::Error::other(format!("{}: chunk missing", self.source.name()))
+                });
+            }
+            cache = self.landed.wait(cache).unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 
@@ -218,37 +323,54 @@ impl<S: RangeSource> Storage for RemoteStorage<S> {
             last
         };
 
-        let mut have: Vec<Option<Arc<[u8]>>> = {
-            let mut cache = self.cache();
-            (first..=fetch_last)
-                .map(|i| cache.get(&i).cloned())
-                .collect()
-        };
-        // Missing chunks in adjacent runs, each run one request of bounded size.
+        // Under one hold of the cache: what is at hand, what others are fetching, and
+        // the missing chunks in adjacent runs (each run one request of bounded size),
+        // marked as being fetched by this read.
         let per_request = (MAX_REQUEST_BYTES / self.chunk).max(1);
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (i, slot) in have.iter().enumerate() {
-            if slot.is_some() {
-                continue;
-            }
-            let index = first + i as u64;
-            match runs.last_mut() {
-                Some((start, count)) if *start + *count == index && *count < per_request => {
-                    *count += 1
+        let mut awaited: Vec<u64> = Vec::new();
+        let mut have: Vec<Option<Arc<[u8]>>> = {
+            let mut cache = self.cache();
+            let have: Vec<_> = (first..=fetch_last)
+                .map(|i| cache.chunks.get(&i).cloned())
+                .collect();
+            for (i, slot) in have.iter().enumerate() {
+                let index = first + i as u64;
+                if slot.is_some() {
+                    continue;
                 }
-                _ => runs.push((index, 1)),
+                if cache.in_flight.contains(&index) {
+                    // Readahead another reader is fetching is not waited for.
+                    if index <= last {
+                        awaited.push(index);
+                    }
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some((start, count)) if *start + *count == index && *count < per_request => {
+                        *count += 1
+                    }
+                    _ => runs.push((index, 1)),
+                }
             }
-        }
-        // Readahead past the read must not cost a request of its own.
-        if let Some(&(start, _)) = runs.last() {
-            if start > last {
-                runs.pop();
+            // Readahead past the read must not cost a request of its own.
+            if let Some(&(start, _)) = runs.last() {
+                if start > last {
+                    runs.pop();
+                }
             }
-        }
+            for &(start, count) in &runs {
+                cache.in_flight.extend(start..start + count);
+            }
+            have
+        };
         if !runs.is_empty() {
             for (index, data) in self.fetch_runs(&runs)? {
                 have[(index - first) as usize] = Some(data);
             }
+        }
+        for index in awaited {
+            have[(index - first) as usize] = Some(self.wait_for(index)?);
         }
 
         let mut pos = offset;

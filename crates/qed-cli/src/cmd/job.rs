@@ -1,0 +1,218 @@
+//! `qed job`: a thin client of `qed serve --control`, for people and scripts.
+
+use super::ProgressReport;
+use crate::Output;
+use anyhow::{anyhow, bail, Context, Result};
+use qed_control::{Client, ClientError, JobInfo, JobStatus, CANCELLED};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How often a waiting client asks for the job's progress.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Start, watch and cancel jobs in a running `qed serve`, through its control socket
+/// (`qed serve --control SOCKET`).
+#[derive(clap::Args)]
+pub struct Args {
+    /// The control socket.
+    socket: PathBuf,
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(clap::Subcommand)]
+enum Action {
+    /// Start a stream: copy what the image reads from its backing chain into it, then
+    /// drop the backing file (or every backing file above -b BASE). Prints the job's id.
+    Stream(StreamArgs),
+    /// List the jobs: id, type, status, progress, and the error of a failed one.
+    Query {
+        /// human, or json (query-jobs' return value as the server sent it).
+        #[arg(long = "output", value_enum, default_value_t = Output::Human)]
+        output: Output,
+    },
+    /// Ask a running job to stop.
+    Cancel {
+        /// Wait until the job has stopped.
+        #[arg(long = "wait")]
+        wait: bool,
+        /// The job's id.
+        id: String,
+    },
+    /// Forget a concluded job.
+    Dismiss {
+        /// The job's id.
+        id: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct StreamArgs {
+    /// Keep this backing file (one of the chain's), streaming only what lies above it.
+    #[arg(short = 'b')]
+    base: Option<String>,
+    /// Copy at most this many bytes per second (k, M, G suffixes).
+    #[arg(long = "rate")]
+    rate: Option<String>,
+    /// The job's id (generated when left out).
+    #[arg(long = "id")]
+    id: Option<String>,
+    /// Show progress until the job concludes (implies --wait).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Wait until the job concludes; exit 1 if it did not complete.
+    #[arg(long = "wait")]
+    wait: bool,
+}
+
+/// Runs `qed job`: 0 on success, 1 when the server refused or a waited-for job failed.
+pub fn run(a: Args) -> Result<u8> {
+    let mut client = connect(&a.socket)?;
+    match a.action {
+        Action::Stream(s) => stream(&mut client, &a.socket, s),
+        Action::Query { output } => query(&mut client, output),
+        Action::Cancel { wait, id } => {
+            call(&mut client, "job-cancel", json!({ "id": id }))?;
+            if !wait {
+                return Ok(0);
+            }
+            let job = wait_for(&mut client, &id, &mut ProgressReport::new(false))?;
+            match job.error.as_deref() {
+                None => eprintln!(
+                    "qed: {}: it completed before the cancel took effect",
+                    name(&job)
+                ),
+                Some(CANCELLED) => {}
+                Some(_) => {
+                    eprintln!("qed: {}", outcome(&job));
+                    return Ok(1);
+                }
+            }
+            Ok(0)
+        }
+        Action::Dismiss { id } => {
+            call(&mut client, "job-dismiss", json!({ "id": id }))?;
+            Ok(0)
+        }
+    }
+}
+
+fn connect(socket: &Path) -> Result<Client> {
+    Client::connect(socket).map_err(|e| match e {
+        ClientError::Io(e) => anyhow!(e),
+        e => anyhow!("{}: {e}", socket.display()),
+    })
+}
+
+/// Runs a command; a refusal becomes an error carrying the server's description.
+fn call(client: &mut Client, command: &str, arguments: Value) -> Result<Value> {
+    client.execute(command, arguments).map_err(|e| anyhow!(e))
+}
+
+fn stream(client: &mut Client, socket: &Path, s: StreamArgs) -> Result<u8> {
+    let mut args = serde_json::Map::new();
+    if let Some(id) = s.id {
+        args.insert("job-id".into(), id.into());
+    }
+    if let Some(base) = s.base {
+        // The server would resolve a relative path against its own directory: a file
+        // named here is sent as the file it is here.
+        let here = (!qed::is_remote_name(&base))
+            .then(|| std::fs::canonicalize(&base).ok())
+            .flatten()
+            .and_then(|p| p.to_str().map(str::to_string));
+        args.insert("base".into(), here.unwrap_or(base).into());
+    }
+    if let Some(rate) = s.rate.as_deref() {
+        let rate = crate::units::parse_size(rate).context("--rate")?;
+        if rate == 0 {
+            bail!("--rate must be more than 0 bytes per second");
+        }
+        args.insert("rate".into(), rate.into());
+    }
+    let started = call(client, "stream", Value::Object(args))?;
+    let id = started
+        .get("id")
+        .and_then(Value::as_str)
+        .with_context(|| format!("{}: stream returned {started}", socket.display()))?
+        .to_string();
+    println!("{id}");
+    if !(s.wait || s.progress) {
+        return Ok(0);
+    }
+    let mut progress = ProgressReport::new(s.progress);
+    let job = wait_for(client, &id, &mut progress)?;
+    progress.finish();
+    if job.error.is_some() {
+        eprintln!("qed: {}", outcome(&job));
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+/// Polls until the job `id` concludes; returns it as it concluded.
+fn wait_for(client: &mut Client, id: &str, progress: &mut ProgressReport) -> Result<JobInfo> {
+    loop {
+        let jobs = client
+            .query_jobs()
+            .map_err(|e| anyhow!("lost track of job '{id}': {e}"))?;
+        let job = jobs
+            .into_iter()
+            .find(|j| j.id == id)
+            .ok_or_else(|| anyhow!("job '{id}' is gone (dismissed before it was seen to end)"))?;
+        progress.update(job.current, job.total);
+        if job.status == JobStatus::Concluded {
+            return Ok(job);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn query(client: &mut Client, output: Output) -> Result<u8> {
+    let v = call(client, "query-jobs", json!({}))?;
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let jobs = qed_control::parse_jobs(&v).ok_or_else(|| anyhow!("query-jobs returned {v}"))?;
+    if jobs.is_empty() {
+        println!("No jobs");
+        return Ok(0);
+    }
+    let width = jobs.iter().map(|j| j.id.len()).max().unwrap_or(0).max(2);
+    println!("{:width$}  {:8}  {:10}  PROGRESS", "ID", "TYPE", "STATUS");
+    for j in &jobs {
+        let pct = j
+            .current
+            .saturating_mul(100)
+            .checked_div(j.total)
+            .unwrap_or(0);
+        let mut line = format!(
+            "{:width$}  {:8}  {:10}  {}/{} ({pct}%)",
+            j.id,
+            j.kind,
+            j.status.as_str(),
+            j.current,
+            j.total
+        );
+        if let Some(e) = &j.error {
+            line.push_str(&format!("  error: {e}"));
+        }
+        println!("{line}");
+    }
+    Ok(0)
+}
+
+fn name(j: &JobInfo) -> String {
+    format!("job '{}' ({})", j.id, j.kind)
+}
+
+/// How a concluded job ended, in one line: for `qed job` and `qed serve`'s log.
+pub fn outcome(j: &JobInfo) -> String {
+    match j.error.as_deref() {
+        None => format!("{} completed", name(j)),
+        Some(CANCELLED) => format!("{} cancelled at {} of {}", name(j), j.current, j.total),
+        Some(e) => format!("{} failed: {}", name(j), e.replace('\n', " ")),
+    }
+}

@@ -1,0 +1,687 @@
+//! S3 bases: the `qed` tool reading `s3://BUCKET/KEY` images from real S3 servers
+//! started here on loopback ports (s3s-fs, and moto's server), judged by qemu-img
+//! against the same images read locally.
+//!
+//! Both servers are required (tests/run installs them): a missing one fails these tests
+//! rather than skipping them. Objects are uploaded through each server's S3 API with
+//! signed PUTs, as any client would.
+//!
+//! Where a server lacks a feature, the test says so and checks what it has:
+//! - s3s-fs answers an unknown bucket with NoSuchKey, not NoSuchBucket, and ignores
+//!   If-Match on GET (a replaced object is then caught by its new ETag instead of a 412).
+//! - moto's server checks no signatures by default, and with its authentication turned
+//!   on it reads only Authorization headers, not the presigned URLs sent here: bad
+//!   credentials are tested on s3s-fs only.
+
+mod common;
+
+use common::{describe, install_hint, new_dir, QED, QEMU_IMG, QEMU_IO};
+use rusty_s3::actions::S3Action;
+use rusty_s3::{Bucket, Credentials, UrlStyle};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+const ACCESS_KEY: &str = "AKIAQEDTESTKEY000001";
+const SECRET_KEY: &str = "qedTestSecretKey/0123456789abcdefghijklm";
+const REGION: &str = "us-east-1";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    S3sFs,
+    Moto,
+}
+
+/// An S3 server on a free loopback port, stopped when dropped.
+struct S3Server {
+    kind: Kind,
+    port: u16,
+    child: Child,
+    /// Its data and log.
+    dir: TempDir,
+}
+
+/// Where `tests/run` installs a tool when it is not on PATH.
+fn tool(name: &str) -> PathBuf {
+    let candidates = match name {
+        "s3s-fs" => {
+            let cargo_home = std::env::var_os("CARGO_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+            vec![cargo_home.map(|c| c.join("bin/s3s-fs"))]
+        }
+        "moto_server" => vec![Some(
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("moto/bin/moto_server"),
+        )],
+        _ => vec![],
+    };
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    });
+    on_path
+        .into_iter()
+        .chain(candidates.into_iter().flatten())
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("cannot find {name}{}", install_hint(name)))
+}
+
+impl S3Server {
+    fn start(kind: Kind) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let mut cmd = match kind {
+            Kind::S3sFs => {
+                let root = dir.path().join("root");
+                std::fs::create_dir(&root).unwrap();
+                let mut c = Command::new(tool("s3s-fs"));
+                c.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                    .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+                    .arg(&root);
+                c
+            }
+            Kind::Moto => {
+                let mut c = Command::new(tool("moto_server"));
+                c.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+                c
+            }
+        };
+        let child = cmd
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {kind:?}: {e}"));
+        let mut server = Self {
+            kind,
+            port,
+            child,
+            dir,
+        };
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("{kind:?} exited at start ({status}):\n{}", server.log());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{kind:?} did not listen:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn bucket(&self, name: &str) -> Bucket {
+        Bucket::new(
+            self.endpoint().parse().unwrap(),
+            UrlStyle::Path,
+            name.to_string(),
+            REGION,
+        )
+        .unwrap()
+    }
+
+    /// Sends a presigned request; asserts a 2xx; returns the body.
+    fn send(&self, method: &str, url: &str, body: &[u8]) -> Vec<u8> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        let resp = match method {
+            "PUT" => agent.put(url).send(body),
+            _ => agent.get(url).call(),
+        }
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = resp.status().as_u16();
+        let body = resp.into_body().read_to_vec().unwrap();
+        assert!(
+            (200..300).contains(&status),
+            "{:?}: {method} {url}: {status}: {}",
+            self.kind,
+            String::from_utf8_lossy(&body)
+        );
+        body
+    }
+
+    fn create_bucket(&self, name: &str) {
+        let creds = Credentials::new(ACCESS_KEY, SECRET_KEY);
+        let bucket = self.bucket(name);
+        let url = bucket.create_bucket(&creds).sign(Duration::from_secs(600));
+        self.send("PUT", url.as_str(), b"");
+    }
+
+    fn put(&self, bucket: &str, key: &str, data: &[u8]) {
+        let creds = Credentials::new(ACCESS_KEY, SECRET_KEY);
+        let bucket = self.bucket(bucket);
+        let url = bucket
+            .put_object(Some(&creds), key)
+            .sign(Duration::from_secs(600));
+        self.send("PUT", url.as_str(), data);
+    }
+
+    fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
+        let creds = Credentials::new(ACCESS_KEY, SECRET_KEY);
+        let bucket = self.bucket(bucket);
+        let url = bucket
+            .get_object(Some(&creds), key)
+            .sign(Duration::from_secs(600));
+        self.send("GET", url.as_str(), b"")
+    }
+
+    /// `qed ARGS` in `dir`, pointed at this server with good credentials, except as
+    /// `env` says (a value of `None` unsets the variable).
+    fn qed_command(&self, dir: &Path, args: &[&str], env: &[(&str, Option<&str>)]) -> Command {
+        let mut cmd = Command::new(QED);
+        cmd.args(args).current_dir(dir).stdin(Stdio::null());
+        // Only this server: nothing from the caller's environment may send a request
+        // anywhere else.
+        for var in [
+            "AWS_ENDPOINT_URL",
+            "AWS_DEFAULT_REGION",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env("AWS_ENDPOINT_URL_S3", self.endpoint())
+            .env("AWS_REGION", REGION)
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+        for (k, v) in env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        cmd
+    }
+
+    fn qed(&self, dir: &Path, args: &[&str], env: &[(&str, Option<&str>)]) -> Output {
+        self.qed_command(dir, args, env).output().unwrap()
+    }
+
+    /// `qed ARGS`, which must succeed; its stdout.
+    fn qed_ok(&self, dir: &Path, args: &[&str]) -> String {
+        let out = self.qed(dir, args, &[]);
+        assert!(
+            out.status.success(),
+            "{:?}: {}",
+            self.kind,
+            describe(QED, args, &out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `qed ARGS` with `env`, which must fail; its stderr.
+    fn qed_fails(&self, dir: &Path, args: &[&str], env: &[(&str, Option<&str>)]) -> String {
+        let out = self.qed(dir, args, env);
+        assert!(
+            !out.status.success(),
+            "{:?}: expected failure from {}",
+            self.kind,
+            describe(QED, args, &out)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a local tool (qemu-img, qemu-io), which must succeed; its stdout.
+fn local_ok(dir: &Path, prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}{}", install_hint(prog)));
+    assert!(out.status.success(), "{}", describe(prog, args, &out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A QED base that qemu-img made and qemu-io wrote, and its raw contents, in `dir`.
+fn qemu_base(dir: &Path) {
+    local_ok(
+        dir,
+        QEMU_IMG,
+        &["create", "-q", "-f", "qed", "base.qed", "64M"],
+    );
+    local_ok(
+        dir,
+        QEMU_IO,
+        &[
+            "-c",
+            "write -P 0xab 1M 3M",
+            "-c",
+            "write -P 0x11 40M 64k",
+            "-c",
+            "write -P 0x5c 63M 1M",
+            "base.qed",
+        ],
+    );
+    local_ok(
+        dir,
+        QEMU_IMG,
+        &["convert", "-O", "raw", "base.qed", "base.raw"],
+    );
+}
+
+/// The base images, uploaded to `bucket` as `images/base.qed` and `images/base.raw`.
+fn upload_bases(server: &S3Server, bucket: &str, local: &Path) {
+    server.create_bucket(bucket);
+    for name in ["base.qed", "base.raw"] {
+        let bytes = std::fs::read(local.join(name)).unwrap();
+        server.put(bucket, &format!("images/{name}"), &bytes);
+    }
+}
+
+fn qemu_compare(dir: &Path, a: &str, b: &Path) {
+    local_ok(
+        dir,
+        QEMU_IMG,
+        &["compare", "-f", "raw", "-F", "raw", a, b.to_str().unwrap()],
+    );
+}
+
+/// Overlays on raw and QED bases in S3 read them byte for byte, write locally, and
+/// leave the objects as they were; the tool takes s3:// names everywhere URLs work.
+fn overlays_read_s3_bases_and_write_locally(kind: Kind) {
+    let server = S3Server::start(kind);
+    let local_dir = new_dir();
+    let local = local_dir.path();
+    qemu_base(local);
+    upload_bases(&server, "qed-bases", local);
+    let base_raw = local.join("base.raw");
+    let work = new_dir();
+    let w = work.path();
+    let qed_url = "s3://qed-bases/images/base.qed";
+    let raw_url = "s3://qed-bases/images/base.raw";
+
+    // info, straight from the object.
+    let info: Value =
+        serde_json::from_str(&server.qed_ok(w, &["info", "--output", "json", qed_url])).unwrap();
+    assert_eq!(info["filename"], qed_url);
+    assert_eq!(info["format"], "qed");
+    assert_eq!(info["virtual-size"], 64 << 20);
+    assert_eq!(info["cluster-size"], 65536);
+    assert!(info.get("actual-size").is_none());
+    let human = server.qed_ok(w, &["info", qed_url]);
+    assert!(human.contains(&format!("image: {qed_url}")), "{human}");
+
+    // An overlay on the QED base: no size given, it is the base's, found in S3.
+    let out = server.qed_ok(w, &["create", "-b", qed_url, "-F", "qed", "top.qed"]);
+    assert!(out.contains(&format!("backing_file={qed_url}")), "{out}");
+    let info: Value =
+        serde_json::from_str(&server.qed_ok(w, &["info", "--output", "json", "top.qed"])).unwrap();
+    assert_eq!(info["virtual-size"], 64 << 20);
+    assert_eq!(info["backing-filename"], qed_url);
+    assert_eq!(info["full-backing-filename"], qed_url);
+    // QED records a backing format only for raw bases (its no-probe feature bit).
+    assert!(info.get("backing-filename-format").is_none());
+    server.qed_ok(w, &["convert", "-O", "raw", "top.qed", "top.raw"]);
+    qemu_compare(w, "top.raw", &base_raw);
+    server.qed_ok(
+        w,
+        &[
+            "io",
+            "-r",
+            "-c",
+            "read -P 0xab 1M 3M",
+            "-c",
+            "read -P 0x11 40M 64k",
+            "-c",
+            "read -P 0x5c 63M 1M",
+            "-c",
+            "read -P 0 8M 1M",
+            "top.qed",
+        ],
+    );
+
+    // Writes land in the overlay; the base object is untouched.
+    server.qed_ok(
+        w,
+        &[
+            "io",
+            "-c",
+            "write -P 0x77 2M 64k",
+            "-c",
+            "write -P 0x78 50M 4k",
+            "top.qed",
+        ],
+    );
+    server.qed_ok(
+        w,
+        &[
+            "io",
+            "-r",
+            "-c",
+            "read -P 0x77 2M 64k",
+            "-c",
+            "read -P 0xab 3M 64k",
+            "-c",
+            "read -P 0x78 50M 4k",
+            "-c",
+            "read -P 0 52432896 60k",
+            "top.qed",
+        ],
+    );
+    // QEMU finds the overlay consistent (read without its base: QEMU has no s3 driver).
+    let no_base =
+        r#"json:{"driver":"qed","file":{"driver":"file","filename":"top.qed"},"backing":null}"#;
+    local_ok(w, QEMU_IMG, &["check", no_base]);
+    local_ok(
+        w,
+        QEMU_IO,
+        &[
+            "-r",
+            "-c",
+            "read -P 0x77 2M 64k",
+            "-c",
+            "read -P 0x78 50M 4k",
+            no_base,
+        ],
+    );
+    assert_eq!(
+        server.get("qed-bases", "images/base.qed"),
+        std::fs::read(local.join("base.qed")).unwrap(),
+        "the base object changed"
+    );
+    let e = server.qed_fails(w, &["commit", "top.qed"], &[]);
+    assert!(e.contains(qed_url) && e.contains("read-only"), "{e}");
+    let e = server.qed_fails(w, &["io", "-c", "write 0 512", qed_url], &[]);
+    assert!(e.contains(qed_url) && e.contains("read-only"), "{e}");
+
+    // A raw base, format probed.
+    let out = server.qed(w, &["create", "-b", raw_url, "top2.qed"], &[]);
+    assert!(out.status.success(), "{}", describe(QED, &["create"], &out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("detected raw"));
+    let info: Value =
+        serde_json::from_str(&server.qed_ok(w, &["info", "--output", "json", "top2.qed"])).unwrap();
+    assert_eq!(info["backing-filename"], raw_url);
+    assert_eq!(info["backing-filename-format"], "raw");
+    server.qed_ok(w, &["convert", "-O", "raw", "top2.qed", "top2.raw"]);
+    qemu_compare(w, "top2.raw", &base_raw);
+
+    // Plain sources: convert, compare, map, io -r.
+    server.qed_ok(w, &["convert", "-O", "raw", qed_url, "direct.raw"]);
+    qemu_compare(w, "direct.raw", &base_raw);
+    server.qed_ok(w, &["convert", "-O", "qed", raw_url, "copy.qed"]);
+    local_ok(
+        w,
+        QEMU_IMG,
+        &[
+            "compare",
+            "-f",
+            "qed",
+            "-F",
+            "raw",
+            "copy.qed",
+            base_raw.to_str().unwrap(),
+        ],
+    );
+    let same = server.qed_ok(w, &["compare", qed_url, base_raw.to_str().unwrap()]);
+    assert!(same.contains("identical"), "{same}");
+    let same = server.qed_ok(w, &["compare", qed_url, raw_url]);
+    assert!(same.contains("identical"), "{same}");
+    let map: Value =
+        serde_json::from_str(&server.qed_ok(w, &["map", "--output", "json", qed_url])).unwrap();
+    let theirs: Value = serde_json::from_str(&local_ok(
+        local,
+        QEMU_IMG,
+        &["map", "--output", "json", "base.qed"],
+    ))
+    .unwrap();
+    let strip = |v: &Value| -> Vec<(u64, u64, bool)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["start"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["data"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(strip(&map), strip(&theirs));
+    server.qed_ok(
+        w,
+        &[
+            "io",
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x5c 63M 1M",
+            raw_url,
+        ],
+    );
+
+    // Streamed in, the overlay needs the bucket no more.
+    server.qed_ok(
+        w,
+        &["create", "-q", "-b", qed_url, "-F", "qed", "streamed.qed"],
+    );
+    server.qed_ok(w, &["io", "-c", "write -P 0x66 2M 4k", "streamed.qed"]);
+    server.qed_ok(w, &["stream", "streamed.qed"]);
+    let info: Value = serde_json::from_str(&local_ok(
+        w,
+        QEMU_IMG,
+        &["info", "--output", "json", "streamed.qed"],
+    ))
+    .unwrap();
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    local_ok(w, QEMU_IMG, &["check", "streamed.qed"]);
+    local_ok(
+        w,
+        QEMU_IO,
+        &[
+            "-c",
+            "read -P 0xab 1M 1M",
+            "-c",
+            "read -P 0x66 2M 4k",
+            "-c",
+            "read -P 0xab 2052k 1020k",
+            "-c",
+            "read -P 0x11 40M 64k",
+            "-c",
+            "read -P 0x5c 63M 1M",
+            "-c",
+            "read -P 0 0 1M",
+            "streamed.qed",
+        ],
+    );
+}
+
+/// Wrong names and wrong credentials fail at once with the URL and what to check; a
+/// base replaced under its overlay is refused, naming it.
+fn s3_errors_name_the_url_and_say_what_to_do(kind: Kind) {
+    let server = S3Server::start(kind);
+    let work = new_dir();
+    let w = work.path();
+    server.create_bucket("errors");
+    let size = 4 << 20;
+    let old: Vec<u8> = (0..size).map(|i| (i / 4096) as u8).collect();
+    server.put("errors", "base.raw", &old);
+
+    // A missing key.
+    let url = "s3://errors/nosuch.qed";
+    let e = server.qed_fails(w, &["info", url], &[]);
+    assert!(
+        e.contains(url) && e.contains("NoSuchKey") && e.contains("check the key"),
+        "{e}"
+    );
+    let e = server.qed_fails(w, &["create", "-b", url, "-F", "qed", "top.qed"], &[]);
+    assert!(e.contains(url) && e.contains("NoSuchKey"), "{e}");
+    assert!(!w.join("top.qed").exists());
+
+    // An unknown bucket.
+    let url = "s3://no-such-bucket/base.raw";
+    let e = server.qed_fails(w, &["info", url], &[]);
+    match kind {
+        Kind::Moto => assert!(
+            e.contains(url)
+                && e.contains("NoSuchBucket")
+                && e.contains("the bucket 'no-such-bucket' does not exist"),
+            "{e}"
+        ),
+        // s3s-fs says NoSuchKey for a key in a bucket it does not have.
+        Kind::S3sFs => assert!(
+            e.contains(url) && e.contains("404") && e.contains("'no-such-bucket'"),
+            "{e}"
+        ),
+    }
+
+    let url = "s3://errors/base.raw";
+    let read = ["io", "-r", "-f", "raw", "-c", "read 0 4k", url];
+    server.qed_ok(w, &read);
+    // No credentials: the objects are private.
+    let e = server.qed_fails(
+        w,
+        &read,
+        &[("AWS_ACCESS_KEY_ID", None), ("AWS_SECRET_ACCESS_KEY", None)],
+    );
+    assert!(
+        e.contains(url) && e.contains("403") && e.contains("anonymous"),
+        "{e}"
+    );
+    // Half the credentials.
+    let e = server.qed_fails(w, &read, &[("AWS_SECRET_ACCESS_KEY", None)]);
+    assert!(
+        e.contains(url) && e.contains("AWS_SECRET_ACCESS_KEY is not"),
+        "{e}"
+    );
+    if kind == Kind::S3sFs {
+        // Wrong credentials (moto checks none: see the module's doc).
+        let e = server.qed_fails(w, &read, &[("AWS_SECRET_ACCESS_KEY", Some("wrong"))]);
+        assert!(
+            e.contains(url)
+                && e.contains("SignatureDoesNotMatch")
+                && e.contains("check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+            "{e}"
+        );
+        let e = server.qed_fails(w, &read, &[("AWS_ACCESS_KEY_ID", Some("AKIAUNKNOWN"))]);
+        assert!(
+            e.contains(url)
+                && e.contains("403")
+                && e.contains("check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+            "{e}"
+        );
+    }
+
+    // The base is replaced, same size, while an overlay on it is open: the next read
+    // that reaches the server is refused. Small chunks and no readahead, so that the
+    // second read is not served from what the first brought.
+    server.qed_ok(w, &["create", "-q", "-b", url, "-F", "raw", "over.qed"]);
+    let mut child = server
+        .qed_command(
+            w,
+            &[
+                "io",
+                "-r",
+                "--remote-chunk-size",
+                "64k",
+                "--remote-readahead",
+                "0",
+                "-c",
+                "read -P 0x01 4k 4k",
+                "-c",
+                "sleep 8000",
+                "-c",
+                "read -P 0x0c 3194880 4k",
+                "over.qed",
+            ],
+            &[],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(
+        first.starts_with("read 4096/4096 bytes at offset 4096"),
+        "{first}"
+    );
+    let replaced_at = Instant::now();
+    let new: Vec<u8> = old.iter().map(|b| b ^ 0xff).collect();
+    server.put("errors", "base.raw", &new);
+    assert!(
+        replaced_at.elapsed() < Duration::from_secs(6),
+        "replacing the object took {:?}: the reader's pause was too short for this machine",
+        replaced_at.elapsed()
+    );
+    // Read on to the end, so that the reader never writes into a closed pipe.
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the read of a replaced base succeeded: {e}"
+    );
+    assert!(
+        e.contains(url) && e.contains("the base image changed since it was opened"),
+        "{e}"
+    );
+    match kind {
+        // If-Match is sent with every read, and moto honours it.
+        Kind::Moto => assert!(e.contains("412"), "{e}"),
+        // s3s-fs ignores If-Match; the new ETag gives it away.
+        Kind::S3sFs => assert!(e.contains("ETag was"), "{e}"),
+    }
+    // Reopened, the overlay reads the new base.
+    server.qed_ok(
+        w,
+        &["io", "-r", "-c", "read -P 0xf3 3194880 4k", "over.qed"],
+    );
+}
+
+#[test]
+fn s3s_fs_overlays_read_s3_bases_and_write_locally() {
+    overlays_read_s3_bases_and_write_locally(Kind::S3sFs);
+}
+
+#[test]
+fn moto_overlays_read_s3_bases_and_write_locally() {
+    overlays_read_s3_bases_and_write_locally(Kind::Moto);
+}
+
+#[test]
+fn s3s_fs_errors_name_the_url_and_say_what_to_do() {
+    s3_errors_name_the_url_and_say_what_to_do(Kind::S3sFs);
+}
+
+#[test]
+fn moto_errors_name_the_url_and_say_what_to_do() {
+    s3_errors_name_the_url_and_say_what_to_do(Kind::Moto);
+}
