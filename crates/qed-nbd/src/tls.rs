@@ -70,6 +70,9 @@ impl Tls {
         // No client resumes an NBD session: tickets would only cost a round of writes.
         b.set_num_tickets(0).map_err(ssl_error)?;
         b.set_options(SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET);
+        // Requests come as many small records (a header, then its payload): reading
+        // ahead takes whatever the socket holds in one call, not two per record.
+        b.set_read_ahead(true);
         match credentials {
             TlsCredentials::X509 { dir, verify_peer } => {
                 x509(&mut b, dir, *verify_peer)?;
