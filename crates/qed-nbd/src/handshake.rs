@@ -4,6 +4,8 @@ use crate::export::{Export, MAX_PAYLOAD, PREFERRED_BLOCK};
 use crate::proto::{self, info, opt, rep, IHAVEOPT};
 use crate::session::{MetaContext, Session};
 use crate::stream::Stream;
+use crate::tls::{Tls, TlsMode};
+use crate::transport::Channel;
 use std::io::{self, Read, Write};
 use std::ops::ControlFlow::{self, Break, Continue};
 use std::time::Instant;
@@ -20,32 +22,38 @@ const MAX_OPTIONS: usize = 1000;
 #[derive(Debug)]
 pub struct Closed;
 
-/// Handshake outcome: a session, a clean close, or an I/O or protocol error.
-pub type Outcome = io::Result<Result<Session, Closed>>;
+/// Handshake outcome: a session on its connection, a clean close, or an I/O or protocol
+/// error (a failed TLS handshake among them).
+pub type Outcome = io::Result<Result<(Channel, Session), Closed>>;
 
 /// How the haggling goes on after an option: on to the next, or over with this outcome.
 type Next = ControlFlow<Result<Session, Closed>>;
 
 /// The server's side of the handshake, between the greeting and the export chosen.
 struct Haggler<'a> {
-    stream: &'a mut Stream,
+    channel: Channel,
     export: &'a Export,
+    /// The TLS policy and credentials; `None` is TLS off.
+    tls: Option<&'a Tls>,
     deadline: Instant,
     session: Session,
     /// The client asked to be spared the zero padding after NBD_OPT_EXPORT_NAME.
     no_zeroes: bool,
 }
 
-/// Runs the handshake. The whole of it must finish before `deadline`.
+/// Runs the handshake. The whole of it, a TLS handshake included, must finish before
+/// `deadline`.
 pub fn handshake(
-    stream: &mut Stream,
+    stream: Stream,
     export: &Export,
+    tls: Option<&Tls>,
     deadline: Instant,
     shutting_down: &dyn Fn() -> bool,
 ) -> Outcome {
     let mut h = Haggler {
-        stream,
+        channel: Channel::Plain(stream),
         export,
+        tls,
         deadline,
         session: Session::default(),
         no_zeroes: false,
@@ -56,10 +64,11 @@ pub fn handshake(
             continue;
         };
         if shutting_down() && option != opt::ABORT {
-            return h.refuse_shutting_down(option);
+            h.refuse_shutting_down(option)?;
+            return Ok(Err(Closed));
         }
         if let Break(outcome) = h.answer(option, &data)? {
-            return Ok(outcome);
+            return Ok(outcome.map(|session| (h.channel, session)));
         }
     }
     Err(io::Error::new(
@@ -133,15 +142,36 @@ impl Haggler<'_> {
 
     /// Ends the handshake of a server that is shutting down, telling the client why
     /// where the option has an error reply.
-    fn refuse_shutting_down(&mut self, option: u32) -> Outcome {
+    fn refuse_shutting_down(&mut self, option: u32) -> io::Result<()> {
         if option != opt::EXPORT_NAME {
             self.reply(option, rep::ERR_SHUTDOWN, b"the server is shutting down")?;
         }
-        Ok(Err(Closed))
+        Ok(())
+    }
+
+    fn tls_mode(&self) -> TlsMode {
+        self.tls.map_or(TlsMode::Off, Tls::mode)
     }
 
     /// Answers one option.
     fn answer(&mut self, option: u32, data: &[u8]) -> io::Result<Next> {
+        if option == opt::STARTTLS {
+            self.starttls(data)?;
+            return Ok(Continue(()));
+        }
+        if self.tls_mode() == TlsMode::Require && !self.channel.is_tls() && option != opt::ABORT {
+            // Nothing about the export before TLS: no list, no description, no data.
+            if option == opt::EXPORT_NAME {
+                // It has no error reply: the only answer is to hang up.
+                return Ok(Break(Err(Closed)));
+            }
+            self.reply(
+                option,
+                rep::ERR_TLS_REQD,
+                b"TLS is required: use NBD_OPT_STARTTLS",
+            )?;
+            return Ok(Continue(()));
+        }
         match option {
             opt::EXPORT_NAME => return self.export_name(data).map(Break),
             opt::ABORT => {
@@ -150,7 +180,6 @@ impl Haggler<'_> {
                 return Ok(Break(Err(Closed)));
             }
             opt::LIST => self.list(data)?,
-            opt::STARTTLS => self.reply(option, rep::ERR_POLICY, b"TLS is not supported")?,
             opt::INFO | opt::GO => {
                 if self.info_or_go(option, data)? && option == opt::GO {
                     return Ok(Break(Ok(std::mem::take(&mut self.session))));
@@ -161,6 +190,43 @@ impl Haggler<'_> {
             _ => self.reply(option, rep::ERR_UNSUP, b"option not supported")?,
         }
         Ok(Continue(()))
+    }
+
+    /// Answers NBD_OPT_STARTTLS: after its ACK the TLS handshake runs, and the haggling
+    /// starts again inside TLS. A failed TLS handshake ends the connection.
+    fn starttls(&mut self, data: &[u8]) -> io::Result<()> {
+        let option = opt::STARTTLS;
+        let Some(tls) = self.tls.filter(|t| t.mode() != TlsMode::Off) else {
+            return self.reply(
+                option,
+                rep::ERR_POLICY,
+                b"TLS is not enabled on this server",
+            );
+        };
+        if self.channel.is_tls() {
+            // As the protocol says of a second STARTTLS.
+            return self.reply(option, rep::ERR_INVALID, b"TLS is already negotiated");
+        }
+        if !data.is_empty() {
+            return self.reply(option, rep::ERR_INVALID, b"NBD_OPT_STARTTLS takes no data");
+        }
+        self.reply(option, rep::ACK, &[])?;
+        let Channel::Plain(stream) = std::mem::replace(&mut self.channel, Channel::Gone) else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        // The socket's read timeout keeps the TLS handshake within the deadline too.
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake took too long",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        self.channel = Channel::Tls(Box::new(tls.accept(stream)?));
+        // What was agreed in plain text does not carry over into TLS.
+        self.session = Session::default();
+        Ok(())
     }
 
     /// Answers NBD_OPT_EXPORT_NAME, which ends the handshake either way: the export's
@@ -225,8 +291,8 @@ impl Haggler<'_> {
             if left.is_zero() {
                 return Err(timed_out());
             }
-            self.stream.set_read_timeout(Some(left))?;
-            match self.stream.read(&mut buf[done..]) {
+            self.channel.socket()?.set_read_timeout(Some(left))?;
+            match self.channel.read(&mut buf[done..]) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -268,8 +334,8 @@ impl Haggler<'_> {
     }
 
     fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes)?;
-        self.stream.flush()
+        self.channel.write_all(bytes)?;
+        self.channel.flush()
     }
 
     fn reply(&mut self, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {

@@ -3,7 +3,8 @@
 //!
 //! Fixed newstyle handshake with structured replies, metadata contexts
 //! (`base:allocation`, `qemu:allocation-depth`), and transmission with many requests in
-//! flight per connection, replied to out of order as they finish.
+//! flight per connection, replied to out of order as they finish. TLS (NBD_OPT_STARTTLS)
+//! with X.509 certificates or pre-shared keys, as qemu-nbd and nbdkit offer it.
 //!
 //! ```no_run
 //! use qed_nbd::{Config, DiscardMode, Export, Listener, Server};
@@ -34,9 +35,12 @@ mod replies;
 mod server;
 mod session;
 mod stream;
+mod tls;
 mod transmission;
+mod transport;
 
 pub use export::{DiscardMode, Export, MAX_PAYLOAD};
 pub use server::{Config, Listener, Server};
 pub use session::MetaContext;
 pub use stream::Stream;
+pub use tls::{Tls, TlsCredentials, TlsMode};

@@ -64,6 +64,8 @@ pub mod rep {
     pub const ERR_POLICY: u32 = ERR + 2;
     /// NBD_REP_ERR_INVALID: the option's data is malformed or out of place.
     pub const ERR_INVALID: u32 = ERR + 3;
+    /// NBD_REP_ERR_TLS_REQD: the server requires TLS before this option.
+    pub const ERR_TLS_REQD: u32 = ERR + 5;
     /// NBD_REP_ERR_UNKNOWN: no such export.
     pub const ERR_UNKNOWN: u32 = ERR + 6;
     /// NBD_REP_ERR_SHUTDOWN: the server is shutting down.

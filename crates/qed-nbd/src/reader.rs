@@ -6,14 +6,14 @@ use crate::connection::{Connection, Msg};
 use crate::export::MAX_PAYLOAD;
 use crate::pool::Pool;
 use crate::proto::{self, cflag, cmd, errno, Request};
-use crate::stream::Stream;
+use crate::transport::Transport;
 use qed::AlignedBuf as Buf;
 use std::io::Read;
 use std::sync::Arc;
 
 /// Reads requests and hands them on, until the client disconnects or breaks the
 /// protocol.
-pub(crate) fn read_requests(conn: &Arc<Connection>, pool: &Pool, stream: Stream) {
+pub(crate) fn read_requests(conn: &Arc<Connection>, pool: &Pool, stream: Transport) {
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
     // A wrong magic or a read error ends the session.
     while let Ok(Some(req)) = Request::read(&mut reader) {

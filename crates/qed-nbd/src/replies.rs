@@ -11,7 +11,7 @@ use crate::errors::{io_errno, nbd_error};
 use crate::export::MAX_PAYLOAD;
 use crate::pool::Pool;
 use crate::proto::{self, cflag, cmd, errno, Request};
-use crate::stream::Stream;
+use crate::transport::Transport;
 use qed::{AlignedBuf as Buf, BlockDevice, DirectExtent, PendingWrite, Ring};
 use std::collections::VecDeque;
 use std::net::Shutdown;
@@ -61,25 +61,24 @@ impl Outbox {
     }
 
     /// Sends what it can; with `wait`, everything (blocking). Returns whether all went.
-    fn send(&mut self, conn: &Connection, socket: &Stream, wait: bool) -> bool {
-        let flags = libc::MSG_NOSIGNAL | if wait { 0 } else { libc::MSG_DONTWAIT };
+    fn send(&mut self, conn: &Connection, socket: &Transport, wait: bool) -> bool {
         while self.pending() && !self.broken {
             let rest = &self.bytes[self.sent..];
-            // SAFETY: send from a live buffer on a socket we hold open.
-            let n =
-                unsafe { libc::send(socket.as_raw_fd(), rest.as_ptr().cast(), rest.len(), flags) };
-            if n > 0 {
-                self.sent += n as usize;
-                continue;
-            }
-            let e = std::io::Error::last_os_error();
+            let e = match socket.send(rest, wait) {
+                Ok(n) if n > 0 => {
+                    self.sent += n;
+                    continue;
+                }
+                Ok(_) => std::io::ErrorKind::WriteZero.into(),
+                Err(e) => e,
+            };
             match e.kind() {
                 std::io::ErrorKind::Interrupted => {}
                 std::io::ErrorKind::WouldBlock => break,
                 _ => {
                     // A reply cut short leaves the stream out of step: end the session.
                     self.broken = true;
-                    let _ = socket.shutdown(Shutdown::Both);
+                    let _ = socket.socket().shutdown(Shutdown::Both);
                 }
             }
         }
@@ -114,8 +113,8 @@ pub(crate) fn run(
     pool: &Pool,
     incoming: Receiver<Msg>,
     ring: Option<Ring>,
-    socket: Stream,
-) -> Stream {
+    socket: Transport,
+) -> Transport {
     let mut t = ReplyThread {
         ring,
         flight: Vec::new(),
@@ -159,7 +158,7 @@ struct ReplyThread<'a> {
     dev: &'a dyn BlockDevice,
     pool: &'a Pool,
     incoming: Receiver<Msg>,
-    socket: Stream,
+    socket: Transport,
 }
 
 impl<'a> ReplyThread<'a> {
@@ -252,7 +251,7 @@ impl<'a> ReplyThread<'a> {
         if let Some(r) = self.ring.as_mut() {
             // The socket outlives the ring's use of it: the ring is drained before the
             // thread returns the socket.
-            if r.poll_writable(self.socket.as_raw_fd(), SOCKET_WRITABLE)
+            if r.poll_writable(self.socket.socket().as_raw_fd(), SOCKET_WRITABLE)
                 .is_ok()
             {
                 self.out.poll_armed = true;
@@ -278,7 +277,7 @@ impl<'a> ReplyThread<'a> {
 
     /// Drains the ring, so no buffer or socket is in the kernel's hands, and gives back
     /// the socket.
-    fn finish(mut self) -> Stream {
+    fn finish(mut self) -> Transport {
         if let Some(mut r) = self.ring.take() {
             r.drain();
         }

@@ -4,6 +4,7 @@ use crate::export::Export;
 use crate::handshake::handshake;
 use crate::pool::Pool;
 use crate::stream::Stream;
+use crate::tls::{HandshakeFailed, Tls};
 use crate::transmission::serve;
 use std::collections::HashMap;
 use std::io;
@@ -68,6 +69,14 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Worker threads executing requests.
     pub workers: usize,
+    /// TLS policy and credentials; `None` refuses NBD_OPT_STARTTLS.
+    pub tls: Option<Arc<Tls>>,
+    /// Where the server's one-line notices go (a failed TLS handshake, with the peer).
+    pub log: fn(&str),
+}
+
+fn log_to_stderr(line: &str) {
+    eprintln!("{line}");
 }
 
 impl Default for Config {
@@ -77,6 +86,8 @@ impl Default for Config {
             persistent: false,
             handshake_timeout: Duration::from_secs(10),
             workers: 32,
+            tls: None,
+            log: log_to_stderr,
         }
     }
 }
@@ -152,7 +163,7 @@ impl Server {
     /// connection leaves `live` and `active` when it ends.
     fn spawn_session(
         &self,
-        mut stream: Stream,
+        stream: Stream,
         id: u64,
         pool: &Arc<Pool>,
         active: &Arc<AtomicUsize>,
@@ -164,16 +175,31 @@ impl Server {
         let live = live.clone();
         let shutdown = self.shutdown.clone();
         let timeout = self.config.handshake_timeout;
+        let tls = self.config.tls.clone();
+        let log = self.config.log;
         std::thread::spawn(move || {
             let deadline = Instant::now() + timeout;
             let stopping = || shutdown.load(Ordering::Acquire);
-            match handshake(&mut stream, &export, deadline, &stopping) {
-                Ok(Ok(session)) => serve(stream, export, session, &pool),
-                Ok(Err(_)) | Err(_) => {
-                    let _ = stream.shutdown(Shutdown::Both);
+            let peer = tls.as_ref().map(|_| stream.peer());
+            match handshake(stream, &export, tls.as_deref(), deadline, &stopping) {
+                Ok(Ok((channel, session))) => serve(channel, export, session, &pool),
+                Ok(Err(_)) => {}
+                Err(e) => {
+                    if let Some(why) = e
+                        .get_ref()
+                        .and_then(|e| e.downcast_ref::<HandshakeFailed>())
+                    {
+                        let peer = peer.as_deref().unwrap_or("a client");
+                        log(&format!("{peer}: {why}"));
+                    }
                 }
             }
-            live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            // The handshake's own handle is gone; this one may keep the socket open.
+            let mut live = live.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = live.remove(&id) {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            drop(live);
             active.fetch_sub(1, Ordering::AcqRel);
         })
     }

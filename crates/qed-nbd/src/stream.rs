@@ -39,6 +39,49 @@ impl Stream {
         }
     }
 
+    /// Makes reads and writes return WouldBlock instead of waiting.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
+    /// Who is at the other end, for log lines: the address of a TCP peer, the process
+    /// of a Unix one.
+    pub fn peer(&self) -> String {
+        match self {
+            Stream::Tcp(s) => match s.peer_addr() {
+                Ok(a) => a.to_string(),
+                Err(_) => "an unknown TCP peer".into(),
+            },
+            Stream::Unix(s) => {
+                use std::os::fd::AsRawFd;
+                let mut cred = libc::ucred {
+                    pid: 0,
+                    uid: 0,
+                    gid: 0,
+                };
+                let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+                // SAFETY: SO_PEERCRED fills a ucred of the size given.
+                let r = unsafe {
+                    libc::getsockopt(
+                        s.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_PEERCRED,
+                        (&mut cred as *mut libc::ucred).cast(),
+                        &mut len,
+                    )
+                };
+                if r == 0 {
+                    format!("unix socket peer pid {} uid {}", cred.pid, cred.uid)
+                } else {
+                    "a unix socket peer".into()
+                }
+            }
+        }
+    }
+
     /// Turns off Nagle's algorithm on TCP, so small replies leave at once.
     pub fn set_nodelay(&self) -> io::Result<()> {
         match self {

@@ -8,22 +8,25 @@ use crate::pool::Pool;
 use crate::reader::read_requests;
 use crate::replies;
 use crate::session::Session;
-use crate::stream::Stream;
+use crate::transport::{Channel, Transport};
 use qed::Ring;
-use std::net::Shutdown;
-use std::sync::mpsc::channel;
+use std::sync::mpsc;
 use std::sync::Arc;
 
 /// Serves requests until the client disconnects, breaks the protocol or the reading
 /// side is shut down; waits for the requests in flight before returning.
-pub(crate) fn serve(stream: Stream, export: Arc<Export>, session: Session, pool: &Pool) {
-    let Ok(writer) = stream.try_clone() else {
+/// Under TLS the reply thread encrypts its batches itself, and its ring still waits for
+/// the socket to take more.
+pub(crate) fn serve(channel: Channel, export: Arc<Export>, session: Session, pool: &Pool) {
+    if let Ok(socket) = channel.socket() {
+        let _ = socket.set_read_timeout(None);
+        let _ = socket.set_nodelay();
+    }
+    let Ok((reader, writer)) = Transport::split(channel) else {
         return;
     };
-    let _ = stream.set_read_timeout(None);
-    let _ = stream.set_nodelay();
     let ring = Ring::new(MAX_IN_FLIGHT as u32);
-    let (replies, incoming) = channel::<Msg>();
+    let (replies, incoming) = mpsc::channel::<Msg>();
     let waker = ring.as_ref().map(Ring::waker);
     let conn = Arc::new(Connection::new(export, session, replies, waker));
     std::thread::scope(|s| {
@@ -36,11 +39,11 @@ pub(crate) fn serve(stream: Stream, export: Arc<Export>, session: Session, pool:
         let Ok(replier) = replier else {
             return;
         };
-        read_requests(&conn, pool, stream);
+        read_requests(&conn, pool, reader);
         conn.budget.wait_idle();
         conn.send_msg(Msg::Stop);
         if let Ok(w) = replier.join() {
-            let _ = w.shutdown(Shutdown::Both);
+            w.close();
         }
     });
 }

@@ -4,7 +4,7 @@ use super::Opened;
 use anyhow::{bail, Context, Result};
 use qed::BlockDevice;
 use qed_control::{Commands, ControlServer, Jobs, StreamRequest, StreamTarget};
-use qed_nbd::{Config, DiscardMode, Export, Listener, Server};
+use qed_nbd::{Config, DiscardMode, Export, Listener, Server, Tls, TlsCredentials, TlsMode};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::net::TcpListener;
 use std::os::unix::fs::FileTypeExt;
@@ -75,6 +75,21 @@ pub struct Args {
     /// With --stream: copy at most this many bytes per second (k, M, G suffixes).
     #[arg(long = "stream-rate", requires = "stream")]
     stream_rate: Option<String>,
+    /// TLS: off, on (for clients that ask) or require (the default when credentials
+    /// are given).
+    #[arg(long = "tls")]
+    tls: Option<String>,
+    /// TLS with the X.509 certificates in this directory, laid out as QEMU's:
+    /// ca-cert.pem, server-cert.pem, server-key.pem.
+    #[arg(long = "tls-certificates", conflicts_with = "tls_psk")]
+    tls_certificates: Option<PathBuf>,
+    /// With --tls-certificates: clients must present a certificate signed by
+    /// ca-cert.pem.
+    #[arg(long = "tls-verify-peer", requires = "tls_certificates")]
+    tls_verify_peer: bool,
+    /// TLS with the pre-shared keys in this file: username:hexkey lines.
+    #[arg(long = "tls-psk")]
+    tls_psk: Option<PathBuf>,
     /// The image.
     file: PathBuf,
     #[command(flatten)]
@@ -92,6 +107,7 @@ pub fn run(a: Args) -> Result<u8> {
     let l2_cache_bytes = usize::try_from(crate::units::parse_size(&a.l2_cache)?)
         .context("--l2-cache-size is too large")?;
     let format = super::parse_format(a.format.as_deref())?;
+    let tls = load_tls(&a)?;
     let opened = super::open_for_jobs(
         &a.file,
         format,
@@ -134,7 +150,12 @@ pub fn run(a: Args) -> Result<u8> {
         None => None,
     };
     let (listener, place) = listen(&a)?;
-    let server = build_server(&a, device.clone(), discard);
+    let tls_note = match tls.as_ref().map(|t| t.mode()) {
+        Some(TlsMode::Require) => ", TLS required",
+        Some(TlsMode::On) => ", TLS offered",
+        _ => "",
+    };
+    let server = build_server(&a, device.clone(), discard, tls);
     let stop = server.shutdown_flag();
     // A signal stops the jobs before the server: a cancelled stream leaves the image
     // naming its old backing file, consistent, while requests in flight finish.
@@ -152,7 +173,7 @@ pub fn run(a: Args) -> Result<u8> {
             .with_context(|| format!("could not write {}", p.display()))?;
     }
     eprintln!(
-        "qed serve: {} exported as '{}' on {place}{}{}",
+        "qed serve: {} exported as '{}' on {place}{}{tls_note}{}",
         a.file.display(),
         a.name,
         if a.read_only { " (read-only)" } else { "" },
@@ -249,7 +270,41 @@ fn listen(a: &Args) -> Result<(Listener, String)> {
     Ok((Listener::Tcp(l), local))
 }
 
-fn build_server(a: &Args, device: Arc<dyn qed::BlockDevice>, discard: DiscardMode) -> Server {
+/// The TLS policy and credentials asked for, loaded and checked before anything
+/// listens; `None` for TLS off. As with nbdkit, `--tls=off` ignores credentials; as
+/// with qemu-nbd, credentials alone mean TLS is required.
+fn load_tls(a: &Args) -> Result<Option<Arc<Tls>>> {
+    let credentials = match (&a.tls_certificates, &a.tls_psk) {
+        (Some(dir), _) => Some(TlsCredentials::X509 {
+            dir: dir.clone(),
+            verify_peer: a.tls_verify_peer,
+        }),
+        (None, Some(file)) => Some(TlsCredentials::Psk(file.clone())),
+        (None, None) => None,
+    };
+    let mode = match a.tls.as_deref() {
+        None if credentials.is_some() => TlsMode::Require,
+        None | Some("off") => TlsMode::Off,
+        Some("on") => TlsMode::On,
+        Some("require") => TlsMode::Require,
+        Some(t) => bail!("invalid --tls '{t}': use off, on or require"),
+    };
+    if mode == TlsMode::Off {
+        return Ok(None);
+    }
+    let Some(credentials) = credentials else {
+        bail!("--tls=on and --tls=require need --tls-certificates DIR or --tls-psk FILE");
+    };
+    let tls = Tls::new(mode, &credentials).context("TLS credentials")?;
+    Ok(Some(Arc::new(tls)))
+}
+
+fn build_server(
+    a: &Args,
+    device: Arc<dyn qed::BlockDevice>,
+    discard: DiscardMode,
+    tls: Option<Arc<Tls>>,
+) -> Server {
     let export = Export {
         device,
         name: a.name.clone(),
@@ -261,6 +316,8 @@ fn build_server(a: &Args, device: Arc<dyn qed::BlockDevice>, discard: DiscardMod
         max_connections: a.shared,
         persistent: a.persistent,
         workers: a.workers,
+        tls,
+        log: |line| eprintln!("qed serve: {line}"),
         ..Config::default()
     };
     Server::new(export, config)

@@ -43,7 +43,8 @@ pub fn install_hint(prog: &str) -> &'static str {
         }
         "moto_server" => " (pip install 'moto[server]' in a venv, or run tests/run)",
         "qemu-system-x86_64" => " (qemu-system-x86 from bookworm-backports: run tests/run)",
-        "bash" | "md5sum" => " (a base system tool)",
+        "openssl" => " (apt-get install openssl, or run tests/run)",
+        "bash" | "md5sum" | "setpriv" => " (a base system tool)",
         _ => "",
     }
 }
