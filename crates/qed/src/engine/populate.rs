@@ -37,16 +37,23 @@ impl Image {
         len: u64,
         out: Option<&mut [u8]>,
     ) -> Result<Option<u64>> {
-        self.populate_up_to(pos, len, COPY_CHUNK, out)
+        self.fill(pos, len, COPY_CHUNK, false, out)
     }
 
-    /// [`Image::populate`] of at most `most` bytes at a time (plus the clusters around):
-    /// a stream takes more per step, so that a server sends fewer, larger answers.
-    pub(crate) fn populate_up_to(
+    /// [`Image::populate`] for a stream: at most `most` bytes at a time (plus the
+    /// clusters around), so that a server sends fewer, larger answers, and what is
+    /// written starts on its way to the disk at once, so that the flush that ends the
+    /// stream has little left to do.
+    pub(crate) fn populate_up_to(&self, pos: u64, len: u64, most: u64) -> Result<Option<u64>> {
+        self.fill(pos, len, most, true, None)
+    }
+
+    fn fill(
         &self,
         pos: u64,
         len: u64,
         most: u64,
+        write_back: bool,
         out: Option<&mut [u8]>,
     ) -> Result<Option<u64>> {
         let Some(mut alloc) = self.claim_allocation(pos, len.min(most.max(1)), Wait::Block)? else {
@@ -91,6 +98,9 @@ impl Image {
                     self.name
                 )
             })?;
+            if write_back {
+                self.storage.start_writeback(next, bytes.len() as u64);
+            }
             for k in 0..run as u64 {
                 entries.push(next + k * cs);
             }

@@ -168,7 +168,7 @@ fn stream_segment(
         let n = if !copy {
             run.length
         } else {
-            match image.populate_up_to(pos, run.length, SEGMENT, None)? {
+            match image.populate_up_to(pos, run.length, SEGMENT)? {
                 Some(n) => {
                     pacer.add(n, stop);
                     n

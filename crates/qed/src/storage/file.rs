@@ -287,6 +287,26 @@ impl Storage for FileStorage {
         Some(super::BlockHold(guards))
     }
 
+    fn start_writeback(&self, offset: u64, len: u64) {
+        // O_DIRECT writes are on their way already.
+        if self.direct.is_some() {
+            return;
+        }
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: a plain system call on a descriptor this storage owns; it reads no
+        // memory of ours.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset,
+                len,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+
     fn direct_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
         let align = if self.direct.is_some() {
             DIRECT_ALIGN

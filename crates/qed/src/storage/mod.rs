@@ -65,6 +65,13 @@ pub trait Storage: Send + Sync + Debug {
         Ok(())
     }
 
+    /// Starts writing `[offset, offset + len)` back to the disk without waiting for it:
+    /// a long copy that ends with a flush then overlaps the disk's work with its own
+    /// instead of leaving it all to the flush. A hint; storage that cannot ignores it.
+    fn start_writeback(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+
     /// The file descriptor behind the storage and the alignment its direct I/O needs
     /// (offsets, lengths and buffers; 1 when there is none), for callers that submit I/O
     /// themselves (io_uring). `None` for storage that is not one plain file.
@@ -134,6 +141,9 @@ impl Storage for NoFlush {
     fn zero_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
         self.0.zero_status(offset, len)
     }
+    fn start_writeback(&self, offset: u64, len: u64) {
+        self.0.start_writeback(offset, len)
+    }
     fn direct_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
         self.0.direct_fd()
     }
@@ -170,6 +180,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn zero_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
         (**self).zero_status(offset, len)
+    }
+    fn start_writeback(&self, offset: u64, len: u64) {
+        (**self).start_writeback(offset, len)
     }
     fn direct_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
         (**self).direct_fd()

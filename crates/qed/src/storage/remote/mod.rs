@@ -63,7 +63,7 @@ impl Default for RemoteOptions {
             connect_timeout: Duration::from_secs(10),
             deadline: Duration::from_secs(120),
             connections: 4,
-            chunk_size: 256 << 10,
+            chunk_size: 64 << 10,
             cache_bytes: 64 << 20,
             readahead: 2 << 20,
         }
