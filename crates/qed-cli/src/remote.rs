@@ -29,7 +29,7 @@ pub struct RemoteArgs {
     #[arg(long = "remote-connections", value_name = "N", value_parser = parse_connections)]
     remote_connections: Option<usize>,
     /// Bytes fetched per chunk (reads are widened to whole chunks, which are cached): a
-    /// power of two from 64k to 16M [default: 256k].
+    /// power of two from 64k to 16M [default: 64k].
     #[arg(long = "remote-chunk-size", value_name = "SIZE", value_parser = parse_chunk_size)]
     remote_chunk_size: Option<u32>,
     /// Memory for cached chunks [default: 64M].
