@@ -212,6 +212,9 @@ fn describe_error(e: &ureq::Error) -> (String, bool) {
     }
 }
 
+/// Connections the pool keeps open between requests.
+const IDLE_CONNECTIONS: usize = 64;
+
 impl<T: Target> RangedGet<T> {
     /// Opens the object: its size and validator, from a GET of its first byte.
     pub(crate) fn open(target: T, opts: &RemoteOptions) -> Result<Self, String> {
@@ -219,7 +222,11 @@ impl<T: Target> RangedGet<T> {
             .http_status_as_error(false)
             .timeout_connect(Some(opts.connect_timeout))
             .timeout_global(Some(opts.request_timeout))
-            .max_idle_connections_per_host(opts.connections)
+            // Idle connections kept for many concurrent readers (an NBD export's
+            // workers), not only one read's `connections`: a reader that found none
+            // would pay a new connection (and a resolver thread) per request.
+            .max_idle_connections(IDLE_CONNECTIONS)
+            .max_idle_connections_per_host(IDLE_CONNECTIONS)
             .max_response_header_size(64 << 10)
             .user_agent(concat!("qed/", env!("CARGO_PKG_VERSION")))
             .build()
