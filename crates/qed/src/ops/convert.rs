@@ -47,7 +47,7 @@ const MIN_SKIP: u64 = 64 << 10;
 
 /// Copies all of `src` into `dst`, which must be at least as large.
 ///
-/// [`READERS`] threads read the source (and the destination's new backing file) ahead
+/// Sixteen threads (`READERS`) read the source (and the destination's new backing file) ahead
 /// while this one writes, in order: reading waits on the source's disk and writing on
 /// the destination's, and neither waits for the other.
 pub fn convert(
