@@ -133,6 +133,10 @@ impl Image {
             .and_then(|_| self.storage.flush())
             .context(|| format!("writing the header of {}", self.name))?;
         self.header.set(header);
+        *self
+            .header_backing_name
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = backing.map(|(name, _)| name.to_string());
         Ok(())
     }
 }

@@ -17,7 +17,7 @@ use crate::format::{Geometry, Header, MAGIC};
 use crate::storage::{FileStorage, Storage};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 /// [`Image::backing_depth`] once the image has no backing file left.
 pub(super) const NO_BACKING: u32 = 0;
@@ -76,6 +76,9 @@ pub struct Image {
     /// 1 is `backing` itself, deeper after a stream cut the layers above a base off,
     /// [`NO_BACKING`] once the header names no backing file (see `backing_file.rs`).
     pub(super) backing_depth: AtomicU32,
+    /// The backing file name the header stores now (it changes when a stream cuts
+    /// layers off while the image is open; `backing` keeps the name it was opened with).
+    pub(super) header_backing_name: RwLock<Option<String>>,
     /// Reads of unallocated clusters copy what they read into the image.
     pub(super) copy_on_read: bool,
     pub(super) read_only: bool,
@@ -164,6 +167,7 @@ impl OpeningImage {
             geometry: self.geometry,
             header: HeaderCell::at_open(self.header),
             copy_on_read: opts.copy_on_read && !opts.read_only && backing.is_some(),
+            header_backing_name: RwLock::new(backing.as_ref().map(|b| b.name.clone())),
             backing,
             backing_depth: AtomicU32::new(1),
             read_only: opts.read_only,
@@ -272,6 +276,16 @@ impl Image {
             return None;
         }
         self.backing.as_ref()
+    }
+
+    /// The backing file name the header stores now, if any: after a stream kept a deeper
+    /// layer while the image was open, that layer's name rather than
+    /// [`Image::backing_file`]'s.
+    pub fn header_backing_name(&self) -> Option<String> {
+        self.header_backing_name
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// What the consistency check run at open found and repaired, when NEED_CHECK was set.

@@ -188,17 +188,8 @@ fn stream_segment(
 /// a lower image's header is relative to that image, not to this one) or its URL.
 fn base_name(image: &Image, depth: u32) -> Result<String> {
     if depth == 1 {
-        // Only while the backing file is still the one the image was opened with: after
-        // an earlier stream in this process kept a deeper layer, that name is stale.
-        if let Some(b) = image.backing_file() {
-            let current = image.backing().map(|d| d as *const dyn BlockDevice);
-            let same = match b.device.as_deref() {
-                None => true,
-                Some(o) => current.is_some_and(|c| std::ptr::addr_eq(o, c)),
-            };
-            if same {
-                return Ok(b.name.clone());
-            }
+        if let Some(name) = image.header_backing_name() {
+            return Ok(name);
         }
     }
     let mut layer = image.backing();
