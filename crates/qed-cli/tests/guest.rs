@@ -24,11 +24,9 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -482,46 +480,18 @@ impl Served {
             *next
         };
         let socket = dir.join(format!("nbd-{n}.sock"));
-        let mut child = Command::new(QED)
-            .arg("serve")
-            .arg("-k")
-            .arg(&socket)
-            .args(args)
-            .arg(image)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start qed serve");
-        let stderr = child.stderr.take().unwrap();
-        let mut child = Killed(child);
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                {
-                    let mut log = sink.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-                let _ = tx.send(line);
-            }
-        });
+        let (child, log, banner) = common::spawn_server(
+            Command::new(QED)
+                .arg("serve")
+                .arg("-k")
+                .arg(&socket)
+                .args(args)
+                .arg(image)
+                .current_dir(dir),
+        );
         // The banner comes once the socket listens.
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(banner) => assert!(banner.contains("unix socket"), "banner: {banner}"),
-            Err(_) => {
-                let _ = child.0.kill();
-                let status = child.0.wait();
-                panic!(
-                    "qed serve {args:?} {image} did not start ({status:?}):\n{}",
-                    log.lock().unwrap()
-                );
-            }
-        }
+        assert!(banner.contains("unix socket"), "banner: {banner}");
+        let child = Killed(child);
         Served { child, socket, log }
     }
 

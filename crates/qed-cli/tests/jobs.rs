@@ -10,7 +10,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -116,47 +115,19 @@ impl Served {
     fn start(dir: &Path, args: &[&str], image: &str) -> Served {
         let nbd = dir.join("nbd.sock");
         let control = dir.join("ctl.sock");
-        let mut child = Command::new(QED)
-            .arg("serve")
-            .arg("-k")
-            .arg(&nbd)
-            .arg("--control")
-            .arg(&control)
-            .arg("-t")
-            .args(args)
-            .arg(image)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start qed serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                {
-                    let mut log = sink.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-                let _ = tx.send(line);
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(banner) => assert!(banner.contains("control socket"), "banner: {banner}"),
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait();
-                panic!(
-                    "qed serve {args:?} {image} did not start ({status:?}):\n{}",
-                    log.lock().unwrap()
-                );
-            }
-        }
+        let (child, log, banner) = common::spawn_server(
+            Command::new(QED)
+                .arg("serve")
+                .arg("-k")
+                .arg(&nbd)
+                .arg("--control")
+                .arg(&control)
+                .arg("-t")
+                .args(args)
+                .arg(image)
+                .current_dir(dir),
+        );
+        assert!(banner.contains("control socket"), "banner: {banner}");
         Served {
             child,
             nbd,

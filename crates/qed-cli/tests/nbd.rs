@@ -7,10 +7,9 @@
 //! a machine without the tools report the NBD suite as passing.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -83,39 +82,7 @@ impl Served {
             cmd.args(["-p", "0"]);
         }
         cmd.args(args).arg(image);
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start qed serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                {
-                    let mut log = sink.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-                let _ = tx.send(line);
-            }
-        });
-        // The banner is printed once the socket listens.
-        let banner = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait();
-                panic!(
-                    "qed serve {args:?} {image} did not start ({status:?}):\n{}",
-                    log.lock().unwrap()
-                );
-            }
-        };
+        let (child, log, banner) = common::spawn_server(&mut cmd);
         let place = if unix {
             assert!(banner.contains("unix socket"), "banner: {banner}");
             Place::Unix(socket)

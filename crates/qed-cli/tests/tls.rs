@@ -5,11 +5,10 @@
 //!
 //! Certificates are made here, at test time, with `openssl`; no key is ever committed.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -130,29 +129,7 @@ impl Served {
         } else {
             cmd.args(["-p", "0"]);
         }
-        let mut child = cmd
-            .args(args)
-            .arg(image)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start qed serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push_str(&format!("{line}\n"));
-                let _ = tx.send(line);
-            }
-        });
-        let Ok(banner) = rx.recv_timeout(Duration::from_secs(20)) else {
-            let _ = child.kill();
-            panic!("qed serve {args:?} did not start:\n{}", log.lock().unwrap());
-        };
+        let (child, log, banner) = common::spawn_server(cmd.args(args).arg(image));
         let port = (!unix).then(|| {
             let at = banner
                 .rfind(" on 127.0.0.1:")

@@ -6,8 +6,11 @@
 pub mod nginx;
 
 use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 use tempfile::TempDir;
 
 pub const QED: &str = env!("CARGO_BIN_EXE_qed");
@@ -129,4 +132,41 @@ pub fn new_dir() -> TempDir {
 
 pub fn create_qed(dir: &Path, name: &str, size: &str) {
     ok(dir, QED, &["create", "-q", name, size]);
+}
+
+/// What a server started by a test printed on stderr, collected while it runs.
+pub type Log = Arc<Mutex<String>>;
+
+/// Spawns `cmd`, a server that prints a banner line on stderr once it listens, with its
+/// stderr collected into a log; returns the server, the log and the banner. A server
+/// that prints nothing within 20 s is killed, and the test fails with what it printed.
+pub fn spawn_server(cmd: &mut Command) -> (Child, Log, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let log = Log::default();
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().expect("piped stderr");
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push_str(&format!("{line}\n"));
+            let _ = tx.send(line);
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(banner) => (child, log, banner),
+        Err(_) => {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!(
+                "{cmd:?} did not start ({status:?}):\n{}",
+                log.lock().unwrap()
+            );
+        }
+    }
 }
