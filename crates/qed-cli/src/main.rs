@@ -50,6 +50,10 @@ enum Command {
     Stream(cmd::stream::Args),
     /// Change an image's virtual size.
     Resize(cmd::resize::Args),
+    /// Move clusters into free space and cut the file to what it holds.
+    Compact(cmd::reorganize::Args),
+    /// Lay an image's clusters out in guest order, tables together.
+    Defrag(cmd::reorganize::Args),
     /// Compute the file size a QED image needs.
     Measure(cmd::measure::Args),
     /// Serve an image over NBD.
@@ -76,6 +80,8 @@ fn main() -> ExitCode {
         Command::Rebase(a) => cmd::rebase::run(a),
         Command::Stream(a) => cmd::stream::run(a),
         Command::Resize(a) => cmd::resize::run(a),
+        Command::Compact(a) => cmd::reorganize::run(a, cmd::reorganize::Job::Compact),
+        Command::Defrag(a) => cmd::reorganize::run(a, cmd::reorganize::Job::Defrag),
         Command::Measure(a) => cmd::measure::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Mount(a) => cmd::mount::run(a),

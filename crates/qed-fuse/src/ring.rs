@@ -14,7 +14,7 @@ use crate::pool::Pool;
 use crate::replies::{read_and_reply, write_and_reply};
 use crate::tally::Tally;
 use fuser::{ReplyData, ReplyWrite};
-use qed::{AlignedBuf, BlockDevice, DirectExtent, PendingWrite, Ring, Waker};
+use qed::{AlignedBuf, BlockDevice, DirectExtent, DirectRead, PendingWrite, Ring, Waker};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
@@ -112,7 +112,8 @@ struct InFlight<'a> {
 }
 
 enum Kind<'a> {
-    Read(ReplyData),
+    /// The reply, and the hold on the extent read, let go once the read completed.
+    Read(ReplyData, DirectRead<'a>),
     Write(ReplyWrite, PendingWrite<'a>),
 }
 
@@ -239,11 +240,11 @@ impl<'a> RingThread<'a> {
         if n == 0 || qed::known_zero(self.dev, offset, n).unwrap_or(false) {
             return reply.data(&self.zeros[..n as usize]);
         }
-        let extent = (n > 0)
-            .then(|| self.dev.direct_extent(offset, n, false))
+        let read = (n > 0)
+            .then(|| self.dev.begin_read(offset, n))
             .flatten()
-            .filter(|x| usable(x, n));
-        let Some(extent) = extent else {
+            .filter(|r| usable(&r.extent, n));
+        let Some(read) = read else {
             return self.to_pool(Io::Read {
                 offset,
                 len,
@@ -251,12 +252,13 @@ impl<'a> RingThread<'a> {
                 ticket,
             });
         };
+        let extent = read.extent;
         let mut buf = AlignedBuf::new(n as usize);
         let ptr = buf.as_mut_ptr();
         let slot = self.store(InFlight {
             buf,
             offset,
-            kind: Kind::Read(reply),
+            kind: Kind::Read(reply, read),
             ticket,
         });
         // SAFETY: the buffer lives in `flight` (its heap block never moves) until this
@@ -332,7 +334,7 @@ impl<'a> RingThread<'a> {
         };
         self.free.push(slot);
         let io = match f.kind {
-            Kind::Read(reply) => Io::Read {
+            Kind::Read(reply, _) => Io::Read {
                 offset: f.offset,
                 len: f.buf.len() as u32,
                 reply,
@@ -433,7 +435,7 @@ impl<'a> RingThread<'a> {
             })
         };
         let result = match f.kind {
-            Kind::Read(reply) => Reply::Read(
+            Kind::Read(reply, _read) => Reply::Read(
                 reply,
                 if whole {
                     Ok(f.buf)

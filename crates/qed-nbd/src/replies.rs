@@ -12,7 +12,7 @@ use crate::export::MAX_PAYLOAD;
 use crate::pool::Pool;
 use crate::proto::{self, cflag, cmd, errno, Request};
 use crate::transport::Transport;
-use qed::{AlignedBuf as Buf, BlockDevice, DirectExtent, PendingWrite, Ring};
+use qed::{AlignedBuf as Buf, BlockDevice, DirectExtent, DirectRead, PendingWrite, Ring};
 use std::collections::VecDeque;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
@@ -30,6 +30,8 @@ struct InFlight<'a> {
     buf: Buf,
     cost: u64,
     write: Option<PendingWrite<'a>>,
+    /// A read's hold on its extent, let go once the read completed.
+    read: Option<DirectRead<'a>>,
 }
 
 /// Replies waiting to be sent, and the budget each holds until it is.
@@ -180,6 +182,7 @@ impl<'a> ReplyThread<'a> {
                 continue;
             };
             self.free.push(slot);
+            drop(f.read);
             let (head, with_data) = complete(self.conn, f.req, f.write, res);
             let data: &[u8] = if with_data { f.buf.as_ref() } else { &[] };
             self.out.push(self.conn, &[&head, data], f.cost);
@@ -290,7 +293,7 @@ impl<'a> ReplyThread<'a> {
         let Some(ring) = self.ring.as_mut() else {
             return Err((req, buf, cost));
         };
-        let Some((extent, write)) = direct_target(self.dev, self.conn, &req) else {
+        let Some((extent, write, read)) = direct_target(self.dev, self.conn, &req) else {
             return Err((req, buf, cost));
         };
         // A read needs room for its data; a write's buffer is its payload.
@@ -310,6 +313,7 @@ impl<'a> ReplyThread<'a> {
             buf,
             cost,
             write,
+            read,
         });
         // SAFETY: the buffer lives in `flight` (its heap block never moves) until this
         // request is reaped, and `finish` drains the ring before the thread ends.
@@ -338,7 +342,11 @@ fn direct_target<'a>(
     dev: &'a dyn BlockDevice,
     conn: &Connection,
     req: &Request,
-) -> Option<(DirectExtent, Option<PendingWrite<'a>>)> {
+) -> Option<(
+    DirectExtent,
+    Option<PendingWrite<'a>>,
+    Option<DirectRead<'a>>,
+)> {
     let len = u64::from(req.length);
     let valid = len > 0
         && req.length <= MAX_PAYLOAD
@@ -346,14 +354,14 @@ fn direct_target<'a>(
         && req.flags & !allowed_flags(req.kind, conn.session.structured) == 0;
     let usable = |x: &DirectExtent| x.offset % x.align == 0 && len % x.align == 0;
     match req.kind {
-        cmd::READ if valid => match dev.direct_extent(req.offset, len, false) {
-            Some(x) if usable(&x) => Some((x, None)),
+        cmd::READ if valid => match dev.begin_read(req.offset, len) {
+            Some(r) if usable(&r.extent) => Some((r.extent, None, Some(r))),
             _ => None,
         },
         // FUA needs a flush after the write: the pool does that.
         cmd::WRITE if valid && !conn.export.read_only && req.flags & cflag::FUA == 0 => {
             match dev.begin_write(req.offset, len) {
-                Some(w) if usable(&w.extent) => Some((w.extent, Some(w))),
+                Some(w) if usable(&w.extent) => Some((w.extent, Some(w), None)),
                 _ => None,
             }
         }

@@ -110,6 +110,16 @@ pub trait BlockDevice: Send + Sync + Debug {
         None
     }
 
+    /// Prepares a read of the `len` bytes at `offset` that the caller carries out itself
+    /// at the returned extent (io_uring): as [`BlockDevice::direct_extent`], except that
+    /// the extent stays the data's until the [`DirectRead`] is dropped, on a device that
+    /// moves or frees clusters while open. `None` when the read needs the device's own
+    /// path. Never waits for other requests.
+    fn begin_read(&self, offset: u64, len: u64) -> Option<DirectRead<'_>> {
+        self.direct_extent(offset, len, false)
+            .map(DirectRead::unheld)
+    }
+
     /// Prepares a write of the `len` bytes at `offset` that the caller carries out itself
     /// at the returned extent, then finishes with [`PendingWrite::finish`]: a write into
     /// place (as [`BlockDevice::direct_extent`], holding off the storage's own
@@ -151,6 +161,42 @@ pub struct DirectExtent {
     pub offset: u64,
     /// The alignment direct I/O on the file needs, of offsets, lengths and buffers.
     pub align: u64,
+}
+
+/// A read the caller carries out at [`DirectRead::extent`], from
+/// [`BlockDevice::begin_read`]. The extent holds the data until this is dropped: drop it
+/// once the read has completed.
+pub struct DirectRead<'a> {
+    /// Where to read the data.
+    pub extent: DirectExtent,
+    _hold: Option<Box<dyn Send + 'a>>,
+}
+
+impl<'a> DirectRead<'a> {
+    /// A read at `extent` that keeps `hold` until it is dropped.
+    pub fn held(extent: DirectExtent, hold: impl Send + 'a) -> Self {
+        Self {
+            extent,
+            _hold: Some(Box::new(hold)),
+        }
+    }
+
+    /// A read at an extent that needs nothing held (it never moves while the device is
+    /// borrowed).
+    pub fn unheld(extent: DirectExtent) -> Self {
+        Self {
+            extent,
+            _hold: None,
+        }
+    }
+}
+
+impl Debug for DirectRead<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirectRead")
+            .field("extent", &self.extent)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A write the caller carries out at [`PendingWrite::extent`], from

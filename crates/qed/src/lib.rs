@@ -40,7 +40,7 @@ mod ops;
 mod ring;
 mod storage;
 
-pub use block::{BlockDevice, BlockStatus, DirectExtent, Format, PendingWrite};
+pub use block::{BlockDevice, BlockStatus, DirectExtent, DirectRead, Format, PendingWrite};
 pub use chain::{
     chain_contains, describe, for_each_run, is_remote_name, known_zero, map, open_device,
     probe_format, probe_format_at, resolve_backing_path, MapEntry, OpenOptions, MAX_CHAIN_DEPTH,
@@ -55,8 +55,9 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use format::{features, Geometry, Header, L2Entry};
 pub use ops::{
-    bench, commit, compare, convert, measure, no_progress, rebase, stream, stream_base,
-    BenchParams, ConvertOptions, Difference, Engine, Measure, Progress, StreamEnd, StreamOptions,
+    bench, commit, compact, compare, convert, defrag, measure, no_progress, rebase, stream,
+    stream_base, BenchParams, ConvertOptions, Difference, Engine, Measure, Progress, ReorganizeEnd,
+    ReorganizeOptions, StreamEnd, StreamOptions,
 };
 #[cfg(target_os = "linux")]
 pub use ring::{Ring, Waker, WAKE};

@@ -98,7 +98,7 @@ fn begin_write_never_waits_to_mark_the_image() {
     let mut shared_stripe = None;
     for cluster in 0..16u64 {
         image.write_at(&[1u8; 4096], cluster * 64 * K).unwrap();
-        let x = image.direct_extent(cluster * 64 * K, 4096, true).unwrap();
+        let x = image.begin_read(cluster * 64 * K, 4096).unwrap().extent;
         if x.offset % (256 * K) == 0 {
             shared_stripe = Some(cluster * 64 * K);
             break;

@@ -13,6 +13,7 @@ pub mod map;
 pub mod measure;
 pub mod mount;
 pub mod rebase;
+pub mod reorganize;
 pub mod resize;
 pub mod serve;
 pub mod stream;

@@ -99,8 +99,13 @@ impl Image {
         }))
     }
 
-    /// Sets `bytes` aside at the frontier, growing the file first. Returns where.
+    /// Sets `bytes` aside: freed clusters ready to be reused when a run of them fits
+    /// (they read as zeros, as new space does), else at the frontier, growing the file
+    /// first. Returns where.
     pub(super) fn reserve(&self, bytes: u64) -> Result<u64> {
+        if let Some(at) = self.free.take(bytes) {
+            return Ok(at);
+        }
         self.frontier
             .reserve(&*self.storage, bytes, &self.name, || self.flush_storage())
     }

@@ -18,7 +18,7 @@ pub(super) struct UsedMap {
 }
 
 impl UsedMap {
-    fn new(clusters: u64) -> Result<Self> {
+    pub(super) fn new(clusters: u64) -> Result<Self> {
         let words = usize::try_from(clusters.div_ceil(64))
             .map_err(|_| Error::Unsupported("image file too large to check".into()))?;
         Ok(Self {
@@ -96,6 +96,8 @@ impl Image {
         }
         if w.report.check_errors == 0 {
             self.count_leaks(file_end, &mut w);
+            // Under the gate, so no discard, move or allocation changes it meanwhile.
+            w.report.freed = self.free.freed_bytes() / self.geometry.cluster_size();
         }
         if fix && w.report.corruptions_fixed > 0 {
             self.flush_storage()?;

@@ -92,7 +92,6 @@ impl Drop for TableClaim<'_> {
 
 impl Claims {
     /// Claims clusters `[first, first + count)`, waiting while any of them is claimed.
-    #[cfg(test)]
     pub(crate) fn clusters(&self, first: u64, count: u64) -> ClusterClaim<'_> {
         loop {
             if let Some(claim) = self.try_clusters(first, count) {
@@ -116,6 +115,12 @@ impl Claims {
             first,
             count,
         })
+    }
+
+    /// Whether any of clusters `[first, first + count)` is claimed now.
+    pub(crate) fn any_claimed(&self, first: u64, count: u64) -> bool {
+        let st = lock(&self.state);
+        (first..first + count).any(|c| st.clusters.contains(&c))
     }
 
     /// Waits until none of clusters `[first, first + count)` is claimed, claiming

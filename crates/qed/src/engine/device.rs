@@ -2,7 +2,9 @@
 
 use super::image::Image;
 use super::mapping::Mapping;
-use crate::block::{check_range, BlockDevice, BlockStatus, DirectExtent, Format, PendingWrite};
+use crate::block::{
+    check_range, BlockDevice, BlockStatus, DirectExtent, DirectRead, Format, PendingWrite,
+};
 use crate::error::Result;
 
 impl Image {
@@ -97,16 +99,57 @@ impl BlockDevice for Image {
         self.backing_device()
     }
 
+    fn begin_read(&self, offset: u64, len: u64) -> Option<DirectRead<'_>> {
+        if check_range(offset, len, self.size()).is_err() {
+            return None;
+        }
+        let (fd, align) = self.storage.direct_fd()?;
+        // Held until the caller's read completes: a cluster moved or freed meanwhile
+        // keeps its bytes until then.
+        let inside = self.epochs.enter();
+        match self.lookup(offset, len).ok()? {
+            (Mapping::Data(off), n) if n >= len => Some(DirectRead::held(
+                DirectExtent {
+                    fd,
+                    offset: off,
+                    align,
+                },
+                inside,
+            )),
+            // Reads the backing file supplies whole come from there.
+            // (Not with copy-on-read, whose reads must go through the image.)
+            (Mapping::Unallocated, n) if n >= len && !self.copy_on_read => {
+                drop(inside);
+                self.backing_device()?.begin_read(offset, len)
+            }
+            _ => None,
+        }
+    }
+
     fn begin_write(&self, offset: u64, len: u64) -> Option<PendingWrite<'_>> {
-        match self.direct_extent(offset, len, true) {
-            Some(x) => {
-                let hold = self.storage.try_hold_blocks(x.offset, len)?;
-                Some(PendingWrite::new(x, 0..0, move |_| {
+        if self.read_only || len == 0 || check_range(offset, len, self.size()).is_err() {
+            return None;
+        }
+        let (fd, align) = self.storage.direct_fd()?;
+        let inside = self.epochs.enter();
+        match self.lookup(offset, len).ok()? {
+            (Mapping::Data(off), n) if n >= len && !self.is_frozen(offset, len) => {
+                let hold = self.storage.try_hold_blocks(off, len)?;
+                let extent = DirectExtent {
+                    fd,
+                    offset: off,
+                    align,
+                };
+                Some(PendingWrite::new(extent, 0..0, move |_| {
                     drop(hold);
+                    drop(inside);
                     Ok(())
                 }))
             }
-            None => self.begin_allocating_write(offset, len),
+            _ => {
+                drop(inside);
+                self.begin_allocating_write(offset, len)
+            }
         }
     }
 
@@ -120,30 +163,6 @@ impl BlockDevice for Image {
                 let cs = self.geometry.cluster_size();
                 self.geometry.cluster_start(offset)..(offset + len).next_multiple_of(cs)
             }
-        }
-    }
-
-    /// A range inside one data cluster run, or (to read) one the backing file supplies.
-    /// QED never moves or frees a data cluster while the image is open (only a repair or
-    /// shrink, which need `&mut self`, do), so the extent stays right for as long as the
-    /// caller borrows the image.
-    fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<DirectExtent> {
-        if (write && self.read_only) || check_range(offset, len, self.size()).is_err() {
-            return None;
-        }
-        let (fd, align) = self.storage.direct_fd()?;
-        match self.lookup(offset, len).ok()? {
-            (Mapping::Data(off), n) if n >= len => Some(DirectExtent {
-                fd,
-                offset: off,
-                align,
-            }),
-            // Reads the backing file supplies whole come from there.
-            // (Not with copy-on-read, whose reads must go through the image.)
-            (Mapping::Unallocated, n) if n >= len && !write && !self.copy_on_read => {
-                self.backing_device()?.direct_extent(offset, len, false)
-            }
-            _ => None,
         }
     }
 }

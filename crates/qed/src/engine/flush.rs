@@ -1,6 +1,7 @@
 //! Flushes: of the file alone (grouped between concurrent callers), and of the image,
 //! which writes the dirty table entries back first and clears NEED_CHECK when it can.
 
+use super::free_set::FlushStage;
 use super::image::Image;
 use crate::error::{IoContext, Result};
 
@@ -13,11 +14,36 @@ impl Image {
     }
 
     /// Makes every completed write durable. When NEED_CHECK is set, waits for the
-    /// allocations in flight, flushes what they wrote, and clears it.
+    /// allocations in flight, flushes what they wrote, and clears it. Moves freed
+    /// clusters along on their way back to allocations (see `free_set.rs`).
     pub(super) fn flush_image(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
+        let mut stage = self.free.begin_flush(&self.epochs);
+        let result = self
+            .punch_settling(&mut stage)
+            .and_then(|()| self.flush_metadata_and_data());
+        self.free.end_flush(stage, result.is_ok());
+        result
+    }
+
+    /// Punches the freed clusters this flush will make ready, so that they read as
+    /// zeros, durably, before anyone gets them.
+    fn punch_settling(&self, stage: &mut FlushStage) -> Result<()> {
+        for f in stage.settling.iter_mut().filter(|f| !f.punched) {
+            self.storage.zero_range(f.at, f.len).context(|| {
+                format!(
+                    "releasing {} freed bytes at {:#x} of {}",
+                    f.len, f.at, self.name
+                )
+            })?;
+            f.punched = true;
+        }
+        Ok(())
+    }
+
+    fn flush_metadata_and_data(&self) -> Result<()> {
         if !self.header.get().needs_check() || self.header.unchecked() {
             self.write_back_tables()?;
             return self.flush_storage();
@@ -38,5 +64,23 @@ impl Image {
         self.flush_storage()?;
         self.header
             .clear_need_check(&*self.storage, &self.name, || self.flush_storage())
+    }
+}
+
+impl Image {
+    /// At close: the freed clusters that end the file are given back to the filesystem.
+    pub(super) fn give_back_free_tail(&self) -> Result<()> {
+        if self.free.freed_bytes() == 0 {
+            return Ok(());
+        }
+        self.settle_freed()?;
+        self.cut_free_tail().map(|_| ())
+    }
+
+    /// Truncates the file after its last cluster that is not ready to hand out, and
+    /// moves the frontier there. Returns the new end.
+    pub(crate) fn cut_free_tail(&self) -> Result<u64> {
+        self.frontier
+            .cut_free(&*self.storage, &self.name, |end| self.free.cut_tail(end))
     }
 }

@@ -145,6 +145,27 @@ impl Frontier {
         Ok(shrank)
     }
 
+    /// Moves the frontier down to `new_end(end)` (freed clusters that ended the file,
+    /// taken out of the free set) and cuts the file there. Returns the new end.
+    pub(super) fn cut_free(
+        &self,
+        storage: &dyn Storage,
+        name: &str,
+        new_end: impl FnOnce(u64) -> u64,
+    ) -> Result<u64> {
+        let mut file = self.lock();
+        let end = new_end(self.end());
+        if end < file.len {
+            storage
+                .set_len(end)
+                .context(|| format!("truncating {name} after its last cluster in use"))?;
+            file.len = end;
+            file.trailing_garbage = false;
+        }
+        self.end.store(end, Ordering::Release);
+        Ok(end)
+    }
+
     /// Sets the file's length to `end` (a cluster boundary), durably, and the frontier
     /// with it.
     pub(super) fn reset(&self, storage: &dyn Storage, end: u64, name: &str) -> Result<()> {

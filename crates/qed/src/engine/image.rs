@@ -3,7 +3,9 @@
 
 use super::claims::Claims;
 use super::create::{self, CreateOptions};
+use super::epochs::Epochs;
 use super::flush_group::FlushGroup;
+use super::free_set::FreeSet;
 use super::frontier::Frontier;
 use super::gate::AllocationGate;
 use super::header::{write_header, write_header_to, HeaderCell};
@@ -95,6 +97,16 @@ pub struct Image {
     pub(super) write_back_lock: Mutex<()>,
     /// Coalesces concurrent flushes.
     pub(super) flushes: FlushGroup,
+    /// What requests that use a file offset after looking it up are inside, so that a
+    /// cluster unmapped meanwhile is not reused under them.
+    pub(super) epochs: Epochs,
+    /// Clusters freed while open, on their way back to allocations.
+    pub(super) free: FreeSet,
+    /// Moves of clusters in progress (see `relocate.rs`): while there are any, writes in
+    /// place look for the claim a move holds on their clusters.
+    pub(super) relocating: std::sync::atomic::AtomicUsize,
+    /// Held by the one job that moves clusters (compaction, defragmentation).
+    pub(super) relocation: Mutex<()>,
     /// What the check run at open (NEED_CHECK set, read-write) found and fixed.
     open_repair: Option<CheckReport>,
     closed: AtomicBool,
@@ -178,6 +190,10 @@ impl OpeningImage {
             gate: AllocationGate::default(),
             write_back_lock: Mutex::new(()),
             flushes: FlushGroup::default(),
+            epochs: Epochs::default(),
+            free: FreeSet::default(),
+            relocating: Default::default(),
+            relocation: Mutex::new(()),
             open_repair: None,
             closed: false.into(),
         })
@@ -311,7 +327,8 @@ impl Image {
             return Ok(());
         }
         let trimmed = self.frontier.trim(&*self.storage, &self.name);
-        self.flush_image().and(trimmed)
+        self.flush_image().and(trimmed)?;
+        self.give_back_free_tail()
     }
 
     /// Rewrites the header in the file, keeping the rest of its sector as QEMU does.

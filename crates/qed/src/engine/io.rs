@@ -68,8 +68,16 @@ impl Image {
         let mut done = 0usize;
         while done < buf.len() {
             let p = pos + done as u64;
+            // Held from the lookup to the end of the read: a cluster unmapped meanwhile
+            // is not reused before the read is done.
+            let inside = self.epochs.enter();
             let (mapping, n) = self.lookup(p, (buf.len() - done) as u64)?;
             let chunk = &mut buf[done..done + n as usize];
+            if !matches!(mapping, Mapping::Data(_)) {
+                // What follows may wait for claims, which a move holds while it waits
+                // for the requests inside an epoch to leave.
+                drop(inside);
+            }
             match mapping {
                 Mapping::Data(off) => self
                     .storage
@@ -97,15 +105,24 @@ impl Image {
         while done < buf.len() {
             let p = pos + done as u64;
             let rest = &buf[done..];
+            let inside = self.epochs.enter();
             let (mapping, n) = self.lookup(p, rest.len() as u64)?;
             done += match mapping {
+                Mapping::Data(_) if self.is_frozen(p, n) => {
+                    drop(inside);
+                    self.wait_thawed(p, n);
+                    0
+                }
                 Mapping::Data(off) => {
                     self.storage
                         .write_at(&rest[..n as usize], off)
                         .context(|| format!("writing {n} bytes at {off:#x} of {}", self.name))?;
                     n as usize
                 }
-                Mapping::Zero | Mapping::Unallocated => self.write_allocating(rest, p)?,
+                Mapping::Zero | Mapping::Unallocated => {
+                    drop(inside);
+                    self.write_allocating(rest, p)?
+                }
             };
         }
         Ok(())

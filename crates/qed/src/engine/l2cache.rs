@@ -279,6 +279,20 @@ impl L2Cache {
         (page, file_offset)
     }
 
+    /// Drops the cached pages of the table at `table_offset`, which must have nothing
+    /// dirty (it was written back, and the table moved away or is new there).
+    pub(crate) fn forget_table(&self, table_offset: u64) {
+        let mut pages = self.pages.lock().unwrap_or_else(|p| p.into_inner());
+        let keys: Vec<Key> = pages
+            .iter()
+            .filter(|(k, _)| k.0 == table_offset)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            pages.pop(&k);
+        }
+    }
+
     /// Drops every cached page, dirty ones included (after metadata was written back and
     /// then rewritten behind the cache's back, or discarded).
     pub(crate) fn clear(&self) {

@@ -46,6 +46,9 @@ impl Image {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        // The repair decides from the file alone: clusters freed while open are leaks
+        // to it, reclaimed or left as such.
+        self.free.clear();
         let result = self.repair_tables(mode);
         if result.is_err() {
             // The repair may have rewritten tables, moved them or truncated the file

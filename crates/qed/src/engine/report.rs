@@ -68,6 +68,10 @@ pub struct CheckReport {
     pub corruptions_fixed: u64,
     /// Clusters nobody references.
     pub leaks: u64,
+    /// Of the leaks, clusters this open image freed (discards, moves) and holds to
+    /// reuse: leaks to any other reader of the file, which a close leaves as such
+    /// unless they end the file.
+    pub freed: u64,
     /// Leaks repaired.
     pub leaks_fixed: u64,
     /// Errors that kept the check from finishing (e.g. unreadable tables).

@@ -99,6 +99,9 @@ impl Image {
         updates: &[(usize, u64)],
     ) -> Result<()> {
         let table = self.reserve(self.geometry.table_bytes())?;
+        // Space reused from a table that was moved away: pages a late reader of the old
+        // table cached under this offset are not this table's.
+        self.l2.forget_table(table);
         let page_base = (l2_index - l2_index % PAGE_ENTRIES) * 8;
         let lo = updates.iter().map(|u| u.0).min().unwrap_or(0) as u64;
         let hi = updates.iter().map(|u| u.0).max().unwrap_or(0) as u64;

@@ -2,10 +2,12 @@
 //! format allows (see "Write zeroes" and "Discard" in docs/design.md).
 
 use super::allocation::Wait;
+use super::free_set::Freed;
 use super::image::Image;
 use super::io::COPY_CHUNK;
 use super::mapping::Mapping;
 use crate::error::{IoContext, Result};
+use crate::format::table::{UNALLOCATED, ZERO_CLUSTER};
 
 impl Image {
     pub(super) fn write_zeroes_guest(&self, pos: u64, len: u64) -> Result<()> {
@@ -21,7 +23,11 @@ impl Image {
         let end = pos + len;
         let mut p = pos;
         while p < end {
+            let mut inside = Some(self.epochs.enter());
             let (mapping, run) = self.lookup(p, end - p)?;
+            if !matches!(mapping, Mapping::Data(_)) {
+                drop(inside.take());
+            }
             let whole = self.geometry.is_cluster_aligned(p) && end - p >= cs;
             // Whole clusters in one go; a partial cluster on its own.
             let n = if whole {
@@ -38,6 +44,11 @@ impl Image {
                 continue;
             }
             p += match mapping {
+                Mapping::Data(_) if self.is_frozen(p, n) => {
+                    drop(inside.take());
+                    self.wait_thawed(p, n);
+                    0
+                }
                 Mapping::Data(off) => {
                     self.storage
                         .zero_range(off, n)
@@ -81,10 +92,46 @@ impl Image {
         let end = self.geometry.cluster_start(pos + len);
         while p < end {
             let (mapping, n) = self.lookup(p, end - p)?;
+            if let Mapping::Data(_) = mapping {
+                self.free_clusters(p, n)?;
+            }
+            p += n;
+        }
+        Ok(())
+    }
+
+    /// Unmaps the data clusters of the whole clusters at `pos` and frees them: their
+    /// bytes are punched, their entries become unallocated, or zero clusters where a
+    /// backing file would show through, and the clusters go to the free set.
+    fn free_clusters(&self, pos: u64, len: u64) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        // Under the claim no allocation, move or other discard changes these entries,
+        // so each cluster is freed once.
+        let _claim = self.claims.clusters(pos / cs, len / cs);
+        let _gate = self.gate.shared();
+        let backing_end = self.backing_size();
+        let mut p = pos;
+        while p < pos + len {
+            let (mapping, n) = self.lookup(p, pos + len - p)?;
             if let Mapping::Data(off) = mapping {
+                // Punched first: a reader that still follows the old entry reads zeros
+                // or the old bytes, either of which a discard allows.
                 self.storage
                     .zero_range(off, n)
                     .context(|| format!("discarding {n} bytes at {off:#x} of {}", self.name))?;
+                self.set_l2_entries(p, n / cs, true, |i| {
+                    if p + i * cs < backing_end {
+                        ZERO_CLUSTER
+                    } else {
+                        UNALLOCATED
+                    }
+                })?;
+                self.free.release(Freed {
+                    at: off,
+                    len: n,
+                    epoch: self.epochs.current(),
+                    punched: true,
+                });
             }
             p += n;
         }

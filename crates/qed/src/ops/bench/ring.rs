@@ -9,7 +9,7 @@
 //! the direct ones cannot race a worker's read-modify-write of the same block.
 
 use super::params::{offset_of, BenchParams};
-use crate::block::{BlockDevice, DirectExtent, PendingWrite};
+use crate::block::{BlockDevice, DirectExtent, DirectRead, PendingWrite};
 use crate::error::{IoContext, Result};
 use crate::ring::{Ring, Waker};
 use crate::storage::AlignedBuf;
@@ -83,6 +83,8 @@ struct Driver<'a, 's> {
     free: Vec<usize>,
     /// Writes to finish when their slot's request completes.
     pending: Vec<Option<PendingWrite<'a>>>,
+    /// Reads whose extent is held until their slot's request completes.
+    reading: Vec<Option<DirectRead<'a>>>,
     /// What the writes on workers hold while they allocate, by slot.
     held: Vec<std::ops::Range<u64>>,
     /// Requests held back because they touch clusters one of ours is allocating: sent
@@ -108,6 +110,7 @@ impl<'a, 's> Driver<'a, 's> {
             dev_size: dev.size(),
             free: (0..slots.len()).rev().collect(),
             pending: (0..slots.len()).map(|_| None).collect(),
+            reading: (0..slots.len()).map(|_| None).collect(),
             held: (0..slots.len()).map(|_| 0..0).collect(),
             slots,
             jobs,
@@ -188,12 +191,19 @@ impl<'a, 's> Driver<'a, 's> {
     }
 
     /// Where the request in `slot` at `off` can go straight to a file, if anywhere; a
-    /// write's pending allocation is kept until the request completes.
+    /// read's hold on its extent and a write's pending allocation are kept until the
+    /// request completes.
     fn direct_extent(&mut self, slot: usize, off: u64) -> Option<DirectExtent> {
         let size = self.p.size as u64;
         let usable = |x: &DirectExtent| x.offset % x.align == 0 && size % x.align == 0;
         if !self.p.write {
-            return self.dev.direct_extent(off, size, false).filter(usable);
+            let r = self
+                .dev
+                .begin_read(off, size)
+                .filter(|r| usable(&r.extent))?;
+            let x = r.extent;
+            self.reading[slot] = Some(r);
+            return Some(x);
         }
         // A write that cannot be used is dropped, which gives its space back.
         let w = self
@@ -212,6 +222,7 @@ impl<'a, 's> Driver<'a, 's> {
             self.in_flight -= 1;
             let slot = user_data as usize;
             self.free.push(slot);
+            self.reading[slot] = None;
             let outcome = if res < 0 {
                 Err(std::io::Error::from_raw_os_error(-res))
             } else if res as usize != self.p.size {

@@ -1,0 +1,65 @@
+//! `qed compact` and `qed defrag`.
+
+use super::{FileContext, ProgressReport};
+use anyhow::Result;
+use qed::{ReorganizeEnd, ReorganizeOptions};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Moves clusters inside the image while nothing else has it open (a running `qed
+/// serve` does the same through its control socket). Killed at any point, the image is
+/// consistent; running the command again goes on.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Image format (qed).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// The image.
+    file: PathBuf,
+}
+
+/// What to do with the image.
+#[derive(Clone, Copy)]
+pub enum Job {
+    /// Fill free space from the end of the file, then cut it.
+    Compact,
+    /// Put tables together and data in guest order.
+    Defrag,
+}
+
+/// Runs `qed compact` or `qed defrag`; returns the exit code (1 when interrupted).
+pub fn run(a: Args, job: Job) -> Result<u8> {
+    super::require_qed(a.format.as_deref())?;
+    let image = super::open_image(&a.file, &qed::OpenOptions::default())?;
+    let before = image.file_len()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    let opts = ReorganizeOptions {
+        cancel: Some(&stop),
+    };
+    let mut progress = ProgressReport::new(a.progress);
+    let mut report = |d, t| progress.update(d, t);
+    let (what, end) = match job {
+        Job::Compact => ("compacting", qed::compact(&image, &opts, &mut report)),
+        Job::Defrag => ("defragmenting", qed::defrag(&image, &opts, &mut report)),
+    };
+    let end = end.file_context(what, &a.file)?;
+    progress.finish();
+    image.close()?;
+    Ok(match end {
+        ReorganizeEnd::Done { .. } => 0,
+        ReorganizeEnd::Cancelled { moved, file_len } => {
+            eprintln!(
+                "qed: {}: {what} interrupted after moving {moved} bytes (file {before} -> \
+                 {file_len} bytes); run it again to go on",
+                a.file.display()
+            );
+            1
+        }
+    })
+}

@@ -1,0 +1,309 @@
+//! File clusters that stopped being mapped while the image is open (a discard freed
+//! them, or a move left them behind), on their way back to allocations.
+//!
+//! A freed cluster may be handed out again only when
+//! 1. the entry that dropped it is durable: otherwise a crash could leave the old entry
+//!    and the new owner's entry on one cluster;
+//! 2. every request that could still be using the old mapping has finished (its epoch
+//!    has passed, see `epochs.rs`);
+//! 3. it reads as zeros, durably, as space at the frontier does: allocations write only
+//!    the bytes they are given, and a crash must not expose what the cluster held.
+//!
+//! Flushes move clusters along: those freed before a flush are durably dropped after it
+//! (`durable`); a later flush punches those whose epoch has passed, and after it they
+//! are `ready`. Nothing here is written to the file: the format has no free list, so a
+//! process that dies leaves its freed clusters as leaks, which the check reclaims.
+
+use super::epochs::Epochs;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+/// Ready runs looked at, at most, for one allocation of several clusters: past that the
+/// allocation goes to the frontier rather than search a fragmented set.
+const SEARCH_RUNS: usize = 64;
+
+/// A run of freed file clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Freed {
+    /// File offset of the first cluster.
+    pub(super) at: u64,
+    /// Bytes.
+    pub(super) len: u64,
+    /// The epoch in which the last entry naming it was dropped.
+    pub(super) epoch: u64,
+    /// Its bytes were punched (they read as zeros) before the drop became durable.
+    pub(super) punched: bool,
+}
+
+/// The clusters on their way back.
+#[derive(Debug, Default)]
+pub(super) struct FreeSet {
+    state: Mutex<FreeState>,
+    /// Bytes ready to hand out: allocations look at nothing else while it is 0.
+    ready_bytes: AtomicU64,
+    /// Bytes freed and not handed out again, in every state.
+    freed_bytes: AtomicU64,
+    /// A job that moves clusters takes every ready cluster for itself while it runs.
+    held_for_job: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct FreeState {
+    /// Dropped in memory; the drop may not be on disk yet.
+    pending: Vec<Freed>,
+    /// Dropped durably; waiting for their epoch to pass, or for their punch to be
+    /// durable.
+    durable: Vec<Freed>,
+    /// Ready to hand out: start -> length, runs merged.
+    ready: BTreeMap<u64, u64>,
+}
+
+/// What one flush moves along: taken before the flush writes anything, settled after it.
+#[derive(Debug, Default)]
+pub(super) struct FlushStage {
+    /// Freed before the flush: durably dropped once it succeeds.
+    sealed: Vec<Freed>,
+    /// Durably dropped and past their epoch: the flush punches those not punched yet,
+    /// and they are ready once it succeeds.
+    pub(super) settling: Vec<Freed>,
+}
+
+impl FlushStage {
+    /// Whether the flush moves nothing.
+    pub(super) fn is_empty(&self) -> bool {
+        self.sealed.is_empty() && self.settling.is_empty()
+    }
+}
+
+impl FreeSet {
+    fn lock(&self) -> MutexGuard<'_, FreeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records clusters whose entries were just dropped in memory.
+    pub(super) fn release(&self, freed: Freed) {
+        self.freed_bytes.fetch_add(freed.len, Ordering::Relaxed);
+        self.lock().pending.push(freed);
+    }
+
+    /// Bytes freed and not handed out again.
+    pub(super) fn freed_bytes(&self) -> u64 {
+        self.freed_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes ready to be handed out.
+    pub(super) fn ready_bytes(&self) -> u64 {
+        self.ready_bytes.load(Ordering::Acquire)
+    }
+
+    /// Starts a flush: takes what it will move along.
+    pub(super) fn begin_flush(&self, epochs: &Epochs) -> FlushStage {
+        let mut st = self.lock();
+        if st.pending.is_empty() && st.durable.is_empty() {
+            return FlushStage::default();
+        }
+        let sealed = std::mem::take(&mut st.pending);
+        let (settling, waiting) = std::mem::take(&mut st.durable)
+            .into_iter()
+            .partition(|f| epochs.has_passed(f.epoch));
+        st.durable = waiting;
+        FlushStage { sealed, settling }
+    }
+
+    /// Ends a flush: on success its sealed clusters are durably dropped and its settling
+    /// ones (punched by now) ready; on failure everything goes back where it was, except
+    /// that punches done count (the next flush makes them durable).
+    pub(super) fn end_flush(&self, stage: FlushStage, ok: bool) {
+        if stage.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        if ok {
+            st.durable.extend(stage.sealed);
+            let mut added = 0;
+            for f in stage.settling {
+                added += f.len;
+                insert_run(&mut st.ready, f.at, f.len);
+            }
+            self.ready_bytes.fetch_add(added, Ordering::Release);
+        } else {
+            st.pending.extend(stage.sealed);
+            st.durable.extend(
+                stage
+                    .settling
+                    .into_iter()
+                    .map(|f| Freed { punched: true, ..f }),
+            );
+        }
+    }
+
+    /// Hands out `len` contiguous ready bytes, the lowest run that fits. `None` when no
+    /// run of that size is ready (or none is found among the first few).
+    pub(super) fn take(&self, len: u64) -> Option<u64> {
+        if self.ready_bytes() < len || self.held_for_job.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut st = self.lock();
+        let (&at, &run) = st
+            .ready
+            .iter()
+            .take(SEARCH_RUNS)
+            .find(|(_, &run)| run >= len)?;
+        st.ready.remove(&at);
+        if run > len {
+            st.ready.insert(at + len, run - len);
+        }
+        self.ready_bytes.fetch_sub(len, Ordering::Release);
+        self.freed_bytes.fetch_sub(len, Ordering::Relaxed);
+        Some(at)
+    }
+
+    /// While `held`, allocations get nothing: a job that moves clusters takes what
+    /// becomes ready (it must own every place it writes to).
+    pub(super) fn hold_for_job(&self, held: bool) {
+        self.held_for_job.store(held, Ordering::Release);
+    }
+
+    /// Takes every ready run (for a job that will overwrite them whole).
+    pub(super) fn take_all_ready(&self) -> Vec<(u64, u64)> {
+        let mut st = self.lock();
+        let runs: Vec<(u64, u64)> = std::mem::take(&mut st.ready).into_iter().collect();
+        let bytes: u64 = runs.iter().map(|r| r.1).sum();
+        self.ready_bytes.fetch_sub(bytes, Ordering::Release);
+        self.freed_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        runs
+    }
+
+    /// Runs that are freed but not ready yet (pending or waiting), which nobody may use.
+    pub(super) fn unsettled(&self) -> Vec<(u64, u64)> {
+        let st = self.lock();
+        st.pending
+            .iter()
+            .chain(&st.durable)
+            .map(|f| (f.at, f.len))
+            .collect()
+    }
+
+    /// Gives back runs a job took and did not use. They may hold old bytes, so they are
+    /// punched and made durable by the next flushes before they are handed out again.
+    pub(super) fn give_back(&self, runs: &[(u64, u64)], epoch: u64) {
+        let mut st = self.lock();
+        for &(at, len) in runs {
+            self.freed_bytes.fetch_add(len, Ordering::Relaxed);
+            st.durable.push(Freed {
+                at,
+                len,
+                epoch,
+                punched: false,
+            });
+        }
+    }
+
+    /// Removes the ready runs that end the file at `end`, one after another, and
+    /// returns where the file can end now.
+    pub(super) fn cut_tail(&self, mut end: u64) -> u64 {
+        let mut st = self.lock();
+        while let Some((&at, &len)) = st.ready.range(..end).next_back() {
+            if at + len != end {
+                break;
+            }
+            st.ready.remove(&at);
+            self.ready_bytes.fetch_sub(len, Ordering::Release);
+            self.freed_bytes.fetch_sub(len, Ordering::Relaxed);
+            end = at;
+        }
+        end
+    }
+
+    /// Forgets everything (a repair rewrote the file's layout; what was freed is a leak
+    /// it reclaimed).
+    pub(super) fn clear(&self) {
+        let mut st = self.lock();
+        *st = FreeState::default();
+        self.ready_bytes.store(0, Ordering::Release);
+        self.freed_bytes.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Adds a run to the ready map, merging it with its neighbours.
+fn insert_run(ready: &mut BTreeMap<u64, u64>, mut at: u64, mut len: u64) {
+    if let Some((&prev, &plen)) = ready.range(..at).next_back() {
+        if prev + plen == at {
+            ready.remove(&prev);
+            at = prev;
+            len += plen;
+        }
+    }
+    if let Some(next) = ready.remove(&(at + len)) {
+        len += next;
+    }
+    ready.insert(at, len);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn freed(at: u64, len: u64, epoch: u64) -> Freed {
+        Freed {
+            at,
+            len,
+            epoch,
+            punched: true,
+        }
+    }
+
+    /// Runs flushes until nothing is left to move (as many as it takes).
+    fn settle(set: &FreeSet, epochs: &Epochs) {
+        for _ in 0..4 {
+            let stage = set.begin_flush(epochs);
+            set.end_flush(stage, true);
+        }
+    }
+
+    #[test]
+    fn a_freed_cluster_is_handed_out_only_after_a_flush_and_its_epoch() {
+        let epochs = Epochs::default();
+        let set = FreeSet::default();
+        let guard = epochs.enter();
+        set.release(freed(0x10000, 0x10000, epochs.current()));
+        assert_eq!(set.take(0x10000), None, "the drop is not durable yet");
+        settle(&set, &epochs);
+        assert_eq!(
+            set.take(0x10000),
+            None,
+            "a request may still use the old mapping"
+        );
+        drop(guard);
+        settle(&set, &epochs);
+        assert_eq!(set.take(0x10000), Some(0x10000));
+        assert_eq!(set.freed_bytes(), 0);
+    }
+
+    #[test]
+    fn a_failed_flush_keeps_clusters_back() {
+        let epochs = Epochs::default();
+        let set = FreeSet::default();
+        set.release(freed(0x10000, 0x10000, epochs.current()));
+        let stage = set.begin_flush(&epochs);
+        set.end_flush(stage, false);
+        assert_eq!(set.take(0x10000), None);
+        settle(&set, &epochs);
+        assert_eq!(set.take(0x10000), Some(0x10000));
+    }
+
+    #[test]
+    fn runs_merge_and_the_lowest_fit_is_taken() {
+        let epochs = Epochs::default();
+        let set = FreeSet::default();
+        for at in [5, 1, 2, 3, 9] {
+            set.release(freed(at * 0x1000, 0x1000, epochs.current()));
+        }
+        settle(&set, &epochs);
+        assert_eq!(set.take(0x3000), Some(0x1000));
+        assert_eq!(set.take(0x1000), Some(0x5000));
+        assert_eq!(set.cut_tail(0xa000), 0x9000);
+        assert_eq!(set.ready_bytes(), 0);
+    }
+}

@@ -1,0 +1,144 @@
+//! Where everything lies in the file, for a job that moves clusters (compaction,
+//! defragmentation): which clusters are in use, where the tables are, which free
+//! clusters the job may fill, and the data clusters in guest order.
+
+use super::check::UsedMap;
+use super::image::Image;
+use super::l2cache::PAGE_ENTRIES;
+use super::mapping::Mapping;
+use crate::error::{Error, Result};
+use std::ops::ControlFlow;
+
+/// The file as a job that moves clusters sees it when it starts.
+pub(crate) struct Layout {
+    /// Bytes in a cluster.
+    pub(crate) cluster_size: u64,
+    /// Bytes in an L2 table.
+    pub(crate) table_bytes: u64,
+    /// Where tables and data may start (the end of the header area).
+    pub(crate) start: u64,
+    /// The end of the clusters in use or free when the walk ran (the frontier).
+    pub(crate) end: u64,
+    /// Clusters in use when the walk ran.
+    used: UsedMap,
+    /// (L1 index, file offset) of every L2 table.
+    pub(crate) tables: Vec<(u64, u64)>,
+    /// File offsets of free clusters the job owns, ascending: every cluster between
+    /// `start` and `end` nothing uses, except those freed so recently that nobody may
+    /// use them yet. The job fills them whole or gives them back.
+    pub(crate) holes: Vec<u64>,
+}
+
+impl Layout {
+    /// Bytes of the file in use from `start`: tables (L1 included) and data.
+    pub(crate) fn used_bytes(&self) -> u64 {
+        let cs = self.cluster_size;
+        (self.start / cs..self.end / cs)
+            .filter(|&c| self.used.is_marked(c))
+            .count() as u64
+            * cs
+    }
+}
+
+impl Image {
+    /// Walks the tables for a job that will move clusters, and hands it the free
+    /// clusters it may fill: the ready ones of the free set and the leaks. Refuses an
+    /// image whose check finds corruption.
+    pub(crate) fn layout(&self) -> Result<Layout> {
+        let ready = self.free.take_all_ready();
+        let walk = match self.walk(false) {
+            Ok(w) => w,
+            Err(e) => {
+                self.give_back_runs(&ready);
+                return Err(e);
+            }
+        };
+        let report = &walk.report;
+        if report.corruptions_remaining() > 0 || report.check_errors > 0 {
+            self.give_back_runs(&ready);
+            return Err(Error::Unsupported(format!(
+                "{}: the check finds {} corruptions and {} errors; run 'qed check -r all' \
+                 first",
+                self.name,
+                report.corruptions_remaining(),
+                report.check_errors
+            )));
+        }
+        let cs = self.geometry.cluster_size();
+        let start = self.data_start;
+        let end = walk.used.len() * cs;
+        let mut busy = UsedMap::new(walk.used.len())?;
+        for (at, len) in self.free.unsettled() {
+            for c in at / cs..(at + len) / cs {
+                busy.mark(c);
+            }
+        }
+        let holes = (start / cs..end / cs)
+            .filter(|&c| !walk.used.is_marked(c) && !busy.is_marked(c))
+            .map(|c| c * cs)
+            .collect();
+        Ok(Layout {
+            cluster_size: cs,
+            table_bytes: self.geometry.table_bytes(),
+            start,
+            end,
+            used: walk.used,
+            tables: walk.tables,
+            holes,
+        })
+    }
+
+    /// Calls `f(guest, file, clusters)` for every run of data clusters, in guest order,
+    /// as memory holds them now, until it breaks.
+    pub(crate) fn data_runs(
+        &self,
+        mut f: impl FnMut(u64, u64, u64) -> ControlFlow<()>,
+    ) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let size = self.header.get().image_size;
+        let per_table = g.entries_per_table() * cs;
+        let mut pos = 0;
+        while pos < size {
+            if self.l1_entry(g.l1_index(pos))? == 0 {
+                pos = (pos / per_table + 1) * per_table;
+                continue;
+            }
+            let page_end = (pos / (PAGE_ENTRIES * cs) + 1) * PAGE_ENTRIES * cs;
+            let (mapping, n) = self.lookup(pos, page_end.min(size) - pos)?;
+            if let Mapping::Data(off) = mapping {
+                if f(pos, off, n.div_ceil(cs)).is_break() {
+                    return Ok(());
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Gives back free clusters a job took and did not fill (see [`Image::layout`]).
+    pub(crate) fn give_back_clusters(&self, clusters: &[u64]) {
+        let cs = self.geometry.cluster_size();
+        let runs: Vec<(u64, u64)> = clusters.iter().map(|&at| (at, cs)).collect();
+        self.give_back_runs(&runs);
+    }
+
+    fn give_back_runs(&self, runs: &[(u64, u64)]) {
+        self.free.give_back(runs, self.epochs.current());
+    }
+
+    /// Bytes freed while open and not reused yet.
+    pub fn freed_bytes(&self) -> u64 {
+        self.free.freed_bytes()
+    }
+
+    /// Makes every cluster freed so far ready to reuse or cut: waits for the requests
+    /// that could still use them, and flushes twice (see `free_set.rs`).
+    pub(crate) fn settle_freed(&self) -> Result<()> {
+        for _ in 0..2 {
+            self.epochs.synchronize();
+            self.flush_image()?;
+        }
+        Ok(())
+    }
+}
