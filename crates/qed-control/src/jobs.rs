@@ -307,6 +307,11 @@ impl Jobs {
         }
     }
 
+    /// Whether [`Jobs::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        lock(&self.registry).closed
+    }
+
     /// Waits for every job's thread to end (call [`Jobs::close`] first, or this waits
     /// for them to finish their work).
     pub fn wait(&self) {

@@ -1,12 +1,12 @@
 #![warn(missing_docs)]
 //! A control socket for qed's exports, and the jobs it runs.
 //!
-//! A long operation (a stream now; compaction later) runs as a job: a closure on a
+//! A long operation (a stream, a compaction, a defragmentation) runs as a job: a closure on a
 //! thread of its own, given a [`JobControl`] to report progress on and to see a cancel
 //! through. A [`Jobs`] registry gives each an id and keeps its status and outcome.
 //! [`ControlServer`] listens on a Unix socket and answers QMP-shaped JSON, one value a
 //! line, from the [`Commands`] table: the job commands, and those an export adds to
-//! start its jobs ([`add_stream_command`]). Nothing here knows NBD or FUSE.
+//! start its jobs ([`add_stream_command`], [`add_reorganize_commands`]). Nothing here knows NBD or FUSE.
 //!
 //! The protocol, as QEMU's QMP shapes it:
 //!
@@ -20,13 +20,13 @@
 //!   [`MAX_CONNECTIONS`] clients are served at once.
 //!
 //! ```no_run
-//! use qed_control::{add_stream_command, Commands, ControlServer, Jobs, StreamTarget};
+//! use qed_control::{add_stream_command, Commands, ControlServer, Jobs, JobTarget};
 //! use std::sync::Arc;
 //!
 //! let image = Arc::new(qed::Image::open("disk.qed", &qed::OpenOptions::default())?);
 //! let jobs = Jobs::new();
 //! let mut commands = Commands::new(jobs.clone());
-//! add_stream_command(&mut commands, StreamTarget::Image(image.clone()));
+//! add_stream_command(&mut commands, JobTarget::Image(image.clone()));
 //! let control = ControlServer::start("disk.sock".as_ref(), Arc::new(commands))?;
 //! // ... serve the image; at the end:
 //! jobs.close();
@@ -42,8 +42,10 @@ mod error;
 mod jobs;
 mod line;
 mod protocol;
+mod reorganize;
 mod server;
 mod stream;
+mod target;
 
 pub use client::{parse_jobs, Client, ClientError};
 pub use commands::{job_json, Arguments, Commands};
@@ -53,5 +55,9 @@ pub use jobs::{
     JobControl, JobEnd, JobInfo, JobResult, JobSpec, JobStatus, Jobs, CANCELLED, MAX_CONCLUDED,
     MAX_ID_LEN, MAX_RUNNING,
 };
+pub use reorganize::{
+    add_reorganize_commands, compact_when_freed, freed_past, start_reorganize, Reorganize,
+};
 pub use server::{ControlServer, MAX_CONNECTIONS};
-pub use stream::{add_stream_command, start_stream, StreamRequest, StreamTarget};
+pub use stream::{add_stream_command, start_stream, StreamRequest};
+pub use target::JobTarget;

@@ -4,18 +4,10 @@
 use crate::commands::Commands;
 use crate::error::ControlError;
 use crate::jobs::{JobEnd, JobSpec, Jobs};
+use crate::target::JobTarget;
 use qed::{BlockDevice, StreamEnd, StreamOptions};
 use serde_json::json;
 use std::sync::Arc;
-
-/// What a stream would run on.
-#[derive(Clone)]
-pub enum StreamTarget {
-    /// The QED image being exported, shared with the export.
-    Image(Arc<qed::Image>),
-    /// No image a stream can run on, and why not (for the error a request gets).
-    Refused(String),
-}
 
 /// A stream to start.
 #[derive(Debug, Default, Clone)]
@@ -34,19 +26,10 @@ pub struct StreamRequest {
 /// refused here rather than reported by a failed job.
 pub fn start_stream(
     jobs: &Arc<Jobs>,
-    target: &StreamTarget,
+    target: &JobTarget,
     req: StreamRequest,
 ) -> Result<String, ControlError> {
-    let image = match target {
-        StreamTarget::Image(image) => image.clone(),
-        StreamTarget::Refused(why) => return Err(ControlError::generic(why.clone())),
-    };
-    if image.is_read_only() {
-        return Err(ControlError::generic(format!(
-            "{} is open read-only: a stream writes into it",
-            image.filename()
-        )));
-    }
+    let image = target.writable_image("a stream writes into it")?;
     if req.rate == Some(0) {
         return Err(ControlError::generic(
             "'rate' must be more than 0 bytes per second (leave it out for no limit)",
@@ -83,7 +66,7 @@ pub fn start_stream(
 /// Adds the `stream` command: arguments `job-id`, `base` and `rate` as
 /// [`StreamRequest`] has them; returns `{"id": JOB-ID}` (QEMU's block-stream returns
 /// `{}`, but here an id left out is generated, so the client is told it).
-pub fn add_stream_command(commands: &mut Commands, target: StreamTarget) {
+pub fn add_stream_command(commands: &mut Commands, target: JobTarget) {
     let jobs = commands.jobs().clone();
     commands.add("stream", &["job-id", "base", "rate"], move |args| {
         let req = StreamRequest {

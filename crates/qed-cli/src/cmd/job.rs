@@ -26,6 +26,12 @@ enum Action {
     /// Start a stream: copy what the image reads from its backing chain into it, then
     /// drop the backing file (or every backing file above -b BASE). Prints the job's id.
     Stream(StreamArgs),
+    /// Start a compaction: move clusters into free space and cut the file. Prints the
+    /// job's id.
+    Compact(StartArgs),
+    /// Start a defragmentation: lay the clusters out in guest order, tables together.
+    /// Prints the job's id.
+    Defrag(StartArgs),
     /// List the jobs: id, type, status, progress, and the error of a failed one.
     Query {
         /// human, or json (query-jobs' return value as the server sent it).
@@ -55,6 +61,13 @@ struct StreamArgs {
     /// Copy at most this many bytes per second (k, M, G suffixes).
     #[arg(long = "rate")]
     rate: Option<String>,
+    #[command(flatten)]
+    start: StartArgs,
+}
+
+/// What every job start takes.
+#[derive(clap::Args)]
+struct StartArgs {
     /// The job's id (generated when left out).
     #[arg(long = "id")]
     id: Option<String>,
@@ -71,6 +84,8 @@ pub fn run(a: Args) -> Result<u8> {
     let mut client = connect(&a.socket)?;
     match a.action {
         Action::Stream(s) => stream(&mut client, &a.socket, s),
+        Action::Compact(s) => start(&mut client, &a.socket, "compact", Default::default(), s),
+        Action::Defrag(s) => start(&mut client, &a.socket, "defrag", Default::default(), s),
         Action::Query { output } => query(&mut client, output),
         Action::Cancel { wait, id } => {
             call(&mut client, "job-cancel", json!({ "id": id }))?;
@@ -112,9 +127,6 @@ fn call(client: &mut Client, command: &str, arguments: Value) -> Result<Value> {
 
 fn stream(client: &mut Client, socket: &Path, s: StreamArgs) -> Result<u8> {
     let mut args = serde_json::Map::new();
-    if let Some(id) = s.id {
-        args.insert("job-id".into(), id.into());
-    }
     if let Some(base) = s.base {
         // The server would resolve a relative path against its own directory: a file
         // named here is sent as the file it is here.
@@ -131,11 +143,26 @@ fn stream(client: &mut Client, socket: &Path, s: StreamArgs) -> Result<u8> {
         }
         args.insert("rate".into(), rate.into());
     }
-    let started = call(client, "stream", Value::Object(args))?;
+    start(client, socket, "stream", args, s.start)
+}
+
+/// Starts the job `command` with `args` (and the id asked for), prints its id, and
+/// waits for it when asked to.
+fn start(
+    client: &mut Client,
+    socket: &Path,
+    command: &str,
+    mut args: serde_json::Map<String, Value>,
+    s: StartArgs,
+) -> Result<u8> {
+    if let Some(id) = s.id {
+        args.insert("job-id".into(), id.into());
+    }
+    let started = call(client, command, Value::Object(args))?;
     let id = started
         .get("id")
         .and_then(Value::as_str)
-        .with_context(|| format!("{}: stream returned {started}", socket.display()))?
+        .with_context(|| format!("{}: {command} returned {started}", socket.display()))?
         .to_string();
     println!("{id}");
     if !(s.wait || s.progress) {

@@ -86,6 +86,43 @@ pub enum Opened {
     Other(Box<dyn qed::BlockDevice>),
 }
 
+/// The device an export serves, and what its jobs run on: a QED image is shared by the
+/// export and its jobs; anything else has no jobs.
+pub fn job_target(
+    opened: Opened,
+    file: &std::path::Path,
+) -> (std::sync::Arc<dyn qed::BlockDevice>, qed_control::JobTarget) {
+    match opened {
+        Opened::Qed(image) => {
+            let image: std::sync::Arc<qed::Image> = std::sync::Arc::from(image);
+            (image.clone(), qed_control::JobTarget::Image(image))
+        }
+        Opened::Other(device) => {
+            let why = format!(
+                "{} is a {} image: only a QED image runs jobs (stream, compact, defrag)",
+                file.display(),
+                device.format()
+            );
+            (
+                std::sync::Arc::from(device),
+                qed_control::JobTarget::Refused(why),
+            )
+        }
+    }
+}
+
+/// The commands of an export's control socket: the job commands, and those that start
+/// a stream, a compaction and a defragmentation of `target`.
+pub fn control_commands(
+    jobs: &std::sync::Arc<qed_control::Jobs>,
+    target: &qed_control::JobTarget,
+) -> qed_control::Commands {
+    let mut commands = qed_control::Commands::new(jobs.clone());
+    qed_control::add_stream_command(&mut commands, target.clone());
+    qed_control::add_reorganize_commands(&mut commands, target.clone());
+    commands
+}
+
 /// [`open_for_io`], keeping a QED image's type.
 pub fn open_for_jobs(
     path: &std::path::Path,

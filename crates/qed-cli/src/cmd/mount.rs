@@ -43,6 +43,14 @@ pub struct Args {
     /// Bound on cached L2 table entries, in bytes (k, M suffixes).
     #[arg(long = "l2-cache-size", default_value = "16M")]
     l2_cache: String,
+    /// Listen for control commands on this Unix socket, as qed serve --control does
+    /// (stream, compact, defrag, query-jobs, job-cancel; see qed job).
+    #[arg(long = "control")]
+    control: Option<PathBuf>,
+    /// Compact the image on its own whenever the space freed by discards reaches this
+    /// share of the file, in percent.
+    #[arg(long = "compact-free", value_parser = clap::value_parser!(u8).range(1..=100))]
+    compact_free: Option<u8>,
     /// The image.
     file: PathBuf,
     /// An existing regular file (it becomes the disk) or directory (the disk appears in
@@ -81,7 +89,17 @@ pub fn run(a: Args) -> Result<u8> {
     qed_fuse::check_fuse_device()?;
     refuse_mounting_on_the_image(&a.file, &a.mountpoint, &place)?;
 
-    let device = super::open_for_io(
+    // Absolute: a daemon leaves the working directory.
+    let control_path = a
+        .control
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .context("--control")?;
+    if a.compact_free.is_some() && a.read_only {
+        bail!("--compact-free moves clusters in the image: it cannot be mounted read-only (-r)");
+    }
+    let opened = super::open_for_jobs(
         &a.file,
         format,
         &qed::OpenOptions {
@@ -92,7 +110,12 @@ pub fn run(a: Args) -> Result<u8> {
             ..a.remote.read_write()
         },
     )?;
-    let device: Arc<dyn qed::BlockDevice> = Arc::from(device);
+    let (device, target) = super::job_target(opened, &a.file);
+    if a.compact_free.is_some() {
+        target
+            .writable_image("--compact-free moves clusters in it")
+            .map_err(|e| anyhow::anyhow!("--compact-free: {e}"))?;
+    }
     if qed::chain_contains(&*device, place.path()) {
         bail!(
             "mountpoint {}: is a file of the image's backing chain; mount somewhere else",
@@ -126,9 +149,15 @@ pub fn run(a: Args) -> Result<u8> {
         mount.disk_path().display(),
         if a.read_only { " (read-only)" } else { "" }
     );
+    // Threads do not survive a fork: in the background, the jobs and the control socket
+    // start in the process that serves; in the foreground, before the banner says the
+    // mount is ready.
+    let jobs;
     if a.daemon {
         detach_from_caller(&banner, pid_file.as_deref())?;
+        jobs = ExportJobs::start(&a, &target, control_path.as_deref())?;
     } else {
+        jobs = ExportJobs::start(&a, &target, control_path.as_deref())?;
         if let Some(p) = &pid_file {
             write_pid_file(p, std::process::id())?;
         }
@@ -146,6 +175,8 @@ pub fn run(a: Args) -> Result<u8> {
         })
         .context("starting the signal thread")?;
     let served = mount.run();
+    jobs.stop();
+    drop(target);
     // No request is left on the device: make the image clean (flush, NEED_CHECK off).
     let flushed = device.flush();
     drop(device);
@@ -163,6 +194,52 @@ pub fn run(a: Args) -> Result<u8> {
         );
     }
     Ok(0)
+}
+
+/// The jobs of the mount, its control socket and its `--compact-free` watcher.
+struct ExportJobs {
+    jobs: Arc<qed_control::Jobs>,
+    control: Option<qed_control::ControlServer>,
+    watcher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ExportJobs {
+    fn start(a: &Args, target: &qed_control::JobTarget, control: Option<&Path>) -> Result<Self> {
+        let jobs = qed_control::Jobs::new();
+        let name = a.file.display().to_string();
+        jobs.set_observer(move |j| eprintln!("qed mount: {name}: {}", super::job::outcome(j)));
+        let control = match control {
+            Some(path) => {
+                let commands = super::control_commands(&jobs, target);
+                Some(qed_control::ControlServer::start(path, Arc::new(commands))?)
+            }
+            None => None,
+        };
+        let watcher = match a.compact_free {
+            Some(percent) => Some(
+                qed_control::compact_when_freed(jobs.clone(), target.clone(), percent)
+                    .map_err(|e| anyhow::anyhow!("--compact-free: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            jobs,
+            control,
+            watcher,
+        })
+    }
+
+    /// Cancels what runs and waits for it; closes the control socket.
+    fn stop(self) {
+        self.jobs.close();
+        if let Some(w) = self.watcher {
+            let _ = w.join();
+        }
+        self.jobs.wait();
+        if let Some(c) = self.control {
+            c.stop();
+        }
+    }
 }
 
 fn parse_discard(discard: &str) -> Result<DiscardMode> {

@@ -1,9 +1,7 @@
 //! `qed serve`: export an image over NBD, in the manner of qemu-nbd.
 
-use super::Opened;
 use anyhow::{bail, Context, Result};
-use qed::BlockDevice;
-use qed_control::{Commands, ControlServer, Jobs, StreamRequest, StreamTarget};
+use qed_control::{ControlServer, JobTarget, Jobs, StreamRequest};
 use qed_nbd::{Config, DiscardMode, Export, Listener, Server, Tls, TlsCredentials, TlsMode};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::net::TcpListener;
@@ -62,9 +60,14 @@ pub struct Args {
     #[arg(long = "l2-cache-size", default_value = "16M")]
     l2_cache: String,
     /// Listen for control commands on this Unix socket: QMP-shaped JSON lines that
-    /// start, query and cancel jobs (stream, query-jobs, job-cancel; see qed job).
+    /// start, query and cancel jobs (stream, compact, defrag, query-jobs, job-cancel;
+    /// see qed job).
     #[arg(long = "control")]
     control: Option<PathBuf>,
+    /// Compact the image on its own (a job, as the control socket's compact) whenever
+    /// the space freed by discards reaches this share of the file, in percent.
+    #[arg(long = "compact-free", value_parser = clap::value_parser!(u8).range(1..=100))]
+    compact_free: Option<u8>,
     /// Start a stream job at launch: copy what the image reads from its backing chain
     /// into it while it is served, then drop the backing file (see qed stream).
     #[arg(long = "stream")]
@@ -119,22 +122,18 @@ pub fn run(a: Args) -> Result<u8> {
             ..a.remote.read_write()
         },
     )?;
-    // A QED image is shared by the export and its jobs; anything else cannot stream.
-    let (device, target): (Arc<dyn BlockDevice>, StreamTarget) = match opened {
-        Opened::Qed(image) => {
-            let image: Arc<qed::Image> = Arc::from(image);
-            (image.clone(), StreamTarget::Image(image))
-        }
-        Opened::Other(device) => {
-            let why = format!(
-                "{} is a {} image: only a QED image has a backing chain to stream from",
-                a.file.display(),
-                device.format()
-            );
-            (Arc::from(device), StreamTarget::Refused(why))
-        }
-    };
+    let (device, target) = super::job_target(opened, &a.file);
     let stream = launch_stream(&a, &target)?.map(|req| (req, target.clone()));
+    if a.compact_free.is_some() {
+        if a.read_only {
+            bail!(
+                "--compact-free moves clusters in the image: it cannot be exported read-only (-r)"
+            );
+        }
+        target
+            .writable_image("--compact-free moves clusters in it")
+            .map_err(|e| anyhow::anyhow!("--compact-free: {e}"))?;
+    }
 
     let jobs = Jobs::new();
     let name = a.file.display().to_string();
@@ -143,8 +142,7 @@ pub fn run(a: Args) -> Result<u8> {
     // behind, and it is removed again if the NBD socket is refused.
     let control = match &a.control {
         Some(path) => {
-            let mut commands = Commands::new(jobs.clone());
-            qed_control::add_stream_command(&mut commands, target);
+            let commands = super::control_commands(&jobs, &target);
             Some(ControlServer::start(path, Arc::new(commands))?)
         }
         None => None,
@@ -187,11 +185,21 @@ pub fn run(a: Args) -> Result<u8> {
         Some((req, target)) => qed_control::start_stream(&jobs, &target, req).map(|_| ()),
         None => Ok(()),
     };
+    let watcher = match a.compact_free {
+        Some(percent) => Some(
+            qed_control::compact_when_freed(jobs.clone(), target.clone(), percent)
+                .map_err(|e| anyhow::anyhow!("--compact-free: {e}"))?,
+        ),
+        None => None,
+    };
     let result = match started {
         Err(e) => Err(anyhow::anyhow!("--stream: {e}")),
         Ok(()) => server.run(listener).context("serving"),
     };
     jobs.close();
+    if let Some(w) = watcher {
+        let _ = w.join();
+    }
     jobs.wait();
     if let Some(c) = control {
         c.stop();
@@ -210,13 +218,13 @@ pub fn run(a: Args) -> Result<u8> {
 
 /// The stream `--stream` asks for, refused before anything listens when it could not
 /// start.
-fn launch_stream(a: &Args, target: &StreamTarget) -> Result<Option<StreamRequest>> {
+fn launch_stream(a: &Args, target: &JobTarget) -> Result<Option<StreamRequest>> {
     if !a.stream {
         return Ok(None);
     }
     let image = match target {
-        StreamTarget::Image(image) => image,
-        StreamTarget::Refused(why) => bail!("--stream: {why}"),
+        JobTarget::Image(image) => image,
+        JobTarget::Refused(why) => bail!("--stream: {why}"),
     };
     if a.read_only {
         bail!("--stream writes into the image: it cannot be exported read-only (-r)");

@@ -181,8 +181,9 @@ pub fn compact(
         }
         ControlFlow::Continue(())
     })?;
-    // The end of the file first: what is cut must be emptied.
-    data.sort_by_key(|&(_, at)| std::cmp::Reverse(at));
+    // In file order into holes in file order: clusters that were together stay
+    // together, in the order they were.
+    data.sort_by_key(|&(_, at)| at);
     let total = tables.len() as u64 * tb + data.len() as u64 * cs;
     let mut done = 0;
     let mut moved = 0;
