@@ -726,7 +726,10 @@ proptest! {
 /// race to allocate the clusters they share and the L2 tables; each thread only ever
 /// touches its own bytes, and only discards clusters wholly inside its own stripe, so the
 /// final content is known whatever the interleaving.
-fn concurrent_smoke(geo: Geo, stripe: u64, backed: bool, seed: u64) {
+///
+/// With `moving`, the other thread compacts and defragments, in turn, instead of checking:
+/// clusters move under the writers and readers, which must never notice.
+fn concurrent_smoke(geo: Geo, stripe: u64, backed: bool, seed: u64, moving: bool) -> u64 {
     const THREADS: u64 = 8;
     const OPS: usize = 200;
     let cs = geo.cs();
@@ -750,14 +753,33 @@ fn concurrent_smoke(geo: Geo, stripe: u64, backed: bool, seed: u64) {
 
     let stripes = geo.size / stripe;
     let running = std::sync::atomic::AtomicU64::new(THREADS);
+    let moved = std::sync::atomic::AtomicU64::new(0);
     let finals: Vec<Vec<(u64, Vec<u8>)>> = std::thread::scope(|s| {
         let img = &img;
         let running = &running;
+        let moved = &moved;
         s.spawn(move || {
             use std::sync::atomic::Ordering;
+            let mut round = 0u64;
             while running.load(Ordering::Acquire) > 0 {
-                img.flush().unwrap();
-                assert_clean(img, "while writers run", 0..=0).unwrap();
+                if !moving {
+                    img.flush().unwrap();
+                    assert_clean(img, "while writers run", 0..=0).unwrap();
+                    continue;
+                }
+                let opts = qed::ReorganizeOptions::default();
+                let end = if round % 2 == 0 {
+                    qed::compact(img, &opts, &mut qed::no_progress)
+                } else {
+                    qed::defrag(img, &opts, &mut qed::no_progress)
+                };
+                match end {
+                    Ok(qed::ReorganizeEnd::Done { moved: m, .. }) => {
+                        moved.fetch_add(m, Ordering::Relaxed);
+                    }
+                    other => panic!("round {round}: {other:?}"),
+                }
+                round += 1;
             }
         });
         let handles: Vec<_> = (0..THREADS)
@@ -834,6 +856,7 @@ fn concurrent_smoke(geo: Geo, stripe: u64, backed: bool, seed: u64) {
     let img = open(&path, None, "reopen").unwrap();
     assert_clean(&img, "reopen", 0..=left).unwrap();
     compare(&img, &model, 0, geo.size, "after reopen").unwrap();
+    moved.into_inner()
 }
 
 /// 4 KiB clusters with stripes of a little over two clusters: every stripe holds a whole
@@ -853,7 +876,7 @@ const CONCURRENT_64K: (Geo, u64) = (G_64K_T4, 20000);
 fn concurrent_writers_without_backing() {
     for seed in 0..4 {
         for (geo, stripe) in [CONCURRENT_4K, CONCURRENT_64K] {
-            concurrent_smoke(geo, stripe, false, seed);
+            concurrent_smoke(geo, stripe, false, seed, false);
         }
     }
 }
@@ -862,7 +885,19 @@ fn concurrent_writers_without_backing() {
 fn concurrent_writers_over_raw_backing() {
     for seed in 0..4 {
         for (geo, stripe) in [CONCURRENT_4K, CONCURRENT_64K] {
-            concurrent_smoke(geo, stripe, true, seed);
+            concurrent_smoke(geo, stripe, true, seed, false);
         }
     }
+}
+
+#[test]
+fn concurrent_writers_while_clusters_move() {
+    let mut moved = 0;
+    for seed in 0..4 {
+        for (geo, stripe) in [CONCURRENT_4K, CONCURRENT_64K] {
+            moved += concurrent_smoke(geo, stripe, seed % 2 == 1, seed, true);
+        }
+    }
+    // Otherwise the jobs only ever found nothing to do, and nothing was tested.
+    assert!(moved > 0, "no cluster moved while the writers ran");
 }
