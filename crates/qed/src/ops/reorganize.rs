@@ -149,15 +149,16 @@ fn ended(cancel: bool, moved: u64, file_len: u64) -> ReorganizeEnd {
 }
 
 /// Compacts `image`: moves the clusters past where the file could end into free space
-/// below it, then cuts the file there. Afterwards the file is at most the header, L1,
-/// the L2 tables and the data clusters in use, plus one table where no free run below
-/// could take it. `progress` is called with bytes considered and bytes to consider.
+/// below it, then cuts the file there. Afterwards the file is the header, L1, the L2
+/// tables and the data clusters in use: a table that no free run below takes gets one
+/// made for it by moving data aside. (Only tables and L1 packed so that no run of a
+/// table's length is free of them could keep a table past the end.) `progress` is called with bytes considered and bytes to consider.
 pub fn compact(
     image: &Image,
     opts: &ReorganizeOptions<'_>,
     progress: Progress<'_>,
 ) -> Result<ReorganizeEnd> {
-    let (_job, layout) = start(image)?;
+    let (job, layout) = start(image)?;
     let cs = layout.cluster_size;
     let tb = layout.table_bytes;
     let target = layout.start + layout.used_bytes();
@@ -194,7 +195,11 @@ pub fn compact(
             stop = true;
             break;
         }
-        if let Some(to) = owned.take_run_below(tb / cs, cs, at) {
+        let room = match owned.take_run_below(tb / cs, cs, at) {
+            Some(to) => Some(to),
+            None => clear_room(image, &job, &mut owned, &layout, target.min(at))?,
+        };
+        if let Some(to) = room {
             if image.move_table(l1_index, at, to)? {
                 moved += tb;
             } else {
@@ -231,6 +236,83 @@ pub fn compact(
     let file_len = finish(image, owned)?;
     progress(total, total);
     Ok(ended(stop, moved, file_len))
+}
+
+/// Makes room below `below` for a table that no run of free clusters takes: the lowest
+/// run of a table's length made only of free clusters and data clusters whose data can
+/// move to free clusters outside it (below `below` too). The data moves out, and the run
+/// is returned, owned whole. `None` when there is no such run (tables and L1 in the
+/// way), or the guest changed a cluster of it meanwhile.
+fn clear_room(
+    image: &Image,
+    job: &Reorganizing<'_>,
+    owned: &mut Owned<'_>,
+    layout: &Layout,
+    below: u64,
+) -> Result<Option<u64>> {
+    let cs = layout.cluster_size;
+    let tc = layout.table_bytes / cs;
+    let mut guest_of = HashMap::new();
+    image.data_runs(|guest, file, n| {
+        for i in 0..n {
+            if file + i * cs < below {
+                guest_of.insert(file + i * cs, guest + i * cs);
+            }
+        }
+        ControlFlow::Continue(())
+    })?;
+    let mut w = layout.start;
+    while w + tc * cs <= below {
+        let run: Vec<u64> = (0..tc).map(|i| w + i * cs).collect();
+        if !run
+            .iter()
+            .all(|c| owned.clusters.contains(c) || guest_of.contains_key(c))
+        {
+            w += cs;
+            continue;
+        }
+        let data: Vec<u64> = run
+            .iter()
+            .copied()
+            .filter(|c| guest_of.contains_key(c))
+            .collect();
+        let spare: Vec<u64> = owned
+            .clusters
+            .range(..below)
+            .copied()
+            .filter(|c| !run.contains(c))
+            .take(data.len())
+            .collect();
+        if spare.len() < data.len() {
+            return Ok(None);
+        }
+        for c in &spare {
+            owned.clusters.remove(c);
+        }
+        let moves: Vec<ClusterMove> = data
+            .iter()
+            .zip(&spare)
+            .map(|(&from, &to)| ClusterMove {
+                guest: guest_of[&from],
+                from,
+                to,
+            })
+            .collect();
+        let result = image.move_clusters(&moves)?;
+        let complete = result.unused.is_empty();
+        owned.clusters.extend(result.unused);
+        // The places the data left become free once the swaps are durable.
+        image.settle_freed()?;
+        owned.clusters.extend(job.take_ready());
+        if !complete || !run.iter().all(|c| owned.clusters.contains(c)) {
+            return Ok(None);
+        }
+        for c in &run {
+            owned.clusters.remove(c);
+        }
+        return Ok(Some(w));
+    }
+    Ok(None)
 }
 
 /// What occupies a cluster of the file.
