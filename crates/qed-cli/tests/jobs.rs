@@ -844,3 +844,149 @@ fn stream_keeping_a_middle_layer() {
     qemu_img_check(dir, "top.qed");
     assert_identical(dir, ("raw", "before.raw"), ("qed", "top.qed"));
 }
+
+// ---------------------------------------------------------------------------------------
+// Compaction and defragmentation while clients write.
+
+/// A 128 MiB image, written whole by qemu-io, then with every other cluster and a few
+/// long runs discarded: scattered free space for the jobs to fill. Returns what the
+/// guest reads.
+fn holey_image(dir: &Path, name: &str) -> Vec<u8> {
+    const SIZE: u64 = 128 * M;
+    let bytes = test_bytes(SIZE as usize, 7);
+    std::fs::write(dir.join("pattern.raw"), &bytes).unwrap();
+    ok(
+        dir,
+        QEMU_IMG,
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qed",
+            "-S",
+            "0",
+            "pattern.raw",
+            name,
+        ],
+    );
+    let mut expected = bytes;
+    let mut cmds = Vec::new();
+    for c in (0..SIZE / (64 * K)).filter(|c| c % 2 == 1 || (900..1100).contains(c)) {
+        cmds.push(format!("discard {} {}", c * 64 * K, 64 * K));
+        expected[(c * 64 * K) as usize..((c + 1) * 64 * K) as usize].fill(0);
+    }
+    let mut args = vec!["io".to_string()];
+    for c in &cmds {
+        args.extend(["-c".to_string(), c.clone()]);
+    }
+    args.push(name.to_string());
+    ok(dir, QED, &args);
+    expected
+}
+
+#[test]
+fn online_compact_and_defrag_under_fio_verify() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    let mut expected = holey_image(dir, "img.qed");
+    let before = std::fs::metadata(dir.join("img.qed")).unwrap().len();
+    let s = Served::start(dir, &["-e", "5", "--discard=unmap"], "img.qed");
+    let mut moved = Vec::new();
+    for kind in ["compact", "defrag"] {
+        // fio writes and verifies the first 32 MiB while the job moves clusters.
+        std::thread::scope(|sc| {
+            let writer = sc.spawn(|| fio(dir, &s.uri(), false));
+            let id = ok(dir, QED, &["job", s.ctl(), kind, "--wait"]);
+            let j = job(dir, s.ctl(), id.trim());
+            assert!(j.get("error").is_none(), "{kind} failed: {j}");
+            assert_eq!(j["type"], kind, "{j}");
+            moved.push(j["current-progress"].as_u64().unwrap());
+            writer.join().unwrap();
+        });
+        fio(dir, &s.uri(), true);
+    }
+    assert!(
+        moved.iter().all(|&m| m > 0),
+        "a job found nothing to do: {moved:?}"
+    );
+    ok(
+        dir,
+        QEMU_IMG,
+        &["convert", "-f", "raw", "-O", "raw", &s.uri(), "export.raw"],
+    );
+    let log = s.stop();
+    assert!(log.contains("(compact) completed"), "{log}");
+    assert!(log.contains("(defrag) completed"), "{log}");
+    qemu_img_check(dir, "img.qed");
+    let after = std::fs::metadata(dir.join("img.qed")).unwrap().len();
+    assert!(after < before * 3 / 5, "{before} -> {after} bytes");
+    // fio's part is what fio verified; the rest is what was there.
+    let export = std::fs::read(dir.join("export.raw")).unwrap();
+    expected[..32 * M as usize].copy_from_slice(&export[..32 * M as usize]);
+    std::fs::write(dir.join("expected.raw"), &expected).unwrap();
+    assert_identical(dir, ("raw", "expected.raw"), ("qed", "img.qed"));
+}
+
+#[test]
+fn compact_free_starts_a_compaction_on_its_own() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    let bytes = test_bytes(64 * M as usize, 3);
+    std::fs::write(dir.join("pattern.raw"), &bytes).unwrap();
+    ok(
+        dir,
+        QEMU_IMG,
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qed",
+            "-S",
+            "0",
+            "pattern.raw",
+            "img.qed",
+        ],
+    );
+    let before = std::fs::metadata(dir.join("img.qed")).unwrap().len();
+    let s = Served::start(dir, &["--discard=unmap", "--compact-free=25"], "img.qed");
+    // 20% freed: below the mark, nothing starts.
+    qemu_io(dir, "raw", &s.uri(), false, &["discard 0 12M", "flush"]);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(query(dir, s.ctl()), serde_json::json!([]));
+    // 40%: a compaction runs, and the file shrinks by what was freed.
+    qemu_io(dir, "raw", &s.uri(), false, &["discard 32M 12M", "flush"]);
+    let t = Instant::now();
+    let id = loop {
+        if let Some(j) = query(dir, s.ctl()).as_array().unwrap().first() {
+            break j["id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no compaction started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let j = wait_concluded(dir, s.ctl(), &id, Duration::from_secs(60));
+    assert_eq!(j["type"], "compact", "{j}");
+    assert!(j.get("error").is_none(), "{j}");
+    let shrunk = std::fs::metadata(dir.join("img.qed")).unwrap().len();
+    assert!(shrunk <= before - 24 * M, "{before} -> {shrunk}");
+    // Nothing more was freed: no second compaction.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(query(dir, s.ctl()).as_array().unwrap().len(), 1);
+    let log = s.stop();
+    assert!(
+        log.contains(&format!("job '{id}' (compact) completed")),
+        "{log}"
+    );
+    qemu_img_check(dir, "img.qed");
+    let mut expected = bytes;
+    expected[..12 * M as usize].fill(0);
+    expected[32 * M as usize..44 * M as usize].fill(0);
+    std::fs::write(dir.join("expected.raw"), &expected).unwrap();
+    assert_identical(dir, ("raw", "expected.raw"), ("qed", "img.qed"));
+}
