@@ -480,8 +480,57 @@ fn punched_holes_and_zero_ranges_read_as_zeros() {
                 "read -P 0x55 5M 11M",
             ],
         );
+        if discard == "unmap" {
+            // The three whole clusters the punch covered were freed, and a close leaves
+            // freed clusters below the end as leaks, until a compaction.
+            let out = run(dir, QEMU_IMG, &["check", "-f", "qed", "img.qed"]);
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(out.status.code(), Some(3), "{text}");
+            assert!(text.contains("3 leaked clusters"), "{text}");
+            ok(dir, QED, &["compact", "img.qed"]);
+        }
         assert_clean(dir, "img.qed");
     }
+}
+
+#[test]
+fn control_socket_compacts_what_punches_freed() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    create_qed(dir, "img.qed", "32M");
+    qemu_io(dir, "qed", "img.qed", false, &["write -P 0x66 0 32M"]);
+    let full = std::fs::metadata(dir.join("img.qed")).unwrap().len();
+    let mnt = touch(dir, "disk");
+    let ctl = dir.join("ctl.sock");
+    let m = Mounted::start(
+        dir,
+        &["--discard=unmap", "--control", ctl.to_str().unwrap()],
+        "img.qed",
+        &mnt,
+    );
+    let disk = m.disk.to_str().unwrap().to_string();
+    ok(dir, "fallocate", &["-p", "-o", "0", "-l", "16M", &disk]);
+    let id = ok(
+        dir,
+        QED,
+        &["job", ctl.to_str().unwrap(), "compact", "--wait"],
+    );
+    assert_eq!(id.trim(), "compact0");
+    // While mounted, the file is already down to the half that holds data.
+    let compacted = std::fs::metadata(dir.join("img.qed")).unwrap().len();
+    assert!(compacted <= full - 16 * M, "{full} -> {compacted}");
+    // The punched half reads as zeros through the mount.
+    ok(dir, "cmp", &["-n", "16777216", &disk, "/dev/zero"]);
+    m.unmount(&mnt);
+    assert!(!ctl.exists(), "the control socket is left behind");
+    qemu_io(
+        dir,
+        "qed",
+        "img.qed",
+        true,
+        &["read -P 0 0 16M", "read -P 0x66 16M 16M"],
+    );
+    assert_clean(dir, "img.qed");
 }
 
 // ---------------------------------------------------------------------------------------

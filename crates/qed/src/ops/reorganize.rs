@@ -195,17 +195,7 @@ pub fn compact(
             stop = true;
             break;
         }
-        let room = match owned.take_run_below(tb / cs, cs, at) {
-            Some(to) => Some(to),
-            None => clear_room(image, &job, &mut owned, &layout, target.min(at))?,
-        };
-        if let Some(to) = room {
-            if image.move_table(l1_index, at, to)? {
-                moved += tb;
-            } else {
-                owned.clusters.extend((0..tb / cs).map(|i| to + i * cs));
-            }
-        }
+        moved += compact_table(image, &job, &mut owned, &layout, target, l1_index, at)?;
         done += tb;
         progress(done, total);
     }
@@ -236,6 +226,53 @@ pub fn compact(
     let file_len = finish(image, owned)?;
     progress(total, total);
     Ok(ended(stop, moved, file_len))
+}
+
+/// Moves the table of `l1_index` from `at` to below `target` if it lies past it: into a
+/// free run, or one made by moving data aside. When even that finds no room (the free
+/// clusters are fewer than a table's, and the table's own place is needed), the table
+/// first goes to the end of the file, which frees its place for the room. Returns bytes
+/// moved.
+fn compact_table(
+    image: &Image,
+    job: &Reorganizing<'_>,
+    owned: &mut Owned<'_>,
+    layout: &Layout,
+    target: u64,
+    l1_index: u64,
+    mut at: u64,
+) -> Result<u64> {
+    let cs = layout.cluster_size;
+    let tb = layout.table_bytes;
+    let mut moved = 0;
+    for attempt in 0..2 {
+        let room = match owned.take_run_below(tb / cs, cs, at.min(target)) {
+            Some(to) => Some(to),
+            None => clear_room(image, job, owned, layout, target.min(at))?,
+        };
+        let Some(to) = room else {
+            if attempt > 0 {
+                break;
+            }
+            let end = job.reserve_at_end(tb)?;
+            if !image.move_table(l1_index, at, end)? {
+                owned.clusters.extend((0..tb / cs).map(|i| end + i * cs));
+                break;
+            }
+            moved += tb;
+            at = end;
+            image.settle_freed()?;
+            owned.clusters.extend(job.take_ready());
+            continue;
+        };
+        if image.move_table(l1_index, at, to)? {
+            moved += tb;
+        } else {
+            owned.clusters.extend((0..tb / cs).map(|i| to + i * cs));
+        }
+        break;
+    }
+    Ok(moved)
 }
 
 /// Makes room below `below` for a table that no run of free clusters takes: the lowest
