@@ -359,9 +359,10 @@ fn open_after_crash(
 struct Model {
     bytes: Vec<u8>,
     cluster_size: u64,
-    /// Clusters a write has touched. A write always leaves data clusters behind, and
-    /// nothing turns a data cluster back into anything else, so the image must report
-    /// these as data; which other clusters are data is up to the image.
+    /// Clusters a write has touched since they were last discarded or zeroed whole. A
+    /// write always leaves data clusters behind, and only a discard, or a compaction of
+    /// a cluster zeroed whole, turns a data cluster back into anything else, so the
+    /// image must report these as data; which other clusters are data is up to it.
     written: Vec<bool>,
 }
 
@@ -404,6 +405,12 @@ fn apply(
         Op::WriteZeroes { off, len } => {
             img.write_zeroes(off, len).ctx(|| what.to_string())?;
             model.range(off, len).fill(0);
+            // A whole data cluster zeroed is punched: a compaction may free it.
+            let mut c = off.next_multiple_of(cs);
+            while c + cs <= off + len {
+                model.written[(c / cs) as usize] = false;
+                c += cs;
+            }
         }
         Op::Discard { off, len } => {
             // Only data clusters wholly inside the range are zeroed. The model knows

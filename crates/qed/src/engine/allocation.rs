@@ -143,8 +143,12 @@ impl<'a> Allocation<'a> {
         Ok(true)
     }
 
-    /// Step 3: reserves the new clusters. Returns where the first one starts.
+    /// Step 3: reserves the new clusters (the very ones a discard freed from them, if
+    /// they are still free). Returns where the first one starts.
     pub(super) fn reserve(&self) -> Result<u64> {
+        if let Some(at) = self.image.free.reclaim(self.first, self.span()) {
+            return Ok(at);
+        }
         self.image.reserve(self.span())
     }
 

@@ -3,6 +3,7 @@
 
 use super::free_set::FlushStage;
 use super::image::Image;
+use super::mapping::Mapping;
 use crate::error::{IoContext, Result};
 
 impl Image {
@@ -68,13 +69,48 @@ impl Image {
 }
 
 impl Image {
-    /// At close: the freed clusters that end the file are given back to the filesystem.
+    /// At close: the freed clusters that end the file are given back to the filesystem,
+    /// and those below are parked (see [`Image::park_freed`]).
     pub(super) fn give_back_free_tail(&self) -> Result<()> {
         if self.free.freed_bytes() == 0 {
             return Ok(());
         }
         self.settle_freed()?;
-        self.cut_free_tail().map(|_| ())
+        self.cut_free_tail()?;
+        self.park_freed()
+    }
+
+    /// Points the entries discards dropped back at the clusters they named, where the
+    /// guest cluster still reads as zeros without them and the cluster was not reused.
+    /// Those clusters were punched, so the guest reads what it read; and the format has
+    /// no free list, so a cluster left unreferenced would be a leak to every checker,
+    /// QEMU's included. Their blocks stay given back to the filesystem; the file's
+    /// length, until a compaction. (Moved clusters' old places have no entry to go back
+    /// to, and a job leaves none below the end.)
+    fn park_freed(&self) -> Result<()> {
+        let runs = self.free.take_to_park();
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let cs = self.geometry.cluster_size();
+        let backing_end = self.backing_size();
+        {
+            let _gate = self.gate.shared();
+            for (at, guest, len) in runs {
+                for i in 0..len / cs {
+                    let g = guest + i * cs;
+                    let zeros = match self.lookup(g, cs)?.0 {
+                        Mapping::Zero => true,
+                        Mapping::Unallocated => g >= backing_end,
+                        Mapping::Data(_) => false,
+                    };
+                    if zeros {
+                        self.set_l2_entries(g, 1, true, |_| at + i * cs)?;
+                    }
+                }
+            }
+        }
+        self.flush_image()
     }
 
     /// Truncates the file after its last cluster that is not ready to hand out, and

@@ -34,6 +34,9 @@ pub(super) struct Freed {
     pub(super) epoch: u64,
     /// Its bytes were punched (they read as zeros) before the drop became durable.
     pub(super) punched: bool,
+    /// The guest offset whose entry named it (the first cluster's), for a discard: a
+    /// close parks what was not reused back there (see [`FreeSet::take_to_park`]).
+    pub(super) guest: Option<u64>,
 }
 
 /// The clusters on their way back.
@@ -57,6 +60,54 @@ struct FreeState {
     durable: Vec<Freed>,
     /// Ready to hand out: start -> length, runs merged.
     ready: BTreeMap<u64, u64>,
+    /// Runs a discard freed and nobody took since, with the guest offsets that named them.
+    owners: Owners,
+}
+
+/// Freed runs and the guest offsets whose entries named them, looked up both ways.
+#[derive(Debug, Default)]
+struct Owners {
+    /// File offset -> (guest offset, length).
+    by_file: BTreeMap<u64, (u64, u64)>,
+    /// Guest offset -> file offset.
+    by_guest: BTreeMap<u64, u64>,
+}
+
+impl Owners {
+    fn insert(&mut self, at: u64, guest: u64, len: u64) {
+        self.by_file.insert(at, (guest, len));
+        self.by_guest.insert(guest, at);
+    }
+
+    /// Where the `len` guest bytes at `guest` were, if one freed run held them all.
+    fn find(&self, guest: u64, len: u64) -> Option<u64> {
+        let (&g, &at) = self.by_guest.range(..=guest).next_back()?;
+        let &(_, run) = self.by_file.get(&at)?;
+        (guest + len <= g + run).then(|| at + (guest - g))
+    }
+
+    /// Forgets the bytes `[at, at + len)`: they were handed out. What is left of a run
+    /// keeps its guest offsets.
+    fn forget(&mut self, at: u64, len: u64) {
+        let end = at + len;
+        let hit: Vec<(u64, (u64, u64))> = self
+            .by_file
+            .range(..end)
+            .rev()
+            .take_while(|(&start, &(_, l))| start + l > at)
+            .map(|(&start, &v)| (start, v))
+            .collect();
+        for (start, (guest, l)) in hit {
+            self.by_file.remove(&start);
+            self.by_guest.remove(&guest);
+            if start < at {
+                self.insert(start, guest, at - start);
+            }
+            if end < start + l {
+                self.insert(end, guest + (end - start), start + l - end);
+            }
+        }
+    }
 }
 
 /// What one flush moves along: taken before the flush writes anything, settled after it.
@@ -84,7 +135,11 @@ impl FreeSet {
     /// Records clusters whose entries were just dropped in memory.
     pub(super) fn release(&self, freed: Freed) {
         self.freed_bytes.fetch_add(freed.len, Ordering::Relaxed);
-        self.lock().pending.push(freed);
+        let mut st = self.lock();
+        if let Some(guest) = freed.guest {
+            st.owners.insert(freed.at, guest, freed.len);
+        }
+        st.pending.push(freed);
     }
 
     /// Bytes freed and not handed out again.
@@ -154,6 +209,7 @@ impl FreeSet {
         if run > len {
             st.ready.insert(at + len, run - len);
         }
+        st.owners.forget(at, len);
         self.ready_bytes.fetch_sub(len, Ordering::Release);
         self.freed_bytes.fetch_sub(len, Ordering::Relaxed);
         Some(at)
@@ -169,6 +225,9 @@ impl FreeSet {
     pub(super) fn take_all_ready(&self) -> Vec<(u64, u64)> {
         let mut st = self.lock();
         let runs: Vec<(u64, u64)> = std::mem::take(&mut st.ready).into_iter().collect();
+        for &(at, len) in &runs {
+            st.owners.forget(at, len);
+        }
         let bytes: u64 = runs.iter().map(|r| r.1).sum();
         self.ready_bytes.fetch_sub(bytes, Ordering::Release);
         self.freed_bytes.fetch_sub(bytes, Ordering::Relaxed);
@@ -196,6 +255,7 @@ impl FreeSet {
                 len,
                 epoch,
                 punched: false,
+                guest: None,
             });
         }
     }
@@ -209,11 +269,53 @@ impl FreeSet {
                 break;
             }
             st.ready.remove(&at);
+            st.owners.forget(at, len);
             self.ready_bytes.fetch_sub(len, Ordering::Release);
             self.freed_bytes.fetch_sub(len, Ordering::Relaxed);
             end = at;
         }
         end
+    }
+
+    /// Takes the ready runs a discard freed, with the guest offset that named each, for
+    /// a close to park them back there; what else is ready stays.
+    pub(super) fn take_to_park(&self) -> Vec<(u64, u64, u64)> {
+        let mut st = self.lock();
+        let owners = std::mem::take(&mut st.owners);
+        let mut out = Vec::new();
+        for (at, (guest, len)) in owners.by_file {
+            if !take_range(&mut st.ready, at, len) {
+                // Not ready (or partly taken): leave it to the check.
+                continue;
+            }
+            self.ready_bytes.fetch_sub(len, Ordering::Release);
+            self.freed_bytes.fetch_sub(len, Ordering::Relaxed);
+            out.push((at, guest, len));
+        }
+        out
+    }
+
+    /// Takes back, for the guest bytes `[guest, guest + len)`, the clusters a discard
+    /// freed from them, in whatever state they are, if they are all still free: a
+    /// cluster that goes back to the entry that named it can never end up named twice,
+    /// and a request still following that entry meets the guest's own new data.
+    /// Returns where they are.
+    pub(super) fn reclaim(&self, guest: u64, len: u64) -> Option<u64> {
+        if self.freed_bytes() == 0 {
+            return None;
+        }
+        let mut st = self.lock();
+        let at = st.owners.find(guest, len)?;
+        let st = &mut *st;
+        if !(take_from_runs(&mut st.pending, at, len) || take_from_runs(&mut st.durable, at, len)) {
+            if !take_range(&mut st.ready, at, len) {
+                return None;
+            }
+            self.ready_bytes.fetch_sub(len, Ordering::Release);
+        }
+        st.owners.forget(at, len);
+        self.freed_bytes.fetch_sub(len, Ordering::Relaxed);
+        Some(at)
     }
 
     /// Forgets everything (a repair rewrote the file's layout; what was freed is a leak
@@ -224,6 +326,51 @@ impl FreeSet {
         self.ready_bytes.store(0, Ordering::Release);
         self.freed_bytes.store(0, Ordering::Relaxed);
     }
+}
+
+/// Removes `[at, at + len)` from the run of `runs` that holds it whole, if one does;
+/// returns whether.
+fn take_from_runs(runs: &mut Vec<Freed>, at: u64, len: u64) -> bool {
+    let Some(i) = runs
+        .iter()
+        .position(|f| f.at <= at && at + len <= f.at + f.len)
+    else {
+        return false;
+    };
+    let f = runs.swap_remove(i);
+    if f.at < at {
+        runs.push(Freed {
+            len: at - f.at,
+            ..f
+        });
+    }
+    if at + len < f.at + f.len {
+        runs.push(Freed {
+            at: at + len,
+            len: f.at + f.len - at - len,
+            guest: f.guest.map(|g| g + (at + len - f.at)),
+            ..f
+        });
+    }
+    true
+}
+
+/// Removes `[at, at + len)` from the ready map if it is wholly there; returns whether.
+fn take_range(ready: &mut BTreeMap<u64, u64>, at: u64, len: u64) -> bool {
+    let Some((&start, &run)) = ready.range(..=at).next_back() else {
+        return false;
+    };
+    if start + run < at + len {
+        return false;
+    }
+    ready.remove(&start);
+    if start < at {
+        ready.insert(start, at - start);
+    }
+    if at + len < start + run {
+        ready.insert(at + len, start + run - at - len);
+    }
+    true
 }
 
 /// Adds a run to the ready map, merging it with its neighbours.
@@ -251,6 +398,7 @@ mod tests {
             len,
             epoch,
             punched: true,
+            guest: None,
         }
     }
 

@@ -6,7 +6,7 @@ use super::check::UsedMap;
 use super::image::Image;
 use super::l2cache::PAGE_ENTRIES;
 use super::mapping::Mapping;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use std::ops::ControlFlow;
 
 /// The file as a job that moves clusters sees it when it starts.
@@ -114,6 +114,46 @@ impl Image {
             pos += n;
         }
         Ok(())
+    }
+
+    /// The data clusters (guest offset, file offset) whose bytes are all holes in the
+    /// file now, for [`Image::free_punched`]. At most `most`.
+    pub(crate) fn punched_clusters(&self, most: usize) -> Result<Vec<(u64, u64)>> {
+        let cs = self.geometry.cluster_size();
+        let mut out = Vec::new();
+        let mut failed = None;
+        self.data_runs(|guest, file, n| {
+            let end = file + n * cs;
+            let mut at = file;
+            while at < end && out.len() < most {
+                let (hole, len) = match self.storage.zero_status(at, end - at) {
+                    Ok(z) => z,
+                    Err(e) => {
+                        failed = Some(e);
+                        return ControlFlow::Break(());
+                    }
+                };
+                let len = len.max(1);
+                if hole {
+                    // Whole clusters inside the hole.
+                    let mut c = at.next_multiple_of(cs);
+                    while c + cs <= at + len && out.len() < most {
+                        out.push((guest + (c - file), c));
+                        c += cs;
+                    }
+                }
+                at += len;
+            }
+            if out.len() >= most {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
+        match failed {
+            Some(e) => Err(e).context(|| format!("looking for holes in {}", self.name)),
+            None => Ok(out),
+        }
     }
 
     /// Gives back free clusters a job took and did not fill (see [`Image::layout`]).

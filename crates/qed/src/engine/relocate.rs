@@ -23,6 +23,7 @@ use super::image::Image;
 use super::io::COPY_CHUNK;
 use super::mapping::Mapping;
 use crate::error::{Error, IoContext, Result};
+use crate::format::table::{UNALLOCATED, ZERO_CLUSTER};
 use crate::storage::AlignedBuf;
 use std::sync::atomic::Ordering;
 
@@ -182,6 +183,54 @@ impl Image {
         Ok(out)
     }
 
+    /// Frees the data clusters of `candidates` (guest offset, file offset) whose bytes
+    /// are all holes in the file (a close parked them, or an older discard only punched
+    /// them): they read as zeros, as the entry that replaces them does (unallocated, or
+    /// a zero cluster where a backing file would show through). Frozen as for a move, so
+    /// that no write in place lands in a cluster while it is found empty and dropped.
+    /// Returns how many were freed.
+    pub(crate) fn free_punched(&self, candidates: &[(u64, u64)]) -> Result<u64> {
+        let cs = self.geometry.cluster_size();
+        let _relocating = Relocating::start(self);
+        let mut candidates = candidates.to_vec();
+        candidates.sort_unstable();
+        let _claims: Vec<ClusterClaim<'_>> = candidates
+            .iter()
+            .map(|&(guest, _)| self.claims.clusters(guest / cs, 1))
+            .collect();
+        self.epochs.synchronize();
+        let backing_end = self.backing_size();
+        let _gate = self.gate.shared();
+        let mut freed = 0;
+        for (guest, file) in candidates {
+            if !matches!(self.lookup(guest, cs)?.0, Mapping::Data(off) if off == file) {
+                continue;
+            }
+            let (hole, n) = self
+                .storage
+                .zero_status(file, cs)
+                .context(|| format!("looking for holes at {file:#x} of {}", self.name))?;
+            if !hole || n < cs {
+                continue;
+            }
+            let entry = if guest < backing_end {
+                ZERO_CLUSTER
+            } else {
+                UNALLOCATED
+            };
+            self.set_l2_entries(guest, 1, true, |_| entry)?;
+            self.free.release(Freed {
+                at: file,
+                len: cs,
+                epoch: self.epochs.current(),
+                punched: true,
+                guest: Some(guest),
+            });
+            freed += 1;
+        }
+        Ok(freed)
+    }
+
     /// The old places of swapped clusters go to the free set.
     fn release_moved(&self, moved: &[ClusterMove]) {
         let cs = self.geometry.cluster_size();
@@ -192,6 +241,7 @@ impl Image {
                 len: cs,
                 epoch,
                 punched: false,
+                guest: None,
             });
         }
     }
@@ -264,6 +314,7 @@ impl Image {
             len: bytes,
             epoch: self.epochs.current(),
             punched: false,
+            guest: None,
         });
         Ok(true)
     }

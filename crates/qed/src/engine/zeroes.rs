@@ -131,6 +131,7 @@ impl Image {
                     len: n,
                     epoch: self.epochs.current(),
                     punched: true,
+                    guest: Some(p),
                 });
             }
             p += n;

@@ -124,6 +124,14 @@ fn start(image: &Image) -> Result<(Reorganizing<'_>, Layout)> {
         return Err(Error::ReadOnly);
     }
     let job = image.begin_reorganizing()?;
+    // Data clusters that are nothing but holes (parked at a close, or punched by an
+    // older discard) read as zeros: freed, they are free space like any other.
+    loop {
+        let punched = image.punched_clusters(BATCH)?;
+        if punched.is_empty() || image.free_punched(&punched)? == 0 {
+            break;
+        }
+    }
     image.settle_freed()?;
     let layout = image.layout()?;
     Ok((job, layout))
