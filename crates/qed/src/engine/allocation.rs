@@ -104,6 +104,8 @@ impl Image {
     /// first. Returns where.
     pub(super) fn reserve(&self, bytes: u64) -> Result<u64> {
         if let Some(at) = self.free.take(bytes) {
+            // Freed clusters were punched: writes into holes would allocate.
+            self.storage.preallocate(at, bytes);
             return Ok(at);
         }
         self.frontier
@@ -147,6 +149,7 @@ impl<'a> Allocation<'a> {
     /// they are still free). Returns where the first one starts.
     pub(super) fn reserve(&self) -> Result<u64> {
         if let Some(at) = self.image.free.reclaim(self.first, self.span()) {
+            self.image.storage.preallocate(at, self.span());
             return Ok(at);
         }
         self.image.reserve(self.span())

@@ -51,6 +51,13 @@ pub trait Storage: Send + Sync + Debug {
         Ok(to.max(from))
     }
 
+    /// Sets space aside for `len` bytes at `offset`, inside the storage, so that writing
+    /// them later allocates nothing; what they read does not change. Best effort: the
+    /// default does nothing.
+    fn preallocate(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+
     /// Makes `len` bytes at `offset` read as zeros, releasing the space where the storage
     /// can. The length of the storage does not change. The default writes zeros.
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -135,6 +142,9 @@ impl Storage for NoFlush {
     fn extend(&self, from: u64, to: u64) -> io::Result<u64> {
         self.0.extend(from, to)
     }
+    fn preallocate(&self, offset: u64, len: u64) {
+        self.0.preallocate(offset, len)
+    }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         self.0.zero_range(offset, len)
     }
@@ -174,6 +184,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn extend(&self, from: u64, to: u64) -> io::Result<u64> {
         (**self).extend(from, to)
+    }
+    fn preallocate(&self, offset: u64, len: u64) {
+        (**self).preallocate(offset, len)
     }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).zero_range(offset, len)
