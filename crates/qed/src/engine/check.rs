@@ -72,6 +72,11 @@ impl Image {
     /// of a shared cluster or table gets its own copy (appended at the frontier).
     pub(super) fn walk(&self, fix: bool) -> Result<Walk> {
         let _exclusive = self.gate.exclusive();
+        self.walk_gated(fix)
+    }
+
+    /// [`Image::walk`] for a caller that holds the allocation gate exclusively.
+    pub(super) fn walk_gated(&self, fix: bool) -> Result<Walk> {
         // The walk reads tables from the file: it must hold what memory holds.
         self.write_back_tables()?;
         let header = self.header.get().clone();

@@ -62,6 +62,22 @@ struct FreeState {
     ready: BTreeMap<u64, u64>,
     /// Runs a discard freed and nobody took since, with the guest offsets that named them.
     owners: Owners,
+    /// Runs a flush has taken along (in its [`FlushStage`]) and not given back yet: free,
+    /// and nobody's to use meanwhile.
+    staged: Vec<(u64, u64)>,
+}
+
+impl FreeState {
+    /// Whether any of `[at, at + len)` is held in any state.
+    fn holds(&self, at: u64, len: u64) -> bool {
+        let overlaps = |a: u64, l: u64| a < at + len && at < a + l;
+        self.pending
+            .iter()
+            .chain(&self.durable)
+            .any(|f| overlaps(f.at, f.len))
+            || self.staged.iter().any(|&(a, l)| overlaps(a, l))
+            || self.ready.iter().any(|(&a, &l)| overlaps(a, l))
+    }
 }
 
 /// Freed runs and the guest offsets whose entries named them, looked up both ways.
@@ -136,6 +152,10 @@ impl FreeSet {
     pub(super) fn release(&self, freed: Freed) {
         self.freed_bytes.fetch_add(freed.len, Ordering::Relaxed);
         let mut st = self.lock();
+        debug_assert!(
+            !st.holds(freed.at, freed.len),
+            "freed twice: {freed:?} in {st:?}"
+        );
         if let Some(guest) = freed.guest {
             st.owners.insert(freed.at, guest, freed.len);
         }
@@ -163,7 +183,15 @@ impl FreeSet {
             .into_iter()
             .partition(|f| epochs.has_passed(f.epoch));
         st.durable = waiting;
-        FlushStage { sealed, settling }
+        let stage = FlushStage { sealed, settling };
+        st.staged.extend(
+            stage
+                .sealed
+                .iter()
+                .chain(&stage.settling)
+                .map(|f| (f.at, f.len)),
+        );
+        stage
     }
 
     /// Ends a flush: on success its sealed clusters are durably dropped and its settling
@@ -174,6 +202,11 @@ impl FreeSet {
             return;
         }
         let mut st = self.lock();
+        for f in stage.sealed.iter().chain(&stage.settling) {
+            if let Some(i) = st.staged.iter().position(|&r| r == (f.at, f.len)) {
+                st.staged.swap_remove(i);
+            }
+        }
         if ok {
             st.durable.extend(stage.sealed);
             let mut added = 0;
@@ -184,12 +217,8 @@ impl FreeSet {
             self.ready_bytes.fetch_add(added, Ordering::Release);
         } else {
             st.pending.extend(stage.sealed);
-            st.durable.extend(
-                stage
-                    .settling
-                    .into_iter()
-                    .map(|f| Freed { punched: true, ..f }),
-            );
+            // Those it punched are marked so: the next flush makes the punches durable.
+            st.durable.extend(stage.settling);
         }
     }
 
@@ -234,13 +263,16 @@ impl FreeSet {
         runs
     }
 
-    /// Runs that are freed but not ready yet (pending or waiting), which nobody may use.
-    pub(super) fn unsettled(&self) -> Vec<(u64, u64)> {
+    /// Every run the free set holds, in any state (taken along by a flush under way
+    /// included): free, but not a job's to take except through the set.
+    pub(super) fn held(&self) -> Vec<(u64, u64)> {
         let st = self.lock();
         st.pending
             .iter()
             .chain(&st.durable)
             .map(|f| (f.at, f.len))
+            .chain(st.staged.iter().copied())
+            .chain(st.ready.iter().map(|(&at, &len)| (at, len)))
             .collect()
     }
 
@@ -249,6 +281,7 @@ impl FreeSet {
     pub(super) fn give_back(&self, runs: &[(u64, u64)], epoch: u64) {
         let mut st = self.lock();
         for &(at, len) in runs {
+            debug_assert!(!st.holds(at, len), "given back twice: {at:#x}+{len:#x}");
             self.freed_bytes.fetch_add(len, Ordering::Relaxed);
             st.durable.push(Freed {
                 at,

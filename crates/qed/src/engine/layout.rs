@@ -24,8 +24,8 @@ pub(crate) struct Layout {
     /// (L1 index, file offset) of every L2 table.
     pub(crate) tables: Vec<(u64, u64)>,
     /// File offsets of free clusters the job owns, ascending: every cluster between
-    /// `start` and `end` nothing uses, except those freed so recently that nobody may
-    /// use them yet. The job fills them whole or gives them back.
+    /// `start` and `end` nothing uses, except those the free set holds. The job fills
+    /// them whole or gives them back.
     pub(crate) holes: Vec<u64>,
 }
 
@@ -46,7 +46,14 @@ impl Image {
     /// image whose check finds corruption.
     pub(crate) fn layout(&self) -> Result<Layout> {
         let ready = self.free.take_all_ready();
-        let walk = match self.walk(false) {
+        // What the free set holds is read under the same hold of the gate as the walk:
+        // an allocation (which holds the gate shared) could otherwise take back a
+        // cluster the walk found unused, and the job would fill it too.
+        let exclusive = self.gate.exclusive();
+        let walked = self.walk_gated(false);
+        let held = self.free.held();
+        drop(exclusive);
+        let walk = match walked {
             Ok(w) => w,
             Err(e) => {
                 self.give_back_runs(&ready);
@@ -68,7 +75,9 @@ impl Image {
         let start = self.data_start;
         let end = walk.used.len() * cs;
         let mut busy = UsedMap::new(walk.used.len())?;
-        for (at, len) in self.free.unsettled() {
+        // What the free set holds (freed meanwhile, or ready since the job took the
+        // ready runs) is the set's to hand out: the job gets it through the set.
+        for (at, len) in held {
             for c in at / cs..(at + len) / cs {
                 busy.mark(c);
             }
