@@ -12,7 +12,8 @@
 //! Through `qed serve --discard=unmap` the discards free the scratch file's clusters: they
 //! must be unmapped, no cluster still mapped may be an empty hole, and what the close left
 //! unused in the file must be holes that both checkers count as leaks. A compaction (run
-//! offline, or online through the control socket) gives them back. Afterwards `qemu-img check` and `qed check` must find the image clean, and
+//! offline, online through the control socket, or started by `--compact-free`) gives
+//! them back. Afterwards `qemu-img check` and `qed check` must find the image clean, and
 //! QEMU's driver and `qed serve` (and `qed convert`) must read the same guest contents.
 //!
 //! The emulator runs without KVM: it is slower, but it does not depend on the host's
@@ -709,6 +710,14 @@ impl Layout {
         }
     }
 
+    /// The bytes a file with nothing but the header, the tables and the data clusters
+    /// would take: where a compaction can cut it.
+    fn needed(&self) -> u64 {
+        self.header_bytes
+            + self.table * (1 + self.l2_offsets.len() as u64)
+            + self.cluster * self.data.len() as u64
+    }
+
     /// The file's clusters that nothing uses: not the header, a table or a data cluster.
     fn unused(&self) -> Vec<u64> {
         let mut used = vec![false; self.file_len.div_ceil(self.cluster) as usize];
@@ -1219,4 +1228,141 @@ fn guest_on_an_http_base_while_it_streams_then_without_the_server() {
     assert_eq!(checked.files(), changed.files());
     assert_sound(d, "overlay.qed");
     finished("a guest on an http base while it streams", t);
+}
+
+/// The scratch file of the compaction scenario: large enough that freeing it passes a
+/// quarter of the file (the data set of about 80 MiB and ext4's 16 MiB journal besides).
+const BIG_SCRATCH: u64 = 64 * M;
+
+/// Waits until `qed serve` behind `control` has run at least one compaction and none is
+/// running; every one must have completed. Returns the jobs.
+fn compactions_settled(dir: &Path, control: &str) -> Vec<Value> {
+    let query = || -> Vec<Value> {
+        let out = ok(dir, QED, &["job", control, "query", "--output", "json"]);
+        serde_json::from_str::<Value>(&out)
+            .expect("query-jobs JSON")
+            .as_array()
+            .expect("a list of jobs")
+            .clone()
+    };
+    let settled =
+        |jobs: &[Value]| !jobs.is_empty() && jobs.iter().all(|j| j["status"] == "concluded");
+    // The guest has gone: the watcher has seen what it freed within 200 ms, and moving
+    // under 100 MiB takes seconds.
+    let limit = Duration::from_secs(60);
+    let deadline = Instant::now() + limit;
+    let jobs = loop {
+        let jobs = query();
+        // The watcher looks every 200 ms: a second look a while later tells a settled
+        // list from one that is about to get another compaction.
+        if settled(&jobs) {
+            std::thread::sleep(Duration::from_secs(1));
+            let again = query();
+            if settled(&again) && again.len() == jobs.len() {
+                break again;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no compaction started and ran to its end within {limit:?}: {jobs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for j in &jobs {
+        assert_eq!(j["type"], "compact", "{j}");
+        assert!(j.get("error").is_none(), "the compaction failed: {j}");
+    }
+    jobs
+}
+
+/// A guest writes a scratch file and its data set, then deletes the scratch file and
+/// trims; the file is large enough that `qed serve --compact-free=25` compacts the image
+/// on its own, moving the data set down into its place. Afterwards no cluster the image
+/// maps is an empty hole, the file is within a tenth of its header, tables and data
+/// clusters, both checkers find it clean, and a guest on QEMU's driver reads every file.
+#[test]
+fn trim_past_a_quarter_compacts_the_served_image() {
+    let t = Instant::now();
+    let dir = new_dir();
+    let d = dir.path();
+    create(d, &["disk.qed", DISK_SIZE]);
+    let control = d.join("control.sock");
+    let control = control.to_str().expect("a UTF-8 path");
+    // -t keeps the server after the guest has gone, so that a compaction still running
+    // then is not cancelled by the server's exit.
+    let server = Served::start(
+        d,
+        &[
+            "-t",
+            "--discard=unmap",
+            "--compact-free=25",
+            "--control",
+            control,
+        ],
+        "disk.qed",
+    );
+    let wrote = boot(
+        d,
+        "write",
+        &server.drive(false),
+        Job::Write {
+            block: 4096,
+            scratch: BIG_SCRATCH,
+        },
+    );
+    let jobs = compactions_settled(d, control);
+    let log = server.stop();
+    for j in &jobs {
+        let id = j["id"].as_str().expect("a job id");
+        assert!(
+            log.contains(&format!("job '{id}' (compact) completed")),
+            "{log}"
+        );
+    }
+    eprintln!(
+        "guest: {}: compactions the server started: {}",
+        test_name(),
+        serde_json::to_string(&jobs).unwrap()
+    );
+
+    let layout = assert_freed(d, "disk.qed", &wrote, BIG_SCRATCH);
+    let needed = layout.needed();
+    let len = layout.file_len;
+    eprintln!(
+        "guest: {}: disk.qed is {len} bytes; header {} + L1 {} + {} L2 tables of {} + {} \
+         data clusters of {} = {needed} bytes; bound {} bytes",
+        test_name(),
+        layout.header_bytes,
+        layout.table,
+        layout.l2_offsets.len(),
+        layout.table,
+        layout.data.len(),
+        layout.cluster,
+        needed + needed / 10,
+    );
+    assert!(
+        len >= needed,
+        "disk.qed is {len} bytes, shorter than the {needed} its tables reference"
+    );
+    assert!(
+        len <= needed + needed / 10,
+        "after compaction disk.qed is {len} bytes, more than a tenth over the {needed} \
+         bytes of its header, tables and data clusters"
+    );
+    assert_sound(d, "disk.qed");
+
+    let before = md5(d, "disk.qed");
+    let checked = boot(
+        d,
+        "verify",
+        &qed_drive(d, "disk.qed", "none", true),
+        Job::Verify { sums: wrote.sums() },
+    );
+    assert_eq!(checked.files(), wrote.files());
+    assert_eq!(
+        md5(d, "disk.qed"),
+        before,
+        "a read-only QEMU disk changed the file"
+    );
+    finished("a trim past a quarter compacts the served image", t);
 }
