@@ -3,14 +3,18 @@
 //! QEMU's system emulator boots the host's Debian kernel with an initramfs built from
 //! `tests/guest/` (busybox, e2fsprogs, the virtio and ext4 modules, and an `/init` that
 //! takes its job from the kernel command line). The guest makes an ext4 filesystem on its
-//! virtio disk, fills it with random data and a copy of its own tree, lists their md5
-//! sums, writes and deletes a file, discards the free space, unmounts and runs
-//! `e2fsck -fn`; a second guest checks every file against the list. The disk is either
-//! `qed serve` (QEMU's NBD client) or an image file QEMU's own qed driver opens; most
-//! scenarios cross the two, so that what one wrote, the other reads back.
+//! virtio disk, writes a scratch file, fills the disk with random data and a copy of its
+//! own tree, lists their md5 sums, deletes the scratch file, discards the free space,
+//! unmounts and runs `e2fsck -fn`; a second guest checks every file against the list. The
+//! disk is either `qed serve` (QEMU's NBD client) or an image file QEMU's own qed driver
+//! opens; most scenarios cross the two, so that what one wrote, the other reads back.
 //!
-//! Afterwards `qemu-img check` and `qed check` must find the image clean, and QEMU's
-//! driver and `qed serve` (and `qed convert`) must read the same guest contents.
+//! Through `qed serve --discard=unmap` the discards free the scratch file's clusters: they
+//! must be unmapped, no cluster still mapped may be an empty hole, and what the close left
+//! unused in the file must be holes that both checkers count as leaks. A compaction (run
+//! offline, online through the control socket, or started by `--compact-free`) gives
+//! them back. Afterwards `qemu-img check` and `qed check` must find the image clean, and
+//! QEMU's driver and `qed serve` (and `qed convert`) must read the same guest contents.
 //!
 //! The emulator runs without KVM: it is slower, but it does not depend on the host's
 //! virtualization (this machine's /dev/kvm hangs a stock kernel early in boot). Boots
@@ -24,7 +28,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -147,6 +151,7 @@ fn prepare_kit() -> Result<Kit, String> {
         "/bin/busybox",
         "/sbin/mke2fs",
         "/sbin/e2fsck",
+        "/sbin/filefrag",
         "/etc/mke2fs.conf",
         &modules_dep,
     ] {
@@ -259,9 +264,11 @@ impl Fnv {
 
 #[derive(Clone, Copy)]
 enum Job<'a> {
-    /// mkfs.ext4 with this block size, then the data set.
-    Write { block: u32 },
-    /// Checks the data set whose list has this md5, changes it and lists it anew.
+    /// mkfs.ext4 with this block size, a scratch file of `scratch` bytes, then the data
+    /// set; then the scratch file is deleted and the free space trimmed.
+    Write { block: u32, scratch: u64 },
+    /// Checks the data set whose list has this md5, changes it and lists it anew; then
+    /// writes, deletes and trims a scratch file of [`SCRATCH`] bytes.
     Modify { sums: &'a str },
     /// Checks the data set whose list has this md5, read-only.
     Verify { sums: &'a str },
@@ -278,8 +285,14 @@ impl Job<'_> {
 
     fn words(&self) -> String {
         match self {
-            Job::Write { block } => format!("qedguest.job=write qedguest.block={block}"),
-            Job::Modify { sums } => format!("qedguest.job=modify qedguest.sums={sums}"),
+            Job::Write { block, scratch } => format!(
+                "qedguest.job=write qedguest.block={block} qedguest.scratch={}",
+                scratch / M
+            ),
+            Job::Modify { sums } => format!(
+                "qedguest.job=modify qedguest.sums={sums} qedguest.scratch={}",
+                SCRATCH / M
+            ),
             Job::Verify { sums } => format!("qedguest.job=verify qedguest.sums={sums}"),
         }
     }
@@ -306,6 +319,24 @@ impl Outcome {
     fn sums(&self) -> &str {
         self.get("sums")
     }
+
+    /// Where the deleted scratch file lay on the disk: (start, length) in bytes.
+    fn scratch_extents(&self) -> Vec<(u64, u64)> {
+        self.get("scratch").split(',').map(start_length).collect()
+    }
+
+    /// Where the filesystem's first block group starts and how long each is, in bytes.
+    fn groups(&self) -> (u64, u64) {
+        start_length(self.get("groups"))
+    }
+}
+
+fn start_length(s: &str) -> (u64, u64) {
+    let (start, len) = s.split_once('+').expect("START+LENGTH");
+    (
+        start.parse().expect("a start"),
+        len.parse().expect("a length"),
+    )
 }
 
 /// Boots a guest on `drive` (QEMU's -drive option) to run `job`, and returns its result.
@@ -522,8 +553,8 @@ impl Served {
         self.assert_exit();
     }
 
-    /// SIGTERM, then a clean exit.
-    fn stop(mut self) {
+    /// SIGTERM, then a clean exit; returns what the server printed.
+    fn stop(mut self) -> String {
         self.assert_alive();
         let st = Command::new("kill")
             .args(["-TERM", &self.child.0.id().to_string()])
@@ -531,6 +562,8 @@ impl Served {
             .expect("run kill");
         assert!(st.success(), "kill -TERM failed");
         self.assert_exit();
+        let log = self.log.lock().unwrap().clone();
+        log
     }
 
     fn assert_exit(&mut self) {
@@ -571,18 +604,11 @@ fn assert_sound(dir: &Path, image: &str) {
     for key in ["check-errors", "corruptions", "leaks"] {
         assert_eq!(count(&ours, key), 0, "{key} in {image}: {ours:#}");
     }
-    // QEMU's check divides by cluster_size - 1 where it means cluster_size, so it counts
-    // clusters past the end of a file of cluster_size - 1 clusters or more (16 MiB with
-    // 4 KiB clusters) as leaked. Exactly those must be its only leaks.
+    // Exactly the leaks QEMU's arithmetic invents must be its only ones.
     let info: Value = serde_json::from_str(&ok(dir, QED, &["info", "--output=json", image]))
         .expect("qed info JSON");
     let cluster = info["cluster-size"].as_u64().expect("a cluster size");
-    let len = fs::metadata(dir.join(image))
-        .unwrap()
-        .len()
-        .div_ceil(cluster)
-        * cluster;
-    let phantom = len / (cluster - 1) - len / cluster;
+    let phantom = phantom_leaks(fs::metadata(dir.join(image)).unwrap().len(), cluster);
     let theirs = check_report(dir, QEMU_IMG, image, if phantom > 0 { 3 } else { 0 });
     assert_eq!(count(&theirs, "check-errors"), 0, "{theirs:#}");
     assert_eq!(count(&theirs, "corruptions"), 0, "{theirs:#}");
@@ -622,36 +648,265 @@ fn assert_sound(dir: &Path, image: &str) {
     fs::remove_file(dir.join(copy)).expect("remove the copy");
 }
 
-/// The guest's discards of the scratch file reached the image: clusters the image still
-/// maps as data no longer take space in the file.
-fn assert_discarded(dir: &Path, image: &str, wrote: &Outcome) {
+/// What an image's own tables say, read straight from the file rather than through our
+/// tools, so that their answers have something independent to be held against.
+struct Layout {
+    cluster: u64,
+    /// The bytes of one table (L1 or L2).
+    table: u64,
+    header_bytes: u64,
+    l1_offset: u64,
+    l2_offsets: Vec<u64>,
+    /// Guest cluster index to the file offset of its data cluster; zero clusters and
+    /// unallocated ones are not here.
+    data: BTreeMap<u64, u64>,
+    file_len: u64,
+}
+
+impl Layout {
+    fn read(dir: &Path, image: &str) -> Layout {
+        let f = File::open(dir.join(image)).expect("open the image");
+        let at = |offset: u64, len: u64| {
+            let mut buf = vec![0; len as usize];
+            f.read_exact_at(&mut buf, offset)
+                .unwrap_or_else(|e| panic!("read {len} bytes at {offset} of {image}: {e}"));
+            buf
+        };
+        let le32 =
+            |b: &[u8], i: usize| u64::from(u32::from_le_bytes(b[i..i + 4].try_into().unwrap()));
+        let le64 = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        let h = at(0, 64);
+        assert_eq!(&h[..4], b"QED\0", "{image} is not a QED image");
+        let cluster = le32(&h, 4);
+        let table = le32(&h, 8) * cluster;
+        let l1_offset = le64(&h, 40);
+        let entries = table / 8;
+        let mut l2_offsets = Vec::new();
+        let mut data = BTreeMap::new();
+        let l1 = at(l1_offset, table);
+        for i in 0..entries {
+            let l2 = le64(&l1, i as usize * 8);
+            if l2 == 0 {
+                continue;
+            }
+            l2_offsets.push(l2);
+            let t = at(l2, table);
+            for j in 0..entries {
+                // 0 is unallocated, 1 a zero cluster.
+                let e = le64(&t, j as usize * 8);
+                if e > 1 {
+                    data.insert(i * entries + j, e);
+                }
+            }
+        }
+        Layout {
+            cluster,
+            table,
+            header_bytes: le32(&h, 12) * cluster,
+            l1_offset,
+            l2_offsets,
+            data,
+            file_len: f.metadata().unwrap().len(),
+        }
+    }
+
+    /// The bytes a file with nothing but the header, the tables and the data clusters
+    /// would take: where a compaction can cut it.
+    fn needed(&self) -> u64 {
+        self.header_bytes
+            + self.table * (1 + self.l2_offsets.len() as u64)
+            + self.cluster * self.data.len() as u64
+    }
+
+    /// The file's clusters that nothing uses: not the header, a table or a data cluster.
+    fn unused(&self) -> Vec<u64> {
+        let mut used = vec![false; self.file_len.div_ceil(self.cluster) as usize];
+        let mut mark = |offset: u64, len: u64| {
+            for c in offset / self.cluster..(offset + len).div_ceil(self.cluster) {
+                if let Some(u) = used.get_mut(c as usize) {
+                    *u = true;
+                }
+            }
+        };
+        mark(0, self.header_bytes);
+        mark(self.l1_offset, self.table);
+        for &t in &self.l2_offsets {
+            mark(t, self.table);
+        }
+        for &d in self.data.values() {
+            mark(d, self.cluster);
+        }
+        used.iter()
+            .enumerate()
+            .filter(|(_, u)| !**u)
+            .map(|(c, _)| c as u64 * self.cluster)
+            .collect()
+    }
+}
+
+/// Whether the file has data (not a hole) anywhere in `[offset, offset + len)`.
+fn has_data(f: &File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a descriptor this function borrows for the call.
+    let next = unsafe { libc::lseek(f.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+    if next < 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ENXIO),
+            "SEEK_DATA at {offset}: {e}"
+        );
+        return false;
+    }
+    (next as u64) < offset + len
+}
+
+/// The leaks `qemu-img check` reports on a clean file of `len` bytes: its
+/// bytes-to-clusters rounding divides by `cluster - 1` where it means `cluster`, so it
+/// counts clusters past the end of a file of `cluster - 1` clusters or more (16 MiB with
+/// 4 KiB clusters) as leaked.
+fn phantom_leaks(len: u64, cluster: u64) -> u64 {
+    let len = len.div_ceil(cluster) * cluster;
+    len / (cluster - 1) - len / cluster
+}
+
+/// The guest's discards of its deleted scratch file of `scratch` bytes freed the image's
+/// clusters under it: none of them is mapped any more, no cluster the image maps is an
+/// empty hole, and the clusters left unused in the file (freed and not reused or cut at
+/// close) take no disk space and are exactly what both checkers call leaks. Returns the
+/// image's layout.
+fn assert_freed(dir: &Path, image: &str, wrote: &Outcome, scratch: u64) -> Layout {
+    let trimmed = wrote.number("trimmed");
     assert!(
-        wrote.number("trimmed") >= SCRATCH,
-        "the guest discarded less than its scratch file"
+        trimmed >= scratch,
+        "the guest discarded {trimmed} bytes, less than its {scratch}-byte scratch file"
     );
-    let map = ok(dir, QED, &["map", "--output=json", image]);
-    let runs: Value = serde_json::from_str(&map).expect("map JSON");
-    let mapped: u64 = runs
+    let extents = wrote.scratch_extents();
+    assert_eq!(
+        extents.iter().map(|(_, len)| len).sum::<u64>(),
+        scratch,
+        "the scratch file's extents {extents:?} do not add up to its size"
+    );
+    let layout = Layout::read(dir, image);
+    let cluster = layout.cluster;
+
+    // A discard frees only the clusters it covers whole, and fstrim discards each block
+    // group's free space on its own: the clusters a piece of the file within one group
+    // covers whole were freed. The others may be shared with live data, or lie across
+    // a group boundary (with 1 KiB blocks, groups start 1 KiB past a cluster).
+    let (first_group, group) = wrote.groups();
+    let mut pieces = Vec::new();
+    for &(start, len) in &extents {
+        let mut at = start;
+        while at < start + len {
+            let next_group = if at < first_group {
+                first_group
+            } else {
+                first_group + ((at - first_group) / group + 1) * group
+            };
+            let end = next_group.min(start + len);
+            pieces.push((at, end));
+            at = end;
+        }
+    }
+    let mut covered = 0;
+    for &(start, end) in &pieces {
+        for g in start.div_ceil(cluster)..end / cluster {
+            assert!(
+                !layout.data.contains_key(&g),
+                "{image} still maps guest cluster {g} (at {:#x}) of the deleted and trimmed \
+                 scratch file as data, at file offset {:#x}",
+                g * cluster,
+                layout.data[&g]
+            );
+            covered += cluster;
+        }
+    }
+    // A file of a few pieces loses at most a cluster at each end of each.
+    assert!(
+        covered >= scratch * 3 / 4,
+        "the scratch file's pieces {pieces:?} cover only {covered} bytes of whole clusters"
+    );
+
+    // Our tools see the tables as the file holds them.
+    let map: Value =
+        serde_json::from_str(&ok(dir, QED, &["map", "--output=json", image])).expect("map JSON");
+    let mapped: u64 = map
         .as_array()
         .expect("a list of runs")
         .iter()
         .filter(|r| r["data"] == true && r["depth"] == 0)
         .map(|r| r["length"].as_u64().unwrap())
         .sum();
-    let on_disk = fs::metadata(dir.join(image)).unwrap().blocks() * 512;
+    assert_eq!(
+        mapped,
+        layout.data.len() as u64 * cluster,
+        "qed map's data and the L2 tables of {image} disagree"
+    );
+
+    let f = File::open(dir.join(image)).unwrap();
+    let empty: Vec<u64> = layout
+        .data
+        .values()
+        .copied()
+        .filter(|&offset| !has_data(&f, offset, cluster))
+        .collect();
+    assert!(
+        empty.is_empty(),
+        "{image} maps {} data clusters that are holes in the file (discarded but not \
+         freed?), the first at file offset {:#x}",
+        empty.len(),
+        empty[0]
+    );
+    let unused = layout.unused();
+    let taking_space: Vec<u64> = unused
+        .iter()
+        .copied()
+        .filter(|&offset| has_data(&f, offset, cluster))
+        .collect();
+    assert!(
+        taking_space.is_empty(),
+        "{image} has {} unused clusters that still take disk space, the first at {:#x}",
+        taking_space.len(),
+        taking_space[0]
+    );
+
+    let leaks = unused.len() as u64;
+    let expected = if leaks > 0 { 3 } else { 0 };
+    let ours = check_report(dir, QED, image, expected);
+    assert_eq!(count(&ours, "leaks"), leaks, "{ours:#}");
+    assert_eq!(count(&ours, "corruptions"), 0, "{ours:#}");
+    assert_eq!(
+        count(&ours, "allocated-clusters"),
+        layout.data.len() as u64,
+        "{ours:#}"
+    );
+    let phantom = phantom_leaks(layout.file_len, cluster);
+    let theirs = check_report(
+        dir,
+        QEMU_IMG,
+        image,
+        if leaks + phantom > 0 { 3 } else { 0 },
+    );
+    assert_eq!(count(&theirs, "leaks"), leaks + phantom, "{theirs:#}");
+    assert_eq!(count(&theirs, "corruptions"), 0, "{theirs:#}");
+    // Leaks are clusters discards freed: no more than the guest discarded.
+    assert!(
+        leaks * cluster <= trimmed,
+        "{image} leaks {leaks} clusters but the guest discarded only {trimmed} bytes"
+    );
     eprintln!(
-        "guest: {}: {image} maps {:.1} MiB of data and takes {:.1} MiB of disk",
+        "guest: {}: {image}: {:.1} MiB mapped as data; {:.1} MiB of the deleted scratch \
+         file's clusters unmapped; {leaks} unused clusters ({:.1} MiB) left as holes; \
+         {:.1} MiB long, {:.1} MiB on disk",
         test_name(),
         mapped as f64 / M as f64,
-        on_disk as f64 / M as f64
+        covered as f64 / M as f64,
+        (leaks * cluster) as f64 / M as f64,
+        layout.file_len as f64 / M as f64,
+        (f.metadata().unwrap().blocks() * 512) as f64 / M as f64,
     );
-    // The scratch file's clusters, less those its extents only partly cover and the
-    // space the image's own tables take.
-    assert!(
-        mapped >= on_disk + SCRATCH * 3 / 4,
-        "{image} maps {mapped} bytes of data but takes {on_disk} bytes: the discards \
-         of a {SCRATCH}-byte deleted file did not release its space"
-    );
+    layout
 }
 
 fn create(dir: &Path, args: &[&str]) {
@@ -685,18 +940,39 @@ fn served_disk_written_and_verified_over_two_connections() {
     let dir = new_dir();
     let d = dir.path();
     create(d, &["disk.qed", DISK_SIZE]);
-    let mut server = Served::start(d, &["-t", "--discard=unmap"], "disk.qed");
-    let wrote = boot(d, "write", &server.drive(false), Job::Write { block: 4096 });
+    let control = d.join("control.sock");
+    let control = control.to_str().expect("a UTF-8 path");
+    let mut server = Served::start(
+        d,
+        &["-t", "--discard=unmap", "--control", control],
+        "disk.qed",
+    );
+    let wrote = boot(
+        d,
+        "write",
+        &server.drive(false),
+        Job::Write {
+            block: 4096,
+            scratch: SCRATCH,
+        },
+    );
     server.assert_alive();
+    // Compacted online between the guests: the second reads every file from wherever
+    // the compaction moved it, through the same server.
+    let id = ok(d, QED, &["job", control, "compact", "--wait"]);
     let checked = boot(
         d,
         "verify",
         &server.drive(true),
         Job::Verify { sums: wrote.sums() },
     );
-    server.stop();
+    let log = server.stop();
+    assert!(
+        log.contains(&format!("job '{}' (compact) completed", id.trim())),
+        "{log}"
+    );
     assert_eq!(checked.files(), wrote.files());
-    assert_discarded(d, "disk.qed", &wrote);
+    assert_freed(d, "disk.qed", &wrote, SCRATCH);
     assert_sound(d, "disk.qed");
     finished("served disk, two connections", t);
 }
@@ -713,7 +989,10 @@ fn qemu_writes_and_qed_serve_verifies(scenario: &str, create_args: &[&str], cach
         create_args,
         "disk.qed",
         cache,
-        Job::Write { block: 1024 },
+        Job::Write {
+            block: 1024,
+            scratch: SCRATCH,
+        },
     );
     assert_sound(d, "disk.qed");
     let before = md5(d, "disk.qed");
@@ -761,9 +1040,19 @@ fn qed_serve_writes_and_qemu_verifies() {
     let d = dir.path();
     create(d, &["disk.qed", DISK_SIZE]);
     let server = Served::start(d, &["--discard=unmap"], "disk.qed");
-    let wrote = boot(d, "write", &server.drive(false), Job::Write { block: 1024 });
+    let wrote = boot(
+        d,
+        "write",
+        &server.drive(false),
+        Job::Write {
+            block: 1024,
+            scratch: SCRATCH,
+        },
+    );
     server.finish();
-    assert_discarded(d, "disk.qed", &wrote);
+    assert_freed(d, "disk.qed", &wrote, SCRATCH);
+    // What the close left as leaks goes back offline; QEMU then reads the moved clusters.
+    ok(d, QED, &["compact", "disk.qed"]);
     assert_sound(d, "disk.qed");
     let before = md5(d, "disk.qed");
     let checked = boot(
@@ -795,7 +1084,10 @@ fn overlay_takes_the_changes_and_the_base_is_unchanged() {
         &[],
         "base.qed",
         "writeback",
-        Job::Write { block: 4096 },
+        Job::Write {
+            block: 4096,
+            scratch: SCRATCH,
+        },
     );
     assert_sound(d, "base.qed");
     let base_md5 = md5(d, "base.qed");
@@ -810,7 +1102,9 @@ fn overlay_takes_the_changes_and_the_base_is_unchanged() {
     );
     server.finish();
     assert_ne!(changed.sums(), base.sums(), "the guest changed nothing");
-    assert!(changed.number("trimmed") >= SCRATCH);
+    // Freed over a base, the scratch file's clusters become zero clusters, not data.
+    assert_freed(d, "overlay.qed", &changed, SCRATCH);
+    ok(d, QED, &["compact", "overlay.qed"]);
     assert_eq!(
         md5(d, "base.qed"),
         base_md5,
@@ -852,9 +1146,14 @@ fn guest_on_an_http_base_while_it_streams_then_without_the_server() {
         d,
         "base-write",
         &server.drive(false),
-        Job::Write { block: 4096 },
+        Job::Write {
+            block: 4096,
+            scratch: SCRATCH,
+        },
     );
     server.finish();
+    assert_freed(d, "base.qed", &base, SCRATCH);
+    ok(d, QED, &["compact", "base.qed"]);
     assert_sound(d, "base.qed");
 
     let mut nginx = common::nginx::Nginx::start();
@@ -908,6 +1207,8 @@ fn guest_on_an_http_base_while_it_streams_then_without_the_server() {
     assert!(job.get("error").is_none(), "the stream failed: {job}");
     server.stop();
     eprintln!("{}: stream while the guest ran: {during}", test_name());
+    assert_freed(d, "overlay.qed", &changed, SCRATCH);
+    ok(d, QED, &["compact", "overlay.qed"]);
 
     nginx.stop();
     let info: Value =
@@ -927,4 +1228,141 @@ fn guest_on_an_http_base_while_it_streams_then_without_the_server() {
     assert_eq!(checked.files(), changed.files());
     assert_sound(d, "overlay.qed");
     finished("a guest on an http base while it streams", t);
+}
+
+/// The scratch file of the compaction scenario: large enough that freeing it passes a
+/// quarter of the file (the data set of about 80 MiB and ext4's 16 MiB journal besides).
+const BIG_SCRATCH: u64 = 64 * M;
+
+/// Waits until `qed serve` behind `control` has run at least one compaction and none is
+/// running; every one must have completed. Returns the jobs.
+fn compactions_settled(dir: &Path, control: &str) -> Vec<Value> {
+    let query = || -> Vec<Value> {
+        let out = ok(dir, QED, &["job", control, "query", "--output", "json"]);
+        serde_json::from_str::<Value>(&out)
+            .expect("query-jobs JSON")
+            .as_array()
+            .expect("a list of jobs")
+            .clone()
+    };
+    let settled =
+        |jobs: &[Value]| !jobs.is_empty() && jobs.iter().all(|j| j["status"] == "concluded");
+    // The guest has gone: the watcher has seen what it freed within 200 ms, and moving
+    // under 100 MiB takes seconds.
+    let limit = Duration::from_secs(60);
+    let deadline = Instant::now() + limit;
+    let jobs = loop {
+        let jobs = query();
+        // The watcher looks every 200 ms: a second look a while later tells a settled
+        // list from one that is about to get another compaction.
+        if settled(&jobs) {
+            std::thread::sleep(Duration::from_secs(1));
+            let again = query();
+            if settled(&again) && again.len() == jobs.len() {
+                break again;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no compaction started and ran to its end within {limit:?}: {jobs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for j in &jobs {
+        assert_eq!(j["type"], "compact", "{j}");
+        assert!(j.get("error").is_none(), "the compaction failed: {j}");
+    }
+    jobs
+}
+
+/// A guest writes a scratch file and its data set, then deletes the scratch file and
+/// trims; the file is large enough that `qed serve --compact-free=25` compacts the image
+/// on its own, moving the data set down into its place. Afterwards no cluster the image
+/// maps is an empty hole, the file is within a tenth of its header, tables and data
+/// clusters, both checkers find it clean, and a guest on QEMU's driver reads every file.
+#[test]
+fn trim_past_a_quarter_compacts_the_served_image() {
+    let t = Instant::now();
+    let dir = new_dir();
+    let d = dir.path();
+    create(d, &["disk.qed", DISK_SIZE]);
+    let control = d.join("control.sock");
+    let control = control.to_str().expect("a UTF-8 path");
+    // -t keeps the server after the guest has gone, so that a compaction still running
+    // then is not cancelled by the server's exit.
+    let server = Served::start(
+        d,
+        &[
+            "-t",
+            "--discard=unmap",
+            "--compact-free=25",
+            "--control",
+            control,
+        ],
+        "disk.qed",
+    );
+    let wrote = boot(
+        d,
+        "write",
+        &server.drive(false),
+        Job::Write {
+            block: 4096,
+            scratch: BIG_SCRATCH,
+        },
+    );
+    let jobs = compactions_settled(d, control);
+    let log = server.stop();
+    for j in &jobs {
+        let id = j["id"].as_str().expect("a job id");
+        assert!(
+            log.contains(&format!("job '{id}' (compact) completed")),
+            "{log}"
+        );
+    }
+    eprintln!(
+        "guest: {}: compactions the server started: {}",
+        test_name(),
+        serde_json::to_string(&jobs).unwrap()
+    );
+
+    let layout = assert_freed(d, "disk.qed", &wrote, BIG_SCRATCH);
+    let needed = layout.needed();
+    let len = layout.file_len;
+    eprintln!(
+        "guest: {}: disk.qed is {len} bytes; header {} + L1 {} + {} L2 tables of {} + {} \
+         data clusters of {} = {needed} bytes; bound {} bytes",
+        test_name(),
+        layout.header_bytes,
+        layout.table,
+        layout.l2_offsets.len(),
+        layout.table,
+        layout.data.len(),
+        layout.cluster,
+        needed + needed / 10,
+    );
+    assert!(
+        len >= needed,
+        "disk.qed is {len} bytes, shorter than the {needed} its tables reference"
+    );
+    assert!(
+        len <= needed + needed / 10,
+        "after compaction disk.qed is {len} bytes, more than a tenth over the {needed} \
+         bytes of its header, tables and data clusters"
+    );
+    assert_sound(d, "disk.qed");
+
+    let before = md5(d, "disk.qed");
+    let checked = boot(
+        d,
+        "verify",
+        &qed_drive(d, "disk.qed", "none", true),
+        Job::Verify { sums: wrote.sums() },
+    );
+    assert_eq!(checked.files(), wrote.files());
+    assert_eq!(
+        md5(d, "disk.qed"),
+        before,
+        "a read-only QEMU disk changed the file"
+    );
+    finished("a trim past a quarter compacts the served image", t);
 }
