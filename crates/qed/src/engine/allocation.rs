@@ -6,7 +6,9 @@
 //!    so this lookup is the truth;
 //! 2. enter the allocation gate (shared), and for data in an image without a backing
 //!    file make NEED_CHECK durable first;
-//! 3. reserve new space at the frontier;
+//! 3. reserve new space: for data, the clusters a discard freed from these very guest
+//!    clusters if they are still free (taken back in the gate, the claim shrunk to what
+//!    one place serves), else freed clusters ready to reuse, else at the frontier;
 //! 4. once the data is written, set the entries (creating the L2 table if needed).
 //!
 //! Dropping an [`Allocation`] before step 4 gives up the claim and the gate; space it
@@ -14,6 +16,7 @@
 //! close when it was the last).
 
 use super::claims::ClusterClaim;
+use super::free_set::{Freed, Reclaim};
 use super::gate::GateHold;
 use super::image::Image;
 use super::mapping::Mapping;
@@ -50,6 +53,12 @@ pub(super) struct Allocation<'a> {
     pub(super) was: Mapping,
     /// Bytes of the request, from its start, that lie in the claimed clusters.
     pub(super) len: u64,
+    /// Bytes from the first claimed cluster's start to the request's.
+    head: u64,
+    /// The clusters a discard freed from the claimed ones, taken back for them (see
+    /// [`Allocation::take_back_freed`]); returned to the free set if they are not
+    /// mapped.
+    reclaimed: Option<u64>,
 }
 
 impl Image {
@@ -96,6 +105,8 @@ impl Image {
             clusters,
             was,
             len: n,
+            head: pos - first,
+            reclaimed: None,
         }))
     }
 
@@ -145,10 +156,46 @@ impl<'a> Allocation<'a> {
         Ok(true)
     }
 
+    /// Step 2, for data, once in the gate: takes back the clusters a discard freed
+    /// from the first claimed ones, which still read as zeros (their entry does), and
+    /// keeps the claim to the clusters one place serves: those, or those before the
+    /// first that a discard freed. Every freed cluster thus goes back to its own guest
+    /// cluster when that is written again, never stranded behind new data where a close
+    /// could not park it (see `flush.rs`). Inside the gate, so that a check (which holds
+    /// it exclusively) never finds them neither free nor mapped. `false` when, with
+    /// [`Wait::Never`], a flush under way holds them.
+    pub(super) fn take_back_freed(&mut self) -> Result<bool> {
+        let image = self.image;
+        loop {
+            let bytes = match image.free.reclaim(self.first, self.span()) {
+                Reclaim::Nothing => return Ok(true),
+                Reclaim::Taken { at, len } => {
+                    self.reclaimed = Some(at);
+                    len
+                }
+                Reclaim::Elsewhere { len } => len,
+                Reclaim::Busy if self.wait == Wait::Never => return Ok(false),
+                Reclaim::Busy => {
+                    // The flush may need the gate exclusively before it ends.
+                    self.gate = None;
+                    image.free.wait_flush_end();
+                    self.enter_gate(true)?;
+                    continue;
+                }
+            };
+            let cs = image.geometry.cluster_size();
+            self.clusters = bytes / cs;
+            self._claim.shrink(self.clusters);
+            self.len = self.len.min(bytes - self.head);
+            return Ok(true);
+        }
+    }
+
     /// Step 3: reserves the new clusters (the very ones a discard freed from them, if
-    /// they are still free). Returns where the first one starts.
+    /// [`Allocation::take_back_freed`] took them back). Returns where the first one
+    /// starts.
     pub(super) fn reserve(&self) -> Result<u64> {
-        if let Some(at) = self.image.free.reclaim(self.first, self.span()) {
+        if let Some(at) = self.reclaimed {
             self.image.storage.preallocate(at, self.span());
             return Ok(at);
         }
@@ -173,7 +220,9 @@ impl<'a> Allocation<'a> {
 
     /// Step 4 for data: maps the clusters to the space reserved at `at`, whose data the
     /// caller has written.
-    pub(super) fn map_data(self, at: u64) -> Result<()> {
+    pub(super) fn map_data(mut self, at: u64) -> Result<()> {
+        // Mapped, or, if that fails, perhaps named by an entry: never free again.
+        self.reclaimed = None;
         let cs = self.image.geometry.cluster_size();
         let write_back = self.wait == Wait::Block;
         self.image
@@ -182,16 +231,35 @@ impl<'a> Allocation<'a> {
 
     /// Step 4 for a mix: sets the entry of the `i`th claimed cluster to `entry(i)`, a
     /// data cluster the caller has written or [`ZERO_CLUSTER`].
-    pub(super) fn map_entries(self, entry: impl Fn(u64) -> u64) -> Result<()> {
+    pub(super) fn map_entries(mut self, entry: impl Fn(u64) -> u64) -> Result<()> {
+        self.reclaimed = None;
         let write_back = self.wait == Wait::Block;
         self.image
             .set_l2_entries(self.first, self.clusters, write_back, entry)
     }
 
     /// Step 4 for zeros: makes the clusters zero clusters.
-    pub(super) fn map_zero(self) -> Result<()> {
+    pub(super) fn map_zero(mut self) -> Result<()> {
+        debug_assert!(self.reclaimed.is_none(), "zeros take no space");
+        self.reclaimed = None;
         let write_back = self.wait == Wait::Block;
         self.image
             .set_l2_entries(self.first, self.clusters, write_back, |_| ZERO_CLUSTER)
+    }
+}
+
+impl Drop for Allocation<'_> {
+    /// Clusters taken back and not mapped go back to the free set, with their guest
+    /// cluster: they may hold part of a write now, so they are punched again on the way.
+    fn drop(&mut self) {
+        if let Some(at) = self.reclaimed.take() {
+            self.image.free.release(Freed {
+                at,
+                len: self.span(),
+                epoch: self.image.epochs.current(),
+                punched: false,
+                guest: Some(self.first),
+            });
+        }
     }
 }

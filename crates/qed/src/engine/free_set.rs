@@ -17,7 +17,7 @@
 use super::epochs::Epochs;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// Ready runs looked at, at most, for one allocation of several clusters: past that the
 /// allocation goes to the frontier rather than search a fragmented set.
@@ -49,6 +49,21 @@ pub(super) struct FreeSet {
     freed_bytes: AtomicU64,
     /// A job that moves clusters takes every ready cluster for itself while it runs.
     held_for_job: AtomicBool,
+    /// Signalled when a flush gives back the runs it took along.
+    flush_ended: Condvar,
+}
+
+/// What [`FreeSet::reclaim`] answers for the first bytes of a request's clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reclaim {
+    /// No discard freed any of them: allocate anywhere.
+    Nothing,
+    /// The first `len` bytes are back at `at`, the clusters a discard freed from them.
+    Taken { at: u64, len: u64 },
+    /// The first `len` bytes own nothing; those after them do.
+    Elsewhere { len: u64 },
+    /// The first cluster's run is in the hands of a flush under way: wait for it.
+    Busy,
 }
 
 #[derive(Debug, Default)]
@@ -95,11 +110,22 @@ impl Owners {
         self.by_guest.insert(guest, at);
     }
 
-    /// Where the `len` guest bytes at `guest` were, if one freed run held them all.
-    fn find(&self, guest: u64, len: u64) -> Option<u64> {
-        let (&g, &at) = self.by_guest.range(..=guest).next_back()?;
-        let &(_, run) = self.by_file.get(&at)?;
-        (guest + len <= g + run).then(|| at + (guest - g))
+    /// Which of the `len` guest bytes at `guest` a freed run names, from the start.
+    fn lookup(&self, guest: u64, len: u64) -> Owned {
+        if let Some((&g, &at)) = self.by_guest.range(..=guest).next_back() {
+            if let Some(&(_, run)) = self.by_file.get(&at) {
+                if guest < g + run {
+                    return Owned::Here {
+                        at: at + (guest - g),
+                        len: len.min(g + run - guest),
+                    };
+                }
+            }
+        }
+        match self.by_guest.range(guest..guest + len).next() {
+            Some((&g, _)) => Owned::From(g),
+            None => Owned::No,
+        }
     }
 
     /// Forgets the bytes `[at, at + len)`: they were handed out. What is left of a run
@@ -124,6 +150,16 @@ impl Owners {
             }
         }
     }
+}
+
+/// How the start of a guest range stands with the freed runs (see [`Owners::lookup`]).
+enum Owned {
+    /// No freed run names any of it.
+    No,
+    /// The first `len` bytes were at `at`.
+    Here { at: u64, len: u64 },
+    /// A freed run names the bytes from this guest offset on, and none before.
+    From(u64),
 }
 
 /// What one flush moves along: taken before the flush writes anything, settled after it.
@@ -207,6 +243,7 @@ impl FreeSet {
                 st.staged.swap_remove(i);
             }
         }
+        self.flush_ended.notify_all();
         if ok {
             st.durable.extend(stage.sealed);
             let mut added = 0;
@@ -328,27 +365,63 @@ impl FreeSet {
         out
     }
 
-    /// Takes back, for the guest bytes `[guest, guest + len)`, the clusters a discard
-    /// freed from them, in whatever state they are, if they are all still free: a
-    /// cluster that goes back to the entry that named it can never end up named twice,
-    /// and a request still following that entry meets the guest's own new data.
-    /// Returns where they are.
-    pub(super) fn reclaim(&self, guest: u64, len: u64) -> Option<u64> {
+    /// Takes back, for the guest clusters from `guest` (at most `len` bytes), the
+    /// clusters a discard freed from them, in whatever state they are: a cluster that
+    /// goes back to the entry that named it can never end up named twice, and a request
+    /// still following that entry meets the guest's own new data. Only a prefix may be
+    /// answered for (see [`Reclaim`]); the caller allocates that much and comes back for
+    /// the rest.
+    pub(super) fn reclaim(&self, guest: u64, len: u64) -> Reclaim {
         if self.freed_bytes() == 0 {
-            return None;
+            return Reclaim::Nothing;
         }
         let mut st = self.lock();
-        let at = st.owners.find(guest, len)?;
+        let (at, mut take) = match st.owners.lookup(guest, len) {
+            Owned::No => return Reclaim::Nothing,
+            Owned::From(g) => return Reclaim::Elsewhere { len: g - guest },
+            Owned::Here { at, len } => (at, len),
+        };
         let st = &mut *st;
-        if !(take_from_runs(&mut st.pending, at, len) || take_from_runs(&mut st.durable, at, len)) {
-            if !take_range(&mut st.ready, at, len) {
-                return None;
+        for &(a, l) in &st.staged {
+            if a <= at && at < a + l {
+                return Reclaim::Busy;
             }
-            self.ready_bytes.fetch_sub(len, Ordering::Release);
+            if at < a && a < at + take {
+                take = a - at;
+            }
         }
-        st.owners.forget(at, len);
-        self.freed_bytes.fetch_sub(len, Ordering::Relaxed);
-        Some(at)
+        let in_runs = |runs: &[Freed]| {
+            runs.iter()
+                .find(|f| f.at <= at && at < f.at + f.len)
+                .map(|f| f.at + f.len - at)
+        };
+        if let Some(n) = in_runs(&st.pending).or_else(|| in_runs(&st.durable)) {
+            take = take.min(n);
+            let _ = take_from_runs(&mut st.pending, at, take)
+                || take_from_runs(&mut st.durable, at, take);
+        } else {
+            let Some((&start, &run)) = st.ready.range(..=at).next_back() else {
+                return Reclaim::Nothing;
+            };
+            if start + run <= at {
+                return Reclaim::Nothing;
+            }
+            take = take.min(start + run - at);
+            take_range(&mut st.ready, at, take);
+            self.ready_bytes.fetch_sub(take, Ordering::Release);
+        }
+        st.owners.forget(at, take);
+        self.freed_bytes.fetch_sub(take, Ordering::Relaxed);
+        Reclaim::Taken { at, len: take }
+    }
+
+    /// Waits until a flush under way gives back the runs it took along (for
+    /// [`Reclaim::Busy`]).
+    pub(super) fn wait_flush_end(&self) {
+        let st = self.lock();
+        if !st.staged.is_empty() {
+            let _st = self.flush_ended.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// Forgets everything (a repair rewrote the file's layout; what was freed is a leak

@@ -135,6 +135,7 @@ impl Image {
             return Ok(0);
         };
         alloc.enter_gate(true)?;
+        alloc.take_back_freed()?;
         let at = alloc.reserve()?;
         let n = alloc.len;
         let first = alloc.first();
@@ -230,7 +231,11 @@ impl Image {
             Mapping::Unallocated => whole || !self.backing_present(),
             _ => true,
         };
-        if alloc.len < len || !zeros_around || !alloc.enter_gate(true).ok()? {
+        if !zeros_around
+            || !alloc.enter_gate(true).ok()?
+            || !alloc.take_back_freed().ok()?
+            || alloc.len < len
+        {
             return None;
         }
         let at = alloc.reserve().ok()?;

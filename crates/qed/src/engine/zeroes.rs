@@ -126,11 +126,13 @@ impl Image {
                         UNALLOCATED
                     }
                 })?;
+                // Punched again before anyone else gets them: a write in place that
+                // looked before the entries changed may land after the punch above.
                 self.free.release(Freed {
                     at: off,
                     len: n,
                     epoch: self.epochs.current(),
-                    punched: true,
+                    punched: false,
                     guest: Some(p),
                 });
             }
