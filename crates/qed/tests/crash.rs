@@ -192,6 +192,12 @@ enum Step {
     /// changes. It flushes before it rewrites the header, so it is a barrier. (Workloads
     /// put it last: a later shrink would drop sectors to zeros, not the old backing file.)
     Stream,
+    /// `qed::compact`: clusters move into free space and the file is cut; nothing the
+    /// guest sees changes.
+    Compact,
+    /// `qed::defrag`: tables together, then data in guest order; nothing the guest sees
+    /// changes.
+    Defrag,
     Close,
 }
 
@@ -401,8 +407,15 @@ fn record(w: &Workload) -> Recorded {
         buf
     };
     {
-        let img = image.as_ref().unwrap();
-        let all = read(img, 0, size0);
+        // Read from a copy opened without copy-on-read: a fill here would leave no
+        // cluster for the workload's own reads to fill.
+        let copy = Image::open_storage(
+            Box::new(MemoryStorage::from_bytes(rec.to_bytes())),
+            &image_path,
+            &OpenOptions::read_only(),
+        )
+        .unwrap();
+        let all = read(&copy, 0, size0);
         for (s, changes) in history.iter_mut().enumerate() {
             let after = all
                 .get(s * SECTOR as usize..(s + 1) * SECTOR as usize)
@@ -525,6 +538,37 @@ fn record(w: &Workload) -> Recorded {
                 assert!(matches!(end, qed::StreamEnd::Done { .. }), "{ctx}: {end:?}");
                 assert!(img.backing_file().is_none(), "{ctx}: backing file left");
                 barrier = true;
+            }
+            Step::Compact | Step::Defrag => {
+                let opts = qed::ReorganizeOptions::default();
+                let end = if matches!(step, Step::Compact) {
+                    qed::compact(img, &opts, &mut qed::no_progress)
+                } else {
+                    qed::defrag(img, &opts, &mut qed::no_progress)
+                }
+                .unwrap();
+                assert!(
+                    matches!(end, qed::ReorganizeEnd::Done { .. }),
+                    "{ctx}: {end:?}"
+                );
+                // (Over a backing file, copy-on-read would fill the whole disk here.)
+                let all = if w.backing {
+                    Vec::new()
+                } else {
+                    read(img, 0, size)
+                };
+                for (s, changes) in history
+                    .iter()
+                    .enumerate()
+                    .take((all.len() as u64 / SECTOR) as usize)
+                {
+                    let got = hash(&all[s * SECTOR as usize..(s + 1) * SECTOR as usize]);
+                    assert_eq!(
+                        Some(got),
+                        changes.last().unwrap().after,
+                        "{ctx}: sector {s} changed"
+                    );
+                }
             }
             Step::Close => {
                 image.take().unwrap().close().unwrap();
@@ -1136,6 +1180,83 @@ fn reclaim(backing: bool) -> Workload {
     }
 }
 
+/// Discards that free clusters, allocations that reuse them once the drop is durable, a
+/// write that takes back the cluster its own discard freed, then a compaction and a
+/// defragmentation of a file whose data lies out of guest order, with writes between.
+fn reorganize(backing: bool) -> Workload {
+    use Step::*;
+    let l2 = L2_REACH;
+    let k = 1024;
+    Workload {
+        name: format!(
+            "reorganize ({})",
+            if backing { "raw backing" } else { "no backing" }
+        ),
+        backing,
+        table: 1,
+        garbage: 0,
+        // Clusters in reverse guest order, in two tables.
+        setup: (0..12)
+            .rev()
+            .map(|i| (i * 16 * k, 4096))
+            .chain([(l2 + 8 * k, 8192), (l2 - 4096, 4096)])
+            .collect(),
+        steps: vec![
+            // Freed: whole clusters, a run, and one only in part (punched, kept).
+            Discard {
+                off: 16 * k,
+                len: 4096,
+            },
+            Discard {
+                off: 64 * k,
+                len: 3 * 16 * k,
+            },
+            Discard {
+                off: 32 * k + 512,
+                len: 1024,
+            },
+            // The cluster its discard freed, taken back before any flush.
+            Write {
+                off: 64 * k + 512,
+                len: 1024,
+            },
+            Flush,
+            Flush,
+            // New clusters from the free set.
+            Write {
+                off: 200 * k,
+                len: 8192,
+            },
+            Write {
+                off: l2 + 64 * k,
+                len: 4096,
+            },
+            Discard {
+                off: l2 + 8 * k,
+                len: 4096,
+            },
+            Compact,
+            Write {
+                off: 16 * k + 1024,
+                len: 512,
+            },
+            Discard {
+                off: 160 * k,
+                len: 4096,
+            },
+            Flush,
+            Defrag,
+            Write {
+                off: 176 * k,
+                len: 4096,
+            },
+            Compact,
+            Close,
+        ],
+        seed: if backing { 6 } else { 7 },
+    }
+}
+
 /// Starts from a file with a partial cluster of garbage at its end.
 fn trailing_garbage() -> Workload {
     use Step::*;
@@ -1213,6 +1334,8 @@ fn random(backing: bool, table: u32, n: usize, seed: u64) -> Workload {
                 Step::Parallel { writes }
             }
             13 => Step::Flush,
+            14 if rng.below(3) == 0 => Step::Compact,
+            14 if rng.below(2) == 0 => Step::Defrag,
             15 | 16 => {
                 let (off, len) = range(&mut rng, size);
                 Step::Read { off, len }
@@ -1252,6 +1375,8 @@ fn every_crash_state_is_consistent() {
         tour(true),
         reclaim(false),
         reclaim(true),
+        reorganize(false),
+        reorganize(true),
         trailing_garbage(),
     ];
     for i in 0..cfg.scale {
@@ -1266,6 +1391,23 @@ fn every_crash_state_is_consistent() {
         // a table into.
         workloads.push(random(false, 2, 20, seed ^ (0x2 << 48)));
         workloads.push(random(true, 2, 20, seed ^ (0x3 << 48)));
+    }
+    for (what, is) in [
+        (
+            "compacts",
+            (|s: &Step| matches!(s, Step::Compact)) as fn(&Step) -> bool,
+        ),
+        ("defragments", |s: &Step| matches!(s, Step::Defrag)),
+    ] {
+        for backing in [false, true] {
+            assert!(
+                workloads
+                    .iter()
+                    .any(|w| w.backing == backing && w.steps.iter().any(is)),
+                "no workload {} a backing file {what}",
+                if backing { "over" } else { "without" }
+            );
+        }
     }
     let outcomes: Vec<(String, Outcome)> = std::thread::scope(|s| {
         let handles: Vec<_> = workloads

@@ -68,6 +68,8 @@ struct Setup {
     backing_len: u64,
     /// The new image's bytes.
     fresh: Vec<u8>,
+    /// Runs [`reorganize_script`] instead of [`script`].
+    reorganize: bool,
     /// Keeps the backing file alive.
     _dir: Option<tempfile::TempDir>,
 }
@@ -98,6 +100,7 @@ impl Setup {
             size,
             backing_len: 0,
             fresh: Vec::new(),
+            reorganize: false,
             _dir: None,
         };
         if backing {
@@ -118,6 +121,13 @@ impl Setup {
         Image::create_on(&mem, &opts).unwrap();
         s.fresh = mem.to_bytes();
         s
+    }
+
+    /// The same image, for [`reorganize_script`].
+    fn reorganizing(mut self) -> Self {
+        self.reorganize = true;
+        self.name += ", reorganizing";
+        self
     }
 
     fn backing_regions(&self) -> [(u64, u64); 2] {
@@ -174,6 +184,10 @@ enum Op {
     },
     /// `qed::stream` of everything: failed or not, nothing the guest reads changes.
     Stream,
+    /// `qed::compact`: failed or not, nothing the guest reads changes.
+    Compact,
+    /// `qed::defrag`: failed or not, nothing the guest reads changes.
+    Defrag,
 }
 
 fn pattern(off: u64, len: u64, seed: u64) -> Vec<u8> {
@@ -270,6 +284,47 @@ fn script(s: &Setup) -> Vec<Op> {
     ops
 }
 
+/// Clusters written out of guest order in two tables, some freed by discards (a whole
+/// run, single clusters, one only in part), one taken back by a write, then a compaction
+/// into the freed space, writes, and a defragmentation. Every storage operation of both
+/// jobs fails in turn; failed or not, a job changes nothing the guest reads.
+fn reorganize_script(s: &Setup) -> Vec<Op> {
+    use Op::*;
+    let (cs, c) = (s.cs, s.coverage);
+    let w = |off: u64, len: u64, seed: u64| Write { off, len, seed };
+    let mut ops: Vec<Op> = (0..8).rev().map(|i| w(i * 4 * cs, cs, i + 1)).collect();
+    ops.extend([
+        w(c + 3 * cs, 2 * cs, 20), // table 1
+        w(c - cs, cs, 21),         // the last cluster of table 0, allocated last
+        Flush,
+        Discard {
+            off: 4 * cs,
+            len: cs,
+        },
+        Discard {
+            off: 16 * cs,
+            len: 8 * cs,
+        },
+        Discard {
+            off: 8 * cs + 10,
+            len: 100,
+        },
+        w(16 * cs + 5, 10, 22), // takes back the cluster its discard freed
+        Flush,
+        Flush,
+        Compact,
+        w(2 * cs + 7, cs, 23), // into a freed cluster or at the end
+        Discard {
+            off: c + 3 * cs,
+            len: cs,
+        },
+        Flush,
+        Defrag,
+        w(40 * cs, cs, 24),
+    ]);
+    ops
+}
+
 fn exec(image: &Image, op: &Op) -> qed::Result<()> {
     match *op {
         Op::Write { off, len, seed } => image.write_at(&pattern(off, len, seed), off),
@@ -280,6 +335,8 @@ fn exec(image: &Image, op: &Op) -> qed::Result<()> {
         Op::Stream => {
             qed::stream(image, &qed::StreamOptions::default(), &mut qed::no_progress).map(|_| ())
         }
+        Op::Compact => qed::compact(image, &Default::default(), &mut qed::no_progress).map(|_| ()),
+        Op::Defrag => qed::defrag(image, &Default::default(), &mut qed::no_progress).map(|_| ()),
     }
 }
 
@@ -316,7 +373,7 @@ impl Model {
 
     fn apply(&mut self, s: &Setup, op: &Op, ok: bool) {
         match (*op, ok) {
-            (Op::Flush | Op::Read { .. } | Op::Stream, _) => {}
+            (Op::Flush | Op::Read { .. } | Op::Stream | Op::Compact | Op::Defrag, _) => {}
             (Op::Write { off, len, .. }, false)
             | (Op::Zeroes { off, len }, false)
             | (Op::Discard { off, len }, false) => {
@@ -454,7 +511,11 @@ fn disk_needs_check(mem: &MemoryStorage) -> bool {
 fn run_case(s: &Setup, plan: FaultPlan) -> Outcome {
     let what = format!("{}: {plan:?}", s.name);
     running(what.clone());
-    let ops = script(s);
+    let ops = if s.reorganize {
+        reorganize_script(s)
+    } else {
+        script(s)
+    };
     let mem = Arc::new(MemoryStorage::from_bytes(s.fresh.clone()));
     let faulty = Arc::new(FaultyStorage::new(mem.clone(), plan));
     let mut model = Model::default();
@@ -650,6 +711,26 @@ fn faults_64k_table4() {
 fn faults_64k_table4_over_raw() {
     sweep(
         &Setup::new(65536, 4, true),
+        false,
+        &FaultKind::ALL,
+        &WRITE_FAULTS,
+    );
+}
+
+#[test]
+fn faults_reorganize_4k_table1() {
+    sweep(
+        &Setup::new(4096, 1, false).reorganizing(),
+        false,
+        &FaultKind::ALL,
+        &WRITE_FAULTS,
+    );
+}
+
+#[test]
+fn faults_reorganize_64k_table4_over_raw() {
+    sweep(
+        &Setup::new(65536, 4, true).reorganizing(),
         false,
         &FaultKind::ALL,
         &WRITE_FAULTS,
