@@ -126,14 +126,19 @@ impl Image {
     }
 
     /// The data clusters (guest offset, file offset) whose bytes are all holes in the
-    /// file now, for [`Image::free_punched`]. At most `most`.
-    pub(crate) fn punched_clusters(&self, most: usize) -> Result<Vec<(u64, u64)>> {
+    /// file now, for [`Image::free_punched`], from guest offset `from` on. At most `most`,
+    /// in guest order, so that a caller goes on after the last one it got: the file is
+    /// asked about holes once per extent, not once per call.
+    pub(crate) fn punched_clusters(&self, from: u64, most: usize) -> Result<Vec<(u64, u64)>> {
         let cs = self.geometry.cluster_size();
         let mut out = Vec::new();
         let mut failed = None;
         self.data_runs(|guest, file, n| {
             let end = file + n * cs;
-            let mut at = file;
+            if guest + n * cs <= from {
+                return ControlFlow::Continue(());
+            }
+            let mut at = file + from.saturating_sub(guest);
             while at < end && out.len() < most {
                 let (hole, len) = match self.storage.zero_status(at, end - at) {
                     Ok(z) => z,

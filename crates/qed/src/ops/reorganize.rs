@@ -126,11 +126,14 @@ fn start(image: &Image) -> Result<(Reorganizing<'_>, Layout)> {
     let job = image.begin_reorganizing()?;
     // Data clusters that are nothing but holes (parked at a close, or punched by an
     // older discard) read as zeros: freed, they are free space like any other.
+    let mut from = 0;
     loop {
-        let punched = image.punched_clusters(BATCH)?;
-        if punched.is_empty() || image.free_punched(&punched)? == 0 {
+        let punched = image.punched_clusters(from, BATCH)?;
+        let Some(&(last, _)) = punched.last() else {
             break;
-        }
+        };
+        image.free_punched(&punched)?;
+        from = last + image.geometry().cluster_size();
     }
     image.settle_freed()?;
     let layout = image.layout()?;
