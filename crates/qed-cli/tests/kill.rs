@@ -161,8 +161,8 @@ struct Stats {
     /// Kills after which `qed check` found leaks or corruptions.
     dirty: u64,
     repaired: u64,
-    /// Repairs that needed a compaction to reclaim every leak (see docs/design.md).
-    compacted: u64,
+    /// Leaked clusters `check -r all` could not reclaim (see docs/design.md).
+    unfillable_leaks: u64,
     durable_sectors: u64,
     newer_sectors: u64,
 }
@@ -356,17 +356,16 @@ fn kill_loop(backing: bool, kills: u64, seed: u64) -> Stats {
         if text.contains("repaired") {
             stats.repaired += 1;
         }
-        // Clean: leaks the repair's moves could not fill (below an L2 table with no
-        // hole big enough for it) are reclaimed by the compaction that follows.
+        // Clean, except for one case docs/design.md names: leaked clusters below an L2
+        // table, with no data cluster above them to move into them and no hole below big
+        // enough for the table, are punched out but stay unreferenced.
         let left = count_before(&text, " leaked clusters were found");
-        if text.contains("reclaimed by a compaction") {
-            stats.compacted += 1;
+        let punched = count_before(&text, " leaked clusters could not be filled");
+        match out.status.code() {
+            Some(0) => assert_eq!(left, 0, "{what}: {}", describe(QED, &args, &out)),
+            Some(3) if left > 0 && left == punched => stats.unfillable_leaks += left,
+            _ => panic!("{what}: {}", describe(QED, &args, &out)),
         }
-        assert!(
-            out.status.code() == Some(0) && left == 0,
-            "{what}: {}",
-            describe(QED, &args, &out)
-        );
         assert!(!needs_check(&img), "{what}: the repair left NEED_CHECK set");
 
         let args = ["check", "--output=json", "img.qed"];

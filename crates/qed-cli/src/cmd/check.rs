@@ -1,9 +1,9 @@
 //! `qed check`.
 
 use crate::Output;
-use anyhow::{Context, Result};
+use anyhow::Result;
+use qed::RepairMode;
 use qed::{CheckReport, Image, OpenOptions};
-use qed::{ReorganizeOptions, RepairMode};
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -63,7 +63,7 @@ struct Json<'a> {
     corruptions_fixed: u64,
 }
 
-fn print_repaired(r: &CheckReport, compacted: u64) {
+fn print_repaired(r: &CheckReport) {
     for d in &r.details {
         println!("Repairing {d}");
     }
@@ -88,12 +88,6 @@ fn print_repaired(r: &CheckReport, compacted: u64) {
             println!(
                 "    {} leaked clusters could not be filled and were released as holes",
                 r.leaks_punched
-            );
-        }
-        if compacted > 0 {
-            println!(
-                "    {compacted} leaked clusters left inside the file were reclaimed by a \
-                 compaction"
             );
         }
         println!("\nDouble checking the fixed image now...");
@@ -157,31 +151,14 @@ pub fn run(a: Args) -> Result<u8> {
                 Repair::All => RepairMode::All,
             };
             let fixed = image.repair(mode)?;
-            let mut now = image.check()?;
-            // The repair fills holes only with what fits them whole: a table that finds
-            // no free run of its length stays past the leaks, which are then punched
-            // but still leaks. A compaction makes room for it by moving data aside.
-            let mut compacted = 0;
-            if now.leaks > 0 && now.corruptions == 0 && now.check_errors == 0 {
-                compacted = now.leaks;
-                qed::compact(&image, &ReorganizeOptions::default(), &mut |_, _| {}).with_context(
-                    || {
-                        format!(
-                            "{}: reclaiming {compacted} leaked clusters by compacting the image",
-                            a.file.display()
-                        )
-                    },
-                )?;
-                now = image.check()?;
-            }
             if a.output == Output::Human {
-                print_repaired(&fixed, compacted);
+                print_repaired(&fixed);
             }
             // Report the image as it is now, as qemu-img does after a repair.
             CheckReport {
                 leaks_fixed: fixed.leaks_fixed,
                 corruptions_fixed: fixed.corruptions_fixed,
-                ..now
+                ..image.check()?
             }
         }
     };
