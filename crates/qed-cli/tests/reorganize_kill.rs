@@ -733,6 +733,8 @@ struct Stats {
     /// Kills that left NEED_CHECK set.
     need_check: u64,
     leaks_before_repair: u64,
+    /// Leaks the repair could only punch (see docs/design.md).
+    unfillable_leaks: u64,
     writes: u64,
     writes_during_job: u64,
     flushes: u64,
@@ -1083,20 +1085,42 @@ fn run_once(
 
     // The repair, and a clean image after it.
     let (q, code, described) = qed_check(dir, true, &what);
+    let left = q["leaks"].as_u64().unwrap_or(0);
     assert!(
-        code == 0
+        code == if left == 0 { 0 } else { 3 }
             && q["corruptions-fixed"].as_u64().unwrap_or(0) == 0
-            && q["leaks"].as_u64().unwrap_or(0) == 0,
+            && q["corruptions"].as_u64().unwrap_or(0) == 0,
         "{what}: {described}"
     );
+    if left > 0 {
+        // Only the case docs/design.md names may stay: leaked clusters below an L2
+        // table, with no hole below big enough for the table, punched out but still
+        // unreferenced. A second repair finds exactly those and can only punch them.
+        let args = ["check", "-r", "all", "img.qed"];
+        let out = run(dir, QED, &args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let punched = text
+            .lines()
+            .find(|l| l.contains(" leaked clusters could not be filled"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok());
+        assert_eq!(
+            punched,
+            Some(left),
+            "{what}: {} leaks left after the repair, not all of them unfillable: {}",
+            left,
+            describe(QED, &args, &out)
+        );
+        stats.unfillable_leaks += left;
+    }
     assert!(
         !common::need_check(&img),
         "{what}: the repair left NEED_CHECK set"
     );
     let (leaks, code) = qemu_img_check(dir, &format!("{what}, after the repair"));
     assert!(
-        leaks == 0 && code == 0,
-        "{what}: qemu-img check after the repair: {leaks} leaks, exit {code}"
+        leaks == left && code == if left == 0 { 0 } else { 3 },
+        "{what}: qemu-img check after the repair: {leaks} leaks (ours: {left}), exit {code}"
     );
 
     phase("checks");
