@@ -12,24 +12,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// Which job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reorganize {
-    /// Fill free space from the end of the file, then cut it ([`qed::compact`]).
-    Compact,
-    /// Lay the clusters out in guest order ([`qed::defrag`]).
-    Defrag,
-}
-
-impl Reorganize {
-    /// The job's type in `query-jobs`, and its command.
-    pub fn name(self) -> &'static str {
-        match self {
-            Reorganize::Compact => "compact",
-            Reorganize::Defrag => "defrag",
-        }
-    }
-}
+/// Which job: the library's (re-exported under the name the control API uses).
+pub use qed::Reorganization as Reorganize;
 
 /// Starts a compaction or a defragmentation of `target`; returns its id (`id`, or a
 /// generated one). Refused without a writable QED image, or while another job runs on
@@ -51,11 +35,7 @@ pub fn start_reorganize(
             cancel: Some(job.cancel_flag()),
         };
         let mut progress = |done, total| job.set_progress(done, total);
-        let end = match kind {
-            Reorganize::Compact => qed::compact(&image, &opts, &mut progress),
-            Reorganize::Defrag => qed::defrag(&image, &opts, &mut progress),
-        };
-        match end {
+        match kind.run(&image, &opts, &mut progress) {
             Ok(ReorganizeEnd::Done { .. }) => Ok(JobEnd::Completed),
             Ok(ReorganizeEnd::Cancelled { .. }) => Ok(JobEnd::Cancelled),
             Err(e) => Err(e.to_string()),

@@ -56,8 +56,8 @@ pub use error::{Error, Result};
 pub use format::{features, Geometry, Header, L2Entry};
 pub use ops::{
     bench, commit, compact, compare, convert, defrag, measure, no_progress, rebase, stream,
-    stream_base, BenchParams, ConvertOptions, Difference, Engine, Measure, Progress, ReorganizeEnd,
-    ReorganizeOptions, StreamEnd, StreamOptions,
+    stream_base, BenchParams, ConvertOptions, Difference, Engine, Measure, Progress,
+    Reorganization, ReorganizeEnd, ReorganizeOptions, StreamEnd, StreamOptions,
 };
 #[cfg(target_os = "linux")]
 pub use ring::{Ring, Waker, WAKE};

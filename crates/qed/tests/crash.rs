@@ -54,7 +54,7 @@
 //! workloads and samples. Run with `-- --nocapture` to see the counts.
 
 use qed::{BlockDevice, CreateOptions, Error, Format, Image, Mapping, OpenOptions};
-use qed::{MemoryStorage, Storage};
+use qed::{MemoryStorage, Reorganization, Storage};
 use qed_testkit::{CrashLog, RecordedOp, RecordingStorage};
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -192,12 +192,10 @@ enum Step {
     /// changes. It flushes before it rewrites the header, so it is a barrier. (Workloads
     /// put it last: a later shrink would drop sectors to zeros, not the old backing file.)
     Stream,
-    /// `qed::compact`: clusters move into free space and the file is cut; nothing the
-    /// guest sees changes.
-    Compact,
-    /// `qed::defrag`: tables together, then data in guest order; nothing the guest sees
+    /// `qed::compact` (clusters move into free space and the file is cut) or
+    /// `qed::defrag` (tables together, then data in guest order): nothing the guest sees
     /// changes.
-    Defrag,
+    Reorganize(Reorganization),
     Close,
 }
 
@@ -539,14 +537,10 @@ fn record(w: &Workload) -> Recorded {
                 assert!(img.backing_file().is_none(), "{ctx}: backing file left");
                 barrier = true;
             }
-            Step::Compact | Step::Defrag => {
-                let opts = qed::ReorganizeOptions::default();
-                let end = if matches!(step, Step::Compact) {
-                    qed::compact(img, &opts, &mut qed::no_progress)
-                } else {
-                    qed::defrag(img, &opts, &mut qed::no_progress)
-                }
-                .unwrap();
+            Step::Reorganize(job) => {
+                let end = job
+                    .run(img, &Default::default(), &mut qed::no_progress)
+                    .unwrap();
                 assert!(
                     matches!(end, qed::ReorganizeEnd::Done { .. }),
                     "{ctx}: {end:?}"
@@ -1235,7 +1229,7 @@ fn reorganize(backing: bool) -> Workload {
                 off: l2 + 8 * k,
                 len: 4096,
             },
-            Compact,
+            Reorganize(Reorganization::Compact),
             Write {
                 off: 16 * k + 1024,
                 len: 512,
@@ -1245,12 +1239,12 @@ fn reorganize(backing: bool) -> Workload {
                 len: 4096,
             },
             Flush,
-            Defrag,
+            Reorganize(Reorganization::Defrag),
             Write {
                 off: 176 * k,
                 len: 4096,
             },
-            Compact,
+            Reorganize(Reorganization::Compact),
             Close,
         ],
         seed: if backing { 6 } else { 7 },
@@ -1334,8 +1328,8 @@ fn random(backing: bool, table: u32, n: usize, seed: u64) -> Workload {
                 Step::Parallel { writes }
             }
             13 => Step::Flush,
-            14 if rng.below(3) == 0 => Step::Compact,
-            14 if rng.below(2) == 0 => Step::Defrag,
+            14 if rng.below(3) == 0 => Step::Reorganize(Reorganization::Compact),
+            14 if rng.below(2) == 0 => Step::Reorganize(Reorganization::Defrag),
             15 | 16 => {
                 let (off, len) = range(&mut rng, size);
                 Step::Read { off, len }
@@ -1392,20 +1386,16 @@ fn every_crash_state_is_consistent() {
         workloads.push(random(false, 2, 20, seed ^ (0x2 << 48)));
         workloads.push(random(true, 2, 20, seed ^ (0x3 << 48)));
     }
-    for (what, is) in [
-        (
-            "compacts",
-            (|s: &Step| matches!(s, Step::Compact)) as fn(&Step) -> bool,
-        ),
-        ("defragments", |s: &Step| matches!(s, Step::Defrag)),
-    ] {
+    for job in [Reorganization::Compact, Reorganization::Defrag] {
         for backing in [false, true] {
             assert!(
-                workloads
-                    .iter()
-                    .any(|w| w.backing == backing && w.steps.iter().any(is)),
-                "no workload {} a backing file {what}",
-                if backing { "over" } else { "without" }
+                workloads.iter().any(|w| w.backing == backing
+                    && w.steps
+                        .iter()
+                        .any(|s| matches!(s, Step::Reorganize(j) if *j == job))),
+                "no workload {} a backing file runs a {}",
+                if backing { "over" } else { "without" },
+                job.name()
             );
         }
     }

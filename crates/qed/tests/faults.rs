@@ -9,7 +9,7 @@
 
 use qed::features;
 use qed::{BlockDevice, CreateOptions, Format, Image, Mapping, OpenOptions};
-use qed::{MemoryStorage, Storage};
+use qed::{MemoryStorage, Reorganization, Storage};
 use qed_testkit::{FaultKind, FaultPlan, FaultyStorage};
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -184,10 +184,8 @@ enum Op {
     },
     /// `qed::stream` of everything: failed or not, nothing the guest reads changes.
     Stream,
-    /// `qed::compact`: failed or not, nothing the guest reads changes.
-    Compact,
-    /// `qed::defrag`: failed or not, nothing the guest reads changes.
-    Defrag,
+    /// `qed::compact` or `qed::defrag`: failed or not, nothing the guest reads changes.
+    Reorganize(Reorganization),
 }
 
 fn pattern(off: u64, len: u64, seed: u64) -> Vec<u8> {
@@ -312,14 +310,14 @@ fn reorganize_script(s: &Setup) -> Vec<Op> {
         w(16 * cs + 5, 10, 22), // takes back the cluster its discard freed
         Flush,
         Flush,
-        Compact,
+        Reorganize(Reorganization::Compact),
         w(2 * cs + 7, cs, 23), // into a freed cluster or at the end
         Discard {
             off: c + 3 * cs,
             len: cs,
         },
         Flush,
-        Defrag,
+        Reorganize(Reorganization::Defrag),
         w(40 * cs, cs, 24),
     ]);
     ops
@@ -335,8 +333,9 @@ fn exec(image: &Image, op: &Op) -> qed::Result<()> {
         Op::Stream => {
             qed::stream(image, &qed::StreamOptions::default(), &mut qed::no_progress).map(|_| ())
         }
-        Op::Compact => qed::compact(image, &Default::default(), &mut qed::no_progress).map(|_| ()),
-        Op::Defrag => qed::defrag(image, &Default::default(), &mut qed::no_progress).map(|_| ()),
+        Op::Reorganize(job) => job
+            .run(image, &Default::default(), &mut qed::no_progress)
+            .map(|_| ()),
     }
 }
 
@@ -373,7 +372,7 @@ impl Model {
 
     fn apply(&mut self, s: &Setup, op: &Op, ok: bool) {
         match (*op, ok) {
-            (Op::Flush | Op::Read { .. } | Op::Stream | Op::Compact | Op::Defrag, _) => {}
+            (Op::Flush | Op::Read { .. } | Op::Stream | Op::Reorganize(_), _) => {}
             (Op::Write { off, len, .. }, false)
             | (Op::Zeroes { off, len }, false)
             | (Op::Discard { off, len }, false) => {

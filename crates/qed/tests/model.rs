@@ -7,7 +7,7 @@
 
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
-use qed::{BlockDevice, CreateOptions, Format, Image, Mapping, OpenOptions};
+use qed::{BlockDevice, CreateOptions, Format, Image, Mapping, OpenOptions, Reorganization};
 use std::path::Path;
 
 /// Entries in one cached page of an L2 table; runs of the mapping break there.
@@ -69,10 +69,9 @@ enum Op {
         len: u64,
     },
     Flush,
-    /// Move clusters into free space and cut the file (`qed::compact`).
-    Compact,
-    /// Lay the file out in guest order (`qed::defrag`).
-    Defrag,
+    /// Move clusters into free space and cut the file (`qed::compact`), or lay the file
+    /// out in guest order (`qed::defrag`).
+    Reorganize(Reorganization),
     /// Close and open again, first appending `garbage` bytes: a partial trailing cluster
     /// is unreferenced, and the next allocation must overwrite it.
     Reopen {
@@ -177,8 +176,8 @@ fn op(geo: Geo) -> impl Strategy<Value = Op> {
         3 => range(geo).prop_map(|(off, len)| Op::Discard { off, len }),
         4 => range(geo).prop_map(|(off, len)| Op::Read { off, len }),
         1 => Just(Op::Flush),
-        1 => Just(Op::Compact),
-        1 => Just(Op::Defrag),
+        1 => Just(Op::Reorganize(Reorganization::Compact)),
+        1 => Just(Op::Reorganize(Reorganization::Defrag)),
         1 => prop_oneof![
             3 => Just(0u64),
             1 => 1..geo.cs(),
@@ -444,14 +443,10 @@ fn apply(
             img.flush().ctx(|| what.to_string())?;
             assert_clean(img, what, *carried..=*carried)?;
         }
-        Op::Compact | Op::Defrag => {
-            let opts = qed::ReorganizeOptions::default();
-            let end = if matches!(op, Op::Compact) {
-                qed::compact(img, &opts, &mut qed::no_progress)
-            } else {
-                qed::defrag(img, &opts, &mut qed::no_progress)
-            }
-            .ctx(|| what.to_string())?;
+        Op::Reorganize(job) => {
+            let end = job
+                .run(img, &Default::default(), &mut qed::no_progress)
+                .ctx(|| what.to_string())?;
             prop_assert!(
                 matches!(end, qed::ReorganizeEnd::Done { .. }),
                 "{}: {:?}",
@@ -774,12 +769,8 @@ fn concurrent_smoke(geo: Geo, stripe: u64, backed: bool, seed: u64, moving: bool
                     assert_clean(img, "while writers run", 0..=0).unwrap();
                     continue;
                 }
-                let opts = qed::ReorganizeOptions::default();
-                let end = if round % 2 == 0 {
-                    qed::compact(img, &opts, &mut qed::no_progress)
-                } else {
-                    qed::defrag(img, &opts, &mut qed::no_progress)
-                };
+                let job = [Reorganization::Compact, Reorganization::Defrag][(round % 2) as usize];
+                let end = job.run(img, &Default::default(), &mut qed::no_progress);
                 match end {
                     Ok(qed::ReorganizeEnd::Done { moved: m, .. }) => {
                         moved.fetch_add(m, Ordering::Relaxed);

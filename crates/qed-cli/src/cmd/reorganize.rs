@@ -2,7 +2,7 @@
 
 use super::{FileContext, ProgressReport};
 use anyhow::Result;
-use qed::{ReorganizeEnd, ReorganizeOptions};
+use qed::{Reorganization, ReorganizeEnd, ReorganizeOptions};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -22,17 +22,8 @@ pub struct Args {
     file: PathBuf,
 }
 
-/// What to do with the image.
-#[derive(Clone, Copy)]
-pub enum Job {
-    /// Fill free space from the end of the file, then cut it.
-    Compact,
-    /// Put tables together and data in guest order.
-    Defrag,
-}
-
 /// Runs `qed compact` or `qed defrag`; returns the exit code (1 when interrupted).
-pub fn run(a: Args, job: Job) -> Result<u8> {
+pub fn run(a: Args, job: Reorganization) -> Result<u8> {
     super::require_qed(a.format.as_deref())?;
     let image = super::open_image(&a.file, &qed::OpenOptions::default())?;
     let before = image.file_len()?;
@@ -44,10 +35,11 @@ pub fn run(a: Args, job: Job) -> Result<u8> {
     };
     let mut progress = ProgressReport::new(a.progress);
     let mut report = |d, t| progress.update(d, t);
-    let (what, end) = match job {
-        Job::Compact => ("compacting", qed::compact(&image, &opts, &mut report)),
-        Job::Defrag => ("defragmenting", qed::defrag(&image, &opts, &mut report)),
+    let what = match job {
+        Reorganization::Compact => "compacting",
+        Reorganization::Defrag => "defragmenting",
     };
+    let end = job.run(&image, &opts, &mut report);
     let end = end.file_context(what, &a.file)?;
     progress.finish();
     image.close()?;

@@ -17,6 +17,6 @@ pub use compare::{compare, Difference};
 pub use convert::{convert, ConvertOptions};
 pub use measure::{measure, Measure};
 pub use rebase::rebase;
-pub use reorganize::{compact, defrag, ReorganizeEnd, ReorganizeOptions};
+pub use reorganize::{compact, defrag, Reorganization, ReorganizeEnd, ReorganizeOptions};
 pub use step::{no_progress, Progress};
 pub use stream::{stream, stream_base, StreamEnd, StreamOptions};

@@ -25,6 +25,38 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Clusters moved in one batch (one freeze, one flush, one swap).
 const BATCH: usize = 256;
 
+/// Which job moves the clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reorganization {
+    /// Fill free space from the end of the file, then cut it ([`compact`]).
+    Compact,
+    /// Tables together, then data in guest order ([`defrag`]).
+    Defrag,
+}
+
+impl Reorganization {
+    /// The job's name: `compact` or `defrag`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reorganization::Compact => "compact",
+            Reorganization::Defrag => "defrag",
+        }
+    }
+
+    /// Runs the job on `image` (see [`compact`] and [`defrag`]).
+    pub fn run(
+        self,
+        image: &Image,
+        opts: &ReorganizeOptions<'_>,
+        progress: Progress<'_>,
+    ) -> Result<ReorganizeEnd> {
+        match self {
+            Reorganization::Compact => compact(image, opts, progress),
+            Reorganization::Defrag => defrag(image, opts, progress),
+        }
+    }
+}
+
 /// How a compaction or defragmentation runs.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ReorganizeOptions<'a> {
