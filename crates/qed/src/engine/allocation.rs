@@ -239,9 +239,8 @@ impl<'a> Allocation<'a> {
     }
 
     /// Step 4 for zeros: makes the clusters zero clusters.
-    pub(super) fn map_zero(mut self) -> Result<()> {
+    pub(super) fn map_zero(self) -> Result<()> {
         debug_assert!(self.reclaimed.is_none(), "zeros take no space");
-        self.reclaimed = None;
         let write_back = self.wait == Wait::Block;
         self.image
             .set_l2_entries(self.first, self.clusters, write_back, |_| ZERO_CLUSTER)
