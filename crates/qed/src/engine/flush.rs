@@ -5,6 +5,7 @@ use super::free_set::FlushStage;
 use super::image::Image;
 use super::mapping::Mapping;
 use crate::error::{IoContext, Result};
+use std::collections::BTreeSet;
 
 impl Image {
     /// Flushes the file, sharing the flush with concurrent callers.
@@ -75,8 +76,9 @@ impl Image {
         if self.free.freed_bytes() == 0 {
             return Ok(());
         }
+        // The tail goes first, unpunched; what is left below it is punched on its way.
+        self.cut_free_tail(&mut BTreeSet::new())?;
         self.settle_freed()?;
-        self.cut_free_tail()?;
         self.park_freed()
     }
 
@@ -113,10 +115,34 @@ impl Image {
         self.flush_image()
     }
 
-    /// Truncates the file after its last cluster that is not ready to hand out, and
-    /// moves the frontier there. Returns the new end.
-    pub(crate) fn cut_free_tail(&self) -> Result<u64> {
-        self.frontier
-            .cut_free(&*self.storage, &self.name, |end| self.free.cut_tail(end))
+    /// Truncates the file after its last cluster in use, and moves the frontier there:
+    /// freed clusters at the tail, and those of `owned` (a job's, taken out of it), go
+    /// with it unpunched. Drops freed so far are made durable on the way, so that their
+    /// clusters can go too. Returns the new end.
+    pub(crate) fn cut_free_tail(&self, owned: &mut BTreeSet<u64>) -> Result<u64> {
+        self.epochs.synchronize();
+        self.cut_free_tail_now(owned)?;
+        self.flush_image()?;
+        self.epochs.synchronize();
+        self.cut_free_tail_now(owned)
+    }
+
+    /// Truncates the file after its last cluster that is neither free (ready, or durably
+    /// dropped and past its epoch) nor in `owned`.
+    fn cut_free_tail_now(&self, owned: &mut BTreeSet<u64>) -> Result<u64> {
+        let cs = self.geometry.cluster_size();
+        self.frontier.cut_free(
+            &*self.storage,
+            &self.name,
+            |end| {
+                self.free.cut_tail(end, &self.epochs, |mut end| {
+                    while end >= cs && owned.remove(&(end - cs)) {
+                        end -= cs;
+                    }
+                    end
+                })
+            },
+            || self.flush_storage(),
+        )
     }
 }

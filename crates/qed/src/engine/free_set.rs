@@ -330,21 +330,54 @@ impl FreeSet {
         }
     }
 
-    /// Removes the ready runs that end the file at `end`, one after another, and
-    /// returns where the file can end now.
-    pub(super) fn cut_tail(&self, mut end: u64) -> u64 {
+    /// Removes the runs that end the file at `end`, one after another, and returns where
+    /// the file can end now: ready runs, and runs durably dropped whose epoch has passed
+    /// even if they are not punched yet (cut off, their bytes go with the file's tail,
+    /// so there is nothing to punch). `more(end)` may take clusters the set does not
+    /// hold (a job's own) and return the new end.
+    pub(super) fn cut_tail(
+        &self,
+        mut end: u64,
+        epochs: &Epochs,
+        mut more: impl FnMut(u64) -> u64,
+    ) -> u64 {
         let mut st = self.lock();
-        while let Some((&at, &len)) = st.ready.range(..end).next_back() {
-            if at + len != end {
+        let st = &mut *st;
+        let (mut passed, waiting): (Vec<Freed>, Vec<Freed>) = std::mem::take(&mut st.durable)
+            .into_iter()
+            .partition(|f| epochs.has_passed(f.epoch));
+        st.durable = waiting;
+        // Runs never overlap: the one that ends at `end`, if any, is the highest left.
+        passed.sort_unstable_by_key(|f| f.at);
+        loop {
+            let before = end;
+            if let Some((&at, &len)) = st.ready.range(..end).next_back() {
+                if at + len == end {
+                    st.ready.remove(&at);
+                    self.ready_bytes.fetch_sub(len, Ordering::Release);
+                    self.forget_cut(st, at, len);
+                    end = at;
+                }
+            }
+            if let Some(f) = passed.last().copied() {
+                if f.at + f.len == end {
+                    passed.pop();
+                    self.forget_cut(st, f.at, f.len);
+                    end = f.at;
+                }
+            }
+            end = more(end);
+            if end == before {
                 break;
             }
-            st.ready.remove(&at);
-            st.owners.forget(at, len);
-            self.ready_bytes.fetch_sub(len, Ordering::Release);
-            self.freed_bytes.fetch_sub(len, Ordering::Relaxed);
-            end = at;
         }
+        st.durable.extend(passed);
         end
+    }
+
+    fn forget_cut(&self, st: &mut FreeState, at: u64, len: u64) {
+        st.owners.forget(at, len);
+        self.freed_bytes.fetch_sub(len, Ordering::Relaxed);
     }
 
     /// Takes the ready runs a discard freed, with the guest offset that named each, for
@@ -557,7 +590,38 @@ mod tests {
         settle(&set, &epochs);
         assert_eq!(set.take(0x3000), Some(0x1000));
         assert_eq!(set.take(0x1000), Some(0x5000));
-        assert_eq!(set.cut_tail(0xa000), 0x9000);
+        assert_eq!(set.cut_tail(0xa000, &epochs, |end| end), 0x9000);
         assert_eq!(set.ready_bytes(), 0);
+    }
+
+    #[test]
+    fn the_tail_is_cut_unpunched_once_durable_and_past_its_epoch() {
+        let epochs = Epochs::default();
+        let set = FreeSet::default();
+        let unpunched = |at| Freed {
+            punched: false,
+            ..freed(at, 0x1000, epochs.current())
+        };
+        set.release(unpunched(0x8000));
+        set.release(unpunched(0x6000));
+        assert_eq!(
+            set.cut_tail(0x9000, &epochs, |end| end),
+            0x9000,
+            "the drops are not durable yet"
+        );
+        let stage = set.begin_flush(&epochs);
+        set.end_flush(stage, true);
+        epochs.try_advance();
+        epochs.try_advance();
+        let request = epochs.enter();
+        set.release(unpunched(0x5000));
+        let stage = set.begin_flush(&epochs);
+        set.end_flush(stage, true);
+        // 0x7000 is a job's, taken through `more`; 0x5000 a request may still read.
+        let job = |end| if end == 0x8000 { 0x7000 } else { end };
+        assert_eq!(set.cut_tail(0x9000, &epochs, job), 0x6000);
+        drop(request);
+        assert_eq!(set.cut_tail(0x6000, &epochs, |end| end), 0x5000);
+        assert_eq!(set.freed_bytes(), 0);
     }
 }

@@ -146,12 +146,15 @@ impl Frontier {
     }
 
     /// Moves the frontier down to `new_end(end)` (freed clusters that ended the file,
-    /// taken out of the free set) and cuts the file there. Returns the new end.
+    /// taken out of the free set) and cuts the file there, durably (`flush`): the cut
+    /// clusters need not have been punched, and a crash that lost the cut but kept an
+    /// allocation there would expose their old bytes. Returns the new end.
     pub(super) fn cut_free(
         &self,
         storage: &dyn Storage,
         name: &str,
         new_end: impl FnOnce(u64) -> u64,
+        flush: impl FnOnce() -> Result<()>,
     ) -> Result<u64> {
         let mut file = self.lock();
         let end = new_end(self.end());
@@ -161,6 +164,7 @@ impl Frontier {
                 .context(|| format!("truncating {name} after its last cluster in use"))?;
             file.len = end;
             file.trailing_garbage = false;
+            flush()?;
         }
         self.end.store(end, Ordering::Release);
         Ok(end)

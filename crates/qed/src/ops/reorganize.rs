@@ -172,11 +172,14 @@ fn start(image: &Image) -> Result<(Reorganizing<'_>, Layout)> {
     Ok((job, layout))
 }
 
-/// Ends a job: gives back what it owns, settles what it freed, cuts the file.
-fn finish(image: &Image, owned: Owned<'_>) -> Result<u64> {
+/// Ends a job: cuts the file after its last cluster in use (the job's own clusters and
+/// the places it left go with the tail, unpunched), then gives back what it still owns
+/// and settles what is left below the end.
+fn finish(image: &Image, mut owned: Owned<'_>) -> Result<u64> {
+    let end = image.cut_free_tail(&mut owned.clusters)?;
     drop(owned);
     image.settle_freed()?;
-    image.cut_free_tail()
+    Ok(end)
 }
 
 fn cancelled(opts: &ReorganizeOptions<'_>) -> bool {
@@ -533,8 +536,6 @@ pub fn defrag(
         i = j;
         progress(i as u64, total);
     }
-    image.settle_freed()?;
-    claim_ready(&job, &mut owned, &mut places);
     drop(job);
     let file_len = finish(image, owned)?;
     progress(total, total);
