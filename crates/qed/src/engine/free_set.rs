@@ -15,7 +15,7 @@
 //! process that dies leaves its freed clusters as leaks, which the check reclaims.
 
 use super::epochs::Epochs;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
@@ -238,11 +238,14 @@ impl FreeSet {
             return;
         }
         let mut st = self.lock();
-        for f in stage.sealed.iter().chain(&stage.settling) {
-            if let Some(i) = st.staged.iter().position(|&r| r == (f.at, f.len)) {
-                st.staged.swap_remove(i);
-            }
-        }
+        // Runs never overlap, so a run's start names it among those of every flush.
+        let ours: HashSet<u64> = stage
+            .sealed
+            .iter()
+            .chain(&stage.settling)
+            .map(|f| f.at)
+            .collect();
+        st.staged.retain(|&(at, _)| !ours.contains(&at));
         self.flush_ended.notify_all();
         if ok {
             st.durable.extend(stage.sealed);

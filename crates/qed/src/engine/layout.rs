@@ -99,15 +99,21 @@ impl Image {
 
     /// Calls `f(guest, file, clusters)` for every run of data clusters, in guest order,
     /// as memory holds them now, until it breaks.
-    pub(crate) fn data_runs(
+    pub(crate) fn data_runs(&self, f: impl FnMut(u64, u64, u64) -> ControlFlow<()>) -> Result<()> {
+        self.data_runs_from(0, f)
+    }
+
+    /// [`Image::data_runs`] from the cluster that holds guest offset `from` on.
+    fn data_runs_from(
         &self,
+        from: u64,
         mut f: impl FnMut(u64, u64, u64) -> ControlFlow<()>,
     ) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
         let size = self.header.get().image_size;
         let per_table = g.entries_per_table() * cs;
-        let mut pos = 0;
+        let mut pos = from / cs * cs;
         while pos < size {
             if self.l1_entry(g.l1_index(pos))? == 0 {
                 pos = (pos / per_table + 1) * per_table;
@@ -133,7 +139,7 @@ impl Image {
         let cs = self.geometry.cluster_size();
         let mut out = Vec::new();
         let mut failed = None;
-        self.data_runs(|guest, file, n| {
+        self.data_runs_from(from, |guest, file, n| {
             let end = file + n * cs;
             if guest + n * cs <= from {
                 return ControlFlow::Continue(());
