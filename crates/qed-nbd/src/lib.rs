@@ -28,6 +28,7 @@ mod connection;
 mod errors;
 mod export;
 mod handshake;
+mod outbox;
 mod pool;
 pub mod proto;
 mod reader;

@@ -9,21 +9,17 @@ use crate::commands::{allowed_flags, run_on_pool};
 use crate::connection::{Connection, Msg};
 use crate::errors::{io_errno, nbd_error};
 use crate::export::MAX_PAYLOAD;
+use crate::outbox::{Outbox, MAX_REPLY_BATCH};
 use crate::pool::Pool;
 use crate::proto::{self, cflag, cmd, errno, Request};
 use crate::transport::Transport;
 use qed::{AlignedBuf as Buf, BlockDevice, DirectExtent, DirectRead, PendingWrite, Ring};
-use std::collections::VecDeque;
-use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 
 /// `user_data` of the poll that waits for the socket to take more.
 const SOCKET_WRITABLE: u64 = u64::MAX - 1;
-/// Bytes of replies gathered before they are sent.
-const MAX_REPLY_BATCH: usize = 256 << 10;
-
 /// A request in the kernel.
 struct InFlight<'a> {
     req: Request,
@@ -32,80 +28,6 @@ struct InFlight<'a> {
     write: Option<PendingWrite<'a>>,
     /// A read's hold on its extent, let go once the read completed.
     read: Option<DirectRead<'a>>,
-}
-
-/// Replies waiting to be sent, and the budget each holds until it is.
-#[derive(Default)]
-struct Outbox {
-    bytes: Vec<u8>,
-    sent: usize,
-    /// (end of the reply in `bytes`, its budget)
-    costs: VecDeque<(usize, u64)>,
-    broken: bool,
-    poll_armed: bool,
-}
-
-impl Outbox {
-    /// Queues one reply, given in parts (a header and the data read, say, copied once).
-    fn push(&mut self, conn: &Connection, parts: &[&[u8]], cost: u64) {
-        if self.broken {
-            conn.budget.release(cost);
-            return;
-        }
-        for part in parts {
-            self.bytes.extend_from_slice(part);
-        }
-        self.costs.push_back((self.bytes.len(), cost));
-    }
-
-    fn pending(&self) -> bool {
-        self.sent < self.bytes.len()
-    }
-
-    /// Sends what it can; with `wait`, everything (blocking). Returns whether all went.
-    fn send(&mut self, conn: &Connection, socket: &Transport, wait: bool) -> bool {
-        while self.pending() && !self.broken {
-            let rest = &self.bytes[self.sent..];
-            let e = match socket.send(rest, wait) {
-                Ok(n) if n > 0 => {
-                    self.sent += n;
-                    continue;
-                }
-                Ok(_) => std::io::ErrorKind::WriteZero.into(),
-                Err(e) => e,
-            };
-            match e.kind() {
-                std::io::ErrorKind::Interrupted => {}
-                std::io::ErrorKind::WouldBlock => break,
-                _ => {
-                    // A reply cut short leaves the stream out of step: end the session.
-                    self.broken = true;
-                    let _ = socket.socket().shutdown(Shutdown::Both);
-                }
-            }
-        }
-        let done = if self.broken {
-            self.bytes.len()
-        } else {
-            self.sent
-        };
-        while self.costs.front().is_some_and(|&(end, _)| end <= done) {
-            if let Some((_, cost)) = self.costs.pop_front() {
-                conn.budget.release(cost);
-            }
-        }
-        if done == self.bytes.len() {
-            if self.bytes.capacity() > MAX_REPLY_BATCH {
-                // Do not keep a large read's buffer around for small replies.
-                self.bytes = Vec::new();
-            } else {
-                self.bytes.clear();
-            }
-            self.sent = 0;
-            self.costs.clear();
-        }
-        !self.pending()
-    }
 }
 
 /// Runs the reply thread until the reader has stopped and every request is answered.
@@ -184,8 +106,9 @@ impl<'a> ReplyThread<'a> {
             self.free.push(slot);
             drop(f.read);
             let (head, with_data) = complete(self.conn, f.req, f.write, res);
-            let data: &[u8] = if with_data { f.buf.as_ref() } else { &[] };
-            self.out.push(self.conn, &[&head, data], f.cost);
+            let data = with_data.then_some(f.buf);
+            self.out
+                .push(&self.conn.budget, &self.socket, &head, data, f.cost);
         }
         progress
     }
@@ -202,7 +125,7 @@ impl<'a> ReplyThread<'a> {
             };
             progress = true;
             self.dispatch(msg);
-            if self.out.bytes.len() >= MAX_REPLY_BATCH {
+            if self.out.unsent() >= MAX_REPLY_BATCH as u64 {
                 break;
             }
         }
@@ -232,7 +155,7 @@ impl<'a> ReplyThread<'a> {
     fn dispatch(&mut self, msg: Msg) {
         match msg {
             Msg::Stop => self.stopping = true,
-            Msg::Reply(bytes, cost) => self.out.push(self.conn, &[&bytes], cost),
+            Msg::Reply(bytes, cost) => self.out.push_reply(&self.conn.budget, bytes, cost),
             Msg::Io(req, buf, cost) => {
                 if let Err((req, buf, cost)) = self.start(req, buf, cost) {
                     run_on_pool(self.conn, self.pool, req, buf, cost);
@@ -247,7 +170,9 @@ impl<'a> ReplyThread<'a> {
         if !self.out.pending() || self.out.poll_armed {
             return;
         }
-        let all_sent = self.out.send(self.conn, &self.socket, self.ring.is_none());
+        let all_sent = self
+            .out
+            .send(&self.conn.budget, &self.socket, self.ring.is_none());
         if all_sent {
             return;
         }
@@ -259,7 +184,7 @@ impl<'a> ReplyThread<'a> {
             {
                 self.out.poll_armed = true;
             } else {
-                self.out.send(self.conn, &self.socket, true);
+                self.out.send(&self.conn.budget, &self.socket, true);
             }
         }
     }
@@ -298,7 +223,7 @@ impl<'a> ReplyThread<'a> {
         };
         // A read needs room for its data; a write's buffer is its payload.
         let mut buf = if write.is_none() {
-            Buf::new(req.length as usize)
+            self.out.read_buffer(req.length as usize)
         } else {
             buf
         };

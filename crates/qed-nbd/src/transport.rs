@@ -8,7 +8,7 @@
 
 use crate::stream::Stream;
 use openssl::ssl::{ErrorCode, SslStream};
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -149,6 +149,37 @@ impl Transport {
                     },
                 }
             },
+        }
+    }
+
+    /// Whether the connection is encrypted.
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self, Transport::Tls(_))
+    }
+
+    /// Sends from `parts` in order, as [`Transport::send`] does from one buffer: over a
+    /// plain socket in one call; over TLS from the first part that is not empty.
+    pub(crate) fn send_vectored(&self, parts: &[IoSlice<'_>], wait: bool) -> io::Result<usize> {
+        let Transport::Plain(s) = self else {
+            let first = parts
+                .iter()
+                .find(|p| !p.is_empty())
+                .map_or(&[][..], |p| &p[..]);
+            return self.send(first, wait);
+        };
+        let flags = libc::MSG_NOSIGNAL | if wait { 0 } else { libc::MSG_DONTWAIT };
+        // SAFETY: a zeroed msghdr is a valid empty one; it points at `parts`, which
+        // IoSlice lays out as iovecs, alive for the call.
+        let n = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = parts.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = parts.len() as _;
+            libc::sendmsg(s.as_raw_fd(), &msg, flags)
+        };
+        if n >= 0 {
+            Ok(n as usize)
+        } else {
+            Err(io::Error::last_os_error())
         }
     }
 

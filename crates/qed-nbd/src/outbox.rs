@@ -1,0 +1,289 @@
+//! Replies waiting to leave a connection, in order, with the budget each holds until it
+//! has gone.
+//!
+//! Small replies and headers are gathered into one buffer; a large read's data stays in
+//! the buffer it was read into and goes out beside them in one vectored send, so the
+//! bytes are copied once, by the kernel into the socket. Over TLS everything is gathered
+//! (encryption copies it anyway, and one record beats a header's record of its own).
+//! Data buffers that went out come back for the next reads of their size.
+
+use crate::connection::Budget;
+use crate::transport::Transport;
+use qed::AlignedBuf as Buf;
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::net::Shutdown;
+
+/// Bytes of replies gathered before they are sent.
+pub(crate) const MAX_REPLY_BATCH: usize = 256 << 10;
+/// Data at least this long is sent from its own buffer rather than copied.
+const SEND_IN_PLACE: usize = 16 << 10;
+/// Buffers sent in one call, at most.
+const MAX_IOVECS: usize = 64;
+/// Bytes of data buffers kept for reuse.
+const SPARE_BYTES: usize = 8 << 20;
+
+/// A piece of the outgoing stream.
+enum Chunk {
+    Gathered(Vec<u8>),
+    InPlace(Buf),
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Gathered(v) => v,
+            Chunk::InPlace(b) => b,
+        }
+    }
+}
+
+/// The replies of one connection not sent yet.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    chunks: VecDeque<Chunk>,
+    /// Bytes of the first chunk already sent.
+    sent_in_front: usize,
+    /// Bytes queued and bytes sent since the connection began.
+    queued_total: u64,
+    sent_total: u64,
+    /// (end of the reply in the stream, its budget)
+    costs: VecDeque<(u64, u64)>,
+    /// Data buffers that went out, for reuse.
+    spare: Vec<Buf>,
+    pub(crate) broken: bool,
+    pub(crate) poll_armed: bool,
+}
+
+impl Outbox {
+    /// Queues one reply: `head`, then `data` if any (the data read for it). Over a plain
+    /// socket large data is sent from `data` itself.
+    pub(crate) fn push(
+        &mut self,
+        budget: &Budget,
+        socket: &Transport,
+        head: &[u8],
+        data: Option<Buf>,
+        cost: u64,
+    ) {
+        if self.broken {
+            budget.release(cost);
+            return;
+        }
+        self.gather(head);
+        if let Some(data) = data {
+            if data.len() >= SEND_IN_PLACE && !socket.is_tls() {
+                self.queued_total += data.len() as u64;
+                self.chunks.push_back(Chunk::InPlace(data));
+            } else {
+                self.gather(&data);
+                self.recycle(data);
+            }
+        }
+        self.costs.push_back((self.queued_total, cost));
+    }
+
+    /// Queues a finished reply of the pool's; a large one (a read the pool ran) is moved
+    /// in, not copied.
+    pub(crate) fn push_reply(&mut self, budget: &Budget, reply: Vec<u8>, cost: u64) {
+        if self.broken {
+            budget.release(cost);
+            return;
+        }
+        if reply.len() >= SEND_IN_PLACE {
+            self.queued_total += reply.len() as u64;
+            self.chunks.push_back(Chunk::Gathered(reply));
+        } else {
+            self.gather(&reply);
+        }
+        self.costs.push_back((self.queued_total, cost));
+    }
+
+    /// Appends to the last gathered chunk, or starts one.
+    fn gather(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.queued_total += bytes.len() as u64;
+        if let Some(Chunk::Gathered(v)) = self.chunks.back_mut() {
+            v.extend_from_slice(bytes);
+            return;
+        }
+        self.chunks.push_back(Chunk::Gathered(bytes.to_vec()));
+    }
+
+    /// Bytes queued and not sent.
+    pub(crate) fn unsent(&self) -> u64 {
+        self.queued_total - self.sent_total
+    }
+
+    /// Whether anything is left to send.
+    pub(crate) fn pending(&self) -> bool {
+        self.unsent() > 0
+    }
+
+    /// A buffer of `len` bytes for a read: one that went out before, or a new one.
+    pub(crate) fn read_buffer(&mut self, len: usize) -> Buf {
+        match self.spare.iter().position(|b| b.len() == len) {
+            Some(i) => self.spare.swap_remove(i),
+            None => Buf::new(len),
+        }
+    }
+
+    fn recycle(&mut self, buf: Buf) {
+        let kept: usize = self.spare.iter().map(|b| b.len()).sum();
+        if kept + buf.len() <= SPARE_BYTES {
+            self.spare.push(buf);
+        }
+    }
+
+    /// Sends what it can; with `wait`, everything (blocking). Returns whether all went.
+    pub(crate) fn send(&mut self, budget: &Budget, socket: &Transport, wait: bool) -> bool {
+        while self.pending() && !self.broken {
+            let result = {
+                let mut slices = Vec::with_capacity(MAX_IOVECS.min(self.chunks.len()));
+                for (i, c) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
+                    let skip = if i == 0 { self.sent_in_front } else { 0 };
+                    slices.push(IoSlice::new(&c.bytes()[skip..]));
+                }
+                socket.send_vectored(&slices, wait)
+            };
+            let e = match result {
+                Ok(n) if n > 0 => {
+                    self.advance(n);
+                    continue;
+                }
+                Ok(_) => std::io::ErrorKind::WriteZero.into(),
+                Err(e) => e,
+            };
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => {}
+                std::io::ErrorKind::WouldBlock => break,
+                _ => {
+                    // A reply cut short leaves the stream out of step: end the session.
+                    self.broken = true;
+                    let _ = socket.socket().shutdown(Shutdown::Both);
+                }
+            }
+        }
+        let done = if self.broken {
+            self.chunks.clear();
+            self.sent_in_front = 0;
+            self.sent_total = self.queued_total;
+            u64::MAX
+        } else {
+            self.sent_total
+        };
+        while self.costs.front().is_some_and(|&(end, _)| end <= done) {
+            if let Some((_, cost)) = self.costs.pop_front() {
+                budget.release(cost);
+            }
+        }
+        !self.pending()
+    }
+
+    /// Counts `n` more bytes sent, letting go of the chunks that went whole.
+    fn advance(&mut self, mut n: usize) {
+        self.sent_total += n as u64;
+        while n > 0 {
+            let Some(front) = self.chunks.front() else {
+                break;
+            };
+            let left = front.bytes().len() - self.sent_in_front;
+            if n < left {
+                self.sent_in_front += n;
+                break;
+            }
+            n -= left;
+            self.sent_in_front = 0;
+            match self.chunks.pop_front() {
+                Some(Chunk::InPlace(buf)) => self.recycle(buf),
+                Some(Chunk::Gathered(mut v))
+                    if self.chunks.is_empty() && v.capacity() <= MAX_REPLY_BATCH =>
+                {
+                    // Kept for the next replies, unless a large one grew it.
+                    v.clear();
+                    self.chunks.push_back(Chunk::Gathered(v));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::Stream;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    fn buf_of(len: usize, seed: u8) -> Buf {
+        let mut b = Buf::new(len);
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = seed.wrapping_add((i % 251) as u8);
+        }
+        b
+    }
+
+    /// Replies of every kind, sent without blocking into a socket that takes less than
+    /// they are, arrive whole and in order, and every budget comes back once its reply
+    /// has gone.
+    #[test]
+    fn replies_leave_in_order_through_partial_sends() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let socket = Transport::Plain(Stream::Unix(ours));
+        let budget = Budget::default();
+        let mut out = Outbox::default();
+        let mut expected = Vec::new();
+        for i in 0..40u8 {
+            let head = [i; 16];
+            expected.extend_from_slice(&head);
+            budget.acquire(1);
+            match i % 4 {
+                0 => {
+                    let data = buf_of(64 << 10, i);
+                    expected.extend_from_slice(&data);
+                    out.push(&budget, &socket, &head, Some(data), 1);
+                }
+                1 => {
+                    let data = buf_of(512, i);
+                    expected.extend_from_slice(&data);
+                    out.push(&budget, &socket, &head, Some(data), 1);
+                }
+                2 => out.push(&budget, &socket, &head, None, 1),
+                _ => {
+                    // A pool's reply: its header and data in one buffer.
+                    let reply: Vec<u8> = buf_of(20 << 10, i).to_vec();
+                    expected.extend_from_slice(&reply);
+                    out.push_reply(&budget, [&head[..], &reply].concat(), 1);
+                }
+            }
+        }
+        let total = expected.len();
+        let reader = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            let mut got = vec![0; total];
+            theirs.read_exact(&mut got).unwrap();
+            got
+        });
+        let mut rounds = 0;
+        while !out.send(&budget, &socket, false) {
+            rounds += 1;
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(
+            rounds > 0,
+            "the socket took everything at once: no partial send"
+        );
+        assert!(reader.join().unwrap() == expected, "bytes out of order");
+        budget.wait_idle();
+        assert!(!out.broken);
+        assert!(
+            !out.spare.is_empty(),
+            "sent read buffers are kept for reuse"
+        );
+        let again = out.read_buffer(64 << 10);
+        assert_eq!(again.len(), 64 << 10);
+    }
+}
