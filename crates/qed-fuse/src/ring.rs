@@ -16,7 +16,6 @@ use crate::tally::Tally;
 use fuser::{ReplyData, ReplyWrite};
 use qed::{AlignedBuf, BlockDevice, DirectExtent, DirectRead, PendingWrite, Ring, Waker};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -49,8 +48,6 @@ pub(crate) enum Io {
 pub(crate) struct RingLink {
     tx: Sender<Io>,
     waker: Waker,
-    /// The ring thread is (about to be) asleep on the ring: a sender must wake it.
-    parked: Arc<AtomicBool>,
 }
 
 impl RingLink {
@@ -58,9 +55,7 @@ impl RingLink {
     pub(crate) fn send(&self, io: Io) {
         // The thread outlives every sender (it ends on `Stop`, sent last).
         let _ = self.tx.send(io);
-        if self.parked.swap(false, Ordering::SeqCst) {
-            self.waker.wake();
-        }
+        self.waker.wake();
     }
 }
 
@@ -74,11 +69,9 @@ pub(crate) fn start(
 ) -> Option<(RingLink, JoinHandle<()>)> {
     let ring = Ring::new(u32::try_from(capacity).unwrap_or(u32::MAX / 2))?;
     let (tx, rx) = channel();
-    let parked = Arc::new(AtomicBool::new(false));
     let link = RingLink {
         tx,
         waker: ring.waker(),
-        parked: parked.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("fuse-ring".into())
@@ -91,7 +84,6 @@ pub(crate) fn start(
                 tally: &tally,
                 pool: &pool,
                 rx,
-                parked: &parked,
                 stopping: false,
                 zeros: vec![0; MAX_REQUEST as usize],
                 held: VecDeque::new(),
@@ -127,7 +119,6 @@ struct RingThread<'a> {
     tally: &'a Arc<Tally>,
     pool: &'a Arc<Pool>,
     rx: Receiver<Io>,
-    parked: &'a AtomicBool,
     stopping: bool,
     /// The answer to reads of runs known to be zero. Never written, so its pages stay
     /// the kernel's shared zero page and take no memory.
@@ -168,22 +159,32 @@ impl<'a> RingThread<'a> {
 
     /// Sleeps on the ring until a completion, or a sender's wake-up.
     fn sleep(&mut self) {
-        self.parked.store(true, Ordering::SeqCst);
-        // A message sent before the flag went up found nobody to wake: look once more.
-        match self.rx.try_recv() {
+        let quiet = self.ring.in_kernel() == 0 && self.held.is_empty();
+        let rx = &self.rx;
+        let mut got = None;
+        let mut gone = false;
+        // A message sent before the ring was parked found nobody to wake: look once more.
+        let parked = self.ring.park(|| match rx.try_recv() {
             Ok(io) => {
-                self.parked.store(false, Ordering::SeqCst);
-                self.hold(io);
-                return;
+                got = Some(io);
+                true
             }
-            Err(TryRecvError::Disconnected) => self.stopping = true,
-            Err(TryRecvError::Empty) => {}
+            // Nothing more will come: sleep only for completions still due.
+            Err(TryRecvError::Disconnected) => {
+                gone = true;
+                quiet
+            }
+            Err(TryRecvError::Empty) => false,
+        });
+        if gone {
+            self.stopping = true;
         }
-        let idle = self.stopping && self.ring.in_kernel() == 0 && self.held.is_empty();
-        if !idle && self.ring.wait().is_err() {
+        if let Some(io) = got {
+            self.hold(io);
+        }
+        if parked.is_err() {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        self.parked.store(false, Ordering::SeqCst);
     }
 
     /// How many requests the disk is given at once. A disk that completes what it has

@@ -44,6 +44,7 @@ pub(crate) fn run(
         flight: Vec::new(),
         free: Vec::new(),
         out: Outbox::default(),
+        early: None,
         stopping: false,
         conn,
         dev: conn.device(),
@@ -76,6 +77,8 @@ struct ReplyThread<'a> {
     /// Slots of `flight` free for reuse.
     free: Vec<usize>,
     out: Outbox,
+    /// A message taken while parking the ring, to act on first.
+    early: Option<Msg>,
     /// The reader is done (or gone); the thread ends once nothing is left to answer.
     stopping: bool,
     conn: &'a Arc<Connection>,
@@ -135,6 +138,9 @@ impl<'a> ReplyThread<'a> {
     /// The next message, if one is waiting (or, with `block`, once one comes). A reader
     /// gone counts as stopping.
     fn next_message(&mut self, block: bool) -> Option<Msg> {
+        if let Some(m) = self.early.take() {
+            return Some(m);
+        }
         let msg = if block {
             self.incoming.recv().ok()
         } else {
@@ -196,10 +202,24 @@ impl<'a> ReplyThread<'a> {
 
     /// Sleeps until the ring has a completion or a message wakes it.
     fn wait_for_ring(&mut self) {
-        if let Some(r) = self.ring.as_mut() {
-            if r.wait().is_err() {
-                std::thread::sleep(std::time::Duration::from_millis(1));
+        let in_kernel = self.flight.iter().any(Option::is_some);
+        let Some(r) = self.ring.as_mut() else {
+            return;
+        };
+        let incoming = &self.incoming;
+        let early = &mut self.early;
+        // A message sent before the ring was parked found nobody to wake: look once more.
+        let parked = r.park(|| match incoming.try_recv() {
+            Ok(m) => {
+                *early = Some(m);
+                true
             }
+            Err(TryRecvError::Empty) => false,
+            // Nothing more will come (the next look stops): sleep only for completions.
+            Err(TryRecvError::Disconnected) => !in_kernel,
+        });
+        if parked.is_err() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 

@@ -9,6 +9,7 @@
 use crate::error::{Error, IoContext, Result};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// `user_data` of the eventfd read; callers must not use it.
@@ -16,15 +17,28 @@ pub const WAKE: u64 = u64::MAX;
 
 /// Wakes a [`Ring`]'s owner from another thread.
 #[derive(Debug, Clone)]
-pub struct Waker(Arc<OwnedFd>);
+pub struct Waker {
+    fd: Arc<OwnedFd>,
+    /// Set while the owner sleeps on the ring (see [`Ring::park`]): a wake-up costs a
+    /// system call only then.
+    parked: Arc<AtomicBool>,
+}
 
 impl Waker {
+    /// Wakes the owner if it sleeps on its ring, or is about to: call it after handing
+    /// the owner its work (a message sent, say), never before.
+    pub fn wake(&self) {
+        if self.parked.swap(false, Ordering::SeqCst) {
+            self.force();
+        }
+    }
+
     /// Makes the ring's pending eventfd read complete (a harmless no-op if it already
     /// did).
-    pub fn wake(&self) {
+    fn force(&self) {
         let one = 1u64.to_ne_bytes();
         // SAFETY: an 8-byte write from a live buffer to an eventfd we keep open.
-        unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), 8) };
+        unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), 8) };
     }
 }
 
@@ -60,7 +74,10 @@ impl Ring {
         let mut ring = Ring {
             ring,
             in_kernel: 0,
-            waker: Waker(Arc::new(fd)),
+            waker: Waker {
+                fd: Arc::new(fd),
+                parked: Arc::new(AtomicBool::new(false)),
+            },
             wake_buf: Box::new([0; 8]),
             wake_armed: false,
         };
@@ -144,7 +161,7 @@ impl Ring {
 
     fn arm_wake(&mut self) -> Result<()> {
         let e = opcode::Read::new(
-            types::Fd(self.waker.0.as_raw_fd()),
+            types::Fd(self.waker.fd.as_raw_fd()),
             self.wake_buf.as_mut_ptr(),
             8,
         )
@@ -168,7 +185,18 @@ impl Ring {
             .context(|| "submitting to io_uring".into())
     }
 
-    /// Submits what is queued and waits until at least one completion or wake-up.
+    /// Submits what is queued and sleeps until at least one completion or a
+    /// [`Waker::wake`], unless `has_work` (asked once wakers know the owner is about to
+    /// sleep, so that nothing handed over before is missed) finds something to do.
+    pub fn park(&mut self, has_work: impl FnOnce() -> bool) -> Result<()> {
+        self.waker.parked.store(true, Ordering::SeqCst);
+        let result = if has_work() { Ok(()) } else { self.wait() };
+        self.waker.parked.store(false, Ordering::SeqCst);
+        result
+    }
+
+    /// Submits what is queued and waits until at least one completion (a waker's
+    /// wake-up counts only under [`Ring::park`]).
     pub fn wait(&mut self) -> Result<()> {
         match self.ring.submit_and_wait(1) {
             Ok(_) => Ok(()),
@@ -202,7 +230,7 @@ impl Ring {
     /// this; what it reaps is dropped.
     pub fn drain(&mut self) {
         if self.wake_armed {
-            self.waker.wake();
+            self.waker.force();
         }
         while self.in_kernel > 0 || self.wake_armed {
             if self.ring.submit_and_wait(1).is_err() {
@@ -225,5 +253,57 @@ impl Ring {
 impl Drop for Ring {
     fn drop(&mut self) {
         self.drain();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Work handed over while the owner runs, just before it parks, or while it sleeps
+    /// is never missed; the owner sleeps until then.
+    #[test]
+    fn a_parked_ring_hears_of_work_handed_over_at_any_moment() {
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ring = Ring::new(4).expect("io_uring");
+            let (tx, rx) = mpsc::channel();
+            let waker = ring.waker();
+            let sender = std::thread::spawn(move || {
+                for (i, pause) in [0u64, 0, 1, 20, 0, 50].into_iter().enumerate() {
+                    std::thread::sleep(Duration::from_millis(pause));
+                    tx.send(i).unwrap();
+                    waker.wake();
+                }
+            });
+            let mut got = Vec::new();
+            let mut parks = 0;
+            while got.len() < 6 {
+                while let Ok(i) = rx.try_recv() {
+                    got.push(i);
+                }
+                if got.len() == 6 {
+                    break;
+                }
+                let mut early = None;
+                ring.park(|| {
+                    early = rx.try_recv().ok();
+                    early.is_some()
+                })
+                .unwrap();
+                ring.reap().unwrap();
+                got.extend(early);
+                parks += 1;
+            }
+            sender.join().unwrap();
+            done_tx.send((got, parks)).unwrap();
+        });
+        let (got, parks) = done_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the owner slept through a wake-up");
+        assert_eq!(got, (0..6).collect::<Vec<_>>());
+        assert!(parks >= 2, "the owner never slept");
     }
 }

@@ -128,7 +128,13 @@ impl<'a, 's> Driver<'a, 's> {
             if self.in_flight == 0 {
                 return Ok(());
             }
-            ring.wait()?;
+            let finished = self.finished;
+            ring.park(|| {
+                !finished
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_empty()
+            })?;
             let mut failure = self.reap_ring(ring)?;
             if let Err(e) = self.reap_workers() {
                 failure.get_or_insert(e);
