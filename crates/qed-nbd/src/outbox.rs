@@ -20,8 +20,10 @@ pub(crate) const MAX_REPLY_BATCH: usize = 256 << 10;
 const SEND_IN_PLACE: usize = 16 << 10;
 /// Buffers sent in one call, at most.
 const MAX_IOVECS: usize = 64;
-/// Bytes of data buffers kept for reuse.
+/// Bytes of data buffers kept for reuse, and how many at most (so that finding one of
+/// the right size stays a short look).
 const SPARE_BYTES: usize = 8 << 20;
+const SPARE_BUFFERS: usize = 32;
 
 /// A piece of the outgoing stream.
 enum Chunk {
@@ -49,8 +51,9 @@ pub(crate) struct Outbox {
     sent_total: u64,
     /// (end of the reply in the stream, its budget)
     costs: VecDeque<(u64, u64)>,
-    /// Data buffers that went out, for reuse.
+    /// Data buffers that went out, for reuse, and their bytes.
     spare: Vec<Buf>,
+    spare_bytes: usize,
     pub(crate) broken: bool,
     pub(crate) poll_armed: bool,
 }
@@ -125,14 +128,17 @@ impl Outbox {
     /// A buffer of `len` bytes for a read: one that went out before, or a new one.
     pub(crate) fn read_buffer(&mut self, len: usize) -> Buf {
         match self.spare.iter().position(|b| b.len() == len) {
-            Some(i) => self.spare.swap_remove(i),
+            Some(i) => {
+                self.spare_bytes -= len;
+                self.spare.swap_remove(i)
+            }
             None => Buf::new(len),
         }
     }
 
     fn recycle(&mut self, buf: Buf) {
-        let kept: usize = self.spare.iter().map(|b| b.len()).sum();
-        if kept + buf.len() <= SPARE_BYTES {
+        if self.spare.len() < SPARE_BUFFERS && self.spare_bytes + buf.len() <= SPARE_BYTES {
+            self.spare_bytes += buf.len();
             self.spare.push(buf);
         }
     }

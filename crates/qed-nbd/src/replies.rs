@@ -202,10 +202,10 @@ impl<'a> ReplyThread<'a> {
 
     /// Sleeps until the ring has a completion or a message wakes it.
     fn wait_for_ring(&mut self) {
-        let in_kernel = self.flight.iter().any(Option::is_some);
         let Some(r) = self.ring.as_mut() else {
             return;
         };
+        let in_kernel = r.in_kernel() > 0;
         let incoming = &self.incoming;
         let early = &mut self.early;
         // A message sent before the ring was parked found nobody to wake: look once more.

@@ -96,7 +96,7 @@ impl Ring {
     }
 
     /// Queues a read of `len` bytes at `offset` of `fd` into `buf` (submitted at the next
-    /// [`Ring::submit`] or [`Ring::wait`]); its completion carries `user_data`.
+    /// [`Ring::submit`] or [`Ring::park`]); its completion carries `user_data`.
     ///
     /// # Safety
     /// `buf` must point to `len` writable bytes that stay valid and untouched until the
@@ -195,9 +195,9 @@ impl Ring {
         result
     }
 
-    /// Submits what is queued and waits until at least one completion (a waker's
-    /// wake-up counts only under [`Ring::park`]).
-    pub fn wait(&mut self) -> Result<()> {
+    /// Submits what is queued and waits until at least one completion. Private: a
+    /// waker's wake-up reaches only an owner that parked (see [`Ring::park`]).
+    fn wait(&mut self) -> Result<()> {
         match self.ring.submit_and_wait(1) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
