@@ -7,7 +7,7 @@ use crate::proto::{self, cmd, Request};
 use crate::session::Session;
 use qed::{AlignedBuf as Buf, Waker};
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Payload bytes a connection may have in flight before it stops reading requests.
 const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
@@ -18,9 +18,17 @@ pub(crate) const MAX_IN_FLIGHT: u64 = 256;
 /// without bound.
 #[derive(Default)]
 pub(crate) struct Budget {
-    /// (bytes, requests) in flight.
-    state: Mutex<(u64, u64)>,
+    state: Mutex<InFlight>,
     changed: Condvar,
+}
+
+#[derive(Default)]
+struct InFlight {
+    bytes: u64,
+    requests: u64,
+    /// Threads waiting for a change: a release with none skips the wake-up, which
+    /// costs a system call each time otherwise.
+    waiting: u32,
 }
 
 impl Budget {
@@ -28,27 +36,46 @@ impl Budget {
     pub(crate) fn acquire(&self, bytes: u64) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         // An empty connection always admits one request, however large.
-        while st.1 > 0 && (st.0 + bytes > MAX_IN_FLIGHT_BYTES || st.1 >= MAX_IN_FLIGHT) {
-            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        while st.requests > 0
+            && (st.bytes + bytes > MAX_IN_FLIGHT_BYTES || st.requests >= MAX_IN_FLIGHT)
+        {
+            st = self.wait(st);
         }
-        st.0 += bytes;
-        st.1 += 1;
+        st.bytes += bytes;
+        st.requests += 1;
     }
 
     /// Gives back what [`Budget::acquire`] took for one request.
     pub(crate) fn release(&self, bytes: u64) {
+        self.release_many(bytes, 1);
+    }
+
+    /// Gives back what `requests` requests took, `bytes` in all.
+    pub(crate) fn release_many(&self, bytes: u64, requests: u64) {
+        if requests == 0 {
+            return;
+        }
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.0 -= bytes;
-        st.1 -= 1;
-        self.changed.notify_all();
+        st.bytes -= bytes;
+        st.requests -= requests;
+        if st.waiting > 0 {
+            self.changed.notify_all();
+        }
     }
 
     /// Waits until every request has given its budget back, i.e. has been answered.
     pub(crate) fn wait_idle(&self) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while st.1 > 0 {
-            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        while st.requests > 0 {
+            st = self.wait(st);
         }
+    }
+
+    fn wait<'a>(&self, mut st: MutexGuard<'a, InFlight>) -> MutexGuard<'a, InFlight> {
+        st.waiting += 1;
+        let mut st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        st.waiting -= 1;
+        st
     }
 }
 

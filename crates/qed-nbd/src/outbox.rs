@@ -4,7 +4,8 @@
 //! Small replies and headers are gathered into one buffer; a large read's data stays in
 //! the buffer it was read into and goes out beside them in one vectored send, so the
 //! bytes are copied once, by the kernel into the socket. Over TLS everything is gathered
-//! (encryption copies it anyway, and one record beats a header's record of its own).
+//! (encryption copies it anyway, and one record beats a header's record of its own),
+//! then sealed into records a batch at a time, and the records sent as plain text is.
 //! Data buffers that went out come back for the next reads of their size.
 
 use crate::connection::Budget;
@@ -18,6 +19,9 @@ use std::net::Shutdown;
 pub(crate) const MAX_REPLY_BATCH: usize = 256 << 10;
 /// Data at least this long is sent from its own buffer rather than copied.
 const SEND_IN_PLACE: usize = 16 << 10;
+/// Bytes of replies sealed into TLS records at a time: enough to send several records
+/// in one call, few enough that the first record is not long kept waiting for the last.
+const SEAL_BATCH: usize = 64 << 10;
 /// Buffers sent in one call, at most.
 const MAX_IOVECS: usize = 64;
 /// Bytes of data buffers kept for reuse, and how many at most (so that finding one of
@@ -54,6 +58,9 @@ pub(crate) struct Outbox {
     /// Data buffers that went out, for reuse, and their bytes.
     spare: Vec<Buf>,
     spare_bytes: usize,
+    /// TLS records sealed and not all sent yet, and how much of them went.
+    sealed: Vec<u8>,
+    sealed_sent: usize,
     pub(crate) broken: bool,
     pub(crate) poll_armed: bool,
 }
@@ -122,7 +129,7 @@ impl Outbox {
 
     /// Whether anything is left to send.
     pub(crate) fn pending(&self) -> bool {
-        self.unsent() > 0
+        self.unsent() > 0 || self.sealed_sent < self.sealed.len()
     }
 
     /// A buffer of `len` bytes for a read: one that went out before, or a new one.
@@ -146,7 +153,14 @@ impl Outbox {
     /// Sends what it can; with `wait`, everything (blocking). Returns whether all went.
     pub(crate) fn send(&mut self, budget: &Budget, socket: &Transport, wait: bool) -> bool {
         while self.pending() && !self.broken {
-            let result = {
+            let tls = socket.is_tls();
+            if tls && self.sealed_sent == self.sealed.len() && self.seal(socket).is_err() {
+                self.fail(socket);
+                break;
+            }
+            let result = if tls {
+                socket.send_vectored(&[IoSlice::new(&self.sealed[self.sealed_sent..])], wait)
+            } else {
                 let mut slices = Vec::with_capacity(MAX_IOVECS.min(self.chunks.len()));
                 for (i, c) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
                     let skip = if i == 0 { self.sent_in_front } else { 0 };
@@ -155,6 +169,10 @@ impl Outbox {
                 socket.send_vectored(&slices, wait)
             };
             let e = match result {
+                Ok(n) if n > 0 && tls => {
+                    self.sealed_sent += n;
+                    continue;
+                }
                 Ok(n) if n > 0 => {
                     self.advance(n);
                     continue;
@@ -165,27 +183,56 @@ impl Outbox {
             match e.kind() {
                 std::io::ErrorKind::Interrupted => {}
                 std::io::ErrorKind::WouldBlock => break,
-                _ => {
-                    // A reply cut short leaves the stream out of step: end the session.
-                    self.broken = true;
-                    let _ = socket.socket().shutdown(Shutdown::Both);
-                }
+                _ => self.fail(socket),
             }
         }
         let done = if self.broken {
             self.chunks.clear();
             self.sent_in_front = 0;
+            self.sealed.clear();
+            self.sealed_sent = 0;
             self.sent_total = self.queued_total;
             u64::MAX
         } else {
             self.sent_total
         };
+        let (mut bytes, mut requests) = (0, 0);
         while self.costs.front().is_some_and(|&(end, _)| end <= done) {
             if let Some((_, cost)) = self.costs.pop_front() {
-                budget.release(cost);
+                bytes += cost;
+                requests += 1;
             }
         }
+        budget.release_many(bytes, requests);
         !self.pending()
+    }
+
+    /// Seals the next replies into TLS records; they count as sent from then on.
+    fn seal(&mut self, socket: &Transport) -> std::io::Result<()> {
+        self.sealed.clear();
+        self.sealed_sent = 0;
+        let mut slices = Vec::with_capacity(MAX_IOVECS.min(self.chunks.len()));
+        let mut left = SEAL_BATCH;
+        for (i, c) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
+            let skip = if i == 0 { self.sent_in_front } else { 0 };
+            let bytes = &c.bytes()[skip..];
+            let take = bytes.len().min(left);
+            slices.push(IoSlice::new(&bytes[..take]));
+            left -= take;
+            if left == 0 {
+                break;
+            }
+        }
+        let n = socket.seal(&slices, &mut self.sealed)?;
+        self.advance(n);
+        Ok(())
+    }
+
+    /// A reply cut short, or one that cannot be sealed, leaves the stream out of step:
+    /// the session ends.
+    fn fail(&mut self, socket: &Transport) {
+        self.broken = true;
+        let _ = socket.socket().shutdown(Shutdown::Both);
     }
 
     /// Counts `n` more bytes sent, letting go of the chunks that went whole.
@@ -239,6 +286,68 @@ mod tests {
     fn replies_leave_in_order_through_partial_sends() {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let socket = Transport::Plain(Stream::Unix(ours));
+        let received = send_all(&socket, move |total| {
+            let mut theirs = theirs;
+            let mut got = vec![0; total];
+            theirs.read_exact(&mut got).unwrap();
+            got
+        });
+        received();
+    }
+
+    /// The same over TLS: the replies are sealed a batch at a time, the records go out
+    /// through the same partial sends, and the client decrypts every byte in order;
+    /// closing the session ends it cleanly.
+    #[test]
+    fn sealed_replies_leave_in_order_through_partial_sends() {
+        use crate::tls::{Tls, TlsCredentials, TlsMode};
+        use crate::transport::Channel;
+        use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+
+        let dir = tempfile::tempdir().unwrap();
+        let psk = dir.path().join("keys.psk");
+        std::fs::write(&psk, "alice:000102030405060708090a0b0c0d0e0f\n").unwrap();
+        let tls = Tls::new(TlsMode::Require, &TlsCredentials::Psk(psk)).unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let client = std::thread::spawn(move || {
+            let mut c = SslConnector::builder(SslMethod::tls_client()).unwrap();
+            c.set_verify(SslVerifyMode::NONE);
+            c.set_psk_client_callback(|_, _, identity, key| {
+                identity[..6].copy_from_slice(b"alice\0");
+                for (i, k) in key.iter_mut().take(16).enumerate() {
+                    *k = i as u8;
+                }
+                Ok(16)
+            });
+            let c = c.build();
+            let mut config = c.configure().unwrap();
+            config.set_verify_hostname(false);
+            config.connect("localhost", theirs).unwrap()
+        });
+        let session = tls.accept(Stream::Unix(ours)).unwrap();
+        let mut theirs = client.join().unwrap();
+        let (reader, socket) = Transport::split(Channel::Tls(Box::new(session))).unwrap();
+        let received = send_all(&socket, move |total| {
+            let mut got = vec![0; total];
+            theirs.read_exact(&mut got).unwrap();
+            // The session's end: a close_notify, then nothing.
+            let mut rest = Vec::new();
+            theirs.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty(), "bytes after the replies");
+            got
+        });
+        socket.close();
+        received();
+        drop(reader);
+    }
+
+    /// Queues replies of every kind on `socket`, sends them without blocking while
+    /// nobody reads, then while `read` (given the bytes expected) takes them on another
+    /// thread; returns a check to run once the socket may close.
+    fn send_all(
+        socket: &Transport,
+        read: impl FnOnce(usize) -> Vec<u8> + Send + 'static,
+    ) -> impl FnOnce() {
         let budget = Budget::default();
         let mut out = Outbox::default();
         let mut expected = Vec::new();
@@ -250,14 +359,14 @@ mod tests {
                 0 => {
                     let data = buf_of(64 << 10, i);
                     expected.extend_from_slice(&data);
-                    out.push(&budget, &socket, &head, Some(data), 1);
+                    out.push(&budget, socket, &head, Some(data), 1);
                 }
                 1 => {
                     let data = buf_of(512, i);
                     expected.extend_from_slice(&data);
-                    out.push(&budget, &socket, &head, Some(data), 1);
+                    out.push(&budget, socket, &head, Some(data), 1);
                 }
-                2 => out.push(&budget, &socket, &head, None, 1),
+                2 => out.push(&budget, socket, &head, None, 1),
                 _ => {
                     // A pool's reply: its header and data in one buffer.
                     let reply: Vec<u8> = buf_of(20 << 10, i).to_vec();
@@ -268,20 +377,11 @@ mod tests {
         }
         let total = expected.len();
         // Nobody reads yet: the socket takes a part and refuses the rest for now.
-        assert!(
-            !out.send(&budget, &socket, false),
-            "a full socket took it all"
-        );
-        let reader = std::thread::spawn(move || {
-            let mut theirs = theirs;
-            let mut got = vec![0; total];
-            theirs.read_exact(&mut got).unwrap();
-            got
-        });
-        while !out.send(&budget, &socket, false) {
+        assert!(!out.send(&budget, socket, false), "a full socket took it all");
+        let reader = std::thread::spawn(move || read(total));
+        while !out.send(&budget, socket, false) {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        assert!(reader.join().unwrap() == expected, "bytes out of order");
         budget.wait_idle();
         assert!(!out.broken);
         assert!(
@@ -290,5 +390,6 @@ mod tests {
         );
         let again = out.read_buffer(64 << 10);
         assert_eq!(again.len(), 64 << 10);
+        move || assert!(reader.join().unwrap() == expected, "bytes out of order")
     }
 }

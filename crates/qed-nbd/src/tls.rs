@@ -4,8 +4,8 @@
 
 use openssl::error::ErrorStack;
 use openssl::ssl::{
-    HandshakeError, Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslMode,
-    SslOptions, SslStream, SslVerifyMode, SslVersion,
+    HandshakeError, Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslOptions,
+    SslStream, SslVerifyMode, SslVersion,
 };
 use std::collections::HashMap;
 use std::fmt;
@@ -13,6 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::stream::Stream;
+use crate::transport::Wire;
 
 /// Whether clients may, must or cannot use TLS (nbdkit's `--tls`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,9 +65,6 @@ impl Tls {
         let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(ssl_error)?;
         b.set_min_proto_version(Some(SslVersion::TLS1_2))
             .map_err(ssl_error)?;
-        // Replies leave in batches from a non-blocking socket: a write cut short by a
-        // full socket is retried later from wherever the batch then starts.
-        b.set_mode(SslMode::ENABLE_PARTIAL_WRITE | SslMode::ACCEPT_MOVING_WRITE_BUFFER);
         // No client resumes an NBD session: tickets would only cost a round of writes.
         b.set_num_tickets(0).map_err(ssl_error)?;
         b.set_options(SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET);
@@ -109,9 +107,9 @@ impl Tls {
 
     /// Runs the server's side of the TLS handshake on `stream`, within the read timeout
     /// the stream has.
-    pub(crate) fn accept(&self, stream: Stream) -> io::Result<SslStream<Stream>> {
+    pub(crate) fn accept(&self, stream: Stream) -> io::Result<SslStream<Wire>> {
         let ssl = Ssl::new(&self.context).map_err(ssl_error)?;
-        ssl.accept(stream)
+        ssl.accept(Wire::new(stream))
             .map_err(|e| io::Error::other(HandshakeFailed(handshake_error(&e))))
     }
 }
@@ -129,7 +127,7 @@ impl fmt::Display for HandshakeFailed {
 impl std::error::Error for HandshakeFailed {}
 
 /// Why a handshake failed, in a few words: OpenSSL's reasons without its source lines.
-fn handshake_error(e: &HandshakeError<Stream>) -> String {
+fn handshake_error(e: &HandshakeError<Wire>) -> String {
     let stack = |s: &ErrorStack| {
         let reasons: Vec<String> = s
             .errors()

@@ -2,9 +2,11 @@
 //!
 //! During the handshake one thread owns the connection ([`Channel`]). In transmission
 //! the reader and the reply thread share it ([`Transport`]): plain text goes straight
-//! to the socket as before; a TLS session sits behind a mutex on a non-blocking socket,
-//! each side holding the lock only to encrypt or decrypt what is there and waiting for
-//! the socket without it, so a reader waiting for requests never holds up replies.
+//! to the socket as before; a TLS session sits behind a mutex on a non-blocking socket.
+//! The reader holds the lock only to decrypt what has come. The reply thread holds it
+//! only to encrypt ([`Transport::seal`]) into a buffer of its own, which it then sends
+//! like plain text: a batch of records leaves in one system call, and neither side
+//! waits for the socket with the lock held.
 
 use crate::stream::Stream;
 use openssl::ssl::{ErrorCode, SslStream};
@@ -13,12 +15,56 @@ use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// The socket as a TLS session sees it. Reads come from the socket. Writes go to the
+/// socket during the handshake; in transmission they are kept in `sealed` for the
+/// sender to take.
+#[derive(Debug)]
+pub(crate) struct Wire {
+    socket: Stream,
+    sealed: Option<Vec<u8>>,
+}
+
+impl Wire {
+    /// The socket, written through.
+    pub(crate) fn new(socket: Stream) -> Wire {
+        Wire {
+            socket,
+            sealed: None,
+        }
+    }
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.socket.read(buf)
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.sealed {
+            Some(v) => {
+                v.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            None => self.socket.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.sealed {
+            Some(_) => Ok(()),
+            None => self.socket.flush(),
+        }
+    }
+}
+
 /// A connection during the handshake: plain until NBD_OPT_STARTTLS, encrypted after.
 pub(crate) enum Channel {
     /// The socket itself.
     Plain(Stream),
     /// A TLS session over it.
-    Tls(Box<SslStream<Stream>>),
+    Tls(Box<SslStream<Wire>>),
     /// Neither, for the moment the socket is being handed to TLS.
     Gone,
 }
@@ -32,7 +78,7 @@ impl Channel {
     pub(crate) fn socket(&self) -> io::Result<&Stream> {
         match self {
             Channel::Plain(s) => Ok(s),
-            Channel::Tls(t) => Ok(t.get_ref()),
+            Channel::Tls(t) => Ok(&t.get_ref().socket),
             Channel::Gone => Err(gone()),
         }
     }
@@ -73,8 +119,8 @@ impl Write for Channel {
 
 /// A TLS session shared by a connection's reader and reply thread.
 pub(crate) struct TlsShared {
-    session: Mutex<SslStream<Stream>>,
-    /// Another handle on the socket, to wait on and shut down without the lock.
+    session: Mutex<SslStream<Wire>>,
+    /// Another handle on the socket, to send on, wait on and shut down without the lock.
     socket: Stream,
 }
 
@@ -86,12 +132,6 @@ pub(crate) enum Transport {
     Tls(Arc<TlsShared>),
 }
 
-/// What a TLS call needs before it can go on.
-enum Need {
-    Readable,
-    Writable,
-}
-
 impl Transport {
     /// Two handles on `channel` for transmission: the reader's and the reply thread's.
     pub(crate) fn split(channel: Channel) -> io::Result<(Transport, Transport)> {
@@ -100,10 +140,11 @@ impl Transport {
                 let writer = s.try_clone()?;
                 Ok((Transport::Plain(s), Transport::Plain(writer)))
             }
-            Channel::Tls(t) => {
-                let socket = t.get_ref().try_clone()?;
+            Channel::Tls(mut t) => {
+                let socket = t.get_ref().socket.try_clone()?;
                 // Neither side may block inside the session while holding its lock.
                 socket.set_nonblocking(true)?;
+                t.get_mut().sealed = Some(Vec::new());
                 let shared = Arc::new(TlsShared {
                     session: Mutex::new(*t),
                     socket,
@@ -122,92 +163,105 @@ impl Transport {
         }
     }
 
-    /// Sends from `buf` without blocking (WouldBlock when the socket is full), or with
-    /// `wait` until something went. Returns the bytes of `buf` taken.
-    pub(crate) fn send(&self, buf: &[u8], wait: bool) -> io::Result<usize> {
-        match self {
-            Transport::Plain(s) => {
-                let flags = libc::MSG_NOSIGNAL | if wait { 0 } else { libc::MSG_DONTWAIT };
-                // SAFETY: send from a live buffer on a socket we hold open.
-                let n = unsafe { libc::send(s.as_raw_fd(), buf.as_ptr().cast(), buf.len(), flags) };
-                if n >= 0 {
-                    Ok(n as usize)
-                } else {
-                    Err(io::Error::last_os_error())
-                }
-            }
-            Transport::Tls(t) => loop {
-                let result = t.lock().ssl_write(buf);
-                match result {
-                    Ok(n) => return Ok(n),
-                    Err(e) => match need(e)? {
-                        _ if !wait => return Err(io::ErrorKind::WouldBlock.into()),
-                        Need::Writable => wait_for(&t.socket, libc::POLLOUT)?,
-                        // Only a renegotiation could make a write read, and there is
-                        // none; the reader takes whatever comes in.
-                        Need::Readable => std::thread::yield_now(),
-                    },
-                }
-            },
-        }
-    }
-
     /// Whether the connection is encrypted.
     pub(crate) fn is_tls(&self) -> bool {
         matches!(self, Transport::Tls(_))
     }
 
-    /// Sends from `parts` in order, as [`Transport::send`] does from one buffer: over a
-    /// plain socket in one call; over TLS from the first part that is not empty.
+    /// Sends from `parts` in order, in one call, without blocking (WouldBlock when the
+    /// socket is full) or with `wait` until something went. Over TLS `parts` must be
+    /// sealed already. Returns the bytes taken.
     pub(crate) fn send_vectored(&self, parts: &[IoSlice<'_>], wait: bool) -> io::Result<usize> {
-        let Transport::Plain(s) = self else {
-            let first = parts
-                .iter()
-                .find(|p| !p.is_empty())
-                .map_or(&[][..], |p| &p[..]);
-            return self.send(first, wait);
-        };
+        let fd = self.socket().as_raw_fd();
+        // A TLS socket is non-blocking for both its users; waiting is done with poll.
         let flags = libc::MSG_NOSIGNAL | if wait { 0 } else { libc::MSG_DONTWAIT };
-        // SAFETY: a zeroed msghdr is a valid empty one; it points at `parts`, which
-        // IoSlice lays out as iovecs, alive for the call.
-        let n = unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = parts.as_ptr() as *mut libc::iovec;
-            msg.msg_iovlen = parts.len() as _;
-            libc::sendmsg(s.as_raw_fd(), &msg, flags)
-        };
-        if n >= 0 {
-            Ok(n as usize)
-        } else {
-            Err(io::Error::last_os_error())
+        loop {
+            // SAFETY: a zeroed msghdr is a valid empty one; it points at `parts`, which
+            // IoSlice lays out as iovecs, alive for the call.
+            let n = unsafe {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = parts.as_ptr() as *mut libc::iovec;
+                msg.msg_iovlen = parts.len() as _;
+                libc::sendmsg(fd, &msg, flags)
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if wait && e.kind() == io::ErrorKind::WouldBlock {
+                wait_for(self.socket(), libc::POLLOUT)?;
+                continue;
+            }
+            return Err(e);
         }
+    }
+
+    /// Encrypts all of `parts`, in order, appending the records to `out` for
+    /// [`Transport::send_vectored`]; returns the bytes of `parts` taken. Anything the
+    /// session wrote on its own since the last call (an alert) goes first.
+    pub(crate) fn seal(&self, parts: &[IoSlice<'_>], out: &mut Vec<u8>) -> io::Result<usize> {
+        let Transport::Tls(t) = self else {
+            return Err(io::Error::other("sealing a plain-text connection"));
+        };
+        let mut session = t.lock();
+        let Some(own) = session.get_mut().sealed.as_mut() else {
+            return Err(gone());
+        };
+        out.append(own);
+        // The session writes straight into `out`'s allocation.
+        std::mem::swap(own, out);
+        let mut result = Ok(0);
+        'parts: for p in parts {
+            let mut p = &p[..];
+            while !p.is_empty() {
+                match session.ssl_write(p) {
+                    Ok(n) => {
+                        p = &p[n..];
+                        if let Ok(total) = &mut result {
+                            *total += n;
+                        }
+                    }
+                    Err(e) => {
+                        result = Err(ssl_io_error(e));
+                        break 'parts;
+                    }
+                }
+            }
+        }
+        if let Some(own) = session.get_mut().sealed.as_mut() {
+            std::mem::swap(own, out);
+        }
+        result
     }
 
     /// Ends the session: a TLS close_notify, if the socket takes it, then the socket.
     pub(crate) fn close(&self) {
         if let Transport::Tls(t) = self {
-            let _ = t.lock().shutdown();
+            let mut session = t.lock();
+            let _ = session.shutdown();
+            let note = session.get_mut().sealed.take().unwrap_or_default();
+            drop(session);
+            let _ = self.send_vectored(&[IoSlice::new(&note)], false);
         }
         let _ = self.socket().shutdown(Shutdown::Both);
     }
 }
 
 impl TlsShared {
-    fn lock(&self) -> MutexGuard<'_, SslStream<Stream>> {
+    fn lock(&self) -> MutexGuard<'_, SslStream<Wire>> {
         self.session.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// What a failed TLS call waits for, or the error that ends the session.
-fn need(e: openssl::ssl::Error) -> io::Result<Need> {
-    match e.code() {
-        ErrorCode::WANT_READ => Ok(Need::Readable),
-        ErrorCode::WANT_WRITE => Ok(Need::Writable),
-        _ => match e.into_io_error() {
-            Ok(io) if io.kind() == io::ErrorKind::WouldBlock => Ok(Need::Readable),
-            Ok(io) => Err(io),
-            Err(e) => Err(io::Error::other(e.to_string())),
-        },
+/// A failed TLS call's error as an I/O error; WouldBlock when the call needs more from
+/// the socket (writes never do: they go into a buffer).
+fn ssl_io_error(e: openssl::ssl::Error) -> io::Error {
+    if e.code() == ErrorCode::WANT_READ {
+        return io::ErrorKind::WouldBlock.into();
+    }
+    match e.into_io_error() {
+        Ok(io) => io,
+        Err(e) => io::Error::other(e.to_string()),
     }
 }
 
@@ -244,10 +298,13 @@ impl Read for Transport {
                     Err(e) if e.code() == ErrorCode::SYSCALL && e.io_error().is_none() => {
                         return Ok(0)
                     }
-                    Err(e) => match need(e)? {
-                        Need::Readable => wait_for(&t.socket, libc::POLLIN)?,
-                        Need::Writable => wait_for(&t.socket, libc::POLLOUT)?,
-                    },
+                    Err(e) => {
+                        let e = ssl_io_error(e);
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            return Err(e);
+                        }
+                        wait_for(&t.socket, libc::POLLIN)?;
+                    }
                 }
             },
         }
