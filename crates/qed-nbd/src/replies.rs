@@ -57,6 +57,8 @@ pub(crate) fn run(
         // New requests and replies, after the completions: a wake-up the ring has just
         // delivered is for a message already sent.
         let progress = t.take_messages(reaped);
+        // The disk starts on the new requests while the replies go out.
+        t.submit();
         t.send_replies();
         if t.stopping && !t.busy() {
             break;
@@ -167,6 +169,13 @@ impl<'a> ReplyThread<'a> {
                     run_on_pool(self.conn, self.pool, req, buf, cost);
                 }
             }
+        }
+    }
+
+    /// Hands the ring what was queued on it.
+    fn submit(&mut self) {
+        if let Some(r) = self.ring.as_mut() {
+            let _ = r.submit();
         }
     }
 

@@ -11,9 +11,13 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// `user_data` of the eventfd read; callers must not use it.
 pub const WAKE: u64 = u64::MAX;
+
+/// The shortest poll [`Ring::park`] makes; below it, polling stops.
+const MIN_POLL: Duration = Duration::from_micros(4);
 
 /// Wakes a [`Ring`]'s owner from another thread.
 #[derive(Debug, Clone)]
@@ -51,6 +55,9 @@ pub struct Ring {
     /// Where the pending eventfd read lands; boxed so that it never moves.
     wake_buf: Box<[u8; 8]>,
     wake_armed: bool,
+    /// How long [`Ring::park`] looks for work before it sleeps, and its bound.
+    poll: Duration,
+    max_poll: Duration,
 }
 
 impl std::fmt::Debug for Ring {
@@ -80,6 +87,8 @@ impl Ring {
             },
             wake_buf: Box::new([0; 8]),
             wake_armed: false,
+            poll: Duration::ZERO,
+            max_poll: Duration::ZERO,
         };
         ring.arm_wake().ok()?;
         Some(ring)
@@ -185,14 +194,57 @@ impl Ring {
             .context(|| "submitting to io_uring".into())
     }
 
+    /// Lets [`Ring::park`] look for work for up to `max` before it sleeps, adapting how
+    /// long to what it finds, as QEMU's event loop polls: a busy owner then hears of
+    /// work without a wake-up, which on a virtual machine can cost tens of
+    /// microseconds, at the price of the CPU it spends looking. Zero (the default)
+    /// turns it off.
+    pub fn set_max_poll(&mut self, max: Duration) {
+        self.max_poll = max;
+        self.poll = self.poll.min(max);
+    }
+
     /// Submits what is queued and sleeps until at least one completion or a
-    /// [`Waker::wake`], unless `has_work` (asked once wakers know the owner is about to
-    /// sleep, so that nothing handed over before is missed) finds something to do.
-    pub fn park(&mut self, has_work: impl FnOnce() -> bool) -> Result<()> {
+    /// [`Waker::wake`], unless `has_work` finds something to do. With polling on
+    /// ([`Ring::set_max_poll`]) it first looks at the completions and asks `has_work`
+    /// for a while; then, once wakers know the owner is about to sleep, it asks
+    /// `has_work` once more, so that nothing handed over before is missed.
+    pub fn park(&mut self, mut has_work: impl FnMut() -> bool) -> Result<()> {
+        let start = Instant::now();
+        if !self.poll.is_zero() {
+            self.submit()?;
+            loop {
+                if !self.ring.completion().is_empty() || has_work() {
+                    return Ok(());
+                }
+                if start.elapsed() >= self.poll {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
         self.waker.parked.store(true, Ordering::SeqCst);
         let result = if has_work() { Ok(()) } else { self.wait() };
         self.waker.parked.store(false, Ordering::SeqCst);
+        self.adapt_poll(start.elapsed());
         result
+    }
+
+    /// After a sleep of `slept` (polling included): longer polls when work came soon
+    /// after polling gave up, shorter ones when the owner went idle.
+    fn adapt_poll(&mut self, slept: Duration) {
+        if self.max_poll.is_zero() || slept <= self.poll {
+            return;
+        }
+        self.poll = if slept > self.max_poll {
+            // Idle: looking that long would only have burnt the CPU.
+            self.poll / 2
+        } else {
+            (self.poll * 2).clamp(MIN_POLL, self.max_poll)
+        };
+        if self.poll < MIN_POLL {
+            self.poll = Duration::ZERO;
+        }
     }
 
     /// Submits what is queued and waits until at least one completion. Private: a
@@ -266,9 +318,21 @@ mod tests {
     /// is never missed; the owner sleeps until then.
     #[test]
     fn a_parked_ring_hears_of_work_handed_over_at_any_moment() {
+        hears_work_at_any_moment(Duration::ZERO);
+    }
+
+    /// The same with polling: work comes while it polls, just after it gave up, and
+    /// long after.
+    #[test]
+    fn a_polling_ring_hears_of_work_handed_over_at_any_moment() {
+        hears_work_at_any_moment(Duration::from_micros(500));
+    }
+
+    fn hears_work_at_any_moment(max_poll: Duration) {
         let (done_tx, done_rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut ring = Ring::new(4).expect("io_uring");
+            ring.set_max_poll(max_poll);
             let (tx, rx) = mpsc::channel();
             let waker = ring.waker();
             let sender = std::thread::spawn(move || {
@@ -305,5 +369,32 @@ mod tests {
             .expect("the owner slept through a wake-up");
         assert_eq!(got, (0..6).collect::<Vec<_>>());
         assert!(parks >= 2, "the owner never slept");
+    }
+
+    /// Polls grow while work comes soon after a poll gave up, stay put while polls find
+    /// it, and shrink away once the owner is idle; never past the bound.
+    #[test]
+    fn polls_adapt_to_how_soon_work_comes() {
+        let mut ring = Ring::new(4).expect("io_uring");
+        let max = Duration::from_micros(200);
+        ring.adapt_poll(Duration::from_micros(50));
+        assert_eq!(ring.poll, Duration::ZERO, "polling is off by default");
+        ring.set_max_poll(max);
+        let mut last = Duration::ZERO;
+        for _ in 0..20 {
+            ring.adapt_poll(Duration::from_micros(150));
+            assert!(ring.poll >= last && ring.poll <= max);
+            last = ring.poll;
+        }
+        assert_eq!(ring.poll, max, "work came within the bound: poll up to it");
+        ring.adapt_poll(Duration::from_micros(100));
+        assert_eq!(ring.poll, max, "a poll that found its work changes nothing");
+        let mut shrinks = 0;
+        while !ring.poll.is_zero() {
+            ring.adapt_poll(Duration::from_millis(5));
+            shrinks += 1;
+            assert!(shrinks < 20, "an idle owner kept polling");
+        }
+        assert!(shrinks > 1, "one long sleep does not end polling at once");
     }
 }
