@@ -1033,6 +1033,79 @@ fn malformed_clients_never_stop_the_server() {
     qemu_img_check(dir, "img.qed");
 }
 
+/// Requests are put together from whatever pieces the socket brings: a header split
+/// anywhere, a write's payload a little at a time with pauses, several requests in one
+/// piece. A client that leaves in the middle of a payload costs nobody else anything.
+#[test]
+fn requests_in_pieces_are_put_back_together() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    create_qed(dir, "img.qed", "4M");
+    let mut s = Served::start(dir, false, &["-t"], "img.qed");
+    let port = s.port();
+    let (mut c, _, _) = Client::open(port, false);
+    let data = test_bytes(200 << 10, 7);
+    let mut m = Client::header(wire::CMD_WRITE, 0, 1, 8192, data.len() as u32);
+    m.extend_from_slice(&data);
+    let mut at = 0;
+    for len in [3, 20, 6, 1, 4096, 9_999, 65_536].into_iter().cycle() {
+        let end = (at + len).min(m.len());
+        c.send(&m[at..end]);
+        at = end;
+        if at == m.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    assert_eq!(c.simple_reply(), (0, 1), "a write sent in pieces");
+    let h = Client::header(wire::CMD_READ, 0, 2, 8192, data.len() as u32);
+    c.send(&h[..5]);
+    std::thread::sleep(Duration::from_millis(20));
+    c.send(&h[5..]);
+    assert_eq!(c.simple_reply(), (0, 2));
+    assert!(c.bytes(data.len()) == data, "the data read back differs");
+    // Three requests in one piece.
+    let mut three = Vec::new();
+    for cookie in 3..6u64 {
+        three.extend(Client::header(
+            wire::CMD_READ,
+            0,
+            cookie,
+            cookie * 4096,
+            4096,
+        ));
+    }
+    c.send(&three);
+    let mut cookies = Vec::new();
+    for _ in 0..3 {
+        let (error, cookie) = c.simple_reply();
+        assert_eq!(error, 0);
+        let got = c.bytes(4096);
+        let off = (cookie * 4096 - 8192) as usize;
+        assert!(got == data[off..off + 4096], "read {cookie} differs");
+        cookies.push(cookie);
+    }
+    cookies.sort();
+    assert_eq!(cookies, vec![3, 4, 5]);
+    c.disconnect();
+
+    // A write's header and half its payload, then the client leaves.
+    let (mut c, _, _) = Client::open(port, false);
+    let mut m = Client::header(wire::CMD_WRITE, 0, 1, 0, 64 << 10);
+    m.extend_from_slice(&[0x33; 32 << 10]);
+    c.send(&m);
+    std::thread::sleep(Duration::from_millis(20));
+    drop(c);
+    assert_serving(&mut s, "a client that left in the middle of a payload");
+    let (mut c, _, _) = Client::open(port, false);
+    assert_eq!(
+        c.read(1, 0, 4096),
+        Ok(vec![0; 4096]),
+        "half a write was written"
+    );
+    c.disconnect();
+}
+
 #[test]
 fn protocol_corners() {
     let tmp = new_dir();

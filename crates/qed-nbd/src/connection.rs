@@ -31,18 +31,51 @@ struct InFlight {
     waiting: u32,
 }
 
+impl InFlight {
+    /// Whether a request of `bytes` fits. An empty connection always admits one
+    /// request, however large.
+    fn admits(&self, bytes: u64) -> bool {
+        self.requests == 0
+            || (self.bytes + bytes <= MAX_IN_FLIGHT_BYTES && self.requests < MAX_IN_FLIGHT)
+    }
+}
+
 impl Budget {
     /// Takes `bytes` and one request from the budget, waiting until they fit.
     pub(crate) fn acquire(&self, bytes: u64) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        // An empty connection always admits one request, however large.
-        while st.requests > 0
-            && (st.bytes + bytes > MAX_IN_FLIGHT_BYTES || st.requests >= MAX_IN_FLIGHT)
-        {
+        while !st.admits(bytes) {
             st = self.wait(st);
         }
         st.bytes += bytes;
         st.requests += 1;
+    }
+
+    /// Takes `bytes` and one request if they fit now; returns whether it did.
+    pub(crate) fn try_acquire(&self, bytes: u64) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !st.admits(bytes) {
+            return false;
+        }
+        st.bytes += bytes;
+        st.requests += 1;
+        true
+    }
+
+    /// Takes `bytes` and one request whether they fit or not: for a last reply.
+    pub(crate) fn take(&self, bytes: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.bytes += bytes;
+        st.requests += 1;
+    }
+
+    /// Whether every request has given its budget back.
+    pub(crate) fn idle(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .requests
+            == 0
     }
 
     /// Gives back what [`Budget::acquire`] took for one request.

@@ -28,6 +28,7 @@ mod connection;
 mod errors;
 mod export;
 mod handshake;
+mod intake;
 mod outbox;
 mod pool;
 pub mod proto;

@@ -377,7 +377,10 @@ mod tests {
         }
         let total = expected.len();
         // Nobody reads yet: the socket takes a part and refuses the rest for now.
-        assert!(!out.send(&budget, socket, false), "a full socket took it all");
+        assert!(
+            !out.send(&budget, socket, false),
+            "a full socket took it all"
+        );
         let reader = std::thread::spawn(move || read(total));
         while !out.send(&budget, socket, false) {
             std::thread::sleep(std::time::Duration::from_millis(1));

@@ -11,6 +11,8 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// Magic of transmission requests.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Bytes of a request header.
+pub const REQUEST_LEN: usize = 28;
 /// Magic of simple replies.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Magic of structured reply chunks.
@@ -234,8 +236,13 @@ impl Request {
     /// Reads a request header; `Ok(None)` on a wrong magic (the client is confused: the
     /// connection must be dropped).
     pub fn read(r: &mut impl Read) -> io::Result<Option<Self>> {
-        let mut b = [0u8; 28];
+        let mut b = [0u8; REQUEST_LEN];
         r.read_exact(&mut b)?;
+        Ok(Self::parse(&b))
+    }
+
+    /// The request in `b`, or `None` if its magic is wrong.
+    pub fn parse(b: &[u8; REQUEST_LEN]) -> Option<Self> {
         let be32 = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let be16 = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
         let be64 = |i: usize| {
@@ -244,15 +251,15 @@ impl Request {
             u64::from_be_bytes(a)
         };
         if be32(0) != REQUEST_MAGIC {
-            return Ok(None);
+            return None;
         }
-        Ok(Some(Request {
+        Some(Request {
             flags: be16(4),
             kind: be16(6),
             cookie: be64(8),
             offset: be64(16),
             length: be32(24),
-        }))
+        })
     }
 }
 

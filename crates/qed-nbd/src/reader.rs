@@ -43,14 +43,14 @@ pub(crate) fn read_requests(conn: &Arc<Connection>, pool: &Pool, stream: Transpo
 
 /// The payload cannot be refused without reading it: this says why, and the caller then
 /// drops the client.
-fn refuse_oversized_write(conn: &Connection, req: &Request) {
-    conn.budget.acquire(0);
+pub(crate) fn refuse_oversized_write(conn: &Connection, req: &Request) {
+    conn.budget.take(0);
     conn.send(proto::simple_reply(req.cookie, errno::EINVAL).to_vec(), 0);
 }
 
 /// What a request holds of the budget until its reply is sent: its payload, or the most
 /// its reply can carry.
-fn cost(conn: &Connection, req: &Request, payload_len: u64) -> u64 {
+pub(crate) fn cost(conn: &Connection, req: &Request, payload_len: u64) -> u64 {
     match req.kind {
         cmd::READ => u64::from(req.length.min(MAX_PAYLOAD)),
         // A block status reply can list up to MAX_EXTENTS runs per context.

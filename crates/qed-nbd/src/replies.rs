@@ -9,6 +9,7 @@ use crate::commands::{allowed_flags, run_on_pool};
 use crate::connection::{Connection, Msg};
 use crate::errors::{io_errno, nbd_error};
 use crate::export::MAX_PAYLOAD;
+use crate::intake::{Intake, Next};
 use crate::outbox::{Outbox, MAX_REPLY_BATCH};
 use crate::pool::Pool;
 use crate::proto::{self, cflag, cmd, errno, Request};
@@ -20,6 +21,8 @@ use std::sync::Arc;
 
 /// `user_data` of the poll that waits for the socket to take more.
 const SOCKET_WRITABLE: u64 = u64::MAX - 1;
+/// `user_data` of the poll that waits for the socket to bring more requests.
+const SOCKET_READABLE: u64 = u64::MAX - 2;
 /// A request in the kernel.
 struct InFlight<'a> {
     req: Request,
@@ -31,14 +34,17 @@ struct InFlight<'a> {
 }
 
 /// Runs the reply thread until the reader has stopped and every request is answered.
-/// Returns the socket.
+/// With `intake` (and a ring) the thread reads the requests itself, and there is no
+/// reader. Returns the socket.
 pub(crate) fn run(
     conn: &Arc<Connection>,
     pool: &Pool,
     incoming: Receiver<Msg>,
     ring: Option<Ring>,
     socket: Transport,
+    intake: Option<Intake>,
 ) -> Transport {
+    let ring_present = ring.is_some();
     let mut t = ReplyThread {
         ring,
         flight: Vec::new(),
@@ -46,6 +52,7 @@ pub(crate) fn run(
         out: Outbox::default(),
         early: None,
         stopping: false,
+        intake: intake.filter(|_| ring_present),
         conn,
         dev: conn.device(),
         pool,
@@ -56,10 +63,14 @@ pub(crate) fn run(
         let reaped = t.reap_completions();
         // New requests and replies, after the completions: a wake-up the ring has just
         // delivered is for a message already sent.
-        let progress = t.take_messages(reaped);
+        let mut progress = t.take_messages(reaped);
+        progress |= t.take_requests();
         // The disk starts on the new requests while the replies go out.
         t.submit();
-        t.send_replies();
+        progress |= t.send_replies();
+        if t.intake.as_ref().is_some_and(|i| i.done) && t.conn.budget.idle() {
+            t.stopping = true;
+        }
         if t.stopping && !t.busy() {
             break;
         }
@@ -83,6 +94,8 @@ struct ReplyThread<'a> {
     early: Option<Msg>,
     /// The reader is done (or gone); the thread ends once nothing is left to answer.
     stopping: bool,
+    /// The requests, when this thread reads them itself.
+    intake: Option<Intake>,
     conn: &'a Arc<Connection>,
     dev: &'a dyn BlockDevice,
     pool: &'a Pool,
@@ -102,6 +115,12 @@ impl<'a> ReplyThread<'a> {
             progress = true;
             if user_data == SOCKET_WRITABLE {
                 self.out.poll_armed = false;
+                continue;
+            }
+            if user_data == SOCKET_READABLE {
+                if let Some(i) = self.intake.as_mut() {
+                    i.armed = false;
+                }
                 continue;
             }
             let slot = user_data as usize;
@@ -158,6 +177,27 @@ impl<'a> ReplyThread<'a> {
         msg
     }
 
+    /// Takes the requests the socket has whole and the budget admits; returns whether
+    /// it took any (or learned that no more will come).
+    fn take_requests(&mut self) -> bool {
+        let Some(mut intake) = self.intake.take() else {
+            return false;
+        };
+        let was_done = intake.done;
+        let mut progress = false;
+        while let Next::Request(req, payload, cost) = intake.next(self.conn) {
+            progress = true;
+            if matches!(req.kind, cmd::READ | cmd::WRITE) {
+                self.dispatch(Msg::Io(req, payload, cost));
+            } else {
+                run_on_pool(self.conn, self.pool, req, payload, cost);
+            }
+        }
+        progress |= intake.done && !was_done;
+        self.intake = Some(intake);
+        progress
+    }
+
     /// Acts on one message: a reply is queued, a read or write starts on the ring if
     /// it can and on the pool if not.
     fn dispatch(&mut self, msg: Msg) {
@@ -181,15 +221,18 @@ impl<'a> ReplyThread<'a> {
 
     /// Sends the replies gathered. Without a ring, it blocks until they are all sent;
     /// with one, what the socket cannot take now waits for the ring to say it can.
-    fn send_replies(&mut self) {
+    fn send_replies(&mut self) -> bool {
         if !self.out.pending() || self.out.poll_armed {
-            return;
+            return false;
         }
+        let before = self.out.unsent();
         let all_sent = self
             .out
             .send(&self.conn.budget, &self.socket, self.ring.is_none());
+        // Replies that went gave back budget the intake may be waiting for.
+        let progress = self.out.unsent() < before;
         if all_sent {
-            return;
+            return progress;
         }
         if let Some(r) = self.ring.as_mut() {
             // The socket outlives the ring's use of it: the ring is drained before the
@@ -202,6 +245,7 @@ impl<'a> ReplyThread<'a> {
                 self.out.send(&self.conn.budget, &self.socket, true);
             }
         }
+        progress
     }
 
     /// Whether a request is in the kernel or a reply is unsent.
@@ -214,6 +258,13 @@ impl<'a> ReplyThread<'a> {
         let Some(r) = self.ring.as_mut() else {
             return;
         };
+        if let Some(i) = self.intake.as_mut() {
+            if i.starved() && !i.armed {
+                let fd = i.socket().socket().as_raw_fd();
+                // The socket outlives the ring's use of it, as for the writable poll.
+                i.armed = r.poll_readable(fd, SOCKET_READABLE).is_ok();
+            }
+        }
         let in_kernel = r.in_kernel() > 0;
         let incoming = &self.incoming;
         let early = &mut self.early;
@@ -235,6 +286,10 @@ impl<'a> ReplyThread<'a> {
     /// Drains the ring, so no buffer or socket is in the kernel's hands, and gives back
     /// the socket.
     fn finish(mut self) -> Transport {
+        if let Some(i) = self.intake.as_ref().filter(|i| i.armed) {
+            // A wait for requests that will not be read ends with the reading side.
+            let _ = i.socket().socket().shutdown(std::net::Shutdown::Read);
+        }
         if let Some(mut r) = self.ring.take() {
             r.drain();
         }

@@ -4,6 +4,7 @@
 
 use crate::connection::{Connection, Msg, MAX_IN_FLIGHT};
 use crate::export::Export;
+use crate::intake::Intake;
 use crate::pool::Pool;
 use crate::reader::read_requests;
 use crate::replies;
@@ -38,13 +39,21 @@ pub(crate) fn serve(channel: Channel, export: Arc<Export>, session: Session, poo
     let (replies, incoming) = mpsc::channel::<Msg>();
     let waker = ring.as_ref().map(Ring::waker);
     let conn = Arc::new(Connection::new(export, session, replies, waker));
+    if ring.is_some() {
+        // One thread reads the requests, starts them and answers them.
+        let intake = Some(Intake::new(reader));
+        replies::run(&conn, pool, incoming, ring, writer, intake).close();
+        return;
+    }
     std::thread::scope(|s| {
         // Replies leave from a thread of this connection's own: a client that stops
         // reading them blocks only its connection, never the workers every connection
         // shares.
         let replier = std::thread::Builder::new()
             .name("nbd-replies".into())
-            .spawn_scoped(s, || replies::run(&conn, pool, incoming, ring, writer));
+            .spawn_scoped(s, || {
+                replies::run(&conn, pool, incoming, None, writer, None)
+            });
         let Ok(replier) = replier else {
             return;
         };

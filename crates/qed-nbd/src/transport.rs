@@ -285,26 +285,51 @@ fn wait_for(socket: &Stream, events: libc::c_short) -> io::Result<()> {
     }
 }
 
+impl Transport {
+    /// Reads what has come without waiting: WouldBlock when nothing has, 0 once the
+    /// client has closed the connection.
+    pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(s) => {
+                // SAFETY: a receive into a live buffer on a socket we hold open.
+                let n = unsafe {
+                    libc::recv(
+                        s.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n >= 0 {
+                    Ok(n as usize)
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            }
+            Transport::Tls(t) => {
+                let result = t.lock().ssl_read(buf);
+                match result {
+                    Ok(n) => Ok(n),
+                    // The client closed the session, cleanly or not.
+                    Err(e) if e.code() == ErrorCode::ZERO_RETURN => Ok(0),
+                    Err(e) if e.code() == ErrorCode::SYSCALL && e.io_error().is_none() => Ok(0),
+                    Err(e) => Err(ssl_io_error(e)),
+                }
+            }
+        }
+    }
+}
+
 impl Read for Transport {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Transport::Plain(s) => s.read(buf),
-            Transport::Tls(t) => loop {
-                let result = t.lock().ssl_read(buf);
-                match result {
-                    Ok(n) => return Ok(n),
-                    // The client closed the session, cleanly or not.
-                    Err(e) if e.code() == ErrorCode::ZERO_RETURN => return Ok(0),
-                    Err(e) if e.code() == ErrorCode::SYSCALL && e.io_error().is_none() => {
-                        return Ok(0)
+            Transport::Tls(_) => loop {
+                match self.try_read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        wait_for(self.socket(), libc::POLLIN)?;
                     }
-                    Err(e) => {
-                        let e = ssl_io_error(e);
-                        if e.kind() != io::ErrorKind::WouldBlock {
-                            return Err(e);
-                        }
-                        wait_for(&t.socket, libc::POLLIN)?;
-                    }
+                    result => return result,
                 }
             },
         }

@@ -158,6 +158,17 @@ impl Ring {
         unsafe { self.push(&e) }
     }
 
+    /// Queues a one-shot wait for `fd` to have something to read (or to be closed); its
+    /// completion carries `user_data` (not [`WAKE`]). The descriptor must stay open
+    /// until it is reaped.
+    pub fn poll_readable(&mut self, fd: RawFd, user_data: u64) -> Result<()> {
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(user_data);
+        // SAFETY: a poll has no buffer.
+        unsafe { self.push(&e) }
+    }
+
     /// # Safety
     /// The entry's buffers must stay valid until its completion is reaped.
     unsafe fn push(&mut self, e: &squeue::Entry) -> Result<()> {
