@@ -207,7 +207,9 @@ impl Outbox {
         !self.pending()
     }
 
-    /// Seals the next replies into TLS records; they count as sent from then on.
+    /// Seals the next replies into TLS records; they count as sent from then on, and
+    /// give back their budget: at most one batch of records waits beyond the budget, and
+    /// [`Outbox::pending`] still counts it, so nothing ends before it has gone.
     fn seal(&mut self, socket: &Transport) -> std::io::Result<()> {
         self.sealed.clear();
         self.sealed_sent = 0;

@@ -1,6 +1,8 @@
 //! A connection's reply thread. It owns an io_uring: reads of mapped data and writes in
 //! place (or into space the image sets aside) go straight to the file through it, as
 //! qemu-nbd's event loop does; every other request runs on the shared worker pool.
+//! With a ring it also reads the requests itself ([`Intake`]), waiting for the socket
+//! through the ring beside the disk's completions.
 //! Replies leave in batches through a non-blocking socket, the ring telling when the
 //! socket takes more; so a client that stops reading stalls only its own replies, and
 //! nothing the thread holds (an allocation's claim, a block's lock) waits on it.
@@ -59,26 +61,40 @@ pub(crate) fn run(
         incoming,
         socket,
     };
-    loop {
-        let reaped = t.reap_completions();
-        // New requests and replies, after the completions: a wake-up the ring has just
-        // delivered is for a message already sent.
-        let mut progress = t.take_messages(reaped);
-        progress |= t.take_requests();
-        // The disk starts on the new requests while the replies go out.
-        t.submit();
-        progress |= t.send_replies();
-        if t.intake.as_ref().is_some_and(|i| i.done) && t.conn.budget.idle() {
-            t.stopping = true;
-        }
-        if t.stopping && !t.busy() {
-            break;
-        }
-        if !progress {
-            t.wait_for_ring();
+    // A bug in the library must not leave the ring waiting for a socket nobody reads:
+    // the thread drains it either way, and the connection ends.
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.serve()));
+    let socket = t.finish();
+    if served.is_err() {
+        let _ = socket.socket().shutdown(std::net::Shutdown::Both);
+    }
+    socket
+}
+
+impl ReplyThread<'_> {
+    /// Answers requests until the reader has stopped (or the intake is done) and every
+    /// request is answered.
+    fn serve(&mut self) {
+        loop {
+            let reaped = self.reap_completions();
+            // New requests and replies, after the completions: a wake-up the ring has
+            // just delivered is for a message already sent.
+            let mut progress = self.take_messages(reaped);
+            progress |= self.take_requests();
+            // The disk starts on the new requests while the replies go out.
+            self.submit();
+            progress |= self.send_replies();
+            if self.intake.as_ref().is_some_and(|i| i.done) && self.conn.budget.idle() {
+                self.stopping = true;
+            }
+            if self.stopping && !self.busy() {
+                return;
+            }
+            if !progress {
+                self.wait_for_ring();
+            }
         }
     }
-    t.finish()
 }
 
 /// The reply thread's state.
@@ -120,6 +136,11 @@ impl<'a> ReplyThread<'a> {
             if user_data == SOCKET_READABLE {
                 if let Some(i) = self.intake.as_mut() {
                     i.armed = false;
+                }
+                if res < 0 {
+                    // A ring that cannot wait for the socket would have this thread
+                    // spin: it looks again a little later instead.
+                    std::thread::sleep(std::time::Duration::from_millis(1));
                 }
                 continue;
             }
@@ -243,6 +264,7 @@ impl<'a> ReplyThread<'a> {
                 self.out.poll_armed = true;
             } else {
                 self.out.send(&self.conn.budget, &self.socket, true);
+                return true;
             }
         }
         progress

@@ -1,6 +1,7 @@
 //! The transmission phase: requests read in order, served in parallel, replied to as
-//! they finish. One thread reads a connection's requests, its own thread sends the
-//! replies, and the worker pool runs what the reply thread's ring cannot.
+//! they finish. A connection with a ring has one thread that reads its requests and
+//! sends the replies; without one, a reader thread hands requests to a reply thread.
+//! The worker pool runs what the ring cannot.
 
 use crate::connection::{Connection, Msg, MAX_IN_FLIGHT};
 use crate::export::Export;
@@ -22,7 +23,7 @@ const MAX_POLL: Duration = Duration::from_micros(200);
 
 /// Serves requests until the client disconnects, breaks the protocol or the reading
 /// side is shut down; waits for the requests in flight before returning.
-/// Under TLS the reply thread encrypts its batches itself, and its ring still waits for
+/// Under TLS the reply thread seals its batches itself, and its ring still waits for
 /// the socket to take more.
 pub(crate) fn serve(channel: Channel, export: Arc<Export>, session: Session, pool: &Pool) {
     if let Ok(socket) = channel.socket() {

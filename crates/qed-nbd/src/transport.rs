@@ -1,12 +1,12 @@
 //! What a connection's bytes travel through: the socket itself, or a TLS session on it.
 //!
 //! During the handshake one thread owns the connection ([`Channel`]). In transmission
-//! the reader and the reply thread share it ([`Transport`]): plain text goes straight
-//! to the socket as before; a TLS session sits behind a mutex on a non-blocking socket.
-//! The reader holds the lock only to decrypt what has come. The reply thread holds it
-//! only to encrypt ([`Transport::seal`]) into a buffer of its own, which it then sends
-//! like plain text: a batch of records leaves in one system call, and neither side
-//! waits for the socket with the lock held.
+//! it has a reading and a sending handle ([`Transport`]), held by one thread or, without
+//! a ring, by a reader and a reply thread: plain text goes straight to the socket; a TLS
+//! session sits behind a mutex on a non-blocking socket. Reading holds the lock only to
+//! decrypt what has come; sending holds it only to encrypt ([`Transport::seal`]) into a
+//! buffer of the sender's, which is then sent like plain text: a batch of records
+//! leaves in one system call, and nobody waits for the socket with the lock held.
 
 use crate::stream::Stream;
 use openssl::ssl::{ErrorCode, SslStream};

@@ -211,7 +211,7 @@ impl Ring {
     /// microseconds, at the price of the CPU it spends looking. Zero (the default)
     /// turns it off.
     pub fn set_max_poll(&mut self, max: Duration) {
-        self.max_poll = max;
+        self.max_poll = if max < MIN_POLL { Duration::ZERO } else { max };
         self.poll = self.poll.min(max);
     }
 
@@ -251,7 +251,7 @@ impl Ring {
             // Idle: looking that long would only have burnt the CPU.
             self.poll / 2
         } else {
-            (self.poll * 2).clamp(MIN_POLL, self.max_poll)
+            (self.poll * 2).max(MIN_POLL).min(self.max_poll)
         };
         if self.poll < MIN_POLL {
             self.poll = Duration::ZERO;
