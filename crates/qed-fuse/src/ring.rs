@@ -67,7 +67,10 @@ pub(crate) fn start(
     device: Arc<dyn BlockDevice>,
     capacity: usize,
 ) -> Option<(RingLink, JoinHandle<()>)> {
-    let ring = Ring::new(u32::try_from(capacity).unwrap_or(u32::MAX / 2))?;
+    let mut ring = Ring::new(u32::try_from(capacity).unwrap_or(u32::MAX / 2))?;
+    // The FUSE threads hand requests over one by one: a busy ring thread that looks
+    // for them hears of them without a wake-up.
+    ring.set_max_poll(qed::SERVER_POLL);
     let (tx, rx) = channel();
     let link = RingLink {
         tx,

@@ -14,12 +14,6 @@ use crate::transport::{Channel, Transport};
 use qed::Ring;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
-
-/// How long a busy connection's reply thread looks for work before it sleeps: long
-/// enough to span the gaps between a fast disk's completions and the client's next
-/// requests, which a wake-up would otherwise add to every round trip.
-const MAX_POLL: Duration = Duration::from_micros(200);
 
 /// Serves requests until the client disconnects, breaks the protocol or the reading
 /// side is shut down; waits for the requests in flight before returning.
@@ -35,7 +29,7 @@ pub(crate) fn serve(channel: Channel, export: Arc<Export>, session: Session, poo
     };
     let mut ring = Ring::new(MAX_IN_FLIGHT as u32);
     if let Some(r) = ring.as_mut() {
-        r.set_max_poll(MAX_POLL);
+        r.set_max_poll(qed::SERVER_POLL);
     }
     let (replies, incoming) = mpsc::channel::<Msg>();
     let waker = ring.as_ref().map(Ring::waker);

@@ -60,7 +60,7 @@ pub use ops::{
     Reorganization, ReorganizeEnd, ReorganizeOptions, StreamEnd, StreamOptions,
 };
 #[cfg(target_os = "linux")]
-pub use ring::{Ring, Waker, WAKE};
+pub use ring::{Ring, Waker, SERVER_POLL, WAKE};
 pub use storage::{
     AlignedBuf, BlockHold, FileStorage, HttpStorage, MemoryStorage, RemoteOptions, S3Config,
     S3Credentials, S3Storage, Storage, GROW_STEP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,

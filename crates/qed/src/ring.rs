@@ -16,6 +16,11 @@ use std::time::{Duration, Instant};
 /// `user_data` of the eventfd read; callers must not use it.
 pub const WAKE: u64 = u64::MAX;
 
+/// A poll bound for owners that serve clients ([`Ring::set_max_poll`]): long enough to
+/// span the gaps between a fast disk's completions and a client's next requests, which
+/// a wake-up would otherwise add to every round trip.
+pub const SERVER_POLL: Duration = Duration::from_micros(200);
+
 /// The shortest poll [`Ring::park`] makes; below it, polling stops.
 const MIN_POLL: Duration = Duration::from_micros(4);
 
