@@ -5,7 +5,7 @@
 use crate::export::Export;
 use crate::proto::{self, cmd, Request};
 use crate::session::Session;
-use qed::{AlignedBuf as Buf, Waker};
+use qed::Waker;
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -114,8 +114,6 @@ impl Budget {
 
 /// What a connection's reply thread receives.
 pub(crate) enum Msg {
-    /// A read or write it may run through io_uring, with its payload and budget.
-    Io(Request, Buf, u64),
     /// A finished reply and the budget it holds until it is sent.
     Reply(Vec<u8>, u64),
     /// The reader is done and every request has been answered.
@@ -150,11 +148,6 @@ impl Connection {
         }
     }
 
-    /// Whether the reply thread has a ring, and so can take reads and writes itself.
-    pub(crate) fn has_ring(&self) -> bool {
-        self.waker.is_some()
-    }
-
     /// The device exported.
     pub(crate) fn device(&self) -> &dyn qed::BlockDevice {
         &*self.export.device
@@ -174,9 +167,7 @@ impl Connection {
                 }
             }
             // Nobody will send the reply: its budget must not stay taken.
-            Err(mpsc::SendError(Msg::Reply(_, cost) | Msg::Io(_, _, cost))) => {
-                self.budget.release(cost)
-            }
+            Err(mpsc::SendError(Msg::Reply(_, cost))) => self.budget.release(cost),
             Err(_) => {}
         }
     }

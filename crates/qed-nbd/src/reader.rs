@@ -1,8 +1,8 @@
 //! The reading side of a connection: requests are read in order, charged to the
-//! connection's budget, and handed to the reply thread's ring or to the worker pool.
+//! connection's budget, and run on the worker pool (a connection without a ring).
 
 use crate::commands::{run_on_pool, MAX_EXTENTS};
-use crate::connection::{Connection, Msg};
+use crate::connection::Connection;
 use crate::export::MAX_PAYLOAD;
 use crate::pool::Pool;
 use crate::proto::{self, cflag, cmd, errno, Request};
@@ -37,7 +37,8 @@ pub(crate) fn read_requests(conn: &Arc<Connection>, pool: &Pool, stream: Transpo
             conn.budget.release(cost);
             break;
         }
-        hand_on(conn, pool, req, payload, cost);
+        // Without a ring every request runs on the pool.
+        run_on_pool(conn, pool, req, payload, cost);
     }
 }
 
@@ -58,15 +59,5 @@ pub(crate) fn cost(conn: &Connection, req: &Request, payload_len: u64) -> u64 {
             conn.session.contexts.len() as u64 * (16 + 8 * MAX_EXTENTS as u64)
         }
         _ => payload_len,
-    }
-}
-
-/// Reads and writes go to the reply thread, which may run them through its ring;
-/// everything else runs on the pool.
-fn hand_on(conn: &Arc<Connection>, pool: &Pool, req: Request, payload: Buf, cost: u64) {
-    if conn.has_ring() && matches!(req.kind, cmd::READ | cmd::WRITE) {
-        conn.send_msg(Msg::Io(req, payload, cost));
-    } else {
-        run_on_pool(conn, pool, req, payload, cost);
     }
 }

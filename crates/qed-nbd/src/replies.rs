@@ -46,7 +46,6 @@ pub(crate) fn run(
     socket: Transport,
     intake: Option<Intake>,
 ) -> Transport {
-    let ring_present = ring.is_some();
     let mut t = ReplyThread {
         ring,
         flight: Vec::new(),
@@ -54,7 +53,7 @@ pub(crate) fn run(
         out: Outbox::default(),
         early: None,
         stopping: false,
-        intake: intake.filter(|_| ring_present),
+        intake,
         conn,
         dev: conn.device(),
         pool,
@@ -208,9 +207,11 @@ impl<'a> ReplyThread<'a> {
         let mut progress = false;
         while let Next::Request(req, payload, cost) = intake.next(self.conn) {
             progress = true;
-            if matches!(req.kind, cmd::READ | cmd::WRITE) {
-                self.dispatch(Msg::Io(req, payload, cost));
-            } else {
+            let on_ring = match req.kind {
+                cmd::READ | cmd::WRITE => self.start(req, payload, cost),
+                _ => Err((req, payload, cost)),
+            };
+            if let Err((req, payload, cost)) = on_ring {
                 run_on_pool(self.conn, self.pool, req, payload, cost);
             }
         }
@@ -219,17 +220,11 @@ impl<'a> ReplyThread<'a> {
         progress
     }
 
-    /// Acts on one message: a reply is queued, a read or write starts on the ring if
-    /// it can and on the pool if not.
+    /// Acts on one message: a reply is queued, or the reader is done.
     fn dispatch(&mut self, msg: Msg) {
         match msg {
             Msg::Stop => self.stopping = true,
             Msg::Reply(bytes, cost) => self.out.push_reply(&self.conn.budget, bytes, cost),
-            Msg::Io(req, buf, cost) => {
-                if let Err((req, buf, cost)) = self.start(req, buf, cost) {
-                    run_on_pool(self.conn, self.pool, req, buf, cost);
-                }
-            }
         }
     }
 
