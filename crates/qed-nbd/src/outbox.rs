@@ -161,11 +161,7 @@ impl Outbox {
             let result = if tls {
                 socket.send_vectored(&[IoSlice::new(&self.sealed[self.sealed_sent..])], wait)
             } else {
-                let mut slices = Vec::with_capacity(MAX_IOVECS.min(self.chunks.len()));
-                for (i, c) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
-                    let skip = if i == 0 { self.sent_in_front } else { 0 };
-                    slices.push(IoSlice::new(&c.bytes()[skip..]));
-                }
+                let slices = unsent(&self.chunks, self.sent_in_front, usize::MAX);
                 socket.send_vectored(&slices, wait)
             };
             let e = match result {
@@ -213,18 +209,7 @@ impl Outbox {
     fn seal(&mut self, socket: &Transport) -> std::io::Result<()> {
         self.sealed.clear();
         self.sealed_sent = 0;
-        let mut slices = Vec::with_capacity(MAX_IOVECS.min(self.chunks.len()));
-        let mut left = SEAL_BATCH;
-        for (i, c) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
-            let skip = if i == 0 { self.sent_in_front } else { 0 };
-            let bytes = &c.bytes()[skip..];
-            let take = bytes.len().min(left);
-            slices.push(IoSlice::new(&bytes[..take]));
-            left -= take;
-            if left == 0 {
-                break;
-            }
-        }
+        let slices = unsent(&self.chunks, self.sent_in_front, SEAL_BATCH);
         let n = socket.seal(&slices, &mut self.sealed)?;
         self.advance(n);
         Ok(())
@@ -264,6 +249,24 @@ impl Outbox {
             }
         }
     }
+}
+
+/// The bytes of `chunks` not sent yet (the first `sent_in_front` of the first chunk
+/// went), as at most [`MAX_IOVECS`] slices and `limit` bytes.
+fn unsent(chunks: &VecDeque<Chunk>, sent_in_front: usize, limit: usize) -> Vec<IoSlice<'_>> {
+    let mut slices = Vec::with_capacity(MAX_IOVECS.min(chunks.len()));
+    let mut left = limit;
+    for (i, c) in chunks.iter().take(MAX_IOVECS).enumerate() {
+        let skip = if i == 0 { sent_in_front } else { 0 };
+        let bytes = &c.bytes()[skip..];
+        let take = bytes.len().min(left);
+        slices.push(IoSlice::new(&bytes[..take]));
+        left -= take;
+        if left == 0 {
+            break;
+        }
+    }
+    slices
 }
 
 #[cfg(test)]

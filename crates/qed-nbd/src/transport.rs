@@ -210,28 +210,28 @@ impl Transport {
         out.append(own);
         // The session writes straight into `out`'s allocation.
         std::mem::swap(own, out);
-        let mut result = Ok(0);
-        'parts: for p in parts {
-            let mut p = &p[..];
-            while !p.is_empty() {
-                match session.ssl_write(p) {
-                    Ok(n) => {
-                        p = &p[n..];
-                        if let Ok(total) = &mut result {
-                            *total += n;
-                        }
+        // Writes into memory never block, so each part goes whole (a part cut short
+        // would stop here all the same, so that nothing after it jumps ahead).
+        let mut taken = 0;
+        let mut failure = None;
+        for p in parts.iter().filter(|p| !p.is_empty()) {
+            match session.ssl_write(p) {
+                Ok(n) => {
+                    taken += n;
+                    if n < p.len() {
+                        break;
                     }
-                    Err(e) => {
-                        result = Err(ssl_io_error(e));
-                        break 'parts;
-                    }
+                }
+                Err(e) => {
+                    failure = Some(ssl_io_error(e));
+                    break;
                 }
             }
         }
         if let Some(own) = session.get_mut().sealed.as_mut() {
             std::mem::swap(own, out);
         }
-        result
+        failure.map_or(Ok(taken), Err)
     }
 
     /// Ends the session: a TLS close_notify, if the socket takes it, then the socket.
