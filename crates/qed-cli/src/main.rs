@@ -3,6 +3,7 @@
 
 mod cmd;
 mod remote;
+mod share;
 mod units;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -68,6 +69,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    qed::set_warning_handler(|m| eprintln!("qed: warning: {m}"));
     let result = match cli.command {
         Command::Create(a) => cmd::create::run(a),
         Command::Info(a) => cmd::info::run(a),

@@ -99,6 +99,11 @@ pub trait BlockDevice: Send + Sync + Debug {
     /// The device unallocated runs fall through to, if any.
     fn backing(&self) -> Option<&dyn BlockDevice>;
 
+    /// Lets go of the locks this device holds on its own file (not on its backing
+    /// files), once nothing reads it any more, so that other processes may write it. A
+    /// device without locks ignores it.
+    fn release_file_locks(&self) {}
+
     /// Where the `len` bytes at `offset` can be read (or, with `write`, written) directly:
     /// one extent of an open file, reached without allocating, copying or locking. `None`
     /// when the request needs the device's own path (allocation, backing data, a range

@@ -105,9 +105,47 @@ pub enum Error {
         reason: String,
     },
 
+    /// Another open of the file (another process: `qed`, QEMU) uses it in a way this open
+    /// conflicts with, as QEMU's image locks tell.
+    #[error(
+        "{}: {reason}: is another process (qed, qemu-nbd, a VM) using the image? Wait for \
+         it to end or stop it{}",
+        path.display(),
+        if *reading { "; to read it anyway, open it with -U (--force-share), which skips the \
+         wait for writers" } else { "" }
+    )]
+    Locked {
+        /// The file.
+        path: PathBuf,
+        /// Which lock could not be taken, in QEMU's words.
+        reason: String,
+        /// Whether this open only reads (and so could share instead).
+        reading: bool,
+    },
+
     /// The image needs something this build cannot do.
     #[error("{0}")]
     Unsupported(String),
+}
+
+impl Error {
+    /// The error of a file whose locks could not be taken ([`crate::FileStorage::lock`]):
+    /// [`Error::Locked`] when another open conflicts (`reading`: this open only reads,
+    /// and could share instead), else the I/O error.
+    pub fn from_lock(path: &std::path::Path, e: io::Error, reading: bool) -> Error {
+        if e.kind() == io::ErrorKind::ResourceBusy {
+            Error::Locked {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+                reading,
+            }
+        } else {
+            Error::Io {
+                context: format!("locking {}", path.display()),
+                cause: e,
+            }
+        }
+    }
 }
 
 /// Result type of the library.

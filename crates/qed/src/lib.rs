@@ -39,6 +39,7 @@ mod ops;
 #[cfg(target_os = "linux")]
 mod ring;
 mod storage;
+mod warnings;
 
 pub use block::{BlockDevice, BlockStatus, DirectExtent, DirectRead, Format, PendingWrite};
 pub use chain::{
@@ -62,6 +63,7 @@ pub use ops::{
 #[cfg(target_os = "linux")]
 pub use ring::{Ring, Waker, SERVER_POLL, WAKE};
 pub use storage::{
-    AlignedBuf, BlockHold, FileStorage, HttpStorage, MemoryStorage, RemoteOptions, S3Config,
-    S3Credentials, S3Storage, Storage, GROW_STEP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    AlignedBuf, BlockHold, FileStorage, HttpStorage, LockMode, MemoryStorage, RemoteOptions,
+    S3Config, S3Credentials, S3Storage, Storage, GROW_STEP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
+pub use warnings::set_warning_handler;

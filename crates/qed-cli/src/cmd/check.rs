@@ -25,6 +25,8 @@ pub struct Args {
     file: PathBuf,
     #[command(flatten)]
     remote: crate::remote::RemoteArgs,
+    #[command(flatten)]
+    share: crate::share::ShareArgs,
 }
 
 /// What `-r` repairs.
@@ -140,7 +142,7 @@ pub fn run(a: Args) -> Result<u8> {
         no_backing: true,
         read_only: a.repair.is_none(),
         repair_on_open: false,
-        ..a.remote.read_write()
+        ..a.share.apply(a.remote.read_write())
     };
     let mut image = Image::open(&a.file, &opts)?;
     let r = match a.repair {

@@ -42,7 +42,14 @@ pub fn run(a: Args) -> Result<u8> {
     if !has_backing {
         bail!("{} has no backing file to commit into", a.file.display());
     }
-    let mut top = super::open_image(&a.file, &a.remote.read_write())?;
+    // The base is written below while the image is open: the image shares its backing
+    // files with that writer, as QEMU's commit job does; the base's own write lock then
+    // keeps every other process out.
+    let rw = OpenOptions {
+        share_backing_writes: true,
+        ..a.remote.read_write()
+    };
+    let mut top = super::open_image(&a.file, &rw)?;
     let Some(backing) = top.backing_file() else {
         bail!("{} has no backing file to commit into", a.file.display());
     };
@@ -75,6 +82,8 @@ pub fn run(a: Args) -> Result<u8> {
         Format::Raw => {
             let s =
                 FileStorage::open(&base_path, false).file_context("could not open", &base_path)?;
+            s.lock(qed::LockMode::WRITER)
+                .file_context("could not lock", &base_path)?;
             if s.len()? < size {
                 s.set_len(size)?;
             }

@@ -30,10 +30,12 @@ pub struct Args {
     b: PathBuf,
     #[command(flatten)]
     remote: crate::remote::RemoteArgs,
+    #[command(flatten)]
+    share: crate::share::ShareArgs,
 }
 
 fn compare_files(a: &Args) -> Result<Option<Difference>> {
-    let ro = a.remote.read_only();
+    let ro = a.share.apply(a.remote.read_only());
     let da = open_device(&a.a, parse_format(a.format_a.as_deref())?, &ro)
         .file_context("could not open", &a.a)?;
     let db = open_device(&a.b, parse_format(a.format_b.as_deref())?, &ro)

@@ -48,6 +48,9 @@ pub struct Args {
     dst: PathBuf,
     #[command(flatten)]
     remote: crate::remote::RemoteArgs,
+    /// `-U` applies to the source.
+    #[command(flatten)]
+    share: crate::share::ShareArgs,
 }
 
 /// Runs `qed convert`. Every refusal comes before the destination is created or written.
@@ -86,6 +89,8 @@ struct Plan {
     no_flush: bool,
     progress: bool,
     remote: crate::remote::RemoteArgs,
+    /// `-U`: the source is read without waiting for writers.
+    share: crate::share::ShareArgs,
 }
 
 impl Plan {
@@ -129,6 +134,7 @@ impl Plan {
             no_flush,
             progress: a.progress,
             remote: a.remote,
+            share: a.share,
         })
     }
 }
@@ -147,8 +153,12 @@ fn refuse_same_file(plan: &Plan) -> Result<()> {
 }
 
 fn open_source(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
-    open_device(&plan.src, plan.src_format, &plan.remote.read_only())
-        .file_context("could not open source", &plan.src)
+    open_device(
+        &plan.src,
+        plan.src_format,
+        &plan.share.apply(plan.remote.read_only()),
+    )
+    .file_context("could not open source", &plan.src)
 }
 
 /// Refuses a destination that the source reads through: writing it would change the

@@ -21,6 +21,8 @@ pub struct Args {
     file: PathBuf,
     #[command(flatten)]
     remote: crate::remote::RemoteArgs,
+    #[command(flatten)]
+    share: crate::share::ShareArgs,
 }
 
 /// `qemu-img info --output=json`'s keys for a QED image, plus the table and header size.
@@ -50,7 +52,7 @@ pub fn run(a: Args) -> Result<u8> {
     super::require_qed(a.format.as_deref())?;
     let opts = OpenOptions {
         no_backing: true,
-        ..a.remote.read_only()
+        ..a.share.apply(a.remote.read_only())
     };
     let image = Image::open(&a.file, &opts)?;
     let header = image.header();

@@ -26,6 +26,8 @@ pub struct Args {
     file: PathBuf,
     #[command(flatten)]
     remote: crate::remote::RemoteArgs,
+    #[command(flatten)]
+    share: crate::share::ShareArgs,
 }
 
 /// Largest buffer one command moves at a time.
@@ -235,7 +237,7 @@ pub fn run(a: Args) -> Result<u8> {
         &qed::OpenOptions {
             read_only: a.read_only,
             copy_on_read: a.copy_on_read,
-            ..a.remote.read_write()
+            ..a.share.apply(a.remote.read_write())
         },
     )?;
     let mut failed = false;

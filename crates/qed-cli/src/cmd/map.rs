@@ -27,6 +27,8 @@ pub struct Args {
     file: PathBuf,
     #[command(flatten)]
     remote: crate::remote::RemoteArgs,
+    #[command(flatten)]
+    share: crate::share::ShareArgs,
 }
 
 fn json_row(e: &MapEntry) -> String {
@@ -54,7 +56,7 @@ fn hex16(v: u64) -> String {
 /// Runs `qed map`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
     let format = super::parse_format(a.format.as_deref())?;
-    let dev = open_device(&a.file, format, &a.remote.read_only())?;
+    let dev = open_device(&a.file, format, &a.share.apply(a.remote.read_only()))?;
     let start = parse_size(&a.start_offset)?;
     let len = match &a.max_length {
         Some(s) => parse_size(s)?,

@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::storage::{
-    is_http_url, is_s3_url, FileStorage, HttpStorage, RemoteOptions, S3Storage, Storage,
+    is_http_url, is_s3_url, FileStorage, HttpStorage, LockMode, RemoteOptions, S3Storage, Storage,
 };
 use std::path::{Path, PathBuf};
 
@@ -59,18 +59,23 @@ impl Location {
         }
     }
 
-    /// Opens the bytes at the location. `direct` (O_DIRECT) applies to files only.
+    /// Opens the bytes at the location. `direct` (O_DIRECT) and `lock` (QEMU's image
+    /// locks) apply to files only.
     pub(crate) fn open_storage(
         &self,
         read_only: bool,
         direct: bool,
+        lock: LockMode,
         remote: &RemoteOptions,
     ) -> Result<Box<dyn Storage>> {
         match self {
-            Location::File(p) => match FileStorage::open_with(p, read_only, direct) {
-                Ok(s) => Ok(Box::new(s)),
-                Err(e) => Err(file_error(p, e)),
-            },
+            Location::File(p) => {
+                let s =
+                    FileStorage::open_with(p, read_only, direct).map_err(|e| file_error(p, e))?;
+                s.lock(lock)
+                    .map_err(|e| Error::from_lock(p, e, lock == LockMode::READER))?;
+                Ok(Box::new(s))
+            }
             Location::Http(url) | Location::S3(url) if !read_only => Err(Error::Remote {
                 url: url.clone(),
                 reason: "a remote image can only be opened read-only; to change it, create \

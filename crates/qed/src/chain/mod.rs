@@ -16,7 +16,7 @@ use crate::devices::RawDevice;
 use crate::engine::{Backing, Image, ImageOptions, DEFAULT_L2_CACHE_BYTES};
 use crate::error::{Error, IoContext, Result};
 use crate::format::MAGIC;
-use crate::storage::{NoFlush, RemoteOptions, Storage};
+use crate::storage::{LockMode, NoFlush, RemoteOptions, Storage};
 pub(crate) use location::Location;
 use std::path::{Path, PathBuf};
 
@@ -49,6 +49,19 @@ pub struct OpenOptions {
     /// Reads of clusters the image does not hold copy them in from its backing chain
     /// (the image itself only: its backing files stay read-only).
     pub copy_on_read: bool,
+    /// Take the locks QEMU takes on image files (the default), so that two writers, or a
+    /// writer and a reader that wants the file unchanged, are refused whoever they are:
+    /// `qed`, qemu-img, qemu-nbd, a VM. Off only for a caller that rules such sharing out
+    /// itself (QEMU's `locking=off`).
+    pub locking: bool,
+    /// Read whatever other processes do to the files (QEMU's force-share, `-U`): a
+    /// read-only open that neither waits for writers nor keeps them out. What it reads
+    /// may be inconsistent while another process writes.
+    pub force_share: bool,
+    /// Let another open write the backing files while this image is open, as a commit
+    /// into the backing file does: they are locked as `force_share` locks, and this
+    /// image reads data that may change under it.
+    pub share_backing_writes: bool,
 }
 
 impl Default for OpenOptions {
@@ -62,6 +75,9 @@ impl Default for OpenOptions {
             no_flush: false,
             remote: RemoteOptions::default(),
             copy_on_read: false,
+            locking: true,
+            force_share: false,
+            share_backing_writes: false,
         }
     }
 }
@@ -94,13 +110,40 @@ impl OpenOptions {
         }
     }
 
-    /// The options a backing file is opened with: read-only, otherwise the same.
+    /// The options a backing file is opened with: read-only, otherwise the same, and
+    /// shared with writers if the image lets them write its backing files.
     fn for_backing(&self) -> Self {
         Self {
             read_only: true,
             copy_on_read: false,
+            force_share: self.force_share || self.share_backing_writes,
             ..self.clone()
         }
+    }
+
+    /// The locks a file opened with these options takes (as QEMU's format drivers ask
+    /// of their files).
+    fn lock_mode(&self) -> Result<LockMode> {
+        Ok(match (self.locking, self.read_only, self.force_share) {
+            (false, _, _) => LockMode::NONE,
+            (true, false, true) => {
+                return Err(Error::InvalidArgument(
+                    "force-share (-U) only reads: it cannot be used to open an image for \
+                     writing"
+                        .into(),
+                ))
+            }
+            (true, false, false) => LockMode::WRITER,
+            (true, true, false) => LockMode::READER,
+            (true, true, true) => LockMode::SHARED_READER,
+        })
+    }
+
+    /// Opens the bytes at `location` with these options.
+    fn open_storage(&self, location: &Location) -> Result<Box<dyn Storage>> {
+        let storage =
+            location.open_storage(self.read_only, self.direct, self.lock_mode()?, &self.remote)?;
+        Ok(self.flushing(storage))
     }
 }
 
@@ -133,7 +176,9 @@ pub fn open_device(
 /// bytes, as [`probe_format`] does.
 pub fn probe_format_at(path: &Path, opts: &OpenOptions) -> Result<Format> {
     let location = Location::named(path);
-    let storage = location.open_storage(true, false, &opts.remote)?;
+    // The probe takes the locks of the open it precedes, so that a refusal names the
+    // right lock, and reads only.
+    let storage = location.open_storage(true, false, opts.lock_mode()?, &opts.remote)?;
     probe_format(&*storage).context(|| format!("probing {}", path.display()))
 }
 
@@ -150,8 +195,8 @@ impl Image {
         let location = Location::named(path.as_ref());
         let mut chain = Chain::default();
         chain.enter(&location)?;
-        let storage = location.open_storage(opts.read_only, opts.direct, &opts.remote)?;
-        chain.open_image(opts.flushing(storage), &location, opts)
+        let storage = opts.open_storage(&location)?;
+        chain.open_image(storage, &location, opts)
     }
 
     /// Opens an image held in `storage`. `path` names it in messages and anchors
@@ -219,8 +264,7 @@ impl Chain {
         opts: &OpenOptions,
     ) -> Result<Box<dyn BlockDevice>> {
         let path = location.path();
-        let storage = location.open_storage(opts.read_only, opts.direct, &opts.remote)?;
-        let storage = opts.flushing(storage);
+        let storage = opts.open_storage(location)?;
         let format = match format {
             Some(f) => f,
             None => probe_format(&*storage).context(|| format!("probing {}", path.display()))?,
@@ -234,9 +278,9 @@ impl Chain {
                 path.display()
             ))),
             #[cfg(feature = "qcow2")]
-            Format::Qcow2 if opts.read_only => {
-                Ok(Box::new(crate::devices::Qcow2Device::open(path)?))
-            }
+            Format::Qcow2 if opts.read_only => Ok(Box::new(
+                crate::devices::Qcow2Device::open(path)?.holding(storage),
+            )),
             Format::Qcow2 => Err(Error::Unsupported(format!(
                 "{}: qcow2 images can only be opened read-only{}",
                 path.display(),

@@ -36,6 +36,10 @@ impl RawDevice {
 }
 
 impl BlockDevice for RawDevice {
+    fn release_file_locks(&self) {
+        self.storage.release_locks()
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

@@ -87,6 +87,17 @@ impl Image {
             Some((depth, _)) => current + depth - 1,
         };
         self.backing_depth.store(depth, Ordering::Release);
+        // The layers the image no longer reads are left to other processes (the device
+        // stays open: a read that began before the cut may still be reading it).
+        let mut layer = self.backing.as_ref().and_then(|b| b.device.as_deref());
+        let mut at = 1;
+        while let Some(dev) = layer {
+            if at >= current && (depth == NO_BACKING || at < depth) {
+                dev.release_file_locks();
+            }
+            layer = dev.backing();
+            at += 1;
+        }
         Ok(())
     }
 

@@ -40,6 +40,10 @@ impl Image {
 }
 
 impl BlockDevice for Image {
+    fn release_file_locks(&self) {
+        self.storage.release_locks()
+    }
+
     fn size(&self) -> u64 {
         self.header.get().image_size
     }
@@ -79,10 +83,11 @@ impl BlockDevice for Image {
         self.zero_walk(offset, len, false)
     }
 
-    /// Every data cluster wholly inside the range reads as zeros afterwards and its space
-    /// is released to the filesystem; the cluster stays allocated, so no cluster is leaked
-    /// and `qemu-img check` stays clean. Partial clusters, zero clusters and unallocated
-    /// clusters are left as they are. (QEMU ignores discards on QED images.)
+    /// Every cluster wholly inside the range reads as zeros afterwards: a data cluster is
+    /// unmapped (a zero cluster where a backing file lies below) and its space freed for
+    /// reuse; an unallocated cluster over a backing file becomes a zero cluster, so the
+    /// backing file never shows through what the guest discarded (as with qcow2).
+    /// Partial clusters are left as they are. (QEMU ignores discards on QED images.)
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.discard_guest(offset, len)
     }

@@ -9,9 +9,10 @@
 //! 3. it reads as zeros, durably, as space at the frontier does: allocations write only
 //!    the bytes they are given, and a crash must not expose what the cluster held.
 //!
-//! Flushes move clusters along: those freed before a flush are durably dropped after it
-//! (`durable`); a later flush punches those whose epoch has passed, and after it they
-//! are `ready`. Nothing here is written to the file: the format has no free list, so a
+//! Flushes move clusters along: a flush punches the clusters freed before it whose epoch
+//! has passed, and after it they are `ready`: the one flush makes both their drop and
+//! their punch durable. Those whose epoch had not passed are durably dropped after it
+//! (`durable`), and a later flush punches them and makes them ready. Nothing here is written to the file: the format has no free list, so a
 //! process that dies leaves its freed clusters as leaks, which the check reclaims.
 
 use super::epochs::Epochs;
@@ -165,11 +166,15 @@ enum Owned {
 /// What one flush moves along: taken before the flush writes anything, settled after it.
 #[derive(Debug, Default)]
 pub(super) struct FlushStage {
-    /// Freed before the flush: durably dropped once it succeeds.
+    /// Freed before the flush and still in their epoch: durably dropped once it
+    /// succeeds.
     sealed: Vec<Freed>,
-    /// Durably dropped and past their epoch: the flush punches those not punched yet,
-    /// and they are ready once it succeeds.
+    /// Past their epoch: the flush punches those not punched yet, and they are ready once
+    /// it succeeds, their drop durable by then too. The first `undropped` were freed
+    /// before this flush (their drop is made durable by it); the rest were durably
+    /// dropped by an earlier one.
     pub(super) settling: Vec<Freed>,
+    undropped: usize,
 }
 
 impl FlushStage {
@@ -214,12 +219,24 @@ impl FreeSet {
         if st.pending.is_empty() && st.durable.is_empty() {
             return FlushStage::default();
         }
-        let sealed = std::mem::take(&mut st.pending);
-        let (settling, waiting) = std::mem::take(&mut st.durable)
+        // Nobody may be left in the epochs of the freed clusters; advance as far as the
+        // requests in flight allow (it never waits), so that clusters freed by a discard
+        // before an idle moment are ready after this one flush.
+        epochs.try_advance();
+        let (mut settling, sealed): (Vec<Freed>, Vec<Freed>) = std::mem::take(&mut st.pending)
             .into_iter()
             .partition(|f| epochs.has_passed(f.epoch));
+        let undropped = settling.len();
+        let (passed, waiting): (Vec<Freed>, Vec<Freed>) = std::mem::take(&mut st.durable)
+            .into_iter()
+            .partition(|f| epochs.has_passed(f.epoch));
+        settling.extend(passed);
         st.durable = waiting;
-        let stage = FlushStage { sealed, settling };
+        let stage = FlushStage {
+            sealed,
+            settling,
+            undropped,
+        };
         st.staged.extend(
             stage
                 .sealed
@@ -258,7 +275,11 @@ impl FreeSet {
         } else {
             st.pending.extend(stage.sealed);
             // Those it punched are marked so: the next flush makes the punches durable.
-            st.durable.extend(stage.settling);
+            // Those freed before it may not be durably dropped: they start over.
+            let mut settling = stage.settling;
+            let dropped = settling.split_off(stage.undropped);
+            st.pending.extend(settling);
+            st.durable.extend(dropped);
         }
     }
 
@@ -569,6 +590,17 @@ mod tests {
         settle(&set, &epochs);
         assert_eq!(set.take(0x10000), Some(0x10000));
         assert_eq!(set.freed_bytes(), 0);
+    }
+
+    #[test]
+    fn one_flush_readies_what_nobody_can_still_use() {
+        let epochs = Epochs::default();
+        let set = FreeSet::default();
+        set.release(freed(0x10000, 0x10000, epochs.current()));
+        let stage = set.begin_flush(&epochs);
+        assert_eq!(set.take(0x10000), None, "the flush is not done yet");
+        set.end_flush(stage, true);
+        assert_eq!(set.take(0x10000), Some(0x10000));
     }
 
     #[test]

@@ -261,8 +261,13 @@ impl Image {
     /// Creates an image file from `opts`, truncating any file at `path`.
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         let path = path.as_ref();
-        let storage =
-            FileStorage::create(path).context(|| format!("creating {}", path.display()))?;
+        let storage = FileStorage::create(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::ResourceBusy => Error::from_lock(path, e, false),
+            _ => Error::Io {
+                context: format!("creating {}", path.display()),
+                cause: e,
+            },
+        })?;
         create::create_on(&storage, opts)?;
         storage
             .flush()

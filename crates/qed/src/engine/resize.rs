@@ -12,9 +12,12 @@ use crate::format::table::ENTRIES_PER_SECTOR;
 const CLEAR_CHUNK_ENTRIES: u64 = 8192;
 
 impl Image {
-    /// Changes the virtual size (rounded up to 512). Growing only rewrites the header, as
-    /// QEMU does. Shrinking needs `allow_shrink`: the clusters past the new end are
-    /// dropped from the tables, then the space they used is reclaimed.
+    /// Changes the virtual size (rounded up to 512). Growing rewrites the header, as QEMU
+    /// does, after making the new range read as zeros where a backing file reaches into
+    /// it (zero clusters): the guest never saw the backing file's bytes there, perhaps
+    /// because it shrank the disk to be rid of them. Shrinking needs `allow_shrink`: the
+    /// clusters past the new end are dropped from the tables, then the space they used
+    /// is reclaimed.
     pub fn resize(&mut self, new_size: u64, allow_shrink: bool) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -25,6 +28,24 @@ impl Image {
         let old_size = self.size();
         if new_size < old_size {
             self.drop_clusters_from(new_size)?;
+        }
+        if new_size > old_size && self.backing_file().is_some() && self.backing_device().is_none() {
+            return Err(Error::invalid_argument(format!(
+                "{}: growing an image needs its backing file open, to make the new range \
+                 read as zeros where the backing file reaches into it",
+                self.name
+            )));
+        }
+        let backing_end = self.backing_size();
+        if new_size > old_size && backing_end > old_size {
+            // Whole clusters to the end of the backing data, so that the tail becomes a
+            // zero cluster, not an allocated one; entries past the size read nothing.
+            let cs = self.geometry.cluster_size();
+            let to = new_size.min(backing_end).next_multiple_of(cs);
+            self.zero_walk(old_size, to - old_size, true)?;
+            // Durable before the header shows the range.
+            self.write_back_tables()?;
+            self.flush_storage()?;
         }
         let mut header = self.header();
         header.image_size = new_size;

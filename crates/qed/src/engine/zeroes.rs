@@ -92,10 +92,17 @@ impl Image {
         let end = self.geometry.cluster_start(pos + len);
         while p < end {
             let (mapping, n) = self.lookup(p, end - p)?;
-            if let Mapping::Data(_) = mapping {
-                self.free_clusters(p, n)?;
-            }
-            p += n;
+            p += match mapping {
+                Mapping::Data(_) => {
+                    self.free_clusters(p, n)?;
+                    n
+                }
+                // What the guest discarded reads as zeros, as in qcow2: the backing file
+                // must not show through where the image never held data either. 0 when
+                // another writer got there first: look again.
+                Mapping::Unallocated if p < self.backing_size() => self.zero_clusters(p, n)?,
+                Mapping::Unallocated | Mapping::Zero => n,
+            };
         }
         Ok(())
     }

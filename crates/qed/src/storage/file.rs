@@ -1,18 +1,22 @@
 //! Storage in a regular file, with positioned I/O.
 
 use super::aligned::AlignedBuf;
+use super::lock::{relock, LockError, LockMode};
 use super::Storage;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::Mutex;
 
 /// A file used through `pread`/`pwrite`, safe to share between threads.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     direct: Option<Direct>,
+    /// The QEMU-compatible locks this open of the file holds (see [`LockMode`]).
+    lock: Mutex<LockMode>,
 }
 
 /// Alignment of offsets, lengths and buffers for O_DIRECT: 4 KiB suits 512-byte and
@@ -58,7 +62,7 @@ impl FileStorage {
     /// Opens an existing file, read-write unless `read_only`.
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-        Ok(Self { file, direct: None })
+        Ok(Self::new(file, None))
     }
 
     /// Opens an existing file, with O_DIRECT when `direct`.
@@ -91,10 +95,7 @@ impl FileStorage {
                 }
             })?;
         let stripes = (0..STRIPES).map(|_| std::sync::RwLock::new(())).collect();
-        Ok(Self {
-            file,
-            direct: Some(Direct { stripes }),
-        })
+        Ok(Self::new(file, Some(Direct { stripes })))
     }
 
     fn pread_full(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -193,19 +194,53 @@ impl FileStorage {
     }
 
     /// Creates a file, truncating one that exists: for QED, file length is allocation.
+    /// The file is locked as QEMU locks a file it creates ([`LockMode::CREATOR`]) before
+    /// it is truncated, so a file another process has open is refused, not emptied.
     pub fn create(path: &Path) -> io::Result<Self> {
+        #[allow(clippy::suspicious_open_options)] // truncated below, once it is locked
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
             .open(path)?;
-        Ok(Self { file, direct: None })
+        let storage = Self::new(file, None);
+        storage.lock(LockMode::CREATOR)?;
+        storage.file.set_len(0)?;
+        Ok(storage)
     }
 
-    /// Wraps an open file (opened without O_DIRECT).
+    /// Wraps an open file (opened without O_DIRECT). It holds no locks until
+    /// [`FileStorage::lock`].
     pub fn from_file(file: File) -> Self {
-        Self { file, direct: None }
+        Self::new(file, None)
+    }
+
+    fn new(file: File, direct: Option<Direct>) -> Self {
+        Self {
+            file,
+            direct,
+            lock: Mutex::new(LockMode::NONE),
+        }
+    }
+
+    /// Takes the locks QEMU takes for `mode` on this open of the file, in place of those
+    /// held now, so that QEMU and other `qed` processes see the use and conflicting uses
+    /// are refused. A conflict is an error of kind [`io::ErrorKind::ResourceBusy`] with
+    /// QEMU's text (`Failed to get "write" lock`); the locks held before are kept. A file
+    /// system that cannot lock is warned about once and passes. The locks go with the
+    /// last descriptor of this open, or with [`LockMode::NONE`].
+    pub fn lock(&self, mode: LockMode) -> io::Result<()> {
+        let mut held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        match relock(self.file.as_raw_fd(), *held, mode) {
+            Ok(()) => {
+                *held = mode;
+                Ok(())
+            }
+            Err(LockError::Conflict(text)) => {
+                Err(io::Error::new(io::ErrorKind::ResourceBusy, text))
+            }
+            Err(LockError::Io(e)) => Err(e),
+        }
     }
 
     /// Allocates the blocks of `[from, to)` and makes the file at least `to` long.
@@ -261,6 +296,10 @@ impl Storage for FileStorage {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn release_locks(&self) {
+        let _ = self.lock(LockMode::NONE);
     }
 
     fn len(&self) -> io::Result<u64> {

@@ -4,11 +4,13 @@
 
 mod aligned;
 mod file;
+mod lock;
 mod memory;
 mod remote;
 
 pub use aligned::AlignedBuf;
 pub use file::{FileStorage, GROW_STEP};
+pub use lock::LockMode;
 pub use memory::MemoryStorage;
 pub(crate) use remote::{is_http_url, is_s3_url};
 pub use remote::{
@@ -28,6 +30,10 @@ pub trait Storage: Send + Sync + Debug {
 
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
+
+    /// Lets go of the locks that keep other processes from using the storage (a backing
+    /// file the image no longer reads). Storage without locks ignores it.
+    fn release_locks(&self) {}
 
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
@@ -133,6 +139,9 @@ impl Storage for NoFlush {
     fn flush(&self) -> io::Result<()> {
         Ok(())
     }
+    fn release_locks(&self) {
+        self.0.release_locks()
+    }
     fn len(&self) -> io::Result<u64> {
         self.0.len()
     }
@@ -175,6 +184,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn flush(&self) -> io::Result<()> {
         (**self).flush()
+    }
+    fn release_locks(&self) {
+        (**self).release_locks()
     }
     fn len(&self) -> io::Result<u64> {
         (**self).len()
