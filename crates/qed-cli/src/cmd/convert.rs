@@ -19,7 +19,8 @@ pub struct Args {
     /// Destination format: qed (default) or raw.
     #[arg(short = 'O', default_value = "qed")]
     output_format: String,
-    /// Destination options: cluster_size=SIZE, table_size=N.
+    /// Destination options: cluster_size=SIZE, table_size=N, backing_file=NAME (as -B),
+    /// backing_fmt=FMT (as -F); -B and -F win over them, as in qemu-img.
     #[arg(short = 'o')]
     options: Vec<String>,
     /// Backing file of the destination: only data differing from it is written.
@@ -105,8 +106,13 @@ impl Plan {
         if dst_format == Format::Raw && (a.backing.is_some() || !a.options.is_empty()) {
             bail!("-B and -o apply to qed destinations only");
         }
-        let backing_format = parse_format(a.backing_format.as_deref())?;
-        let geometry = CreateGeometry::parse(&a.options)?;
+        let geometry = CreateGeometry::parse(&a.options, super::CONVERT_KEYS, "qed convert")?;
+        let backing = a.backing.or_else(|| geometry.backing_file.clone());
+        let backing_format = a.backing_format.or_else(|| geometry.backing_fmt.clone());
+        if backing.is_none() && backing_format.is_some() {
+            bail!("a backing format (-F or -o backing_fmt) needs a backing file (-B or -o backing_file)");
+        }
+        let backing_format = parse_format(backing_format.as_deref())?;
         let (direct, no_flush) = match a.cache.as_str() {
             "unsafe" => (false, true),
             "writeback" => (false, false),
@@ -122,7 +128,7 @@ impl Plan {
             dst_format,
             no_create: a.no_create,
             geometry,
-            backing: a.backing,
+            backing,
             backing_format,
             sparse_size,
             direct,
