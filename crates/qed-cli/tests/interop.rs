@@ -734,10 +734,7 @@ fn assert_info_matches(dir: &Path, layer: &QedLayer) {
     let ours_obj = ours.as_object_mut().expect("qed info prints an object");
     assert_eq!(ours_obj.remove("table-size"), Some(layer.ts.into()));
     assert_eq!(ours_obj.remove("header-size"), Some(1.into()));
-    theirs
-        .as_object_mut()
-        .expect("qemu-img info prints an object")
-        .remove("children");
+    assert!(theirs.is_object(), "qemu-img info prints an object");
     assert_eq!(
         ours, theirs,
         "{img}: `qed info --output=json` (left) differs from qemu-img's (right)"
@@ -1021,7 +1018,6 @@ fn paths_from_another_directory() {
             if cmd == "info" {
                 ours.as_object_mut().unwrap().remove("table-size");
                 ours.as_object_mut().unwrap().remove("header-size");
-                theirs.as_object_mut().unwrap().remove("children");
             }
             assert_eq!(ours, theirs, "`{cmd} {img}`: ours (left), qemu-img (right)");
         }

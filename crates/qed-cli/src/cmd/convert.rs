@@ -110,7 +110,10 @@ impl Plan {
         let backing = a.backing.or_else(|| geometry.backing_file.clone());
         let backing_format = a.backing_format.or_else(|| geometry.backing_fmt.clone());
         if backing.is_none() && backing_format.is_some() {
-            bail!("a backing format (-F or -o backing_fmt) needs a backing file (-B or -o backing_file)");
+            bail!(
+                "a backing format (-F or -o backing_fmt) needs a backing file (-B or -o \
+                 backing_file)"
+            );
         }
         let backing_format = parse_format(backing_format.as_deref())?;
         let (direct, no_flush) = match a.cache.as_str() {
