@@ -727,7 +727,7 @@ fn assert_info_matches(dir: &Path, layer: &QedLayer) {
         "qed info",
         &ok(dir, QED, &["info", "--output=json", "-f", "qed", img]),
     );
-    let mut theirs = json(
+    let theirs = json(
         "qemu-img info",
         &ok(dir, QEMU_IMG, &["info", "--output=json", "-f", "qed", img]),
     );
@@ -1011,7 +1011,7 @@ fn paths_from_another_directory() {
     for (d, img) in [(dir.path(), "sub/top.qed"), (dir.path(), abs.as_str())] {
         for cmd in ["info", "check", "map"] {
             let mut ours = json(cmd, &ok(d, QED, &[cmd, "--output=json", img]));
-            let mut theirs = json(
+            let theirs = json(
                 cmd,
                 &ok(d, QEMU_IMG, &[cmd, "--output=json", "-f", "qed", img]),
             );
