@@ -43,6 +43,13 @@ pub struct Args {
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
+    /// Quiet: no progress bar even with -p.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The existing destination (-n) reads as zeros everywhere: zero runs of the source
+    /// are not written to it.
+    #[arg(long)]
+    target_is_zero: bool,
     /// The source image.
     src: PathBuf,
     /// The destination image.
@@ -81,6 +88,8 @@ struct Plan {
     /// `-F`: `None` probes.
     backing_format: Option<Format>,
     sparse_size: u64,
+    /// `--target-is-zero`: the existing destination reads as zeros.
+    target_is_zero: bool,
     /// `-t none`: O_DIRECT on the destination.
     direct: bool,
     /// `-t unsafe`: the destination is never flushed.
@@ -116,6 +125,15 @@ impl Plan {
             );
         }
         let backing_format = parse_format(backing_format.as_deref())?;
+        if a.target_is_zero && !a.no_create {
+            bail!("--target-is-zero is for an existing destination: it needs -n");
+        }
+        if a.target_is_zero && backing.is_some() {
+            bail!(
+                "--target-is-zero cannot be used with a backing file: the destination reads \
+                 its backing file's data, not zeros"
+            );
+        }
         let (direct, no_flush) = match a.cache.as_str() {
             "unsafe" => (false, true),
             "writeback" => (false, false),
@@ -136,7 +154,8 @@ impl Plan {
             sparse_size,
             direct,
             no_flush,
-            progress: a.progress,
+            progress: a.progress && !a.quiet,
+            target_is_zero: a.target_is_zero,
             remote: a.remote,
         })
     }
@@ -224,6 +243,17 @@ fn check_existing_destination(plan: &Plan, size: u64) -> Result<()> {
     };
     let existing = open_device(&plan.dst, Some(plan.dst_format), &ro)
         .file_context("could not open destination", &plan.dst)?;
+    if plan.target_is_zero && plan.dst_format == Format::Qed {
+        let image = Image::open(&plan.dst, &ro).file_context("could not open", &plan.dst)?;
+        if let Some(b) = image.backing_file() {
+            bail!(
+                "--target-is-zero: the destination {} has a backing file ({}), so it does \
+                 not read as zeros",
+                plan.dst.display(),
+                b.name
+            );
+        }
+    }
     if existing.size() < size {
         bail!(
             "the destination {} ({} bytes) is smaller than the source ({size} bytes)",
@@ -254,7 +284,7 @@ fn copy(plan: &Plan, src: &dyn BlockDevice, dst: &dyn BlockDevice) -> Result<()>
     let opts = ConvertOptions {
         sparse_size: plan.sparse_size,
         // Only a new destination with nothing below it is known to read as zeros.
-        target_is_zero: !plan.no_create && plan.backing.is_none(),
+        target_is_zero: (!plan.no_create || plan.target_is_zero) && plan.backing.is_none(),
         target_backing: if plan.backing.is_some() {
             dst.backing()
         } else {
