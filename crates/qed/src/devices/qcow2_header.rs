@@ -145,3 +145,75 @@ impl Qcow2Facts {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryStorage;
+
+    /// A v3 header with 64 KiB clusters, a backing name and its format extension.
+    fn v3() -> Vec<u8> {
+        let mut b = vec![0u8; 65536];
+        b[..4].copy_from_slice(&MAGIC);
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[8..16].copy_from_slice(&200u64.to_be_bytes());
+        b[16..20].copy_from_slice(&8u32.to_be_bytes());
+        b[20..24].copy_from_slice(&16u32.to_be_bytes());
+        b[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        b[80..88].copy_from_slice(&1u64.to_be_bytes());
+        b[96..100].copy_from_slice(&4u32.to_be_bytes());
+        b[100..104].copy_from_slice(&112u32.to_be_bytes());
+        b[112..116].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        b[116..120].copy_from_slice(&5u32.to_be_bytes());
+        b[120..125].copy_from_slice(b"qcow2");
+        b[200..208].copy_from_slice(b"base.img");
+        b
+    }
+
+    fn read(bytes: Vec<u8>) -> Result<Qcow2Facts> {
+        Qcow2Facts::read(&MemoryStorage::from_bytes(bytes), "test.qcow2")
+    }
+
+    #[test]
+    fn reads_what_the_header_says() {
+        let f = read(v3()).unwrap();
+        assert_eq!(f.version, 3);
+        assert_eq!(f.cluster_size, 65536);
+        assert_eq!(f.size, 1 << 30);
+        assert_eq!(f.backing_file.as_deref(), Some("base.img"));
+        assert_eq!(f.backing_format.as_deref(), Some("qcow2"));
+        assert!(f.lazy_refcounts && !f.dirty && !f.corrupt);
+        assert_eq!(f.refcount_bits, 16);
+        assert_eq!(f.compression_type, "zlib");
+    }
+
+    #[test]
+    fn bad_fields_are_errors_not_panics() {
+        let cases: [(usize, &[u8]); 6] = [
+            // backing name past the first cluster
+            (8, &(65530u64).to_be_bytes()),
+            // cluster_bits out of range
+            (20, &40u32.to_be_bytes()),
+            // header_length past the first cluster
+            (100, &0x00ff_ffffu32.to_be_bytes()),
+            // an extension longer than the cluster
+            (116, &u32::MAX.to_be_bytes()),
+            // refcount_order too large
+            (96, &9u32.to_be_bytes()),
+            // version 4
+            (4, &4u32.to_be_bytes()),
+        ];
+        for (at, bytes) in cases {
+            let mut b = v3();
+            b[at..at + bytes.len()].copy_from_slice(bytes);
+            let e = read(b).unwrap_err().to_string();
+            assert!(e.contains("test.qcow2"), "{e}");
+        }
+        // Every cut of the header either reads or fails cleanly.
+        let full = v3();
+        for len in [0, 3, 4, 50, 72, 100, 104, 120, 204, 4096] {
+            let _ = read(full[..len].to_vec());
+        }
+        assert!(read(b"QFI".to_vec()).is_err());
+    }
+}
