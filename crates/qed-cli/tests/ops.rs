@@ -1868,9 +1868,11 @@ fn errors_name_the_file_once() {
         );
     };
 
+    // Probed, a text file is a raw image, to us as to qemu-img.
+    let out = d.qed(&["info", "notes.txt"]);
+    assert!(out.contains("file format: raw"), "{out}");
     for args in [
-        &["info", "notes.txt"][..],
-        &["check", "notes.txt"],
+        &["check", "notes.txt"][..],
         &["info", "-f", "qed", "notes.txt"],
     ] {
         let e = stderr_of(args);
@@ -2473,9 +2475,23 @@ fn info_backing_chain_matches_qemu_img() {
         "sub/over.qed",
         "1M",
     ]);
+    // A qcow2 image over them all: the top need not be QED.
+    d.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "top.qed",
+        "-F",
+        "qed",
+        "sub/q.qcow2",
+    ]);
     for (from, prefix) in [("", "sub/"), ("sub", "")] {
         assert_chain_info_matches(&d, from, &format!("{prefix}top.qed"), 4);
         assert_chain_info_matches(&d, from, &format!("{prefix}over.qed"), 2);
+        assert_chain_info_matches(&d, from, &format!("{prefix}q.qcow2"), 5);
+        assert_chain_info_matches(&d, from, &format!("{prefix}base.raw"), 1);
     }
     // The relative name and where it leads, as qemu-img prints them.
     let out = d.qed(&["info", "sub/top.qed"]);

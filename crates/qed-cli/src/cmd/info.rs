@@ -15,7 +15,7 @@ pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
-    /// Image format (qed).
+    /// Image format: qed, raw or qcow2 (probed when omitted).
     #[arg(short = 'f')]
     format: Option<String>,
     /// Show every image of the backing chain, top first (JSON: an array of the objects
@@ -119,7 +119,7 @@ struct Layer {
 
 /// Runs `qed info`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    super::require_qed(a.format.as_deref())?;
+    let format = super::parse_format(a.format.as_deref())?;
     let opts = OpenOptions {
         no_backing: true,
         ..a.remote.read_only()
@@ -127,7 +127,7 @@ pub fn run(a: Args) -> Result<u8> {
     let mut infos = Vec::new();
     let mut next = Some(Layer {
         path: a.file.clone(),
-        format: Some(Format::Qed),
+        format,
     });
     let mut seen = Vec::new();
     while let Some(layer) = next.take() {
