@@ -11,7 +11,15 @@ use std::process::ExitCode;
 
 /// Work with QED (QEMU Enhanced Disk) images.
 #[derive(Parser)]
-#[command(name = "qed", version, about, propagate_version = true)]
+// A repeated single-valued option takes its last value, as qemu-img's getopt loop does
+// (`-F qed -F raw` is raw); options that collect values (`io -c`) still collect them all.
+#[command(
+    name = "qed",
+    version,
+    about,
+    propagate_version = true,
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

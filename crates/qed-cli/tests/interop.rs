@@ -727,17 +727,14 @@ fn assert_info_matches(dir: &Path, layer: &QedLayer) {
         "qed info",
         &ok(dir, QED, &["info", "--output=json", "-f", "qed", img]),
     );
-    let mut theirs = json(
+    let theirs = json(
         "qemu-img info",
         &ok(dir, QEMU_IMG, &["info", "--output=json", "-f", "qed", img]),
     );
     let ours_obj = ours.as_object_mut().expect("qed info prints an object");
     assert_eq!(ours_obj.remove("table-size"), Some(layer.ts.into()));
     assert_eq!(ours_obj.remove("header-size"), Some(1.into()));
-    theirs
-        .as_object_mut()
-        .expect("qemu-img info prints an object")
-        .remove("children");
+    assert!(theirs.is_object(), "qemu-img info prints an object");
     assert_eq!(
         ours, theirs,
         "{img}: `qed info --output=json` (left) differs from qemu-img's (right)"
@@ -1014,14 +1011,13 @@ fn paths_from_another_directory() {
     for (d, img) in [(dir.path(), "sub/top.qed"), (dir.path(), abs.as_str())] {
         for cmd in ["info", "check", "map"] {
             let mut ours = json(cmd, &ok(d, QED, &[cmd, "--output=json", img]));
-            let mut theirs = json(
+            let theirs = json(
                 cmd,
                 &ok(d, QEMU_IMG, &[cmd, "--output=json", "-f", "qed", img]),
             );
             if cmd == "info" {
                 ours.as_object_mut().unwrap().remove("table-size");
                 ours.as_object_mut().unwrap().remove("header-size");
-                theirs.as_object_mut().unwrap().remove("children");
             }
             assert_eq!(ours, theirs, "`{cmd} {img}`: ours (left), qemu-img (right)");
         }

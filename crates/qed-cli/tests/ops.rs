@@ -1868,9 +1868,11 @@ fn errors_name_the_file_once() {
         );
     };
 
+    // Probed, a text file is a raw image, to us as to qemu-img.
+    let out = d.qed(&["info", "notes.txt"]);
+    assert!(out.contains("file format: raw"), "{out}");
     for args in [
-        &["info", "notes.txt"][..],
-        &["check", "notes.txt"],
+        &["check", "notes.txt"][..],
         &["info", "-f", "qed", "notes.txt"],
     ] {
         let e = stderr_of(args);
@@ -2032,4 +2034,686 @@ fn compact_and_defrag_refuse_what_they_cannot_do() {
     d.put("bad.qed", &b);
     let err = d.qed_fails(&["defrag", "bad.qed"], "check -r all");
     assert!(err.contains("bad.qed"), "{err}");
+}
+
+// ----------------------------------------------------------------------------------
+// The options qemu-img users pass: -o keys, repeated options, qcow2 backing files,
+// info --backing-chain, commit -b, compare's messages.
+
+/// Guest contents as a list of `(offset, len, byte)` writes applied in order to zeros.
+fn model(size: u64, writes: &[(u64, u64, u8)]) -> Vec<u8> {
+    let mut m = vec![0u8; size as usize];
+    for &(off, len, b) in writes {
+        m[off as usize..(off + len) as usize].fill(b);
+    }
+    m
+}
+
+impl Dir {
+    /// The guest contents of `file` as qemu-img reads them.
+    fn contents(&self, file: &str) -> Vec<u8> {
+        let raw = format!("{file}.contents.raw");
+        let _ = std::fs::remove_file(self.path(&raw));
+        self.img(&["convert", "-q", "-O", "raw", file, &raw]);
+        self.bytes(&raw)
+    }
+
+    /// Asserts that qemu-img reads `file` as `expected`, naming the first difference.
+    fn reads_as(&self, file: &str, expected: &[u8]) {
+        let got = self.contents(file);
+        assert_eq!(got.len(), expected.len(), "{file}: size");
+        if let Some(i) = got.iter().zip(expected).position(|(a, b)| a != b) {
+            panic!(
+                "{file}: byte {i} reads {:#x}, the model says {:#x}",
+                got[i], expected[i]
+            );
+        }
+    }
+}
+
+/// QED header features (offset 0x10).
+fn features(b: &[u8]) -> u64 {
+    le64(b, 0x10)
+}
+const BACKING_FILE: u64 = 1;
+const NO_PROBE: u64 = 4;
+
+#[test]
+fn convert_o_backing_file_acts_as_dash_b() {
+    let d = Dir::new();
+    d.raw_image(
+        "back.raw",
+        "4M",
+        &[(0, M, 0x11), (2 * M, 64 * K, 0x99), (3 * M, 64 * K, 0x11)],
+    );
+    d.img(&[
+        "convert", "-q", "-f", "raw", "-O", "raw", "back.raw", "src.raw",
+    ]);
+    d.io(
+        "raw",
+        "src.raw",
+        &["write -P 0xab 1536k 8k".into(), "write -z 2M 64k".into()],
+    );
+    d.img(&[
+        "convert", "-q", "-f", "raw", "-O", "qed", "back.raw", "back.qed",
+    ]);
+    let cases: [(&str, &[&str], Option<&str>); 3] = [
+        (
+            "one.qed",
+            &["-o", "backing_file=back.qed,backing_fmt=qed"],
+            None,
+        ),
+        (
+            "two.qed",
+            &[
+                "-o",
+                "backing_file=back.raw",
+                "-o",
+                "backing_fmt=raw,cluster_size=64k",
+            ],
+            Some("raw"),
+        ),
+        // -B wins over -o backing_file, as -b does in qemu-img create.
+        (
+            "three.qed",
+            &["-B", "back.qed", "-F", "qed", "-o", "backing_file=back.raw"],
+            None,
+        ),
+    ];
+    for (dst, opts, fmt) in cases {
+        let mut args = vec!["convert", "-f", "raw"];
+        args.extend(opts);
+        args.extend(["src.raw", dst]);
+        d.qed(&args);
+        d.same("src.raw", dst);
+        d.clean(dst);
+        let info = d.info(dst);
+        let back = if dst == "two.qed" {
+            "back.raw"
+        } else {
+            "back.qed"
+        };
+        assert_eq!(info["backing-filename"], back, "{dst}: {info:#}");
+        assert_eq!(
+            info.get("backing-filename-format").and_then(Value::as_str),
+            fmt,
+            "{dst}: {info:#}"
+        );
+        let map = d.map(dst);
+        let own: Vec<(u64, u64)> = map
+            .iter()
+            .filter(|r| r["depth"] == 0 && r["present"] == true)
+            .map(|r| (r["start"].as_u64().unwrap(), r["length"].as_u64().unwrap()))
+            .collect();
+        // Only what differs from the backing file is the image's own.
+        assert_eq!(own, [(1536 * K, 64 * K), (2 * M, 64 * K)], "{dst}: {map:?}");
+        assert_eq!(data_bytes(&map, 0), 64 * K, "{dst}: {map:?}");
+    }
+}
+
+#[test]
+fn o_keys_take_effect_or_are_refused_by_name() {
+    let d = Dir::new();
+    d.qed_image("base.qed", "3M", &[], &[(0, 64 * K, 0x21)]);
+    // What ours creates with -o is byte for byte what qemu-img creates with it.
+    let lists: [&[&str]; 4] = [
+        &["-o", "size=2M"],
+        &["-o", "size=5M,cluster_size=16k,table_size=2"],
+        &["-o", "backing_file=base.qed,backing_fmt=raw"],
+        &[
+            "-o",
+            "backing_file=base.qed",
+            "-o",
+            "backing_fmt=qed,size=1M",
+        ],
+    ];
+    for (i, opts) in lists.iter().enumerate() {
+        let (ours, theirs) = (format!("o{i}.qed"), format!("q{i}.qed"));
+        let mut a = vec!["create", "-q", "-f", "qed"];
+        a.extend(*opts);
+        d.qed(&[a.as_slice(), &[ours.as_str()]].concat());
+        d.img(&[a.as_slice(), &[theirs.as_str()]].concat());
+        assert_eq!(d.bytes(&ours), d.bytes(&theirs), "{opts:?}");
+        d.clean(&ours);
+    }
+    assert_eq!(d.info("o0.qed")["virtual-size"], 2 * M);
+    assert_eq!(d.info("o2.qed")["backing-filename-format"], "raw");
+
+    // Given twice, the size is refused, as qemu-img refuses it.
+    d.qed_fails(&["create", "-o", "size=1M", "twice.qed", "1M"], "only once");
+    d.expect(
+        QEMU_IMG,
+        &["create", "-f", "qed", "-o", "size=1M", "twice.qed", "1M"],
+        1,
+    );
+    // Keys a command does not take are refused by name, and nothing is created.
+    let refusals: [&[&str]; 5] = [
+        &["create", "-o", "foo=1", "x.qed", "1M"],
+        &["convert", "-o", "size=1M", "base.qed", "x.qed"],
+        &["convert", "-o", "preallocation=full", "base.qed", "x.qed"],
+        &["measure", "--size", "1M", "-o", "backing_file=base.qed"],
+        &["measure", "--size", "1M", "-o", "size=2M"],
+    ];
+    for args in refusals {
+        let key = args
+            .iter()
+            .find_map(|a| a.split_once('=').map(|(k, _)| k))
+            .unwrap();
+        let err = d.qed_fails(args, &format!("'{key}'"));
+        assert!(err.contains("takes"), "{err}");
+        assert!(!d.path("x.qed").exists(), "{args:?} created x.qed");
+    }
+    // A backing format without a backing file has nothing to apply to.
+    d.qed_fails(
+        &["convert", "-o", "backing_fmt=qed", "base.qed", "x.qed"],
+        "needs a backing file",
+    );
+    // measure applies its geometry keys.
+    let out = d.qed(&[
+        "measure",
+        "--output=json",
+        "--size",
+        "1G",
+        "-o",
+        "cluster_size=4k,table_size=1",
+    ]);
+    let j: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["fully-allocated"], fully_allocated(G, 4 * K, 1), "{j}");
+}
+
+#[test]
+fn repeated_options_take_their_last_value() {
+    let d = Dir::new();
+    d.qed_image("base.qed", "2M", &[], &[(0, 64 * K, 0x21)]);
+    // qemu-img takes the last -F: raw, which sets the no-probe bit.
+    for (tool, name) in [(QED, "ours.qed"), (QEMU_IMG, "theirs.qed")] {
+        d.ok(
+            tool,
+            &[
+                "create", "-q", "-f", "qed", "-F", "qed", "-F", "raw", "-b", "base.qed", name,
+            ],
+        );
+    }
+    assert_eq!(d.bytes("ours.qed"), d.bytes("theirs.qed"));
+    assert_ne!(features(&d.bytes("ours.qed")) & NO_PROBE, 0);
+    d.qed(&[
+        "create",
+        "-q",
+        "-F",
+        "qed",
+        "-F",
+        "qed",
+        "-b",
+        "base.qed",
+        "plain.qed",
+    ]);
+    assert_eq!(features(&d.bytes("plain.qed")) & NO_PROBE, 0);
+    // Repeated -o lists merge, a later key winning.
+    d.qed(&[
+        "create",
+        "-q",
+        "-o",
+        "cluster_size=4k",
+        "-o",
+        "cluster_size=16k",
+        "c.qed",
+        "1M",
+    ]);
+    assert_eq!(d.info("c.qed")["cluster-size"], 16 * K);
+    // Repeated flags and single values elsewhere.
+    let out = d.qed(&[
+        "info",
+        "--output=human",
+        "--output=json",
+        "-f",
+        "qed",
+        "base.qed",
+    ]);
+    let j: Value = serde_json::from_str(&out).expect("the last --output is json");
+    assert_eq!(j["format"], "qed");
+    d.qed(&[
+        "compare", "-f", "raw", "-f", "qed", "-p", "-p", "base.qed", "base.qed",
+    ]);
+    // -c of io still collects every command, in order.
+    let out = d.qed(&[
+        "io",
+        "-c",
+        "write -P 0x5c 0 4k",
+        "-c",
+        "read -P 0x5c 0 4k",
+        "-c",
+        "write -P 0x5d 4k 4k",
+        "c.qed",
+    ]);
+    assert_eq!(out.matches("wrote 4096/4096").count(), 2, "{out}");
+    assert_eq!(out.matches("read 4096/4096").count(), 1, "{out}");
+    d.expect_reads("c.qed", &[(0, 4 * K, 0x5c), (4 * K, 4 * K, 0x5d)]);
+}
+
+#[test]
+fn qcow2_backing_file_with_create_and_rebase() {
+    let d = Dir::new();
+    let base_writes = [(0, M, 0x11), (3 * M, 64 * K, 0x12)];
+    d.raw_image("base.raw", "4M", &base_writes);
+    d.img(&["convert", "-q", "-O", "qcow2", "base.raw", "base.qcow2"]);
+
+    // create: the name is stored without the no-probe bit, byte for byte as qemu-img.
+    d.qed(&["create", "-q", "-b", "base.qcow2", "-F", "qcow2", "top.qed"]);
+    d.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "ref.qed",
+    ]);
+    assert_eq!(d.bytes("top.qed"), d.bytes("ref.qed"));
+    let f = features(&d.bytes("top.qed"));
+    assert_eq!(f & (BACKING_FILE | NO_PROBE), BACKING_FILE, "{f:#x}");
+    // Probed as qcow2 when -F is left out.
+    d.qed(&["create", "-q", "-b", "base.qcow2", "probed.qed"]);
+    assert_eq!(d.bytes("probed.qed"), d.bytes("ref.qed"));
+
+    // Written by us over the qcow2 base, read by both through it.
+    let top_writes = [(512 * K, 64 * K, 0x33), (3 * M + 4 * K, 4 * K, 0x34)];
+    for (off, len, b) in top_writes {
+        d.qed(&[
+            "io",
+            "-c",
+            &format!("write -P {b:#x} {off} {len}"),
+            "top.qed",
+        ]);
+    }
+    let expected = model(4 * M, &[&base_writes[..], &top_writes[..]].concat());
+    d.put("expected.raw", &expected);
+    d.same("top.qed", "expected.raw");
+    d.reads_as("top.qed", &expected);
+    d.qed(&["compare", "top.qed", "expected.raw"]);
+    d.expect_reads("top.qed", &[(0, 4 * K, 0x11), (512 * K, 4 * K, 0x33)]);
+    d.clean("top.qed");
+    assert_eq!(d.info("top.qed")["backing-filename"], "base.qcow2");
+
+    // rebase, safe: from a raw base to the qcow2 copy of other contents.
+    d.raw_image("other.raw", "4M", &[(0, 2 * M, 0x41)]);
+    d.qed_image(
+        "moved.qed",
+        "4M",
+        &["-b", "other.raw", "-F", "raw"],
+        &[(M, 64 * K, 0x42)],
+    );
+    let before = d.contents("moved.qed");
+    d.qed(&["rebase", "-b", "base.qcow2", "-F", "qcow2", "moved.qed"]);
+    let b = d.bytes("moved.qed");
+    assert_eq!(features(&b) & (BACKING_FILE | NO_PROBE), BACKING_FILE);
+    assert_eq!(d.info("moved.qed")["backing-filename"], "base.qcow2");
+    d.reads_as("moved.qed", &before);
+    d.clean("moved.qed");
+    // rebase, unsafe: only the name, as qemu-img rebase -u writes it.
+    d.qed_image("u.qed", "4M", &["-b", "other.raw", "-F", "raw"], &[]);
+    d.copy("u.qed", "u-ref.qed");
+    d.qed(&["rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "u.qed"]);
+    d.img(&[
+        "rebase",
+        "-u",
+        "-f",
+        "qed",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "u-ref.qed",
+    ]);
+    assert_eq!(d.bytes("u.qed"), d.bytes("u-ref.qed"));
+    d.same("u.qed", "base.raw");
+    d.qed(&["compare", "u.qed", "base.raw"]);
+}
+
+/// `info --backing-chain` of ours and of qemu-img, JSON and text, run in `d`'s directory
+/// `from` (a subdirectory changes the relative paths both print).
+fn assert_chain_info_matches(d: &Dir, from: &str, top: &str, layers: usize) {
+    let cwd = d.path(from);
+    let run = |prog: &str, args: &[&str]| {
+        let out = Command::new(prog)
+            .args(args)
+            .current_dir(&cwd)
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{prog} {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let mut ours: Value = serde_json::from_str(&run(
+        QED,
+        &["info", "--backing-chain", "--output=json", top],
+    ))
+    .unwrap();
+    let theirs: Value = serde_json::from_str(&run(
+        QEMU_IMG,
+        &["info", "--backing-chain", "--output=json", top],
+    ))
+    .unwrap();
+    let list = ours.as_array_mut().expect("an array, top first");
+    assert_eq!(list.len(), layers, "{theirs:#}");
+    // Ours adds a QED image's table and header sizes; everything else is qemu-img's.
+    for info in list.iter_mut() {
+        let o = info.as_object_mut().unwrap();
+        if o["format"] == "qed" {
+            assert!(o.remove("table-size").is_some());
+            assert!(o.remove("header-size").is_some());
+        }
+    }
+    assert_eq!(
+        ours, theirs,
+        "info --backing-chain {top} from {from}: ours, qemu-img"
+    );
+    let text = |s: String| -> Vec<String> {
+        s.lines()
+            .filter(|l| !l.starts_with("table_size:"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        text(run(QED, &["info", "--backing-chain", top])),
+        text(run(QEMU_IMG, &["info", "--backing-chain", top])),
+        "info --backing-chain {top} from {from}: ours, qemu-img"
+    );
+    // Without --backing-chain: the top's object alone.
+    let one: Value = serde_json::from_str(&run(QED, &["info", "--output=json", top])).unwrap();
+    assert_eq!(one["filename"], theirs[0]["filename"]);
+    assert!(one.is_object());
+}
+
+#[test]
+fn info_backing_chain_matches_qemu_img() {
+    let d = Dir::new();
+    std::fs::create_dir(d.path("sub")).unwrap();
+    d.raw_image("sub/base.raw", "4M", &[(0, 64 * K, 0x11)]);
+    d.img(&[
+        "convert",
+        "-q",
+        "-O",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "sub/base.raw",
+        "sub/base.qcow2",
+    ]);
+    // qcow2 v2 <- qcow2 v3 (recording its backing format) <- qed <- qed
+    d.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "sub/mid.qcow2",
+    ]);
+    d.qed(&[
+        "create",
+        "-q",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "sub/low.qed",
+    ]);
+    d.qed(&["create", "-q", "-b", "low.qed", "-F", "qed", "sub/top.qed"]);
+    d.qed(&["io", "-c", "write -P 0x22 64k 64k", "sub/top.qed"]);
+    // raw <- qed, the raw file not a whole number of sectors long.
+    std::fs::write(d.path("sub/odd.raw"), vec![7u8; 1000]).unwrap();
+    d.qed(&[
+        "create",
+        "-q",
+        "-b",
+        "odd.raw",
+        "-F",
+        "raw",
+        "sub/over.qed",
+        "1M",
+    ]);
+    // A qcow2 image over them all: the top need not be QED.
+    d.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "top.qed",
+        "-F",
+        "qed",
+        "sub/q.qcow2",
+    ]);
+    for (from, prefix) in [("", "sub/"), ("sub", "")] {
+        assert_chain_info_matches(&d, from, &format!("{prefix}top.qed"), 4);
+        assert_chain_info_matches(&d, from, &format!("{prefix}over.qed"), 2);
+        assert_chain_info_matches(&d, from, &format!("{prefix}q.qcow2"), 5);
+        assert_chain_info_matches(&d, from, &format!("{prefix}base.raw"), 1);
+    }
+    // The relative name and where it leads, as qemu-img prints them.
+    let out = d.qed(&["info", "sub/top.qed"]);
+    assert!(
+        out.contains("backing file: low.qed (actual path: sub/low.qed)"),
+        "{out}"
+    );
+}
+
+/// A 3-layer QED chain: base <- mid <- top, with data, zero clusters and partial
+/// clusters at every level; returns the writes, in order, that make the top's contents.
+fn three_layers(d: &Dir, dir: &str) -> Vec<(u64, u64, u8)> {
+    std::fs::create_dir_all(d.path(dir)).unwrap();
+    let p = |n: &str| format!("{dir}/{n}");
+    let base = vec![(0, 2 * M, 0x10), (3 * M, 512 * K, 0x11)];
+    d.qed_image(&p("base.qed"), "4M", &[], &base);
+    d.qed_image(
+        &p("mid.qed"),
+        "4M",
+        &["-b", "base.qed", "-F", "qed"],
+        &[(512 * K, 256 * K, 0x20), (3 * M + 4 * K, 100, 0x21)],
+    );
+    d.io("qed", &p("mid.qed"), &["write -z 1M 64k".into()]);
+    d.qed_image(&p("top.qed"), "4M", &["-b", "mid.qed", "-F", "qed"], &[]);
+    let top = vec![(640 * K, 64 * K, 0x30), (1536 * K, 4 * K, 0x31)];
+    d.write_runs("qed", &p("top.qed"), &top);
+    d.io("qed", &p("top.qed"), &["write -z 0 64k".into()]);
+    let mut all = base;
+    all.extend([
+        (512 * K, 256 * K, 0x20),
+        (3 * M + 4 * K, 100, 0x21),
+        (M, 64 * K, 0),
+    ]);
+    all.extend(top);
+    all.push((0, 64 * K, 0));
+    all
+}
+
+#[test]
+fn commit_b_into_a_deeper_base() {
+    let d = Dir::new();
+    let writes = three_layers(&d, "ours");
+    three_layers(&d, "qemu");
+    let expected = model(4 * M, &writes);
+    d.reads_as("ours/top.qed", &expected);
+    let (top_bytes, mid_bytes) = (d.bytes("ours/top.qed"), d.bytes("ours/mid.qed"));
+
+    // BASE is relative to the directory of the image above it, not to ours.
+    let out = d.qed(&["commit", "-b", "base.qed", "ours/top.qed"]);
+    assert!(out.contains("Image committed."), "{out}");
+    d.img(&["commit", "-q", "-b", "base.qed", "qemu/top.qed"]);
+
+    // The base now reads as the top did; qemu-img's commit agrees.
+    d.reads_as("ours/base.qed", &expected);
+    d.same("ours/base.qed", "qemu/base.qed");
+    d.clean("ours/base.qed");
+    // -b implies -d: the top keeps its data and its backing file, and reads the same.
+    assert_eq!(d.bytes("ours/top.qed"), top_bytes);
+    assert_eq!(d.bytes("ours/mid.qed"), mid_bytes);
+    d.reads_as("ours/top.qed", &expected);
+    d.same("ours/top.qed", "qemu/top.qed");
+    d.same("ours/mid.qed", "qemu/mid.qed");
+
+    // With -d as well, the same; into the immediate backing file with -b, the top is
+    // not emptied either.
+    let writes = three_layers(&d, "d");
+    d.qed(&["commit", "-d", "-q", "-b", "mid.qed", "d/top.qed"]);
+    let expected = model(4 * M, &writes);
+    d.reads_as("d/mid.qed", &expected);
+    d.reads_as("d/top.qed", &expected);
+    assert!(d.len("d/top.qed") > HEADER_AND_L1);
+    d.clean("d/mid.qed");
+
+    // Names outside the chain are refused, naming them; nothing changes.
+    let before = d.bytes("d/base.qed");
+    d.qed_fails(&["commit", "-b", "nosuch.qed", "d/top.qed"], "'nosuch.qed'");
+    d.qed_fails(&["commit", "-b", "top.qed", "d/top.qed"], "'top.qed'");
+    assert_eq!(d.bytes("d/base.qed"), before);
+}
+
+#[test]
+fn commit_b_through_a_shorter_middle_layer() {
+    let d = Dir::new();
+    for dir in ["ours", "qemu"] {
+        std::fs::create_dir(d.path(dir)).unwrap();
+        let p = |n: &str| format!("{dir}/{n}");
+        d.qed_image(&p("base.qed"), "4M", &[], &[(0, 4 * M, 0x10)]);
+        // The middle layer ends at 2M: the top reads zeros past it, whatever the base holds.
+        d.qed_image(&p("mid.qed"), "2M", &["-b", "base.qed", "-F", "qed"], &[]);
+        d.qed_image(
+            &p("top.qed"),
+            "4M",
+            &["-b", "mid.qed", "-F", "qed"],
+            &[(M, 64 * K, 0x30)],
+        );
+    }
+    let expected = model(4 * M, &[(0, 2 * M, 0x10), (M, 64 * K, 0x30)]);
+    d.reads_as("ours/top.qed", &expected);
+    d.qed(&["commit", "-b", "base.qed", "ours/top.qed"]);
+    d.img(&["commit", "-q", "-b", "base.qed", "qemu/top.qed"]);
+    d.reads_as("ours/base.qed", &expected);
+    d.same("ours/base.qed", "qemu/base.qed");
+    d.clean("ours/base.qed");
+}
+
+#[test]
+fn compare_prints_what_qemu_img_prints() {
+    let d = Dir::new();
+    d.qed_image("a.qed", "1M", &[], &[]);
+    d.qed_image("b.qed", "2M", &[], &[]);
+    d.qed_image("c.qed", "2M", &[], &[(1536 * K, 4 * K, 0x05)]);
+    d.qed_image("e.qed", "1M", &[], &[(0, 4 * K, 0x05)]);
+    let pairs: [&[&str]; 8] = [
+        &["a.qed", "b.qed"],
+        &["-s", "a.qed", "b.qed"],
+        &["a.qed", "c.qed"],
+        &["c.qed", "a.qed"],
+        // A difference in the common part is reported without the size warning.
+        &["e.qed", "c.qed"],
+        &["-s", "e.qed", "c.qed"],
+        &["-q", "a.qed", "c.qed"],
+        &["-s", "a.qed", "a.qed"],
+    ];
+    for args in pairs {
+        let ours = d.run(QED, &[&["compare"], args].concat());
+        let theirs = d.run(QEMU_IMG, &[&["compare"], args].concat());
+        assert_eq!(
+            (String::from_utf8_lossy(&ours.stdout), ours.status.code()),
+            (
+                String::from_utf8_lossy(&theirs.stdout),
+                theirs.status.code()
+            ),
+            "compare {args:?}: ours, qemu-img"
+        );
+    }
+}
+
+#[test]
+fn quiet_commands_print_nothing() {
+    let d = Dir::new();
+    d.qed_image("img.qed", "4M", &[], &[(0, 64 * K, 0x11)]);
+    d.copy("img.qed", "leaky.qed");
+    // A cluster past everything the tables name: a leak.
+    let len = d.len("leaky.qed");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.path("leaky.qed"))
+        .unwrap()
+        .set_len(len + CLUSTER)
+        .unwrap();
+    for (file, code) in [("img.qed", 0), ("leaky.qed", 3)] {
+        for output in ["--output=human", "--output=json"] {
+            let args = ["check", "-q", output, file];
+            let ours = d.expect(QED, &args, code);
+            let theirs = d.expect(QEMU_IMG, &args, code);
+            assert!(ours.stdout.is_empty(), "{}", d.describe(QED, &args, &ours));
+            assert!(theirs.stdout.is_empty());
+        }
+    }
+    assert_eq!(d.qed(&["resize", "-q", "img.qed", "+1M"]), "");
+    assert_eq!(d.info("img.qed")["virtual-size"], 5 * M);
+    d.qed_image(
+        "top.qed",
+        "5M",
+        &["-b", "img.qed", "-F", "qed"],
+        &[(M, 64 * K, 0x22)],
+    );
+    assert_eq!(d.qed(&["commit", "-q", "-p", "top.qed"]), "");
+    d.expect_reads("img.qed", &[(0, 64 * K, 0x11), (M, 64 * K, 0x22)]);
+}
+
+#[test]
+fn convert_target_is_zero_skips_zeros_as_qemu_img_does() {
+    let d = Dir::new();
+    d.raw_image("src.raw", "4M", &[(0, 64 * K, 0x11), (2 * M, 64 * K, 0x12)]);
+    for (tool, dst) in [(QED, "ours.qed"), (QEMU_IMG, "theirs.qed")] {
+        // The destination is promised to read as zeros, and does not at 1M: the promise
+        // is taken at its word, so the 0x77 stays, with qemu-img as with us.
+        d.qed_image(dst, "4M", &[], &[(M, 64 * K, 0x77)]);
+        d.ok(
+            tool,
+            &[
+                "convert",
+                "-q",
+                "-n",
+                "--target-is-zero",
+                "-f",
+                "raw",
+                "-O",
+                "qed",
+                "src.raw",
+                dst,
+            ],
+        );
+        d.clean(dst);
+    }
+    d.same("ours.qed", "theirs.qed");
+    d.expect_reads(
+        "ours.qed",
+        &[(0, 64 * K, 0x11), (M, 64 * K, 0x77), (2 * M, 64 * K, 0x12)],
+    );
+    // Without it, the zeros are written.
+    d.qed(&[
+        "convert", "-n", "-f", "raw", "-O", "qed", "src.raw", "ours.qed",
+    ]);
+    d.same("ours.qed", "src.raw");
+
+    d.qed_fails(
+        &["convert", "--target-is-zero", "src.raw", "new.qed"],
+        "needs -n",
+    );
+    d.qed_image("over.qed", "4M", &["-b", "src.raw", "-F", "raw"], &[]);
+    d.qed_fails(
+        &[
+            "convert",
+            "-n",
+            "--target-is-zero",
+            "-O",
+            "qed",
+            "src.raw",
+            "over.qed",
+        ],
+        "backing file",
+    );
 }

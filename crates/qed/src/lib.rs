@@ -44,11 +44,12 @@ mod warnings;
 pub use block::{BlockDevice, BlockStatus, DirectExtent, DirectRead, Format, PendingWrite};
 pub use chain::{
     chain_contains, describe, for_each_run, is_remote_name, known_zero, map, open_device,
-    probe_format, probe_format_at, resolve_backing_path, MapEntry, OpenOptions, MAX_CHAIN_DEPTH,
+    probe_format, probe_format_at, qcow2_facts_at, resolve_backing_path, MapEntry, OpenOptions,
+    MAX_CHAIN_DEPTH,
 };
 #[cfg(feature = "qcow2")]
 pub use devices::Qcow2Device;
-pub use devices::RawDevice;
+pub use devices::{Qcow2Facts, RawDevice};
 pub use engine::{
     Backing, CheckReport, Corruption, CreateOptions, Image, ImageOptions, Mapping, NewBacking,
     OpeningImage, RepairMode, DEFAULT_L2_CACHE_BYTES,
@@ -56,8 +57,8 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use format::{features, Geometry, Header, L2Entry};
 pub use ops::{
-    bench, commit, compact, compare, convert, defrag, measure, no_progress, rebase, stream,
-    stream_base, BenchParams, ConvertOptions, Difference, Engine, Measure, Progress,
+    bench, commit, commit_into, compact, compare, convert, defrag, measure, no_progress, rebase,
+    stream, stream_base, BenchParams, ConvertOptions, Difference, Engine, Measure, Progress,
     Reorganization, ReorganizeEnd, ReorganizeOptions, StreamEnd, StreamOptions,
 };
 #[cfg(target_os = "linux")]

@@ -21,6 +21,9 @@ pub struct Args {
     /// Repair: `leaks` reclaims leaked clusters, `all` also fixes corruptions.
     #[arg(short = 'r', value_enum)]
     repair: Option<Repair>,
+    /// Quiet: print nothing, in either output format; the exit code tells the result.
+    #[arg(short = 'q')]
+    quiet: bool,
     /// The image.
     file: PathBuf,
     #[command(flatten)]
@@ -153,7 +156,7 @@ pub fn run(a: Args) -> Result<u8> {
                 Repair::All => RepairMode::All,
             };
             let fixed = image.repair(mode)?;
-            if a.output == Output::Human {
+            if a.output == Output::Human && !a.quiet {
                 print_repaired(&fixed);
             }
             // Report the image as it is now, as qemu-img does after a repair.
@@ -166,6 +169,7 @@ pub fn run(a: Args) -> Result<u8> {
     };
     let name = a.file.display().to_string();
     match a.output {
+        _ if a.quiet => {}
         Output::Json => {
             let j = Json {
                 total_clusters: r.total_clusters,

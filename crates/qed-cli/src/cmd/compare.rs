@@ -24,6 +24,9 @@ pub struct Args {
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
+    /// Quiet: print nothing; the exit code tells the result.
+    #[arg(short = 'q')]
+    quiet: bool,
     /// The first image.
     a: PathBuf,
     /// The second image.
@@ -34,39 +37,59 @@ pub struct Args {
     share: crate::share::ShareArgs,
 }
 
-fn compare_files(a: &Args) -> Result<Option<Difference>> {
+/// The result, and the smaller of the two sizes when they differ.
+fn compare_files(a: &Args) -> Result<(Option<Difference>, Option<u64>)> {
     let ro = a.share.apply(a.remote.read_only());
     let da = open_device(&a.a, parse_format(a.format_a.as_deref())?, &ro)
         .file_context("could not open", &a.a)?;
     let db = open_device(&a.b, parse_format(a.format_b.as_deref())?, &ro)
         .file_context("could not open", &a.b)?;
-    if da.size() != db.size() && !a.strict {
-        println!("Warning: Image size mismatch!");
-    }
-    let mut progress = ProgressReport::new(a.progress);
+    let mut progress = ProgressReport::new(a.progress && !a.quiet);
     let diff = compare(&*da, &*db, a.strict, &mut |d, t| progress.update(d, t))?;
     progress.finish();
-    Ok(diff)
+    let shorter = (da.size() != db.size()).then(|| da.size().min(db.size()));
+    Ok((diff, shorter))
 }
 
 /// Runs `qed compare`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    match compare_files(&a) {
-        Ok(None) => {
-            println!("Images are identical.");
-            Ok(0)
+    let say = |line: &str| {
+        if !a.quiet {
+            println!("{line}");
         }
-        Ok(Some(Difference::Content { offset })) => {
-            println!("Content mismatch at offset {offset}!");
-            Ok(1)
-        }
-        Ok(Some(Difference::Size { .. })) => {
-            println!("Strict mode: Image size mismatch!");
-            Ok(1)
-        }
+    };
+    let (diff, shorter) = match compare_files(&a) {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("qed: {e:#}");
-            Ok(2)
+            return Ok(2);
+        }
+    };
+    // qemu-img compares the part both images have first, and warns of the size
+    // mismatch only on its way to the rest: a difference inside the common part is
+    // reported alone.
+    if let Some(end) = shorter {
+        let past_common = match diff {
+            None => true,
+            Some(Difference::Content { offset }) => offset >= end,
+            Some(Difference::Size { .. }) => false,
+        };
+        if past_common {
+            say("Warning: Image size mismatch!");
         }
     }
+    Ok(match diff {
+        None => {
+            say("Images are identical.");
+            0
+        }
+        Some(Difference::Content { offset }) => {
+            say(&format!("Content mismatch at offset {offset}!"));
+            1
+        }
+        Some(Difference::Size { .. }) => {
+            say("Strict mode: Image size mismatch!");
+            1
+        }
+    })
 }

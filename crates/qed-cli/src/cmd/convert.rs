@@ -19,7 +19,8 @@ pub struct Args {
     /// Destination format: qed (default) or raw.
     #[arg(short = 'O', default_value = "qed")]
     output_format: String,
-    /// Destination options: cluster_size=SIZE, table_size=N.
+    /// Destination options: cluster_size=SIZE, table_size=N, backing_file=NAME (as -B),
+    /// backing_fmt=FMT (as -F); -B and -F win over them, as in qemu-img.
     #[arg(short = 'o')]
     options: Vec<String>,
     /// Backing file of the destination: only data differing from it is written.
@@ -42,6 +43,13 @@ pub struct Args {
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
+    /// Quiet: no progress bar even with -p.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The existing destination (-n) reads as zeros everywhere: zero runs of the source
+    /// are not written to it.
+    #[arg(long)]
+    target_is_zero: bool,
     /// The source image.
     src: PathBuf,
     /// The destination image.
@@ -83,6 +91,8 @@ struct Plan {
     /// `-F`: `None` probes.
     backing_format: Option<Format>,
     sparse_size: u64,
+    /// `--target-is-zero`: the existing destination reads as zeros.
+    target_is_zero: bool,
     /// `-t none`: O_DIRECT on the destination.
     direct: bool,
     /// `-t unsafe`: the destination is never flushed.
@@ -110,8 +120,25 @@ impl Plan {
         if dst_format == Format::Raw && (a.backing.is_some() || !a.options.is_empty()) {
             bail!("-B and -o apply to qed destinations only");
         }
-        let backing_format = parse_format(a.backing_format.as_deref())?;
-        let geometry = CreateGeometry::parse(&a.options)?;
+        let geometry = CreateGeometry::parse(&a.options, super::CONVERT_KEYS, "qed convert")?;
+        let backing = a.backing.or_else(|| geometry.backing_file.clone());
+        let backing_format = a.backing_format.or_else(|| geometry.backing_fmt.clone());
+        if backing.is_none() && backing_format.is_some() {
+            bail!(
+                "a backing format (-F or -o backing_fmt) needs a backing file (-B or -o \
+                 backing_file)"
+            );
+        }
+        let backing_format = parse_format(backing_format.as_deref())?;
+        if a.target_is_zero && !a.no_create {
+            bail!("--target-is-zero is for an existing destination: it needs -n");
+        }
+        if a.target_is_zero && backing.is_some() {
+            bail!(
+                "--target-is-zero cannot be used with a backing file: the destination reads \
+                 its backing file's data, not zeros"
+            );
+        }
         let (direct, no_flush) = match a.cache.as_str() {
             "unsafe" => (false, true),
             "writeback" => (false, false),
@@ -127,12 +154,13 @@ impl Plan {
             dst_format,
             no_create: a.no_create,
             geometry,
-            backing: a.backing,
+            backing,
             backing_format,
             sparse_size,
             direct,
             no_flush,
-            progress: a.progress,
+            progress: a.progress && !a.quiet,
+            target_is_zero: a.target_is_zero,
             remote: a.remote,
             share: a.share,
         })
@@ -225,6 +253,17 @@ fn check_existing_destination(plan: &Plan, size: u64) -> Result<()> {
     };
     let existing = open_device(&plan.dst, Some(plan.dst_format), &ro)
         .file_context("could not open destination", &plan.dst)?;
+    if plan.target_is_zero && plan.dst_format == Format::Qed {
+        let image = Image::open(&plan.dst, &ro).file_context("could not open", &plan.dst)?;
+        if let Some(b) = image.backing_file() {
+            bail!(
+                "--target-is-zero: the destination {} has a backing file ({}), so it does \
+                 not read as zeros",
+                plan.dst.display(),
+                b.name
+            );
+        }
+    }
     if existing.size() < size {
         bail!(
             "the destination {} ({} bytes) is smaller than the source ({size} bytes)",
@@ -255,7 +294,7 @@ fn copy(plan: &Plan, src: &dyn BlockDevice, dst: &dyn BlockDevice) -> Result<()>
     let opts = ConvertOptions {
         sparse_size: plan.sparse_size,
         // Only a new destination with nothing below it is known to read as zeros.
-        target_is_zero: !plan.no_create && plan.backing.is_none(),
+        target_is_zero: (!plan.no_create || plan.target_is_zero) && plan.backing.is_none(),
         target_backing: if plan.backing.is_some() {
             dst.backing()
         } else {

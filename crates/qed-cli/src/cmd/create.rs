@@ -16,10 +16,13 @@ pub struct Args {
     /// Backing file, stored as given (relative names are relative to FILE's directory).
     #[arg(short = 'b')]
     backing: Option<String>,
-    /// Backing file format: raw or qed (probed when omitted).
+    /// Backing file format: raw, qed or qcow2 (probed when omitted). Only raw is recorded
+    /// in the image (QED has a bit for "raw, do not probe" and nothing else): any other
+    /// format is probed again at every open, by QEMU as by qed.
     #[arg(short = 'F')]
     backing_format: Option<String>,
-    /// Options: cluster_size=SIZE, table_size=N, backing_file=NAME, backing_fmt=FMT.
+    /// Options: cluster_size=SIZE, table_size=N, size=SIZE, backing_file=NAME (as -b),
+    /// backing_fmt=FMT (as -F); -b and -F win over them, as in qemu-img.
     #[arg(short = 'o')]
     options: Vec<String>,
     /// Do not open the backing file (SIZE is then required).
@@ -45,7 +48,7 @@ pub fn run(a: Args) -> Result<u8> {
         );
     }
     let mut opts = CreateOptions::new(0);
-    let parsed = super::CreateGeometry::parse(&a.options)?;
+    let parsed = super::CreateGeometry::parse(&a.options, super::CREATE_KEYS, "qed create")?;
     parsed.apply(&mut opts);
     let backing = a.backing.clone().or(parsed.backing_file);
     let backing_format = a.backing_format.clone().or(parsed.backing_fmt);
@@ -53,13 +56,13 @@ pub fn run(a: Args) -> Result<u8> {
         .as_deref()
         .map(str::parse::<Format>)
         .transpose()?;
-    if let Some(f @ Format::Qcow2) = format {
-        bail!("backing format {f} is not supported yet: use raw or qed");
-    }
 
-    let size = match &a.size {
-        Some(s) => Some(parse_size(s)?),
-        None => None,
+    let size = match (&a.size, parsed.size) {
+        (Some(_), Some(_)) => {
+            bail!("the image size must be given only once: as SIZE or as -o size, not both")
+        }
+        (Some(s), None) => Some(parse_size(s)?),
+        (None, size) => size,
     };
     let size = match (&backing, a.unsafe_backing) {
         (Some(name), false) => {
@@ -75,7 +78,7 @@ pub fn run(a: Args) -> Result<u8> {
             size.unwrap_or(dev.size())
         }
         (Some(_), true) => size.context("SIZE is required with -u")?,
-        (None, _) => size.context("SIZE is required when there is no backing file")?,
+        (None, _) => size.context("SIZE (or -o size) is required when there is no backing file")?,
     };
     opts.size = size;
     opts.backing_file = backing.clone();

@@ -39,7 +39,7 @@ pub fn run(a: Args) -> Result<u8> {
         bail!("only qed images can be measured (-O qed)");
     }
     let mut opts = CreateOptions::new(0);
-    CreateGeometry::parse(&a.options)?.apply(&mut opts);
+    CreateGeometry::parse(&a.options, super::GEOMETRY_KEYS, "qed measure")?.apply(&mut opts);
     let geometry = Geometry::new(opts.cluster_size, opts.table_size)?;
     let m = match (&a.size, &a.file) {
         (Some(s), None) => {

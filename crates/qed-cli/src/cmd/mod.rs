@@ -196,7 +196,21 @@ impl ProgressReport {
     }
 }
 
-/// The `-o key=value,...` options of a QED image to create.
+/// The `-o` keys a command that only lays out a QED image takes (`measure`).
+pub const GEOMETRY_KEYS: &[&str] = &["cluster_size", "table_size"];
+/// The `-o` keys of `convert`: the geometry, and the backing file as `-B` and `-F` give it.
+pub const CONVERT_KEYS: &[&str] = &["cluster_size", "table_size", "backing_file", "backing_fmt"];
+/// The `-o` keys of `create`: those of `convert`, and the size.
+pub const CREATE_KEYS: &[&str] = &[
+    "cluster_size",
+    "table_size",
+    "backing_file",
+    "backing_fmt",
+    "size",
+];
+
+/// The `-o key=value,...` options of a QED image to create. A key given twice takes its
+/// last value, as qemu-img does.
 #[derive(Default)]
 pub struct CreateGeometry {
     /// `cluster_size=SIZE`.
@@ -207,11 +221,15 @@ pub struct CreateGeometry {
     pub backing_file: Option<String>,
     /// `backing_fmt=FMT`.
     pub backing_fmt: Option<String>,
+    /// `size=SIZE`.
+    pub size: Option<u64>,
 }
 
 impl CreateGeometry {
-    /// Parses every `-o` list given.
-    pub fn parse(lists: &[String]) -> Result<Self> {
+    /// Parses every `-o` list given, refusing a key outside `allowed` (one of
+    /// [`GEOMETRY_KEYS`], [`CONVERT_KEYS`], [`CREATE_KEYS`]) by name: a key taken and
+    /// ignored would leave an image other than the one asked for.
+    pub fn parse(lists: &[String], allowed: &[&str], command: &str) -> Result<Self> {
         use anyhow::Context;
         let mut g = Self::default();
         for list in lists {
@@ -219,6 +237,12 @@ impl CreateGeometry {
                 let (k, v) = kv
                     .split_once('=')
                     .with_context(|| format!("invalid option '{kv}': expected key=value"))?;
+                if !allowed.contains(&k) {
+                    bail!(
+                        "invalid -o option '{k}': {command} takes {}",
+                        allowed.join(", ")
+                    );
+                }
                 match k {
                     "cluster_size" => {
                         g.cluster_size = Some(
@@ -234,10 +258,8 @@ impl CreateGeometry {
                     }
                     "backing_file" => g.backing_file = Some(v.to_string()),
                     "backing_fmt" => g.backing_fmt = Some(v.to_string()),
-                    _ => bail!(
-                        "unknown option '{k}': qed images take cluster_size, table_size, \
-                         backing_file and backing_fmt"
-                    ),
+                    "size" => g.size = Some(crate::units::parse_size(v)?),
+                    _ => bail!("invalid -o option '{k}'"),
                 }
             }
         }

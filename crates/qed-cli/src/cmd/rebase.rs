@@ -25,6 +25,9 @@ pub struct Args {
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
+    /// Quiet: no progress bar even with -p.
+    #[arg(short = 'q')]
+    quiet: bool,
     /// Image format (qed).
     #[arg(short = 'f')]
     format: Option<String>,
@@ -93,7 +96,7 @@ pub fn run(a: Args) -> Result<u8> {
     };
     let mut image = super::open_image(&a.file, &opts)?;
     if !a.unsafe_mode {
-        let mut progress = ProgressReport::new(a.progress);
+        let mut progress = ProgressReport::new(a.progress && !a.quiet);
         let target = new.as_ref().and_then(|b| b.device.as_deref());
         qed::rebase(&image, target, &mut |d, t| progress.update(d, t))?;
         progress.finish();

@@ -15,6 +15,9 @@ pub struct Args {
     /// Image format (qed).
     #[arg(short = 'f')]
     format: Option<String>,
+    /// Quiet: print nothing on success.
+    #[arg(short = 'q')]
+    quiet: bool,
     /// The image.
     file: PathBuf,
     /// New size, or a change to it with + or -.
@@ -54,6 +57,8 @@ pub fn run(a: Args) -> Result<u8> {
     let mut image = super::open_image(&a.file, &a.remote.read_write())?;
     image.resize(new, a.shrink)?;
     image.close()?;
-    println!("Image resized.");
+    if !a.quiet {
+        println!("Image resized.");
+    }
     Ok(0)
 }

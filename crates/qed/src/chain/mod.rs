@@ -182,6 +182,14 @@ pub fn probe_format_at(path: &Path, opts: &OpenOptions) -> Result<Format> {
     probe_format(&*storage).context(|| format!("probing {}", path.display()))
 }
 
+/// The header facts of the qcow2 image named `path` (a path or a URL), without opening
+/// it as a device: what `qed info` reports of a qcow2 layer.
+pub fn qcow2_facts_at(path: &Path, opts: &OpenOptions) -> Result<crate::devices::Qcow2Facts> {
+    let location = Location::named(path);
+    let storage = location.open_storage(true, false, &opts.remote)?;
+    crate::devices::Qcow2Facts::read(&*storage, &path.to_string_lossy())
+}
+
 /// Whether `name` is a URL that names a remote image (`http://`, `https://` or `s3://`), which
 /// the chain opens read-only and does not resolve against other names.
 pub fn is_remote_name(name: &str) -> bool {

@@ -2,8 +2,10 @@
 
 #[cfg(feature = "qcow2")]
 mod qcow2;
+mod qcow2_header;
 mod raw;
 
 #[cfg(feature = "qcow2")]
 pub use qcow2::Qcow2Device;
+pub use qcow2_header::Qcow2Facts;
 pub use raw::RawDevice;

@@ -12,7 +12,7 @@ mod step;
 mod stream;
 
 pub use bench::{bench, BenchParams, Engine};
-pub use commit::commit;
+pub use commit::{commit, commit_into};
 pub use compare::{compare, Difference};
 pub use convert::{convert, ConvertOptions};
 pub use measure::{measure, Measure};
