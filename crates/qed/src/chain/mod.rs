@@ -186,7 +186,7 @@ pub fn probe_format_at(path: &Path, opts: &OpenOptions) -> Result<Format> {
 /// it as a device: what `qed info` reports of a qcow2 layer.
 pub fn qcow2_facts_at(path: &Path, opts: &OpenOptions) -> Result<crate::devices::Qcow2Facts> {
     let location = Location::named(path);
-    let storage = location.open_storage(true, false, &opts.remote)?;
+    let storage = location.open_storage(true, false, opts.lock_mode()?, &opts.remote)?;
     crate::devices::Qcow2Facts::read(&*storage, &path.to_string_lossy())
 }
 
