@@ -9,10 +9,13 @@
 //! 3. it reads as zeros, durably, as space at the frontier does: allocations write only
 //!    the bytes they are given, and a crash must not expose what the cluster held.
 //!
-//! Flushes move clusters along: a flush punches the clusters freed before it whose epoch
-//! has passed, and after it they are `ready`: the one flush makes both their drop and
-//! their punch durable. Those whose epoch had not passed are durably dropped after it
-//! (`durable`), and a later flush punches them and makes them ready. Nothing here is written to the file: the format has no free list, so a
+//! Flushes move clusters along: those freed before a flush are durably dropped after it
+//! (`durable`); a later flush punches those whose epoch has passed, and after it they
+//! are `ready`. A cluster a discard freed needs only one flush when its epoch has passed
+//! by then: the flush punches it before it writes the drop back, and after it both are
+//! durable. Its bytes were the guest's to lose (a crash that keeps the old entry reads
+//! zeros there, which a discard allows). A cluster a move left keeps the data its old
+//! entry names until the new entry is durable, so it is never punched before. Nothing here is written to the file: the format has no free list, so a
 //! process that dies leaves its freed clusters as leaks, which the check reclaims.
 
 use super::epochs::Epochs;
@@ -170,9 +173,9 @@ pub(super) struct FlushStage {
     /// succeeds.
     sealed: Vec<Freed>,
     /// Past their epoch: the flush punches those not punched yet, and they are ready once
-    /// it succeeds, their drop durable by then too. The first `undropped` were freed
-    /// before this flush (their drop is made durable by it); the rest were durably
-    /// dropped by an earlier one.
+    /// it succeeds, their drop durable by then too. The first `undropped` were freed by a
+    /// discard before this flush (their drop is made durable by it); the rest were
+    /// durably dropped by an earlier one.
     pub(super) settling: Vec<Freed>,
     undropped: usize,
 }
@@ -219,13 +222,12 @@ impl FreeSet {
         if st.pending.is_empty() && st.durable.is_empty() {
             return FlushStage::default();
         }
-        // Nobody may be left in the epochs of the freed clusters; advance as far as the
-        // requests in flight allow (it never waits), so that clusters freed by a discard
-        // before an idle moment are ready after this one flush.
+        // Advance as far as the requests in flight allow (it never waits), so that
+        // clusters a discard freed before an idle moment are ready after this one flush.
         epochs.try_advance();
         let (mut settling, sealed): (Vec<Freed>, Vec<Freed>) = std::mem::take(&mut st.pending)
             .into_iter()
-            .partition(|f| epochs.has_passed(f.epoch));
+            .partition(|f| f.guest.is_some() && epochs.has_passed(f.epoch));
         let undropped = settling.len();
         let (passed, waiting): (Vec<Freed>, Vec<Freed>) = std::mem::take(&mut st.durable)
             .into_iter()
@@ -593,14 +595,34 @@ mod tests {
     }
 
     #[test]
-    fn one_flush_readies_what_nobody_can_still_use() {
+    fn one_flush_readies_a_discarded_cluster_nobody_can_still_use() {
         let epochs = Epochs::default();
         let set = FreeSet::default();
-        set.release(freed(0x10000, 0x10000, epochs.current()));
+        let discarded = Freed {
+            guest: Some(0x40000),
+            ..freed(0x10000, 0x10000, epochs.current())
+        };
+        set.release(discarded);
+        // A move's old place holds the data its old entry names until the new entry is
+        // durable: never punched, nor handed out, after one flush.
+        set.release(freed(0x20000, 0x10000, epochs.current()));
         let stage = set.begin_flush(&epochs);
         assert_eq!(set.take(0x10000), None, "the flush is not done yet");
+        assert_eq!(
+            stage.settling.len(),
+            1,
+            "only the discarded cluster settles"
+        );
         set.end_flush(stage, true);
         assert_eq!(set.take(0x10000), Some(0x10000));
+        assert_eq!(
+            set.take(0x10000),
+            None,
+            "the moved cluster waits for a second flush"
+        );
+        let stage = set.begin_flush(&epochs);
+        set.end_flush(stage, true);
+        assert_eq!(set.take(0x10000), Some(0x20000));
     }
 
     #[test]
