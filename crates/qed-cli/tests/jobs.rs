@@ -638,11 +638,15 @@ fn control_protocol_errors() {
     assert!(out.contains("not in the backing chain"), "{out}");
     wait_concluded(dir, s.ctl(), "one", Duration::from_secs(30));
 
-    // A live control socket is not taken over.
+    // The image is not served twice (its write lock is held)...
+    let out = fails(dir, QED, &["serve", "-k", "other.sock", "top.qed"]);
+    assert!(out.contains("Failed to get \"write\" lock"), "{out}");
+    // ...and a live control socket is not taken over, for another image either.
+    common::create_qed(dir, "other.qed", "1M");
     let out = fails(
         dir,
         QED,
-        &["serve", "-k", "other.sock", "--control", s.ctl(), "top.qed"],
+        &["serve", "-k", "other.sock", "--control", s.ctl(), "other.qed"],
     );
     assert!(out.contains("in use"), "{out}");
     assert!(s.control.exists());
@@ -784,7 +788,8 @@ fn stream_keeping_a_middle_layer() {
         let out = ok(
             dir,
             QEMU_IMG,
-            &["info", "--backing-chain", "--output=json", "top.qed"],
+            // The server holds the image: QEMU reads it sharing (-U).
+            &["info", "-U", "--backing-chain", "--output=json", "top.qed"],
         );
         let v: Value = serde_json::from_str(&out).unwrap();
         v.as_array()

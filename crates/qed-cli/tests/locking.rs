@@ -86,6 +86,16 @@ impl Holder {
         h
     }
 
+    /// qemu-io holding `image` open (read-only with `read_only`) until killed; waits for
+    /// its lock on `locked` (the image, or a backing file it reads).
+    fn qemu_io(dir: &Path, image: &str, read_only: bool, locked: &str) -> Holder {
+        let mut args = vec!["-f", "qed", "-c", "sleep 600000", image];
+        if read_only {
+            args.insert(2, "-r");
+        }
+        Holder::start(dir, QEMU_IO, &args, locked, !read_only && locked == image)
+    }
+
     fn kill(&mut self, signal: &str) {
         let st = Command::new("kill")
             .args([format!("-{signal}"), self.child.id().to_string()])
@@ -326,13 +336,7 @@ fn readers_share_with_readers() {
     let sock = dir.join("s.sock");
     let sock = sock.to_str().unwrap();
     // QEMU reads; we read beside it, and may not write.
-    let mut h = Holder::start(
-        dir,
-        QEMU_IO,
-        &["-f", "qed", "-r", "-c", "sleep 600000", "disk.qed"],
-        "disk.qed",
-        false,
-    );
+    let mut h = Holder::qemu_io(dir, "disk.qed", true, "disk.qed");
     ok(dir, QED, &["info", "disk.qed"]);
     ok(
         dir,
@@ -372,13 +376,7 @@ fn a_backing_file_in_use_is_not_written() {
     let sock = dir.join("s.sock");
     let sock = sock.to_str().unwrap();
     // QEMU uses the overlay: the base may be read, not written.
-    let mut h = Holder::start(
-        dir,
-        QEMU_IO,
-        &["-f", "qed", "-c", "sleep 600000", "ov.qed"],
-        "base.qed",
-        false,
-    );
+    let mut h = Holder::qemu_io(dir, "ov.qed", false, "base.qed");
     ok(dir, QED, &["info", "base.qed"]);
     ok(
         dir,
@@ -488,13 +486,7 @@ fn a_killed_holder_holds_nothing() {
         );
         let _ = std::fs::remove_file(dir.join("s.sock"));
     }
-    let mut h = Holder::start(
-        dir,
-        QEMU_IO,
-        &["-f", "qed", "-c", "sleep 600000", "ov.qed"],
-        "ov.qed",
-        true,
-    );
+    let mut h = Holder::qemu_io(dir, "ov.qed", false, "ov.qed");
     refused(dir, QED, &["io", "-c", "write 0 64k", "ov.qed"]);
     h.kill("KILL");
     ok(dir, QED, &["io", "-c", "write -P 0x66 0 64k", "ov.qed"]);
@@ -514,13 +506,7 @@ fn locks_are_qemus_bytes() {
         lock_bytes(&dir.join("base.qed")),
     );
     ours.kill("TERM");
-    let mut qemu = Holder::start(
-        dir,
-        QEMU_IO,
-        &["-f", "qed", "-c", "sleep 600000", "ov.qed"],
-        "ov.qed",
-        true,
-    );
+    let mut qemu = Holder::qemu_io(dir, "ov.qed", false, "ov.qed");
     let (ov_qemu, base_qemu) = (
         lock_bytes(&dir.join("ov.qed")),
         lock_bytes(&dir.join("base.qed")),
