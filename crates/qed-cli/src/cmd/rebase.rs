@@ -4,7 +4,7 @@ use super::FileContext;
 use super::{parse_format, ProgressReport};
 use anyhow::{bail, Context, Result};
 use qed::NewBacking;
-use qed::{chain_contains, resolve_backing_path};
+use qed::{chain_contains, remote_identity_at, resolve_backing_path};
 use qed::{open_device, Image, OpenOptions};
 use std::path::PathBuf;
 
@@ -80,11 +80,19 @@ pub fn run(a: Args) -> Result<u8> {
             );
         }
         let format = format.or(device.as_ref().map(|d| d.format()));
+        // The user's word: the object the name points to now is the one to read, even
+        // with -u, which opens nothing else of it.
+        let pin = match &device {
+            Some(d) => d.remote_identity(),
+            None => remote_identity_at(&path, &a.remote.read_only())
+                .with_context(|| format!("could not open new backing file {}", path.display()))?,
+        };
         Some(NewBacking {
             name: a.backing.clone(),
             path,
             format,
             device,
+            pin,
         })
     };
     let opts = OpenOptions {

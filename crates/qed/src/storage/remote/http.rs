@@ -11,10 +11,11 @@
 //! What differs between protocols is only how a request is addressed and how a refusal
 //! reads: that is a [`Target`], and the rest ([`RangedGet`]) is one implementation.
 
-use super::{RangeSource, RemoteOptions, RemoteStorage};
+use super::{RangeSource, RemoteIdentity, RemoteOptions, RemoteReport, RemoteStorage};
 use crate::error::{Error, Result};
 use std::fmt::Debug;
 use std::io::{self, Read};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Whether `name` is a URL this module opens.
@@ -97,6 +98,12 @@ pub(crate) trait Target: Send + Sync + Debug {
     /// here is always fresh, however long the retries took.
     fn url(&self) -> Result<String, String>;
 
+    /// Where requests go when that is not plain from [`Target::name`] (an S3 endpoint),
+    /// for messages about failures to reach it; never a signed URL.
+    fn endpoint(&self) -> Option<String> {
+        None
+    }
+
     /// What a reply with `status` means, given the start of its body (at most
     /// [`ERROR_BODY_LIMIT`] bytes). Not asked about 2xx, 412 (the pinned version is
     /// gone), 429 and 5xx (retried), which mean the same on every protocol; a
@@ -177,8 +184,16 @@ pub(crate) struct RangedGet<T> {
     /// Any ETag seen at open, weak ones included, to notice a changed object even where
     /// the precondition cannot be sent.
     etag: Option<String>,
+    /// The Last-Modified seen at open.
+    last_modified: Option<String>,
     request_timeout: Duration,
     deadline: Duration,
+    report: RemoteReport,
+    /// When the server stopped answering (the start of the first attempt that failed
+    /// since the last one that worked), shared by every reader: each read's deadline
+    /// counts from it, so that readers starting during an outage do not each wait a
+    /// whole deadline of their own.
+    outage: Mutex<Option<Instant>>,
 }
 
 /// A response header, when present and text.
@@ -212,6 +227,9 @@ fn describe_error(e: &ureq::Error) -> (String, bool) {
     }
 }
 
+/// The shortest attempt a read makes, even when its deadline has passed.
+const MIN_ATTEMPT: Duration = Duration::from_secs(1);
+
 /// Connections the pool keeps open between requests.
 const IDLE_CONNECTIONS: usize = 64;
 
@@ -237,14 +255,31 @@ impl<T: Target> RangedGet<T> {
             size: 0,
             validator: Validator::None,
             etag: None,
+            last_modified: None,
             request_timeout: opts.request_timeout,
             deadline: opts.deadline,
+            report: opts.report.clone(),
+            outage: Mutex::new(None),
         };
-        let (size, validator, etag) = source.with_retries(|s, timeout| s.probe(timeout))?;
+        let (size, validator, etag, last_modified) =
+            source.with_retries(|s, timeout| s.probe(timeout))?;
         source.size = size;
         source.validator = validator;
         source.etag = etag;
+        source.last_modified = last_modified;
         Ok(source)
+    }
+
+    /// "NAME" or "NAME (endpoint URL)", for messages about reaching the server.
+    fn where_to(&self) -> String {
+        match self.target.endpoint() {
+            Some(e) => format!("{} (endpoint {e})", self.target.name()),
+            None => self.target.name().to_string(),
+        }
+    }
+
+    fn outage(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.outage.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the deadline passes; each
@@ -254,15 +289,40 @@ impl<T: Target> RangedGet<T> {
         mut attempt: impl FnMut(&Self, Duration) -> Result<R, Failure>,
     ) -> Result<R, String> {
         let started = Instant::now();
-        let deadline = started + self.deadline;
         let mut delay = Duration::from_millis(100);
         let mut attempts = 0u32;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            // From when the server stopped answering, if that was before this read.
+            let since = self.outage().map_or(started, |t| t.min(started));
+            let deadline = since + self.deadline;
+            let tried = Instant::now();
+            // Even past the deadline a read makes one attempt: the server may be back.
+            let left = deadline
+                .saturating_duration_since(tried)
+                .max(MIN_ATTEMPT.min(self.request_timeout));
             attempts += 1;
             let failure = match attempt(self, self.request_timeout.min(left)) {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    if let Some(t) = self.outage().take() {
+                        self.report.say(&format!(
+                            "{}: the server answers again, after {:.1} s",
+                            self.target.name(),
+                            t.elapsed().as_secs_f64()
+                        ));
+                    }
+                    return Ok(v);
+                }
                 Err(f) => f,
+            };
+            let failure = Failure {
+                reason: match (failure.retry, self.target.endpoint()) {
+                    // Not reaching the server: say which server.
+                    (true, Some(e)) if !failure.reason.contains(&e) => {
+                        format!("{} (endpoint {e})", failure.reason)
+                    }
+                    _ => failure.reason,
+                },
+                ..failure
             };
             let gave_up = |why: &str| {
                 format!(
@@ -278,6 +338,20 @@ impl<T: Target> RangedGet<T> {
                 } else {
                     gave_up("failed")
                 });
+            }
+            {
+                let mut outage = self.outage();
+                if outage.is_none() {
+                    *outage = Some(tried);
+                    drop(outage);
+                    self.report.say(&format!(
+                        "{}: {}; retrying until {:.0} s have passed without an answer \
+                         (--remote-deadline)",
+                        self.where_to(),
+                        failure.reason,
+                        self.deadline.as_secs_f64()
+                    ));
+                }
             }
             // Half to all of the delay, so that many readers do not retry in step.
             let mut pause = delay.mul_f64(0.5 + 0.5 * jitter());
@@ -360,8 +434,12 @@ impl<T: Target> RangedGet<T> {
         )
     }
 
-    /// Finds the size and validator with a GET of the first byte.
-    fn probe(&self, timeout: Duration) -> Result<(u64, Validator, Option<String>), Failure> {
+    /// Finds the size, validator, ETag and Last-Modified with a GET of the first byte.
+    #[allow(clippy::type_complexity)]
+    fn probe(
+        &self,
+        timeout: Duration,
+    ) -> Result<(u64, Validator, Option<String>, Option<String>), Failure> {
         let resp = self.get(0, 0, timeout)?;
         let status = resp.status().as_u16();
         let content_range = header(&resp, "content-range").map(str::to_string);
@@ -388,6 +466,7 @@ impl<T: Target> RangedGet<T> {
             _ => return Err(self.unexpected_status(resp)),
         };
         let etag = header(&resp, "etag").map(str::to_string);
+        let last_modified = header(&resp, "last-modified").map(str::to_string);
         let validator = match (&etag, header(&resp, "last-modified")) {
             (Some(tag), _) if !tag.starts_with("W/") => Validator::ETag(tag.clone()),
             (_, Some(date)) => Validator::LastModified(date.to_string()),
@@ -397,7 +476,7 @@ impl<T: Target> RangedGet<T> {
             let mut byte = [0u8; 1];
             self.read_body(resp, &mut byte)?;
         }
-        Ok((size, validator, etag))
+        Ok((size, validator, etag, last_modified))
     }
 
     /// One attempt at fetching `buf.len()` bytes at `offset`.
@@ -505,6 +584,14 @@ impl<T: Target> RangeSource for RangedGet<T> {
 
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn identity(&self) -> RemoteIdentity {
+        RemoteIdentity {
+            size: self.size,
+            etag: self.etag.clone(),
+            last_modified: self.last_modified.clone(),
+        }
     }
 
     fn fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
