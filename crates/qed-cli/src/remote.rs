@@ -22,7 +22,8 @@ pub struct RemoteArgs {
     /// Longest one request may take, in seconds, connecting included [default: 30].
     #[arg(long = "remote-timeout", value_name = "SECS", value_parser = parse_timeout)]
     remote_timeout: Option<Duration>,
-    /// Longest one read may take, retries included, in seconds [default: 120].
+    /// How long a server may go without answering, retries included, before reads
+    /// fail, in seconds [default: 120].
     #[arg(long = "remote-deadline", value_name = "SECS", value_parser = parse_deadline)]
     remote_deadline: Option<Duration>,
     /// Requests one read may have in flight at once, 1 to 64 [default: 4].

@@ -190,6 +190,31 @@ impl S3Server {
         self.send("GET", url.as_str(), b"")
     }
 
+    /// The ETag the server gives the object now.
+    fn etag(&self, bucket: &str, key: &str) -> String {
+        let creds = Credentials::new(ACCESS_KEY, SECRET_KEY);
+        let bucket = self.bucket(bucket);
+        let url = bucket
+            .get_object(Some(&creds), key)
+            .sign(Duration::from_secs(600));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        let resp = agent
+            .get(url.as_str())
+            .header("Range", "bytes=0-0")
+            .call()
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 206, "{:?}", self.kind);
+        resp.headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("{:?} gave no ETag", self.kind))
+            .to_string()
+    }
+
     /// `qed ARGS` in `dir`, pointed at this server with good credentials, except as
     /// `env` says (a value of `None` unsets the variable).
     fn qed_command(&self, dir: &Path, args: &[&str], env: &[(&str, Option<&str>)]) -> Command {
@@ -601,6 +626,7 @@ fn s3_errors_name_the_url_and_say_what_to_do(kind: Kind) {
     // that reaches the server is refused. Small chunks and no readahead, so that the
     // second read is not served from what the first brought.
     server.qed_ok(w, &["create", "-q", "-b", url, "-F", "raw", "over.qed"]);
+    let old_tag = server.etag("errors", "base.raw");
     let mut child = server
         .qed_command(
             w,
@@ -659,10 +685,115 @@ fn s3_errors_name_the_url_and_say_what_to_do(kind: Kind) {
         // s3s-fs ignores If-Match; the new ETag gives it away.
         Kind::S3sFs => assert!(e.contains("ETag was"), "{e}"),
     }
-    // Reopened, the overlay reads the new base.
+    // Reopened by another process, the overlay still knows which object it was written
+    // against: refused, read-only or not, naming the URL and both ETags.
+    let new_tag = server.etag("errors", "base.raw");
+    assert_ne!(old_tag, new_tag);
+    for args in [
+        &["io", "-r", "-c", "read -P 0xf3 3194880 4k", "over.qed"][..],
+        &["io", "-c", "write 0 4k", "over.qed"],
+        &["stream", "over.qed"],
+    ] {
+        let e = server.qed_fails(w, args, &[]);
+        assert!(
+            e.contains(url)
+                && e.contains(&format!("ETag {old_tag}"))
+                && e.contains(&format!("ETag {new_tag}"))
+                && e.contains(&format!("qed rebase -u -b {url} over.qed")),
+            "{kind:?}: {e}"
+        );
+    }
+    // Accepted by the user, it reads the new base.
+    server.qed_ok(w, &["rebase", "-u", "-b", url, "-F", "raw", "over.qed"]);
     server.qed_ok(
         w,
         &["io", "-r", "-c", "read -P 0xf3 3194880 4k", "over.qed"],
+    );
+
+    // Between two commands: an overlay with data of its own, its base replaced.
+    server.put("errors", "two.raw", &old);
+    let url = "s3://errors/two.raw";
+    server.qed_ok(w, &["create", "-q", "-b", url, "-F", "raw", "two.qed"]);
+    server.qed_ok(w, &["io", "-c", "write -P 0x66 1M 64k", "two.qed"]);
+    let old_tag = server.etag("errors", "two.raw");
+    server.put("errors", "two.raw", &new);
+    let new_tag = server.etag("errors", "two.raw");
+    let e = server.qed_fails(w, &["convert", "-O", "raw", "two.qed", "two.out"], &[]);
+    assert!(
+        e.contains(url) && e.contains(&old_tag) && e.contains(&new_tag),
+        "{kind:?}: {e}"
+    );
+    assert!(!w.join("two.out").exists());
+    // QEMU, which has no s3 driver, opens the overlay with the backing file moved to a
+    // local copy of the old object, and reads what we wrote and what the old base held.
+    std::fs::write(w.join("old.raw"), &old).unwrap();
+    std::fs::copy(w.join("two.qed"), w.join("two-local.qed")).unwrap();
+    local_ok(
+        w,
+        QEMU_IMG,
+        &[
+            "rebase",
+            "-u",
+            "-f",
+            "qed",
+            "-b",
+            "old.raw",
+            "-F",
+            "raw",
+            "two-local.qed",
+        ],
+    );
+    let mut expected = old.clone();
+    expected[1 << 20..(1 << 20) + (64 << 10)].fill(0x66);
+    std::fs::write(w.join("expected.raw"), &expected).unwrap();
+    local_ok(
+        w,
+        QEMU_IMG,
+        &[
+            "compare",
+            "-f",
+            "qed",
+            "-F",
+            "raw",
+            "two-local.qed",
+            "expected.raw",
+        ],
+    );
+
+    // Wrong endpoints are named in the message: a port nothing listens on (retried
+    // until the deadline, said once), and an endpoint with a path, which puts the
+    // bucket under that path.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let wrong = format!("http://127.0.0.1:{closed}");
+    let started = Instant::now();
+    let e = server.qed_fails(
+        w,
+        &["info", "--remote-deadline", "2", "s3://errors/base.raw"],
+        &[("AWS_ENDPOINT_URL_S3", Some(&wrong))],
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        e.contains("s3://errors/base.raw")
+            && e.contains(&format!("(endpoint {wrong}/)"))
+            && e.contains("deadline"),
+        "{e}"
+    );
+    assert_eq!(e.matches("retrying until 2 s").count(), 1, "{e}");
+    let with_path = format!("{}/store", server.endpoint());
+    let e = server.qed_fails(
+        w,
+        &["info", "s3://errors/base.raw"],
+        &[("AWS_ENDPOINT_URL_S3", Some(&with_path))],
+    );
+    assert!(
+        e.contains("s3://errors/base.raw")
+            && e.contains(&format!("endpoint {with_path}/"))
+            && e.contains("has a path (/store/)"),
+        "{kind:?}: {e}"
     );
 }
 

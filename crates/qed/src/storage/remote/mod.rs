@@ -122,7 +122,9 @@ pub struct RemoteOptions {
     pub request_timeout: Duration,
     /// Longest connecting to the server may take.
     pub connect_timeout: Duration,
-    /// Longest one read may take, retries included; past it the read fails.
+    /// Longest one read may take, retries included; past it the read fails. It counts
+    /// from when the server stopped answering if that was earlier (another reader's
+    /// failed attempt): readers that start during an outage do not each wait it anew.
     pub deadline: Duration,
     /// Requests one read may have in flight at once (and connections kept open).
     pub connections: usize,
