@@ -48,7 +48,13 @@ impl RemoteArgs {
         let mut o = RemoteOptions {
             // Once when a server stops answering and once when it is back: a wait of
             // up to the deadline is otherwise silent.
-            report: RemoteReport::new(|message| eprintln!("qed: {message}")),
+            report: RemoteReport::new(|message| {
+                if message.contains("retrying until") {
+                    eprintln!("qed: {message} (--remote-deadline)")
+                } else {
+                    eprintln!("qed: {message}")
+                }
+            }),
             ..RemoteOptions::default()
         };
         if let Some(t) = self.remote_timeout {

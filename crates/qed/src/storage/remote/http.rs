@@ -229,6 +229,8 @@ fn describe_error(e: &ureq::Error) -> (String, bool) {
 
 /// The shortest attempt a read makes, even when its deadline has passed.
 const MIN_ATTEMPT: Duration = Duration::from_secs(1);
+/// The time left for the last attempt before the deadline.
+const LAST_TRY: Duration = Duration::from_millis(200);
 
 /// Connections the pool keeps open between requests.
 const IDLE_CONNECTIONS: usize = 64;
@@ -270,14 +272,6 @@ impl<T: Target> RangedGet<T> {
         Ok(source)
     }
 
-    /// "NAME" or "NAME (endpoint URL)", for messages about reaching the server.
-    fn where_to(&self) -> String {
-        match self.target.endpoint() {
-            Some(e) => format!("{} (endpoint {e})", self.target.name()),
-            None => self.target.name().to_string(),
-        }
-    }
-
     fn outage(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
         self.outage.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -296,10 +290,10 @@ impl<T: Target> RangedGet<T> {
             let since = self.outage().map_or(started, |t| t.min(started));
             let deadline = since + self.deadline;
             let tried = Instant::now();
-            // Even past the deadline a read makes one attempt: the server may be back.
-            let left = deadline
-                .saturating_duration_since(tried)
-                .max(MIN_ATTEMPT.min(self.request_timeout));
+            // Even past the deadline a read makes one attempt (the server may be back),
+            // and the last retry is given a little time.
+            let floor = if attempts == 0 { MIN_ATTEMPT } else { LAST_TRY };
+            let left = deadline.saturating_duration_since(tried).max(floor);
             attempts += 1;
             let failure = match attempt(self, self.request_timeout.min(left)) {
                 Ok(v) => {
@@ -345,30 +339,31 @@ impl<T: Target> RangedGet<T> {
                     *outage = Some(tried);
                     drop(outage);
                     self.report.say(&format!(
-                        "{}: {}; retrying until {:.0} s have passed without an answer \
-                         (--remote-deadline)",
-                        self.where_to(),
+                        "{}: {}; retrying until {} s have passed without an answer",
+                        self.target.name(),
                         failure.reason,
                         self.deadline.as_secs_f64()
                     ));
                 }
             }
-            // Half to all of the delay, so that many readers do not retry in step.
-            let mut pause = delay.mul_f64(0.5 + 0.5 * jitter());
-            // The server knows when it will be ready: not sooner than that. A wait past
-            // the deadline (or an absurd one) is not honoured, since the read would fail
-            // by then anyway: the backoff goes on, and may find the server ready sooner.
-            if let Some(wait) = failure.retry_after {
-                if wait < deadline.saturating_duration_since(Instant::now()) {
-                    pause = pause.max(wait);
-                }
-            }
-            if Instant::now() + pause >= deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left <= LAST_TRY {
                 return Err(gave_up(&format!(
                     "gave up at the {}s deadline",
                     self.deadline.as_secs_f64()
                 )));
             }
+            // Half to all of the delay, so that many readers do not retry in step; cut
+            // short so that the last attempt comes just before the deadline, not a whole
+            // backoff earlier.
+            let backoff = delay.mul_f64(0.5 + 0.5 * jitter()).min(left - LAST_TRY);
+            // The server knows when it will be ready: not sooner than that. A wait past
+            // the deadline (or an absurd one) is not honoured, since the read would fail
+            // by then anyway: the backoff goes on, and may find the server ready sooner.
+            let pause = match failure.retry_after {
+                Some(wait) if wait < left => backoff.max(wait),
+                _ => backoff,
+            };
             std::thread::sleep(pause);
             delay = (delay * 2).min(Duration::from_secs(5));
         }
