@@ -760,6 +760,87 @@ fn s3_errors_name_the_url_and_say_what_to_do(kind: Kind) {
         ],
     );
 
+    // Between create and the first read: refused too.
+    server.put("errors", "three.raw", &old);
+    let url = "s3://errors/three.raw";
+    server.qed_ok(w, &["create", "-q", "-b", url, "-F", "raw", "three.qed"]);
+    let old_tag = server.etag("errors", "three.raw");
+    server.put("errors", "three.raw", &new);
+    let new_tag = server.etag("errors", "three.raw");
+    let e = server.qed_fails(w, &["io", "-r", "-c", "read 0 4k", "three.qed"], &[]);
+    assert!(
+        e.contains(url) && e.contains(&old_tag) && e.contains(&new_tag),
+        "{kind:?}: {e}"
+    );
+
+    // Under a running stream: it stops, and running it again is refused.
+    server.put("errors", "four.raw", &old);
+    let url = "s3://errors/four.raw";
+    server.qed_ok(w, &["create", "-q", "-b", url, "-F", "raw", "four.qed"]);
+    let old_tag = server.etag("errors", "four.raw");
+    let child = server
+        .qed_command(
+            w,
+            &[
+                "stream",
+                "--rate",
+                "1M",
+                "--remote-readahead",
+                "0",
+                "four.qed",
+            ],
+            &[],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    server.put("errors", "four.raw", &new);
+    let new_tag = server.etag("errors", "four.raw");
+    let out = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{kind:?}: the stream went on: {e}");
+    assert!(
+        e.contains(url) && e.contains("changed since it was opened"),
+        "{kind:?}: {e}"
+    );
+    let e = server.qed_fails(w, &["stream", "four.qed"], &[]);
+    assert!(
+        e.contains(url) && e.contains(&old_tag) && e.contains(&new_tag),
+        "{kind:?}: {e}"
+    );
+    // What it copied is the old object's, as QEMU reads it with a local copy of that.
+    std::fs::copy(w.join("four.qed"), w.join("four-local.qed")).unwrap();
+    local_ok(
+        w,
+        QEMU_IMG,
+        &[
+            "rebase",
+            "-u",
+            "-f",
+            "qed",
+            "-b",
+            "old.raw",
+            "-F",
+            "raw",
+            "four-local.qed",
+        ],
+    );
+    local_ok(
+        w,
+        QEMU_IMG,
+        &[
+            "compare",
+            "-f",
+            "qed",
+            "-F",
+            "raw",
+            "four-local.qed",
+            "old.raw",
+        ],
+    );
+
     // Wrong endpoints are named in the message: a port nothing listens on (retried
     // until the deadline, said once), and an endpoint with a path, which puts the
     // bucket under that path.
