@@ -583,6 +583,10 @@ fn an_overlay_refuses_a_base_replaced_after_it_was_created_until_rebased() {
         &["create", "-q", "-b", &url, "-F", "raw", "top.qed"],
     );
     assert!(has_pin_record(&w.join("top.qed")), "create pinned nothing");
+    assert_eq!(
+        pin_of(w, "top.qed"),
+        Some(format!("ETag {old_tag}, {} bytes", old.len()))
+    );
     // The object is replaced before the overlay ever read it (same size: only the ETag
     // tells).
     let new: Vec<u8> = old.iter().map(|b| b ^ 0xff).collect();
@@ -634,6 +638,10 @@ fn an_overlay_refuses_a_base_replaced_after_it_was_created_until_rebased() {
         QED,
         &["rebase", "-u", "-b", &url, "-F", "raw", "top.qed"],
     );
+    assert_eq!(
+        pin_of(w, "top.qed"),
+        Some(format!("ETag {new_tag}, {} bytes", new.len()))
+    );
     ok(
         w,
         QED,
@@ -649,6 +657,7 @@ fn an_overlay_refuses_a_base_replaced_after_it_was_created_until_rebased() {
     );
     ok(w, QED, &["stream", "top.qed"]);
     assert!(!has_pin_record(&w.join("top.qed")), "a stream left a pin");
+    assert_eq!(pin_of(w, "top.qed"), None);
     std::fs::write(w.join("new.raw"), &new).unwrap();
     ok(
         w,
@@ -688,6 +697,10 @@ fn an_overlay_qemu_made_is_pinned_when_first_opened_and_qemu_changes_keep_it() {
     // ... the first read-write open does.
     ok(w, QED, &["io", "-c", "write -P 0x78 2M 64k", "top.qed"]);
     assert!(has_pin_record(&w.join("top.qed")));
+    assert_eq!(
+        pin_of(w, "top.qed"),
+        Some(format!("ETag {old_tag}, {} bytes", base.len()))
+    );
 
     // QEMU grows the image and writes to it: it rewrites the header's sector, and the
     // record after the name stays.
@@ -778,4 +791,43 @@ fn an_overlay_qemu_made_is_pinned_when_first_opened_and_qemu_changes_keep_it() {
     std::thread::sleep(Duration::from_millis(1100));
     replace(&nginx, "base.raw", &base);
     ok(w, QED, &["io", "-r", "-c", "read -P 0x0a 5M 4k", "top.qed"]);
+    assert_eq!(pin_of(w, "top.qed"), None);
+
+    // rebase -u to a server out of reach: done, unpinned, with a warning.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gone = format!("http://127.0.0.1:{port}/base.raw");
+    let out = run(
+        w,
+        QED,
+        &[
+            "rebase",
+            "--remote-deadline",
+            "1",
+            "-u",
+            "-b",
+            &gone,
+            "-F",
+            "raw",
+            "top.qed",
+        ],
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{e}");
+    assert!(e.contains("warning") && e.contains("not pinned"), "{e}");
+    let info: Value =
+        serde_json::from_str(&ok(w, QED, &["info", "--output", "json", "top.qed"])).unwrap();
+    assert_eq!(info["backing-filename"], gone.as_str());
+    assert!(info.get("base-pin").is_none(), "{info}");
+}
+
+/// The remote base `image` is pinned to, as `qed info` shows it.
+fn pin_of(w: &Path, image: &str) -> Option<String> {
+    let info: Value =
+        serde_json::from_str(&ok(w, QED, &["info", "--output", "json", image])).unwrap();
+    info.get("base-pin")
+        .map(|p| p.as_str().unwrap().to_string())
 }

@@ -23,7 +23,8 @@ pub struct Args {
     remote: crate::remote::RemoteArgs,
 }
 
-/// `qemu-img info --output=json`'s keys for a QED image, plus the table and header size.
+/// `qemu-img info --output=json`'s keys for a QED image, plus the table and header size,
+/// and the remote base the image is pinned to.
 #[derive(Serialize)]
 #[serde(rename_all = "kebab-case")]
 struct Info {
@@ -43,6 +44,10 @@ struct Info {
     dirty_flag: bool,
     table_size: u32,
     header_size: u32,
+    /// The object a remote backing file must still be (its ETag or Last-Modified, and
+    /// its size), as the image records it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base_pin: Option<String>,
 }
 
 /// Runs `qed info`; returns the exit code.
@@ -76,6 +81,7 @@ pub fn run(a: Args) -> Result<u8> {
         dirty_flag: header.needs_check(),
         table_size: header.table_size,
         header_size: header.header_size,
+        base_pin: image.base_pin()?.map(|p| p.to_string()),
     };
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&info)?),
@@ -97,6 +103,9 @@ pub fn run(a: Args) -> Result<u8> {
                 println!("backing file: {b}");
                 if let Some(f) = &info.backing_filename_format {
                     println!("backing file format: {f}");
+                }
+                if let Some(p) = &info.base_pin {
+                    println!("backing file pinned to: {p}");
                 }
             }
             if info.dirty_flag {

@@ -84,8 +84,20 @@ pub fn run(a: Args) -> Result<u8> {
         // with -u, which opens nothing else of it.
         let pin = match &device {
             Some(d) => d.remote_identity(),
-            None => remote_identity_at(&path, &a.remote.read_only())
-                .with_context(|| format!("could not open new backing file {}", path.display()))?,
+            // -u promises not to need the backing file: a server out of reach leaves
+            // the image unpinned, and its next read-write open pins what it finds.
+            None => match remote_identity_at(&path, &a.remote.read_only()) {
+                Ok(pin) => pin,
+                Err(e) => {
+                    eprintln!(
+                        "qed: warning: {e}; {} is not pinned to an object of {} until it \
+                         is next opened read-write",
+                        a.file.display(),
+                        path.display()
+                    );
+                    None
+                }
+            },
         };
         Some(NewBacking {
             name: a.backing.clone(),
