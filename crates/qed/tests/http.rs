@@ -1291,3 +1291,54 @@ fn a_refused_connection_names_the_s3_endpoint_and_is_reported_once() {
         "{said:?}"
     );
 }
+
+#[test]
+fn a_pin_that_does_not_fit_is_refused_at_create_and_garbage_after_the_name_is_no_pin() {
+    let data = pattern(1 << 20);
+    let server = serve_data(data.clone(), |_, _, good| good);
+    let dir = tempfile::tempdir().unwrap();
+    // A 4 KiB header cluster with a name that leaves no room for the record.
+    let url = server.url(&"n".repeat(3990));
+    let pin = HttpStorage::open(&url, &quick())
+        .unwrap()
+        .remote_identity()
+        .unwrap();
+    assert_eq!(pin.etag.as_deref(), Some("\"v1\""));
+    assert_eq!(pin.size, 1 << 20);
+    let mut opts = CreateOptions::new(1 << 20);
+    opts.cluster_size = 4096;
+    opts.backing_file = Some(url.clone());
+    let top = dir.path().join("top.qed");
+    let e = Image::create_pinned(&top, &opts, Some(&pin))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no room") && e.contains("cluster_size"), "{e}");
+    assert!(!top.exists(), "a refused create made the file");
+
+    // Without a pin it is made; whatever follows the name is no record: the overlay
+    // opens, and a read-write open cannot pin it (no room) but is not refused.
+    Image::create(&top, &opts).unwrap();
+    let mut bytes = std::fs::read(&top).unwrap();
+    let end = 64 + url.len();
+    for b in &mut bytes[end..4096] {
+        *b = 0xa5;
+    }
+    bytes[end.next_multiple_of(8)..][..8].copy_from_slice(b"QEDpin\0\x01");
+    std::fs::write(&top, &bytes).unwrap();
+    let ro = OpenOptions {
+        remote: quick(),
+        ..OpenOptions::read_only()
+    };
+    let image = Image::open(&top, &ro).unwrap();
+    assert_eq!(image.base_pin().unwrap(), None);
+    drop(image);
+    let rw = OpenOptions {
+        remote: quick(),
+        ..OpenOptions::default()
+    };
+    let image = Image::open(&top, &rw).unwrap();
+    let mut buf = vec![0u8; 4096];
+    image.read_at(&mut buf, 8192).unwrap();
+    assert_eq!(&buf[..], &data[8192..8192 + 4096]);
+    assert_eq!(image.base_pin().unwrap(), None);
+}
