@@ -308,16 +308,6 @@ impl<T: Target> RangedGet<T> {
                 }
                 Err(f) => f,
             };
-            let failure = Failure {
-                reason: match (failure.retry, self.target.endpoint()) {
-                    // Not reaching the server: say which server.
-                    (true, Some(e)) if !failure.reason.contains(&e) => {
-                        format!("{} (endpoint {e})", failure.reason)
-                    }
-                    _ => failure.reason,
-                },
-                ..failure
-            };
             let gave_up = |why: &str| {
                 format!(
                     "{} ({why} after {attempts} attempt{} in {:.1}s)",
@@ -388,7 +378,11 @@ impl<T: Target> RangedGet<T> {
         }
         let result = req.config().timeout_global(Some(timeout)).build().call();
         result.map_err(|e| {
-            let (reason, retry) = describe_error(&e);
+            let (mut reason, retry) = describe_error(&e);
+            // Not reaching the server: say which server, where the name does not.
+            if let Some(endpoint) = self.target.endpoint() {
+                reason = format!("{reason} (endpoint {endpoint})");
+            }
             Failure {
                 reason,
                 retry,
