@@ -1,5 +1,6 @@
 //! Remote bases: the `qed` tool reading images that nginx serves over http, judged by
-//! qemu-img against the same images read locally.
+//! qemu-img against the same images read locally; overlays pinned to the object they
+//! were written against, across processes and QEMU's changes to them.
 //!
 //! nginx and QEMU's tools are required (tests/run installs them): a missing one fails
 //! these tests rather than skipping them.
@@ -830,4 +831,51 @@ fn pin_of(w: &Path, image: &str) -> Option<String> {
         serde_json::from_str(&ok(w, QED, &["info", "--output", "json", image])).unwrap();
     info.get("base-pin")
         .map(|p| p.as_str().unwrap().to_string())
+}
+
+#[test]
+fn a_stream_that_keeps_a_remote_base_pins_it() {
+    let nginx = Nginx::start();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    std::fs::write(nginx.root().join("base.raw"), vec![0x41u8; 4 << 20]).unwrap();
+    let url = nginx.url("base.raw");
+    let tag = etag_of(&url);
+    // mid.qed over the URL (pinned), top.qed over mid.qed (a local base: no pin).
+    ok(
+        w,
+        QED,
+        &["create", "-q", "-b", &url, "-F", "raw", "mid.qed"],
+    );
+    ok(w, QED, &["io", "-c", "write -P 0x42 1M 64k", "mid.qed"]);
+    ok(
+        w,
+        QED,
+        &["create", "-q", "-b", "mid.qed", "-F", "qed", "top.qed"],
+    );
+    assert_eq!(pin_of(w, "top.qed"), None);
+    // Streaming mid.qed's clusters up makes the URL top.qed's base, pinned.
+    ok(w, QED, &["stream", "-b", &url, "top.qed"]);
+    std::fs::remove_file(w.join("mid.qed")).unwrap();
+    assert_eq!(
+        pin_of(w, "top.qed"),
+        Some(format!("ETag {tag}, {} bytes", 4 << 20))
+    );
+    ok(
+        w,
+        QED,
+        &[
+            "io",
+            "-r",
+            "-c",
+            "read -P 0x42 1M 64k",
+            "-c",
+            "read -P 0x41 2M 64k",
+            "top.qed",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    replace(&nginx, "base.raw", &[0x43u8; 4 << 20]);
+    let e = fails(w, QED, &["io", "-r", "-c", "read 2M 4k", "top.qed"]);
+    assert_refused(&e, &url, &tag, &etag_of(&url));
 }

@@ -1,6 +1,7 @@
 //! S3 bases: the `qed` tool reading `s3://BUCKET/KEY` images from real S3 servers
 //! started here on loopback ports (s3s-fs, and moto's server), judged by qemu-img
-//! against the same images read locally.
+//! against the same images read locally; objects replaced under their overlays refused
+//! by every later open until accepted; wrong endpoints named.
 //!
 //! Both servers are required (tests/run installs them): a missing one fails these tests
 //! rather than skipping them. Objects are uploaded through each server's S3 API with
