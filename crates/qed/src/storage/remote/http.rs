@@ -297,7 +297,9 @@ impl<T: Target> RangedGet<T> {
             attempts += 1;
             let failure = match attempt(self, self.request_timeout.min(left)) {
                 Ok(v) => {
-                    if let Some(t) = self.outage().take() {
+                    // Taken first: the report is made without holding the lock.
+                    let ended = self.outage().take();
+                    if let Some(t) = ended {
                         self.report.say(&format!(
                             "{}: the server answers again, after {:.1} s",
                             self.target.name(),
