@@ -3,7 +3,7 @@
 //! the same flags and each flag is checked in one place.
 
 use crate::units::parse_size;
-use qed::{OpenOptions, RemoteOptions, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use qed::{OpenOptions, RemoteOptions, RemoteReport, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use std::time::Duration;
 
 /// Longest timeout or deadline accepted: a day is beyond any use, and keeps the
@@ -22,7 +22,8 @@ pub struct RemoteArgs {
     /// Longest one request may take, in seconds, connecting included [default: 30].
     #[arg(long = "remote-timeout", value_name = "SECS", value_parser = parse_timeout)]
     remote_timeout: Option<Duration>,
-    /// Longest one read may take, retries included, in seconds [default: 120].
+    /// How long a server may go without answering, retries included, before reads
+    /// fail, in seconds [default: 120].
     #[arg(long = "remote-deadline", value_name = "SECS", value_parser = parse_deadline)]
     remote_deadline: Option<Duration>,
     /// Requests one read may have in flight at once, 1 to 64 [default: 4].
@@ -44,7 +45,18 @@ pub struct RemoteArgs {
 impl RemoteArgs {
     /// The library's options, with what was given in place of its defaults.
     pub fn options(&self) -> RemoteOptions {
-        let mut o = RemoteOptions::default();
+        let mut o = RemoteOptions {
+            // Once when a server stops answering and once when it is back: a wait of
+            // up to the deadline is otherwise silent.
+            report: RemoteReport::new(|message| {
+                if message.contains("retrying until") {
+                    eprintln!("qed: {message} (--remote-deadline)")
+                } else {
+                    eprintln!("qed: {message}")
+                }
+            }),
+            ..RemoteOptions::default()
+        };
         if let Some(t) = self.remote_timeout {
             o.request_timeout = t;
             // The request's timeout covers connecting too: a longer connect timeout
@@ -160,7 +172,19 @@ mod tests {
 
     #[test]
     fn given_values_replace_the_defaults() {
-        assert_eq!(parse(&[]).unwrap(), RemoteOptions::default());
+        let given = parse(&[]).unwrap();
+        assert_ne!(
+            given.report,
+            RemoteReport::default(),
+            "messages are printed"
+        );
+        assert_eq!(
+            RemoteOptions {
+                report: RemoteReport::default(),
+                ..given
+            },
+            RemoteOptions::default()
+        );
         let o = parse(&[
             "--remote-timeout",
             "2.5",

@@ -646,7 +646,14 @@ fn control_protocol_errors() {
     let out = fails(
         dir,
         QED,
-        &["serve", "-k", "other.sock", "--control", s.ctl(), "other.qed"],
+        &[
+            "serve",
+            "-k",
+            "other.sock",
+            "--control",
+            s.ctl(),
+            "other.qed",
+        ],
     );
     assert!(out.contains("in use"), "{out}");
     assert!(s.control.exists());

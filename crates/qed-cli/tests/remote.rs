@@ -1,5 +1,6 @@
 //! Remote bases: the `qed` tool reading images that nginx serves over http, judged by
-//! qemu-img against the same images read locally.
+//! qemu-img against the same images read locally; overlays pinned to the object they
+//! were written against, across processes and QEMU's changes to them.
 //!
 //! nginx and QEMU's tools are required (tests/run installs them): a missing one fails
 //! these tests rather than skipping them.
@@ -7,7 +8,7 @@
 mod common;
 
 use common::nginx::Nginx;
-use common::{fails, ok, run, QED};
+use common::{etag_of, fails, has_pin_record, ok, run, QED};
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -543,4 +544,338 @@ fn a_short_deadline_makes_a_stalled_server_fail_fast() {
         );
     }
     assert!(!w.join("top.qed").exists());
+}
+
+/// Puts `bytes` in place of `name` under nginx's root, as a new file (a new ETag), the
+/// way an upload replaces an object.
+fn replace(nginx: &Nginx, name: &str, bytes: &[u8]) {
+    let tmp = nginx.root().join(format!("{name}.new"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, nginx.root().join(name)).unwrap();
+}
+
+/// A refusal of a replaced base: it names the URL and both ETags, and says how to
+/// accept the new object.
+fn assert_refused(e: &str, url: &str, old: &str, new: &str) {
+    assert!(
+        e.contains(url)
+            && e.contains("not the one")
+            && e.contains(&format!("ETag {old}"))
+            && e.contains(&format!("ETag {new}"))
+            && e.contains(&format!("qed rebase -u -b {url}")),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_overlay_refuses_a_base_replaced_after_it_was_created_until_rebased() {
+    let nginx = Nginx::start();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let old: Vec<u8> = (0..(8u32 << 20)).map(|i| (i >> 16) as u8).collect();
+    std::fs::write(nginx.root().join("base.raw"), &old).unwrap();
+    std::fs::write(w.join("old.raw"), &old).unwrap();
+    let url = nginx.url("base.raw");
+    let old_tag = etag_of(&url);
+
+    ok(
+        w,
+        QED,
+        &["create", "-q", "-b", &url, "-F", "raw", "top.qed"],
+    );
+    assert!(has_pin_record(&w.join("top.qed")), "create pinned nothing");
+    assert_eq!(
+        pin_of(w, "top.qed"),
+        Some(format!("ETag {old_tag}, {} bytes", old.len()))
+    );
+    // The object is replaced before the overlay ever read it (same size: only the ETag
+    // tells).
+    let new: Vec<u8> = old.iter().map(|b| b ^ 0xff).collect();
+    std::thread::sleep(Duration::from_millis(1100)); // nginx's ETag has the mtime in seconds
+    replace(&nginx, "base.raw", &new);
+    let new_tag = etag_of(&url);
+    assert_ne!(old_tag, new_tag);
+
+    // Every open is refused, read-only or not, before reading: nothing is mixed.
+    let sent = nginx.bytes_sent("base.raw");
+    for args in [
+        &["io", "-r", "-c", "read 0 4k", "top.qed"][..],
+        &["io", "-c", "write -P 0x5a 0 4k", "top.qed"],
+        &["convert", "-O", "raw", "top.qed", "out.raw"],
+        &["stream", "top.qed"],
+        &["map", "top.qed"],
+    ] {
+        let e = fails(w, QED, args);
+        assert_refused(&e, &url, &old_tag, &new_tag);
+    }
+    // Only the one-byte probes of each open crossed the wire.
+    assert!(
+        nginx.bytes_sent("base.raw") - sent <= 5,
+        "the base was read"
+    );
+    assert!(!w.join("out.raw").exists());
+
+    // QEMU opens the overlay (the record is in its header cluster, which it ignores)
+    // and reads what we would, given a copy of the old base.
+    let info: Value = serde_json::from_str(&ok(
+        w,
+        "qemu-img",
+        &["info", "--output", "json", "-U", "top.qed"],
+    ))
+    .unwrap();
+    assert_eq!(info["backing-filename"], url.as_str());
+    let with_old = r#"json:{"driver":"qed","file":{"driver":"file","filename":"top.qed"},"backing":{"driver":"raw","file":{"driver":"file","filename":"old.raw"}}}"#;
+    ok(
+        w,
+        "qemu-img",
+        &["compare", "-F", "raw", with_old, "old.raw"],
+    );
+    // Through the curl driver, QEMU itself reads the new object: it pins nothing.
+    ok(w, "qemu-io", &["-r", "-c", "read -P 0xff 0 64k", "top.qed"]);
+
+    // The user's word: the new object is the base now.
+    ok(
+        w,
+        QED,
+        &["rebase", "-u", "-b", &url, "-F", "raw", "top.qed"],
+    );
+    assert_eq!(
+        pin_of(w, "top.qed"),
+        Some(format!("ETag {new_tag}, {} bytes", new.len()))
+    );
+    ok(
+        w,
+        QED,
+        &[
+            "io",
+            "-r",
+            "-c",
+            "read -P 0xff 0 64k",
+            "-c",
+            "read -P 0xef 1M 64k",
+            "top.qed",
+        ],
+    );
+    ok(w, QED, &["stream", "top.qed"]);
+    assert!(!has_pin_record(&w.join("top.qed")), "a stream left a pin");
+    assert_eq!(pin_of(w, "top.qed"), None);
+    std::fs::write(w.join("new.raw"), &new).unwrap();
+    ok(
+        w,
+        "qemu-img",
+        &["compare", "-F", "raw", "top.qed", "new.raw"],
+    );
+}
+
+#[test]
+fn an_overlay_qemu_made_is_pinned_when_first_opened_and_qemu_changes_keep_it() {
+    let nginx = Nginx::start();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let base: Vec<u8> = (0..(8u32 << 20)).map(|i| (i >> 16) as u8 ^ 0x5a).collect();
+    std::fs::write(nginx.root().join("base.raw"), &base).unwrap();
+    std::fs::write(w.join("copy.raw"), &base).unwrap();
+    let url = nginx.url("base.raw");
+    let old_tag = etag_of(&url);
+
+    // QEMU makes the overlay (through its curl driver) and writes to it: no record.
+    ok(
+        w,
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qed", "-b", &url, "-F", "raw", "top.qed",
+        ],
+    );
+    ok(w, "qemu-io", &["-c", "write -P 0x77 1M 64k", "top.qed"]);
+    assert!(!has_pin_record(&w.join("top.qed")));
+    // A read-only open pins nothing (it may not write)...
+    ok(
+        w,
+        QED,
+        &["io", "-r", "-c", "read -P 0x77 1M 64k", "top.qed"],
+    );
+    assert!(!has_pin_record(&w.join("top.qed")));
+    // ... the first read-write open does.
+    ok(w, QED, &["io", "-c", "write -P 0x78 2M 64k", "top.qed"]);
+    assert!(has_pin_record(&w.join("top.qed")));
+    assert_eq!(
+        pin_of(w, "top.qed"),
+        Some(format!("ETag {old_tag}, {} bytes", base.len()))
+    );
+
+    // QEMU grows the image and writes to it: it rewrites the header's sector, and the
+    // record after the name stays.
+    ok(w, "qemu-img", &["resize", "-q", "top.qed", "16M"]);
+    ok(w, "qemu-io", &["-c", "write -P 0x79 12M 64k", "top.qed"]);
+    ok(
+        w,
+        QED,
+        &["io", "-r", "-c", "read -P 0x79 12M 64k", "top.qed"],
+    );
+    ok(w, QED, &["check", "top.qed"]);
+
+    // QEMU moves the backing file to a local copy: the record is not for the name the
+    // header holds, and nothing is refused (the base is not remote any more).
+    ok(
+        w,
+        "qemu-img",
+        &[
+            "rebase", "-u", "-f", "qed", "-b", "copy.raw", "-F", "raw", "top.qed",
+        ],
+    );
+    ok(
+        w,
+        QED,
+        &["io", "-r", "-c", "read -P 0x78 2M 64k", "top.qed"],
+    );
+    // QEMU commits into that copy (growing it to 16M): the overlay's header area stays.
+    ok(w, "qemu-img", &["commit", "-q", "-d", "top.qed"]);
+    ok(
+        w,
+        QED,
+        &["io", "-r", "-c", "read -P 0x78 2M 64k", "top.qed"],
+    );
+    // Back to the URL, by QEMU: the record made for that name is found again, and it
+    // still refuses a new object under the URL.
+    ok(
+        w,
+        "qemu-img",
+        &[
+            "rebase", "-u", "-f", "qed", "-b", &url, "-F", "raw", "top.qed",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1100)); // nginx's ETag has the mtime in seconds
+    let mut changed = base.clone();
+    changed[5 << 20] ^= 1;
+    replace(&nginx, "base.raw", &changed);
+    let new_tag = etag_of(&url);
+    let e = fails(w, QED, &["io", "-r", "-c", "read 0 4k", "top.qed"]);
+    assert_refused(&e, &url, &old_tag, &new_tag);
+    let e = fails(w, QED, &["io", "-c", "write 0 4k", "top.qed"]);
+    assert_refused(&e, &url, &old_tag, &new_tag);
+    // QEMU reads the overlay as we would, given the copy the commit wrote into (the
+    // overlay's clusters, whichever base is under them).
+    let with_copy = r#"json:{"driver":"qed","file":{"driver":"file","filename":"top.qed"},"backing":{"driver":"raw","file":{"driver":"file","filename":"copy.raw"}}}"#;
+    ok(
+        w,
+        "qemu-io",
+        &[
+            "-r",
+            "-c",
+            "read -P 0x77 1M 64k",
+            "-c",
+            "read -P 0x78 2M 64k",
+            "-c",
+            "read -P 0x79 12M 64k",
+            with_copy,
+        ],
+    );
+
+    // The user accepts the new object.
+    ok(
+        w,
+        QED,
+        &["rebase", "-u", "-b", &url, "-F", "raw", "top.qed"],
+    );
+    ok(w, QED, &["io", "-r", "-c", "read -P 0x0b 5M 1", "top.qed"]);
+
+    // A longer name written by QEMU over the record cuts it: a record that is not whole
+    // is no record, and refuses nothing.
+    let long = format!("{url}?{}", "x".repeat(40));
+    ok(
+        w,
+        "qemu-img",
+        &[
+            "rebase", "-u", "-f", "qed", "-b", &long, "-F", "raw", "top.qed",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    replace(&nginx, "base.raw", &base);
+    ok(w, QED, &["io", "-r", "-c", "read -P 0x0a 5M 4k", "top.qed"]);
+    assert_eq!(pin_of(w, "top.qed"), None);
+
+    // rebase -u to a server out of reach: done, unpinned, with a warning.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gone = format!("http://127.0.0.1:{port}/base.raw");
+    let out = run(
+        w,
+        QED,
+        &[
+            "rebase",
+            "--remote-deadline",
+            "1",
+            "-u",
+            "-b",
+            &gone,
+            "-F",
+            "raw",
+            "top.qed",
+        ],
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{e}");
+    assert!(e.contains("warning") && e.contains("not pinned"), "{e}");
+    let info: Value =
+        serde_json::from_str(&ok(w, QED, &["info", "--output", "json", "top.qed"])).unwrap();
+    assert_eq!(info["backing-filename"], gone.as_str());
+    assert!(info.get("base-pin").is_none(), "{info}");
+}
+
+/// The remote base `image` is pinned to, as `qed info` shows it.
+fn pin_of(w: &Path, image: &str) -> Option<String> {
+    let info: Value =
+        serde_json::from_str(&ok(w, QED, &["info", "--output", "json", image])).unwrap();
+    info.get("base-pin")
+        .map(|p| p.as_str().unwrap().to_string())
+}
+
+#[test]
+fn a_stream_that_keeps_a_remote_base_pins_it() {
+    let nginx = Nginx::start();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    std::fs::write(nginx.root().join("base.raw"), vec![0x41u8; 4 << 20]).unwrap();
+    let url = nginx.url("base.raw");
+    let tag = etag_of(&url);
+    // mid.qed over the URL (pinned), top.qed over mid.qed (a local base: no pin).
+    ok(
+        w,
+        QED,
+        &["create", "-q", "-b", &url, "-F", "raw", "mid.qed"],
+    );
+    ok(w, QED, &["io", "-c", "write -P 0x42 1M 64k", "mid.qed"]);
+    ok(
+        w,
+        QED,
+        &["create", "-q", "-b", "mid.qed", "-F", "qed", "top.qed"],
+    );
+    assert_eq!(pin_of(w, "top.qed"), None);
+    // Streaming mid.qed's clusters up makes the URL top.qed's base, pinned.
+    ok(w, QED, &["stream", "-b", &url, "top.qed"]);
+    std::fs::remove_file(w.join("mid.qed")).unwrap();
+    assert_eq!(
+        pin_of(w, "top.qed"),
+        Some(format!("ETag {tag}, {} bytes", 4 << 20))
+    );
+    ok(
+        w,
+        QED,
+        &[
+            "io",
+            "-r",
+            "-c",
+            "read -P 0x42 1M 64k",
+            "-c",
+            "read -P 0x41 2M 64k",
+            "top.qed",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    replace(&nginx, "base.raw", &[0x43u8; 4 << 20]);
+    let e = fails(w, QED, &["io", "-r", "-c", "read 2M 4k", "top.qed"]);
+    assert_refused(&e, &url, &tag, &etag_of(&url));
 }

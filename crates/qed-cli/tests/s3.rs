@@ -1,6 +1,7 @@
 //! S3 bases: the `qed` tool reading `s3://BUCKET/KEY` images from real S3 servers
 //! started here on loopback ports (s3s-fs, and moto's server), judged by qemu-img
-//! against the same images read locally.
+//! against the same images read locally; objects replaced under their overlays refused
+//! by every later open until accepted; wrong endpoints named.
 //!
 //! Both servers are required (tests/run installs them): a missing one fails these tests
 //! rather than skipping them. Objects are uploaded through each server's S3 API with
@@ -188,6 +189,31 @@ impl S3Server {
             .get_object(Some(&creds), key)
             .sign(Duration::from_secs(600));
         self.send("GET", url.as_str(), b"")
+    }
+
+    /// The ETag the server gives the object now.
+    fn etag(&self, bucket: &str, key: &str) -> String {
+        let creds = Credentials::new(ACCESS_KEY, SECRET_KEY);
+        let bucket = self.bucket(bucket);
+        let url = bucket
+            .get_object(Some(&creds), key)
+            .sign(Duration::from_secs(600));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        let resp = agent
+            .get(url.as_str())
+            .header("Range", "bytes=0-0")
+            .call()
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 206, "{:?}", self.kind);
+        resp.headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("{:?} gave no ETag", self.kind))
+            .to_string()
     }
 
     /// `qed ARGS` in `dir`, pointed at this server with good credentials, except as
@@ -601,6 +627,7 @@ fn s3_errors_name_the_url_and_say_what_to_do(kind: Kind) {
     // that reaches the server is refused. Small chunks and no readahead, so that the
     // second read is not served from what the first brought.
     server.qed_ok(w, &["create", "-q", "-b", url, "-F", "raw", "over.qed"]);
+    let old_tag = server.etag("errors", "base.raw");
     let mut child = server
         .qed_command(
             w,
@@ -659,10 +686,196 @@ fn s3_errors_name_the_url_and_say_what_to_do(kind: Kind) {
         // s3s-fs ignores If-Match; the new ETag gives it away.
         Kind::S3sFs => assert!(e.contains("ETag was"), "{e}"),
     }
-    // Reopened, the overlay reads the new base.
+    // Reopened by another process, the overlay still knows which object it was written
+    // against: refused, read-only or not, naming the URL and both ETags.
+    let new_tag = server.etag("errors", "base.raw");
+    assert_ne!(old_tag, new_tag);
+    for args in [
+        &["io", "-r", "-c", "read -P 0xf3 3194880 4k", "over.qed"][..],
+        &["io", "-c", "write 0 4k", "over.qed"],
+        &["stream", "over.qed"],
+    ] {
+        let e = server.qed_fails(w, args, &[]);
+        assert!(
+            e.contains(url)
+                && e.contains(&format!("ETag {old_tag}"))
+                && e.contains(&format!("ETag {new_tag}"))
+                && e.contains(&format!("qed rebase -u -b {url} over.qed")),
+            "{kind:?}: {e}"
+        );
+    }
+    // Accepted by the user, it reads the new base.
+    server.qed_ok(w, &["rebase", "-u", "-b", url, "-F", "raw", "over.qed"]);
     server.qed_ok(
         w,
         &["io", "-r", "-c", "read -P 0xf3 3194880 4k", "over.qed"],
+    );
+
+    // Between two commands: an overlay with data of its own, its base replaced.
+    server.put("errors", "two.raw", &old);
+    let url = "s3://errors/two.raw";
+    server.qed_ok(w, &["create", "-q", "-b", url, "-F", "raw", "two.qed"]);
+    server.qed_ok(w, &["io", "-c", "write -P 0x66 1M 64k", "two.qed"]);
+    let old_tag = server.etag("errors", "two.raw");
+    server.put("errors", "two.raw", &new);
+    let new_tag = server.etag("errors", "two.raw");
+    let e = server.qed_fails(w, &["convert", "-O", "raw", "two.qed", "two.out"], &[]);
+    assert!(
+        e.contains(url) && e.contains(&old_tag) && e.contains(&new_tag),
+        "{kind:?}: {e}"
+    );
+    assert!(!w.join("two.out").exists());
+    // QEMU, which has no s3 driver, opens the overlay with the backing file moved to a
+    // local copy of the old object, and reads what we wrote and what the old base held.
+    std::fs::write(w.join("old.raw"), &old).unwrap();
+    std::fs::copy(w.join("two.qed"), w.join("two-local.qed")).unwrap();
+    local_ok(
+        w,
+        QEMU_IMG,
+        &[
+            "rebase",
+            "-u",
+            "-f",
+            "qed",
+            "-b",
+            "old.raw",
+            "-F",
+            "raw",
+            "two-local.qed",
+        ],
+    );
+    let mut expected = old.clone();
+    expected[1 << 20..(1 << 20) + (64 << 10)].fill(0x66);
+    std::fs::write(w.join("expected.raw"), &expected).unwrap();
+    local_ok(
+        w,
+        QEMU_IMG,
+        &[
+            "compare",
+            "-f",
+            "qed",
+            "-F",
+            "raw",
+            "two-local.qed",
+            "expected.raw",
+        ],
+    );
+
+    // Between create and the first read: refused too.
+    server.put("errors", "three.raw", &old);
+    let url = "s3://errors/three.raw";
+    server.qed_ok(w, &["create", "-q", "-b", url, "-F", "raw", "three.qed"]);
+    let old_tag = server.etag("errors", "three.raw");
+    server.put("errors", "three.raw", &new);
+    let new_tag = server.etag("errors", "three.raw");
+    let e = server.qed_fails(w, &["io", "-r", "-c", "read 0 4k", "three.qed"], &[]);
+    assert!(
+        e.contains(url) && e.contains(&old_tag) && e.contains(&new_tag),
+        "{kind:?}: {e}"
+    );
+
+    // Under a running stream: it stops, and running it again is refused.
+    server.put("errors", "four.raw", &old);
+    let url = "s3://errors/four.raw";
+    server.qed_ok(w, &["create", "-q", "-b", url, "-F", "raw", "four.qed"]);
+    let old_tag = server.etag("errors", "four.raw");
+    let child = server
+        .qed_command(
+            w,
+            &[
+                "stream",
+                "--rate",
+                "1M",
+                "--remote-readahead",
+                "0",
+                "four.qed",
+            ],
+            &[],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    server.put("errors", "four.raw", &new);
+    let new_tag = server.etag("errors", "four.raw");
+    let out = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{kind:?}: the stream went on: {e}");
+    assert!(
+        e.contains(url) && e.contains("changed since it was opened"),
+        "{kind:?}: {e}"
+    );
+    let e = server.qed_fails(w, &["stream", "four.qed"], &[]);
+    assert!(
+        e.contains(url) && e.contains(&old_tag) && e.contains(&new_tag),
+        "{kind:?}: {e}"
+    );
+    // What it copied is the old object's, as QEMU reads it with a local copy of that.
+    std::fs::copy(w.join("four.qed"), w.join("four-local.qed")).unwrap();
+    local_ok(
+        w,
+        QEMU_IMG,
+        &[
+            "rebase",
+            "-u",
+            "-f",
+            "qed",
+            "-b",
+            "old.raw",
+            "-F",
+            "raw",
+            "four-local.qed",
+        ],
+    );
+    local_ok(
+        w,
+        QEMU_IMG,
+        &[
+            "compare",
+            "-f",
+            "qed",
+            "-F",
+            "raw",
+            "four-local.qed",
+            "old.raw",
+        ],
+    );
+
+    // Wrong endpoints are named in the message: a port nothing listens on (retried
+    // until the deadline, said once), and an endpoint with a path, which puts the
+    // bucket under that path.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let wrong = format!("http://127.0.0.1:{closed}");
+    let started = Instant::now();
+    let e = server.qed_fails(
+        w,
+        &["info", "--remote-deadline", "2", "s3://errors/base.raw"],
+        &[("AWS_ENDPOINT_URL_S3", Some(&wrong))],
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        e.contains("s3://errors/base.raw")
+            && e.contains(&format!("(endpoint {wrong}/)"))
+            && e.contains("deadline"),
+        "{e}"
+    );
+    assert_eq!(e.matches("retrying until 2 s").count(), 1, "{e}");
+    let with_path = format!("{}/store", server.endpoint());
+    let e = server.qed_fails(
+        w,
+        &["info", "s3://errors/base.raw"],
+        &[("AWS_ENDPOINT_URL_S3", Some(&with_path))],
+    );
+    assert!(
+        e.contains("s3://errors/base.raw")
+            && e.contains(&format!("endpoint {with_path}/"))
+            && e.contains("has a path (/store/)"),
+        "{kind:?}: {e}"
     );
 }
 

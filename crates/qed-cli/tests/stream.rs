@@ -6,7 +6,7 @@
 mod common;
 
 use common::nginx::Nginx;
-use common::{fails, ok, qemu_io, QED, QEMU_IMG};
+use common::{etag_of, fails, has_pin_record, ok, qemu_io, QED, QEMU_IMG};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -210,6 +210,7 @@ fn a_base_replaced_mid_stream_stops_it_and_touches_nothing_more() {
     let w = work.path();
     let www = nginx.root();
     let url = raw_base_and_overlay(&nginx, w, 0x31);
+    let old_tag = etag_of(&url);
 
     let child = Command::new(QED)
         .args(["stream", "--rate", "8M", "top.qed"])
@@ -235,8 +236,13 @@ fn a_base_replaced_mid_stream_stops_it_and_touches_nothing_more() {
     ok(w, QEMU_IMG, &["check", "top.qed"]);
     let i = info(w, "top.qed");
     assert_eq!(i["backing-filename"], url.as_str(), "{i}");
-    let map: Value =
-        serde_json::from_str(&ok(w, QED, &["map", "--output", "json", "top.qed"])).unwrap();
+    // Asked of QEMU: our own tools no longer open the overlay over the new object.
+    let map: Value = serde_json::from_str(&ok(
+        w,
+        QEMU_IMG,
+        &["map", "--output", "json", "-f", "qed", "top.qed"],
+    ))
+    .unwrap();
     let copied: Vec<(u64, u64)> = map
         .as_array()
         .unwrap()
@@ -245,7 +251,7 @@ fn a_base_replaced_mid_stream_stops_it_and_touches_nothing_more() {
         .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
         .collect();
     assert!(!copied.is_empty(), "nothing was copied before the change");
-    for (start, len) in copied {
+    for (start, len) in &copied {
         qemu_io(
             w,
             "qed",
@@ -254,6 +260,58 @@ fn a_base_replaced_mid_stream_stops_it_and_touches_nothing_more() {
             &[&format!("read -P 0x31 {start} {len}")],
         );
     }
+
+    // Another process does not take the new object for the old: the overlay keeps the
+    // old one's identity, and every open is refused, naming both, before reading.
+    let new_tag = etag_of(&url);
+    assert_ne!(old_tag, new_tag);
+    let before = std::fs::read(w.join("top.qed")).unwrap();
+    for args in [
+        &["stream", "top.qed"][..],
+        &["io", "-r", "-c", "read 0 4k", "top.qed"],
+        &["convert", "-O", "raw", "top.qed", "mixed.raw"],
+    ] {
+        let e = fails(w, QED, args);
+        assert!(
+            e.contains(&url)
+                && e.contains(&format!("ETag {old_tag}"))
+                && e.contains(&format!("ETag {new_tag}"))
+                && e.contains(&format!("qed rebase -u -b {url}")),
+            "{args:?}: {e}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(w.join("top.qed")).unwrap(),
+        before,
+        "a refused open changed the overlay"
+    );
+    // QEMU reads it as the old base's, given a copy of that base.
+    std::fs::write(w.join("old.raw"), vec![0x31u8; 64 << 20]).unwrap();
+    let with_old = r#"json:{"driver":"qed","file":{"driver":"file","filename":"top.qed"},"backing":{"driver":"raw","file":{"driver":"file","filename":"old.raw"}}}"#;
+    ok(w, QEMU_IMG, &["compare", "-F", "raw", with_old, "old.raw"]);
+
+    // Told to, it takes the new object: what it copied stays, the rest comes from the
+    // new base, and once all is copied no pin is left.
+    ok(
+        w,
+        QED,
+        &["rebase", "-u", "-b", &url, "-F", "raw", "top.qed"],
+    );
+    ok(w, QED, &["stream", "top.qed"]);
+    assert!(info(w, "top.qed").get("backing-filename").is_none());
+    assert!(!has_pin_record(&w.join("top.qed")), "a pin without a base");
+    ok(w, QEMU_IMG, &["check", "top.qed"]);
+    let (start, len) = copied[0];
+    qemu_io(
+        w,
+        "qed",
+        "top.qed",
+        true,
+        &[
+            &format!("read -P 0x31 {start} {len}"),
+            "read -P 0x32 63M 1M",
+        ],
+    );
 }
 
 #[test]
@@ -327,13 +385,14 @@ fn a_server_killed_mid_stream_fails_it_and_a_rerun_completes() {
     let w = work.path();
     let url = raw_base_and_overlay(&nginx, w, 0x51);
 
+    let deadline = 4;
     let child = Command::new(QED)
         .args([
             "stream",
             "--rate",
             "8M",
             "--remote-deadline",
-            "3",
+            &deadline.to_string(),
             "top.qed",
         ])
         .current_dir(w)
@@ -345,10 +404,13 @@ fn a_server_killed_mid_stream_fails_it_and_a_rerun_completes() {
     nginx.stop();
     let started = Instant::now();
     let out = child.wait_with_output().unwrap();
+    // The deadline counts from when the server stopped answering, for every reader:
+    // readers that started retrying later (the stream's workers, a reader waiting for a
+    // chunk another one was fetching) do not each wait a deadline of their own.
+    let took = started.elapsed();
     assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "the stream took {:?} to give up",
-        started.elapsed()
+        took < Duration::from_secs(deadline + 2),
+        "the stream took {took:?} to give up, with a deadline of {deadline} s"
     );
     assert!(
         !out.status.success(),
@@ -356,6 +418,10 @@ fn a_server_killed_mid_stream_fails_it_and_a_rerun_completes() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&url), "{err}");
+    // The wait was announced, once, with its reason.
+    assert_eq!(err.matches("retrying until").count(), 1, "{err}");
+    assert!(err.contains(&format!("qed: {url}: ")), "{err}");
+    assert!(err.contains("onnection"), "{err}");
 
     // Consistent without the server (QEMU told to open no backing file)...
     let alone =

@@ -3,6 +3,7 @@
 //! here.
 
 use crate::error::{Error, Result};
+use crate::storage::RemoteIdentity;
 use std::fmt::{self, Debug};
 
 /// An image format this library can open.
@@ -154,6 +155,13 @@ pub trait BlockDevice: Send + Sync + Debug {
     fn zeroes_are_fast(&self, offset: u64, len: u64) -> Result<bool> {
         check_range(offset, len, self.size())?;
         Ok(false)
+    }
+
+    /// For a device whose file is an object on a server, what that object was when it
+    /// was opened: what an overlay on it records, to refuse another object later.
+    /// `None` for local files.
+    fn remote_identity(&self) -> Option<RemoteIdentity> {
+        None
     }
 }
 

@@ -44,8 +44,8 @@ mod warnings;
 pub use block::{BlockDevice, BlockStatus, DirectExtent, DirectRead, Format, PendingWrite};
 pub use chain::{
     chain_contains, describe, for_each_run, is_remote_name, known_zero, map, open_device,
-    probe_format, probe_format_at, qcow2_facts_at, resolve_backing_path, MapEntry, OpenOptions,
-    MAX_CHAIN_DEPTH,
+    probe_format, probe_format_at, qcow2_facts_at, remote_identity_at, resolve_backing_path,
+    MapEntry, OpenOptions, MAX_CHAIN_DEPTH,
 };
 #[cfg(feature = "qcow2")]
 pub use devices::Qcow2Device;
@@ -64,7 +64,8 @@ pub use ops::{
 #[cfg(target_os = "linux")]
 pub use ring::{Ring, Waker, SERVER_POLL, WAKE};
 pub use storage::{
-    AlignedBuf, BlockHold, FileStorage, HttpStorage, LockMode, MemoryStorage, RemoteOptions,
-    S3Config, S3Credentials, S3Storage, Storage, GROW_STEP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    AlignedBuf, BlockHold, FileStorage, HttpStorage, LockMode, MemoryStorage, RemoteIdentity,
+    RemoteOptions, RemoteReport, S3Config, S3Credentials, S3Storage, Storage, GROW_STEP,
+    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
 pub use warnings::set_warning_handler;

@@ -1122,3 +1122,223 @@ fn absurd_settings_are_refused_or_cost_nothing_up_front() {
     s.read_at(&mut buf, 8192).unwrap();
     assert_eq!(buf, data[8192..8192 + 4096]);
 }
+
+/// Messages a [`qed::RemoteReport`] was given.
+fn collect_reports() -> (qed::RemoteReport, Arc<Mutex<Vec<String>>>) {
+    let said = Arc::new(Mutex::new(Vec::new()));
+    let into = said.clone();
+    let report = qed::RemoteReport::new(move |m| into.lock().unwrap().push(m.to_string()));
+    (report, said)
+}
+
+#[test]
+fn readers_that_start_during_an_outage_share_its_deadline() {
+    // The server answers the open, then fails every read: the outage starts with the
+    // first read, and every reader gives up at its deadline, however late it started
+    // (a worker reaching its next read, or a reader that waited for a chunk another
+    // reader was fetching and then fetches it itself).
+    let server = serve_data(pattern(4 << 20), |_, _, _| Reply::status(503));
+    let url = server.url("x");
+    let opts = RemoteOptions {
+        deadline: Duration::from_secs(3),
+        readahead: 0,
+        ..quick()
+    };
+    let s = Arc::new(HttpStorage::open(&url, &opts).unwrap());
+    let started = Instant::now();
+    let reader = |offset: u64, after: Duration| {
+        let s = s.clone();
+        thread::spawn(move || {
+            thread::sleep(after);
+            let mut buf = vec![0u8; 4096];
+            let e = s.read_at(&mut buf, offset).unwrap_err().to_string();
+            (e, started.elapsed())
+        })
+    };
+    let first = reader(0, Duration::ZERO);
+    let waiter = reader(0, Duration::from_millis(300));
+    let late = reader(2 << 20, Duration::from_millis(2000));
+    for (who, handle) in [("first", first), ("waiter", waiter), ("late", late)] {
+        let (e, at) = handle.join().unwrap();
+        assert!(e.contains(&url) && e.contains("503"), "{who}: {e}");
+        // A deadline of their own would have taken them to 3.3 s and 5 s.
+        assert!(
+            at < Duration::from_millis(3000 + 700),
+            "{who} gave up after {at:?}, with a deadline of 3 s"
+        );
+    }
+}
+
+#[test]
+fn a_server_that_stops_answering_is_reported_once_and_its_return_too() {
+    let down = Arc::new(AtomicBool::new(true));
+    let is_down = down.clone();
+    let server = serve_data(pattern(1 << 20), move |_, _, good| {
+        if is_down.load(Ordering::Relaxed) {
+            Reply::status(503)
+        } else {
+            good
+        }
+    });
+    let url = server.url("x");
+    let (report, said) = collect_reports();
+    let opts = RemoteOptions {
+        report,
+        readahead: 0,
+        ..quick()
+    };
+    let s = HttpStorage::open(&url, &opts).unwrap();
+    assert!(
+        said.lock().unwrap().is_empty(),
+        "{:?}",
+        said.lock().unwrap()
+    );
+    let e = read_error(&s, 4096, 0);
+    assert!(e.contains("503"), "{e}");
+    let attempts = server.requests().len() - 1;
+    assert!(attempts >= 3, "{attempts} attempts");
+    {
+        let said = said.lock().unwrap();
+        assert_eq!(said.len(), 1, "once, not per retry: {said:?}");
+        assert!(
+            said[0].starts_with(&format!("{url}: ")) && said[0].contains("503"),
+            "{said:?}"
+        );
+        assert!(said[0].contains("retrying until 2 s"), "{said:?}");
+    }
+    // Back: a read past the deadline still makes an attempt, which works, and the
+    // return is said once too.
+    down.store(false, Ordering::Relaxed);
+    let mut buf = vec![0u8; 4096];
+    s.read_at(&mut buf, 64 << 10).unwrap();
+    assert_eq!(&buf[..], &pattern(1 << 20)[64 << 10..(64 << 10) + 4096]);
+    {
+        let said = said.lock().unwrap();
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(
+            said[1].starts_with(&format!("{url}: the server answers again")),
+            "{said:?}"
+        );
+    }
+
+    // Down for a few attempts inside one read: it retries, succeeds, and says both.
+    let server = serve_data(pattern(1 << 20), |_, n, good| {
+        if n <= 3 {
+            Reply::status(503)
+        } else {
+            good
+        }
+    });
+    let url = server.url("x");
+    let (report, said) = collect_reports();
+    let opts = RemoteOptions {
+        report,
+        readahead: 0,
+        ..quick()
+    };
+    let s = HttpStorage::open(&url, &opts).unwrap();
+    s.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..], &pattern(1 << 20)[..4096]);
+    assert_eq!(server.requests().len(), 5);
+    let said = said.lock().unwrap();
+    assert_eq!(said.len(), 2, "{said:?}");
+    assert!(
+        said[0].starts_with(&format!("{url}: "))
+            && said[0].contains("503")
+            && said[0].contains("retrying"),
+        "{said:?}"
+    );
+    assert!(said[1].contains("answers again"), "{said:?}");
+}
+
+#[test]
+fn a_refused_connection_names_the_s3_endpoint_and_is_reported_once() {
+    // A port nothing listens on.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}/");
+    let config = S3Config {
+        endpoint: Some(endpoint.clone()),
+        region: "us-east-1".into(),
+        credentials: None,
+    };
+    let (report, said) = collect_reports();
+    let opts = RemoteOptions {
+        report,
+        deadline: Duration::from_millis(1500),
+        ..quick()
+    };
+    let started = Instant::now();
+    let e = S3Storage::open_with("s3://b/k", &config, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(
+        e.starts_with("s3://b/k: ")
+            && e.contains(&format!("(endpoint {endpoint})"))
+            && e.contains("deadline"),
+        "{e}"
+    );
+    let said = said.lock().unwrap();
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].starts_with("s3://b/k: ")
+            && said[0].contains(&format!("(endpoint {endpoint})"))
+            && said[0].contains("retrying until 1.5 s"),
+        "{said:?}"
+    );
+}
+
+#[test]
+fn a_pin_that_does_not_fit_is_refused_at_create_and_garbage_after_the_name_is_no_pin() {
+    let data = pattern(1 << 20);
+    let server = serve_data(data.clone(), |_, _, good| good);
+    let dir = tempfile::tempdir().unwrap();
+    // A 4 KiB header cluster with a name that leaves no room for the record.
+    let url = server.url(&"n".repeat(3990));
+    let pin = HttpStorage::open(&url, &quick())
+        .unwrap()
+        .remote_identity()
+        .unwrap();
+    assert_eq!(pin.etag.as_deref(), Some("\"v1\""));
+    assert_eq!(pin.size, 1 << 20);
+    let mut opts = CreateOptions::new(1 << 20);
+    opts.cluster_size = 4096;
+    opts.backing_file = Some(url.clone());
+    let top = dir.path().join("top.qed");
+    let e = Image::create_pinned(&top, &opts, Some(&pin))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no room") && e.contains("cluster_size"), "{e}");
+    assert!(!top.exists(), "a refused create made the file");
+
+    // Without a pin it is made; whatever follows the name is no record: the overlay
+    // opens, and a read-write open cannot pin it (no room) but is not refused.
+    Image::create(&top, &opts).unwrap();
+    let mut bytes = std::fs::read(&top).unwrap();
+    let end = 64 + url.len();
+    for b in &mut bytes[end..4096] {
+        *b = 0xa5;
+    }
+    bytes[end.next_multiple_of(8)..][..8].copy_from_slice(b"QEDpin\0\x01");
+    std::fs::write(&top, &bytes).unwrap();
+    let ro = OpenOptions {
+        remote: quick(),
+        ..OpenOptions::read_only()
+    };
+    let image = Image::open(&top, &ro).unwrap();
+    assert_eq!(image.base_pin().unwrap(), None);
+    drop(image);
+    let rw = OpenOptions {
+        remote: quick(),
+        ..OpenOptions::default()
+    };
+    let image = Image::open(&top, &rw).unwrap();
+    let mut buf = vec![0u8; 4096];
+    image.read_at(&mut buf, 8192).unwrap();
+    assert_eq!(&buf[..], &data[8192..8192 + 4096]);
+    assert_eq!(image.base_pin().unwrap(), None);
+}

@@ -64,11 +64,14 @@ pub fn run(a: Args) -> Result<u8> {
         (Some(s), None) => Some(parse_size(s)?),
         (None, size) => size,
     };
+    // A remote base is pinned as it is now: a later open refuses another object.
+    let mut pin = None;
     let size = match (&backing, a.unsafe_backing) {
         (Some(name), false) => {
             let path = resolve_backing_path(&a.file, name);
             let dev = open_device(&path, format, &a.remote.read_only())
                 .file_context("could not open backing file", &path)?;
+            pin = dev.remote_identity();
             if format.is_none() {
                 format = Some(dev.format());
                 if !a.quiet {
@@ -104,6 +107,6 @@ pub fn run(a: Args) -> Result<u8> {
         }
         println!("{line}");
     }
-    Image::create(&a.file, &opts)?;
+    Image::create_pinned(&a.file, &opts, pin.as_ref())?;
     Ok(0)
 }

@@ -58,6 +58,10 @@ struct Info {
     table_size: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     header_size: Option<u32>,
+    /// The object a remote backing file must still be (its ETag or Last-Modified, and
+    /// its size), as the image records it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base_pin: Option<String>,
 }
 
 /// A node under an image.
@@ -197,6 +201,7 @@ fn describe(layer: &Layer, opts: &OpenOptions) -> Result<(Info, Option<Layer>)> 
         dirty_flag: false,
         table_size: None,
         header_size: None,
+        base_pin: None,
     };
     info.actual_size = info.children.first().map(|c| c.info.actual_size);
     let below = match format {
@@ -209,6 +214,7 @@ fn describe(layer: &Layer, opts: &OpenOptions) -> Result<(Info, Option<Layer>)> 
             info.dirty_flag = header.needs_check();
             info.table_size = Some(header.table_size);
             info.header_size = Some(header.header_size);
+            info.base_pin = image.base_pin()?.map(|p| p.to_string());
             image.backing_file().map(|b| {
                 info.backing_filename_format = b.declared_format.map(|f| f.to_string());
                 info.full_backing_filename = Some(b.path.display().to_string());
@@ -313,6 +319,9 @@ fn print_human(info: &Info) {
         }
         if let Some(f) = &info.backing_filename_format {
             println!("backing file format: {f}");
+        }
+        if let Some(p) = &info.base_pin {
+            println!("backing file pinned to: {p}");
         }
     }
     if info.dirty_flag {

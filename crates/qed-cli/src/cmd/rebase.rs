@@ -4,7 +4,7 @@ use super::FileContext;
 use super::{parse_format, ProgressReport};
 use anyhow::{bail, Context, Result};
 use qed::NewBacking;
-use qed::{chain_contains, resolve_backing_path};
+use qed::{chain_contains, remote_identity_at, resolve_backing_path};
 use qed::{open_device, Image, OpenOptions};
 use std::path::PathBuf;
 
@@ -83,11 +83,31 @@ pub fn run(a: Args) -> Result<u8> {
             );
         }
         let format = format.or(device.as_ref().map(|d| d.format()));
+        // The user's word: the object the name points to now is the one to read, even
+        // with -u, which opens nothing else of it.
+        let pin = match &device {
+            Some(d) => d.remote_identity(),
+            // -u promises not to need the backing file: a server out of reach leaves
+            // the image unpinned, and its next read-write open pins what it finds.
+            None => match remote_identity_at(&path, &a.remote.read_only()) {
+                Ok(pin) => pin,
+                Err(e) => {
+                    eprintln!(
+                        "qed: warning: {e}; {} is not pinned to an object of {} until it \
+                         is next opened read-write",
+                        a.file.display(),
+                        path.display()
+                    );
+                    None
+                }
+            },
+        };
         Some(NewBacking {
             name: a.backing.clone(),
             path,
             format,
             device,
+            pin,
         })
     };
     let opts = OpenOptions {

@@ -170,3 +170,30 @@ pub fn spawn_server(cmd: &mut Command) -> (Child, Log, String) {
         }
     }
 }
+
+/// Whether the header cluster of the QED image at `path` holds the magic of a record
+/// pinning a remote base (a record qed no longer trusts has its magic cleared).
+pub fn has_pin_record(path: &Path) -> bool {
+    let bytes = std::fs::read(path).expect("read the image");
+    let header = &bytes[..bytes.len().min(64 << 10)];
+    header.windows(8).any(|w| w == b"QEDpin\0\x01")
+}
+
+/// The ETag a server gives for `url` now, from a one-byte ranged GET.
+pub fn etag_of(url: &str) -> String {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let resp = agent
+        .get(url)
+        .header("Range", "bytes=0-0")
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    resp.headers()
+        .get("etag")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_else(|| panic!("{url} has no ETag"))
+        .to_string()
+}

@@ -16,7 +16,7 @@ use crate::devices::RawDevice;
 use crate::engine::{Backing, Image, ImageOptions, DEFAULT_L2_CACHE_BYTES};
 use crate::error::{Error, IoContext, Result};
 use crate::format::MAGIC;
-use crate::storage::{LockMode, NoFlush, RemoteOptions, Storage};
+use crate::storage::{LockMode, NoFlush, RemoteIdentity, RemoteOptions, Storage};
 pub(crate) use location::Location;
 use std::path::{Path, PathBuf};
 
@@ -169,7 +169,27 @@ pub fn open_device(
     format: Option<Format>,
     opts: &OpenOptions,
 ) -> Result<Box<dyn BlockDevice>> {
-    Chain::default().open(&Location::named(path), format, opts)
+    Chain::default().open(&Location::named(path), format, opts, None)
+}
+
+/// What the object behind the URL `path` is now (size, ETag, Last-Modified), as an
+/// overlay on it would be pinned to; `None` for a name that is not a URL.
+pub fn remote_identity_at(path: &Path, opts: &OpenOptions) -> Result<Option<RemoteIdentity>> {
+    let location = Location::named(path);
+    if !location.is_remote() {
+        return Ok(None);
+    }
+    Ok(location
+        .open_storage(true, false, LockMode::NONE, &opts.remote)?
+        .remote_identity())
+}
+
+/// The remote object an overlay was written against, which the object its backing file
+/// names must still be.
+struct Pinned<'a> {
+    identity: &'a RemoteIdentity,
+    /// The overlay, for the message.
+    by: &'a str,
 }
 
 /// Guesses the format of the image named `path` (a path or a URL) from its first
@@ -257,10 +277,11 @@ impl Chain {
         location: &Location,
         format: Option<Format>,
         opts: &OpenOptions,
+        pinned: Option<Pinned<'_>>,
     ) -> Result<Box<dyn BlockDevice>> {
         let depth = self.files.len();
         self.enter(location)?;
-        let result = self.open_entered(location, format, opts);
+        let result = self.open_entered(location, format, opts, pinned);
         self.files.truncate(depth);
         result
     }
@@ -270,9 +291,32 @@ impl Chain {
         location: &Location,
         format: Option<Format>,
         opts: &OpenOptions,
+        pinned: Option<Pinned<'_>>,
     ) -> Result<Box<dyn BlockDevice>> {
         let path = location.path();
-        let storage = opts.open_storage(location)?;
+        let storage =
+            location.open_storage(opts.read_only, opts.direct, opts.lock_mode()?, &opts.remote)?;
+        // Before a byte of the object is used: another object under the same name would
+        // mix with what the overlay copied from the one it was written against.
+        if let (Some(pin), Some(now)) = (&pinned, storage.remote_identity()) {
+            if !pin.identity.matches(&now) {
+                return Err(Error::Remote {
+                    url: path.to_string_lossy().into_owned(),
+                    reason: format!(
+                        "the object is not the one {} was written against: it was {}, and \
+                         is now {now}; reading it would mix the two. Restore that object, \
+                         or, if {} is meant to read the new one, accept it with \
+                         'qed rebase -u -b {} {}'",
+                        pin.by,
+                        pin.identity,
+                        pin.by,
+                        path.display(),
+                        pin.by
+                    ),
+                });
+            }
+        }
+        let storage = opts.flushing(storage);
         let format = match format {
             Some(f) => f,
             None => probe_format(&*storage).context(|| format!("probing {}", path.display()))?,
@@ -310,19 +354,29 @@ impl Chain {
         opts: &OpenOptions,
     ) -> Result<Image> {
         let name = location.path().to_string_lossy().into_owned();
+        let overlay = name.clone();
         let opening = Image::begin_open(storage, name)?;
+        // A remote base not pinned yet is pinned once opened, if this open may write.
+        let mut pin_now = None;
         let backing = match opening.backing_name() {
             None => None,
             Some(name) => {
                 let declared_format = opening.declared_backing_format();
                 let at = Location::backing(location.path(), name);
+                let pinned = opening.backing_pin().map(|identity| Pinned {
+                    identity,
+                    by: &overlay,
+                });
                 let device = if opts.no_backing {
                     None
                 } else {
-                    Some(
-                        self.open(&at, declared_format, &opts.for_backing())
-                            .map_err(|e| backing_error(at.path(), e))?,
-                    )
+                    let dev = self
+                        .open(&at, declared_format, &opts.for_backing(), pinned)
+                        .map_err(|e| backing_error(at.path(), e))?;
+                    if opening.backing_pin().is_none() && !opts.read_only {
+                        pin_now = dev.remote_identity();
+                    }
+                    Some(dev)
                 };
                 Some(Backing {
                     name: name.to_string(),
@@ -332,7 +386,16 @@ impl Chain {
                 })
             }
         };
-        opening.finish(backing, &opts.image())
+        let image = opening.finish(backing, &opts.image())?;
+        if let Some(identity) = pin_now {
+            match image.set_base_pin(&identity) {
+                // A header area too small for the record (an image QEMU made with small
+                // clusters and a long name): the pin then lasts as long as this open.
+                Err(Error::InvalidArgument(_)) => {}
+                r => r?,
+            }
+        }
+        Ok(image)
     }
 }
 

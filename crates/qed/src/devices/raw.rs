@@ -44,6 +44,10 @@ impl BlockDevice for RawDevice {
         self.size
     }
 
+    fn remote_identity(&self) -> Option<crate::storage::RemoteIdentity> {
+        self.storage.remote_identity()
+    }
+
     fn format(&self) -> Format {
         Format::Raw
     }

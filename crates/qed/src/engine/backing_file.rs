@@ -6,6 +6,9 @@ use crate::block::{BlockDevice, Format};
 use crate::error::{Error, IoContext, Result};
 use crate::format::geometry::SECTOR_SIZE;
 use crate::format::header::{features, HEADER_LEN, MAX_BACKING_NAME_LEN};
+use crate::format::pin::{decode_pin, encode_pin, pin_offset, MAX_PIN_LEN, PIN_MAGIC};
+use crate::format::Header;
+use crate::storage::{RemoteIdentity, Storage};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
@@ -20,6 +23,71 @@ pub struct NewBacking {
     pub format: Option<Format>,
     /// The opened backing device, if the caller has one.
     pub device: Option<Box<dyn BlockDevice>>,
+    /// For a backing file on a server, the object to pin the image to (see
+    /// [`Image::base_pin`]); when `None`, the device's, if it has one.
+    pub pin: Option<RemoteIdentity>,
+}
+
+/// Reads the record pinning the remote base that `header` names as `name`, if the
+/// header area holds one made for that name (see `format::pin`).
+pub(super) fn read_pin(
+    storage: &dyn Storage,
+    header: &Header,
+    name: &str,
+) -> std::io::Result<Option<RemoteIdentity>> {
+    let at = pin_offset(header.backing_filename_offset, header.backing_filename_size);
+    let room = header
+        .header_bytes()
+        .saturating_sub(at)
+        .min(MAX_PIN_LEN as u64);
+    if room == 0 {
+        return Ok(None);
+    }
+    let mut bytes = vec![0u8; room as usize];
+    storage.read_at(&mut bytes, at)?;
+    Ok(decode_pin(name, &bytes))
+}
+
+/// The header area's bytes from the end of the 64-byte header for a backing file
+/// `name` pinned to `pin`: the name, then the record (or, without a pin, zeros over
+/// where a record of an older name could be read as this one's).
+fn name_and_pin(header_bytes: u64, name: &str, pin: Option<&RemoteIdentity>) -> Result<Vec<u8>> {
+    let at = pin_offset(HEADER_LEN as u32, name.len() as u32);
+    let mut bytes = name.as_bytes().to_vec();
+    bytes.resize((at - HEADER_LEN as u64) as usize, 0);
+    match pin {
+        Some(identity) => {
+            let record = encode_pin(name, identity);
+            if at + record.len() as u64 > header_bytes {
+                return Err(Error::invalid_argument(format!(
+                    "the header area ({header_bytes} bytes) has no room after the backing \
+                     file name for the record of the remote base's identity ({} bytes): \
+                     use a shorter name or larger clusters (-o cluster_size=64k)",
+                    record.len()
+                )));
+            }
+            bytes.extend_from_slice(&record);
+        }
+        None => {
+            let clear = (header_bytes.saturating_sub(at)).min(PIN_MAGIC.len() as u64);
+            bytes.resize(bytes.len() + clear as usize, 0);
+        }
+    }
+    Ok(bytes)
+}
+
+/// The bytes after the 64-byte header of a new image: the backing file name, and the
+/// record pinning a remote base.
+pub(super) fn new_header_tail(
+    header_bytes: u64,
+    name: Option<&str>,
+    pin: Option<&RemoteIdentity>,
+) -> Result<Vec<u8>> {
+    match name {
+        Some(name) if pin.is_some() => name_and_pin(header_bytes, name, pin),
+        Some(name) => Ok(name.as_bytes().to_vec()),
+        None => Ok(Vec::new()),
+    }
 }
 
 impl Image {
@@ -34,7 +102,15 @@ impl Image {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        self.write_backing_name(new.as_ref().map(|b| (b.name.as_str(), b.format)))?;
+        let pin = new.as_ref().and_then(|b| {
+            b.pin
+                .clone()
+                .or_else(|| b.device.as_ref().and_then(|d| d.remote_identity()))
+        });
+        self.write_backing_name(
+            new.as_ref().map(|b| (b.name.as_str(), b.format)),
+            pin.as_ref(),
+        )?;
         self.backing = new.map(|b| Backing {
             name: b.name,
             path: b.path,
@@ -61,8 +137,8 @@ impl Image {
         }
         // Depths count from the layer unallocated clusters read through to now.
         let current = self.backing_depth.load(Ordering::Acquire);
-        let format = match keep {
-            None => None,
+        let (format, pin) = match keep {
+            None => (None, None),
             Some((depth, _)) => {
                 let mut dev = self.backing_device();
                 for _ in 1..depth {
@@ -74,14 +150,14 @@ impl Image {
                         self.name
                     ))
                 })?;
-                Some(dev.format())
+                (Some(dev.format()), dev.remote_identity())
             }
         };
         let _exclusive = self.gate.exclusive();
         self.write_back_tables()?;
         self.flush_storage()?;
         let raw = (format == Some(Format::Raw)).then_some(Format::Raw);
-        self.write_backing_name(keep.map(|(_, name)| (name, raw)))?;
+        self.write_backing_name(keep.map(|(_, name)| (name, raw)), pin.as_ref())?;
         let depth = match keep {
             None => NO_BACKING,
             Some((depth, _)) => current + depth - 1,
@@ -101,10 +177,62 @@ impl Image {
         Ok(())
     }
 
+    /// The identity of the remote base this image is pinned to: what the object its
+    /// backing file name points to was when the image was created on it or first read
+    /// it. Opening the image refuses another object under that name. `None` when the
+    /// header area holds no record for the backing file it names now.
+    pub fn base_pin(&self) -> Result<Option<RemoteIdentity>> {
+        let Some(name) = self.header_backing_name() else {
+            return Ok(None);
+        };
+        read_pin(&*self.storage, &self.header(), &name)
+            .context(|| format!("reading the header area of {}", self.name))
+    }
+
+    /// Pins the image to `identity`, the remote object its backing file names (see
+    /// [`Image::base_pin`]): the record is written after the name and flushed.
+    pub fn set_base_pin(&self, identity: &RemoteIdentity) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let Some(name) = self.header_backing_name() else {
+            return Err(Error::invalid_argument(format!(
+                "{}: has no backing file to pin",
+                self.name
+            )));
+        };
+        let header = self.header();
+        let record = encode_pin(&name, &identity.kept());
+        // After the name where the header has it, which QEMU may have put elsewhere
+        // than right after the header.
+        let at = pin_offset(header.backing_filename_offset, header.backing_filename_size);
+        if at + record.len() as u64 > self.data_start {
+            return Err(Error::invalid_argument(format!(
+                "{}: the header area has no room after the backing file name for the \
+                 record of the remote base's identity ({} bytes)",
+                self.name,
+                record.len()
+            )));
+        }
+        self.storage
+            .write_at(&record, at)
+            .and_then(|_| self.storage.flush())
+            .context(|| format!("writing the header area of {}", self.name))
+    }
+
     /// Writes the header naming `backing` (name and format, `Some(Raw)` setting NO_PROBE)
-    /// or no backing file, with the name after it, in one write, then flushes.
-    fn write_backing_name(&self, backing: Option<(&str, Option<Format>)>) -> Result<()> {
+    /// or no backing file, with the name after it and the record pinning a remote base
+    /// after that, in one write, then flushes.
+    fn write_backing_name(
+        &self,
+        backing: Option<(&str, Option<Format>)>,
+        pin: Option<&RemoteIdentity>,
+    ) -> Result<()> {
         let mut header = self.header();
+        let old_pin_end = header.has_backing_file().then(|| {
+            pin_offset(header.backing_filename_offset, header.backing_filename_size)
+                + PIN_MAGIC.len() as u64
+        });
         header.features &= !(features::BACKING_FILE | features::BACKING_FORMAT_NO_PROBE);
         let mut bytes = Vec::with_capacity(HEADER_LEN);
         match backing {
@@ -124,12 +252,20 @@ impl Image {
                 header.backing_filename_offset = HEADER_LEN as u32;
                 header.backing_filename_size = name.len() as u32;
                 bytes.extend_from_slice(&header.encode());
-                bytes.extend_from_slice(name.as_bytes());
+                bytes.extend_from_slice(&name_and_pin(
+                    self.data_start,
+                    name,
+                    pin.map(RemoteIdentity::kept).as_ref(),
+                )?);
             }
             None => {
                 header.backing_filename_offset = 0;
                 header.backing_filename_size = 0;
                 bytes.extend_from_slice(&header.encode());
+                // An image without a backing file pins nothing: the old record goes.
+                if let Some(end) = old_pin_end.filter(|&e| e <= self.data_start) {
+                    bytes.resize((end as usize).max(bytes.len()), 0);
+                }
             }
         }
         // Keep whatever follows in the last sector touched, as a header rewrite does.

@@ -1,11 +1,12 @@
 //! Writing a new, empty image exactly as `qemu-img create -f qed` does.
 
+use super::backing_file::new_header_tail;
 use crate::block::Format;
 use crate::error::{Error, IoContext, Result};
 use crate::format::geometry::{DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE, SECTOR_SIZE};
 use crate::format::header::{HEADER_LEN, MAX_BACKING_NAME_LEN};
 use crate::format::{Geometry, Header};
-use crate::storage::Storage;
+use crate::storage::{RemoteIdentity, Storage};
 
 /// What to create.
 #[derive(Debug, Clone)]
@@ -98,14 +99,21 @@ impl CreateOptions {
     }
 }
 
-/// Writes the header cluster and a zeroed L1 table into empty `storage`.
-pub(crate) fn create_on(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+/// Writes the header cluster and a zeroed L1 table into empty `storage`, with the record
+/// pinning the remote base `pin` after the backing file name.
+pub(crate) fn create_on(
+    storage: &dyn Storage,
+    opts: &CreateOptions,
+    pin: Option<&RemoteIdentity>,
+) -> Result<()> {
     let header = opts.header()?;
     let geometry = header.validate(u64::MAX)?;
     let mut first = header.encode().to_vec();
-    if let Some(name) = &opts.backing_file {
-        first.extend_from_slice(name.as_bytes());
-    }
+    first.extend_from_slice(&new_header_tail(
+        header.header_bytes(),
+        opts.backing_file.as_deref(),
+        pin.map(RemoteIdentity::kept).as_ref(),
+    )?);
     // The file length is the allocation map: it must end right after the L1 table. The
     // rest of the header cluster and the L1 table read as zeros without being written.
     storage

@@ -104,6 +104,10 @@ impl BlockDevice for Image {
         self.backing_device()
     }
 
+    fn remote_identity(&self) -> Option<crate::storage::RemoteIdentity> {
+        self.storage.remote_identity()
+    }
+
     fn begin_read(&self, offset: u64, len: u64) -> Option<DirectRead<'_>> {
         if check_range(offset, len, self.size()).is_err() {
             return None;

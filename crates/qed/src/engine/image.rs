@@ -16,7 +16,7 @@ use crate::block::{BlockDevice, Format};
 use crate::error::{Error, IoContext, Result};
 use crate::format::header::{features, HEADER_LEN};
 use crate::format::{Geometry, Header, MAGIC};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, RemoteIdentity, Storage};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -123,12 +123,19 @@ pub struct OpeningImage {
     geometry: Geometry,
     file_len: u64,
     backing_name: Option<String>,
+    backing_pin: Option<RemoteIdentity>,
 }
 
 impl OpeningImage {
     /// The backing file name the header stores, if any.
     pub fn backing_name(&self) -> Option<&str> {
         self.backing_name.as_deref()
+    }
+
+    /// The identity of the remote base the image is pinned to, if its header area holds
+    /// a record for the backing file it names (see [`Image::base_pin`]).
+    pub fn backing_pin(&self) -> Option<&RemoteIdentity> {
+        self.backing_pin.as_ref()
     }
 
     /// The backing file's format as the header declares it: `Some(Raw)` when NO_PROBE
@@ -218,6 +225,11 @@ impl Image {
         let header = Header::decode(&hb).map_err(in_file)?;
         let geometry = header.validate(file_len).map_err(in_file)?;
         let backing_name = read_backing_name(&*storage, &header, &name)?;
+        let backing_pin = match &backing_name {
+            Some(backing) => super::backing_file::read_pin(&*storage, &header, backing)
+                .context(|| format!("reading the header area of {name}"))?,
+            None => None,
+        };
         Ok(OpeningImage {
             storage,
             name,
@@ -225,6 +237,7 @@ impl Image {
             geometry,
             file_len,
             backing_name,
+            backing_pin,
         })
     }
 
@@ -260,7 +273,24 @@ impl Image {
 
     /// Creates an image file from `opts`, truncating any file at `path`.
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
+        Self::create_pinned(path, opts, None)
+    }
+
+    /// Creates an image file as [`Image::create`] does, pinned to `pin`, the remote
+    /// object its backing file names (see [`Image::base_pin`]).
+    pub fn create_pinned(
+        path: impl AsRef<Path>,
+        opts: &CreateOptions,
+        pin: Option<&RemoteIdentity>,
+    ) -> Result<()> {
         let path = path.as_ref();
+        // Refused before the file is touched.
+        let header = opts.header()?;
+        super::backing_file::new_header_tail(
+            header.header_bytes(),
+            opts.backing_file.as_deref(),
+            pin,
+        )?;
         let storage = FileStorage::create(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::ResourceBusy => Error::from_lock(path, e, false),
             _ => Error::Io {
@@ -268,7 +298,7 @@ impl Image {
                 cause: e,
             },
         })?;
-        create::create_on(&storage, opts)?;
+        create::create_on(&storage, opts, pin)?;
         storage
             .flush()
             .context(|| format!("flushing {}", path.display()))
@@ -276,7 +306,7 @@ impl Image {
 
     /// Writes a new image into empty `storage`.
     pub fn create_on(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
-        create::create_on(storage, opts)
+        create::create_on(storage, opts, None)
     }
 
     /// The image's geometry.

@@ -3,6 +3,7 @@
 
 pub mod geometry;
 pub mod header;
+pub mod pin;
 pub mod table;
 
 pub use geometry::Geometry;

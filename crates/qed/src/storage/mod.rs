@@ -14,7 +14,8 @@ pub use lock::LockMode;
 pub use memory::MemoryStorage;
 pub(crate) use remote::{is_http_url, is_s3_url};
 pub use remote::{
-    HttpStorage, RemoteOptions, S3Config, S3Credentials, S3Storage, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    HttpStorage, RemoteIdentity, RemoteOptions, RemoteReport, S3Config, S3Credentials, S3Storage,
+    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
 
 use std::fmt::Debug;
@@ -113,6 +114,12 @@ pub trait Storage: Send + Sync + Debug {
             Ok((false, len.min(size - offset)))
         }
     }
+
+    /// For an object on a server, what it was when opened (see [`RemoteIdentity`]);
+    /// `None` for local storage.
+    fn remote_identity(&self) -> Option<RemoteIdentity> {
+        None
+    }
 }
 
 /// What [`Storage::try_hold_blocks`] holds; dropping it lets go.
@@ -169,6 +176,9 @@ impl Storage for NoFlush {
     fn try_hold_blocks(&self, offset: u64, len: u64) -> Option<BlockHold<'_>> {
         self.0.try_hold_blocks(offset, len)
     }
+    fn remote_identity(&self) -> Option<RemoteIdentity> {
+        self.0.remote_identity()
+    }
 }
 
 /// Largest buffer the default `zero_range` allocates.
@@ -214,5 +224,8 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn try_hold_blocks(&self, offset: u64, len: u64) -> Option<BlockHold<'_>> {
         (**self).try_hold_blocks(offset, len)
+    }
+    fn remote_identity(&self) -> Option<RemoteIdentity> {
+        (**self).remote_identity()
     }
 }

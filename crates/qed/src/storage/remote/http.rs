@@ -11,10 +11,11 @@
 //! What differs between protocols is only how a request is addressed and how a refusal
 //! reads: that is a [`Target`], and the rest ([`RangedGet`]) is one implementation.
 
-use super::{RangeSource, RemoteOptions, RemoteStorage};
+use super::{RangeSource, RemoteIdentity, RemoteOptions, RemoteReport, RemoteStorage};
 use crate::error::{Error, Result};
 use std::fmt::Debug;
 use std::io::{self, Read};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Whether `name` is a URL this module opens.
@@ -97,6 +98,12 @@ pub(crate) trait Target: Send + Sync + Debug {
     /// here is always fresh, however long the retries took.
     fn url(&self) -> Result<String, String>;
 
+    /// Where requests go when that is not plain from [`Target::name`] (an S3 endpoint),
+    /// for messages about failures to reach it; never a signed URL.
+    fn endpoint(&self) -> Option<String> {
+        None
+    }
+
     /// What a reply with `status` means, given the start of its body (at most
     /// [`ERROR_BODY_LIMIT`] bytes). Not asked about 2xx, 412 (the pinned version is
     /// gone), 429 and 5xx (retried), which mean the same on every protocol; a
@@ -177,8 +184,16 @@ pub(crate) struct RangedGet<T> {
     /// Any ETag seen at open, weak ones included, to notice a changed object even where
     /// the precondition cannot be sent.
     etag: Option<String>,
+    /// The Last-Modified seen at open.
+    last_modified: Option<String>,
     request_timeout: Duration,
     deadline: Duration,
+    report: RemoteReport,
+    /// When the server stopped answering (the start of the first attempt that failed
+    /// since the last one that worked), shared by every reader: each read's deadline
+    /// counts from it, so that readers starting during an outage do not each wait a
+    /// whole deadline of their own.
+    outage: Mutex<Option<Instant>>,
 }
 
 /// A response header, when present and text.
@@ -212,6 +227,11 @@ fn describe_error(e: &ureq::Error) -> (String, bool) {
     }
 }
 
+/// The shortest attempt a read makes, even when its deadline has passed.
+const MIN_ATTEMPT: Duration = Duration::from_secs(1);
+/// The time left for the last attempt before the deadline.
+const LAST_TRY: Duration = Duration::from_millis(200);
+
 /// Connections the pool keeps open between requests.
 const IDLE_CONNECTIONS: usize = 64;
 
@@ -237,14 +257,23 @@ impl<T: Target> RangedGet<T> {
             size: 0,
             validator: Validator::None,
             etag: None,
+            last_modified: None,
             request_timeout: opts.request_timeout,
             deadline: opts.deadline,
+            report: opts.report.clone(),
+            outage: Mutex::new(None),
         };
-        let (size, validator, etag) = source.with_retries(|s, timeout| s.probe(timeout))?;
+        let (size, validator, etag, last_modified) =
+            source.with_retries(|s, timeout| s.probe(timeout))?;
         source.size = size;
         source.validator = validator;
         source.etag = etag;
+        source.last_modified = last_modified;
         Ok(source)
+    }
+
+    fn outage(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.outage.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the deadline passes; each
@@ -254,14 +283,31 @@ impl<T: Target> RangedGet<T> {
         mut attempt: impl FnMut(&Self, Duration) -> Result<R, Failure>,
     ) -> Result<R, String> {
         let started = Instant::now();
-        let deadline = started + self.deadline;
         let mut delay = Duration::from_millis(100);
         let mut attempts = 0u32;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            // From when the server stopped answering, if that was before this read.
+            let since = self.outage().map_or(started, |t| t.min(started));
+            let deadline = since + self.deadline;
+            let tried = Instant::now();
+            // Even past the deadline a read makes one attempt (the server may be back),
+            // and the last retry is given a little time.
+            let floor = if attempts == 0 { MIN_ATTEMPT } else { LAST_TRY };
+            let left = deadline.saturating_duration_since(tried).max(floor);
             attempts += 1;
             let failure = match attempt(self, self.request_timeout.min(left)) {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    // Taken first: the report is made without holding the lock.
+                    let ended = self.outage().take();
+                    if let Some(t) = ended {
+                        self.report.say(&format!(
+                            "{}: the server answers again, after {:.1} s",
+                            self.target.name(),
+                            t.elapsed().as_secs_f64()
+                        ));
+                    }
+                    return Ok(v);
+                }
                 Err(f) => f,
             };
             let gave_up = |why: &str| {
@@ -279,22 +325,37 @@ impl<T: Target> RangedGet<T> {
                     gave_up("failed")
                 });
             }
-            // Half to all of the delay, so that many readers do not retry in step.
-            let mut pause = delay.mul_f64(0.5 + 0.5 * jitter());
-            // The server knows when it will be ready: not sooner than that. A wait past
-            // the deadline (or an absurd one) is not honoured, since the read would fail
-            // by then anyway: the backoff goes on, and may find the server ready sooner.
-            if let Some(wait) = failure.retry_after {
-                if wait < deadline.saturating_duration_since(Instant::now()) {
-                    pause = pause.max(wait);
+            {
+                let mut outage = self.outage();
+                if outage.is_none() {
+                    *outage = Some(tried);
+                    drop(outage);
+                    self.report.say(&format!(
+                        "{}: {}; retrying until {} s have passed without an answer",
+                        self.target.name(),
+                        failure.reason,
+                        self.deadline.as_secs_f64()
+                    ));
                 }
             }
-            if Instant::now() + pause >= deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left <= LAST_TRY {
                 return Err(gave_up(&format!(
                     "gave up at the {}s deadline",
                     self.deadline.as_secs_f64()
                 )));
             }
+            // Half to all of the delay, so that many readers do not retry in step; cut
+            // short so that the last attempt comes just before the deadline, not a whole
+            // backoff earlier.
+            let backoff = delay.mul_f64(0.5 + 0.5 * jitter()).min(left - LAST_TRY);
+            // The server knows when it will be ready: not sooner than that. A wait past
+            // the deadline (or an absurd one) is not honoured, since the read would fail
+            // by then anyway: the backoff goes on, and may find the server ready sooner.
+            let pause = match failure.retry_after {
+                Some(wait) if wait < left => backoff.max(wait),
+                _ => backoff,
+            };
             std::thread::sleep(pause);
             delay = (delay * 2).min(Duration::from_secs(5));
         }
@@ -319,7 +380,11 @@ impl<T: Target> RangedGet<T> {
         }
         let result = req.config().timeout_global(Some(timeout)).build().call();
         result.map_err(|e| {
-            let (reason, retry) = describe_error(&e);
+            let (mut reason, retry) = describe_error(&e);
+            // Not reaching the server: say which server, where the name does not.
+            if let Some(endpoint) = self.target.endpoint() {
+                reason = format!("{reason} (endpoint {endpoint})");
+            }
             Failure {
                 reason,
                 retry,
@@ -360,8 +425,12 @@ impl<T: Target> RangedGet<T> {
         )
     }
 
-    /// Finds the size and validator with a GET of the first byte.
-    fn probe(&self, timeout: Duration) -> Result<(u64, Validator, Option<String>), Failure> {
+    /// Finds the size, validator, ETag and Last-Modified with a GET of the first byte.
+    #[allow(clippy::type_complexity)]
+    fn probe(
+        &self,
+        timeout: Duration,
+    ) -> Result<(u64, Validator, Option<String>, Option<String>), Failure> {
         let resp = self.get(0, 0, timeout)?;
         let status = resp.status().as_u16();
         let content_range = header(&resp, "content-range").map(str::to_string);
@@ -388,6 +457,7 @@ impl<T: Target> RangedGet<T> {
             _ => return Err(self.unexpected_status(resp)),
         };
         let etag = header(&resp, "etag").map(str::to_string);
+        let last_modified = header(&resp, "last-modified").map(str::to_string);
         let validator = match (&etag, header(&resp, "last-modified")) {
             (Some(tag), _) if !tag.starts_with("W/") => Validator::ETag(tag.clone()),
             (_, Some(date)) => Validator::LastModified(date.to_string()),
@@ -397,7 +467,7 @@ impl<T: Target> RangedGet<T> {
             let mut byte = [0u8; 1];
             self.read_body(resp, &mut byte)?;
         }
-        Ok((size, validator, etag))
+        Ok((size, validator, etag, last_modified))
     }
 
     /// One attempt at fetching `buf.len()` bytes at `offset`.
@@ -505,6 +575,14 @@ impl<T: Target> RangeSource for RangedGet<T> {
 
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn identity(&self) -> RemoteIdentity {
+        RemoteIdentity {
+            size: self.size,
+            etag: self.etag.clone(),
+            last_modified: self.last_modified.clone(),
+        }
     }
 
     fn fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

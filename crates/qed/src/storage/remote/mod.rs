@@ -24,6 +24,97 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+/// What a remote object was when it was opened: enough to tell, later or in another
+/// process, whether the server still holds the same bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteIdentity {
+    /// The object's length in bytes.
+    pub size: u64,
+    /// The ETag the server gave (weak ones included), if any.
+    pub etag: Option<String>,
+    /// The Last-Modified the server gave, if any; it identifies the object only where
+    /// there is no ETag.
+    pub last_modified: Option<String>,
+}
+
+impl RemoteIdentity {
+    /// Whether `now` is the object this identity describes: the same size and the same
+    /// ETag, or where there was no ETag the same Last-Modified. An identity with neither
+    /// is checked by size only.
+    pub fn matches(&self, now: &RemoteIdentity) -> bool {
+        self.size == now.size
+            && match (&self.etag, &self.last_modified) {
+                (Some(tag), _) => now.etag.as_ref() == Some(tag),
+                (None, Some(date)) => now.last_modified.as_ref() == Some(date),
+                (None, None) => true,
+            }
+    }
+
+    /// The identity as kept: the ETag, else Last-Modified, with the size.
+    pub fn kept(&self) -> RemoteIdentity {
+        RemoteIdentity {
+            size: self.size,
+            etag: self.etag.clone(),
+            last_modified: self.last_modified.clone().filter(|_| self.etag.is_none()),
+        }
+    }
+}
+
+impl std::fmt::Display for RemoteIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.etag, &self.last_modified) {
+            (Some(tag), _) => write!(f, "ETag {tag}, {} bytes", self.size),
+            (None, Some(date)) => write!(f, "Last-Modified {date}, {} bytes", self.size),
+            (None, None) => write!(f, "{} bytes, no ETag or Last-Modified", self.size),
+        }
+    }
+}
+
+/// Where the library tells its user about remote reads that are in trouble but not
+/// failed yet (a server that stopped answering, and is retried until the deadline). The
+/// library never prints: a program that wants these messages sets a function here.
+#[derive(Clone, Default)]
+pub struct RemoteReport(Option<Arc<ReportFn>>);
+
+/// What a [`RemoteReport`] calls.
+type ReportFn = dyn Fn(&str) + Send + Sync;
+
+impl RemoteReport {
+    /// Reports each message to `f`. It is called from the reading thread, once when a
+    /// server stops answering and once when it answers again, never per retry.
+    pub fn new(f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(f)))
+    }
+
+    pub(crate) fn say(&self, message: &str) {
+        if let Some(f) = &self.0 {
+            f(message)
+        }
+    }
+}
+
+impl Debug for RemoteReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "RemoteReport(set)"
+        } else {
+            "RemoteReport(none)"
+        })
+    }
+}
+
+impl PartialEq for RemoteReport {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for RemoteReport {}
+
 /// How remote bases (http, https and s3 names) are read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteOptions {
@@ -31,7 +122,9 @@ pub struct RemoteOptions {
     pub request_timeout: Duration,
     /// Longest connecting to the server may take.
     pub connect_timeout: Duration,
-    /// Longest one read may take, retries included; past it the read fails.
+    /// Longest one read may take, retries included; past it the read fails. It counts
+    /// from when the server stopped answering if that was earlier (another reader's
+    /// failed attempt): readers that start during an outage do not each wait it anew.
     pub deadline: Duration,
     /// Requests one read may have in flight at once (and connections kept open).
     pub connections: usize,
@@ -42,6 +135,8 @@ pub struct RemoteOptions {
     pub cache_bytes: usize,
     /// Bytes fetched ahead of a read that continues the previous one (0: none).
     pub readahead: u64,
+    /// Where messages about a server being retried go (nowhere by default).
+    pub report: RemoteReport,
 }
 
 /// Smallest chunk: a QED cluster is at least 4 KiB, and a smaller request costs a round
@@ -66,6 +161,7 @@ impl Default for RemoteOptions {
             chunk_size: 64 << 10,
             cache_bytes: 64 << 20,
             readahead: 2 << 20,
+            report: RemoteReport::default(),
         }
     }
 }
@@ -130,6 +226,11 @@ macro_rules! delegate_storage {
             fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
                 self.inner.zero_range(offset, len)
             }
+            fn remote_identity(&self) -> Option<$crate::storage::RemoteIdentity> {
+                Some($crate::storage::remote::RangeSource::identity(
+                    self.inner.source(),
+                ))
+            }
         }
     };
 }
@@ -144,6 +245,8 @@ pub(crate) trait RangeSource: Send + Sync + Debug {
     fn name(&self) -> &str;
     /// The object's length, as found when it was opened.
     fn size(&self) -> u64;
+    /// What the object was when it was opened.
+    fn identity(&self) -> RemoteIdentity;
     /// Fills `buf` with the bytes at `offset`, all of them inside the object; exactly
     /// these bytes or an error naming the object.
     fn fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

@@ -108,8 +108,8 @@ impl S3Config {
         })
     }
 
-    /// The bucket, addressed as this configuration says.
-    fn bucket(&self, name: &str) -> Result<Bucket, String> {
+    /// The bucket, addressed as this configuration says, and the endpoint it is on.
+    fn bucket(&self, name: &str) -> Result<(Bucket, url::Url), String> {
         if self.region.is_empty()
             || !self
                 .region
@@ -156,8 +156,14 @@ impl S3Config {
                 (url, style)
             }
         };
-        Bucket::new(endpoint, style, name.to_string(), self.region.clone())
-            .map_err(|e| format!("the bucket '{name}' cannot be addressed: {e:?}"))
+        Bucket::new(
+            endpoint.clone(),
+            style,
+            name.to_string(),
+            self.region.clone(),
+        )
+        .map(|b| (b, endpoint))
+        .map_err(|e| format!("the bucket '{name}' cannot be addressed: {e:?}"))
     }
 }
 
@@ -252,6 +258,8 @@ pub(crate) struct S3Object {
     /// The `s3://` URL, for messages.
     name: String,
     bucket: Bucket,
+    /// The service's URL, for messages.
+    endpoint: url::Url,
     key: String,
     credentials: Option<Credentials>,
     anonymous: bool,
@@ -262,6 +270,7 @@ impl fmt::Debug for S3Object {
         f.debug_struct("S3Object")
             .field("name", &self.name)
             .field("base_url", &self.bucket.base_url().as_str())
+            .field("endpoint", &self.endpoint.as_str())
             .field("anonymous", &self.anonymous)
             .finish_non_exhaustive()
     }
@@ -274,7 +283,7 @@ const SIGNATURE_LIFETIME: Duration = Duration::from_secs(15 * 60);
 
 impl S3Object {
     fn new(name: &str, config: &S3Config, bucket: &str, key: &str) -> Result<Self, String> {
-        let bucket = config.bucket(bucket)?;
+        let (bucket, endpoint) = config.bucket(bucket)?;
         // The key must come out as the tail of the bucket's URL, nothing resolved away.
         match bucket.object_url(key) {
             Ok(u) if u.as_str().starts_with(bucket.base_url().as_str()) && u.query().is_none() => {}
@@ -291,10 +300,30 @@ impl S3Object {
         Ok(Self {
             name: name.to_string(),
             bucket,
+            endpoint,
             key: key.to_string(),
             anonymous: credentials.is_none(),
             credentials,
         })
+    }
+
+    /// Where the object was looked for, and, when the endpoint has a path, that it
+    /// may be the cause: the bucket goes under that path, which S3 servers do not expect.
+    fn looked_at(&self) -> String {
+        let path = self.endpoint.path();
+        let mut s = format!(
+            "at the endpoint {} (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL)",
+            self.endpoint
+        );
+        if path != "/" {
+            s += &format!(
+                "; that endpoint has a path ({path}) and the bucket was requested under it \
+                 ({}{}/...): an S3 endpoint is usually the server's address alone",
+                self.endpoint,
+                self.bucket.name()
+            );
+        }
+        s
     }
 
     /// What to check when the server refused the credentials.
@@ -311,6 +340,10 @@ impl S3Object {
 impl Target for S3Object {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn endpoint(&self) -> Option<String> {
+        Some(self.endpoint.to_string())
     }
 
     fn url(&self) -> Result<String, String> {
@@ -337,12 +370,14 @@ impl Target for S3Object {
         let bucket = self.bucket.name();
         match (status, code) {
             (_, "NoSuchBucket") => Failure::fatal(format!(
-                "the bucket '{bucket}' does not exist ({said}): check the bucket's name and \
-                 the endpoint (AWS_ENDPOINT_URL_S3, AWS_REGION)"
+                "the bucket '{bucket}' does not exist ({said}) {}: check the bucket's name \
+                 and the endpoint (AWS_ENDPOINT_URL_S3, AWS_REGION)",
+                self.looked_at()
             )),
             (_, "NoSuchKey") | (404, "") => Failure::fatal(format!(
-                "there is no object '{}' in the bucket '{bucket}' ({said}): check the key",
-                self.key
+                "there is no object '{}' in the bucket '{bucket}' ({said}) {}: check the key",
+                self.key,
+                self.looked_at()
             )),
             (
                 _,
@@ -377,7 +412,7 @@ impl Target for S3Object {
                 self.check_credentials()
             )),
             (_, "SlowDown") => Failure::transient(format!("the server asks to slow down ({said})")),
-            _ => Failure::fatal(format!("the server answered {said}")),
+            _ => Failure::fatal(format!("the server answered {said} {}", self.looked_at())),
         }
     }
 }
