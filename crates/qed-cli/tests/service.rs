@@ -3,15 +3,14 @@
 //! Also the export of a raw file whose size is not a multiple of 512.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{create_qed, describe, need_check, new_dir, ok, qemu_io, QED, QEMU_IMG};
+use common::{activated, create_qed, describe, need_check, new_dir, ok, qemu_io, QED, QEMU_IMG};
 
 /// Runs `prog` in `dir`, failing the test if it has not finished within `limit`: a
 /// server that ignores the socket handed to it would leave the client waiting forever.
@@ -70,32 +69,6 @@ fn fill(dir: &Path, image: &str) {
         false,
         &["write -P 0x5a 0 4M", "write -P 0xc3 9M 3M"],
     );
-}
-
-/// `qed serve ARGS` with `fd` handed over as socket activation does: at descriptor 3,
-/// LISTEN_FDS=1 and LISTEN_PID naming the server's own process.
-fn activated(dir: &Path, fd: RawFd, args: &[&str]) -> Command {
-    let mut cmd = Command::new("sh");
-    // The shell learns the pid it keeps when it execs the server.
-    cmd.args(["-c", "LISTEN_PID=$$ exec \"$@\"", "sh", QED, "serve"])
-        .args(args)
-        .current_dir(dir)
-        .env("LISTEN_FDS", "1")
-        .stdin(Stdio::null());
-    // SAFETY: between fork and exec the closure only calls dup2 and fcntl, which are
-    // async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd == 3 {
-                let flags = libc::fcntl(3, libc::F_GETFD);
-                libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            } else if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
 }
 
 // ---------------------------------------------------------------------------------------
