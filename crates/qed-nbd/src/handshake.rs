@@ -186,6 +186,7 @@ impl Haggler<'_> {
                 }
             }
             opt::STRUCTURED_REPLY => self.structured_reply(data)?,
+            opt::EXTENDED_HEADERS => self.extended_headers(data)?,
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => self.meta_context(option, data)?,
             _ => self.reply(option, rep::ERR_UNSUP, b"option not supported")?,
         }
@@ -232,7 +233,9 @@ impl Haggler<'_> {
     /// Answers NBD_OPT_EXPORT_NAME, which ends the handshake either way: the export's
     /// size and flags, or a hang-up for an unknown name (the option has no error reply).
     fn export_name(&mut self, name: &[u8]) -> io::Result<Result<Session, Closed>> {
-        if !self.export.matches(name) {
+        // A client that asked for extended headers must pick with NBD_OPT_GO, which can
+        // say it agreed to them; this option cannot be refused but by hanging up.
+        if !self.export.matches(name) || self.session.extended {
             return Ok(Err(Closed));
         }
         let mut m = Vec::with_capacity(10 + 124);
@@ -268,6 +271,12 @@ impl Haggler<'_> {
                 rep::ERR_INVALID,
                 b"NBD_OPT_STRUCTURED_REPLY takes no data",
             )
+        } else if self.session.extended {
+            self.reply(
+                option,
+                rep::ERR_EXT_HEADER_REQD,
+                b"extended headers already negotiated",
+            )
         } else if self.session.structured {
             self.reply(
                 option,
@@ -275,6 +284,29 @@ impl Haggler<'_> {
                 b"structured replies already negotiated",
             )
         } else {
+            self.session.structured = true;
+            self.reply(option, rep::ACK, &[])
+        }
+    }
+
+    /// Answers NBD_OPT_EXTENDED_HEADERS: 32-byte requests with 64-bit lengths and
+    /// extended replies, which include all that structured replies give. Negotiated once.
+    fn extended_headers(&mut self, data: &[u8]) -> io::Result<()> {
+        let option = opt::EXTENDED_HEADERS;
+        if !data.is_empty() {
+            self.reply(
+                option,
+                rep::ERR_INVALID,
+                b"NBD_OPT_EXTENDED_HEADERS takes no data",
+            )
+        } else if self.session.extended {
+            self.reply(
+                option,
+                rep::ERR_INVALID,
+                b"extended headers already negotiated",
+            )
+        } else {
+            self.session.extended = true;
             self.session.structured = true;
             self.reply(option, rep::ACK, &[])
         }
