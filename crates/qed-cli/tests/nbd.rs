@@ -482,9 +482,17 @@ fn nbdcopy_round_trip() {
 
     // nbdcopy opens four connections when the server allows multi-conn.
     let s = Served::start(dir, false, &["-t", "-e", "4"], "img.qed");
+    assert!(ok(dir, NBDINFO, &[&s.uri()]).contains("can_multi_conn: true"));
     ok(dir, NBDCOPY, &["src.raw", &s.uri()]);
     ok(dir, NBDCOPY, &[&s.uri(), "out.raw"]);
     s.stop();
+    // A server of one client at a time does not offer multi-conn, as qemu-nbd: nbdcopy
+    // would otherwise wait forever for the connections it is never given.
+    let s = Served::start(dir, false, &["-t"], "img.qed");
+    assert!(ok(dir, NBDINFO, &[&s.uri()]).contains("can_multi_conn: false"));
+    ok(dir, NBDCOPY, &[&s.uri(), "out1.raw"]);
+    s.stop();
+    assert!(std::fs::read(dir.join("out1.raw")).unwrap() == src);
 
     let out = std::fs::read(dir.join("out.raw")).unwrap();
     assert_eq!(out.len(), src.len());

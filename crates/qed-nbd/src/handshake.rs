@@ -1,7 +1,7 @@
 //! The fixed newstyle handshake: option haggling until the client picks the export.
 
 use crate::export::{Export, MAX_PAYLOAD, PREFERRED_BLOCK};
-use crate::proto::{self, info, opt, rep, IHAVEOPT};
+use crate::proto::{self, info, opt, rep, tflag, IHAVEOPT};
 use crate::session::{MetaContext, Session};
 use crate::stream::Stream;
 use crate::tls::{Tls, TlsMode};
@@ -39,15 +39,19 @@ struct Haggler<'a> {
     session: Session,
     /// The client asked to be spared the zero padding after NBD_OPT_EXPORT_NAME.
     no_zeroes: bool,
+    /// The server serves more than one client at once.
+    multi_conn: bool,
 }
 
 /// Runs the handshake. The whole of it, a TLS handshake included, must finish before
-/// `deadline`.
+/// `deadline`. `multi_conn` says whether the server serves more than one client at
+/// once: only then is CAN_MULTI_CONN offered.
 pub fn handshake(
     stream: Stream,
     export: &Export,
     tls: Option<&Tls>,
     deadline: Instant,
+    multi_conn: bool,
     shutting_down: &dyn Fn() -> bool,
 ) -> Outcome {
     let mut h = Haggler {
@@ -57,6 +61,7 @@ pub fn handshake(
         deadline,
         session: Session::default(),
         no_zeroes: false,
+        multi_conn,
     };
     h.greet()?;
     for _ in 0..MAX_OPTIONS {
@@ -147,6 +152,18 @@ impl Haggler<'_> {
             self.reply(option, rep::ERR_SHUTDOWN, b"the server is shutting down")?;
         }
         Ok(())
+    }
+
+    /// The export's transmission flags for this client. A client told it may open
+    /// several connections (nbdcopy opens four) would wait forever for the ones a
+    /// server of one client at a time never accepts: CAN_MULTI_CONN only goes with more.
+    fn flags(&self) -> u16 {
+        let flags = self.export.flags(self.session.structured);
+        if self.multi_conn {
+            flags
+        } else {
+            flags & !tflag::CAN_MULTI_CONN
+        }
     }
 
     fn tls_mode(&self) -> TlsMode {
@@ -240,7 +257,7 @@ impl Haggler<'_> {
         }
         let mut m = Vec::with_capacity(10 + 124);
         m.extend_from_slice(&self.export.device.size().to_be_bytes());
-        m.extend_from_slice(&self.export.flags(self.session.structured).to_be_bytes());
+        m.extend_from_slice(&self.flags().to_be_bytes());
         if !self.no_zeroes {
             m.extend_from_slice(&[0u8; 124]);
         }
@@ -411,7 +428,7 @@ impl Haggler<'_> {
         let mut export = Vec::with_capacity(12);
         export.extend_from_slice(&info::EXPORT.to_be_bytes());
         export.extend_from_slice(&self.export.device.size().to_be_bytes());
-        export.extend_from_slice(&self.export.flags(self.session.structured).to_be_bytes());
+        export.extend_from_slice(&self.flags().to_be_bytes());
         self.reply(option, rep::INFO, &export)?;
         if wanted.contains(&info::NAME) {
             let mut d = info::NAME.to_be_bytes().to_vec();
