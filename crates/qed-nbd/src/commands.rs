@@ -420,3 +420,25 @@ fn io_err<T>(r: qed::Result<T>) -> Result<T, Failure> {
 fn io_status(r: qed::Result<qed::BlockStatus>) -> Result<u64, Failure> {
     io_err(r).map(|s| s.len)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_are_cut_only_where_they_have_32_bits() {
+        let g = 1u64 << 30;
+        let runs: Vec<Run> = vec![(g, 0, 1), (6 * g, 3, 0), (g, 0, 1)];
+        let wide = descriptors(MetaContext::Allocation, &runs, u64::MAX);
+        assert_eq!(wide, vec![(g, 0), (6 * g, 3), (g, 0)]);
+        let compact = descriptors(MetaContext::Allocation, &runs, MAX_EXTENT_LEN);
+        assert!(compact
+            .iter()
+            .all(|d| d.0 <= MAX_EXTENT_LEN && d.0 % 512 == 0));
+        assert_eq!(compact.iter().map(|d| d.0).sum::<u64>(), 8 * g);
+        assert_eq!(compact.len(), 4, "{compact:?}");
+        // Runs alike in one context merge there.
+        let depth = descriptors(MetaContext::AllocationDepth, &runs, u64::MAX);
+        assert_eq!(depth, vec![(g, 1), (6 * g, 0), (g, 1)]);
+    }
+}

@@ -409,3 +409,89 @@ pub fn write_all(w: &mut impl Write, bufs: &[&[u8]]) -> io::Result<()> {
     }
     w.flush()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(magic: u32, flags: u16, kind: u16, len: &[u8]) -> Vec<u8> {
+        let mut b = magic.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&7u64.to_be_bytes());
+        b.extend_from_slice(&(5u64 << 30).to_be_bytes());
+        b.extend_from_slice(len);
+        b
+    }
+
+    #[test]
+    fn each_header_style_takes_only_its_own_magic_and_size() {
+        let compact = header(REQUEST_MAGIC, 0, cmd::READ, &4096u32.to_be_bytes());
+        let extended = header(
+            EXTENDED_REQUEST_MAGIC,
+            0,
+            cmd::WRITE_ZEROES,
+            &(6u64 << 30).to_be_bytes(),
+        );
+        let r = Request::parse(&compact, false).unwrap();
+        assert_eq!(
+            (r.kind, r.cookie, r.offset, r.length),
+            (cmd::READ, 7, 5 << 30, 4096)
+        );
+        let r = Request::parse(&extended, true).unwrap();
+        assert_eq!((r.kind, r.length), (cmd::WRITE_ZEROES, 6 << 30));
+        assert_eq!(r.payload_len(true), 0);
+        assert!(Request::parse(&compact, true).is_none());
+        assert!(Request::parse(&extended, false).is_none());
+        // The right size with the other style's magic.
+        let mut wrong = extended.clone();
+        wrong[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        assert!(Request::parse(&wrong, true).is_none());
+    }
+
+    #[test]
+    fn a_payload_is_a_writes_or_flagged_under_extended_headers_only() {
+        let flagged = header(REQUEST_MAGIC, cflag::PAYLOAD_LEN, cmd::TRIM, &[0, 0, 0, 9]);
+        // Compact: the flag means nothing here, and no bytes follow.
+        assert_eq!(
+            Request::parse(&flagged, false).unwrap().payload_len(false),
+            0
+        );
+        let flagged = header(
+            EXTENDED_REQUEST_MAGIC,
+            cflag::PAYLOAD_LEN,
+            cmd::TRIM,
+            &9u64.to_be_bytes(),
+        );
+        assert_eq!(Request::parse(&flagged, true).unwrap().payload_len(true), 9);
+        let write = header(REQUEST_MAGIC, 0, cmd::WRITE, &512u32.to_be_bytes());
+        assert_eq!(
+            Request::parse(&write, false).unwrap().payload_len(false),
+            512
+        );
+    }
+
+    #[test]
+    fn extended_replies_repeat_the_offset_and_have_no_simple_form() {
+        let to = ReplyTo {
+            cookie: 3,
+            offset: 1 << 33,
+            extended: true,
+        };
+        let done = done_reply(&to);
+        assert_eq!(done.len(), 32);
+        assert_eq!(done[..4], EXTENDED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(done[4..8], [0, 1, 0, 0], "DONE, NONE");
+        assert_eq!(done[16..24], (1u64 << 33).to_be_bytes());
+        assert_eq!(done[24..32], [0; 8]);
+        let mut err = Vec::new();
+        error_chunk(&mut err, &to, errno::EINVAL, "no");
+        assert_eq!(err.len(), 32 + 8);
+        assert_eq!(err[24..32], 8u64.to_be_bytes());
+        let compact = ReplyTo {
+            extended: false,
+            ..to
+        };
+        assert_eq!(done_reply(&compact), simple_reply(3, 0));
+    }
+}
