@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{
-    create_qed, describe, fails, need_check, new_dir, ok, qemu_io, FIO, QED, QEMU_IMG, QEMU_IO,
+    create_qed, describe, fails, need_check, new_dir, ok, qemu_io, run, FIO, QED, QEMU_IMG, QEMU_IO,
 };
 
 const NBDINFO: &str = "nbdinfo";
@@ -482,9 +482,17 @@ fn nbdcopy_round_trip() {
 
     // nbdcopy opens four connections when the server allows multi-conn.
     let s = Served::start(dir, false, &["-t", "-e", "4"], "img.qed");
+    assert!(ok(dir, NBDINFO, &[&s.uri()]).contains("can_multi_conn: true"));
     ok(dir, NBDCOPY, &["src.raw", &s.uri()]);
     ok(dir, NBDCOPY, &[&s.uri(), "out.raw"]);
     s.stop();
+    // A server of one client at a time does not offer multi-conn, as qemu-nbd: nbdcopy
+    // would otherwise wait forever for the connections it is never given.
+    let s = Served::start(dir, false, &["-t"], "img.qed");
+    assert!(ok(dir, NBDINFO, &[&s.uri()]).contains("can_multi_conn: false"));
+    ok(dir, NBDCOPY, &[&s.uri(), "out1.raw"]);
+    s.stop();
+    assert!(std::fs::read(dir.join("out1.raw")).unwrap() == src);
 
     let out = std::fs::read(dir.join("out.raw")).unwrap();
     assert_eq!(out.len(), src.len());
@@ -594,7 +602,19 @@ mod wire {
     pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
     pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
+    pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+    pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
+
     pub const OPT_GO: u32 = 7;
+    pub const OPT_SET_META_CONTEXT: u32 = 10;
+    pub const OPT_EXTENDED_HEADERS: u32 = 11;
+    pub const REP_META_CONTEXT: u32 = 4;
+    pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+    pub const REP_ERR_EXT_HEADER_REQD: u32 = (1 << 31) + 10;
+    pub const CHUNK_OFFSET_DATA: u16 = 1;
+    pub const CHUNK_OFFSET_HOLE: u16 = 2;
+    pub const CHUNK_BLOCK_STATUS_EXT: u16 = 6;
+    pub const FLAG_PAYLOAD_LEN: u16 = 1 << 5;
     pub const OPT_EXPORT_NAME: u32 = 1;
     pub const OPT_STRUCTURED_REPLY: u32 = 8;
     pub const REP_ACK: u32 = 1;
@@ -743,6 +763,63 @@ mod wire {
             let cookie = self.u64();
             let len = self.u32();
             (flags, kind, cookie, self.bytes(len as usize))
+        }
+
+        /// Asks for `base:allocation`; returns its id.
+        pub fn set_allocation_context(&mut self) -> u32 {
+            let query = b"base:allocation";
+            let mut d = 0u32.to_be_bytes().to_vec();
+            d.extend_from_slice(&1u32.to_be_bytes());
+            d.extend_from_slice(&(query.len() as u32).to_be_bytes());
+            d.extend_from_slice(query);
+            self.option(OPT_SET_META_CONTEXT, &d);
+            let (opt, kind, data) = self.option_reply();
+            assert_eq!((opt, kind), (OPT_SET_META_CONTEXT, REP_META_CONTEXT));
+            let id = u32::from_be_bytes(data[..4].try_into().unwrap());
+            assert_eq!(self.option_reply().1, REP_ACK);
+            id
+        }
+
+        /// Greets, negotiates extended headers and `base:allocation`, and enters
+        /// transmission. Returns the export size and the context id.
+        pub fn open_extended(port: u16) -> (Client, u64, u32) {
+            let mut c = Client::greet(port);
+            c.option(OPT_EXTENDED_HEADERS, &[]);
+            let (opt, kind, _) = c.option_reply();
+            assert_eq!((opt, kind), (OPT_EXTENDED_HEADERS, REP_ACK));
+            let id = c.set_allocation_context();
+            let (size, _) = c.go("");
+            (c, size, id)
+        }
+
+        /// An extended (32-byte) request header.
+        pub fn ext_header(kind: u16, flags: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
+            let mut m = EXTENDED_REQUEST_MAGIC.to_be_bytes().to_vec();
+            m.extend_from_slice(&flags.to_be_bytes());
+            m.extend_from_slice(&kind.to_be_bytes());
+            m.extend_from_slice(&cookie.to_be_bytes());
+            m.extend_from_slice(&offset.to_be_bytes());
+            m.extend_from_slice(&len.to_be_bytes());
+            m
+        }
+
+        /// One extended reply chunk: (flags, type, cookie, offset, payload). A length
+        /// beyond any reply this server sends fails the test before anything is
+        /// allocated for it.
+        pub fn ext_chunk(&mut self) -> (u16, u16, u64, u64, Vec<u8>) {
+            assert_eq!(self.u32(), EXTENDED_REPLY_MAGIC);
+            let flags = self.u16();
+            let kind = self.u16();
+            let cookie = self.u64();
+            let offset = self.u64();
+            let len = self.u64();
+            assert!(len <= 64 << 20, "reply chunk of {len} bytes");
+            (flags, kind, cookie, offset, self.bytes(len as usize))
+        }
+
+        /// The error of a chunk's payload, if it is an error chunk.
+        pub fn chunk_error(kind: u16, payload: &[u8]) -> Option<u32> {
+            (kind & (1 << 15) != 0).then(|| u32::from_be_bytes(payload[..4].try_into().unwrap()))
         }
 
         pub fn disconnect(mut self) {
@@ -1413,4 +1490,273 @@ fn parallel_connections_all_land() {
         .collect();
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(dir, "qed", "img.qed", true, &cmds);
+}
+
+// ---------------------------------------------------------------------------------------
+// Extended headers (NBD_OPT_EXTENDED_HEADERS): 64-bit lengths.
+
+const G: u64 = 1 << 30;
+
+/// The (length, flags) descriptors of a block status reply over extended headers, and
+/// asserts the reply is one final BLOCK_STATUS_EXT chunk for context `id`.
+fn ext_block_status(
+    c: &mut Client,
+    id: u32,
+    cookie: u64,
+    offset: u64,
+    len: u64,
+) -> Vec<(u64, u64)> {
+    c.send(&Client::ext_header(
+        wire::CMD_BLOCK_STATUS,
+        0,
+        cookie,
+        offset,
+        len,
+    ));
+    let (flags, kind, got, at, p) = c.ext_chunk();
+    assert_eq!(
+        (flags, kind, got, at),
+        (1, wire::CHUNK_BLOCK_STATUS_EXT, cookie, offset)
+    );
+    assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), id);
+    let count = u32::from_be_bytes(p[4..8].try_into().unwrap()) as usize;
+    assert_eq!(
+        p.len(),
+        8 + 16 * count,
+        "descriptor count matches the length"
+    );
+    p[8..]
+        .chunks(16)
+        .map(|d| {
+            (
+                u64::from_be_bytes(d[..8].try_into().unwrap()),
+                u64::from_be_bytes(d[8..].try_into().unwrap()),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn extended_headers_with_qemu_zero_and_map_beyond_4g_in_one_request() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    create_qed(dir, "big.qed", "8G");
+    qemu_io(
+        dir,
+        "qed",
+        "big.qed",
+        false,
+        &[
+            "write -P 0x11 0 1M",
+            "write -P 0x33 1G 1M",
+            "write -P 0x22 7G 1M",
+        ],
+    );
+    let s = Served::start(dir, false, &["-t", "-e", "4"], "big.qed");
+    let port = s.port().to_string();
+
+    let list = ok(dir, "qemu-nbd", &["--list", "-b", "127.0.0.1", "-p", &port]);
+    assert!(list.contains("transaction size: 64-bit"), "{list}");
+
+    // qemu's client negotiates extended headers and sends the 5 GiB zeroing whole.
+    let uri = s.uri();
+    let args = [
+        "-f",
+        "raw",
+        "--trace",
+        "nbd_send_request",
+        "--trace",
+        "nbd_receive_option_reply",
+        "-c",
+        "write -z -n -u 512M 5G",
+        "-c",
+        "read -P 0 1G 1M",
+        "-c",
+        "read -P 0x11 0 1M",
+        "-c",
+        "read -P 0x22 7G 1M",
+        &uri,
+    ];
+    let out = run(dir, QEMU_IO, &args);
+    let (stdout, trace) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && !stdout.contains("Pattern verification failed"),
+        "{}",
+        describe(QEMU_IO, &args, &out)
+    );
+    assert!(
+        trace.contains("(extended headers), type 1 (ack)"),
+        "extended headers not agreed:\n{trace}"
+    );
+    assert!(
+        trace.contains(".from = 536870912, .len = 5368709120,") && trace.contains("(write zeroes)"),
+        "the zeroing was not one request:\n{trace}"
+    );
+    assert!(stdout.contains("wrote 5368709120/5368709120"), "{stdout}");
+
+    // Block status over the whole 8 GiB in one request: the hole between 1 MiB and
+    // 7 GiB is one descriptor longer than 4 GiB.
+    let (mut c, size, id) = Client::open_extended(s.port());
+    assert_eq!(size, 8 * G);
+    let map = ext_block_status(&mut c, id, 1, 0, 8 * G);
+    assert!(
+        map.iter().any(|&(len, flags)| len > 4 * G && flags == 3),
+        "{map:?}"
+    );
+    assert_eq!(map.first(), Some(&(M, 0)), "{map:?}");
+    assert_eq!(map.iter().map(|d| d.0).sum::<u64>(), 8 * G, "{map:?}");
+    c.disconnect();
+
+    // A client without extended headers (libnbd 1.14's nbdinfo asks for none) sees the
+    // same map in 32-bit extents.
+    let info = ok(dir, NBDINFO, &[&uri]);
+    assert!(info.contains("using structured packets"), "{info}");
+    let compact = nbdinfo_map(&ok(dir, NBDINFO, &["--map", &uri]));
+    let ranges: Vec<(u64, u64)> = compact.iter().map(|&(o, l, _)| (o, l)).collect();
+    assert_eq!(ranges.first(), Some(&(0, M)), "{compact:?}");
+    assert_eq!(
+        compact.last().map(|&(o, l, _)| o + l),
+        Some(8 * G),
+        "{compact:?}"
+    );
+    assert!(
+        compact.iter().any(|&(o, _, v)| o == 7 * G && v == 0),
+        "{compact:?}"
+    );
+    s.stop();
+    qemu_img_check(dir, "big.qed");
+}
+
+#[test]
+fn extended_requests_and_replies_on_the_wire() {
+    let tmp = new_dir();
+    let dir = tmp.path();
+    create_qed(dir, "big.qed", "6G");
+    let s = Served::start(dir, false, &["-t"], "big.qed");
+
+    // Duplicates and downgrades are refused; EXPORT_NAME after it is a hang-up.
+    let mut c = Client::greet(s.port());
+    c.option(wire::OPT_EXTENDED_HEADERS, b"x");
+    assert_eq!(c.option_reply().1, wire::REP_ERR_INVALID);
+    c.option(wire::OPT_EXTENDED_HEADERS, &[]);
+    assert_eq!(c.option_reply().1, wire::REP_ACK);
+    c.option(wire::OPT_EXTENDED_HEADERS, &[]);
+    assert_eq!(c.option_reply().1, wire::REP_ERR_INVALID);
+    c.option(wire::OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().1, wire::REP_ERR_EXT_HEADER_REQD);
+    c.option(wire::OPT_EXPORT_NAME, &[]);
+    assert!(c.closed_by_server());
+
+    let (mut c, size, id) = Client::open_extended(s.port());
+    assert_eq!(size, 6 * G);
+    // A write says its payload length; the reply is an extended NONE chunk that
+    // repeats the offset.
+    let data = test_bytes(128 * K as usize, 9);
+    let mut m = Client::ext_header(
+        wire::CMD_WRITE,
+        wire::FLAG_PAYLOAD_LEN,
+        5,
+        5 * G,
+        data.len() as u64,
+    );
+    m.extend_from_slice(&data);
+    c.send(&m);
+    assert_eq!(c.ext_chunk(), (1, wire::CHUNK_NONE, 5, 5 * G, vec![]));
+    // Reads come back as extended data (and hole) chunks.
+    c.send(&Client::ext_header(
+        wire::CMD_READ,
+        0,
+        6,
+        5 * G,
+        2 * data.len() as u64,
+    ));
+    let mut back = Vec::new();
+    loop {
+        let (flags, kind, cookie, offset, p) = c.ext_chunk();
+        assert_eq!((cookie, offset), (6, 5 * G));
+        match kind {
+            wire::CHUNK_OFFSET_DATA => back.extend_from_slice(&p[8..]),
+            wire::CHUNK_OFFSET_HOLE => {
+                let n = u32::from_be_bytes(p[8..12].try_into().unwrap());
+                back.resize(back.len() + n as usize, 0);
+            }
+            k => panic!("chunk type {k}"),
+        }
+        if flags & 1 != 0 {
+            break;
+        }
+    }
+    assert_eq!(&back[..data.len()], &data[..]);
+    assert!(back[data.len()..].iter().all(|&b| b == 0));
+    assert_eq!(back.len(), 2 * data.len());
+
+    // Zeroing 5 GiB whole, then its status in one descriptor.
+    c.send(&Client::ext_header(wire::CMD_WRITE_ZEROES, 0, 7, 0, 5 * G));
+    assert_eq!(c.ext_chunk(), (1, wire::CHUNK_NONE, 7, 0, vec![]));
+    let map = ext_block_status(&mut c, id, 8, 0, 5 * G);
+    assert_eq!(map, vec![(5 * G, 3)]);
+    // Trim past 4 GiB too, and a zero write past the end is refused with ENOSPC.
+    c.send(&Client::ext_header(wire::CMD_TRIM, 0, 9, G, 4 * G + 512));
+    assert_eq!(c.ext_chunk(), (1, wire::CHUNK_NONE, 9, G, vec![]));
+    c.send(&Client::ext_header(
+        wire::CMD_WRITE_ZEROES,
+        0,
+        10,
+        G,
+        5 * G + 1,
+    ));
+    let (flags, kind, cookie, _, p) = c.ext_chunk();
+    assert_eq!((flags, cookie), (1, 10));
+    assert_eq!(Client::chunk_error(kind, &p), Some(wire::ENOSPC));
+
+    // A read longer than the payload limit is refused, and the connection goes on.
+    c.send(&Client::ext_header(wire::CMD_READ, 0, 11, 0, 5 * G));
+    let (_, kind, cookie, _, p) = c.ext_chunk();
+    assert_eq!(
+        (cookie, Client::chunk_error(kind, &p)),
+        (11, Some(wire::EINVAL))
+    );
+    // A payload where the command takes none is read and refused.
+    let mut m = Client::ext_header(wire::CMD_TRIM, wire::FLAG_PAYLOAD_LEN, 12, 0, 100);
+    m.extend_from_slice(&[0xee; 100]);
+    c.send(&m);
+    let (_, kind, cookie, _, p) = c.ext_chunk();
+    assert_eq!(
+        (cookie, Client::chunk_error(kind, &p)),
+        (12, Some(wire::EINVAL))
+    );
+    c.send(&Client::ext_header(wire::CMD_READ, 0, 13, 5 * G, 4096));
+    let (flags, kind, cookie, _, p) = c.ext_chunk();
+    assert_eq!((flags, kind, cookie), (1, wire::CHUNK_OFFSET_DATA, 13));
+    assert_eq!(&p[8..], &data[..4096]);
+    // A payload over the limit cannot be skipped: refused, then the client is dropped.
+    c.send(&Client::ext_header(
+        wire::CMD_WRITE,
+        wire::FLAG_PAYLOAD_LEN,
+        14,
+        0,
+        5 * G,
+    ));
+    let (_, kind, cookie, _, p) = c.ext_chunk();
+    assert_eq!(
+        (cookie, Client::chunk_error(kind, &p)),
+        (14, Some(wire::EINVAL))
+    );
+    assert!(c.closed_by_server());
+
+    // A compact header after extended headers were agreed is a broken client.
+    let (mut c, _, _) = Client::open_extended(s.port());
+    c.send(&Client::header(wire::CMD_READ, 0, 1, 0, 4096));
+    c.send(&[0u8; 4]);
+    assert!(c.closed_by_server());
+
+    // Without them, the same server answers compact requests as before.
+    let (mut c, _, _) = Client::open(s.port(), false);
+    assert_eq!(c.read(1, 5 * G, 4096), Ok(data[..4096].to_vec()));
+    c.disconnect();
+    s.stop();
+    qemu_img_check(dir, "big.qed");
 }

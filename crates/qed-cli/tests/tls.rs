@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{create_qed, describe, need_check, new_dir, ok, run, FIO, QED, QEMU_IMG, QEMU_IO};
+use common::{
+    activated, create_qed, describe, need_check, new_dir, ok, run, FIO, QED, QEMU_IMG, QEMU_IO,
+};
 
 const PSK_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -334,6 +336,90 @@ fn x509_with_qemu_and_libnbd_over_tcp_and_unix() {
             assert!(!need_check(&dir.join("img.qed")));
         }
     }
+}
+
+/// Two servers on sockets handed over by socket activation, TLS required: libnbd's
+/// tools copy between them through TLS, and a plain client learns nothing.
+#[test]
+fn activated_servers_require_tls_and_nbdcopy_copies_between_them() {
+    use std::os::fd::AsRawFd;
+    let tmp = new_dir();
+    let dir = tmp.path();
+    let ca = make_x509(dir, "ca");
+    let certs = ca.to_str().unwrap();
+    create_qed(dir, "a.qed", "16M");
+    create_qed(dir, "b.qed", "16M");
+    ok(
+        dir,
+        QEMU_IO,
+        &[
+            "-f",
+            "qed",
+            "-c",
+            "write -P 0x5a 0 4M",
+            "-c",
+            "write -P 0xc3 9M 3M",
+            "a.qed",
+        ],
+    );
+    let mut servers = Vec::new();
+    let mut uris = Vec::new();
+    for image in ["a.qed", "b.qed"] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut cmd = activated(
+            dir,
+            listener.as_raw_fd(),
+            &["-t", "-e", "4", "--tls-certificates", certs, image],
+        );
+        let (child, log, banner) = common::spawn_server(&mut cmd);
+        assert!(
+            banner.contains("(socket activation), TLS required"),
+            "{banner}"
+        );
+        servers.push((child, log));
+        uris.push(format!("nbds://127.0.0.1:{port}/?tls-certificates={certs}"));
+    }
+    let info = ok(dir, "nbdinfo", &[&uris[0]]);
+    assert!(
+        info.contains("with TLS") && info.contains("16777216"),
+        "{info}"
+    );
+    ok(dir, "nbdcopy", &[&uris[0], &uris[1]]);
+    // Without TLS the export is not even opened.
+    let plain = uris[0].replace("nbds://", "nbd://");
+    let plain = plain.split('?').next().unwrap();
+    refused(dir, "nbdinfo", &[plain], &["TLS", "tls"]);
+    for (mut child, log) in servers {
+        let st = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let st = child.wait().unwrap();
+        assert!(st.success(), "{st}:\n{}", log.lock().unwrap());
+    }
+    ok(
+        dir,
+        QEMU_IMG,
+        &["compare", "-f", "qed", "-F", "qed", "a.qed", "b.qed"],
+    );
+    let out = ok(
+        dir,
+        QEMU_IO,
+        &[
+            "-f",
+            "qed",
+            "-r",
+            "-c",
+            "read -P 0x5a 0 4M",
+            "-c",
+            "read -P 0xc3 9M 3M",
+            "b.qed",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    assert!(!need_check(&dir.join("a.qed")) && !need_check(&dir.join("b.qed")));
 }
 
 #[test]

@@ -5,8 +5,8 @@ use crate::connection::Connection;
 use crate::errors::nbd_error;
 use crate::export::{DiscardMode, MAX_PAYLOAD};
 use crate::pool::Pool;
-use crate::proto::{self, cflag, chunk, cmd, errno, Request};
-use crate::session::MetaContext;
+use crate::proto::{self, cflag, chunk, cmd, errno, ReplyTo, Request};
+use crate::session::{MetaContext, Session};
 use qed::describe;
 use qed::AlignedBuf as Buf;
 use std::sync::Arc;
@@ -19,12 +19,20 @@ const MAX_EXTENT_LEN: u64 = (u32::MAX as u64) & !511;
 /// Why a request failed: its NBD error value and a message for the client.
 type Failure = (u32, String);
 
-/// Flags each command accepts.
-pub(crate) fn allowed_flags(kind: u16, structured: bool) -> u16 {
-    let df = if structured { cflag::DF } else { 0 };
+/// Flags each command accepts in `session`.
+pub(crate) fn allowed_flags(kind: u16, session: &Session) -> u16 {
+    let df = if session.structured { cflag::DF } else { 0 };
+    // With extended headers a write says its length is a payload's, as it must; no
+    // other command takes a payload here.
+    let payload = if session.extended {
+        cflag::PAYLOAD_LEN
+    } else {
+        0
+    };
     cflag::FUA
         | match kind {
             cmd::READ => df,
+            cmd::WRITE => payload,
             cmd::WRITE_ZEROES => cflag::NO_HOLE | cflag::FAST_ZERO,
             cmd::BLOCK_STATUS => cflag::REQ_ONE,
             _ => 0,
@@ -62,7 +70,7 @@ fn handle(conn: &Connection, req: &Request, payload: &[u8]) -> Vec<u8> {
 
 /// Checks a request against the session and the export, then runs its command.
 fn execute(conn: &Connection, req: &Request, payload: &[u8]) -> Result<Vec<u8>, Failure> {
-    if req.flags & !allowed_flags(req.kind, conn.session.structured) != 0 {
+    if req.flags & !allowed_flags(req.kind, &conn.session) != 0 {
         return Err((
             errno::EINVAL,
             format!("flags {:#x} not valid here", req.flags),
@@ -98,7 +106,7 @@ struct Command<'a> {
 impl<'a> Command<'a> {
     fn new(conn: &'a Connection, req: &'a Request) -> Self {
         let size = conn.device().size();
-        let len = u64::from(req.length);
+        let len = req.length;
         Self {
             conn,
             req,
@@ -126,7 +134,7 @@ impl<'a> Command<'a> {
     }
 
     fn ok_reply(&self) -> Vec<u8> {
-        proto::simple_reply(self.req.cookie, 0).to_vec()
+        self.conn.ok_reply(self.req)
     }
 
     fn read(&self) -> Result<Vec<u8>, Failure> {
@@ -134,12 +142,12 @@ impl<'a> Command<'a> {
         if !self.in_bounds {
             return Err((errno::EINVAL, "read past the end of the export".into()));
         }
-        if req.length > MAX_PAYLOAD {
+        if req.length > u64::from(MAX_PAYLOAD) {
             // EOVERFLOW is only for DF reads a server cannot send in one chunk.
             return Err((errno::EINVAL, "read larger than 32 MiB".into()));
         }
         if self.conn.session.structured {
-            read_structured(self.device(), req)
+            read_structured(self.device(), req, &self.conn.reply_to(req))
         } else {
             let mut out = proto::simple_reply(req.cookie, 0).to_vec();
             out.resize(16 + req.length as usize, 0);
@@ -221,7 +229,12 @@ impl<'a> Command<'a> {
                 "block status range is empty or past the end".into(),
             ));
         }
-        block_status(self.device(), self.req, &session.contexts)
+        block_status(
+            self.device(),
+            self.req,
+            &session.contexts,
+            &self.conn.reply_to(self.req),
+        )
     }
 }
 
@@ -237,17 +250,22 @@ fn write_real_zeroes(dev: &dyn qed::BlockDevice, offset: u64, len: u64) -> qed::
     Ok(())
 }
 
-/// A structured read: zero runs as holes, data as data, in order.
-fn read_structured(dev: &dyn qed::BlockDevice, req: &Request) -> Result<Vec<u8>, Failure> {
-    let end = req.offset + u64::from(req.length);
+/// A structured read (its length within MAX_PAYLOAD): zero runs as holes, data as
+/// data, in order.
+fn read_structured(
+    dev: &dyn qed::BlockDevice,
+    req: &Request,
+    to: &ReplyTo,
+) -> Result<Vec<u8>, Failure> {
+    let end = req.offset + req.length;
     let mut out = Vec::with_capacity(32 + req.length as usize);
     if req.length == 0 {
         // No data chunk can be empty: a read of nothing is answered with a none chunk.
-        proto::chunk_header(&mut out, req.cookie, chunk::FLAG_DONE, chunk::NONE, 0);
+        proto::chunk_header(&mut out, to, chunk::FLAG_DONE, chunk::NONE, 0);
         return Ok(out);
     }
     if req.flags & cflag::DF != 0 {
-        proto::last_data_chunk_header(&mut out, req.cookie, req.offset, req.length);
+        proto::last_data_chunk_header(&mut out, to, req.offset, req.length);
         let at = out.len();
         out.resize(at + req.length as usize, 0);
         io_err(dev.read_at(&mut out[at..], req.offset))?;
@@ -259,11 +277,11 @@ fn read_structured(dev: &dyn qed::BlockDevice, req: &Request) -> Result<Vec<u8>,
         let (zero, run) = same_kind_run(dev, pos, end)?;
         last_header = out.len();
         if zero {
-            proto::chunk_header(&mut out, req.cookie, 0, chunk::OFFSET_HOLE, 12);
+            proto::chunk_header(&mut out, to, 0, chunk::OFFSET_HOLE, 12);
             out.extend_from_slice(&pos.to_be_bytes());
             out.extend_from_slice(&(run as u32).to_be_bytes());
         } else {
-            proto::chunk_header(&mut out, req.cookie, 0, chunk::OFFSET_DATA, 8 + run as u32);
+            proto::chunk_header(&mut out, to, 0, chunk::OFFSET_DATA, 8 + run);
             out.extend_from_slice(&pos.to_be_bytes());
             let at = out.len();
             out.resize(at + run as usize, 0);
@@ -297,17 +315,24 @@ fn same_kind_run(dev: &dyn qed::BlockDevice, pos: u64, end: u64) -> Result<(bool
 /// allocation depth.
 type Run = (u64, u32, u32);
 
-/// A block status reply: one chunk per selected context.
+/// A block status reply: one chunk per selected context, with 64-bit descriptors
+/// (BLOCK_STATUS_EXT) under extended headers.
 fn block_status(
     dev: &dyn qed::BlockDevice,
     req: &Request,
     contexts: &[MetaContext],
+    to: &ReplyTo,
 ) -> Result<Vec<u8>, Failure> {
     let one = req.flags & cflag::REQ_ONE != 0;
     let runs = allocation_runs(dev, req, one)?;
+    let max_len = if to.extended {
+        u64::MAX
+    } else {
+        MAX_EXTENT_LEN
+    };
     let mut out = Vec::new();
     for (i, ctx) in contexts.iter().enumerate() {
-        let mut descriptors = descriptors(*ctx, &runs);
+        let mut descriptors = descriptors(*ctx, &runs, max_len);
         if one {
             descriptors.truncate(1);
         }
@@ -316,17 +341,23 @@ fn block_status(
         } else {
             0
         };
-        proto::chunk_header(
-            &mut out,
-            req.cookie,
-            flags,
-            chunk::BLOCK_STATUS,
-            4 + 8 * descriptors.len() as u32,
-        );
-        out.extend_from_slice(&ctx.id().to_be_bytes());
-        for (len, value) in descriptors {
-            out.extend_from_slice(&len.to_be_bytes());
-            out.extend_from_slice(&value.to_be_bytes());
+        let n = descriptors.len() as u64;
+        if to.extended {
+            proto::chunk_header(&mut out, to, flags, chunk::BLOCK_STATUS_EXT, 8 + 16 * n);
+            out.extend_from_slice(&ctx.id().to_be_bytes());
+            out.extend_from_slice(&(n as u32).to_be_bytes());
+            for (len, value) in descriptors {
+                out.extend_from_slice(&len.to_be_bytes());
+                out.extend_from_slice(&u64::from(value).to_be_bytes());
+            }
+        } else {
+            proto::chunk_header(&mut out, to, flags, chunk::BLOCK_STATUS, 4 + 8 * n);
+            out.extend_from_slice(&ctx.id().to_be_bytes());
+            for (len, value) in descriptors {
+                // Cut to MAX_EXTENT_LEN above.
+                out.extend_from_slice(&(len as u32).to_be_bytes());
+                out.extend_from_slice(&value.to_be_bytes());
+            }
         }
     }
     Ok(out)
@@ -339,7 +370,7 @@ fn allocation_runs(
     req: &Request,
     one: bool,
 ) -> Result<Vec<Run>, Failure> {
-    let end = req.offset + u64::from(req.length);
+    let end = req.offset + req.length;
     let mut runs: Vec<Run> = Vec::new();
     let mut pos = req.offset;
     while pos < end && runs.len() < MAX_EXTENTS {
@@ -360,9 +391,9 @@ fn allocation_runs(
 }
 
 /// The (length, value) descriptors of one context: runs with the same value in it are
-/// merged, and runs too long for a descriptor are cut.
-fn descriptors(ctx: MetaContext, runs: &[Run]) -> Vec<(u32, u32)> {
-    let mut descriptors: Vec<(u32, u32)> = Vec::new();
+/// merged, and runs longer than `max_len` (what a descriptor holds) are cut.
+fn descriptors(ctx: MetaContext, runs: &[Run], max_len: u64) -> Vec<(u64, u32)> {
+    let mut descriptors: Vec<(u64, u32)> = Vec::new();
     for &(len, flags, depth) in runs {
         let value = match ctx {
             MetaContext::Allocation => flags,
@@ -370,10 +401,10 @@ fn descriptors(ctx: MetaContext, runs: &[Run]) -> Vec<(u32, u32)> {
         };
         let mut left = len;
         while left > 0 {
-            let n = left.min(MAX_EXTENT_LEN);
+            let n = left.min(max_len);
             match descriptors.last_mut() {
-                Some(d) if d.1 == value && u64::from(d.0) + n <= MAX_EXTENT_LEN => d.0 += n as u32,
-                _ => descriptors.push((n as u32, value)),
+                Some(d) if d.1 == value && d.0 <= max_len - n => d.0 += n,
+                _ => descriptors.push((n, value)),
             }
             left -= n;
         }
@@ -388,4 +419,26 @@ fn io_err<T>(r: qed::Result<T>) -> Result<T, Failure> {
 
 fn io_status(r: qed::Result<qed::BlockStatus>) -> Result<u64, Failure> {
     io_err(r).map(|s| s.len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_are_cut_only_where_they_have_32_bits() {
+        let g = 1u64 << 30;
+        let runs: Vec<Run> = vec![(g, 0, 1), (6 * g, 3, 0), (g, 0, 1)];
+        let wide = descriptors(MetaContext::Allocation, &runs, u64::MAX);
+        assert_eq!(wide, vec![(g, 0), (6 * g, 3), (g, 0)]);
+        let compact = descriptors(MetaContext::Allocation, &runs, MAX_EXTENT_LEN);
+        assert!(compact
+            .iter()
+            .all(|d| d.0 <= MAX_EXTENT_LEN && d.0 % 512 == 0));
+        assert_eq!(compact.iter().map(|d| d.0).sum::<u64>(), 8 * g);
+        assert_eq!(compact.len(), 4, "{compact:?}");
+        // Runs alike in one context merge there.
+        let depth = descriptors(MetaContext::AllocationDepth, &runs, u64::MAX);
+        assert_eq!(depth, vec![(g, 1), (6 * g, 0), (g, 1)]);
+    }
 }

@@ -3,7 +3,7 @@
 //! flight.
 
 use crate::export::Export;
-use crate::proto::{self, cmd, Request};
+use crate::proto::{self, cmd, ReplyTo, Request};
 use crate::session::Session;
 use qed::Waker;
 use std::sync::mpsc::{self, Sender};
@@ -172,12 +172,23 @@ impl Connection {
         }
     }
 
-    /// The reply to a request that failed.
+    /// Whom a reply to `req` goes to, in this connection's header style.
+    pub(crate) fn reply_to(&self, req: &Request) -> ReplyTo {
+        ReplyTo::new(req, self.session.extended)
+    }
+
+    /// The reply to a request that succeeded without data.
+    pub(crate) fn ok_reply(&self, req: &Request) -> Vec<u8> {
+        proto::done_reply(&self.reply_to(req))
+    }
+
+    /// The reply to a request that failed: an error chunk where the client expects
+    /// chunks (every reply with extended headers), else a simple reply.
     pub(crate) fn error_reply(&self, req: &Request, error: u32, msg: &str) -> Vec<u8> {
         let structured_only = matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS);
-        if self.session.structured && structured_only {
+        if self.session.extended || (self.session.structured && structured_only) {
             let mut out = Vec::new();
-            proto::error_chunk(&mut out, req.cookie, error, msg);
+            proto::error_chunk(&mut out, &self.reply_to(req), error, msg);
             out
         } else {
             proto::simple_reply(req.cookie, error).to_vec()

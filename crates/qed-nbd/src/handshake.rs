@@ -1,7 +1,7 @@
 //! The fixed newstyle handshake: option haggling until the client picks the export.
 
 use crate::export::{Export, MAX_PAYLOAD, PREFERRED_BLOCK};
-use crate::proto::{self, info, opt, rep, IHAVEOPT};
+use crate::proto::{self, info, opt, rep, tflag, IHAVEOPT};
 use crate::session::{MetaContext, Session};
 use crate::stream::Stream;
 use crate::tls::{Tls, TlsMode};
@@ -39,15 +39,19 @@ struct Haggler<'a> {
     session: Session,
     /// The client asked to be spared the zero padding after NBD_OPT_EXPORT_NAME.
     no_zeroes: bool,
+    /// The server serves more than one client at once.
+    multi_conn: bool,
 }
 
 /// Runs the handshake. The whole of it, a TLS handshake included, must finish before
-/// `deadline`.
+/// `deadline`. `multi_conn` says whether the server serves more than one client at
+/// once: only then is CAN_MULTI_CONN offered.
 pub fn handshake(
     stream: Stream,
     export: &Export,
     tls: Option<&Tls>,
     deadline: Instant,
+    multi_conn: bool,
     shutting_down: &dyn Fn() -> bool,
 ) -> Outcome {
     let mut h = Haggler {
@@ -57,6 +61,7 @@ pub fn handshake(
         deadline,
         session: Session::default(),
         no_zeroes: false,
+        multi_conn,
     };
     h.greet()?;
     for _ in 0..MAX_OPTIONS {
@@ -149,6 +154,18 @@ impl Haggler<'_> {
         Ok(())
     }
 
+    /// The export's transmission flags for this client. A client told it may open
+    /// several connections (nbdcopy opens four) would wait forever for the ones a
+    /// server of one client at a time never accepts: CAN_MULTI_CONN only goes with more.
+    fn flags(&self) -> u16 {
+        let flags = self.export.flags(self.session.structured);
+        if self.multi_conn {
+            flags
+        } else {
+            flags & !tflag::CAN_MULTI_CONN
+        }
+    }
+
     fn tls_mode(&self) -> TlsMode {
         self.tls.map_or(TlsMode::Off, Tls::mode)
     }
@@ -186,6 +203,7 @@ impl Haggler<'_> {
                 }
             }
             opt::STRUCTURED_REPLY => self.structured_reply(data)?,
+            opt::EXTENDED_HEADERS => self.extended_headers(data)?,
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => self.meta_context(option, data)?,
             _ => self.reply(option, rep::ERR_UNSUP, b"option not supported")?,
         }
@@ -232,12 +250,14 @@ impl Haggler<'_> {
     /// Answers NBD_OPT_EXPORT_NAME, which ends the handshake either way: the export's
     /// size and flags, or a hang-up for an unknown name (the option has no error reply).
     fn export_name(&mut self, name: &[u8]) -> io::Result<Result<Session, Closed>> {
-        if !self.export.matches(name) {
+        // A client that asked for extended headers must pick with NBD_OPT_GO, which can
+        // say it agreed to them; this option cannot be refused but by hanging up.
+        if !self.export.matches(name) || self.session.extended {
             return Ok(Err(Closed));
         }
         let mut m = Vec::with_capacity(10 + 124);
         m.extend_from_slice(&self.export.device.size().to_be_bytes());
-        m.extend_from_slice(&self.export.flags(self.session.structured).to_be_bytes());
+        m.extend_from_slice(&self.flags().to_be_bytes());
         if !self.no_zeroes {
             m.extend_from_slice(&[0u8; 124]);
         }
@@ -268,6 +288,12 @@ impl Haggler<'_> {
                 rep::ERR_INVALID,
                 b"NBD_OPT_STRUCTURED_REPLY takes no data",
             )
+        } else if self.session.extended {
+            self.reply(
+                option,
+                rep::ERR_EXT_HEADER_REQD,
+                b"extended headers already negotiated",
+            )
         } else if self.session.structured {
             self.reply(
                 option,
@@ -275,6 +301,29 @@ impl Haggler<'_> {
                 b"structured replies already negotiated",
             )
         } else {
+            self.session.structured = true;
+            self.reply(option, rep::ACK, &[])
+        }
+    }
+
+    /// Answers NBD_OPT_EXTENDED_HEADERS: 32-byte requests with 64-bit lengths and
+    /// extended replies, which include all that structured replies give. Negotiated once.
+    fn extended_headers(&mut self, data: &[u8]) -> io::Result<()> {
+        let option = opt::EXTENDED_HEADERS;
+        if !data.is_empty() {
+            self.reply(
+                option,
+                rep::ERR_INVALID,
+                b"NBD_OPT_EXTENDED_HEADERS takes no data",
+            )
+        } else if self.session.extended {
+            self.reply(
+                option,
+                rep::ERR_INVALID,
+                b"extended headers already negotiated",
+            )
+        } else {
+            self.session.extended = true;
             self.session.structured = true;
             self.reply(option, rep::ACK, &[])
         }
@@ -379,7 +428,7 @@ impl Haggler<'_> {
         let mut export = Vec::with_capacity(12);
         export.extend_from_slice(&info::EXPORT.to_be_bytes());
         export.extend_from_slice(&self.export.device.size().to_be_bytes());
-        export.extend_from_slice(&self.export.flags(self.session.structured).to_be_bytes());
+        export.extend_from_slice(&self.flags().to_be_bytes());
         self.reply(option, rep::INFO, &export)?;
         if wanted.contains(&info::NAME) {
             let mut d = info::NAME.to_be_bytes().to_vec();

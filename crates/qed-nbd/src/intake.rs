@@ -9,7 +9,7 @@
 
 use crate::connection::Connection;
 use crate::export::MAX_PAYLOAD;
-use crate::proto::{cmd, Request, REQUEST_LEN};
+use crate::proto::{cmd, Request};
 use crate::reader::{cost, refuse_oversized_write};
 use crate::transport::Transport;
 use qed::AlignedBuf as Buf;
@@ -80,19 +80,23 @@ impl Intake {
                     self.held = Some((req, cost));
                     return Next::Wait;
                 }
-                if req.kind == cmd::WRITE {
-                    // Aligned, so that it can go to an O_DIRECT file as it is.
-                    let payload = Buf::new(req.length as usize);
+                let payload_len = req.payload_len(conn.session.extended);
+                if req.kind == cmd::WRITE || payload_len > 0 {
+                    // Aligned, so that it can go to an O_DIRECT file as it is. Its length
+                    // was checked against MAX_PAYLOAD when the header came in.
+                    let payload = Buf::new(payload_len as usize);
                     self.payload = Some((req, payload, 0, cost));
                     continue;
                 }
                 return Next::Request(req, Buf::new(0), cost);
             }
-            if self.end - self.start >= REQUEST_LEN {
-                let mut head = [0u8; REQUEST_LEN];
-                head.copy_from_slice(&self.buf[self.start..self.start + REQUEST_LEN]);
-                self.start += REQUEST_LEN;
-                self.admit(conn, Request::parse(&head));
+            let extended = conn.session.extended;
+            let header_len = Request::header_len(extended);
+            if self.end - self.start >= header_len {
+                let head = &self.buf[self.start..self.start + header_len];
+                let req = Request::parse(head, extended);
+                self.start += header_len;
+                self.admit(conn, req);
                 continue;
             }
             match self.read_more() {
@@ -115,17 +119,13 @@ impl Intake {
             self.done = true;
             return;
         }
-        let payload_len = if req.kind == cmd::WRITE {
-            if req.length > MAX_PAYLOAD {
-                // The payload cannot be skipped without reading it: the client goes.
-                refuse_oversized_write(conn, &req);
-                self.done = true;
-                return;
-            }
-            u64::from(req.length)
-        } else {
-            0
-        };
+        let payload_len = req.payload_len(conn.session.extended);
+        if payload_len > u64::from(MAX_PAYLOAD) {
+            // The payload cannot be skipped without reading it: the client goes.
+            refuse_oversized_write(conn, &req);
+            self.done = true;
+            return;
+        }
         self.held = Some((req, cost(conn, &req, payload_len)));
     }
 

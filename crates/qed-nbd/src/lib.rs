@@ -1,9 +1,10 @@
 #![warn(missing_docs)]
 //! An NBD (Network Block Device) server over the `qed` library's devices.
 //!
-//! Fixed newstyle handshake with structured replies, metadata contexts
-//! (`base:allocation`, `qemu:allocation-depth`), and transmission with many requests in
-//! flight per connection, replied to out of order as they finish. TLS (NBD_OPT_STARTTLS)
+//! Fixed newstyle handshake with structured replies or extended headers (64-bit
+//! lengths), metadata contexts (`base:allocation`, `qemu:allocation-depth`), and
+//! transmission with many requests in flight per connection, replied to out of order as
+//! they finish. TLS (NBD_OPT_STARTTLS)
 //! with X.509 certificates or pre-shared keys, as qemu-nbd and nbdkit offer it.
 //!
 //! ```no_run

@@ -1,5 +1,6 @@
 //! Wire constants and message framing of the NBD protocol (fixed newstyle, with
-//! structured replies), as NetworkBlockDevice/nbd doc/proto.md defines them.
+//! structured replies and extended headers), as NetworkBlockDevice/nbd doc/proto.md
+//! defines them.
 
 use std::io::{self, Read, Write};
 
@@ -13,6 +14,12 @@ pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Bytes of a request header.
 pub const REQUEST_LEN: usize = 28;
+/// Magic of extended transmission requests (after NBD_OPT_EXTENDED_HEADERS).
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Bytes of an extended request header.
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+/// Magic of extended reply chunks.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 /// Magic of simple replies.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Magic of structured reply chunks.
@@ -47,6 +54,8 @@ pub mod opt {
     pub const LIST_META_CONTEXT: u32 = 9;
     /// NBD_OPT_SET_META_CONTEXT: select metadata contexts for block status.
     pub const SET_META_CONTEXT: u32 = 10;
+    /// NBD_OPT_EXTENDED_HEADERS: 32-byte requests and replies with 64-bit lengths.
+    pub const EXTENDED_HEADERS: u32 = 11;
 }
 
 /// Option reply types (`NBD_REP_*`); errors have the top bit set.
@@ -74,6 +83,8 @@ pub mod rep {
     pub const ERR_SHUTDOWN: u32 = ERR + 7;
     /// NBD_REP_ERR_TOO_BIG: the option's data is longer than the server takes.
     pub const ERR_TOO_BIG: u32 = ERR + 9;
+    /// NBD_REP_ERR_EXT_HEADER_REQD: extended headers are in use (or needed) instead.
+    pub const ERR_EXT_HEADER_REQD: u32 = ERR + 10;
 }
 
 /// Information types (`NBD_INFO_*`) of NBD_OPT_INFO / NBD_OPT_GO.
@@ -144,6 +155,9 @@ pub mod cflag {
     pub const REQ_ONE: u16 = 1 << 3;
     /// NBD_CMD_FLAG_FAST_ZERO: fail rather than zero slowly.
     pub const FAST_ZERO: u16 = 1 << 4;
+    /// NBD_CMD_FLAG_PAYLOAD_LEN: with extended headers, the length is that of a payload
+    /// following the header rather than of the range acted on.
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
 /// Structured reply chunk types and flags (`NBD_REPLY_TYPE_*`, `NBD_REPLY_FLAG_*`).
@@ -158,6 +172,9 @@ pub mod chunk {
     pub const OFFSET_HOLE: u16 = 2;
     /// NBD_REPLY_TYPE_BLOCK_STATUS: the extents of one metadata context.
     pub const BLOCK_STATUS: u16 = 5;
+    /// NBD_REPLY_TYPE_BLOCK_STATUS_EXT: the same with 64-bit lengths and values, the
+    /// only form with extended headers.
+    pub const BLOCK_STATUS_EXT: u16 = 6;
     /// NBD_REPLY_TYPE_ERROR: an error value and message.
     pub const ERROR: u16 = (1 << 15) + 1;
 }
@@ -217,7 +234,7 @@ pub fn option_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
     m
 }
 
-/// One transmission request header (28 bytes).
+/// One transmission request header: compact (28 bytes) or extended (32 bytes).
 #[derive(Debug, Clone, Copy)]
 pub struct Request {
     /// Command flags.
@@ -228,21 +245,37 @@ pub struct Request {
     pub cookie: u64,
     /// Offset in the export.
     pub offset: u64,
-    /// Length of the request.
-    pub length: u32,
+    /// Length of the request: of the payload for a write (or with
+    /// [`cflag::PAYLOAD_LEN`]), else of the range acted on. 64 bits only with extended
+    /// headers.
+    pub length: u64,
 }
 
 impl Request {
-    /// Reads a request header; `Ok(None)` on a wrong magic (the client is confused: the
-    /// connection must be dropped).
-    pub fn read(r: &mut impl Read) -> io::Result<Option<Self>> {
-        let mut b = [0u8; REQUEST_LEN];
-        r.read_exact(&mut b)?;
-        Ok(Self::parse(&b))
+    /// Bytes of a request header in this header style.
+    pub fn header_len(extended: bool) -> usize {
+        if extended {
+            EXTENDED_REQUEST_LEN
+        } else {
+            REQUEST_LEN
+        }
     }
 
-    /// The request in `b`, or `None` if its magic is wrong.
-    pub fn parse(b: &[u8; REQUEST_LEN]) -> Option<Self> {
+    /// Reads a request header of the style agreed; `Ok(None)` on a wrong magic (the
+    /// client is confused: the connection must be dropped).
+    pub fn read(r: &mut impl Read, extended: bool) -> io::Result<Option<Self>> {
+        let mut b = [0u8; EXTENDED_REQUEST_LEN];
+        let b = &mut b[..Self::header_len(extended)];
+        r.read_exact(b)?;
+        Ok(Self::parse(b, extended))
+    }
+
+    /// The request in `b` (a header of [`Request::header_len`] bytes), or `None` if its
+    /// magic is not the one of the header style agreed, or `b` is not a whole header.
+    pub fn parse(b: &[u8], extended: bool) -> Option<Self> {
+        if b.len() != Self::header_len(extended) {
+            return None;
+        }
         let be32 = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let be16 = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
         let be64 = |i: usize| {
@@ -250,7 +283,12 @@ impl Request {
             a.copy_from_slice(&b[i..i + 8]);
             u64::from_be_bytes(a)
         };
-        if be32(0) != REQUEST_MAGIC {
+        let magic = if extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        };
+        if be32(0) != magic {
             return None;
         }
         Some(Request {
@@ -258,8 +296,45 @@ impl Request {
             kind: be16(6),
             cookie: be64(8),
             offset: be64(16),
-            length: be32(24),
+            length: if extended {
+                be64(24)
+            } else {
+                u64::from(be32(24))
+            },
         })
+    }
+
+    /// Bytes of payload following the header: a write's data, or with extended headers
+    /// whatever a request flagged [`cflag::PAYLOAD_LEN`] carries.
+    pub fn payload_len(&self, extended: bool) -> u64 {
+        if self.kind == cmd::WRITE || (extended && self.flags & cflag::PAYLOAD_LEN != 0) {
+            self.length
+        } else {
+            0
+        }
+    }
+}
+
+/// Whom a reply answers and in which header style: the request's cookie and offset
+/// (extended replies repeat the offset), and whether extended headers are in use.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyTo {
+    /// The request's cookie.
+    pub cookie: u64,
+    /// The request's offset.
+    pub offset: u64,
+    /// Extended headers were negotiated: every reply is an extended chunk.
+    pub extended: bool,
+}
+
+impl ReplyTo {
+    /// The reply to `req` in the style agreed.
+    pub fn new(req: &Request, extended: bool) -> Self {
+        Self {
+            cookie: req.cookie,
+            offset: req.offset,
+            extended,
+        }
     }
 }
 
@@ -272,35 +347,59 @@ pub fn simple_reply(cookie: u64, error: u32) -> [u8; 16] {
     m
 }
 
-/// Appends a structured reply chunk header to `out`.
-pub fn chunk_header(out: &mut Vec<u8>, cookie: u64, flags: u16, kind: u16, len: u32) {
-    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+/// Appends a structured reply chunk header to `out`, or with extended headers an
+/// extended one.
+pub fn chunk_header(out: &mut Vec<u8>, to: &ReplyTo, flags: u16, kind: u16, len: u64) {
+    if to.extended {
+        out.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+    } else {
+        out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    }
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&kind.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&to.cookie.to_be_bytes());
+    if to.extended {
+        out.extend_from_slice(&to.offset.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+    } else {
+        // Structured chunks carry at most a read's data and a block status of bounded
+        // extents, well within 32 bits.
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+    }
 }
 
 /// Appends the header of a final OFFSET_DATA chunk holding `len` bytes read at `offset`;
 /// the data follows it.
-pub fn last_data_chunk_header(out: &mut Vec<u8>, cookie: u64, offset: u64, len: u32) {
-    chunk_header(out, cookie, chunk::FLAG_DONE, chunk::OFFSET_DATA, 8 + len);
+pub fn last_data_chunk_header(out: &mut Vec<u8>, to: &ReplyTo, offset: u64, len: u64) {
+    chunk_header(out, to, chunk::FLAG_DONE, chunk::OFFSET_DATA, 8 + len);
     out.extend_from_slice(&offset.to_be_bytes());
 }
 
 /// Appends a final error chunk to `out`.
-pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, msg: &str) {
+pub fn error_chunk(out: &mut Vec<u8>, to: &ReplyTo, error: u32, msg: &str) {
     let msg = &msg.as_bytes()[..msg.len().min(4096)];
     chunk_header(
         out,
-        cookie,
+        to,
         chunk::FLAG_DONE,
         chunk::ERROR,
-        6 + msg.len() as u32,
+        6 + msg.len() as u64,
     );
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg);
+}
+
+/// The reply of a request that succeeded without data: a simple reply, or with
+/// extended headers (which have no simple replies) a final NONE chunk.
+pub fn done_reply(to: &ReplyTo) -> Vec<u8> {
+    if to.extended {
+        let mut out = Vec::with_capacity(32);
+        chunk_header(&mut out, to, chunk::FLAG_DONE, chunk::NONE, 0);
+        out
+    } else {
+        simple_reply(to.cookie, 0).to_vec()
+    }
 }
 
 /// Writes all of `bufs` in order.
@@ -309,4 +408,90 @@ pub fn write_all(w: &mut impl Write, bufs: &[&[u8]]) -> io::Result<()> {
         w.write_all(b)?;
     }
     w.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(magic: u32, flags: u16, kind: u16, len: &[u8]) -> Vec<u8> {
+        let mut b = magic.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&7u64.to_be_bytes());
+        b.extend_from_slice(&(5u64 << 30).to_be_bytes());
+        b.extend_from_slice(len);
+        b
+    }
+
+    #[test]
+    fn each_header_style_takes_only_its_own_magic_and_size() {
+        let compact = header(REQUEST_MAGIC, 0, cmd::READ, &4096u32.to_be_bytes());
+        let extended = header(
+            EXTENDED_REQUEST_MAGIC,
+            0,
+            cmd::WRITE_ZEROES,
+            &(6u64 << 30).to_be_bytes(),
+        );
+        let r = Request::parse(&compact, false).unwrap();
+        assert_eq!(
+            (r.kind, r.cookie, r.offset, r.length),
+            (cmd::READ, 7, 5 << 30, 4096)
+        );
+        let r = Request::parse(&extended, true).unwrap();
+        assert_eq!((r.kind, r.length), (cmd::WRITE_ZEROES, 6 << 30));
+        assert_eq!(r.payload_len(true), 0);
+        assert!(Request::parse(&compact, true).is_none());
+        assert!(Request::parse(&extended, false).is_none());
+        // The right size with the other style's magic.
+        let mut wrong = extended.clone();
+        wrong[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        assert!(Request::parse(&wrong, true).is_none());
+    }
+
+    #[test]
+    fn a_payload_is_a_writes_or_flagged_under_extended_headers_only() {
+        let flagged = header(REQUEST_MAGIC, cflag::PAYLOAD_LEN, cmd::TRIM, &[0, 0, 0, 9]);
+        // Compact: the flag means nothing here, and no bytes follow.
+        assert_eq!(
+            Request::parse(&flagged, false).unwrap().payload_len(false),
+            0
+        );
+        let flagged = header(
+            EXTENDED_REQUEST_MAGIC,
+            cflag::PAYLOAD_LEN,
+            cmd::TRIM,
+            &9u64.to_be_bytes(),
+        );
+        assert_eq!(Request::parse(&flagged, true).unwrap().payload_len(true), 9);
+        let write = header(REQUEST_MAGIC, 0, cmd::WRITE, &512u32.to_be_bytes());
+        assert_eq!(
+            Request::parse(&write, false).unwrap().payload_len(false),
+            512
+        );
+    }
+
+    #[test]
+    fn extended_replies_repeat_the_offset_and_have_no_simple_form() {
+        let to = ReplyTo {
+            cookie: 3,
+            offset: 1 << 33,
+            extended: true,
+        };
+        let done = done_reply(&to);
+        assert_eq!(done.len(), 32);
+        assert_eq!(done[..4], EXTENDED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(done[4..8], [0, 1, 0, 0], "DONE, NONE");
+        assert_eq!(done[16..24], (1u64 << 33).to_be_bytes());
+        assert_eq!(done[24..32], [0; 8]);
+        let mut err = Vec::new();
+        error_chunk(&mut err, &to, errno::EINVAL, "no");
+        assert_eq!(err.len(), 32 + 8);
+        assert_eq!(err[24..32], 8u64.to_be_bytes());
+        let compact = ReplyTo {
+            extended: false,
+            ..to
+        };
+        assert_eq!(done_reply(&compact), simple_reply(3, 0));
+    }
 }

@@ -5,7 +5,7 @@ use crate::commands::{run_on_pool, MAX_EXTENTS};
 use crate::connection::Connection;
 use crate::export::MAX_PAYLOAD;
 use crate::pool::Pool;
-use crate::proto::{self, cflag, cmd, errno, Request};
+use crate::proto::{cflag, cmd, errno, Request};
 use crate::transport::Transport;
 use qed::AlignedBuf as Buf;
 use std::io::Read;
@@ -16,19 +16,16 @@ use std::sync::Arc;
 pub(crate) fn read_requests(conn: &Arc<Connection>, pool: &Pool, stream: Transport) {
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
     // A wrong magic or a read error ends the session.
-    while let Ok(Some(req)) = Request::read(&mut reader) {
+    let extended = conn.session.extended;
+    while let Ok(Some(req)) = Request::read(&mut reader, extended) {
         if req.kind == cmd::DISC {
             break;
         }
-        let payload_len = if req.kind == cmd::WRITE {
-            if req.length > MAX_PAYLOAD {
-                refuse_oversized_write(conn, &req);
-                break;
-            }
-            u64::from(req.length)
-        } else {
-            0
-        };
+        let payload_len = req.payload_len(extended);
+        if payload_len > u64::from(MAX_PAYLOAD) {
+            refuse_oversized_write(conn, &req);
+            break;
+        }
         let cost = cost(conn, &req, payload_len);
         conn.budget.acquire(cost);
         // Aligned, so that it can go to an O_DIRECT file as it is.
@@ -42,21 +39,29 @@ pub(crate) fn read_requests(conn: &Arc<Connection>, pool: &Pool, stream: Transpo
     }
 }
 
-/// The payload cannot be refused without reading it: this says why, and the caller then
-/// drops the client.
+/// A payload longer than the server takes cannot be refused without reading it: this
+/// says why, and the caller then drops the client.
 pub(crate) fn refuse_oversized_write(conn: &Connection, req: &Request) {
     conn.budget.take(0);
-    conn.send(proto::simple_reply(req.cookie, errno::EINVAL).to_vec(), 0);
+    conn.send(
+        conn.error_reply(req, errno::EINVAL, "payload larger than 32 MiB"),
+        0,
+    );
 }
 
 /// What a request holds of the budget until its reply is sent: its payload, or the most
 /// its reply can carry.
 pub(crate) fn cost(conn: &Connection, req: &Request, payload_len: u64) -> u64 {
     match req.kind {
-        cmd::READ => u64::from(req.length.min(MAX_PAYLOAD)),
+        cmd::READ => req.length.min(u64::from(MAX_PAYLOAD)),
         // A block status reply can list up to MAX_EXTENTS runs per context.
         cmd::BLOCK_STATUS if req.flags & cflag::REQ_ONE == 0 => {
-            conn.session.contexts.len() as u64 * (16 + 8 * MAX_EXTENTS as u64)
+            let (head, descriptor) = if conn.session.extended {
+                (40, 16)
+            } else {
+                (24, 8)
+            };
+            conn.session.contexts.len() as u64 * (head + descriptor * MAX_EXTENTS as u64)
         }
         _ => payload_len,
     }

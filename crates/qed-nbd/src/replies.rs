@@ -324,6 +324,7 @@ impl<'a> ReplyThread<'a> {
         };
         // A read needs room for its data; a write's buffer is its payload.
         let mut buf = if write.is_none() {
+            // Within MAX_PAYLOAD: direct_target checked it.
             self.out.read_buffer(req.length as usize)
         } else {
             buf
@@ -345,9 +346,21 @@ impl<'a> ReplyThread<'a> {
         // request is reaped, and `finish` drains the ring before the thread ends.
         let pushed = unsafe {
             if is_write {
-                ring.write(extent.fd, ptr, req.length, extent.offset, slot as u64)
+                ring.write(
+                    extent.fd,
+                    ptr,
+                    req.length as u32,
+                    extent.offset,
+                    slot as u64,
+                )
             } else {
-                ring.read(extent.fd, ptr, req.length, extent.offset, slot as u64)
+                ring.read(
+                    extent.fd,
+                    ptr,
+                    req.length as u32,
+                    extent.offset,
+                    slot as u64,
+                )
             }
         };
         if pushed.is_err() {
@@ -373,11 +386,11 @@ fn direct_target<'a>(
     Option<PendingWrite<'a>>,
     Option<DirectRead<'a>>,
 )> {
-    let len = u64::from(req.length);
+    let len = req.length;
     let valid = len > 0
-        && req.length <= MAX_PAYLOAD
+        && len <= u64::from(MAX_PAYLOAD)
         && req.offset.checked_add(len).is_some_and(|e| e <= dev.size())
-        && req.flags & !allowed_flags(req.kind, conn.session.structured) == 0;
+        && req.flags & !allowed_flags(req.kind, &conn.session) == 0;
     let usable = |x: &DirectExtent| x.offset % x.align == 0 && len % x.align == 0;
     match req.kind {
         cmd::READ if valid => match dev.begin_read(req.offset, len) {
@@ -403,7 +416,7 @@ fn complete(
     write: Option<PendingWrite<'_>>,
     res: i32,
 ) -> (Vec<u8>, bool) {
-    let done = res >= 0 && res as u32 == req.length;
+    let done = res >= 0 && res as u64 == req.length;
     let failure = if res < 0 {
         io_errno(&std::io::Error::from_raw_os_error(-res))
     } else {
@@ -411,7 +424,7 @@ fn complete(
     };
     if let Some(w) = write {
         let reply = match w.finish(done) {
-            Ok(()) if done => proto::simple_reply(req.cookie, 0).to_vec(),
+            Ok(()) if done => conn.ok_reply(&req),
             Ok(()) => conn.error_reply(&req, failure, "write failed"),
             Err(e) => conn.error_reply(&req, nbd_error(&e, true), &e.to_string()),
         };
@@ -422,7 +435,7 @@ fn complete(
     }
     let mut head = Vec::with_capacity(32);
     if conn.session.structured {
-        proto::last_data_chunk_header(&mut head, req.cookie, req.offset, req.length);
+        proto::last_data_chunk_header(&mut head, &conn.reply_to(&req), req.offset, req.length);
     } else {
         head.extend_from_slice(&proto::simple_reply(req.cookie, 0));
     }

@@ -177,11 +177,19 @@ impl Server {
         let timeout = self.config.handshake_timeout;
         let tls = self.config.tls.clone();
         let log = self.config.log;
+        let multi_conn = self.config.max_connections > 1;
         std::thread::spawn(move || {
             let deadline = Instant::now() + timeout;
             let stopping = || shutdown.load(Ordering::Acquire);
             let peer = tls.as_ref().map(|_| stream.peer());
-            match handshake(stream, &export, tls.as_deref(), deadline, &stopping) {
+            match handshake(
+                stream,
+                &export,
+                tls.as_deref(),
+                deadline,
+                multi_conn,
+                &stopping,
+            ) {
                 Ok(Ok((channel, session))) => serve(channel, export, session, &pool),
                 Ok(Err(_)) => {}
                 Err(e) => {

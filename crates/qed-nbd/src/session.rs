@@ -1,5 +1,5 @@
-//! What the handshake agrees on and transmission abides by: structured replies and the
-//! metadata contexts selected.
+//! What the handshake agrees on and transmission abides by: structured replies or
+//! extended headers, and the metadata contexts selected.
 
 /// A metadata context a client can select for NBD_CMD_BLOCK_STATUS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,8 +42,11 @@ impl MetaContext {
 /// What the handshake agreed on.
 #[derive(Debug, Clone, Default)]
 pub struct Session {
-    /// Structured replies were negotiated.
+    /// Structured replies were negotiated (or extended headers, which include them).
     pub structured: bool,
+    /// Extended headers were negotiated: 32-byte requests with 64-bit lengths, and
+    /// only extended reply chunks.
+    pub extended: bool,
     /// Selected metadata contexts.
     pub contexts: Vec<MetaContext>,
 }

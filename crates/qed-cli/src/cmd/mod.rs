@@ -6,6 +6,7 @@ pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
+mod daemon;
 pub mod info;
 pub mod io;
 pub mod job;

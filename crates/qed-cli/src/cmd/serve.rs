@@ -17,12 +17,16 @@ pub struct Args {
     /// Listen on this Unix socket instead of TCP.
     #[arg(short = 'k', long = "socket", conflicts_with_all = ["bind", "port"])]
     socket: Option<PathBuf>,
-    /// Address to bind for TCP (loopback unless given).
-    #[arg(short = 'b', long = "bind", default_value = "127.0.0.1")]
-    bind: String,
-    /// TCP port.
-    #[arg(short = 'p', long = "port", default_value_t = 10809)]
-    port: u16,
+    /// Address to bind for TCP [default: 127.0.0.1].
+    #[arg(short = 'b', long = "bind")]
+    bind: Option<String>,
+    /// TCP port [default: 10809].
+    #[arg(short = 'p', long = "port")]
+    port: Option<u16>,
+    /// Run in the background: return once the server accepts connections (exit 0), or
+    /// with the error that kept it from starting.
+    #[arg(long = "fork")]
+    fork: bool,
     /// Export name.
     #[arg(short = 'x', long = "export-name", default_value = "")]
     name: String,
@@ -102,6 +106,17 @@ pub struct Args {
 /// Runs `qed serve`: serves until SIGINT or SIGTERM (or, unless persistent, until the
 /// last client leaves), then cancels the jobs still running and leaves the image clean.
 pub fn run(a: Args) -> Result<u8> {
+    // Both before any thread starts: activation changes the environment, and a fork
+    // copies only the calling thread.
+    let activated = super::daemon::activated_socket()?;
+    if activated.is_some() && (a.socket.is_some() || a.bind.is_some() || a.port.is_some()) {
+        bail!("-k, -b and -p cannot be used with socket activation (LISTEN_FDS): the socket is handed over");
+    }
+    let mut readiness = if a.fork {
+        Some(super::daemon::fork()?)
+    } else {
+        None
+    };
     let discard = parse_discard(&a.discard)?;
     let direct = super::parse_cache(&a.cache)?;
     if a.shared == 0 {
@@ -147,7 +162,13 @@ pub fn run(a: Args) -> Result<u8> {
         }
         None => None,
     };
-    let (listener, place) = listen(&a)?;
+    let (listener, place) = match activated {
+        Some(l) => {
+            let place = super::daemon::describe(&l);
+            (l, place)
+        }
+        None => listen(&a)?,
+    };
     let tls_note = match tls.as_ref().map(|t| t.mode()) {
         Some(TlsMode::Require) => ", TLS required",
         Some(TlsMode::On) => ", TLS offered",
@@ -194,7 +215,13 @@ pub fn run(a: Args) -> Result<u8> {
     };
     let result = match started {
         Err(e) => Err(anyhow::anyhow!("--stream: {e}")),
-        Ok(()) => server.run(listener).context("serving"),
+        Ok(()) => {
+            // The socket listens already: clients that connect now wait to be accepted.
+            if let Some(r) = readiness.as_mut() {
+                r.ready();
+            }
+            server.run(listener).context("serving")
+        }
     };
     jobs.close();
     if let Some(w) = watcher {
@@ -272,7 +299,11 @@ fn listen(a: &Args) -> Result<(Listener, String)> {
             .with_context(|| format!("could not listen on {}", path.display()))?;
         return Ok((Listener::Unix(l), format!("unix socket {}", path.display())));
     }
-    let addr = format!("{}:{}", a.bind, a.port);
+    let addr = format!(
+        "{}:{}",
+        a.bind.as_deref().unwrap_or("127.0.0.1"),
+        a.port.unwrap_or(10809)
+    );
     let l = TcpListener::bind(&addr).with_context(|| format!("could not listen on {addr}"))?;
     let local = l.local_addr().map(|a| a.to_string()).unwrap_or(addr);
     Ok((Listener::Tcp(l), local))

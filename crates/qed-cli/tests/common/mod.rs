@@ -7,6 +7,8 @@ pub mod nginx;
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
@@ -196,4 +198,30 @@ pub fn etag_of(url: &str) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_else(|| panic!("{url} has no ETag"))
         .to_string()
+}
+
+/// `qed serve ARGS` with `fd` handed over as socket activation does: at descriptor 3,
+/// LISTEN_FDS=1 and LISTEN_PID naming the server's own process.
+pub fn activated(dir: &Path, fd: RawFd, args: &[&str]) -> Command {
+    let mut cmd = Command::new("sh");
+    // The shell learns the pid it keeps when it execs the server.
+    cmd.args(["-c", "LISTEN_PID=$$ exec \"$@\"", "sh", QED, "serve"])
+        .args(args)
+        .current_dir(dir)
+        .env("LISTEN_FDS", "1")
+        .stdin(Stdio::null());
+    // SAFETY: between fork and exec the closure only calls dup2 and fcntl, which are
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 3 {
+                let flags = libc::fcntl(3, libc::F_GETFD);
+                libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            } else if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
 }
