@@ -377,6 +377,10 @@ fn a_backing_file_in_use_is_not_written() {
     let sock = sock.to_str().unwrap();
     // QEMU uses the overlay: the base may be read, not written.
     let mut h = Holder::qemu_io(dir, "ov.qed", false, "base.qed");
+    // The overlay itself is QEMU's: no stream or commit of it here.
+    refused(dir, QED, &["stream", "ov.qed"]);
+    refused(dir, QED, &["commit", "ov.qed"]);
+    refused(dir, QED, &["rebase", "-u", "-b", "", "ov.qed"]);
     ok(dir, QED, &["info", "base.qed"]);
     ok(
         dir,

@@ -412,9 +412,10 @@ fn apply(
             }
         }
         Op::Discard { off, len } => {
-            // Only data clusters wholly inside the range are zeroed. The model knows
-            // some of them, the image knows all: ask it, holding it to what is known.
-            let mut zeroed = Vec::new();
+            // Every cluster wholly inside the range reads as zeros afterwards, whatever it
+            // was: data, a zero cluster, or unallocated over backing data. The model knows
+            // which clusters a write left as data; the image may know more, never fewer.
+            let mut whole = Vec::new();
             let mut c = off.next_multiple_of(cs);
             while c + cs <= off + len {
                 let (m, _) = img.lookup(c, cs).ctx(|| format!("{what}: lookup {c:#x}"))?;
@@ -426,15 +427,13 @@ fn apply(
                     c,
                     m
                 );
-                if data {
-                    zeroed.push(c);
-                }
+                whole.push(c);
                 c += cs;
             }
             img.discard(off, len).ctx(|| what.to_string())?;
-            for c in zeroed {
+            for c in whole {
                 model.range(c, cs).fill(0);
-                // Freed: the cluster is no longer data.
+                // Freed, or never data: the cluster is not data now.
                 model.written[(c / cs) as usize] = false;
             }
         }
@@ -784,6 +783,15 @@ fn concurrent_smoke(geo: Geo, stripe: u64, backed: bool, seed: u64, moving: bool
             .map(|t| {
                 let model = &model;
                 s.spawn(move || {
+                    // Counted out however the thread ends: a writer that panics must not
+                    // leave the flushing thread looping for ever.
+                    struct Leaving<'a>(&'a std::sync::atomic::AtomicU64);
+                    impl Drop for Leaving<'_> {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                        }
+                    }
+                    let _leaving = Leaving(running);
                     // This thread owns stripes t, t + THREADS, ...; keep its view of them.
                     let mut mine: Vec<(u64, Vec<u8>)> = (t..stripes)
                         .step_by(THREADS as usize)
@@ -807,18 +815,13 @@ fn concurrent_smoke(geo: Geo, stripe: u64, backed: bool, seed: u64, moving: bool
                                 bytes[lo as usize..hi as usize].fill(0);
                             }
                             1 => {
-                                let mut c = pos.next_multiple_of(cs);
-                                let mut data_clusters = Vec::new();
-                                while c + cs <= pos + len {
-                                    if let Mapping::Data(_) = img.lookup(c, cs).unwrap().0 {
-                                        data_clusters.push(c);
-                                    }
-                                    c += cs;
-                                }
+                                // Every cluster wholly inside reads as zeros afterwards.
                                 img.discard(pos, len).unwrap();
-                                for c in data_clusters {
+                                let mut c = pos.next_multiple_of(cs);
+                                while c + cs <= pos + len {
                                     let at = (c - base) as usize;
                                     bytes[at..at + cs as usize].fill(0);
+                                    c += cs;
                                 }
                             }
                             2 | 3 => {
@@ -836,7 +839,6 @@ fn concurrent_smoke(geo: Geo, stripe: u64, backed: bool, seed: u64, moving: bool
                             }
                         }
                     }
-                    running.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                     mine
                 })
             })
