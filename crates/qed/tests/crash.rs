@@ -50,8 +50,8 @@
 //! image read right after that grow, never their pre-shrink contents.
 //!
 //! Scale: `QED_CRASH_SCALE=n` multiplies the states sampled per crash point and the
-//! number of random workloads; `QED_CRASH_SEED=s` changes the seed of the random
-//! workloads and samples. Run with `-- --nocapture` to see the counts.
+//! number of random workloads; `QED_CRASH_SEED=s` (decimal, or hex as the summary
+//! prints it) changes the seed of the random workloads and samples. Run with `-- --nocapture` to see the counts.
 
 use qed::{BlockDevice, CreateOptions, Error, Format, Image, Mapping, OpenOptions};
 use qed::{MemoryStorage, Reorganization, Storage};
@@ -98,8 +98,13 @@ struct Config {
 fn config() -> Config {
     let var = |name: &str| {
         std::env::var(name).ok().map(|v| {
-            v.parse::<u64>()
-                .unwrap_or_else(|_| panic!("{name}={v}: not a number"))
+            // Taken as printed: the summary prints the seed in hex.
+            let t = v.trim();
+            match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
+                None => t.replace('_', "").parse::<u64>(),
+            }
+            .unwrap_or_else(|_| panic!("{name}={v}: not a number (decimal, or hex with 0x)"))
         })
     };
     Config {
