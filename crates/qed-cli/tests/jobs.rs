@@ -157,18 +157,8 @@ impl Served {
     }
 
     fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                t.elapsed() < limit,
-                "qed serve did not exit within {limit:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::exited_within(&mut self.child, limit)
+            .unwrap_or_else(|| panic!("qed serve did not exit within {limit:?}:\n{}", self.log()))
     }
 
     /// Signals, then asserts a clean exit that left neither socket behind; returns the
@@ -263,12 +253,6 @@ fn assert_completed(j: &Value, size: u64) {
 // ---------------------------------------------------------------------------------------
 // 1. A stream under fio.
 
-fn fio_json(out: &str) -> Value {
-    // The nbd engine prints a line per connection before the report.
-    let at = out.find("\n{").map(|i| i + 1).unwrap_or(0);
-    serde_json::from_str(&out[at..]).unwrap_or_else(|e| panic!("fio JSON ({e}):\n{out}"))
-}
-
 /// fio's four jobs, each writing (or with `verify_only`, checking) its own 8M of the
 /// first 32M with crc32c verification.
 fn fio(dir: &Path, uri: &str, verify_only: bool) {
@@ -289,7 +273,7 @@ fn fio(dir: &Path, uri: &str, verify_only: bool) {
     if verify_only {
         args.push("--verify_only=1".into());
     }
-    let report = fio_json(&ok(dir, FIO, &args));
+    let report = common::fio_json(&ok(dir, FIO, &args));
     let jobs = report["jobs"].as_array().expect("fio jobs");
     assert_eq!(jobs.len(), 4);
     for j in jobs {

@@ -37,15 +37,8 @@ fn lock_bytes(path: &Path) -> Vec<u64> {
     bytes
 }
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !cond() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    common::wait_for(Duration::from_secs(20), what, cond)
 }
 
 /// A process holding an image open; killed when dropped (unmounting what it mounted).

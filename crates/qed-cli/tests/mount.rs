@@ -7,7 +7,6 @@
 //! test leaves nothing mounted. A missing tool fails these tests instead of skipping
 //! them: skipping would let a machine without FUSE report the suite as passing.
 
-use serde_json::Value;
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -57,15 +56,6 @@ fn is_mounted(path: &Path) -> bool {
     table
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
-}
-
-/// Polls `cond` until it holds, failing with `what` after `limit`.
-fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !cond() {
-        assert!(t.elapsed() < limit, "{what} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Unmounts `path` (retrying while a closing client still holds it), failing after a
@@ -166,7 +156,7 @@ impl Mounted {
             .find(" mounted on ")
             .expect("the banner names the place");
         let disk = PathBuf::from(banner[at + 12..].trim_end_matches(" (read-only)"));
-        wait_for(
+        common::wait_for(
             Duration::from_secs(10),
             "the mount table shows the mount",
             || is_mounted(mountpoint),
@@ -192,18 +182,12 @@ impl Mounted {
     }
 
     fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                t.elapsed() < limit,
+        common::exited_within(&mut self.child, limit).unwrap_or_else(|| {
+            panic!(
                 "qed mount did not exit within {limit:?}:\n{}",
                 self.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            )
+        })
     }
 
     /// `fusermount3 -u`, then asserts a clean exit.
@@ -226,11 +210,6 @@ impl Drop for Mounted {
             let _ = self.child.wait();
         }
     }
-}
-
-fn fio_json(out: &str) -> Value {
-    let at = out.find('{').unwrap_or(0);
-    serde_json::from_str(&out[at..]).unwrap_or_else(|e| panic!("fio JSON ({e}):\n{out}"))
 }
 
 /// 512-byte blocks a file takes.
@@ -305,7 +284,7 @@ fn fio_verifies_random_writes_at_depth_32() {
             if verify_only {
                 args.push("--verify_only=1".into());
             }
-            let report = fio_json(&ok(dir, FIO, &args));
+            let report = common::fio_json(&ok(dir, FIO, &args));
             let jobs = report["jobs"].as_array().expect("fio jobs");
             assert_eq!(jobs.len(), 2);
             for j in jobs {
@@ -644,7 +623,7 @@ fn signals_leave_a_clean_image_with_requests_in_flight() {
             .collect();
         // Signal once data is being allocated (the image is marked in use), with both
         // loads still running.
-        wait_for(
+        common::wait_for(
             Duration::from_secs(20),
             "NEED_CHECK set by the writes",
             || need_check(&dir.join("img.qed")),
@@ -674,7 +653,7 @@ fn signals_leave_a_clean_image_with_requests_in_flight() {
             .collect();
         assert!(!acked.is_empty(), "SIG{sig}: no write was acknowledged");
         assert!(!pid_file.exists(), "SIG{sig}: the pid file is left behind");
-        wait_for(Duration::from_secs(10), "the mount gone", || {
+        common::wait_for(Duration::from_secs(10), "the mount gone", || {
             !is_mounted(&mnt)
         });
 
@@ -830,7 +809,7 @@ fn daemon_returns_once_mounted_and_ends_at_unmount() {
         &["write -P 0x5d 2M 1M"],
     );
     unmount(&mnt);
-    wait_for(Duration::from_secs(30), "the daemon ends", || !alive(pid));
+    common::wait_for(Duration::from_secs(30), "the daemon ends", || !alive(pid));
     assert!(!pid_file.exists(), "the pid file is left behind");
     qemu_io(dir, "qed", "img.qed", false, &["read -P 0x5d 2M 1M"]);
     assert_clean(dir, "img.qed");

@@ -132,18 +132,12 @@ impl Served {
     }
 
     fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                t.elapsed() < limit,
+        common::exited_within(&mut self.child, limit).unwrap_or_else(|| {
+            panic!(
                 "qed serve did not exit within {limit:?}:\n{}",
                 self.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            )
+        })
     }
 
     /// SIGTERM, then asserts a clean exit.
@@ -508,12 +502,6 @@ fn nbdcopy_round_trip() {
 // ---------------------------------------------------------------------------------------
 // 4. fio.
 
-fn fio_json(out: &str) -> Value {
-    // The nbd engine prints a line per connection before the report.
-    let at = out.find("\n{").map(|i| i + 1).unwrap_or(0);
-    serde_json::from_str(&out[at..]).unwrap_or_else(|e| panic!("fio JSON ({e}):\n{out}"))
-}
-
 #[test]
 fn fio_verify_with_four_connections() {
     let tmp = new_dir();
@@ -539,7 +527,7 @@ fn fio_verify_with_four_connections() {
         if verify_only {
             args.push("--verify_only=1".into());
         }
-        let report = fio_json(&ok(dir, FIO, &args));
+        let report = common::fio_json(&ok(dir, FIO, &args));
         let jobs = report["jobs"].as_array().expect("fio jobs");
         assert_eq!(jobs.len(), 4);
         for j in jobs {

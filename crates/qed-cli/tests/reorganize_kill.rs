@@ -887,20 +887,6 @@ fn start_fio(dir: &Path, relay: &Path, fsync: &[u64], seed: u64) -> Child {
         .unwrap_or_else(|e| panic!("cannot run fio: {e}{}", common::install_hint(FIO)))
 }
 
-/// Waits for `child` to exit, at most `limit`.
-fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let t = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return Some(st);
-        }
-        if t.elapsed() > limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// When to kill the server after starting the job.
 #[derive(Clone, Copy, Debug)]
 enum KillAt {
@@ -1044,7 +1030,7 @@ fn run_once(
     }
 
     // fio must notice that the server is gone, and was writing all along.
-    let fio_status = wait_exit(&mut fio, Duration::from_secs(30));
+    let fio_status = common::exited_within(&mut fio, Duration::from_secs(30));
     if fio_status.is_none() {
         let _ = fio.kill();
         let _ = fio.wait();

@@ -10,9 +10,9 @@ use std::io::{BufRead, BufReader};
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub const QED: &str = env!("CARGO_BIN_EXE_qed");
@@ -134,6 +134,40 @@ pub fn new_dir() -> TempDir {
 
 pub fn create_qed(dir: &Path, name: &str, size: &str) {
     ok(dir, QED, &["create", "-q", name, size]);
+}
+
+/// Waits for `child` to exit, at most `limit`; `None` if it is still running then.
+pub fn exited_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("look at a child process") {
+            return Some(st);
+        }
+        if t.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until `cond` holds, failing the test with `what` after `limit`.
+pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < limit, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// fio's JSON report out of its output (the nbd engine prints a line per connection
+/// before it).
+pub fn fio_json(out: &str) -> serde_json::Value {
+    let at = out
+        .find("\n{")
+        .map(|i| i + 1)
+        .or_else(|| out.find('{'))
+        .unwrap_or(0);
+    serde_json::from_str(&out[at..]).unwrap_or_else(|e| panic!("fio JSON ({e}):\n{out}"))
 }
 
 /// What a server started by a test printed on stderr, collected while it runs.
