@@ -597,7 +597,7 @@ fn an_overlay_refuses_a_base_replaced_after_it_was_created_until_rebased() {
     assert_ne!(old_tag, new_tag);
 
     // Every open is refused, read-only or not, before reading: nothing is mixed.
-    let sent = nginx.bytes_sent("base.raw");
+    let sent = nginx.settled_bytes_sent("base.raw");
     for args in [
         &["io", "-r", "-c", "read 0 4k", "top.qed"][..],
         &["io", "-c", "write -P 0x5a 0 4k", "top.qed"],
@@ -610,7 +610,7 @@ fn an_overlay_refuses_a_base_replaced_after_it_was_created_until_rebased() {
     }
     // Only the one-byte probes of each open crossed the wire.
     assert!(
-        nginx.bytes_sent("base.raw") - sent <= 5,
+        nginx.settled_bytes_sent("base.raw") - sent <= 5,
         "the base was read"
     );
     assert!(!w.join("out.raw").exists());

@@ -210,10 +210,14 @@ impl<'a> Command<'a> {
             return Err((errno::EINVAL, "cache past the end of the export".into()));
         }
         let end = self.req.offset + self.len;
-        // Looking the range up brings its metadata into the cache.
+        // Looking the range up brings its metadata into the cache. A hint: at most
+        // MAX_LOOKUPS of it, so that one request (64-bit with extended headers) cannot
+        // hold a worker for the whole of a huge image.
         let mut pos = self.req.offset;
-        while pos < end {
+        let mut lookups = 0;
+        while pos < end && lookups < MAX_LOOKUPS {
             pos += io_status(self.device().block_status(pos, end - pos))?;
+            lookups += 1;
         }
         Ok(self.ok_reply())
     }
@@ -363,6 +367,11 @@ fn block_status(
     Ok(out)
 }
 
+/// Lookups one block status or cache request makes at most: with 64 KiB clusters a lookup
+/// covers up to 32 MiB of unallocated space, so this answers for 32 GiB at a time, while
+/// a 64-bit request over a 64 TiB image would otherwise take two million lookups.
+const MAX_LOOKUPS: usize = 1024;
+
 /// The runs of the requested range (at most [`MAX_EXTENTS`]; only the first with
 /// `one`), neighbours alike in every context merged.
 fn allocation_runs(
@@ -373,7 +382,11 @@ fn allocation_runs(
     let end = req.offset + req.length;
     let mut runs: Vec<Run> = Vec::new();
     let mut pos = req.offset;
-    while pos < end && runs.len() < MAX_EXTENTS {
+    // Runs alike merge, so the count of runs does not bound the walk: the lookups do.
+    // A shorter answer than asked is allowed, and the client asks again from its end.
+    let mut lookups = 0;
+    while pos < end && runs.len() < MAX_EXTENTS && lookups < MAX_LOOKUPS {
+        lookups += 1;
         let e = io_err(describe(dev, pos, end - pos, 0))?;
         let flags =
             if e.data { 0 } else { proto::STATE_HOLE } | if e.zero { proto::STATE_ZERO } else { 0 };

@@ -50,9 +50,10 @@ pub(crate) fn refuse_oversized_write(conn: &Connection, req: &Request) {
 }
 
 /// What a request holds of the budget until its reply is sent: its payload, or the most
-/// its reply can carry.
+/// its reply can carry, whichever is more. Any request may carry a payload with extended
+/// headers (it is refused later, but held until then), so every payload is counted.
 pub(crate) fn cost(conn: &Connection, req: &Request, payload_len: u64) -> u64 {
-    match req.kind {
+    let reply = match req.kind {
         cmd::READ => req.length.min(u64::from(MAX_PAYLOAD)),
         // A block status reply can list up to MAX_EXTENTS runs per context.
         cmd::BLOCK_STATUS if req.flags & cflag::REQ_ONE == 0 => {
@@ -63,6 +64,7 @@ pub(crate) fn cost(conn: &Connection, req: &Request, payload_len: u64) -> u64 {
             };
             conn.session.contexts.len() as u64 * (head + descriptor * MAX_EXTENTS as u64)
         }
-        _ => payload_len,
-    }
+        _ => 0,
+    };
+    reply.max(payload_len)
 }

@@ -100,6 +100,21 @@ impl Nginx {
         format!("http://127.0.0.1:{}/{name}", self.port)
     }
 
+    /// [`Nginx::bytes_sent`] once nginx has logged what it was serving: it writes a
+    /// request's line after the response has left, so a client can be done first.
+    pub fn settled_bytes_sent(&self, name: &str) -> u64 {
+        let mut last = self.bytes_sent(name);
+        for _ in 0..40 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let now = self.bytes_sent(name);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
+    }
+
     /// Body bytes sent for `name` so far, from the access log.
     pub fn bytes_sent(&self, name: &str) -> u64 {
         let log = std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();

@@ -35,6 +35,10 @@ pub(super) fn read_pin(
     header: &Header,
     name: &str,
 ) -> std::io::Result<Option<RemoteIdentity>> {
+    // A name QEMU would read over the header's own fields has no record after it.
+    if header.backing_filename_offset < HEADER_LEN as u32 {
+        return Ok(None);
+    }
     let at = pin_offset(header.backing_filename_offset, header.backing_filename_size);
     let room = header
         .header_bytes()
@@ -206,7 +210,9 @@ impl Image {
         // After the name where the header has it, which QEMU may have put elsewhere
         // than right after the header.
         let at = pin_offset(header.backing_filename_offset, header.backing_filename_size);
-        if at + record.len() as u64 > self.data_start {
+        if header.backing_filename_offset < HEADER_LEN as u32
+            || at + record.len() as u64 > self.data_start
+        {
             return Err(Error::invalid_argument(format!(
                 "{}: the header area has no room after the backing file name for the \
                  record of the remote base's identity ({} bytes)",
@@ -229,11 +235,13 @@ impl Image {
         pin: Option<&RemoteIdentity>,
     ) -> Result<()> {
         let mut header = self.header();
-        let old_pin_end = header.has_backing_file().then(|| {
-            pin_offset(header.backing_filename_offset, header.backing_filename_size)
-                + PIN_MAGIC.len() as u64
-        });
+        // Where the old name's record starts, if it can have one.
+        let old_pin = (header.has_backing_file()
+            && header.backing_filename_offset >= HEADER_LEN as u32)
+            .then(|| pin_offset(header.backing_filename_offset, header.backing_filename_size))
+            .filter(|&at| at + PIN_MAGIC.len() as u64 <= self.data_start);
         header.features &= !(features::BACKING_FILE | features::BACKING_FORMAT_NO_PROBE);
+        let dropping = backing.is_none();
         let mut bytes = Vec::with_capacity(HEADER_LEN);
         match backing {
             Some((name, format)) => {
@@ -252,20 +260,19 @@ impl Image {
                 header.backing_filename_offset = HEADER_LEN as u32;
                 header.backing_filename_size = name.len() as u32;
                 bytes.extend_from_slice(&header.encode());
-                bytes.extend_from_slice(&name_and_pin(
-                    self.data_start,
-                    name,
-                    pin.map(RemoteIdentity::kept).as_ref(),
-                )?);
+                let pin = pin.map(RemoteIdentity::kept);
+                let tail = match name_and_pin(self.data_start, name, pin.as_ref()) {
+                    // No room for the record: the name goes unpinned, as an open that
+                    // cannot pin leaves it, rather than fail after a stream's copy.
+                    Err(_) if pin.is_some() => name_and_pin(self.data_start, name, None)?,
+                    r => r?,
+                };
+                bytes.extend_from_slice(&tail);
             }
             None => {
                 header.backing_filename_offset = 0;
                 header.backing_filename_size = 0;
                 bytes.extend_from_slice(&header.encode());
-                // An image without a backing file pins nothing: the old record goes.
-                if let Some(end) = old_pin_end.filter(|&e| e <= self.data_start) {
-                    bytes.resize((end as usize).max(bytes.len()), 0);
-                }
             }
         }
         // Keep whatever follows in the last sector touched, as a header rewrite does.
@@ -275,8 +282,16 @@ impl Image {
             .read_at(&mut sectors, 0)
             .context(|| format!("reading the header of {}", self.name))?;
         sectors[..bytes.len()].copy_from_slice(&bytes);
+        // An image without a backing file pins nothing: the old record's magic goes too,
+        // in a write of its own (a crash between the two leaves either no backing file
+        // named or no record: both mean no pin).
+        let stale = old_pin.filter(|_| dropping);
         self.storage
             .write_at(&sectors, 0)
+            .and_then(|_| match stale {
+                Some(at) => self.storage.write_at(&[0u8; PIN_MAGIC.len()], at),
+                None => Ok(()),
+            })
             .and_then(|_| self.storage.flush())
             .context(|| format!("writing the header of {}", self.name))?;
         self.header.set(header);

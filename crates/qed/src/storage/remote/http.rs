@@ -286,8 +286,21 @@ impl<T: Target> RangedGet<T> {
         let mut delay = Duration::from_millis(100);
         let mut attempts = 0u32;
         loop {
-            // From when the server stopped answering, if that was before this read.
-            let since = self.outage().map_or(started, |t| t.min(started));
+            // From when the server stopped answering, if that was before this read. An
+            // outage older than two deadlines is over for a new read: every read caught
+            // in it has given up, and a server that came back slow (nothing succeeded to
+            // end the outage) must not leave each later read a single try.
+            let since = {
+                let mut outage = self.outage();
+                match *outage {
+                    Some(t) if started.saturating_duration_since(t) >= 2 * self.deadline => {
+                        *outage = None;
+                        started
+                    }
+                    Some(t) => t.min(started),
+                    None => started,
+                }
+            };
             let deadline = since + self.deadline;
             let tried = Instant::now();
             // Even past the deadline a read makes one attempt (the server may be back),
