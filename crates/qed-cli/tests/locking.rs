@@ -529,3 +529,62 @@ fn locks_are_qemus_bytes() {
     assert_eq!(lock_bytes(&dir.join("ov.qed")), [100]);
     ours.kill("TERM");
 }
+
+#[test]
+fn a_qcow2_images_backing_files_are_locked_too() {
+    let d = new_dir();
+    let dir = d.path();
+    ok(dir, QEMU_IMG, &["create", "-q", "-f", "raw", "b.raw", "4M"]);
+    ok(
+        dir,
+        QEMU_IO,
+        &["-f", "raw", "-c", "write -P 0x77 0 1M", "b.raw"],
+    );
+    ok(
+        dir,
+        QEMU_IMG,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw", "m.qcow2",
+        ],
+    );
+    ok(
+        dir,
+        QEMU_IMG,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "m.qcow2", "-F", "qcow2", "t.qcow2",
+        ],
+    );
+    // Reading the qcow2 image reads its whole chain: nobody may write the files below.
+    let mut h = Holder::start(
+        dir,
+        QED,
+        &["io", "-r", "-c", "sleep 600000", "t.qcow2"],
+        "b.raw",
+        false,
+    );
+    assert_eq!(lock_bytes(&dir.join("m.qcow2")), [100, 201, 203]);
+    refused(dir, QEMU_IO, &["-f", "raw", "-c", "write 0 64k", "b.raw"]);
+    refused(
+        dir,
+        QEMU_IO,
+        &["-f", "qcow2", "-c", "write 0 64k", "m.qcow2"],
+    );
+    h.kill("TERM");
+    // A copy of the image into its own base is refused, not an emptied base.
+    let before = digest(&dir.join("b.raw"));
+    let out = fails(dir, QED, &["convert", "-O", "raw", "t.qcow2", "b.raw"]);
+    assert!(
+        out.contains("lock") || out.contains("backing chain"),
+        "{out}"
+    );
+    assert_eq!(
+        digest(&dir.join("b.raw")),
+        before,
+        "the base was overwritten"
+    );
+    ok(
+        dir,
+        QEMU_IO,
+        &["-f", "raw", "-r", "-c", "read -P 0x77 0 1M", "b.raw"],
+    );
+}

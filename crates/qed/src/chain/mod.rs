@@ -330,9 +330,13 @@ impl Chain {
                 path.display()
             ))),
             #[cfg(feature = "qcow2")]
-            Format::Qcow2 if opts.read_only => Ok(Box::new(
-                crate::devices::Qcow2Device::open(path)?.holding(storage),
-            )),
+            Format::Qcow2 if opts.read_only => {
+                let mut locks = self.qcow2_backing_locks(location, &*storage, opts)?;
+                locks.insert(0, storage);
+                Ok(Box::new(
+                    crate::devices::Qcow2Device::open(path)?.holding(locks),
+                ))
+            }
             Format::Qcow2 => Err(Error::Unsupported(format!(
                 "{}: qcow2 images can only be opened read-only{}",
                 path.display(),
@@ -343,6 +347,58 @@ impl Chain {
                 }
             ))),
         }
+    }
+
+    /// The backing files of the qcow2 image at `location` (its file open in `top`),
+    /// opened and locked as backing files are: the qcow2 driver opens them itself,
+    /// without locks. Down to the first that is not qcow2, or is remote.
+    #[cfg(feature = "qcow2")]
+    fn qcow2_backing_locks(
+        &mut self,
+        location: &Location,
+        top: &dyn Storage,
+        opts: &OpenOptions,
+    ) -> Result<Vec<Box<dyn Storage>>> {
+        let opts = opts.for_backing();
+        let depth = self.files.len();
+        let mut held: Vec<Box<dyn Storage>> = Vec::new();
+        let mut at = location.clone();
+        let mut name =
+            crate::devices::Qcow2Facts::read(top, &at.path().to_string_lossy())?.backing_file;
+        let result = loop {
+            let Some(n) = name.take() else {
+                break Ok(held);
+            };
+            let next = Location::backing(at.path(), &n);
+            if next.is_remote() {
+                break Ok(held);
+            }
+            if let Err(e) = self.enter(&next) {
+                break Err(e);
+            }
+            let storage = match opts.open_storage(&next) {
+                Ok(s) => s,
+                Err(e) => break Err(backing_error(next.path(), e)),
+            };
+            let shown = next.path().to_string_lossy().into_owned();
+            match probe_format(&*storage) {
+                Ok(Format::Qcow2) => match crate::devices::Qcow2Facts::read(&*storage, &shown) {
+                    Ok(f) => name = f.backing_file,
+                    Err(e) => break Err(e),
+                },
+                Ok(_) => {}
+                Err(e) => {
+                    break Err(Error::Io {
+                        context: format!("probing {shown}"),
+                        cause: e,
+                    })
+                }
+            }
+            held.push(storage);
+            at = next;
+        };
+        self.files.truncate(depth);
+        result
     }
 
     /// Opens the QED image in `storage`: the engine reads its header, the chain opens

@@ -12,9 +12,9 @@ use std::path::Path;
 pub struct Qcow2Device {
     access: FormatAccess<File>,
     name: String,
-    /// The file opened a second time, holding the image's locks for as long as the
-    /// device lives (the driver's own descriptor takes none).
-    locks: Option<Box<dyn crate::storage::Storage>>,
+    /// The file and its backing files opened a second time, holding their locks for as
+    /// long as the device lives (the driver's own descriptors take none).
+    locks: Vec<Box<dyn crate::storage::Storage>>,
 }
 
 impl std::fmt::Debug for Qcow2Device {
@@ -36,23 +36,20 @@ impl Qcow2Device {
         Ok(Self {
             access: FormatAccess::new(driver),
             name,
-            locks: None,
+            locks: Vec::new(),
         })
     }
 
-    /// The device, keeping `locks` (its file, opened with the locks its use takes) for
-    /// as long as it lives.
-    pub(crate) fn holding(self, locks: Box<dyn crate::storage::Storage>) -> Self {
-        Self {
-            locks: Some(locks),
-            ..self
-        }
+    /// The device, keeping `locks` (its file and its backing files, opened with the
+    /// locks their use takes) for as long as it lives.
+    pub(crate) fn holding(self, locks: Vec<Box<dyn crate::storage::Storage>>) -> Self {
+        Self { locks, ..self }
     }
 }
 
 impl BlockDevice for Qcow2Device {
     fn release_file_locks(&self) {
-        if let Some(l) = &self.locks {
+        for l in &self.locks {
             l.release_locks()
         }
     }
