@@ -4,7 +4,9 @@
 //! files ([`RawDevice`]) and qcow2 images ([`Qcow2Device`], read-only). [`open_device`]
 //! and [`Image::open`] open a device by name (a path, or read-only an http or https URL
 //! read through [`HttpStorage`] or an s3 URL read through [`S3Storage`]) with its
-//! backing chain. Whole-image jobs
+//! backing chain, taking on each file the locks QEMU takes, so that QEMU's processes
+//! and other `qed` processes see each other's use of it ([`OpenOptions::locking`],
+//! [`OpenOptions::force_share`]). Whole-image jobs
 //! ([`check`](Image::check), [`convert`], [`compare`], [`commit`], [`rebase`],
 //! [`measure`], [`map`], [`bench()`]) work on any device and report progress through a
 //! callback.

@@ -1,6 +1,6 @@
 //! The bytes under an image: a small trait for positioned I/O, with a file, an
-//! in-memory and a remote (http, https, s3; read-only) implementation, and the aligned
-//! buffers direct I/O needs.
+//! in-memory and a remote (http, https, s3; read-only) implementation, the aligned
+//! buffers direct I/O needs, and the file locks QEMU takes on image files.
 
 mod aligned;
 mod file;
