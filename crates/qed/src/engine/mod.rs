@@ -11,9 +11,15 @@
 //! - `mapping.rs`: where a guest range lives; `io.rs`, `zeroes.rs`, `flush.rs`,
 //!   `device.rs`: the image as a block device;
 //! - `populate.rs`: clusters filled from the backing chain (copy-on-read, streaming);
+//! - `epochs.rs`, `free_set.rs`: grace periods for unmapped clusters, and the clusters
+//!   a discard or a move freed on their way back to allocations;
+//! - `relocate.rs`, `layout.rs`: moving clusters while the image is in use, and where
+//!   everything lies for a job that moves them;
 //! - `check.rs`, `repair.rs`, `report.rs`: consistency check, repairs, leak
 //!   reclaiming, and what they report;
-//! - `resize.rs`, `backing_file.rs`, `create.rs`: whole-image changes and new images.
+//! - `resize.rs`, `backing_file.rs`, `create.rs`: whole-image changes (growth that
+//!   reads as zeros over a backing file, the backing name and the remote base's pin)
+//!   and new images.
 
 mod allocation;
 mod backing_file;
