@@ -75,7 +75,28 @@ enum Command {
     Bench(cmd::bench::Args),
 }
 
+/// A reader that stops early (`qed map | head`) closes stdout under us. Rust ignores
+/// SIGPIPE (the servers need write errors, not a signal), so printing fails and panics;
+/// end quietly instead, with the status a shell reports for a command SIGPIPE ended, as
+/// qemu-img's end would be.
+fn quiet_on_closed_stdout() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let text = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if text.starts_with("failed printing to stdout") && text.contains("Broken pipe") {
+            std::process::exit(128 + libc::SIGPIPE);
+        }
+        report(info)
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     qed::set_warning_handler(|m| eprintln!("qed: warning: {m}"));
     let result = match cli.command {

@@ -2717,3 +2717,27 @@ fn convert_target_is_zero_skips_zeros_as_qemu_img_does() {
         "backing file",
     );
 }
+
+#[test]
+fn a_reader_that_stops_early_ends_the_output_quietly() {
+    let d = Dir::new();
+    d.ok(QED, &["create", "-q", "img.qed", "4M"]);
+    // A hex dump of 1 MiB: far more than a pipe holds.
+    let mut child = Command::new(QED)
+        .args(["io", "-r", "-c", "read -v 0 1M", "img.qed"])
+        .current_dir(d.tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run qed");
+    let mut first = [0u8; 64];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked"),
+        "qed panicked on a closed stdout:\n{err}"
+    );
+    assert_eq!(out.status.code(), Some(141), "{err}");
+}
