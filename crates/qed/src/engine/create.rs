@@ -1,6 +1,6 @@
 //! Writing a new, empty image exactly as `qemu-img create -f qed` does.
 
-use super::backing_file::new_header_tail;
+use super::header_area::new_header_tail;
 use crate::block::Format;
 use crate::error::{Error, IoContext, Result};
 use crate::format::geometry::{DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE, SECTOR_SIZE};

@@ -226,7 +226,7 @@ impl Image {
         let geometry = header.validate(file_len).map_err(in_file)?;
         let backing_name = read_backing_name(&*storage, &header, &name)?;
         let backing_pin = match &backing_name {
-            Some(backing) => super::backing_file::read_pin(&*storage, &header, backing)
+            Some(backing) => super::header_area::read_pin(&*storage, &header, backing)
                 .context(|| format!("reading the header area of {name}"))?,
             None => None,
         };
@@ -286,7 +286,7 @@ impl Image {
         let path = path.as_ref();
         // Refused before the file is touched.
         let header = opts.header()?;
-        super::backing_file::new_header_tail(
+        super::header_area::new_header_tail(
             header.header_bytes(),
             opts.backing_file.as_deref(),
             pin,

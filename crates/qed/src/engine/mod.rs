@@ -3,7 +3,8 @@
 //! allocation protocol, the check and its repairs. One concept a file:
 //!
 //! - `image.rs`: the [`Image`] type, opening (the open gate) and closing;
-//! - `header.rs`: the header in memory and the NEED_CHECK protocol;
+//! - `header.rs`: the header in memory and the NEED_CHECK protocol; `header_area.rs`:
+//!   the backing name and the remote base's pin after it;
 //! - `l1.rs`, `l2cache.rs`: the tables in memory; `tables.rs`: changing them;
 //! - `frontier.rs`: where new clusters go, the file grown ahead of it;
 //! - `claims.rs`, `gate.rs`, `flush_group.rs`: what concurrent requests wait on;
@@ -34,6 +35,7 @@ mod free_set;
 mod frontier;
 mod gate;
 mod header;
+mod header_area;
 mod image;
 mod io;
 mod l1;
