@@ -13,8 +13,10 @@
 //! `AWS_ENDPOINT_URL`) for an S3-compatible server, whose buckets are then addressed by
 //! path. Without credentials, requests are anonymous (public objects).
 
-use super::http::{has_scheme, Failure, RangedGet, Target};
-use super::{RemoteOptions, RemoteStorage};
+use super::cache::RemoteStorage;
+use super::has_scheme;
+use super::options::RemoteOptions;
+use super::ranged_get::{Failure, RangedGet, Target};
 use crate::error::{Error, Result};
 use rusty_s3::actions::{GetObject, S3Action};
 use rusty_s3::{Bucket, Credentials, UrlStyle};
