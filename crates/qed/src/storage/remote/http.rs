@@ -15,7 +15,7 @@ pub(crate) fn is_http_url(name: &str) -> bool {
 /// [`Storage`](crate::storage::Storage).
 ///
 /// Reads are cached in chunks (see [`RemoteOptions`]); writes fail with
-/// [`io::ErrorKind::ReadOnlyFilesystem`].
+/// [`std::io::ErrorKind::ReadOnlyFilesystem`].
 #[derive(Debug)]
 pub struct HttpStorage {
     inner: RemoteStorage<RangedGet<PlainUrl>>,

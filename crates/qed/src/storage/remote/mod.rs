@@ -74,7 +74,8 @@ impl std::fmt::Display for RemoteIdentity {
         }
     }
 }
-/// Implements [`Storage`] for a type whose `inner` is a [`RemoteStorage`].
+/// Implements [`Storage`](crate::storage::Storage) for a type whose `inner` is a
+/// [`RemoteStorage`](cache::RemoteStorage).
 macro_rules! delegate_storage {
     ($t:ty) => {
         impl $crate::storage::Storage for $t {
