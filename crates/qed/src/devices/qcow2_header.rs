@@ -46,7 +46,6 @@ pub struct Qcow2Facts {
 impl Qcow2Facts {
     /// Reads the header of the qcow2 image in `storage`; `name` names it in errors.
     pub fn read(storage: &dyn Storage, name: &str) -> Result<Self> {
-        let invalid = |why: String| Error::invalid_argument(format!("{name}: {why}"));
         let len = storage
             .len()
             .context(|| format!("reading the length of {name}"))?;
@@ -55,94 +54,146 @@ impl Qcow2Facts {
         storage
             .read_at(&mut buf, 0)
             .context(|| format!("reading the qcow2 header of {name}"))?;
+        let h = FirstCluster { buf: &buf, name };
         if buf[..4] != MAGIC {
-            return Err(invalid("not a qcow2 image (no qcow2 magic)".into()));
+            return Err(h.invalid("not a qcow2 image (no qcow2 magic)".into()));
         }
-        let be32 = |at: usize| u32::from_be_bytes(buf[at..at + 4].try_into().unwrap_or([0; 4]));
-        let be64 = |at: usize| u64::from_be_bytes(buf[at..at + 8].try_into().unwrap_or([0; 8]));
-        let version = be32(4);
+        let version = h.be32(4);
         if version != 2 && version != 3 {
-            return Err(invalid(format!("unsupported qcow2 version {version}")));
+            return Err(h.invalid(format!("unsupported qcow2 version {version}")));
         }
-        let cluster_bits = be32(20);
+        let cluster_bits = h.be32(20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(invalid(format!(
+            return Err(h.invalid(format!(
                 "invalid qcow2 cluster_bits {cluster_bits}: it must be from 9 to 21"
             )));
         }
         let cluster_size = 1u64 << cluster_bits;
         // Everything below lies in the first cluster.
-        let in_header = (cluster_size as usize).min(buf.len());
-        let (mut header_len, mut incompatible, mut compatible, mut refcount_order) =
-            (V2_HEADER_LEN, 0, 0, 4);
-        let mut compression_type = "zlib";
-        if version == 3 {
-            if in_header < 104 {
-                return Err(invalid("the qcow2 v3 header is cut short".into()));
-            }
-            incompatible = be64(72);
-            compatible = be64(80);
-            refcount_order = be32(96);
-            header_len = be32(100) as usize;
-            if header_len < 104 || header_len > in_header {
-                return Err(invalid(format!("invalid qcow2 header_length {header_len}")));
-            }
-            if header_len > 104 && buf[104] == 1 {
-                compression_type = "zstd";
-            }
+        let h = FirstCluster {
+            buf: &buf[..(cluster_size as usize).min(buf.len())],
+            name,
+        };
+        let features = Features::read(&h, version)?;
+        Ok(Self {
+            version,
+            size: h.be64(24),
+            cluster_size,
+            backing_file: h.backing_file()?,
+            backing_format: h.backing_format(features.header_len)?,
+            dirty: features.incompatible & 1 != 0,
+            corrupt: features.incompatible & 2 != 0,
+            extended_l2: features.incompatible & 16 != 0,
+            lazy_refcounts: features.compatible & 1 != 0,
+            refcount_bits: 1 << features.refcount_order,
+            compression_type: features.compression_type,
+        })
+    }
+}
+
+/// The bytes of a qcow2 image's header, at most its first cluster (and at least a
+/// version 2 header), and the image's name for errors.
+struct FirstCluster<'a> {
+    buf: &'a [u8],
+    name: &'a str,
+}
+
+impl FirstCluster<'_> {
+    fn be32(&self, at: usize) -> u32 {
+        u32::from_be_bytes(self.buf[at..at + 4].try_into().unwrap_or([0; 4]))
+    }
+
+    fn be64(&self, at: usize) -> u64 {
+        u64::from_be_bytes(self.buf[at..at + 8].try_into().unwrap_or([0; 8]))
+    }
+
+    fn invalid(&self, why: String) -> Error {
+        Error::invalid_argument(format!("{}: {why}", self.name))
+    }
+
+    /// The backing file name, which must lie in the first cluster.
+    fn backing_file(&self) -> Result<Option<String>> {
+        let (offset, size) = (self.be64(8), self.be32(16) as usize);
+        if offset == 0 {
+            return Ok(None);
         }
-        if refcount_order > 6 {
-            return Err(invalid(format!(
-                "invalid qcow2 refcount_order {refcount_order}"
+        let end = offset.checked_add(size as u64);
+        if size > MAX_BACKING_NAME || end.is_none_or(|e| e > self.buf.len() as u64) {
+            return Err(self.invalid(format!(
+                "invalid qcow2 backing file name: {size} bytes at {offset}"
             )));
         }
-        let backing_file = {
-            let (offset, size) = (be64(8), be32(16) as usize);
-            if offset == 0 {
-                None
-            } else {
-                let end = offset.checked_add(size as u64);
-                if size > MAX_BACKING_NAME || end.is_none_or(|e| e > in_header as u64) {
-                    return Err(invalid(format!(
-                        "invalid qcow2 backing file name: {size} bytes at {offset}"
-                    )));
-                }
-                let at = offset as usize;
-                Some(String::from_utf8_lossy(&buf[at..at + size]).into_owned())
-            }
-        };
-        // Extensions: type, length, data padded to 8 bytes, until a type of 0.
+        let at = offset as usize;
+        Ok(Some(
+            String::from_utf8_lossy(&self.buf[at..at + size]).into_owned(),
+        ))
+    }
+
+    /// The backing format from the header extensions after `header_len`: type, length,
+    /// data padded to 8 bytes, until a type of 0.
+    fn backing_format(&self, header_len: usize) -> Result<Option<String>> {
+        let in_header = self.buf.len();
         let mut backing_format = None;
         let mut at = header_len;
         while at + 8 <= in_header {
-            let (kind, n) = (be32(at), be32(at + 4) as usize);
+            let (kind, n) = (self.be32(at), self.be32(at + 4) as usize);
             if kind == 0 {
                 break;
             }
             let data = at + 8;
             if n > in_header - data {
-                return Err(invalid(format!(
+                return Err(self.invalid(format!(
                     "qcow2 header extension {kind:#x} at {at} runs past the first cluster"
                 )));
             }
             if kind == EXT_BACKING_FORMAT {
-                backing_format = Some(String::from_utf8_lossy(&buf[data..data + n]).into_owned());
+                backing_format =
+                    Some(String::from_utf8_lossy(&self.buf[data..data + n]).into_owned());
             }
             at = data + n.next_multiple_of(8);
         }
-        Ok(Self {
-            version,
-            size: be64(24),
-            cluster_size,
-            backing_file,
-            backing_format,
-            dirty: incompatible & 1 != 0,
-            corrupt: incompatible & 2 != 0,
-            extended_l2: incompatible & 16 != 0,
-            lazy_refcounts: compatible & 1 != 0,
-            refcount_bits: 1 << refcount_order,
-            compression_type,
-        })
+        Ok(backing_format)
+    }
+}
+
+/// The feature fields, which version 3 headers add (version 2 has their defaults).
+struct Features {
+    header_len: usize,
+    incompatible: u64,
+    compatible: u64,
+    refcount_order: u32,
+    compression_type: &'static str,
+}
+
+impl Features {
+    fn read(h: &FirstCluster<'_>, version: u32) -> Result<Self> {
+        let mut f = Features {
+            header_len: V2_HEADER_LEN,
+            incompatible: 0,
+            compatible: 0,
+            refcount_order: 4,
+            compression_type: "zlib",
+        };
+        if version == 3 {
+            let in_header = h.buf.len();
+            if in_header < 104 {
+                return Err(h.invalid("the qcow2 v3 header is cut short".into()));
+            }
+            f.incompatible = h.be64(72);
+            f.compatible = h.be64(80);
+            f.refcount_order = h.be32(96);
+            f.header_len = h.be32(100) as usize;
+            if f.header_len < 104 || f.header_len > in_header {
+                return Err(h.invalid(format!("invalid qcow2 header_length {}", f.header_len)));
+            }
+            if f.header_len > 104 && h.buf[104] == 1 {
+                f.compression_type = "zstd";
+            }
+        }
+        if f.refcount_order > 6 {
+            return Err(h.invalid(format!("invalid qcow2 refcount_order {}", f.refcount_order)));
+        }
+        Ok(f)
     }
 }
 
