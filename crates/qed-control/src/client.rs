@@ -1,8 +1,9 @@
 //! A client of the control socket, one request at a time: what `qed job` speaks.
 
 use crate::error::{ControlError, ErrorClass};
-use crate::jobs::{JobInfo, JobStatus};
+use crate::jobs::JobInfo;
 use crate::line::{LineError, LineReader};
+use crate::values::{arguments_json, Argument, Return};
 use serde_json::{json, Value};
 use std::fmt;
 use std::io::{self, Write};
@@ -72,15 +73,19 @@ impl Client {
         if greeting.get("QMP").is_none() {
             return Err(ClientError::Protocol(format!("greeting {greeting}")));
         }
-        c.execute("qmp_capabilities", json!({}))?;
+        c.execute("qmp_capabilities", &[])?;
         Ok(c)
     }
 
-    /// Runs `command` with `arguments` (a JSON object); its `return` value.
-    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, ClientError> {
+    /// Runs `command` with `arguments`; its `return` value.
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: &[(&str, Argument)],
+    ) -> Result<Return, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
-        let request = json!({"execute": command, "arguments": arguments, "id": id});
+        let request = json!({"execute": command, "arguments": arguments_json(arguments), "id": id});
         // A server that closed the connection may have said why first (too many
         // clients): that reply is worth more than the failed write.
         let sent = self.out.write_all(format!("{request}\n").as_bytes());
@@ -103,7 +108,7 @@ impl Client {
                 Some(_) => continue,
             }
             if let Some(v) = reply.get_mut("return") {
-                return Ok(v.take());
+                return Ok(Return::from_json(v.take()));
             }
             if let Some(e) = reply.get("error") {
                 let class = e.get("class").and_then(Value::as_str).unwrap_or("");
@@ -119,8 +124,9 @@ impl Client {
 
     /// Every job the server knows.
     pub fn query_jobs(&mut self) -> Result<Vec<JobInfo>, ClientError> {
-        let v = self.execute("query-jobs", json!({}))?;
-        parse_jobs(&v).ok_or_else(|| ClientError::Protocol(format!("query-jobs returned {v}")))
+        let v = self.execute("query-jobs", &[])?;
+        v.jobs()
+            .ok_or_else(|| ClientError::Protocol(format!("query-jobs returned {v}")))
     }
 
     fn read(&mut self) -> Result<Value, ClientError> {
@@ -142,24 +148,4 @@ impl Client {
         serde_json::from_slice(line)
             .map_err(|e| ClientError::Protocol(format!("invalid JSON ({e})")))
     }
-}
-
-/// Reads `query-jobs`' return value.
-pub fn parse_jobs(v: &Value) -> Option<Vec<JobInfo>> {
-    v.as_array()?
-        .iter()
-        .map(|j| {
-            Some(JobInfo {
-                id: j.get("id")?.as_str()?.to_string(),
-                kind: j.get("type")?.as_str()?.to_string(),
-                status: match j.get("status")?.as_str()? {
-                    "concluded" | "null" => JobStatus::Concluded,
-                    _ => JobStatus::Running,
-                },
-                current: j.get("current-progress")?.as_u64()?,
-                total: j.get("total-progress")?.as_u64()?,
-                error: j.get("error").and_then(Value::as_str).map(str::to_string),
-            })
-        })
-        .collect()
 }

@@ -2,7 +2,8 @@
 //! and whatever commands an export adds (the commands that start jobs).
 
 use crate::error::ControlError;
-use crate::jobs::{JobInfo, Jobs};
+use crate::jobs::Jobs;
+use crate::values::{job_json, Return};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -53,6 +54,7 @@ fn missing(name: &str) -> ControlError {
     ControlError::generic(format!("Parameter '{name}' is missing"))
 }
 
+/// A command as the table keeps it: its return value already the JSON it travels as.
 type Handler = Box<dyn Fn(&Arguments) -> Result<Value, ControlError> + Send + Sync>;
 
 struct Command {
@@ -87,20 +89,22 @@ impl Commands {
                 }
                 Some(_) => return Err(wrong_type("enable", "array")),
             }
-            Ok(json!({}))
+            Ok(Return::empty())
         });
         let j = jobs.clone();
         c.add("query-jobs", &[], move |_| {
-            Ok(Value::Array(j.list().iter().map(job_json).collect()))
+            Ok(Return::from_json(Value::Array(
+                j.list().iter().map(job_json).collect(),
+            )))
         });
         let j = jobs.clone();
         c.add("job-cancel", &["id"], move |args| {
             j.cancel(args.required_string("id")?)?;
-            Ok(json!({}))
+            Ok(Return::empty())
         });
         c.add("job-dismiss", &["id"], move |args| {
             jobs.dismiss(args.required_string("id")?)?;
-            Ok(json!({}))
+            Ok(Return::empty())
         });
         c
     }
@@ -116,19 +120,19 @@ impl Commands {
         &mut self,
         name: &str,
         params: &[&'static str],
-        handler: impl Fn(&Arguments) -> Result<Value, ControlError> + Send + Sync + 'static,
+        handler: impl Fn(&Arguments) -> Result<Return, ControlError> + Send + Sync + 'static,
     ) {
         self.table.insert(
             name.to_string(),
             Command {
                 params: params.to_vec(),
-                handler: Box::new(handler),
+                handler: Box::new(move |args| handler(args).map(Return::into_json)),
             },
         );
     }
 
     /// Runs the command `name` with `arguments`; the `return` value, or the error.
-    pub fn execute(
+    pub(crate) fn execute(
         &self,
         name: &str,
         arguments: Map<String, Value>,
@@ -149,21 +153,6 @@ impl Commands {
         }
         (cmd.handler)(&Arguments { map: arguments })
     }
-}
-
-/// A job as `query-jobs` lists it (QEMU's JobInfo).
-pub fn job_json(info: &JobInfo) -> Value {
-    let mut v = json!({
-        "id": info.id,
-        "type": info.kind,
-        "status": info.status.as_str(),
-        "current-progress": info.current,
-        "total-progress": info.total,
-    });
-    if let (Some(e), Value::Object(m)) = (&info.error, &mut v) {
-        m.insert("error".into(), Value::String(e.clone()));
-    }
-    v
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //! [`ControlServer`] listens on a Unix socket and answers QMP-shaped JSON, one value a
 //! line, from the [`Commands`] table: the job commands, and those an export adds to
 //! start its jobs ([`add_stream_command`], [`add_reorganize_commands`]). Nothing here knows NBD or FUSE.
+//! Commands and the [`Client`] take [`Argument`]s and give a [`Return`]: the JSON they
+//! travel as is this crate's business, and no JSON library's type is part of its API.
 //!
 //! The protocol, as QEMU's QMP shapes it:
 //!
@@ -46,9 +48,10 @@ mod reorganize;
 mod server;
 mod stream;
 mod target;
+mod values;
 
-pub use client::{parse_jobs, Client, ClientError};
-pub use commands::{job_json, Arguments, Commands};
+pub use client::{Client, ClientError};
+pub use commands::{Arguments, Commands};
 pub use connection::MAX_LINE;
 pub use error::{ControlError, ErrorClass};
 pub use jobs::{
@@ -61,3 +64,4 @@ pub use reorganize::{
 pub use server::{ControlServer, MAX_CONNECTIONS};
 pub use stream::{add_stream_command, start_stream, StreamRequest};
 pub use target::JobTarget;
+pub use values::{Argument, Return};

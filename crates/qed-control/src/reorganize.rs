@@ -6,8 +6,8 @@ use crate::commands::Commands;
 use crate::error::ControlError;
 use crate::jobs::{JobEnd, JobSpec, Jobs};
 use crate::target::JobTarget;
+use crate::values::Return;
 use qed::{BlockDevice, ReorganizeEnd, ReorganizeOptions};
-use serde_json::json;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -52,7 +52,7 @@ pub fn add_reorganize_commands(commands: &mut Commands, target: JobTarget) {
         commands.add(kind.name(), &["job-id"], move |args| {
             let id = args.string("job-id")?.map(str::to_string);
             let id = start_reorganize(&jobs, &target, kind, id)?;
-            Ok(json!({ "id": id }))
+            Ok(Return::job_started(&id))
         });
     }
 }

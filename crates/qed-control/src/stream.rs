@@ -5,8 +5,8 @@ use crate::commands::Commands;
 use crate::error::ControlError;
 use crate::jobs::{JobEnd, JobSpec, Jobs};
 use crate::target::JobTarget;
+use crate::values::Return;
 use qed::{BlockDevice, StreamEnd, StreamOptions};
-use serde_json::json;
 use std::sync::Arc;
 
 /// A stream to start.
@@ -75,6 +75,6 @@ pub fn add_stream_command(commands: &mut Commands, target: JobTarget) {
             rate: args.u64("rate")?,
         };
         let id = start_stream(&jobs, &target, req)?;
-        Ok(json!({ "id": id }))
+        Ok(Return::job_started(&id))
     });
 }

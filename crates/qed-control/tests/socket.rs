@@ -3,7 +3,7 @@
 
 use qed_control::{
     Client, ClientError, Commands, ControlServer, ErrorClass, JobEnd, JobSpec, JobStatus, Jobs,
-    MAX_CONNECTIONS,
+    Return, MAX_CONNECTIONS,
 };
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -29,7 +29,7 @@ fn server(path: &std::path::Path) -> (Arc<Jobs>, ControlServer) {
             }
             Ok(JobEnd::Cancelled)
         })?;
-        Ok(serde_json::json!({ "id": id }))
+        Ok(Return::job_started(&id))
     });
     let s = ControlServer::start(path, Arc::new(commands)).unwrap();
     (jobs, s)
@@ -102,13 +102,9 @@ fn jobs_through_the_client() {
     let path = tmp.path().join("c.sock");
     let (jobs, s) = server(&path);
     let mut c = Client::connect(&path).unwrap();
-    let started = c
-        .execute("spin", serde_json::json!({"target": "t"}))
-        .unwrap();
-    let id = started["id"].as_str().unwrap().to_string();
-    let busy = c
-        .execute("spin", serde_json::json!({"target": "t"}))
-        .unwrap_err();
+    let started = c.execute("spin", &[("target", "t".into())]).unwrap();
+    let id = started.job_id().unwrap().to_string();
+    let busy = c.execute("spin", &[("target", "t".into())]).unwrap_err();
     assert!(matches!(&busy, ClientError::Server(e) if e.desc.contains("busy")));
     // The job reports its progress from its own thread, soon.
     let mut progressed = false;
@@ -123,7 +119,7 @@ fn jobs_through_the_client() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(progressed, "no progress reported");
-    c.execute("job-cancel", serde_json::json!({ "id": id }))
+    c.execute("job-cancel", &[("id", id.as_str().into())])
         .unwrap();
     let mut concluded = false;
     for _ in 0..200 {
@@ -136,11 +132,11 @@ fn jobs_through_the_client() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(concluded);
-    match c.execute("nope", serde_json::json!({})) {
+    match c.execute("nope", &[]) {
         Err(ClientError::Server(e)) => assert_eq!(e.class, ErrorClass::CommandNotFound),
         other => panic!("{other:?}"),
     }
-    c.execute("job-dismiss", serde_json::json!({ "id": id }))
+    c.execute("job-dismiss", &[("id", id.as_str().into())])
         .unwrap();
     assert!(c.query_jobs().unwrap().is_empty());
     // Stopping closes connections a client still holds.

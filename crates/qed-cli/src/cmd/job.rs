@@ -3,8 +3,7 @@
 use super::ProgressReport;
 use crate::Output;
 use anyhow::{anyhow, bail, Context, Result};
-use qed_control::{Client, ClientError, JobInfo, JobStatus, CANCELLED};
-use serde_json::{json, Value};
+use qed_control::{Argument, Client, ClientError, JobInfo, JobStatus, Return, CANCELLED};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -84,11 +83,11 @@ pub fn run(a: Args) -> Result<u8> {
     let mut client = connect(&a.socket)?;
     match a.action {
         Action::Stream(s) => stream(&mut client, &a.socket, s),
-        Action::Compact(s) => start(&mut client, &a.socket, "compact", Default::default(), s),
-        Action::Defrag(s) => start(&mut client, &a.socket, "defrag", Default::default(), s),
+        Action::Compact(s) => start(&mut client, &a.socket, "compact", Vec::new(), s),
+        Action::Defrag(s) => start(&mut client, &a.socket, "defrag", Vec::new(), s),
         Action::Query { output } => query(&mut client, output),
         Action::Cancel { wait, id } => {
-            call(&mut client, "job-cancel", json!({ "id": id }))?;
+            call(&mut client, "job-cancel", &[("id", id.as_str().into())])?;
             if !wait {
                 return Ok(0);
             }
@@ -107,7 +106,7 @@ pub fn run(a: Args) -> Result<u8> {
             Ok(0)
         }
         Action::Dismiss { id } => {
-            call(&mut client, "job-dismiss", json!({ "id": id }))?;
+            call(&mut client, "job-dismiss", &[("id", id.as_str().into())])?;
             Ok(0)
         }
     }
@@ -121,12 +120,12 @@ fn connect(socket: &Path) -> Result<Client> {
 }
 
 /// Runs a command; a refusal becomes an error carrying the server's description.
-fn call(client: &mut Client, command: &str, arguments: Value) -> Result<Value> {
+fn call(client: &mut Client, command: &str, arguments: &[(&str, Argument)]) -> Result<Return> {
     client.execute(command, arguments).map_err(|e| anyhow!(e))
 }
 
 fn stream(client: &mut Client, socket: &Path, s: StreamArgs) -> Result<u8> {
-    let mut args = serde_json::Map::new();
+    let mut args = Vec::new();
     if let Some(base) = s.base {
         // The server would resolve a relative path against its own directory: a file
         // named here is sent as the file it is here.
@@ -134,14 +133,14 @@ fn stream(client: &mut Client, socket: &Path, s: StreamArgs) -> Result<u8> {
             .then(|| std::fs::canonicalize(&base).ok())
             .flatten()
             .and_then(|p| p.to_str().map(str::to_string));
-        args.insert("base".into(), here.unwrap_or(base).into());
+        args.push(("base", here.unwrap_or(base).into()));
     }
     if let Some(rate) = s.rate.as_deref() {
         let rate = crate::units::parse_size(rate).context("--rate")?;
         if rate == 0 {
             bail!("--rate must be more than 0 bytes per second");
         }
-        args.insert("rate".into(), rate.into());
+        args.push(("rate", rate.into()));
     }
     start(client, socket, "stream", args, s.start)
 }
@@ -152,16 +151,15 @@ fn start(
     client: &mut Client,
     socket: &Path,
     command: &str,
-    mut args: serde_json::Map<String, Value>,
+    mut args: Vec<(&str, Argument)>,
     s: StartArgs,
 ) -> Result<u8> {
     if let Some(id) = s.id {
-        args.insert("job-id".into(), id.into());
+        args.push(("job-id", id.into()));
     }
-    let started = call(client, command, Value::Object(args))?;
+    let started = call(client, command, &args)?;
     let id = started
-        .get("id")
-        .and_then(Value::as_str)
+        .job_id()
         .with_context(|| format!("{}: {command} returned {started}", socket.display()))?
         .to_string();
     println!("{id}");
@@ -197,12 +195,12 @@ fn wait_for(client: &mut Client, id: &str, progress: &mut ProgressReport) -> Res
 }
 
 fn query(client: &mut Client, output: Output) -> Result<u8> {
-    let v = call(client, "query-jobs", json!({}))?;
+    let v = call(client, "query-jobs", &[])?;
     if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", v.pretty());
         return Ok(0);
     }
-    let jobs = qed_control::parse_jobs(&v).ok_or_else(|| anyhow!("query-jobs returned {v}"))?;
+    let jobs = v.jobs().ok_or_else(|| anyhow!("query-jobs returned {v}"))?;
     if jobs.is_empty() {
         println!("No jobs");
         return Ok(0);
