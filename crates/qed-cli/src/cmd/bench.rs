@@ -2,6 +2,7 @@
 
 use crate::units::parse_size;
 use anyhow::{bail, Context, Result};
+use qed::Format;
 use qed::{bench, BenchParams, Engine};
 use std::path::PathBuf;
 
@@ -9,8 +10,8 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct Args {
     /// Image format: qed or raw (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
+    #[arg(short = 'f', long = "format", value_parser = crate::values::format)]
+    format: Option<Format>,
     /// Number of requests.
     #[arg(short = 'c', long = "count", default_value_t = 75000)]
     count: u64,
@@ -92,8 +93,8 @@ pub fn run(a: Args) -> Result<u8> {
             _ => Engine::IoUring,
         },
     };
-    let format = super::parse_format(a.format.as_deref())?;
-    let dev = super::open_for_io(
+    let format = a.format;
+    let dev = crate::open::open_for_io(
         &a.file,
         format,
         &qed::OpenOptions {

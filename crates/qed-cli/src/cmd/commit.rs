@@ -1,7 +1,7 @@
 //! `qed commit`.
 
-use super::FileContext;
-use super::ProgressReport;
+use crate::context::FileContext;
+use crate::progress::ProgressReport;
 use anyhow::{bail, Context, Result};
 use qed::{open_device, BlockDevice, Format, Image, OpenOptions};
 use qed::{probe_format, resolve_backing_path};
@@ -28,8 +28,8 @@ pub struct Args {
     #[arg(short = 'p')]
     progress: bool,
     /// Image format (qed).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// The image.
     file: PathBuf,
     #[command(flatten)]
@@ -38,7 +38,7 @@ pub struct Args {
 
 /// Runs `qed commit`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    super::require_qed(a.format.as_deref())?;
+    crate::open::require_qed(a.format)?;
     // Look read-only first: a read-write open may repair the image, and a refused
     // command must leave it as it was.
     let ro = OpenOptions {
@@ -76,7 +76,7 @@ pub fn run(a: Args) -> Result<u8> {
         share_backing_writes: true,
         ..a.remote.read_write()
     };
-    let mut top = super::open_image(&a.file, &rw)?;
+    let mut top = crate::open::open_image(&a.file, &rw)?;
     let Some(backing) = top.backing_file() else {
         bail!("{} has no backing file to commit into", a.file.display());
     };
@@ -100,7 +100,7 @@ pub fn run(a: Args) -> Result<u8> {
     let size = top.size();
     match format {
         Format::Qed => {
-            let mut base = super::open_image(&base_path, &a.remote.read_write())?;
+            let mut base = crate::open::open_image(&base_path, &a.remote.read_write())?;
             if base.size() < size {
                 base.resize(size, false)?;
             }

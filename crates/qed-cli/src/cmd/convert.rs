@@ -1,7 +1,8 @@
 //! `qed convert`.
 
-use super::FileContext;
-use super::{parse_format, CreateGeometry, ProgressReport};
+use crate::context::FileContext;
+use crate::geometry::CreateGeometry;
+use crate::progress::ProgressReport;
 use crate::units::parse_size;
 use anyhow::{bail, Context, Result};
 use qed::FileStorage;
@@ -14,8 +15,8 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct Args {
     /// Source format: raw, qed or qcow2 (probed when omitted).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// Destination format: qed (default) or raw.
     #[arg(short = 'O', default_value = "qed")]
     output_format: String,
@@ -27,8 +28,8 @@ pub struct Args {
     #[arg(short = 'B')]
     backing: Option<String>,
     /// Format of the backing file given with -B (probed when omitted).
-    #[arg(short = 'F')]
-    backing_format: Option<String>,
+    #[arg(short = 'F', value_parser = crate::values::format)]
+    backing_format: Option<Format>,
     /// Zero runs at least this long are not written (default 4k; 0 writes everything).
     #[arg(short = 'S', default_value = "4k")]
     sparse_size: String,
@@ -105,7 +106,7 @@ struct Plan {
 
 impl Plan {
     fn new(a: Args) -> Result<Self> {
-        let src_format = parse_format(a.format.as_deref())?;
+        let src_format = a.format;
         let dst_format: Format = a.output_format.parse()?;
         if dst_format == Format::Qcow2 {
             bail!("cannot write qcow2 images: use -O qed or -O raw");
@@ -120,16 +121,21 @@ impl Plan {
         if dst_format == Format::Raw && (a.backing.is_some() || !a.options.is_empty()) {
             bail!("-B and -o apply to qed destinations only");
         }
-        let geometry = CreateGeometry::parse(&a.options, super::CONVERT_KEYS, "qed convert")?;
+        let geometry =
+            CreateGeometry::parse(&a.options, crate::geometry::CONVERT_KEYS, "qed convert")?;
         let backing = a.backing.or_else(|| geometry.backing_file.clone());
-        let backing_format = a.backing_format.or_else(|| geometry.backing_fmt.clone());
+        let backing_fmt = geometry.backing_fmt.as_deref().map(str::parse::<Format>);
+        let backing_format = match a.backing_format {
+            Some(f) => Some(Ok(f)),
+            None => backing_fmt,
+        };
         if backing.is_none() && backing_format.is_some() {
             bail!(
                 "a backing format (-F or -o backing_fmt) needs a backing file (-B or -o \
                  backing_file)"
             );
         }
-        let backing_format = parse_format(backing_format.as_deref())?;
+        let backing_format = backing_format.transpose()?;
         if a.target_is_zero && !a.no_create {
             bail!("--target-is-zero is for an existing destination: it needs -n");
         }
@@ -283,7 +289,7 @@ fn open_destination(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
         ..plan.remote.read_write()
     };
     if plan.dst_format == Format::Qed {
-        return Ok(Box::new(super::open_image(&plan.dst, &opts)?));
+        return Ok(Box::new(crate::open::open_image(&plan.dst, &opts)?));
     }
     open_device(&plan.dst, Some(Format::Raw), &opts).file_context("could not open", &plan.dst)
 }

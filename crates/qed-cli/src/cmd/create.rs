@@ -1,6 +1,6 @@
 //! `qed create`.
 
-use super::FileContext;
+use crate::context::FileContext;
 use crate::units::parse_size;
 use anyhow::{bail, Context, Result};
 use qed::resolve_backing_path;
@@ -19,8 +19,8 @@ pub struct Args {
     /// Backing file format: raw, qed or qcow2 (probed when omitted). Only raw is recorded
     /// in the image (QED has a bit for "raw, do not probe" and nothing else): any other
     /// format is probed again at every open, by QEMU as by qed.
-    #[arg(short = 'F')]
-    backing_format: Option<String>,
+    #[arg(short = 'F', value_parser = crate::values::format)]
+    backing_format: Option<Format>,
     /// Options: cluster_size=SIZE, table_size=N, size=SIZE, backing_file=NAME (as -b),
     /// backing_fmt=FMT (as -F); -b and -F win over them, as in qemu-img.
     #[arg(short = 'o')]
@@ -48,14 +48,17 @@ pub fn run(a: Args) -> Result<u8> {
         );
     }
     let mut opts = CreateOptions::new(0);
-    let parsed = super::CreateGeometry::parse(&a.options, super::CREATE_KEYS, "qed create")?;
+    let parsed = crate::geometry::CreateGeometry::parse(
+        &a.options,
+        crate::geometry::CREATE_KEYS,
+        "qed create",
+    )?;
     parsed.apply(&mut opts);
     let backing = a.backing.clone().or(parsed.backing_file);
-    let backing_format = a.backing_format.clone().or(parsed.backing_fmt);
-    let mut format = backing_format
-        .as_deref()
-        .map(str::parse::<Format>)
-        .transpose()?;
+    let mut format = match a.backing_format {
+        Some(f) => Some(f),
+        None => parsed.backing_fmt.as_deref().map(str::parse).transpose()?,
+    };
 
     let size = match (&a.size, parsed.size) {
         (Some(_), Some(_)) => {

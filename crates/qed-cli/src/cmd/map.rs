@@ -4,6 +4,7 @@ use crate::units::parse_size;
 use crate::Output;
 use anyhow::Result;
 use qed::open_device;
+use qed::Format;
 use qed::{for_each_run, MapEntry};
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,8 +16,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t)]
     output: Output,
     /// Image format (raw or qed; probed when omitted).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// First guest offset to map.
     #[arg(long = "start-offset", default_value = "0")]
     start_offset: String,
@@ -55,7 +56,7 @@ fn hex16(v: u64) -> String {
 
 /// Runs `qed map`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    let format = super::parse_format(a.format.as_deref())?;
+    let format = a.format;
     let dev = open_device(&a.file, format, &a.share.apply(a.remote.read_only()))?;
     let start = parse_size(&a.start_offset)?;
     let len = match &a.max_length {

@@ -1,10 +1,11 @@
 //! `qed measure`.
 
-use super::{parse_format, CreateGeometry};
+use crate::geometry::CreateGeometry;
 use crate::units::parse_size;
 use crate::Output;
 use anyhow::{bail, Result};
 use qed::measure;
+use qed::Format;
 use qed::Geometry;
 use qed::{open_device, CreateOptions};
 use std::path::PathBuf;
@@ -19,8 +20,8 @@ pub struct Args {
     #[arg(long)]
     size: Option<String>,
     /// Source format (probed when omitted).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// Output format (only qed is measured).
     #[arg(short = 'O', default_value = "qed")]
     output_format: String,
@@ -39,7 +40,8 @@ pub fn run(a: Args) -> Result<u8> {
         bail!("only qed images can be measured (-O qed)");
     }
     let mut opts = CreateOptions::new(0);
-    CreateGeometry::parse(&a.options, super::GEOMETRY_KEYS, "qed measure")?.apply(&mut opts);
+    CreateGeometry::parse(&a.options, crate::geometry::GEOMETRY_KEYS, "qed measure")?
+        .apply(&mut opts);
     let geometry = Geometry::new(opts.cluster_size, opts.table_size)?;
     let m = match (&a.size, &a.file) {
         (Some(s), None) => {
@@ -48,7 +50,7 @@ pub fn run(a: Args) -> Result<u8> {
             measure(None, size, geometry)?
         }
         (None, Some(f)) => {
-            let src = open_device(f, parse_format(a.format.as_deref())?, &a.remote.read_only())?;
+            let src = open_device(f, a.format, &a.remote.read_only())?;
             opts.size = src.size();
             let size = opts.header()?.image_size;
             measure(Some(&*src), size, geometry)?

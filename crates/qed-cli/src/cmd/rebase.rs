@@ -1,8 +1,9 @@
 //! `qed rebase`.
 
-use super::FileContext;
-use super::{parse_format, ProgressReport};
+use crate::context::FileContext;
+use crate::progress::ProgressReport;
 use anyhow::{bail, Context, Result};
+use qed::Format;
 use qed::NewBacking;
 use qed::{chain_contains, remote_identity_at, resolve_backing_path};
 use qed::{open_device, Image, OpenOptions};
@@ -20,8 +21,8 @@ pub struct Args {
     #[arg(short = 'b')]
     backing: String,
     /// Format of the new backing file (probed when omitted).
-    #[arg(short = 'F')]
-    backing_format: Option<String>,
+    #[arg(short = 'F', value_parser = crate::values::format)]
+    backing_format: Option<Format>,
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
@@ -29,8 +30,8 @@ pub struct Args {
     #[arg(short = 'q')]
     quiet: bool,
     /// Image format (qed).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// The image.
     file: PathBuf,
     #[command(flatten)]
@@ -39,8 +40,8 @@ pub struct Args {
 
 /// Runs `qed rebase`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    super::require_qed(a.format.as_deref())?;
-    let format = parse_format(a.backing_format.as_deref())?;
+    crate::open::require_qed(a.format)?;
+    let format = a.backing_format;
     // Validate everything read-only first: a read-write open may repair the image, and a
     // refused command must leave it as it was.
     let room = Image::open(
@@ -114,7 +115,7 @@ pub fn run(a: Args) -> Result<u8> {
         no_backing: a.unsafe_mode,
         ..a.remote.read_write()
     };
-    let mut image = super::open_image(&a.file, &opts)?;
+    let mut image = crate::open::open_image(&a.file, &opts)?;
     if !a.unsafe_mode {
         let mut progress = ProgressReport::new(a.progress && !a.quiet);
         let target = new.as_ref().and_then(|b| b.device.as_deref());

@@ -1,8 +1,9 @@
 //! `qed resize`.
 
-use super::FileContext;
+use crate::context::FileContext;
 use crate::units::parse_size;
 use anyhow::{bail, Result};
+use qed::Format;
 use qed::{BlockDevice, Image, OpenOptions};
 use std::path::PathBuf;
 
@@ -13,8 +14,8 @@ pub struct Args {
     #[arg(long)]
     shrink: bool,
     /// Image format (qed).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// Quiet: print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
@@ -29,7 +30,7 @@ pub struct Args {
 
 /// Runs `qed resize`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    super::require_qed(a.format.as_deref())?;
+    crate::open::require_qed(a.format)?;
     // Validate on a read-only open first: a read-write open may repair the image, and a
     // refused command must leave it as it was.
     let ro = OpenOptions {
@@ -54,7 +55,7 @@ pub fn run(a: Args) -> Result<u8> {
     };
     image.validate_resize(new, a.shrink)?;
     drop(image);
-    let mut image = super::open_image(&a.file, &a.remote.read_write())?;
+    let mut image = crate::open::open_image(&a.file, &a.remote.read_write())?;
     image.resize(new, a.shrink)?;
     image.close()?;
     if !a.quiet {

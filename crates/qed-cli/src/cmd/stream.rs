@@ -1,7 +1,9 @@
 //! `qed stream`.
 
-use super::{FileContext, ProgressReport};
+use crate::context::FileContext;
+use crate::progress::ProgressReport;
 use anyhow::{Context, Result};
+use qed::Format;
 use qed::{StreamEnd, StreamOptions};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -23,8 +25,8 @@ pub struct Args {
     #[arg(short = 'p')]
     progress: bool,
     /// Image format (qed).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// The image.
     file: PathBuf,
     #[command(flatten)]
@@ -33,7 +35,7 @@ pub struct Args {
 
 /// Runs `qed stream`; returns the exit code (1 when interrupted).
 pub fn run(a: Args) -> Result<u8> {
-    super::require_qed(a.format.as_deref())?;
+    crate::open::require_qed(a.format)?;
     let rate = a
         .rate
         .as_deref()
@@ -43,7 +45,7 @@ pub fn run(a: Args) -> Result<u8> {
     if rate == Some(0) {
         anyhow::bail!("--rate must be more than 0 bytes per second");
     }
-    let image = super::open_image(&a.file, &a.remote.read_write())?;
+    let image = crate::open::open_image(&a.file, &a.remote.read_write())?;
     let base = a
         .base
         .as_deref()
