@@ -54,21 +54,7 @@ pub fn run(a: Args) -> Result<u8> {
         .transpose()
         .context("--control")?;
     let mut session = Session::open(&a.export, Kind::Mount)?;
-    if qed::chain_contains(&**session.device(), place.path()) {
-        bail!(
-            "mountpoint {}: is a file of the image's backing chain; mount somewhere else",
-            a.mountpoint.display()
-        );
-    }
-    let export = Export {
-        device: session.device().clone(),
-        read_only: a.export.read_only,
-        discard: a.export.discard,
-        direct_io: a.export.cache.direct(),
-        allow_other: a.allow_other,
-        file_name,
-        allocation_from: file.canonicalize().ok(),
-    };
+    let export = fuse_export(&a, &session, &place, file_name)?;
     let config = Config {
         workers: a.workers,
         ..Config::default()
@@ -115,6 +101,31 @@ pub fn run(a: Args) -> Result<u8> {
         );
     }
     Ok(0)
+}
+
+/// What is mounted: the device and the mount's settings. Refused when the mountpoint is
+/// a file of the image's backing chain.
+fn fuse_export(
+    a: &Args,
+    session: &Session,
+    place: &Mountpoint,
+    file_name: String,
+) -> Result<Export> {
+    if qed::chain_contains(&**session.device(), place.path()) {
+        bail!(
+            "mountpoint {}: is a file of the image's backing chain; mount somewhere else",
+            a.mountpoint.display()
+        );
+    }
+    Ok(Export {
+        device: session.device().clone(),
+        read_only: a.export.read_only,
+        discard: a.export.discard,
+        direct_io: a.export.cache.direct(),
+        allow_other: a.allow_other,
+        file_name,
+        allocation_from: a.export.file.canonicalize().ok(),
+    })
 }
 
 /// Mounting on the image file would hide it behind itself.

@@ -8,7 +8,7 @@ use qed_nbd::{Config, Export, Listener, Server, Tls, TlsCredentials, TlsMode};
 use std::net::TcpListener;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -105,11 +105,7 @@ pub fn run(a: Args) -> Result<u8> {
     if let Some(path) = &a.socket {
         session.remove_at_close(path);
     }
-    let tls_note = match tls.as_ref().map(|t| t.mode()) {
-        Some(TlsMode::Require) => ", TLS required",
-        Some(TlsMode::On) => ", TLS offered",
-        _ => "",
-    };
+    let tls_mode = tls.as_ref().map(|t| t.mode());
     let server = build_server(&a, session.device().clone(), tls);
     let stop = server.shutdown_flag();
     // A signal stops the jobs before the server: a cancelled stream leaves the image
@@ -120,20 +116,7 @@ pub fn run(a: Args) -> Result<u8> {
         stop.store(true, Ordering::Release);
     })?;
     session.write_pid_file(std::process::id())?;
-    eprintln!(
-        "qed serve: {} exported as '{}' on {place}{}{tls_note}{}",
-        a.export.file.display(),
-        a.name,
-        if a.export.read_only {
-            " (read-only)"
-        } else {
-            ""
-        },
-        match session.control_path() {
-            Some(c) => format!(", control socket {}", c.display()),
-            None => String::new(),
-        }
-    );
+    announce(&a, &place, tls_mode, session.control_path());
     // Started once the banner is out, so that the job's end is never logged before it.
     let started = match stream {
         Some(req) => qed_control::start_stream(session.jobs(), session.target(), req).map(|_| ()),
@@ -156,6 +139,29 @@ pub fn run(a: Args) -> Result<u8> {
     result?;
     flushed?;
     Ok(0)
+}
+
+/// The line that says the export is served: what, where, and how.
+fn announce(a: &Args, place: &str, tls: Option<TlsMode>, control: Option<&Path>) {
+    let tls_note = match tls {
+        Some(TlsMode::Require) => ", TLS required",
+        Some(TlsMode::On) => ", TLS offered",
+        _ => "",
+    };
+    eprintln!(
+        "qed serve: {} exported as '{}' on {place}{}{tls_note}{}",
+        a.export.file.display(),
+        a.name,
+        if a.export.read_only {
+            " (read-only)"
+        } else {
+            ""
+        },
+        match control {
+            Some(c) => format!(", control socket {}", c.display()),
+            None => String::new(),
+        }
+    );
 }
 
 /// The stream `--stream` asks for, refused before anything listens when it could not
