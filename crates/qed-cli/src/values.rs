@@ -20,6 +20,36 @@ pub fn memory(s: &str) -> Result<usize, String> {
     usize::try_from(size(s)?).map_err(|_| format!("{s} is too large"))
 }
 
+/// A rate in bytes per second (k, M, G suffixes): more than 0.
+pub fn rate(s: &str) -> Result<u64, String> {
+    match size(s)? {
+        0 => Err("must be more than 0 bytes per second".into()),
+        r => Ok(r),
+    }
+}
+
+/// A new size, or a change to the current one (`resize`'s SIZE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizeChange {
+    /// `SIZE`: this size.
+    To(u64),
+    /// `+SIZE`: this much larger.
+    Grow(u64),
+    /// `-SIZE`: this much smaller.
+    Shrink(u64),
+}
+
+/// `SIZE`, `+SIZE` or `-SIZE`.
+pub fn size_change(s: &str) -> Result<SizeChange, String> {
+    Ok(if let Some(d) = s.strip_prefix('+') {
+        SizeChange::Grow(size(d)?)
+    } else if let Some(d) = s.strip_prefix('-') {
+        SizeChange::Shrink(size(d)?)
+    } else {
+        SizeChange::To(size(s)?)
+    })
+}
+
 /// What an export does with discards: `ignore` (or `off`) and `unmap` (or `on`), as
 /// qemu-nbd spells them.
 pub fn discard(s: &str) -> Result<DiscardMode, String> {
@@ -57,6 +87,29 @@ impl Cache {
     }
 }
 
+/// The cache mode of `qed convert`'s destination, as qemu-img convert's `-t`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvertCache {
+    /// No flush: the system writes the copy back in its own time.
+    Unsafe,
+    /// Flushed before the command returns.
+    Writeback,
+    /// O_DIRECT, flushed.
+    Direct,
+}
+
+/// `-t` of `qed convert`: unsafe, writeback or none.
+pub fn convert_cache(s: &str) -> Result<ConvertCache, String> {
+    match s {
+        "unsafe" => Ok(ConvertCache::Unsafe),
+        "writeback" => Ok(ConvertCache::Writeback),
+        "none" => Ok(ConvertCache::Direct),
+        c => Err(format!(
+            "invalid cache mode '{c}' for the destination: use unsafe, writeback or none"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,6 +121,15 @@ mod tests {
         assert_eq!(discard("on"), Ok(DiscardMode::Unmap));
         assert_eq!(discard("unmap"), Ok(DiscardMode::Unmap));
         assert!(discard("trim").is_err());
+        assert_eq!(rate("4M"), Ok(4 << 20));
+        assert_eq!(size_change("+1M"), Ok(SizeChange::Grow(1 << 20)));
+        assert_eq!(size_change("-64k"), Ok(SizeChange::Shrink(64 << 10)));
+        assert_eq!(size_change("2G"), Ok(SizeChange::To(2 << 30)));
+        assert!(size_change("lots").unwrap_err().contains("lots"));
+        assert!(rate("0").unwrap_err().contains("more than 0"));
+        assert!(convert_cache("writethrough")
+            .unwrap_err()
+            .contains("invalid cache mode"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use crate::context::FileContext;
 use crate::geometry::CreateGeometry;
 use crate::progress::ProgressReport;
-use crate::units::parse_size;
+use crate::values::ConvertCache;
 use anyhow::{bail, Context, Result};
 use qed::FileStorage;
 use qed::{chain_contains, resolve_backing_path};
@@ -18,8 +18,8 @@ pub struct Args {
     #[arg(short = 'f', value_parser = crate::values::format)]
     format: Option<Format>,
     /// Destination format: qed (default) or raw.
-    #[arg(short = 'O', default_value = "qed")]
-    output_format: String,
+    #[arg(short = 'O', default_value = "qed", value_parser = crate::values::format)]
+    output_format: Format,
     /// Destination options: cluster_size=SIZE, table_size=N, backing_file=NAME (as -B),
     /// backing_fmt=FMT (as -F); -B and -F win over them, as in qemu-img.
     #[arg(short = 'o')]
@@ -31,13 +31,13 @@ pub struct Args {
     #[arg(short = 'F', value_parser = crate::values::format)]
     backing_format: Option<Format>,
     /// Zero runs at least this long are not written (default 4k; 0 writes everything).
-    #[arg(short = 'S', default_value = "4k")]
-    sparse_size: String,
+    #[arg(short = 'S', default_value = "4k", value_parser = crate::values::size)]
+    sparse_size: u64,
     /// Cache mode of the destination, as qemu-img convert's: unsafe (the default: no
     /// flush, the system writes the copy back in its own time), writeback (flushed
     /// before the command returns) or none (O_DIRECT, flushed).
-    #[arg(short = 't', default_value = "unsafe")]
-    cache: String,
+    #[arg(short = 't', default_value = "unsafe", value_parser = crate::values::convert_cache)]
+    cache: ConvertCache,
     /// Do not create the destination: it exists and is at least as large as the source.
     #[arg(short = 'n')]
     no_create: bool,
@@ -107,13 +107,13 @@ struct Plan {
 impl Plan {
     fn new(a: Args) -> Result<Self> {
         let src_format = a.format;
-        let dst_format: Format = a.output_format.parse()?;
+        let dst_format = a.output_format;
         if dst_format == Format::Qcow2 {
             bail!("cannot write qcow2 images: use -O qed or -O raw");
         }
-        let sparse_size = parse_size(&a.sparse_size)?;
+        let sparse_size = a.sparse_size;
         if sparse_size % 512 != 0 {
-            bail!("invalid -S {}: it must be a multiple of 512", a.sparse_size);
+            bail!("invalid -S {sparse_size}: it must be a multiple of 512");
         }
         if a.no_create && !a.options.is_empty() {
             bail!("-o has no effect when skipping image creation (-n): drop one of them");
@@ -145,13 +145,10 @@ impl Plan {
                  its backing file's data, not zeros"
             );
         }
-        let (direct, no_flush) = match a.cache.as_str() {
-            "unsafe" => (false, true),
-            "writeback" => (false, false),
-            "none" => (true, false),
-            c => {
-                bail!("invalid cache mode '{c}' for the destination: use unsafe, writeback or none")
-            }
+        let (direct, no_flush) = match a.cache {
+            ConvertCache::Unsafe => (false, true),
+            ConvertCache::Writeback => (false, false),
+            ConvertCache::Direct => (true, false),
         };
         Ok(Self {
             src: a.src,

@@ -1,7 +1,6 @@
 //! `qed create`.
 
 use crate::context::FileContext;
-use crate::units::parse_size;
 use anyhow::{bail, Context, Result};
 use qed::resolve_backing_path;
 use qed::{open_device, CreateOptions, Format, Image};
@@ -11,8 +10,8 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct Args {
     /// Image format (only qed can be created).
-    #[arg(short = 'f', default_value = "qed")]
-    format: String,
+    #[arg(short = 'f', default_value = "qed", value_parser = crate::values::format)]
+    format: Format,
     /// Backing file, stored as given (relative names are relative to FILE's directory).
     #[arg(short = 'b')]
     backing: Option<String>,
@@ -34,14 +33,15 @@ pub struct Args {
     /// The image to create.
     file: PathBuf,
     /// Virtual size (k, M, G, T suffixes); defaults to the backing file's size.
-    size: Option<String>,
+    #[arg(value_parser = crate::values::size)]
+    size: Option<u64>,
     #[command(flatten)]
     remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed create`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    if a.format != "qed" {
+    if a.format != Format::Qed {
         bail!(
             "unsupported format '{}': qed create makes only qed images",
             a.format
@@ -60,11 +60,11 @@ pub fn run(a: Args) -> Result<u8> {
         None => parsed.backing_fmt.as_deref().map(str::parse).transpose()?,
     };
 
-    let size = match (&a.size, parsed.size) {
+    let size = match (a.size, parsed.size) {
         (Some(_), Some(_)) => {
             bail!("the image size must be given only once: as SIZE or as -o size, not both")
         }
-        (Some(s), None) => Some(parse_size(s)?),
+        (Some(size), None) => Some(size),
         (None, size) => size,
     };
     // A remote base is pinned as it is now: a later open refuses another object.

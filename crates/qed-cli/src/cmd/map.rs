@@ -1,6 +1,5 @@
 //! `qed map`.
 
-use crate::units::parse_size;
 use crate::Output;
 use anyhow::Result;
 use qed::open_device;
@@ -19,11 +18,11 @@ pub struct Args {
     #[arg(short = 'f', value_parser = crate::values::format)]
     format: Option<Format>,
     /// First guest offset to map.
-    #[arg(long = "start-offset", default_value = "0")]
-    start_offset: String,
+    #[arg(long = "start-offset", default_value = "0", value_parser = crate::values::size)]
+    start_offset: u64,
     /// Bytes to map from the start offset.
-    #[arg(long = "max-length")]
-    max_length: Option<String>,
+    #[arg(long = "max-length", value_parser = crate::values::size)]
+    max_length: Option<u64>,
     /// The image.
     file: PathBuf,
     #[command(flatten)]
@@ -58,11 +57,8 @@ fn hex16(v: u64) -> String {
 pub fn run(a: Args) -> Result<u8> {
     let format = a.format;
     let dev = open_device(&a.file, format, &a.share.apply(a.remote.read_only()))?;
-    let start = parse_size(&a.start_offset)?;
-    let len = match &a.max_length {
-        Some(s) => parse_size(s)?,
-        None => dev.size(),
-    };
+    let start = a.start_offset;
+    let len = a.max_length.unwrap_or(dev.size());
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match a.output {

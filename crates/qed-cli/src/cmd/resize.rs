@@ -1,7 +1,7 @@
 //! `qed resize`.
 
 use crate::context::FileContext;
-use crate::units::parse_size;
+use crate::values::SizeChange;
 use anyhow::{bail, Result};
 use qed::Format;
 use qed::{BlockDevice, Image, OpenOptions};
@@ -22,8 +22,8 @@ pub struct Args {
     /// The image.
     file: PathBuf,
     /// New size, or a change to it with + or -.
-    #[arg(allow_hyphen_values = true)]
-    size: String,
+    #[arg(allow_hyphen_values = true, value_parser = crate::values::size_change)]
+    size: SizeChange,
     #[command(flatten)]
     remote: crate::remote::RemoteArgs,
 }
@@ -39,16 +39,13 @@ pub fn run(a: Args) -> Result<u8> {
     };
     let image = Image::open(&a.file, &ro).file_context("could not open", &a.file)?;
     let old = image.size();
-    let new = if let Some(d) = a.size.strip_prefix('+') {
-        old.checked_add(parse_size(d)?)
-    } else if let Some(d) = a.size.strip_prefix('-') {
-        let d = parse_size(d)?;
-        match old.checked_sub(d) {
+    let new = match a.size {
+        SizeChange::To(n) => Some(n),
+        SizeChange::Grow(d) => old.checked_add(d),
+        SizeChange::Shrink(d) => match old.checked_sub(d) {
             Some(n) => Some(n),
             None => bail!("cannot shrink by {d} bytes: the image is only {old} bytes"),
-        }
-    } else {
-        Some(parse_size(&a.size)?)
+        },
     };
     let Some(new) = new else {
         bail!("the new size overflows");

@@ -51,7 +51,7 @@ pub struct Args {
     #[arg(long = "stream-base", requires = "stream")]
     stream_base: Option<String>,
     /// With --stream: copy at most this many bytes per second (k, M, G suffixes).
-    #[arg(long = "stream-rate", requires = "stream", value_parser = values::size)]
+    #[arg(long = "stream-rate", requires = "stream", value_parser = values::rate)]
     stream_rate: Option<u64>,
     /// TLS: off, on (for clients that ask) or require (the default when credentials
     /// are given).
@@ -177,17 +177,13 @@ fn launch_stream(a: &Args, target: &JobTarget) -> Result<Option<StreamRequest>> 
     if a.export.read_only {
         bail!("--stream writes into the image: it cannot be exported read-only (-r)");
     }
-    let rate = a.stream_rate;
-    if rate == Some(0) {
-        bail!("--stream-rate must be more than 0 bytes per second");
-    }
     if let Some(base) = &a.stream_base {
         qed::stream_base(image, base).context("--stream-base")?;
     }
     Ok(Some(StreamRequest {
         id: None,
         base: a.stream_base.clone(),
-        rate,
+        rate: a.stream_rate,
     }))
 }
 
