@@ -2,9 +2,15 @@
 //! qemu-io.
 
 mod cmd;
+mod context;
+mod export;
+mod geometry;
+mod open;
+mod progress;
 mod remote;
 mod share;
 mod units;
+mod values;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;

@@ -7,17 +7,8 @@ use std::sync::Arc;
 /// allows by default (256 pages); larger requests arrive split.
 pub const MAX_REQUEST: u32 = 1 << 20;
 
-/// What punching a hole does besides making the range read as zeros.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DiscardMode {
-    /// Punching a hole is a zero write (which in a QED image still releases the space of
-    /// whole data clusters; see the library's zero writes).
-    #[default]
-    Ignore,
-    /// Punching a hole discards the range in the image first, then zeroes what the
-    /// discard left readable.
-    Unmap,
-}
+/// What punching a hole does, the library's policy: the same for every export.
+pub use qed::DiscardMode;
 
 /// A disk to mount.
 #[derive(Debug, Clone)]

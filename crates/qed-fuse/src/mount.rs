@@ -7,7 +7,7 @@ use crate::export::{Config, Export, MAX_REQUEST};
 use crate::fs::{ExportFs, Layout, Shared};
 use crate::mountpoint::{detach, is_mount_point, Mountpoint};
 use crate::pool::Pool;
-use fuser::{MountOption, Session, SessionACL};
+use fuser::{MountOption, Session, SessionACL, SessionUnmounter};
 use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -121,22 +121,7 @@ impl Mount {
     /// Mounts `export` on `mountpoint` (from [`crate::check_mountpoint`]): a file
     /// mountpoint becomes the disk, a directory shows it as `export.file_name`.
     pub fn new(export: Export, mountpoint: Mountpoint, config: Config) -> Result<Mount> {
-        let (layout, disk) = match &mountpoint {
-            Mountpoint::File(p) => (Layout::File, p.clone()),
-            Mountpoint::Directory(p) => {
-                let name = &export.file_name;
-                if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
-                    return Err(Error::Io {
-                        context: format!("naming the disk in {}", p.display()),
-                        cause: io::Error::new(
-                            io::ErrorKind::InvalidInput,
-                            format!("'{name}' cannot be a file name"),
-                        ),
-                    });
-                }
-                (Layout::Directory(OsString::from(name)), p.join(name))
-            }
-        };
+        let (layout, disk) = disk_layout(&mountpoint, &export.file_name)?;
         let admission = Arc::new(Admission::new(
             export.device.clone(),
             config.max_requests,
@@ -146,34 +131,7 @@ impl Mount {
         let fs = ExportFs {
             shared: shared.clone(),
         };
-        let mut options = vec![
-            MountOption::Subtype("qed".into()),
-            // The kernel checks permissions against the file's mode, for every user
-            // (with allow_other, others may then reach the file as its mode allows).
-            MountOption::DefaultPermissions,
-            MountOption::NoAtime,
-            MountOption::CUSTOM(format!("max_read={MAX_REQUEST}")),
-            if export.read_only {
-                MountOption::RO
-            } else {
-                MountOption::RW
-            },
-        ];
-        // The image's name shows in the mount table, where fusermount3's option syntax
-        // allows it.
-        let name = export.device.filename();
-        if !name.is_empty() && !name.contains([',', '\\', ' ', '\t', '\n']) {
-            options.push(MountOption::FSName(format!("qed:{name}")));
-        }
-        let mut fuse_config = fuser::Config::default();
-        fuse_config.mount_options = options;
-        fuse_config.acl = if export.allow_other {
-            SessionACL::All
-        } else {
-            SessionACL::Owner
-        };
-        fuse_config.n_threads = Some(config.readers.max(1));
-        fuse_config.clone_fd = true;
+        let fuse_config = fuse_config(&export, &config);
         let session = Session::new(fs, mountpoint.path(), &fuse_config).map_err(|cause| {
             let cause = if cause.kind() == io::ErrorKind::NotFound {
                 io::Error::new(
@@ -260,16 +218,7 @@ impl Mount {
         shared.admission.close();
         let mut result = Ok(());
         if stopped {
-            // A plain unmount works when no file is open; otherwise the mount is detached
-            // so that nothing new can open it, and goes once the last file closes.
-            if unmounter.unmount().is_err() && is_mount_point(mountpoint.path()) {
-                if let Err(cause) = detach(mountpoint.path()) {
-                    result = Err(Error::Io {
-                        context: format!("unmounting {}", mountpoint.path().display()),
-                        cause,
-                    });
-                }
-            }
+            result = take_away(&mut unmounter, &mountpoint);
         }
         shared.admission.wait_idle();
         if let Some(link) = shared.ring.get() {
@@ -301,6 +250,74 @@ impl Mount {
             first_failure,
         })
     }
+}
+
+/// How the disk appears on `mountpoint`, and its path: the mountpoint itself, or the
+/// file `name` in it.
+fn disk_layout(mountpoint: &Mountpoint, name: &str) -> Result<(Layout, PathBuf)> {
+    Ok(match mountpoint {
+        Mountpoint::File(p) => (Layout::File, p.clone()),
+        Mountpoint::Directory(p) => {
+            if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+                return Err(Error::Io {
+                    context: format!("naming the disk in {}", p.display()),
+                    cause: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("'{name}' cannot be a file name"),
+                    ),
+                });
+            }
+            (Layout::Directory(OsString::from(name)), p.join(name))
+        }
+    })
+}
+
+/// The mount options and session settings of `export`.
+fn fuse_config(export: &Export, config: &Config) -> fuser::Config {
+    let mut options = vec![
+        MountOption::Subtype("qed".into()),
+        // The kernel checks permissions against the file's mode, for every user
+        // (with allow_other, others may then reach the file as its mode allows).
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+        MountOption::CUSTOM(format!("max_read={MAX_REQUEST}")),
+        if export.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    // The image's name shows in the mount table, where fusermount3's option syntax
+    // allows it.
+    let name = export.device.filename();
+    if !name.is_empty() && !name.contains([',', '\\', ' ', '\t', '\n']) {
+        options.push(MountOption::FSName(format!("qed:{name}")));
+    }
+    let mut fuse_config = fuser::Config::default();
+    fuse_config.mount_options = options;
+    fuse_config.acl = if export.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    fuse_config.n_threads = Some(config.readers.max(1));
+    fuse_config.clone_fd = true;
+    fuse_config
+}
+
+/// Takes a stopped mount away: a plain unmount works when no file is open; otherwise the
+/// mount is detached so that nothing new can open it, and goes once the last file
+/// closes.
+fn take_away(unmounter: &mut SessionUnmounter, mountpoint: &Mountpoint) -> Result<()> {
+    if unmounter.unmount().is_err() && is_mount_point(mountpoint.path()) {
+        if let Err(cause) = detach(mountpoint.path()) {
+            return Err(Error::Io {
+                context: format!("unmounting {}", mountpoint.path().display()),
+                cause,
+            });
+        }
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Mount {

@@ -9,14 +9,8 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Preferred block size advertised.
 pub const PREFERRED_BLOCK: u32 = 4096;
 
-/// What to do with trim requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiscardMode {
-    /// Acknowledge and do nothing (like qemu-nbd's default).
-    Ignore,
-    /// Pass to the device's discard.
-    Unmap,
-}
+/// The trim policy, the library's: the same for every export.
+pub use qed::DiscardMode;
 
 /// One export.
 #[derive(Debug, Clone)]

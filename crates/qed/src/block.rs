@@ -48,6 +48,20 @@ impl std::str::FromStr for Format {
     }
 }
 
+/// What an export (NBD, FUSE) does with a guest's discard: an NBD trim, a punched hole.
+/// One policy for every export, so that `--discard` means the same wherever it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiscardMode {
+    /// Nothing is discarded in the image: NBD acknowledges the trim (like qemu-nbd's
+    /// default); a punched hole is a zero write (which in a QED image still releases the
+    /// space of whole data clusters; see the zero writes).
+    #[default]
+    Ignore,
+    /// The range is discarded in the image (a punched hole then zeroes what the discard
+    /// left readable).
+    Unmap,
+}
+
 /// How one run of a device's address space is stored, as `qemu-img map` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockStatus {

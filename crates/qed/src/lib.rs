@@ -43,7 +43,9 @@ mod ring;
 mod storage;
 mod warnings;
 
-pub use block::{BlockDevice, BlockStatus, DirectExtent, DirectRead, Format, PendingWrite};
+pub use block::{
+    BlockDevice, BlockStatus, DirectExtent, DirectRead, DiscardMode, Format, PendingWrite,
+};
 pub use chain::{
     chain_contains, describe, for_each_run, is_remote_name, known_zero, map, open_device,
     probe_format, probe_format_at, qcow2_facts_at, remote_identity_at, resolve_backing_path,

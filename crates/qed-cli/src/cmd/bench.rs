@@ -1,7 +1,7 @@
 //! `qed bench`: the workload of `qemu-img bench`, on our implementation.
 
-use crate::units::parse_size;
 use anyhow::{bail, Context, Result};
+use qed::Format;
 use qed::{bench, BenchParams, Engine};
 use std::path::PathBuf;
 
@@ -9,8 +9,8 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct Args {
     /// Image format: qed or raw (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
+    #[arg(short = 'f', long = "format", value_parser = crate::values::format)]
+    format: Option<Format>,
     /// Number of requests.
     #[arg(short = 'c', long = "count", default_value_t = 75000)]
     count: u64,
@@ -18,20 +18,20 @@ pub struct Args {
     #[arg(short = 'd', long = "depth", default_value_t = 64)]
     depth: usize,
     /// Bytes per request.
-    #[arg(short = 's', long = "buffer-size", default_value = "4k")]
-    size: String,
+    #[arg(short = 's', long = "buffer-size", default_value = "4k", value_parser = crate::values::size)]
+    size: u64,
     /// Offset increment between requests (default: the buffer size).
-    #[arg(short = 'S', long = "step-size")]
-    step: Option<String>,
+    #[arg(short = 'S', long = "step-size", value_parser = crate::values::size)]
+    step: Option<u64>,
     /// Offset of the first request.
-    #[arg(short = 'o', long = "offset", default_value = "0")]
-    offset: String,
+    #[arg(short = 'o', long = "offset", default_value = "0", value_parser = crate::values::size)]
+    offset: u64,
     /// Write instead of read.
     #[arg(short = 'w', long = "write")]
     write: bool,
     /// Cache mode: none (O_DIRECT), writeback, or writethrough (flush after each write).
-    #[arg(short = 't', long = "cache", default_value = "writeback")]
-    cache: String,
+    #[arg(short = 't', long = "cache", value_enum, default_value = "writeback")]
+    cache: Cache,
     /// Byte to write.
     #[arg(long = "pattern", default_value_t = 0)]
     pattern: u8,
@@ -41,8 +41,8 @@ pub struct Args {
     /// How requests are issued: io_uring (the default: one thread, requests to mapped
     /// data straight to the file), or threads (one per request in flight); native is
     /// taken as io_uring.
-    #[arg(short = 'i', long = "aio")]
-    aio: Option<String>,
+    #[arg(short = 'i', long = "aio", value_enum)]
+    aio: Option<Aio>,
     /// Quiet: print only the result line.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
@@ -52,28 +52,44 @@ pub struct Args {
     remote: crate::remote::RemoteArgs,
 }
 
+/// `-t`: qemu-img bench's cache modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Cache {
+    /// O_DIRECT.
+    None,
+    /// Through the page cache.
+    Writeback,
+    /// Through the page cache, flushed after each write.
+    Writethrough,
+    /// O_DIRECT, flushed after each write.
+    Directsync,
+}
+
+/// `-i`: how requests are issued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Aio {
+    /// One thread per request in flight.
+    Threads,
+    /// Taken as io_uring.
+    Native,
+    /// One thread; requests to mapped data go straight to the file.
+    #[value(name = "io_uring")]
+    IoUring,
+}
+
 /// Runs `qed bench`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    let (direct, writethrough) = match a.cache.as_str() {
-        "none" => (true, false),
-        "writeback" => (false, false),
-        "writethrough" => (false, true),
-        "directsync" => (true, true),
-        c => bail!("invalid cache mode '{c}': use none, writeback, writethrough or directsync"),
+    let (direct, writethrough) = match a.cache {
+        Cache::None => (true, false),
+        Cache::Writeback => (false, false),
+        Cache::Writethrough => (false, true),
+        Cache::Directsync => (true, true),
     };
-    if let Some(aio) = &a.aio {
-        if !["threads", "native", "io_uring"].contains(&aio.as_str()) {
-            bail!("invalid aio '{aio}': use threads, native or io_uring");
-        }
-    }
-    let size = usize::try_from(parse_size(&a.size)?).context("buffer size too large")?;
+    let size = usize::try_from(a.size).context("buffer size too large")?;
     if size == 0 || size > 1 << 30 {
         bail!("invalid buffer size {size}: it must be from 1 byte to 1 GiB");
     }
-    let step = match &a.step {
-        Some(s) => parse_size(s)?,
-        None => size as u64,
-    };
+    let step = a.step.unwrap_or(size as u64);
     if a.depth == 0 || a.depth > 1024 {
         bail!("invalid depth {}: it must be from 1 to 1024", a.depth);
     }
@@ -82,18 +98,18 @@ pub fn run(a: Args) -> Result<u8> {
         depth: a.depth,
         size,
         step,
-        offset: parse_size(&a.offset)?,
+        offset: a.offset,
         write: a.write,
         pattern: a.pattern,
         flush_interval: a.flush_interval,
         writethrough,
-        engine: match a.aio.as_deref() {
-            Some("threads") => Engine::Threads,
+        engine: match a.aio {
+            Some(Aio::Threads) => Engine::Threads,
             _ => Engine::IoUring,
         },
     };
-    let format = super::parse_format(a.format.as_deref())?;
-    let dev = super::open_for_io(
+    let format = a.format;
+    let dev = crate::open::open_for_io(
         &a.file,
         format,
         &qed::OpenOptions {

@@ -2,6 +2,7 @@
 
 use crate::Output;
 use anyhow::Result;
+use qed::Format;
 use qed::RepairMode;
 use qed::{CheckReport, Image, OpenOptions};
 use serde::Serialize;
@@ -16,8 +17,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t)]
     output: Output,
     /// Image format (qed).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// Repair: `leaks` reclaims leaked clusters, `all` also fixes corruptions.
     #[arg(short = 'r', value_enum)]
     repair: Option<Repair>,
@@ -140,7 +141,7 @@ fn print_human(r: &CheckReport) {
 
 /// Runs `qed check`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    super::require_qed(a.format.as_deref())?;
+    crate::open::require_qed(a.format)?;
     let opts = OpenOptions {
         no_backing: true,
         read_only: a.repair.is_none(),

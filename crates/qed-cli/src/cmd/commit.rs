@@ -1,7 +1,7 @@
 //! `qed commit`.
 
-use super::FileContext;
-use super::ProgressReport;
+use crate::context::FileContext;
+use crate::progress::ProgressReport;
 use anyhow::{bail, Context, Result};
 use qed::{open_device, BlockDevice, Format, Image, OpenOptions};
 use qed::{probe_format, resolve_backing_path};
@@ -28,8 +28,8 @@ pub struct Args {
     #[arg(short = 'p')]
     progress: bool,
     /// Image format (qed).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// The image.
     file: PathBuf,
     #[command(flatten)]
@@ -38,7 +38,7 @@ pub struct Args {
 
 /// Runs `qed commit`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    super::require_qed(a.format.as_deref())?;
+    crate::open::require_qed(a.format)?;
     // Look read-only first: a read-write open may repair the image, and a refused
     // command must leave it as it was.
     let ro = OpenOptions {
@@ -50,25 +50,7 @@ pub fn run(a: Args) -> Result<u8> {
         bail!("{} has no backing file to commit into", a.file.display());
     }
     drop(top_ro);
-    let (depth, base_path, declared) = match &a.base {
-        None => (1, None, None),
-        Some(name) => {
-            let chain = open_device(&a.file, Some(Format::Qed), &a.remote.read_only())
-                .file_context("could not open", &a.file)?;
-            let (depth, layer) = find_base(&*chain, name).with_context(|| {
-                format!(
-                    "did not find '{name}' in the backing chain of {} (a relative name is \
-                     relative to the directory of the image above it)",
-                    a.file.display()
-                )
-            })?;
-            (
-                depth,
-                Some(PathBuf::from(layer.filename())),
-                Some(layer.format()),
-            )
-        }
-    };
+    let (depth, base_path, declared) = named_base(&a)?;
     // The base is written below while the image is open: the image shares its backing
     // files with that writer, as QEMU's commit job does; the base's own write lock then
     // keeps every other process out.
@@ -76,7 +58,7 @@ pub fn run(a: Args) -> Result<u8> {
         share_backing_writes: true,
         ..a.remote.read_write()
     };
-    let mut top = super::open_image(&a.file, &rw)?;
+    let mut top = crate::open::open_image(&a.file, &rw)?;
     let Some(backing) = top.backing_file() else {
         bail!("{} has no backing file to commit into", a.file.display());
     };
@@ -96,30 +78,7 @@ pub fn run(a: Args) -> Result<u8> {
             probe_format(&s)?
         }
     };
-    // The base must hold the whole image: grow it first if it is shorter.
-    let size = top.size();
-    match format {
-        Format::Qed => {
-            let mut base = super::open_image(&base_path, &a.remote.read_write())?;
-            if base.size() < size {
-                base.resize(size, false)?;
-            }
-            base.close()?;
-        }
-        Format::Raw => {
-            let s =
-                FileStorage::open(&base_path, false).file_context("could not open", &base_path)?;
-            s.lock(qed::LockMode::WRITER)
-                .file_context("could not lock", &base_path)?;
-            if s.len()? < size {
-                s.set_len(size)?;
-            }
-        }
-        Format::Qcow2 => bail!(
-            "{}: cannot commit into a qcow2 image (qcow2 images are read-only here)",
-            base_path.display()
-        ),
-    }
+    grow_base(&base_path, format, top.size(), &a.remote)?;
     let base = open_device(&base_path, Some(format), &a.remote.read_write())?;
     let mut progress = ProgressReport::new(a.progress && !a.quiet);
     qed::commit_into(&top, &*base, depth, &mut |d, t| progress.update(d, t))?;
@@ -135,6 +94,62 @@ pub fn run(a: Args) -> Result<u8> {
         println!("Image committed.");
     }
     Ok(0)
+}
+
+/// The base `-b` names: its depth in the chain, its path and its format; `None`s for
+/// the backing file, at depth 1.
+fn named_base(a: &Args) -> Result<(u32, Option<PathBuf>, Option<Format>)> {
+    Ok(match &a.base {
+        None => (1, None, None),
+        Some(name) => {
+            let chain = open_device(&a.file, Some(Format::Qed), &a.remote.read_only())
+                .file_context("could not open", &a.file)?;
+            let (depth, layer) = find_base(&*chain, name).with_context(|| {
+                format!(
+                    "did not find '{name}' in the backing chain of {} (a relative name is \
+                     relative to the directory of the image above it)",
+                    a.file.display()
+                )
+            })?;
+            (
+                depth,
+                Some(PathBuf::from(layer.filename())),
+                Some(layer.format()),
+            )
+        }
+    })
+}
+
+/// Grows the base to `size` if it is shorter: it must hold the whole image.
+fn grow_base(
+    base_path: &Path,
+    format: Format,
+    size: u64,
+    remote: &crate::remote::RemoteArgs,
+) -> Result<()> {
+    match format {
+        Format::Qed => {
+            let mut base = crate::open::open_image(base_path, &remote.read_write())?;
+            if base.size() < size {
+                base.resize(size, false)?;
+            }
+            base.close()?;
+        }
+        Format::Raw => {
+            let s =
+                FileStorage::open(base_path, false).file_context("could not open", base_path)?;
+            s.lock(qed::LockMode::WRITER)
+                .file_context("could not lock", base_path)?;
+            if s.len()? < size {
+                s.set_len(size)?;
+            }
+        }
+        Format::Qcow2 => bail!(
+            "{}: cannot commit into a qcow2 image (qcow2 images are read-only here)",
+            base_path.display()
+        ),
+    }
+    Ok(())
 }
 
 /// The layer of `top`'s chain that `name` names, and its depth (1 is the backing file),

@@ -1,9 +1,10 @@
 //! `qed compare`.
 
-use super::FileContext;
-use super::{parse_format, ProgressReport};
+use crate::context::FileContext;
+use crate::progress::ProgressReport;
 use anyhow::Result;
 use qed::open_device;
+use qed::Format;
 use qed::{compare, Difference};
 use std::path::PathBuf;
 
@@ -13,11 +14,11 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct Args {
     /// Format of the first image (probed when omitted).
-    #[arg(short = 'f')]
-    format_a: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format_a: Option<Format>,
     /// Format of the second image (probed when omitted).
-    #[arg(short = 'F')]
-    format_b: Option<String>,
+    #[arg(short = 'F', value_parser = crate::values::format)]
+    format_b: Option<Format>,
     /// Strict: images of different sizes differ.
     #[arg(short = 's')]
     strict: bool,
@@ -40,10 +41,8 @@ pub struct Args {
 /// The result, and the smaller of the two sizes when they differ.
 fn compare_files(a: &Args) -> Result<(Option<Difference>, Option<u64>)> {
     let ro = a.share.apply(a.remote.read_only());
-    let da = open_device(&a.a, parse_format(a.format_a.as_deref())?, &ro)
-        .file_context("could not open", &a.a)?;
-    let db = open_device(&a.b, parse_format(a.format_b.as_deref())?, &ro)
-        .file_context("could not open", &a.b)?;
+    let da = open_device(&a.a, a.format_a, &ro).file_context("could not open", &a.a)?;
+    let db = open_device(&a.b, a.format_b, &ro).file_context("could not open", &a.b)?;
     let mut progress = ProgressReport::new(a.progress && !a.quiet);
     let diff = compare(&*da, &*db, a.strict, &mut |d, t| progress.update(d, t))?;
     progress.finish();

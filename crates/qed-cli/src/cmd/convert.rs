@@ -1,8 +1,9 @@
 //! `qed convert`.
 
-use super::FileContext;
-use super::{parse_format, CreateGeometry, ProgressReport};
-use crate::units::parse_size;
+use crate::context::FileContext;
+use crate::geometry::CreateGeometry;
+use crate::progress::ProgressReport;
+use crate::values::ConvertCache;
 use anyhow::{bail, Context, Result};
 use qed::FileStorage;
 use qed::{chain_contains, resolve_backing_path};
@@ -14,11 +15,11 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct Args {
     /// Source format: raw, qed or qcow2 (probed when omitted).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// Destination format: qed (default) or raw.
-    #[arg(short = 'O', default_value = "qed")]
-    output_format: String,
+    #[arg(short = 'O', default_value = "qed", value_parser = crate::values::format)]
+    output_format: Format,
     /// Destination options: cluster_size=SIZE, table_size=N, backing_file=NAME (as -B),
     /// backing_fmt=FMT (as -F); -B and -F win over them, as in qemu-img.
     #[arg(short = 'o')]
@@ -27,16 +28,16 @@ pub struct Args {
     #[arg(short = 'B')]
     backing: Option<String>,
     /// Format of the backing file given with -B (probed when omitted).
-    #[arg(short = 'F')]
-    backing_format: Option<String>,
+    #[arg(short = 'F', value_parser = crate::values::format)]
+    backing_format: Option<Format>,
     /// Zero runs at least this long are not written (default 4k; 0 writes everything).
-    #[arg(short = 'S', default_value = "4k")]
-    sparse_size: String,
+    #[arg(short = 'S', default_value = "4k", value_parser = crate::values::size)]
+    sparse_size: u64,
     /// Cache mode of the destination, as qemu-img convert's: unsafe (the default: no
     /// flush, the system writes the copy back in its own time), writeback (flushed
     /// before the command returns) or none (O_DIRECT, flushed).
-    #[arg(short = 't', default_value = "unsafe")]
-    cache: String,
+    #[arg(short = 't', default_value = "unsafe", value_parser = crate::values::convert_cache)]
+    cache: ConvertCache,
     /// Do not create the destination: it exists and is at least as large as the source.
     #[arg(short = 'n')]
     no_create: bool,
@@ -105,14 +106,14 @@ struct Plan {
 
 impl Plan {
     fn new(a: Args) -> Result<Self> {
-        let src_format = parse_format(a.format.as_deref())?;
-        let dst_format: Format = a.output_format.parse()?;
+        let src_format = a.format;
+        let dst_format = a.output_format;
         if dst_format == Format::Qcow2 {
             bail!("cannot write qcow2 images: use -O qed or -O raw");
         }
-        let sparse_size = parse_size(&a.sparse_size)?;
+        let sparse_size = a.sparse_size;
         if sparse_size % 512 != 0 {
-            bail!("invalid -S {}: it must be a multiple of 512", a.sparse_size);
+            bail!("invalid -S {sparse_size}: it must be a multiple of 512");
         }
         if a.no_create && !a.options.is_empty() {
             bail!("-o has no effect when skipping image creation (-n): drop one of them");
@@ -120,16 +121,21 @@ impl Plan {
         if dst_format == Format::Raw && (a.backing.is_some() || !a.options.is_empty()) {
             bail!("-B and -o apply to qed destinations only");
         }
-        let geometry = CreateGeometry::parse(&a.options, super::CONVERT_KEYS, "qed convert")?;
+        let geometry =
+            CreateGeometry::parse(&a.options, crate::geometry::CONVERT_KEYS, "qed convert")?;
         let backing = a.backing.or_else(|| geometry.backing_file.clone());
-        let backing_format = a.backing_format.or_else(|| geometry.backing_fmt.clone());
+        let backing_fmt = geometry.backing_fmt.as_deref().map(str::parse::<Format>);
+        let backing_format = match a.backing_format {
+            Some(f) => Some(Ok(f)),
+            None => backing_fmt,
+        };
         if backing.is_none() && backing_format.is_some() {
             bail!(
                 "a backing format (-F or -o backing_fmt) needs a backing file (-B or -o \
                  backing_file)"
             );
         }
-        let backing_format = parse_format(backing_format.as_deref())?;
+        let backing_format = backing_format.transpose()?;
         if a.target_is_zero && !a.no_create {
             bail!("--target-is-zero is for an existing destination: it needs -n");
         }
@@ -139,13 +145,10 @@ impl Plan {
                  its backing file's data, not zeros"
             );
         }
-        let (direct, no_flush) = match a.cache.as_str() {
-            "unsafe" => (false, true),
-            "writeback" => (false, false),
-            "none" => (true, false),
-            c => {
-                bail!("invalid cache mode '{c}' for the destination: use unsafe, writeback or none")
-            }
+        let (direct, no_flush) = match a.cache {
+            ConvertCache::Unsafe => (false, true),
+            ConvertCache::Writeback => (false, false),
+            ConvertCache::Direct => (true, false),
         };
         Ok(Self {
             src: a.src,
@@ -283,7 +286,7 @@ fn open_destination(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
         ..plan.remote.read_write()
     };
     if plan.dst_format == Format::Qed {
-        return Ok(Box::new(super::open_image(&plan.dst, &opts)?));
+        return Ok(Box::new(crate::open::open_image(&plan.dst, &opts)?));
     }
     open_device(&plan.dst, Some(Format::Raw), &opts).file_context("could not open", &plan.dst)
 }

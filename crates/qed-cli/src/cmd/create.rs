@@ -1,7 +1,6 @@
 //! `qed create`.
 
-use super::FileContext;
-use crate::units::parse_size;
+use crate::context::FileContext;
 use anyhow::{bail, Context, Result};
 use qed::resolve_backing_path;
 use qed::{open_device, CreateOptions, Format, Image};
@@ -11,16 +10,16 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct Args {
     /// Image format (only qed can be created).
-    #[arg(short = 'f', default_value = "qed")]
-    format: String,
+    #[arg(short = 'f', default_value = "qed", value_parser = crate::values::format)]
+    format: Format,
     /// Backing file, stored as given (relative names are relative to FILE's directory).
     #[arg(short = 'b')]
     backing: Option<String>,
     /// Backing file format: raw, qed or qcow2 (probed when omitted). Only raw is recorded
     /// in the image (QED has a bit for "raw, do not probe" and nothing else): any other
     /// format is probed again at every open, by QEMU as by qed.
-    #[arg(short = 'F')]
-    backing_format: Option<String>,
+    #[arg(short = 'F', value_parser = crate::values::format)]
+    backing_format: Option<Format>,
     /// Options: cluster_size=SIZE, table_size=N, size=SIZE, backing_file=NAME (as -b),
     /// backing_fmt=FMT (as -F); -b and -F win over them, as in qemu-img.
     #[arg(short = 'o')]
@@ -34,34 +33,38 @@ pub struct Args {
     /// The image to create.
     file: PathBuf,
     /// Virtual size (k, M, G, T suffixes); defaults to the backing file's size.
-    size: Option<String>,
+    #[arg(value_parser = crate::values::size)]
+    size: Option<u64>,
     #[command(flatten)]
     remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed create`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    if a.format != "qed" {
+    if a.format != Format::Qed {
         bail!(
             "unsupported format '{}': qed create makes only qed images",
             a.format
         );
     }
     let mut opts = CreateOptions::new(0);
-    let parsed = super::CreateGeometry::parse(&a.options, super::CREATE_KEYS, "qed create")?;
+    let parsed = crate::geometry::CreateGeometry::parse(
+        &a.options,
+        crate::geometry::CREATE_KEYS,
+        "qed create",
+    )?;
     parsed.apply(&mut opts);
     let backing = a.backing.clone().or(parsed.backing_file);
-    let backing_format = a.backing_format.clone().or(parsed.backing_fmt);
-    let mut format = backing_format
-        .as_deref()
-        .map(str::parse::<Format>)
-        .transpose()?;
+    let mut format = match a.backing_format {
+        Some(f) => Some(f),
+        None => parsed.backing_fmt.as_deref().map(str::parse).transpose()?,
+    };
 
-    let size = match (&a.size, parsed.size) {
+    let size = match (a.size, parsed.size) {
         (Some(_), Some(_)) => {
             bail!("the image size must be given only once: as SIZE or as -o size, not both")
         }
-        (Some(s), None) => Some(parse_size(s)?),
+        (Some(size), None) => Some(size),
         (None, size) => size,
     };
     // A remote base is pinned as it is now: a later open refuses another object.

@@ -1,6 +1,6 @@
 //! `qed info`.
 
-use super::FileContext;
+use crate::context::FileContext;
 use crate::units::human_size;
 use crate::Output;
 use anyhow::{bail, Context, Result};
@@ -16,8 +16,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t)]
     output: Output,
     /// Image format: qed, raw or qcow2 (probed when omitted).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// Show every image of the backing chain, top first (JSON: an array of the objects
     /// one image gives).
     #[arg(long)]
@@ -125,7 +125,7 @@ struct Layer {
 
 /// Runs `qed info`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    let format = super::parse_format(a.format.as_deref())?;
+    let format = a.format;
     let opts = OpenOptions {
         no_backing: true,
         ..a.share.apply(a.remote.read_only())

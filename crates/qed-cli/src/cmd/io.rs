@@ -3,6 +3,7 @@
 use crate::units::{io_size, parse_size};
 use anyhow::{bail, Context, Result};
 use qed::BlockDevice;
+use qed::Format;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -14,8 +15,8 @@ pub struct Args {
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
     /// Image format (raw or qed; probed when omitted).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// Reads of clusters the image does not hold copy them in from its backing chain.
     #[arg(long = "copy-on-read")]
     copy_on_read: bool,
@@ -230,8 +231,8 @@ fn run_one(dev: &dyn BlockDevice, line: &str) -> Result<()> {
 
 /// Runs `qed io`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    let format = super::parse_format(a.format.as_deref())?;
-    let dev = super::open_for_io(
+    let format = a.format;
+    let dev = crate::open::open_for_io(
         &a.file,
         format,
         &qed::OpenOptions {

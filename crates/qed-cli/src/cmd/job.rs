@@ -1,6 +1,6 @@
 //! `qed job`: a thin client of `qed serve --control`, for people and scripts.
 
-use super::ProgressReport;
+use crate::progress::ProgressReport;
 use crate::Output;
 use anyhow::{anyhow, bail, Context, Result};
 use qed_control::{Argument, Client, ClientError, JobInfo, JobStatus, Return, CANCELLED};

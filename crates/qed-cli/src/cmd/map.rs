@@ -1,9 +1,9 @@
 //! `qed map`.
 
-use crate::units::parse_size;
 use crate::Output;
 use anyhow::Result;
 use qed::open_device;
+use qed::Format;
 use qed::{for_each_run, MapEntry};
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,14 +15,14 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t)]
     output: Output,
     /// Image format (raw or qed; probed when omitted).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// First guest offset to map.
-    #[arg(long = "start-offset", default_value = "0")]
-    start_offset: String,
+    #[arg(long = "start-offset", default_value = "0", value_parser = crate::values::size)]
+    start_offset: u64,
     /// Bytes to map from the start offset.
-    #[arg(long = "max-length")]
-    max_length: Option<String>,
+    #[arg(long = "max-length", value_parser = crate::values::size)]
+    max_length: Option<u64>,
     /// The image.
     file: PathBuf,
     #[command(flatten)]
@@ -55,13 +55,10 @@ fn hex16(v: u64) -> String {
 
 /// Runs `qed map`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    let format = super::parse_format(a.format.as_deref())?;
+    let format = a.format;
     let dev = open_device(&a.file, format, &a.share.apply(a.remote.read_only()))?;
-    let start = parse_size(&a.start_offset)?;
-    let len = match &a.max_length {
-        Some(s) => parse_size(s)?,
-        None => dev.size(),
-    };
+    let start = a.start_offset;
+    let len = a.max_length.unwrap_or(dev.size());
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match a.output {

@@ -1,10 +1,10 @@
 //! `qed measure`.
 
-use super::{parse_format, CreateGeometry};
-use crate::units::parse_size;
+use crate::geometry::CreateGeometry;
 use crate::Output;
 use anyhow::{bail, Result};
 use qed::measure;
+use qed::Format;
 use qed::Geometry;
 use qed::{open_device, CreateOptions};
 use std::path::PathBuf;
@@ -16,14 +16,14 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t)]
     output: Output,
     /// Virtual size of a new, empty image.
-    #[arg(long)]
-    size: Option<String>,
+    #[arg(long, value_parser = crate::values::size)]
+    size: Option<u64>,
     /// Source format (probed when omitted).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// Output format (only qed is measured).
-    #[arg(short = 'O', default_value = "qed")]
-    output_format: String,
+    #[arg(short = 'O', default_value = "qed", value_parser = crate::values::format)]
+    output_format: Format,
     /// Options of the image to measure: cluster_size=SIZE, table_size=N.
     #[arg(short = 'o')]
     options: Vec<String>,
@@ -35,20 +35,21 @@ pub struct Args {
 
 /// Runs `qed measure`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    if a.output_format != "qed" {
+    if a.output_format != Format::Qed {
         bail!("only qed images can be measured (-O qed)");
     }
     let mut opts = CreateOptions::new(0);
-    CreateGeometry::parse(&a.options, super::GEOMETRY_KEYS, "qed measure")?.apply(&mut opts);
+    CreateGeometry::parse(&a.options, crate::geometry::GEOMETRY_KEYS, "qed measure")?
+        .apply(&mut opts);
     let geometry = Geometry::new(opts.cluster_size, opts.table_size)?;
-    let m = match (&a.size, &a.file) {
-        (Some(s), None) => {
-            opts.size = parse_size(s)?;
+    let m = match (a.size, &a.file) {
+        (Some(size), None) => {
+            opts.size = size;
             let size = opts.header()?.image_size;
             measure(None, size, geometry)?
         }
         (None, Some(f)) => {
-            let src = open_device(f, parse_format(a.format.as_deref())?, &a.remote.read_only())?;
+            let src = open_device(f, a.format, &a.remote.read_only())?;
             opts.size = src.size();
             let size = opts.header()?.image_size;
             measure(Some(&*src), size, geometry)?

@@ -1,8 +1,9 @@
 //! `qed rebase`.
 
-use super::FileContext;
-use super::{parse_format, ProgressReport};
+use crate::context::FileContext;
+use crate::progress::ProgressReport;
 use anyhow::{bail, Context, Result};
+use qed::Format;
 use qed::NewBacking;
 use qed::{chain_contains, remote_identity_at, resolve_backing_path};
 use qed::{open_device, Image, OpenOptions};
@@ -20,8 +21,8 @@ pub struct Args {
     #[arg(short = 'b')]
     backing: String,
     /// Format of the new backing file (probed when omitted).
-    #[arg(short = 'F')]
-    backing_format: Option<String>,
+    #[arg(short = 'F', value_parser = crate::values::format)]
+    backing_format: Option<Format>,
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
@@ -29,8 +30,8 @@ pub struct Args {
     #[arg(short = 'q')]
     quiet: bool,
     /// Image format (qed).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// The image.
     file: PathBuf,
     #[command(flatten)]
@@ -39,8 +40,7 @@ pub struct Args {
 
 /// Runs `qed rebase`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    super::require_qed(a.format.as_deref())?;
-    let format = parse_format(a.backing_format.as_deref())?;
+    crate::open::require_qed(a.format)?;
     // Validate everything read-only first: a read-write open may repair the image, and a
     // refused command must leave it as it was.
     let room = Image::open(
@@ -58,63 +58,12 @@ pub fn run(a: Args) -> Result<u8> {
             a.backing.len()
         );
     }
-    let new = if a.backing.is_empty() {
-        None
-    } else {
-        let path = resolve_backing_path(&a.file, &a.backing);
-        let device = if a.unsafe_mode {
-            None
-        } else {
-            Some(
-                open_device(&path, format, &a.remote.read_only()).with_context(|| {
-                    format!("could not open new backing file {}", path.display())
-                })?,
-            )
-        };
-        let loops = match &device {
-            Some(d) => chain_contains(&**d, &a.file),
-            None => path.canonicalize().ok() == a.file.canonicalize().ok(),
-        };
-        if loops {
-            bail!(
-                "{} cannot be a backing file of itself: {} leads back to it",
-                a.file.display(),
-                a.backing
-            );
-        }
-        let format = format.or(device.as_ref().map(|d| d.format()));
-        // The user's word: the object the name points to now is the one to read, even
-        // with -u, which opens nothing else of it.
-        let pin = match &device {
-            Some(d) => d.remote_identity(),
-            // -u promises not to need the backing file: a server out of reach leaves
-            // the image unpinned, and its next read-write open pins what it finds.
-            None => match remote_identity_at(&path, &a.remote.read_only()) {
-                Ok(pin) => pin,
-                Err(e) => {
-                    eprintln!(
-                        "qed: warning: {e}; {} is not pinned to an object of {} until it \
-                         is next opened read-write",
-                        a.file.display(),
-                        path.display()
-                    );
-                    None
-                }
-            },
-        };
-        Some(NewBacking {
-            name: a.backing.clone(),
-            path,
-            format,
-            device,
-            pin,
-        })
-    };
+    let new = new_backing(&a)?;
     let opts = OpenOptions {
         no_backing: a.unsafe_mode,
         ..a.remote.read_write()
     };
-    let mut image = super::open_image(&a.file, &opts)?;
+    let mut image = crate::open::open_image(&a.file, &opts)?;
     if !a.unsafe_mode {
         let mut progress = ProgressReport::new(a.progress && !a.quiet);
         let target = new.as_ref().and_then(|b| b.device.as_deref());
@@ -124,4 +73,60 @@ pub fn run(a: Args) -> Result<u8> {
     image.set_backing_file(new)?;
     image.close()?;
     Ok(0)
+}
+
+/// The new backing file `-b` names, checked (it does not lead back to the image) and
+/// pinned when remote; `None` for `-b ""`.
+fn new_backing(a: &Args) -> Result<Option<NewBacking>> {
+    if a.backing.is_empty() {
+        return Ok(None);
+    }
+    let path = resolve_backing_path(&a.file, &a.backing);
+    let format = a.backing_format;
+    let device = if a.unsafe_mode {
+        None
+    } else {
+        Some(
+            open_device(&path, format, &a.remote.read_only())
+                .with_context(|| format!("could not open new backing file {}", path.display()))?,
+        )
+    };
+    let loops = match &device {
+        Some(d) => chain_contains(&**d, &a.file),
+        None => path.canonicalize().ok() == a.file.canonicalize().ok(),
+    };
+    if loops {
+        bail!(
+            "{} cannot be a backing file of itself: {} leads back to it",
+            a.file.display(),
+            a.backing
+        );
+    }
+    let format = format.or(device.as_ref().map(|d| d.format()));
+    // The user's word: the object the name points to now is the one to read, even
+    // with -u, which opens nothing else of it.
+    let pin = match &device {
+        Some(d) => d.remote_identity(),
+        // -u promises not to need the backing file: a server out of reach leaves
+        // the image unpinned, and its next read-write open pins what it finds.
+        None => match remote_identity_at(&path, &a.remote.read_only()) {
+            Ok(pin) => pin,
+            Err(e) => {
+                eprintln!(
+                    "qed: warning: {e}; {} is not pinned to an object of {} until it \
+                     is next opened read-write",
+                    a.file.display(),
+                    path.display()
+                );
+                None
+            }
+        },
+    };
+    Ok(Some(NewBacking {
+        name: a.backing.clone(),
+        path,
+        format,
+        device,
+        pin,
+    }))
 }

@@ -1,7 +1,9 @@
 //! `qed compact` and `qed defrag`.
 
-use super::{FileContext, ProgressReport};
+use crate::context::FileContext;
+use crate::progress::ProgressReport;
 use anyhow::Result;
+use qed::Format;
 use qed::{Reorganization, ReorganizeEnd, ReorganizeOptions};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -16,16 +18,16 @@ pub struct Args {
     #[arg(short = 'p')]
     progress: bool,
     /// Image format (qed).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// The image.
     file: PathBuf,
 }
 
 /// Runs `qed compact` or `qed defrag`; returns the exit code (1 when interrupted).
 pub fn run(a: Args, job: Reorganization) -> Result<u8> {
-    super::require_qed(a.format.as_deref())?;
-    let image = super::open_image(&a.file, &qed::OpenOptions::default())?;
+    crate::open::require_qed(a.format)?;
+    let image = crate::open::open_image(&a.file, &qed::OpenOptions::default())?;
     let before = image.file_len()?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;

@@ -1,8 +1,9 @@
 //! `qed resize`.
 
-use super::FileContext;
-use crate::units::parse_size;
+use crate::context::FileContext;
+use crate::values::SizeChange;
 use anyhow::{bail, Result};
+use qed::Format;
 use qed::{BlockDevice, Image, OpenOptions};
 use std::path::PathBuf;
 
@@ -13,23 +14,23 @@ pub struct Args {
     #[arg(long)]
     shrink: bool,
     /// Image format (qed).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// Quiet: print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
     /// The image.
     file: PathBuf,
     /// New size, or a change to it with + or -.
-    #[arg(allow_hyphen_values = true)]
-    size: String,
+    #[arg(allow_hyphen_values = true, value_parser = crate::values::size_change)]
+    size: SizeChange,
     #[command(flatten)]
     remote: crate::remote::RemoteArgs,
 }
 
 /// Runs `qed resize`; returns the exit code.
 pub fn run(a: Args) -> Result<u8> {
-    super::require_qed(a.format.as_deref())?;
+    crate::open::require_qed(a.format)?;
     // Validate on a read-only open first: a read-write open may repair the image, and a
     // refused command must leave it as it was.
     let ro = OpenOptions {
@@ -38,23 +39,20 @@ pub fn run(a: Args) -> Result<u8> {
     };
     let image = Image::open(&a.file, &ro).file_context("could not open", &a.file)?;
     let old = image.size();
-    let new = if let Some(d) = a.size.strip_prefix('+') {
-        old.checked_add(parse_size(d)?)
-    } else if let Some(d) = a.size.strip_prefix('-') {
-        let d = parse_size(d)?;
-        match old.checked_sub(d) {
+    let new = match a.size {
+        SizeChange::To(n) => Some(n),
+        SizeChange::Grow(d) => old.checked_add(d),
+        SizeChange::Shrink(d) => match old.checked_sub(d) {
             Some(n) => Some(n),
             None => bail!("cannot shrink by {d} bytes: the image is only {old} bytes"),
-        }
-    } else {
-        Some(parse_size(&a.size)?)
+        },
     };
     let Some(new) = new else {
         bail!("the new size overflows");
     };
     image.validate_resize(new, a.shrink)?;
     drop(image);
-    let mut image = super::open_image(&a.file, &a.remote.read_write())?;
+    let mut image = crate::open::open_image(&a.file, &a.remote.read_write())?;
     image.resize(new, a.shrink)?;
     image.close()?;
     if !a.quiet {

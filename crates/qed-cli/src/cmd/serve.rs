@@ -1,13 +1,14 @@
 //! `qed serve`: export an image over NBD, in the manner of qemu-nbd.
 
+use crate::export::{signals, ExportArgs, Kind, Session};
+use crate::values;
 use anyhow::{bail, Context, Result};
-use qed_control::{ControlServer, JobTarget, Jobs, StreamRequest};
-use qed_nbd::{Config, DiscardMode, Export, Listener, Server, Tls, TlsCredentials, TlsMode};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use qed_control::{JobTarget, StreamRequest};
+use qed_nbd::{Config, Export, Listener, Server, Tls, TlsCredentials, TlsMode};
 use std::net::TcpListener;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -33,45 +34,15 @@ pub struct Args {
     /// Export description.
     #[arg(short = 'D', long = "description", default_value = "")]
     description: String,
-    /// Export read-only.
-    #[arg(short = 'r', long = "read-only")]
-    read_only: bool,
     /// Clients served at once.
     #[arg(short = 'e', long = "shared", default_value_t = 1)]
     shared: usize,
     /// Keep serving after the last client disconnects.
     #[arg(short = 't', long = "persistent")]
     persistent: bool,
-    /// Image format: qed or raw (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
-    /// Host cache mode: writeback (page cache) or none (O_DIRECT).
-    #[arg(long = "cache", default_value = "writeback")]
-    cache: String,
-    /// Reads of clusters the image does not hold copy them in from its backing chain.
-    #[arg(long = "copy-on-read")]
-    copy_on_read: bool,
-    /// Trim requests: ignore, or unmap (discard in the image).
-    #[arg(long = "discard", default_value = "ignore")]
-    discard: String,
-    /// Write the server's process id to this file once it listens.
-    #[arg(long = "pid-file")]
-    pid_file: Option<PathBuf>,
     /// Worker threads executing requests.
     #[arg(long = "workers", default_value_t = 32)]
     workers: usize,
-    /// Bound on cached L2 table entries, in bytes (k, M suffixes).
-    #[arg(long = "l2-cache-size", default_value = "16M")]
-    l2_cache: String,
-    /// Listen for control commands on this Unix socket: QMP-shaped JSON lines that
-    /// start, query and cancel jobs (stream, compact, defrag, query-jobs, job-cancel;
-    /// see qed job).
-    #[arg(long = "control")]
-    control: Option<PathBuf>,
-    /// Compact the image on its own (a job, as the control socket's compact) whenever
-    /// the space freed by discards reaches this share of the file, in percent.
-    #[arg(long = "compact-free", value_parser = clap::value_parser!(u8).range(1..=100))]
-    compact_free: Option<u8>,
     /// Start a stream job at launch: copy what the image reads from its backing chain
     /// into it while it is served, then drop the backing file (see qed stream).
     #[arg(long = "stream")]
@@ -80,12 +51,12 @@ pub struct Args {
     #[arg(long = "stream-base", requires = "stream")]
     stream_base: Option<String>,
     /// With --stream: copy at most this many bytes per second (k, M, G suffixes).
-    #[arg(long = "stream-rate", requires = "stream")]
-    stream_rate: Option<String>,
+    #[arg(long = "stream-rate", requires = "stream", value_parser = values::rate)]
+    stream_rate: Option<u64>,
     /// TLS: off, on (for clients that ask) or require (the default when credentials
     /// are given).
-    #[arg(long = "tls")]
-    tls: Option<String>,
+    #[arg(long = "tls", value_parser = values::tls_mode)]
+    tls: Option<TlsMode>,
     /// TLS with the X.509 certificates in this directory, laid out as QEMU's:
     /// ca-cert.pem, server-cert.pem, server-key.pem.
     #[arg(long = "tls-certificates", conflicts_with = "tls_psk")]
@@ -97,10 +68,8 @@ pub struct Args {
     /// TLS with the pre-shared keys in this file: username:hexkey lines.
     #[arg(long = "tls-psk")]
     tls_psk: Option<PathBuf>,
-    /// The image.
-    file: PathBuf,
     #[command(flatten)]
-    remote: crate::remote::RemoteArgs,
+    export: ExportArgs,
 }
 
 /// Runs `qed serve`: serves until SIGINT or SIGTERM (or, unless persistent, until the
@@ -117,51 +86,15 @@ pub fn run(a: Args) -> Result<u8> {
     } else {
         None
     };
-    let discard = parse_discard(&a.discard)?;
-    let direct = super::parse_cache(&a.cache)?;
     if a.shared == 0 {
         bail!("-e/--shared must be at least 1");
     }
-    let l2_cache_bytes = usize::try_from(crate::units::parse_size(&a.l2_cache)?)
-        .context("--l2-cache-size is too large")?;
-    let format = super::parse_format(a.format.as_deref())?;
     let tls = load_tls(&a)?;
-    let opened = super::open_for_jobs(
-        &a.file,
-        format,
-        &qed::OpenOptions {
-            read_only: a.read_only,
-            direct,
-            l2_cache_bytes,
-            copy_on_read: a.copy_on_read,
-            ..a.remote.read_write()
-        },
-    )?;
-    let (device, target) = super::job_target(opened, &a.file);
-    let stream = launch_stream(&a, &target)?.map(|req| (req, target.clone()));
-    if a.compact_free.is_some() {
-        if a.read_only {
-            bail!(
-                "--compact-free moves clusters in the image: it cannot be exported read-only (-r)"
-            );
-        }
-        target
-            .writable_image("--compact-free moves clusters in it")
-            .map_err(|e| anyhow::anyhow!("--compact-free: {e}"))?;
-    }
-
-    let jobs = Jobs::new();
-    let name = a.file.display().to_string();
-    jobs.set_observer(move |j| eprintln!("qed serve: {name}: {}", super::job::outcome(j)));
+    let mut session = Session::open(&a.export, Kind::Serve)?;
+    let stream = launch_stream(&a, session.target())?;
     // The control socket first: refused (in use by a live server), it leaves nothing
     // behind, and it is removed again if the NBD socket is refused.
-    let control = match &a.control {
-        Some(path) => {
-            let commands = super::control_commands(&jobs, &target);
-            Some(ControlServer::start(path, Arc::new(commands))?)
-        }
-        None => None,
-    };
+    session.start_control(a.export.control.as_deref())?;
     let (listener, place) = match activated {
         Some(l) => {
             let place = super::daemon::describe(&l);
@@ -169,50 +102,27 @@ pub fn run(a: Args) -> Result<u8> {
         }
         None => listen(&a)?,
     };
-    let tls_note = match tls.as_ref().map(|t| t.mode()) {
-        Some(TlsMode::Require) => ", TLS required",
-        Some(TlsMode::On) => ", TLS offered",
-        _ => "",
-    };
-    let server = build_server(&a, device.clone(), discard, tls);
+    if let Some(path) = &a.socket {
+        session.remove_at_close(path);
+    }
+    let tls_mode = tls.as_ref().map(|t| t.mode());
+    let server = build_server(&a, session.device().clone(), tls);
     let stop = server.shutdown_flag();
     // A signal stops the jobs before the server: a cancelled stream leaves the image
     // naming its old backing file, consistent, while requests in flight finish.
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    let signal_handle = signals.handle();
-    let signal_jobs = jobs.clone();
-    let signal_thread = std::thread::spawn(move || {
-        for _ in signals.forever() {
-            signal_jobs.close();
-            stop.store(true, Ordering::Release);
-        }
-    });
-    if let Some(p) = &a.pid_file {
-        std::fs::write(p, format!("{}\n", std::process::id()))
-            .with_context(|| format!("could not write {}", p.display()))?;
-    }
-    eprintln!(
-        "qed serve: {} exported as '{}' on {place}{}{tls_note}{}",
-        a.file.display(),
-        a.name,
-        if a.read_only { " (read-only)" } else { "" },
-        match &control {
-            Some(c) => format!(", control socket {}", c.path().display()),
-            None => String::new(),
-        }
-    );
+    let jobs = session.jobs().clone();
+    session.on_signal(signals()?, move || {
+        jobs.close();
+        stop.store(true, Ordering::Release);
+    })?;
+    session.write_pid_file(std::process::id())?;
+    announce(&a, &place, tls_mode, session.control_path());
     // Started once the banner is out, so that the job's end is never logged before it.
     let started = match stream {
-        Some((req, target)) => qed_control::start_stream(&jobs, &target, req).map(|_| ()),
+        Some(req) => qed_control::start_stream(session.jobs(), session.target(), req).map(|_| ()),
         None => Ok(()),
     };
-    let watcher = match a.compact_free {
-        Some(percent) => Some(
-            qed_control::compact_when_freed(jobs.clone(), target.clone(), percent)
-                .map_err(|e| anyhow::anyhow!("--compact-free: {e}"))?,
-        ),
-        None => None,
-    };
+    session.watch_freed(a.export.compact_free)?;
     let result = match started {
         Err(e) => Err(anyhow::anyhow!("--stream: {e}")),
         Ok(()) => {
@@ -223,24 +133,35 @@ pub fn run(a: Args) -> Result<u8> {
             server.run(listener).context("serving")
         }
     };
-    jobs.close();
-    if let Some(w) = watcher {
-        let _ = w.join();
-    }
-    jobs.wait();
-    if let Some(c) = control {
-        c.stop();
-    }
-    signal_handle.close();
-    let _ = signal_thread.join();
-    // Every request has been answered: make the image clean (flush, NEED_CHECK off).
-    let flushed = device.flush();
+    // Every request has been answered.
     drop(server);
-    drop(device);
-    remove_files(&a);
+    let flushed = session.close();
     result?;
     flushed?;
     Ok(0)
+}
+
+/// The line that says the export is served: what, where, and how.
+fn announce(a: &Args, place: &str, tls: Option<TlsMode>, control: Option<&Path>) {
+    let tls_note = match tls {
+        Some(TlsMode::Require) => ", TLS required",
+        Some(TlsMode::On) => ", TLS offered",
+        _ => "",
+    };
+    eprintln!(
+        "qed serve: {} exported as '{}' on {place}{}{tls_note}{}",
+        a.export.file.display(),
+        a.name,
+        if a.export.read_only {
+            " (read-only)"
+        } else {
+            ""
+        },
+        match control {
+            Some(c) => format!(", control socket {}", c.display()),
+            None => String::new(),
+        }
+    );
 }
 
 /// The stream `--stream` asks for, refused before anything listens when it could not
@@ -253,17 +174,8 @@ fn launch_stream(a: &Args, target: &JobTarget) -> Result<Option<StreamRequest>> 
         JobTarget::Image(image) => image,
         JobTarget::Refused(why) => bail!("--stream: {why}"),
     };
-    if a.read_only {
+    if a.export.read_only {
         bail!("--stream writes into the image: it cannot be exported read-only (-r)");
-    }
-    let rate = a
-        .stream_rate
-        .as_deref()
-        .map(crate::units::parse_size)
-        .transpose()
-        .context("--stream-rate")?;
-    if rate == Some(0) {
-        bail!("--stream-rate must be more than 0 bytes per second");
     }
     if let Some(base) = &a.stream_base {
         qed::stream_base(image, base).context("--stream-base")?;
@@ -271,16 +183,8 @@ fn launch_stream(a: &Args, target: &JobTarget) -> Result<Option<StreamRequest>> 
     Ok(Some(StreamRequest {
         id: None,
         base: a.stream_base.clone(),
-        rate,
+        rate: a.stream_rate,
     }))
-}
-
-fn parse_discard(discard: &str) -> Result<DiscardMode> {
-    Ok(match discard {
-        "ignore" | "off" => DiscardMode::Ignore,
-        "unmap" | "on" => DiscardMode::Unmap,
-        d => bail!("invalid --discard '{d}': use ignore or unmap"),
-    })
 }
 
 /// Binds the Unix socket or TCP address asked for; returns the listener and where it
@@ -321,12 +225,10 @@ fn load_tls(a: &Args) -> Result<Option<Arc<Tls>>> {
         (None, Some(file)) => Some(TlsCredentials::Psk(file.clone())),
         (None, None) => None,
     };
-    let mode = match a.tls.as_deref() {
+    let mode = match a.tls {
         None if credentials.is_some() => TlsMode::Require,
-        None | Some("off") => TlsMode::Off,
-        Some("on") => TlsMode::On,
-        Some("require") => TlsMode::Require,
-        Some(t) => bail!("invalid --tls '{t}': use off, on or require"),
+        None => TlsMode::Off,
+        Some(mode) => mode,
     };
     if mode == TlsMode::Off {
         return Ok(None);
@@ -338,18 +240,13 @@ fn load_tls(a: &Args) -> Result<Option<Arc<Tls>>> {
     Ok(Some(Arc::new(tls)))
 }
 
-fn build_server(
-    a: &Args,
-    device: Arc<dyn qed::BlockDevice>,
-    discard: DiscardMode,
-    tls: Option<Arc<Tls>>,
-) -> Server {
+fn build_server(a: &Args, device: Arc<dyn qed::BlockDevice>, tls: Option<Arc<Tls>>) -> Server {
     let export = Export {
         device,
         name: a.name.clone(),
         description: a.description.clone(),
-        read_only: a.read_only,
-        discard,
+        read_only: a.export.read_only,
+        discard: a.export.discard,
     };
     let config = Config {
         max_connections: a.shared,
@@ -360,14 +257,4 @@ fn build_server(
         ..Config::default()
     };
     Server::new(export, config)
-}
-
-/// Removes the socket and pid file the server made; errors do not matter any more.
-fn remove_files(a: &Args) {
-    if let Some(path) = &a.socket {
-        std::fs::remove_file(path).ok();
-    }
-    if let Some(p) = &a.pid_file {
-        std::fs::remove_file(p).ok();
-    }
 }

@@ -1,7 +1,9 @@
 //! `qed stream`.
 
-use super::{FileContext, ProgressReport};
-use anyhow::{Context, Result};
+use crate::context::FileContext;
+use crate::progress::ProgressReport;
+use anyhow::Result;
+use qed::Format;
 use qed::{StreamEnd, StreamOptions};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -17,14 +19,14 @@ pub struct Args {
     #[arg(short = 'b')]
     base: Option<String>,
     /// Copy at most this many bytes per second (k, M, G suffixes).
-    #[arg(long = "rate")]
-    rate: Option<String>,
+    #[arg(long = "rate", value_parser = crate::values::rate)]
+    rate: Option<u64>,
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
     /// Image format (qed).
-    #[arg(short = 'f')]
-    format: Option<String>,
+    #[arg(short = 'f', value_parser = crate::values::format)]
+    format: Option<Format>,
     /// The image.
     file: PathBuf,
     #[command(flatten)]
@@ -33,17 +35,9 @@ pub struct Args {
 
 /// Runs `qed stream`; returns the exit code (1 when interrupted).
 pub fn run(a: Args) -> Result<u8> {
-    super::require_qed(a.format.as_deref())?;
-    let rate = a
-        .rate
-        .as_deref()
-        .map(crate::units::parse_size)
-        .transpose()
-        .context("--rate")?;
-    if rate == Some(0) {
-        anyhow::bail!("--rate must be more than 0 bytes per second");
-    }
-    let image = super::open_image(&a.file, &a.remote.read_write())?;
+    crate::open::require_qed(a.format)?;
+    let rate = a.rate;
+    let image = crate::open::open_image(&a.file, &a.remote.read_write())?;
     let base = a
         .base
         .as_deref()
