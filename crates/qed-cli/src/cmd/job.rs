@@ -2,7 +2,7 @@
 
 use crate::progress::ProgressReport;
 use crate::Output;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use qed_control::{Argument, Client, ClientError, JobInfo, JobStatus, Return, CANCELLED};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -58,8 +58,8 @@ struct StreamArgs {
     #[arg(short = 'b')]
     base: Option<String>,
     /// Copy at most this many bytes per second (k, M, G suffixes).
-    #[arg(long = "rate")]
-    rate: Option<String>,
+    #[arg(long = "rate", value_parser = crate::values::rate)]
+    rate: Option<u64>,
     #[command(flatten)]
     start: StartArgs,
 }
@@ -135,11 +135,7 @@ fn stream(client: &mut Client, socket: &Path, s: StreamArgs) -> Result<u8> {
             .and_then(|p| p.to_str().map(str::to_string));
         args.push(("base", here.unwrap_or(base).into()));
     }
-    if let Some(rate) = s.rate.as_deref() {
-        let rate = crate::units::parse_size(rate).context("--rate")?;
-        if rate == 0 {
-            bail!("--rate must be more than 0 bytes per second");
-        }
+    if let Some(rate) = s.rate {
         args.push(("rate", rate.into()));
     }
     start(client, socket, "stream", args, s.start)
