@@ -16,7 +16,7 @@
 //! close when it was the last).
 
 use super::claims::ClusterClaim;
-use super::free_set::{Freed, Reclaim};
+use super::free_set::Reclaim;
 use super::gate::GateHold;
 use super::image::Image;
 use super::mapping::Mapping;
@@ -80,7 +80,7 @@ impl Image {
                 return Ok(None);
             }
             let count = ((pos + n).next_multiple_of(cs) - first) / cs;
-            if let Some(c) = self.claims.try_clusters(first / cs, count) {
+            if let Some(c) = self.alloc.try_claim(first / cs, count) {
                 break (c, n);
             }
             if wait == Wait::Never {
@@ -88,7 +88,7 @@ impl Image {
             }
             // Whoever holds them is most likely allocating them: once they are
             // released, the next look usually finds data to write in place.
-            self.claims.wait_released(first / cs, count);
+            self.alloc.wait_released(first / cs, count);
         };
         let (was, n) = self.lookup(pos, n)?;
         if let Mapping::Data(_) = was {
@@ -110,16 +110,9 @@ impl Image {
         }))
     }
 
-    /// Sets `bytes` aside: freed clusters ready to be reused when a run of them fits
-    /// (they read as zeros, as new space does), else at the frontier, growing the file
-    /// first. Returns where.
+    /// Sets `bytes` aside (see [`super::allocator::Allocator::reserve`]). Returns where.
     pub(super) fn reserve(&self, bytes: u64) -> Result<u64> {
-        if let Some(at) = self.free.take(bytes) {
-            // Freed clusters were punched: writes into holes would allocate.
-            self.storage.preallocate(at, bytes);
-            return Ok(at);
-        }
-        self.frontier
+        self.alloc
             .reserve(&*self.storage, bytes, &self.name, || self.flush_storage())
     }
 }
@@ -132,8 +125,8 @@ impl<'a> Allocation<'a> {
         let image = self.image;
         let needs_mark = data && !image.backing_present();
         let gate = match self.wait {
-            Wait::Block => image.gate.shared(),
-            Wait::Never => match image.gate.try_shared() {
+            Wait::Block => image.alloc.gate_shared(),
+            Wait::Never => match image.alloc.try_gate_shared() {
                 Some(g) => g,
                 None => return Ok(false),
             },
@@ -167,7 +160,7 @@ impl<'a> Allocation<'a> {
     pub(super) fn take_back_freed(&mut self) -> Result<bool> {
         let image = self.image;
         loop {
-            let bytes = match image.free.reclaim(self.first, self.span()) {
+            let bytes = match image.alloc.reclaim(self.first, self.span()) {
                 Reclaim::Nothing => return Ok(true),
                 Reclaim::Taken { at, len } => {
                     self.reclaimed = Some(at);
@@ -178,7 +171,7 @@ impl<'a> Allocation<'a> {
                 Reclaim::Busy => {
                     // The flush may need the gate exclusively before it ends.
                     self.gate = None;
-                    image.free.wait_flush_end();
+                    image.alloc.wait_flush_end();
                     self.enter_gate(true)?;
                     continue;
                 }
@@ -252,13 +245,9 @@ impl Drop for Allocation<'_> {
     /// cluster: they may hold part of a write now, so they are punched again on the way.
     fn drop(&mut self) {
         if let Some(at) = self.reclaimed.take() {
-            self.image.free.release(Freed {
-                at,
-                len: self.span(),
-                epoch: self.image.epochs.current(),
-                punched: false,
-                guest: Some(self.first),
-            });
+            self.image
+                .alloc
+                .free(at, self.span(), false, Some(self.first));
         }
     }
 }

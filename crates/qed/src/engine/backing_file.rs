@@ -91,7 +91,7 @@ impl Image {
                 (Some(dev.format()), dev.remote_identity())
             }
         };
-        let _exclusive = self.gate.exclusive();
+        let _exclusive = self.alloc.gate_exclusive();
         self.write_back_tables()?;
         self.flush_storage()?;
         let raw = (format == Some(Format::Raw)).then_some(Format::Raw);

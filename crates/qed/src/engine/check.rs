@@ -71,7 +71,7 @@ impl Image {
     /// Walks every table. With `fix`, invalid entries are cleared and every later owner
     /// of a shared cluster or table gets its own copy (appended at the frontier).
     pub(super) fn walk(&self, fix: bool) -> Result<Walk> {
-        let _exclusive = self.gate.exclusive();
+        let _exclusive = self.alloc.gate_exclusive();
         self.walk_gated(fix)
     }
 
@@ -80,7 +80,7 @@ impl Image {
         // The walk reads tables from the file: it must hold what memory holds.
         self.write_back_tables()?;
         let header = self.header.get().clone();
-        let file_end = self.frontier.end();
+        let file_end = self.alloc.frontier();
         let mut w = Walk {
             report: CheckReport {
                 total_clusters: self.geometry.clusters_for(header.image_size),
@@ -102,7 +102,7 @@ impl Image {
         if w.report.check_errors == 0 {
             self.count_leaks(file_end, &mut w);
             // Under the gate, so no discard, move or allocation changes it meanwhile.
-            w.report.freed = self.free.freed_bytes() / self.geometry.cluster_size();
+            w.report.freed = self.alloc.freed_bytes() / self.geometry.cluster_size();
         }
         if fix && w.report.corruptions_fixed > 0 {
             self.flush_storage()?;

@@ -115,7 +115,7 @@ impl BlockDevice for Image {
         let (fd, align) = self.storage.direct_fd()?;
         // Held until the caller's read completes: a cluster moved or freed meanwhile
         // keeps its bytes until then.
-        let inside = self.epochs.enter();
+        let inside = self.alloc.enter();
         match self.lookup(offset, len).ok()? {
             (Mapping::Data(off), n) if n >= len => Some(DirectRead::held(
                 DirectExtent {
@@ -140,7 +140,7 @@ impl BlockDevice for Image {
             return None;
         }
         let (fd, align) = self.storage.direct_fd()?;
-        let inside = self.epochs.enter();
+        let inside = self.alloc.enter();
         match self.lookup(offset, len).ok()? {
             (Mapping::Data(off), n) if n >= len && !self.is_frozen(offset, len) => {
                 let hold = self.storage.try_hold_blocks(off, len)?;

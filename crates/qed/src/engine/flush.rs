@@ -22,11 +22,11 @@ impl Image {
         if self.read_only {
             return Ok(());
         }
-        let mut stage = self.free.begin_flush(&self.epochs);
+        let mut stage = self.alloc.begin_flush();
         let result = self
             .punch_settling(&mut stage)
             .and_then(|()| self.flush_metadata_and_data());
-        self.free.end_flush(stage, result.is_ok());
+        self.alloc.end_flush(stage, result.is_ok());
         result
     }
 
@@ -50,7 +50,7 @@ impl Image {
             self.write_back_tables()?;
             return self.flush_storage();
         }
-        let _exclusive = self.gate.exclusive();
+        let _exclusive = self.alloc.gate_exclusive();
         self.write_back_tables()?;
         self.flush_storage()?;
         self.header
@@ -73,7 +73,7 @@ impl Image {
     /// At close: the freed clusters that end the file are given back to the filesystem,
     /// and those below are parked (see [`Image::park_freed`]).
     pub(super) fn give_back_free_tail(&self) -> Result<()> {
-        if self.free.freed_bytes() == 0 {
+        if self.alloc.freed_bytes() == 0 {
             return Ok(());
         }
         // The tail goes first, unpunched; what is left below it is punched on its way.
@@ -90,14 +90,14 @@ impl Image {
     /// length, until a compaction. (Moved clusters' old places have no entry to go back
     /// to, and a job leaves none below the end.)
     fn park_freed(&self) -> Result<()> {
-        let runs = self.free.take_to_park();
+        let runs = self.alloc.take_to_park();
         if runs.is_empty() {
             return Ok(());
         }
         let cs = self.geometry.cluster_size();
         let backing_end = self.backing_size();
         {
-            let _gate = self.gate.shared();
+            let _gate = self.alloc.gate_shared();
             for (at, guest, len) in runs {
                 for i in 0..len / cs {
                     let g = guest + i * cs;
@@ -120,28 +120,21 @@ impl Image {
     /// with it unpunched. Drops freed so far are made durable on the way, so that their
     /// clusters can go too. Returns the new end.
     pub(crate) fn cut_free_tail(&self, owned: &mut BTreeSet<u64>) -> Result<u64> {
-        self.epochs.synchronize();
+        self.alloc.synchronize();
         self.cut_free_tail_now(owned)?;
         self.flush_image()?;
-        self.epochs.synchronize();
+        self.alloc.synchronize();
         self.cut_free_tail_now(owned)
     }
 
     /// Truncates the file after its last cluster that is neither free (ready, or durably
     /// dropped and past its epoch) nor in `owned`.
     fn cut_free_tail_now(&self, owned: &mut BTreeSet<u64>) -> Result<u64> {
-        let cs = self.geometry.cluster_size();
-        self.frontier.cut_free(
+        self.alloc.cut_free_tail(
             &*self.storage,
             &self.name,
-            |end| {
-                self.free.cut_tail(end, &self.epochs, |mut end| {
-                    while end >= cs && owned.remove(&(end - cs)) {
-                        end -= cs;
-                    }
-                    end
-                })
-            },
+            self.geometry.cluster_size(),
+            owned,
             || self.flush_storage(),
         )
     }

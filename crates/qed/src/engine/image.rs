@@ -1,13 +1,9 @@
 //! The [`Image`] type: what one open QED image holds, how it is opened (handed its
 //! backing file, never opening one), and how it is closed.
 
-use super::claims::Claims;
+use super::allocator::Allocator;
 use super::create::{self, CreateOptions};
-use super::epochs::Epochs;
 use super::flush_group::FlushGroup;
-use super::free_set::FreeSet;
-use super::frontier::Frontier;
-use super::gate::AllocationGate;
 use super::header::{write_header, write_header_to, HeaderCell};
 use super::l1::L1Table;
 use super::l2cache::L2Cache;
@@ -89,24 +85,13 @@ pub struct Image {
     pub(super) data_start: u64,
     pub(super) l1: L1Table,
     pub(super) l2: L2Cache,
-    pub(super) frontier: Frontier,
-    /// Guest clusters and L1 entries being allocated.
-    pub(super) claims: Claims,
-    pub(super) gate: AllocationGate,
+    /// Which file clusters are whose: the frontier, claims, the gate, epochs, the free
+    /// set and the freeze of moved clusters.
+    pub(super) alloc: Allocator,
     /// Serializes write-backs of L2 entries (see `write_back_tables`).
     pub(super) write_back_lock: Mutex<()>,
     /// Coalesces concurrent flushes.
     pub(super) flushes: FlushGroup,
-    /// What requests that use a file offset after looking it up are inside, so that a
-    /// cluster unmapped meanwhile is not reused under them.
-    pub(super) epochs: Epochs,
-    /// Clusters freed while open, on their way back to allocations.
-    pub(super) free: FreeSet,
-    /// Moves of clusters in progress (see `relocate.rs`): while there are any, writes in
-    /// place look for the claim a move holds on their clusters.
-    pub(super) relocating: std::sync::atomic::AtomicUsize,
-    /// Held by the one job that moves clusters (compaction, defragmentation).
-    pub(super) relocation: Mutex<()>,
     /// What the check run at open (NEED_CHECK set, read-write) found and fixed.
     open_repair: Option<CheckReport>,
     closed: AtomicBool,
@@ -180,7 +165,7 @@ impl OpeningImage {
             })?;
         }
         Ok(Image {
-            frontier: Frontier::at_open(&self.geometry, self.file_len),
+            alloc: Allocator::at_open(&self.geometry, self.file_len),
             data_start: self.header.header_bytes(),
             storage: self.storage,
             geometry: self.geometry,
@@ -193,14 +178,8 @@ impl OpeningImage {
             name,
             l1,
             l2: L2Cache::new(opts.l2_cache_bytes),
-            claims: Claims::default(),
-            gate: AllocationGate::default(),
             write_back_lock: Mutex::new(()),
             flushes: FlushGroup::default(),
-            epochs: Epochs::default(),
-            free: FreeSet::default(),
-            relocating: Default::default(),
-            relocation: Mutex::new(()),
             open_repair: None,
             closed: false.into(),
         })
@@ -361,7 +340,7 @@ impl Image {
         if self.closed.swap(true, Ordering::AcqRel) || self.read_only {
             return Ok(());
         }
-        let trimmed = self.frontier.trim(&*self.storage, &self.name);
+        let trimmed = self.alloc.trim(&*self.storage, &self.name);
         self.flush_image().and(trimmed)?;
         self.give_back_free_tail()
     }

@@ -70,7 +70,7 @@ impl Image {
             let p = pos + done as u64;
             // Held from the lookup to the end of the read: a cluster unmapped meanwhile
             // is not reused before the read is done.
-            let inside = self.epochs.enter();
+            let inside = self.alloc.enter();
             let (mapping, n) = self.lookup(p, (buf.len() - done) as u64)?;
             let chunk = &mut buf[done..done + n as usize];
             if !matches!(mapping, Mapping::Data(_)) {
@@ -105,7 +105,7 @@ impl Image {
         while done < buf.len() {
             let p = pos + done as u64;
             let rest = &buf[done..];
-            let inside = self.epochs.enter();
+            let inside = self.alloc.enter();
             let (mapping, n) = self.lookup(p, rest.len() as u64)?;
             done += match mapping {
                 Mapping::Data(_) if self.is_frozen(p, n) => {

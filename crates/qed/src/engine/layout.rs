@@ -45,13 +45,13 @@ impl Image {
     /// clusters it may fill: the ready ones of the free set and the leaks. Refuses an
     /// image whose check finds corruption.
     pub(crate) fn layout(&self) -> Result<Layout> {
-        let ready = self.free.take_all_ready();
+        let ready = self.alloc.take_all_ready();
         // What the free set holds is read under the same hold of the gate as the walk:
         // an allocation (which holds the gate shared) could otherwise take back a
         // cluster the walk found unused, and the job would fill it too.
-        let exclusive = self.gate.exclusive();
+        let exclusive = self.alloc.gate_exclusive();
         let walked = self.walk_gated(false);
-        let held = self.free.held();
+        let held = self.alloc.held();
         drop(exclusive);
         let walk = match walked {
             Ok(w) => w,
@@ -184,19 +184,19 @@ impl Image {
     }
 
     fn give_back_runs(&self, runs: &[(u64, u64)]) {
-        self.free.give_back(runs, self.epochs.current());
+        self.alloc.give_back(runs);
     }
 
     /// Bytes freed while open and not reused yet.
     pub fn freed_bytes(&self) -> u64 {
-        self.free.freed_bytes()
+        self.alloc.freed_bytes()
     }
 
     /// Makes every cluster freed so far ready to reuse or cut: waits for the requests
     /// that could still use them, and flushes twice (see `free_set.rs`).
     pub(crate) fn settle_freed(&self) -> Result<()> {
         for _ in 0..2 {
-            self.epochs.synchronize();
+            self.alloc.synchronize();
             self.flush_image()?;
         }
         Ok(())

@@ -77,6 +77,8 @@ impl Image {
     }
 
     fn data_offset_is_valid(&self, off: u64) -> bool {
-        self.geometry.is_cluster_aligned(off) && off >= self.data_start && off < self.frontier.end()
+        self.geometry.is_cluster_aligned(off)
+            && off >= self.data_start
+            && off < self.alloc.frontier()
     }
 }

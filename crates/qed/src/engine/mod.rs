@@ -23,6 +23,7 @@
 //!   and new images.
 
 mod allocation;
+mod allocator;
 mod backing_file;
 mod check;
 mod claims;

@@ -17,15 +17,14 @@
 //! An L2 table moves with the allocation gate held exclusively: its entries are written
 //! back, the table copied and flushed, then its L1 entry rewritten.
 
+use super::allocator::JobHold;
 use super::claims::ClusterClaim;
-use super::free_set::Freed;
 use super::image::Image;
 use super::io::COPY_CHUNK;
 use super::mapping::Mapping;
 use crate::error::{Error, IoContext, Result};
 use crate::format::table::{UNALLOCATED, ZERO_CLUSTER};
 use crate::storage::AlignedBuf;
-use std::sync::atomic::Ordering;
 
 /// One data cluster to move: the guest cluster at `guest`, expected at file offset
 /// `from`, copied to `to` (free space the caller owns).
@@ -46,33 +45,11 @@ pub(crate) struct Moved {
     pub(crate) unused: Vec<u64>,
 }
 
-/// Moves in progress, counted while a batch runs.
-struct Relocating<'a>(&'a Image);
-
-impl<'a> Relocating<'a> {
-    fn start(image: &'a Image) -> Self {
-        image.relocating.fetch_add(1, Ordering::SeqCst);
-        Self(image)
-    }
-}
-
-impl Drop for Relocating<'_> {
-    fn drop(&mut self) {
-        self.0.relocating.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// A job that moves clusters (one at a time per image): while it runs, clusters that
 /// become free are the job's to fill, not allocations'.
 pub(crate) struct Reorganizing<'a> {
     image: &'a Image,
-    _one: std::sync::MutexGuard<'a, ()>,
-}
-
-impl Drop for Reorganizing<'_> {
-    fn drop(&mut self) {
-        self.image.free.hold_for_job(false);
-    }
+    _job: JobHold<'a>,
 }
 
 impl Reorganizing<'_> {
@@ -81,7 +58,7 @@ impl Reorganizing<'_> {
     pub(crate) fn take_ready(&self) -> Vec<u64> {
         let cs = self.image.geometry.cluster_size();
         self.image
-            .free
+            .alloc
             .take_all_ready()
             .into_iter()
             .flat_map(|(at, len)| (0..len / cs).map(move |i| at + i * cs))
@@ -92,8 +69,8 @@ impl Reorganizing<'_> {
     pub(crate) fn reserve_at_end(&self, bytes: u64) -> Result<u64> {
         let image = self.image;
         image
-            .frontier
-            .reserve(&*image.storage, bytes, &image.name, || {
+            .alloc
+            .reserve_at_end(&*image.storage, bytes, &image.name, || {
                 image.flush_storage()
             })
     }
@@ -102,40 +79,32 @@ impl Reorganizing<'_> {
 impl Image {
     /// Starts a job that moves clusters; refused while another runs.
     pub(crate) fn begin_reorganizing(&self) -> Result<Reorganizing<'_>> {
-        let one = match self.relocation.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                return Err(Error::Unsupported(format!(
-                    "{}: a compaction or defragmentation is already running",
-                    self.name
-                )))
-            }
+        let Some(job) = self.alloc.begin_job() else {
+            return Err(Error::Unsupported(format!(
+                "{}: a compaction or defragmentation is already running",
+                self.name
+            )));
         };
-        self.free.hold_for_job(true);
         Ok(Reorganizing {
             image: self,
-            _one: one,
+            _job: job,
         })
     }
 
     /// Whether a write in place to the `len` bytes at `pos` must wait: a move holds one
     /// of their clusters.
     pub(super) fn is_frozen(&self, pos: u64, len: u64) -> bool {
-        if self.relocating.load(Ordering::SeqCst) == 0 {
-            return false;
-        }
         let cs = self.geometry.cluster_size();
         let first = pos / cs;
-        self.claims
-            .any_claimed(first, (pos + len).div_ceil(cs) - first)
+        self.alloc
+            .is_frozen(first, (pos + len).div_ceil(cs) - first)
     }
 
     /// Waits until no claim holds the clusters of the `len` bytes at `pos`.
     pub(super) fn wait_thawed(&self, pos: u64, len: u64) {
         let cs = self.geometry.cluster_size();
         let first = pos / cs;
-        self.claims
+        self.alloc
             .wait_released(first, (pos + len).div_ceil(cs) - first);
     }
 
@@ -143,15 +112,15 @@ impl Image {
     /// expected place is left alone, and its destination reported unused.
     pub(crate) fn move_clusters(&self, moves: &[ClusterMove]) -> Result<Moved> {
         let cs = self.geometry.cluster_size();
-        let _relocating = Relocating::start(self);
+        let _moving = self.alloc.begin_moves();
         let mut moves = moves.to_vec();
         moves.sort_by_key(|m| m.guest);
         let _claims: Vec<ClusterClaim<'_>> = moves
             .iter()
-            .map(|m| self.claims.clusters(m.guest / cs, 1))
+            .map(|m| self.alloc.claim(m.guest / cs, 1))
             .collect();
         // Writes in place that looked before the claims were taken are done after this.
-        self.epochs.synchronize();
+        self.alloc.synchronize();
         let mut out = Moved::default();
         let mut live = Vec::with_capacity(moves.len());
         for m in moves {
@@ -162,18 +131,16 @@ impl Image {
         }
         if let Err(e) = self.copy_moves(&live).and_then(|()| self.flush_storage()) {
             out.unused.extend(live.iter().map(|m| m.to));
-            self.free.give_back(
-                &out.unused.iter().map(|&at| (at, cs)).collect::<Vec<_>>(),
-                self.epochs.current(),
-            );
+            self.alloc
+                .give_back(&out.unused.iter().map(|&at| (at, cs)).collect::<Vec<_>>());
             return Err(e);
         }
-        let _gate = self.gate.shared();
+        let _gate = self.alloc.gate_shared();
         for (i, m) in live.iter().enumerate() {
             if let Err(e) = self.set_l2_entries(m.guest, 1, true, |_| m.to) {
                 // Those not swapped keep their old place; their copies are unused.
                 let rest: Vec<(u64, u64)> = live[i..].iter().map(|m| (m.to, cs)).collect();
-                self.free.give_back(&rest, self.epochs.current());
+                self.alloc.give_back(&rest);
                 self.release_moved(&live[..i]);
                 return Err(e);
             }
@@ -191,16 +158,16 @@ impl Image {
     /// Returns how many were freed.
     pub(crate) fn free_punched(&self, candidates: &[(u64, u64)]) -> Result<u64> {
         let cs = self.geometry.cluster_size();
-        let _relocating = Relocating::start(self);
+        let _moving = self.alloc.begin_moves();
         let mut candidates = candidates.to_vec();
         candidates.sort_unstable();
         let _claims: Vec<ClusterClaim<'_>> = candidates
             .iter()
-            .map(|&(guest, _)| self.claims.clusters(guest / cs, 1))
+            .map(|&(guest, _)| self.alloc.claim(guest / cs, 1))
             .collect();
-        self.epochs.synchronize();
+        self.alloc.synchronize();
         let backing_end = self.backing_size();
-        let _gate = self.gate.shared();
+        let _gate = self.alloc.gate_shared();
         let mut freed = 0;
         for (guest, file) in candidates {
             if !matches!(self.lookup(guest, cs)?.0, Mapping::Data(off) if off == file) {
@@ -219,13 +186,7 @@ impl Image {
                 UNALLOCATED
             };
             self.set_l2_entries(guest, 1, true, |_| entry)?;
-            self.free.release(Freed {
-                at: file,
-                len: cs,
-                epoch: self.epochs.current(),
-                punched: true,
-                guest: Some(guest),
-            });
+            self.alloc.free(file, cs, true, Some(guest));
             freed += 1;
         }
         Ok(freed)
@@ -234,15 +195,8 @@ impl Image {
     /// The old places of swapped clusters go to the free set.
     fn release_moved(&self, moved: &[ClusterMove]) {
         let cs = self.geometry.cluster_size();
-        let epoch = self.epochs.current();
         for m in moved {
-            self.free.release(Freed {
-                at: m.from,
-                len: cs,
-                epoch,
-                punched: false,
-                guest: None,
-            });
+            self.alloc.free(m.from, cs, false, None);
         }
     }
 
@@ -288,7 +242,7 @@ impl Image {
     /// Moves the L2 table of L1 entry `l1_index` from `from` to `to` (free space of a
     /// table's size the caller owns). `false` when the table is no longer at `from`.
     pub(crate) fn move_table(&self, l1_index: u64, from: u64, to: u64) -> Result<bool> {
-        let _exclusive = self.gate.exclusive();
+        let _exclusive = self.alloc.gate_exclusive();
         if self.l1_entry(l1_index)? != from {
             return Ok(false);
         }
@@ -309,13 +263,7 @@ impl Image {
             .context(|| format!("writing the L1 table of {}", self.name))?;
         // Nothing is dirty under the old offset now, and lookups use the new one.
         self.l2.forget_table(from);
-        self.free.release(Freed {
-            at: from,
-            len: bytes,
-            epoch: self.epochs.current(),
-            punched: false,
-            guest: None,
-        });
+        self.alloc.free(from, bytes, false, None);
         Ok(true)
     }
 }

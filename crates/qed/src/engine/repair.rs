@@ -48,7 +48,7 @@ impl Image {
         }
         // The repair decides from the file alone: clusters freed while open are leaks
         // to it, reclaimed or left as such.
-        self.free.clear();
+        self.alloc.forget_freed();
         let result = self.repair_tables(mode);
         if result.is_err() {
             // The repair may have rewritten tables, moved them or truncated the file
@@ -97,7 +97,7 @@ impl Image {
     fn reload_tables(&self) -> Result<()> {
         self.load_l1()?;
         self.l2.clear();
-        self.frontier
+        self.alloc
             .reload(&*self.storage, &self.geometry, &self.name)
     }
 
@@ -120,7 +120,7 @@ impl Image {
         self.retarget_data(&moves, &w.tables)?;
         self.retarget_tables(&moves)?;
         let end = self.used_end(&used);
-        report.bytes_truncated = self.frontier.cut(&*self.storage, end, &self.name)?;
+        report.bytes_truncated = self.alloc.cut(&*self.storage, end, &self.name)?;
         report.leaks_punched = self.punch_leaks(&used, end)?;
         report.clusters_moved = moves.iter().map(|m| m.len).sum();
         report.leaks_fixed = report.leaks;

@@ -177,7 +177,7 @@ impl Image {
             .and_then(|_| self.storage.flush())
             .context(|| format!("clearing the L1 table of {}", self.name))?;
         let end = l1_end.max(self.data_start);
-        self.frontier.reset(&*self.storage, end, &self.name)?;
+        self.alloc.reset(&*self.storage, end, &self.name)?;
         self.l2.clear();
         self.load_l1()
     }

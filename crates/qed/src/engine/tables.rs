@@ -36,7 +36,7 @@ impl Image {
     /// Checks that an L2 table offset read from the L1 table is usable.
     pub(super) fn check_l2_offset(&self, l1_index: u64, offset: u64) -> Result<()> {
         let header = self.header.get();
-        if table_offset_is_valid(&header, &self.geometry, self.frontier.end(), offset) {
+        if table_offset_is_valid(&header, &self.geometry, self.alloc.frontier(), offset) {
             Ok(())
         } else {
             Err(Error::CorruptTable {
@@ -79,7 +79,7 @@ impl Image {
                 }
                 return Ok(());
             }
-            let Some(_table_claim) = self.claims.table(l1_index) else {
+            let Some(_table_claim) = self.alloc.claim_table(l1_index) else {
                 continue; // someone else was creating the table: look again
             };
             if self.l1_entry(l1_index)? != 0 {

@@ -2,7 +2,6 @@
 //! format allows (see "Write zeroes" and "Discard" in docs/design.md).
 
 use super::allocation::Wait;
-use super::free_set::Freed;
 use super::image::Image;
 use super::io::COPY_CHUNK;
 use super::mapping::Mapping;
@@ -23,7 +22,7 @@ impl Image {
         let end = pos + len;
         let mut p = pos;
         while p < end {
-            let mut inside = Some(self.epochs.enter());
+            let mut inside = Some(self.alloc.enter());
             let (mapping, run) = self.lookup(p, end - p)?;
             if !matches!(mapping, Mapping::Data(_)) {
                 drop(inside.take());
@@ -114,8 +113,8 @@ impl Image {
         let cs = self.geometry.cluster_size();
         // Under the claim no allocation, move or other discard changes these entries,
         // so each cluster is freed once.
-        let _claim = self.claims.clusters(pos / cs, len / cs);
-        let _gate = self.gate.shared();
+        let _claim = self.alloc.claim(pos / cs, len / cs);
+        let _gate = self.alloc.gate_shared();
         let backing_end = self.backing_size();
         let mut p = pos;
         while p < pos + len {
@@ -135,13 +134,7 @@ impl Image {
                 })?;
                 // Punched again before anyone else gets them: a write in place that
                 // looked before the entries changed may land after the punch above.
-                self.free.release(Freed {
-                    at: off,
-                    len: n,
-                    epoch: self.epochs.current(),
-                    punched: false,
-                    guest: Some(p),
-                });
+                self.alloc.free(off, n, false, Some(p));
             }
             p += n;
         }
