@@ -137,8 +137,7 @@ impl<'a> Allocation<'a> {
         // take the blocking path instead. (With the gate held, no flush can clear
         // NEED_CHECK after this look.)
         if self.wait == Wait::Never
-            && ((needs_mark && !image.header.get().needs_check())
-                || image.l2.dirty_pages() >= image.l2.dirty_limit())
+            && ((needs_mark && !image.header.get().needs_check()) || image.tables.dirty_at_limit())
         {
             return Ok(false);
         }

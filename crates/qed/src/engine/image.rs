@@ -6,16 +6,17 @@ use super::create::{self, CreateOptions};
 use super::flush_group::FlushGroup;
 use super::header::{write_header, write_header_to, HeaderCell};
 use super::l1::L1Table;
-use super::l2cache::L2Cache;
+use super::l2cache::PAGE_ENTRIES;
 use super::report::{CheckReport, RepairMode};
+use super::tables::{self, TableFile, Tables};
 use crate::block::{BlockDevice, Format};
 use crate::error::{Error, IoContext, Result};
-use crate::format::header::{features, HEADER_LEN};
+use crate::format::header::{features, table_offset_is_valid, HEADER_LEN};
 use crate::format::{Geometry, Header, MAGIC};
 use crate::storage::{FileStorage, RemoteIdentity, Storage};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::RwLock;
 
 /// [`Image::backing_depth`] once the image has no backing file left.
 pub(super) const NO_BACKING: u32 = 0;
@@ -83,13 +84,11 @@ pub struct Image {
     pub(super) name: String,
     /// First byte past the header area: data and tables live at or after it.
     pub(super) data_start: u64,
-    pub(super) l1: L1Table,
-    pub(super) l2: L2Cache,
+    /// L1, the L2 cache and their write-back.
+    pub(super) tables: Tables,
     /// Which file clusters are whose: the frontier, claims, the gate, epochs, the free
     /// set and the freeze of moved clusters.
     pub(super) alloc: Allocator,
-    /// Serializes write-backs of L2 entries (see `write_back_tables`).
-    pub(super) write_back_lock: Mutex<()>,
     /// Coalesces concurrent flushes.
     pub(super) flushes: FlushGroup,
     /// What the check run at open (NEED_CHECK set, read-write) found and fixed.
@@ -164,6 +163,7 @@ impl OpeningImage {
                 format!("clearing unknown autoclear bits {unknown_autoclear:#x} in {name}")
             })?;
         }
+        let has_backing = backing.is_some();
         Ok(Image {
             alloc: Allocator::at_open(&self.geometry, self.file_len),
             data_start: self.header.header_bytes(),
@@ -176,9 +176,7 @@ impl OpeningImage {
             backing_depth: AtomicU32::new(1),
             read_only: opts.read_only,
             name,
-            l1,
-            l2: L2Cache::new(opts.l2_cache_bytes),
-            write_back_lock: Mutex::new(()),
+            tables: Tables::at_open(l1, opts.l2_cache_bytes, has_backing),
             flushes: FlushGroup::default(),
             open_repair: None,
             closed: false.into(),
@@ -348,6 +346,129 @@ impl Image {
     /// Rewrites the header in the file, keeping the rest of its sector as QEMU does.
     pub(super) fn write_header(&self, header: &Header) -> Result<()> {
         write_header(&*self.storage, header, &self.name)
+    }
+
+    /// The file as the tables see it.
+    #[inline]
+    pub(super) fn table_file(&self) -> TableFile<'_> {
+        TableFile {
+            storage: &*self.storage,
+            geometry: self.geometry,
+            name: &self.name,
+        }
+    }
+
+    /// The L1 entry at `index` (0 past the entries covering the image size).
+    #[inline]
+    pub(super) fn l1_entry(&self, index: u64) -> Result<u64> {
+        let size = self.header.get().image_size;
+        self.tables.l1_entry(self.table_file(), size, index)
+    }
+
+    /// Re-reads the L1 entries covering the current size from the file.
+    pub(super) fn load_l1(&self) -> Result<()> {
+        let size = self.header.get().image_size;
+        self.tables.reload_l1(self.table_file(), size)
+    }
+
+    /// Writes L1 entries `entries`, the first of them at index `first` (a multiple of a
+    /// sector's entries).
+    pub(super) fn write_l1_sectors(&self, entries: &[u64], first: u64) -> Result<()> {
+        self.tables
+            .write_l1_sectors(self.table_file(), entries, first)
+    }
+
+    /// Checks that an L2 table offset read from the L1 table is usable.
+    pub(super) fn check_l2_offset(&self, l1_index: u64, offset: u64) -> Result<()> {
+        let header = self.header.get();
+        if table_offset_is_valid(&header, &self.geometry, self.alloc.frontier(), offset) {
+            Ok(())
+        } else {
+            Err(Error::CorruptTable {
+                table: "L1".into(),
+                index: l1_index,
+                value: offset,
+                reason:
+                    "L2 table offset is misaligned, inside the header or past the end of the file",
+            })
+        }
+    }
+
+    /// Sets the L2 entries of `n` clusters from guest offset `first` (all inside one page
+    /// of entries) to `value(i)`, creating the L2 table if there is none. The caller holds
+    /// the claim on those clusters and the allocation gate. With `write_back`, dirty
+    /// entries past the cache's limit are written back now; without, the next flush or
+    /// blocking allocation does it.
+    pub(super) fn set_l2_entries(
+        &self,
+        first: u64,
+        n: u64,
+        write_back: bool,
+        value: impl Fn(u64) -> u64,
+    ) -> Result<()> {
+        let g = self.geometry;
+        let l1_index = g.l1_index(first);
+        let l2_index = g.l2_index(first);
+        let page_first = l2_index % PAGE_ENTRIES;
+        let updates: Vec<(usize, u64)> = (0..n)
+            .map(|i| ((page_first + i) as usize, value(i)))
+            .collect();
+        loop {
+            let l2_offset = self.l1_entry(l1_index)?;
+            if l2_offset != 0 {
+                self.check_l2_offset(l1_index, l2_offset)?;
+                return self.tables.set_entries(
+                    &*self.storage,
+                    l2_offset,
+                    l2_index,
+                    &updates,
+                    write_back,
+                    || self.flush_storage(),
+                );
+            }
+            let Some(_table_claim) = self.alloc.claim_table(l1_index) else {
+                continue; // someone else was creating the table: look again
+            };
+            if self.l1_entry(l1_index)? != 0 {
+                continue;
+            }
+            let table = self.reserve(g.table_bytes())?;
+            return self.tables.create_table(
+                self.table_file(),
+                table,
+                l1_index,
+                l2_index,
+                &updates,
+                || self.flush_storage(),
+            );
+        }
+    }
+
+    /// Writes the L2 entries changed in memory since the last write-back (see
+    /// [`Tables::write_back`]).
+    pub(super) fn write_back_tables(&self) -> Result<()> {
+        self.tables
+            .write_back(&*self.storage, || self.flush_storage())
+    }
+
+    /// Reads table entries `first..first + out.len()` of the table at `table`.
+    pub(super) fn read_entries(
+        &self,
+        table: u64,
+        first: u64,
+        out: &mut [u64],
+    ) -> std::io::Result<()> {
+        tables::read_entries(&*self.storage, table, first, out)
+    }
+
+    /// Writes `entries` as entries `first..` of the table at `table` (whole sectors).
+    pub(super) fn write_entries(
+        &self,
+        table: u64,
+        first: u64,
+        entries: &[u64],
+    ) -> std::io::Result<()> {
+        tables::write_entries(&*self.storage, table, first, entries)
     }
 
     /// Whether the header names a backing file (opened or not).

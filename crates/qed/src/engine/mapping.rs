@@ -35,7 +35,7 @@ impl Image {
             return Ok((Mapping::Unallocated, len));
         }
         self.check_l2_offset(l1_index, l2_offset)?;
-        let (page, file_offset) = self.l2.page(l2_offset, l2_index);
+        let (page, file_offset) = self.tables.page(l2_offset, l2_index);
         let entries = page.read(&*self.storage, file_offset)?;
         let first = page_first as usize;
         let max_clusters = g.clusters_for(in_cluster + len) as usize;

@@ -257,12 +257,8 @@ impl Image {
             done += n as u64;
         }
         self.flush_storage()?;
-        self.l2.forget_table(to);
-        self.l1
-            .set(&*self.storage, l1_index, to)
-            .context(|| format!("writing the L1 table of {}", self.name))?;
-        // Nothing is dirty under the old offset now, and lookups use the new one.
-        self.l2.forget_table(from);
+        self.tables
+            .retarget(self.table_file(), l1_index, from, to)?;
         self.alloc.free(from, bytes, false, None);
         Ok(true)
     }

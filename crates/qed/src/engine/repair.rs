@@ -54,9 +54,9 @@ impl Image {
             // The repair may have rewritten tables, moved them or truncated the file
             // before it failed: drop what memory holds of them, or later requests would
             // update tables the file no longer uses.
-            self.l2.clear();
+            self.tables.forget_cached();
             if self.reload_tables().is_err() {
-                self.l1.mark_stale();
+                self.tables.mark_l1_stale();
             }
         }
         result
@@ -96,7 +96,7 @@ impl Image {
     /// appended) goes first, so that the file's length is the frontier again.
     fn reload_tables(&self) -> Result<()> {
         self.load_l1()?;
-        self.l2.clear();
+        self.tables.forget_cached();
         self.alloc
             .reload(&*self.storage, &self.geometry, &self.name)
     }
@@ -134,7 +134,7 @@ impl Image {
     fn plan_moves(&self, used: &mut UsedMap, tables: &[(u64, u64)]) -> Vec<Move> {
         let cs = self.geometry.cluster_size();
         let k = u64::from(self.geometry.table_size());
-        let l1_first = self.l1.offset() / cs;
+        let l1_first = self.tables.l1_offset() / cs;
         let first_data = self.data_start / cs;
         let table_by_end: HashMap<u64, (u64, u64)> = tables
             .iter()
@@ -223,7 +223,7 @@ impl Image {
     /// Step 3: points L1 at the moved tables.
     fn retarget_tables(&self, moves: &[Move]) -> Result<()> {
         let cs = self.geometry.cluster_size();
-        let l1 = self.l1.offset();
+        let l1 = self.tables.l1_offset();
         let mut any = false;
         for m in moves {
             let Some(l1_index) = m.l1_index else {
@@ -253,7 +253,7 @@ impl Image {
         while end > first_data && !used.is_marked(end - 1) {
             end -= 1;
         }
-        end.max(self.l1.offset() / cs + u64::from(self.geometry.table_size())) * cs
+        end.max(self.tables.l1_offset() / cs + u64::from(self.geometry.table_size())) * cs
     }
 
     /// Step 5: punches out the leaks that remain inside the file. Returns how many

@@ -105,16 +105,16 @@ impl Image {
         let keep_end = new_size.next_multiple_of(cs);
         // Nobody else uses L1 (`&mut self`): change it in place rather than in a copy,
         // which could be 16 MiB.
-        let mut l1 = std::mem::take(self.l1.entries_mut());
+        let mut l1 = std::mem::take(self.tables.l1_entries_mut());
         let result = self.clear_tables_from(&mut l1, keep_end);
-        *self.l1.entries_mut() = l1;
+        *self.tables.l1_entries_mut() = l1;
         if result.is_err() {
             // Entries may be cleared in memory and not in the file.
-            self.l1.mark_stale();
+            self.tables.mark_l1_stale();
         }
         result?;
         self.flush_storage()?;
-        self.l2.clear();
+        self.tables.forget_cached();
         Ok(())
     }
 
@@ -178,7 +178,7 @@ impl Image {
             .context(|| format!("clearing the L1 table of {}", self.name))?;
         let end = l1_end.max(self.data_start);
         self.alloc.reset(&*self.storage, end, &self.name)?;
-        self.l2.clear();
+        self.tables.forget_cached();
         self.load_l1()
     }
 }
