@@ -2,7 +2,7 @@
 //! rebase job copies what must be copied first.
 
 use super::header_area::{name_and_pin, read_pin};
-use super::image::{Backing, Image, NO_BACKING};
+use super::image::{Backing, Image};
 use crate::block::{BlockDevice, Format};
 use crate::error::{Error, IoContext, Result};
 use crate::format::geometry::SECTOR_SIZE;
@@ -10,7 +10,6 @@ use crate::format::header::{features, HEADER_LEN, MAX_BACKING_NAME_LEN};
 use crate::format::pin::{encode_pin, pin_offset, PIN_MAGIC};
 use crate::storage::RemoteIdentity;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 
 /// A backing file to record in an image's header.
 #[derive(Debug)]
@@ -49,13 +48,12 @@ impl Image {
             new.as_ref().map(|b| (b.name.as_str(), b.format)),
             pin.as_ref(),
         )?;
-        self.backing = new.map(|b| Backing {
+        self.backing.replace(new.map(|b| Backing {
             name: b.name,
             path: b.path,
             declared_format: b.format,
             device: b.device,
-        });
-        self.backing_depth.store(1, Ordering::Release);
+        }));
         Ok(())
     }
 
@@ -73,8 +71,6 @@ impl Image {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        // Depths count from the layer unallocated clusters read through to now.
-        let current = self.backing_depth.load(Ordering::Acquire);
         let (format, pin) = match keep {
             None => (None, None),
             Some((depth, _)) => {
@@ -96,22 +92,8 @@ impl Image {
         self.flush_storage()?;
         let raw = (format == Some(Format::Raw)).then_some(Format::Raw);
         self.write_backing_name(keep.map(|(_, name)| (name, raw)), pin.as_ref())?;
-        let depth = match keep {
-            None => NO_BACKING,
-            Some((depth, _)) => current + depth - 1,
-        };
-        self.backing_depth.store(depth, Ordering::Release);
-        // The layers the image no longer reads are left to other processes (the device
-        // stays open: a read that began before the cut may still be reading it).
-        let mut layer = self.backing.as_ref().and_then(|b| b.device.as_deref());
-        let mut at = 1;
-        while let Some(dev) = layer {
-            if at >= current && (depth == NO_BACKING || at < depth) {
-                dev.release_file_locks();
-            }
-            layer = dev.backing();
-            at += 1;
-        }
+        // Depths count from the layer unallocated clusters read through to now.
+        self.backing.cut(keep.map(|(depth, _)| depth));
         Ok(())
     }
 
@@ -229,10 +211,8 @@ impl Image {
             .and_then(|_| self.storage.flush())
             .context(|| format!("writing the header of {}", self.name))?;
         self.header.set(header);
-        *self
-            .header_backing_name
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = backing.map(|(name, _)| name.to_string());
+        self.backing
+            .set_header_name(backing.map(|(name, _)| name.to_string()));
         Ok(())
     }
 }

@@ -7,6 +7,7 @@ use super::flush_group::FlushGroup;
 use super::header::{write_header, write_header_to, HeaderCell};
 use super::l1::L1Table;
 use super::l2cache::PAGE_ENTRIES;
+use super::layers::BackingChain;
 use super::report::{CheckReport, RepairMode};
 use super::tables::{self, TableFile, Tables};
 use crate::block::{BlockDevice, Format};
@@ -15,11 +16,7 @@ use crate::format::header::{features, table_offset_is_valid, HEADER_LEN};
 use crate::format::{Geometry, Header, MAGIC};
 use crate::storage::{FileStorage, RemoteIdentity, Storage};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::RwLock;
-
-/// [`Image::backing_depth`] once the image has no backing file left.
-pub(super) const NO_BACKING: u32 = 0;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Default bound on cached L2 entries: 16 MiB, which maps 256 GiB of guest space with
 /// 64 KiB clusters.
@@ -70,14 +67,9 @@ pub struct Image {
     pub(super) storage: Box<dyn Storage>,
     pub(super) geometry: Geometry,
     pub(super) header: HeaderCell,
-    pub(super) backing: Option<Backing>,
-    /// Which layer of the opened backing chain unallocated clusters read through to:
-    /// 1 is `backing` itself, deeper after a stream cut the layers above a base off,
-    /// [`NO_BACKING`] once the header names no backing file (see `backing_file.rs`).
-    pub(super) backing_depth: AtomicU32,
-    /// The backing file name the header stores now (it changes when a stream cuts
-    /// layers off while the image is open; `backing` keeps the name it was opened with).
-    pub(super) header_backing_name: RwLock<Option<String>>,
+    /// The backing file, the layer of its chain reads go through to, and the name the
+    /// header stores.
+    pub(super) backing: BackingChain,
     /// Reads of unallocated clusters copy what they read into the image.
     pub(super) copy_on_read: bool,
     pub(super) read_only: bool,
@@ -163,7 +155,6 @@ impl OpeningImage {
                 format!("clearing unknown autoclear bits {unknown_autoclear:#x} in {name}")
             })?;
         }
-        let has_backing = backing.is_some();
         Ok(Image {
             alloc: Allocator::at_open(&self.geometry, self.file_len),
             data_start: self.header.header_bytes(),
@@ -171,12 +162,10 @@ impl OpeningImage {
             geometry: self.geometry,
             header: HeaderCell::at_open(self.header),
             copy_on_read: opts.copy_on_read && !opts.read_only && backing.is_some(),
-            header_backing_name: RwLock::new(backing.as_ref().map(|b| b.name.clone())),
-            backing,
-            backing_depth: AtomicU32::new(1),
+            backing: BackingChain::at_open(backing),
             read_only: opts.read_only,
             name,
-            tables: Tables::at_open(l1, opts.l2_cache_bytes, has_backing),
+            tables: Tables::at_open(l1, opts.l2_cache_bytes),
             flushes: FlushGroup::default(),
             open_repair: None,
             closed: false.into(),
@@ -300,20 +289,14 @@ impl Image {
     /// backing file while the image was open, this is still the file it was opened with
     /// (which reads the same); the header names the new one.
     pub fn backing_file(&self) -> Option<&Backing> {
-        if self.backing_depth.load(Ordering::Acquire) == NO_BACKING {
-            return None;
-        }
-        self.backing.as_ref()
+        self.backing.file()
     }
 
     /// The backing file name the header stores now, if any: after a stream kept a deeper
     /// layer while the image was open, that layer's name rather than
     /// [`Image::backing_file`]'s.
     pub fn header_backing_name(&self) -> Option<String> {
-        self.header_backing_name
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.backing.header_name()
     }
 
     /// What the consistency check run at open found and repaired, when NEED_CHECK was set.
@@ -422,7 +405,7 @@ impl Image {
                     l2_offset,
                     l2_index,
                     &updates,
-                    write_back,
+                    write_back.then_some(self.backing.opened_with_one()),
                     || self.flush_storage(),
                 );
             }
@@ -447,8 +430,12 @@ impl Image {
     /// Writes the L2 entries changed in memory since the last write-back (see
     /// [`Tables::write_back`]).
     pub(super) fn write_back_tables(&self) -> Result<()> {
+        // Opened with a backing file, entries follow their data to disk even after a
+        // stream cut the backing file off: an allocation made before the cut took no
+        // NEED_CHECK, so only this order keeps its entries from exposing unwritten data.
+        let follow = self.backing.opened_with_one();
         self.tables
-            .write_back(&*self.storage, || self.flush_storage())
+            .write_back(&*self.storage, follow, || self.flush_storage())
     }
 
     /// Reads table entries `first..first + out.len()` of the table at `table`.
@@ -473,23 +460,14 @@ impl Image {
 
     /// Whether the header names a backing file (opened or not).
     pub(super) fn backing_present(&self) -> bool {
-        self.backing.is_some() && self.backing_depth.load(Ordering::Acquire) != NO_BACKING
+        self.backing.present()
     }
 
     /// The device unallocated clusters read through to: the backing file, or the layer
     /// of its chain a stream made the new backing file. `None` without one, or when the
     /// image was opened without its backing chain.
     pub(super) fn backing_device(&self) -> Option<&dyn BlockDevice> {
-        let mut dev = self.backing.as_ref()?.device.as_deref()?;
-        match self.backing_depth.load(Ordering::Acquire) {
-            NO_BACKING => None,
-            depth => {
-                for _ in 1..depth {
-                    dev = dev.backing()?;
-                }
-                Some(dev)
-            }
-        }
+        self.backing.device()
     }
 }
 

@@ -42,7 +42,7 @@ impl Image {
         let Some(dev) = self.backing_device() else {
             let path = self
                 .backing
-                .as_ref()
+                .file()
                 .map(|b| b.path.clone())
                 .unwrap_or_default();
             return Err(Error::Backing {

@@ -41,6 +41,7 @@ mod image;
 mod io;
 mod l1;
 mod l2cache;
+mod layers;
 mod layout;
 mod mapping;
 mod populate;

@@ -5,7 +5,7 @@
 //! The invariants it keeps:
 //!
 //! - an entry reaches the file only after the data it exposes: in an image opened with a
-//!   backing file, every write-back flushes the file first (`entries_follow_data`);
+//!   backing file, every write-back flushes the file first (`follow_data`);
 //! - write-backs are serialized, so that a flush never overtakes entries another
 //!   caller's write-back has taken but not yet written;
 //! - a new L2 table is written and flushed before the L1 entry naming it is;
@@ -36,21 +36,16 @@ pub(super) struct Tables {
     l2: L2Cache,
     /// Serializes write-backs of L2 entries.
     write_back_lock: Mutex<()>,
-    /// Opened with a backing file: entries follow their data to disk, even after a
-    /// stream cut the backing file off (an allocation made before the cut took no
-    /// NEED_CHECK, so only this order keeps its entries from exposing unwritten data).
-    entries_follow_data: bool,
 }
 
 impl Tables {
     /// The tables of an image whose L1 was read at open, caching about
     /// `l2_cache_bytes` of L2 entries.
-    pub(super) fn at_open(l1: L1Table, l2_cache_bytes: usize, entries_follow_data: bool) -> Self {
+    pub(super) fn at_open(l1: L1Table, l2_cache_bytes: usize) -> Self {
         Self {
             l1,
             l2: L2Cache::new(l2_cache_bytes),
             write_back_lock: Mutex::new(()),
-            entries_follow_data,
         }
     }
 
@@ -121,22 +116,24 @@ impl Tables {
     }
 
     /// Sets entries of the page holding entry `index` of the existing L2 table at
-    /// `table` (`updates`: page-relative indices and values). With `write_back`, dirty
-    /// pages past the cache's limit are written back now (`flush` as for
-    /// [`Tables::write_back`]).
+    /// `table` (`updates`: page-relative indices and values). With `write_back`
+    /// (`Some(follow_data)`, as for [`Tables::write_back`]), dirty pages past the
+    /// cache's limit are written back now.
     pub(super) fn set_entries(
         &self,
         storage: &dyn Storage,
         table: u64,
         index: u64,
         updates: &[(usize, u64)],
-        write_back: bool,
+        write_back: Option<bool>,
         flush: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
         let dirty = self.l2.set(storage, table, index, updates)?;
-        if write_back && dirty > self.l2.dirty_limit() {
-            // Dirty pages cannot be evicted: keep them within the cache's bound.
-            self.write_back(storage, flush)?;
+        if let Some(follow_data) = write_back {
+            if dirty > self.l2.dirty_limit() {
+                // Dirty pages cannot be evicted: keep them within the cache's bound.
+                self.write_back(storage, follow_data, flush)?;
+            }
         }
         Ok(())
     }
@@ -178,27 +175,23 @@ impl Tables {
 
     /// Writes the L2 entries changed in memory since the last write-back. With a backing
     /// file the data they expose must be durable first (a crash must never show a
-    /// cluster of zeros where the backing file had data), so `flush` runs before they
-    /// are written: one flush for every allocation since the last write-back, where
+    /// cluster of zeros where the backing file had data), so with `follow_data` `flush`
+    /// runs before they are written: one flush for every allocation since the last write-back, where
     /// QEMU flushes once per allocation. Without a backing file no flush is needed:
     /// NEED_CHECK is set, and an entry whose data did not reach the disk reads as zeros,
     /// as the cluster did before.
     pub(super) fn write_back(
         &self,
         storage: &dyn Storage,
+        follow_data: bool,
         flush: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
         let _one = self
             .write_back_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        self.l2.write_back(storage, || {
-            if self.entries_follow_data {
-                flush()
-            } else {
-                Ok(())
-            }
-        })
+        self.l2
+            .write_back(storage, || if follow_data { flush() } else { Ok(()) })
     }
 
     /// Moves the L2 table of `l1_index` from `from` to `to`, where its bytes were copied
