@@ -103,10 +103,13 @@ pub fn run(a: Args) -> Result<u8> {
         &a.file,
         format,
         &qed::OpenOptions {
-            read_only: a.read_only,
+            image: qed::ImageOptions {
+                read_only: a.read_only,
+                l2_cache_bytes,
+                copy_on_read: a.copy_on_read,
+                ..a.remote.read_write().image
+            },
             direct,
-            l2_cache_bytes,
-            copy_on_read: a.copy_on_read,
             ..a.remote.read_write()
         },
     )?;

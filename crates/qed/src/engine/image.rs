@@ -43,10 +43,12 @@ pub struct ImageOptions {
     pub read_only: bool,
     /// Upper bound on memory used for cached L2 table entries, in bytes.
     pub l2_cache_bytes: usize,
-    /// On a read-write open of an image with NEED_CHECK set, check and repair it first.
+    /// On a read-write open of an image with NEED_CHECK set, check and repair it first
+    /// (turn this off only to run a repair of your own right after opening).
     pub repair_on_open: bool,
     /// Reads of clusters the image does not hold write what they read into it (see
-    /// `populate.rs`). Ignored when read-only or without a backing file.
+    /// `populate.rs`); the image itself only, its backing files staying read-only.
+    /// Ignored when read-only or without a backing file.
     pub copy_on_read: bool,
 }
 
