@@ -73,14 +73,14 @@ impl BlockDevice for Image {
     /// and anything already reading as zeros is left alone. Partial clusters get zeros
     /// written only where they would not read as zeros already.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.write_zeroes_guest(offset, len)
+        super::zeroes::write_zeroes_guest(self, offset, len)
     }
 
     /// Fast unless part of the range is a partial cluster over backing data, which
     /// allocates a cluster and copies the rest of it from the backing file.
     fn zeroes_are_fast(&self, offset: u64, len: u64) -> Result<bool> {
         check_range(offset, len, self.size())?;
-        self.zero_walk(offset, len, false)
+        super::zeroes::zero_walk(self, offset, len, false)
     }
 
     /// Every cluster wholly inside the range reads as zeros afterwards: a data cluster is
@@ -89,7 +89,7 @@ impl BlockDevice for Image {
     /// backing file never shows through what the guest discarded (as with qcow2).
     /// Partial clusters are left as they are. (QEMU ignores discards on QED images.)
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.discard_guest(offset, len)
+        super::zeroes::discard_guest(self, offset, len)
     }
 
     fn flush(&self) -> Result<()> {

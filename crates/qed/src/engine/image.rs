@@ -333,6 +333,24 @@ impl Image {
         write_header(&*self.storage, header, &self.name)
     }
 
+    /// Whether a write in place to the `len` bytes at `pos` must wait: a move holds one
+    /// of their clusters.
+    #[inline]
+    pub(super) fn is_frozen(&self, pos: u64, len: u64) -> bool {
+        let cs = self.geometry.cluster_size();
+        let first = pos / cs;
+        self.alloc
+            .is_frozen(first, (pos + len).div_ceil(cs) - first)
+    }
+
+    /// Waits until no claim holds the clusters of the `len` bytes at `pos`.
+    pub(super) fn wait_thawed(&self, pos: u64, len: u64) {
+        let cs = self.geometry.cluster_size();
+        let first = pos / cs;
+        self.alloc
+            .wait_released(first, (pos + len).div_ceil(cs) - first);
+    }
+
     /// The file as the tables see it.
     #[inline]
     pub(super) fn table_file(&self) -> TableFile<'_> {

@@ -30,6 +30,7 @@ mod claims;
 mod create;
 mod device;
 mod epochs;
+mod facade;
 mod flush;
 mod flush_group;
 mod free_set;
