@@ -61,60 +61,61 @@ pub(super) struct Allocation<'a> {
     reclaimed: Option<u64>,
 }
 
-impl Image {
-    /// Step 1: claims the clusters of the unallocated or zero run at `pos` (at most
-    /// `len` bytes) and looks again under the claim. `None` when the first cluster turned
-    /// out to be data (someone else allocated it), or, with [`Wait::Never`], when another
-    /// request holds one of the clusters.
-    pub(super) fn claim_allocation(
-        &self,
-        pos: u64,
-        len: u64,
-        wait: Wait,
-    ) -> Result<Option<Allocation<'_>>> {
-        let cs = self.geometry.cluster_size();
-        let first = self.geometry.cluster_start(pos);
-        let (mut claim, n) = loop {
-            let (mapping, n) = self.lookup(pos, len)?;
-            if let Mapping::Data(_) = mapping {
-                return Ok(None);
-            }
-            let count = ((pos + n).next_multiple_of(cs) - first) / cs;
-            if let Some(c) = self.alloc.try_claim(first / cs, count) {
-                break (c, n);
-            }
-            if wait == Wait::Never {
-                return Ok(None);
-            }
-            // Whoever holds them is most likely allocating them: once they are
-            // released, the next look usually finds data to write in place.
-            self.alloc.wait_released(first / cs, count);
-        };
-        let (was, n) = self.lookup(pos, n)?;
-        if let Mapping::Data(_) = was {
+/// Step 1: claims the clusters of the unallocated or zero run at `pos` (at most
+/// `len` bytes) and looks again under the claim. `None` when the first cluster turned
+/// out to be data (someone else allocated it), or, with [`Wait::Never`], when another
+/// request holds one of the clusters.
+pub(super) fn claim_allocation(
+    image: &Image,
+    pos: u64,
+    len: u64,
+    wait: Wait,
+) -> Result<Option<Allocation<'_>>> {
+    let cs = image.geometry.cluster_size();
+    let first = image.geometry.cluster_start(pos);
+    let (mut claim, n) = loop {
+        let (mapping, n) = image.lookup(pos, len)?;
+        if let Mapping::Data(_) = mapping {
             return Ok(None);
         }
-        let clusters = ((pos + n).next_multiple_of(cs) - first) / cs;
-        claim.shrink(clusters);
-        Ok(Some(Allocation {
-            image: self,
-            wait,
-            _claim: claim,
-            gate: None,
-            first,
-            clusters,
-            was,
-            len: n,
-            head: pos - first,
-            reclaimed: None,
-        }))
+        let count = ((pos + n).next_multiple_of(cs) - first) / cs;
+        if let Some(c) = image.alloc.try_claim(first / cs, count) {
+            break (c, n);
+        }
+        if wait == Wait::Never {
+            return Ok(None);
+        }
+        // Whoever holds them is most likely allocating them: once they are
+        // released, the next look usually finds data to write in place.
+        image.alloc.wait_released(first / cs, count);
+    };
+    let (was, n) = image.lookup(pos, n)?;
+    if let Mapping::Data(_) = was {
+        return Ok(None);
     }
+    let clusters = ((pos + n).next_multiple_of(cs) - first) / cs;
+    claim.shrink(clusters);
+    Ok(Some(Allocation {
+        image,
+        wait,
+        _claim: claim,
+        gate: None,
+        first,
+        clusters,
+        was,
+        len: n,
+        head: pos - first,
+        reclaimed: None,
+    }))
+}
 
-    /// Sets `bytes` aside (see [`super::allocator::Allocator::reserve`]). Returns where.
-    pub(super) fn reserve(&self, bytes: u64) -> Result<u64> {
-        self.alloc
-            .reserve(&*self.storage, bytes, &self.name, || self.flush_storage())
-    }
+/// Sets `bytes` aside (see [`super::allocator::Allocator::reserve`]). Returns where.
+pub(super) fn reserve(image: &Image, bytes: u64) -> Result<u64> {
+    image
+        .alloc
+        .reserve(&*image.storage, bytes, &image.name, || {
+            image.flush_storage()
+        })
 }
 
 impl<'a> Allocation<'a> {

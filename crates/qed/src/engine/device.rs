@@ -7,36 +7,34 @@ use crate::block::{
 };
 use crate::error::Result;
 
-impl Image {
-    fn status(&self, pos: u64, len: u64) -> Result<BlockStatus> {
-        check_range(pos, len, self.size())?;
-        let (mapping, n) = self.lookup(pos, len)?;
-        Ok(match mapping {
-            // Like QEMU, a data cluster is reported as data even where the file has a
-            // hole (QEMU only looks through to the file for qcow2's preallocation).
-            Mapping::Data(off) => BlockStatus {
-                len: n,
-                allocated: true,
-                data: true,
-                zero: false,
-                offset: Some(off),
-            },
-            Mapping::Zero => BlockStatus {
-                len: n,
-                allocated: true,
-                data: false,
-                zero: true,
-                offset: None,
-            },
-            Mapping::Unallocated => BlockStatus {
-                len: n,
-                allocated: false,
-                data: false,
-                zero: !self.backing_present(),
-                offset: None,
-            },
-        })
-    }
+fn status(image: &Image, pos: u64, len: u64) -> Result<BlockStatus> {
+    check_range(pos, len, image.size())?;
+    let (mapping, n) = image.lookup(pos, len)?;
+    Ok(match mapping {
+        // Like QEMU, a data cluster is reported as data even where the file has a
+        // hole (QEMU only looks through to the file for qcow2's preallocation).
+        Mapping::Data(off) => BlockStatus {
+            len: n,
+            allocated: true,
+            data: true,
+            zero: false,
+            offset: Some(off),
+        },
+        Mapping::Zero => BlockStatus {
+            len: n,
+            allocated: true,
+            data: false,
+            zero: true,
+            offset: None,
+        },
+        Mapping::Unallocated => BlockStatus {
+            len: n,
+            allocated: false,
+            data: false,
+            zero: !image.backing_present(),
+            offset: None,
+        },
+    })
 }
 
 impl BlockDevice for Image {
@@ -97,7 +95,7 @@ impl BlockDevice for Image {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        self.status(offset, len)
+        status(self, offset, len)
     }
 
     fn backing(&self) -> Option<&dyn BlockDevice> {
