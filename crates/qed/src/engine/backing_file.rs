@@ -2,7 +2,8 @@
 //! rebase job copies what must be copied first.
 
 use super::header_area::{name_and_pin, read_pin};
-use super::image::{Backing, Image};
+use super::image::Image;
+use super::layers::Backing;
 use crate::block::{BlockDevice, Format};
 use crate::error::{Error, IoContext, Result};
 use crate::format::geometry::SECTOR_SIZE;

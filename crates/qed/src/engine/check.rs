@@ -183,7 +183,7 @@ fn walk_l1_entry(
     }
     // This owner gets its own copy of the table; the entries of the copy then share
     // their clusters with the original and are copied when its table is walked.
-    *e = super::repair::copy_to_frontier(image, l2, g.table_bytes())?;
+    *e = copy_to_frontier(image, l2, g.table_bytes())?;
     w.tables.push((l1_index, *e));
     Ok(true)
 }
@@ -250,7 +250,7 @@ fn walk_l2(
                 w.report
                     .corrupt(Corruption::DoubleReference { offset: off });
                 if fix {
-                    *e = super::repair::copy_to_frontier(image, off, cs)?;
+                    *e = copy_to_frontier(image, off, cs)?;
                     copied += 1;
                     fixed += 1;
                 }
@@ -266,6 +266,29 @@ fn walk_l2(
             w.report.clusters_copied += copied;
         }
         start += n;
+    }
+    Ok(())
+}
+
+/// Appends a copy of `len` bytes at file offset `from` at the frontier.
+pub(super) fn copy_to_frontier(image: &Image, from: u64, len: u64) -> Result<u64> {
+    let to = image.reserve(len)?;
+    copy_within(image, from, to, len)?;
+    Ok(to)
+}
+
+/// Copies `len` bytes of the file from `from` to `to`, a megabyte at a time.
+pub(super) fn copy_within(image: &Image, from: u64, to: u64, len: u64) -> Result<()> {
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        image
+            .storage
+            .read_at(&mut buf[..n], from + done)
+            .and_then(|_| image.storage.write_at(&buf[..n], to + done))
+            .context(|| format!("copying {len} bytes from {from:#x} to {to:#x}"))?;
+        done += n as u64;
     }
     Ok(())
 }

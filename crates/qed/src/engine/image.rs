@@ -7,7 +7,7 @@ use super::flush_group::FlushGroup;
 use super::header::{write_header, write_header_to, HeaderCell};
 use super::l1::L1Table;
 use super::l2cache::PAGE_ENTRIES;
-use super::layers::BackingChain;
+use super::layers::{Backing, BackingChain};
 use super::report::{CheckReport, RepairMode};
 use super::tables::{self, TableFile, Tables};
 use crate::block::{BlockDevice, Format};
@@ -15,25 +15,12 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::header::{features, table_offset_is_valid, HEADER_LEN};
 use crate::format::{Geometry, Header, MAGIC};
 use crate::storage::{FileStorage, RemoteIdentity, Storage};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Default bound on cached L2 entries: 16 MiB, which maps 256 GiB of guest space with
 /// 64 KiB clusters.
 pub const DEFAULT_L2_CACHE_BYTES: usize = 16 << 20;
-
-/// The backing file of an image, as named in its header and as opened.
-#[derive(Debug)]
-pub struct Backing {
-    /// The name stored in the header.
-    pub name: String,
-    /// The name resolved against the image's directory.
-    pub path: PathBuf,
-    /// The declared format: `Some(Raw)` when NO_PROBE is set, else `None` (probed).
-    pub declared_format: Option<Format>,
-    /// The opened device (absent when opened without the backing chain).
-    pub device: Option<Box<dyn BlockDevice>>,
-}
 
 /// What the engine needs to know to open an image (the chain's `OpenOptions` carry
 /// these, and more).

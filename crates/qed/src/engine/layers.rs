@@ -8,10 +8,23 @@
 //! so that a read that began before a cut still finds the layer it read opened. A new
 //! backing file (`&mut`, the image to itself) starts over at depth 1.
 
-use super::image::Backing;
-use crate::block::BlockDevice;
+use crate::block::{BlockDevice, Format};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::RwLock;
+
+/// The backing file of an image, as named in its header and as opened.
+#[derive(Debug)]
+pub struct Backing {
+    /// The name stored in the header.
+    pub name: String,
+    /// The name resolved against the image's directory.
+    pub path: PathBuf,
+    /// The declared format: `Some(Raw)` when NO_PROBE is set, else `None` (probed).
+    pub declared_format: Option<Format>,
+    /// The opened device (absent when opened without the backing chain).
+    pub device: Option<Box<dyn BlockDevice>>,
+}
 
 /// [`BackingChain::depth`] once the image has no backing file left.
 pub(super) const NO_BACKING: u32 = 0;

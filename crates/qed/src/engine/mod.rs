@@ -55,7 +55,8 @@ mod zeroes;
 
 pub use backing_file::NewBacking;
 pub use create::CreateOptions;
-pub use image::{Backing, Image, ImageOptions, OpeningImage, DEFAULT_L2_CACHE_BYTES};
+pub use image::{Image, ImageOptions, OpeningImage, DEFAULT_L2_CACHE_BYTES};
+pub use layers::Backing;
 pub(crate) use layout::Layout;
 pub use mapping::Mapping;
 pub(crate) use relocate::{ClusterMove, Reorganizing};

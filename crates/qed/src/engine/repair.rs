@@ -190,7 +190,7 @@ fn plan_moves(image: &Image, used: &mut UsedMap, tables: &[(u64, u64)]) -> Vec<M
 fn copy_units(image: &Image, moves: &[Move]) -> Result<()> {
     let cs = image.geometry.cluster_size();
     for m in moves {
-        copy_within(image, m.src * cs, m.dst * cs, m.len * cs)?;
+        super::check::copy_within(image, m.src * cs, m.dst * cs, m.len * cs)?;
     }
     if !moves.is_empty() {
         image.flush_storage()?;
@@ -306,29 +306,6 @@ fn retarget_entries(image: &Image, table: u64, moved: &HashMap<u64, u64>) -> Res
                 .context(|| format!("writing the L2 table at {table:#x}"))?;
         }
         start += chunk_len;
-    }
-    Ok(())
-}
-
-/// Appends a copy of `len` bytes at file offset `from` at the frontier.
-pub(super) fn copy_to_frontier(image: &Image, from: u64, len: u64) -> Result<u64> {
-    let to = image.reserve(len)?;
-    copy_within(image, from, to, len)?;
-    Ok(to)
-}
-
-/// Copies `len` bytes of the file from `from` to `to`, a megabyte at a time.
-pub(super) fn copy_within(image: &Image, from: u64, to: u64, len: u64) -> Result<()> {
-    let mut buf = vec![0u8; len.min(1 << 20) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(buf.len() as u64) as usize;
-        image
-            .storage
-            .read_at(&mut buf[..n], from + done)
-            .and_then(|_| image.storage.write_at(&buf[..n], to + done))
-            .context(|| format!("copying {len} bytes from {from:#x} to {to:#x}"))?;
-        done += n as u64;
     }
     Ok(())
 }
