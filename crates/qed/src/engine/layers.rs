@@ -137,3 +137,43 @@ impl BackingChain {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backing() -> Backing {
+        Backing {
+            name: "base.qed".into(),
+            path: PathBuf::from("base.qed"),
+            declared_format: None,
+            device: None,
+        }
+    }
+
+    #[test]
+    fn a_cut_goes_down_the_chain_or_to_none() {
+        let chain = BackingChain::at_open(Some(backing()));
+        assert!(chain.present());
+        assert_eq!(chain.depth(), 1);
+        chain.cut(Some(3));
+        assert_eq!(chain.depth(), 3);
+        chain.cut(Some(2));
+        assert_eq!(chain.depth(), 4, "depths count from the current layer");
+        chain.cut(None);
+        assert!(!chain.present() && chain.file().is_none());
+        // Entries still follow their data, as they did for the file opened with.
+        assert!(chain.opened_with_one());
+    }
+
+    #[test]
+    fn a_new_backing_file_starts_over() {
+        let mut chain = BackingChain::at_open(None);
+        assert!(!chain.present() && !chain.opened_with_one());
+        chain.replace(Some(backing()));
+        chain.set_header_name(Some("base.qed".into()));
+        assert_eq!(chain.depth(), 1);
+        assert_eq!(chain.header_name().as_deref(), Some("base.qed"));
+        assert_eq!(chain.file().map(|b| b.name.as_str()), Some("base.qed"));
+    }
+}

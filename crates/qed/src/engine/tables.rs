@@ -243,3 +243,82 @@ pub(super) fn write_entries(
     encode_entries(entries, &mut bytes);
     storage.write_at(&bytes, table + first * 8)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryStorage;
+    use std::cell::Cell;
+
+    /// One-cluster tables of 4 KiB: L1 at 4 KiB, room for L2 tables after it.
+    fn setup() -> (MemoryStorage, Geometry, Tables) {
+        let g = Geometry::new(4096, 1).unwrap();
+        let storage = MemoryStorage::from_bytes(vec![0; 4 * 4096]);
+        let l1 = L1Table::load(&storage, 4096, &g, 4 * g.l2_coverage()).unwrap();
+        (storage, g, Tables::at_open(l1, 0))
+    }
+
+    fn entry_at(storage: &MemoryStorage, table: u64, index: u64) -> u64 {
+        let mut e = [0u64];
+        read_entries(storage, table, index, &mut e).unwrap();
+        e[0]
+    }
+
+    #[test]
+    fn a_new_table_is_durable_before_its_l1_entry() {
+        let (storage, g, tables) = setup();
+        let f = TableFile {
+            storage: &storage,
+            geometry: g,
+            name: "t",
+        };
+        let flushed = Cell::new(false);
+        tables
+            .create_table(f, 2 * 4096, 1, 3, &[(3, 0x3000)], || {
+                // The table's sector is written, and L1 does not name it yet.
+                assert_eq!(entry_at(&storage, 2 * 4096, 3), 0x3000);
+                assert_eq!(entry_at(&storage, 4096, 1), 0);
+                flushed.set(true);
+                Ok(())
+            })
+            .unwrap();
+        assert!(flushed.get());
+        assert_eq!(entry_at(&storage, 4096, 1), 2 * 4096);
+        assert_eq!(
+            tables.l1_entry(f, 4 * g.l2_coverage(), 1).unwrap(),
+            2 * 4096
+        );
+    }
+
+    #[test]
+    fn entries_are_written_back_after_their_data_when_asked() {
+        let (storage, _, tables) = setup();
+        let table = 2 * 4096;
+        tables
+            .set_entries(&storage, table, 5, &[(5, 0x5000)], None, || Ok(()))
+            .unwrap();
+        // Set in memory only: the file learns of it at the write-back.
+        assert_eq!(entry_at(&storage, table, 5), 0);
+        let flushes = Cell::new(0);
+        let flush = || {
+            assert_eq!(entry_at(&storage, table, 5), 0, "flushed after the entry");
+            flushes.set(flushes.get() + 1);
+            Ok(())
+        };
+        tables.write_back(&storage, true, flush).unwrap();
+        assert_eq!((entry_at(&storage, table, 5), flushes.get()), (0x5000, 1));
+        // Nothing dirty: no flush, no write.
+        tables.write_back(&storage, true, flush).unwrap();
+        assert_eq!(flushes.get(), 1);
+        // Without a backing file, no flush is asked for.
+        tables
+            .set_entries(&storage, table, 6, &[(6, 0x6000)], None, || Ok(()))
+            .unwrap();
+        tables
+            .write_back(&storage, false, || {
+                panic!("no flush without a backing file")
+            })
+            .unwrap();
+        assert_eq!(entry_at(&storage, table, 6), 0x6000);
+    }
+}
