@@ -70,10 +70,13 @@ impl Storage for Capped {
 /// reach the filesystem. The L2 cache is small, so that eviction happens.
 pub fn open(storage: &Arc<Capped>, read_only: bool, repair_on_open: bool) -> qed::Result<Image> {
     let opts = OpenOptions {
-        read_only,
+        image: qed::ImageOptions {
+            read_only,
+            l2_cache_bytes: 64 << 10,
+            repair_on_open,
+            ..qed::ImageOptions::default()
+        },
         no_backing: true,
-        l2_cache_bytes: 64 << 10,
-        repair_on_open,
         ..OpenOptions::default()
     };
     Image::open_storage(Box::new(storage.clone()), Path::new("fuzz.qed"), &opts)

@@ -385,7 +385,10 @@ fn record(w: &Workload) -> Recorded {
             Box::new(slow.clone()),
             &image_path,
             &OpenOptions {
-                copy_on_read: w.backing,
+                image: qed::ImageOptions {
+                    copy_on_read: w.backing,
+                    ..qed::ImageOptions::default()
+                },
                 ..OpenOptions::default()
             },
         )

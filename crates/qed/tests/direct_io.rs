@@ -142,8 +142,11 @@ fn begin_write_leaves_a_write_back_to_the_blocking_path() {
     Image::create(&path, &create).unwrap();
     // The smallest cache: 16 pages, written back past 8 dirty ones.
     let opts = OpenOptions {
+        image: qed::ImageOptions {
+            l2_cache_bytes: 0,
+            ..qed::ImageOptions::default()
+        },
         direct: true,
-        l2_cache_bytes: 0,
         ..OpenOptions::default()
     };
     let image = Image::open(&path, &opts).unwrap();

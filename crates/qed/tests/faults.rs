@@ -150,7 +150,10 @@ impl Setup {
 
     fn open(&self, storage: Box<dyn Storage>) -> qed::Result<Image> {
         let opts = OpenOptions {
-            copy_on_read: self.backing_len > 0,
+            image: qed::ImageOptions {
+                copy_on_read: self.backing_len > 0,
+                ..qed::ImageOptions::default()
+            },
             ..OpenOptions::default()
         };
         Image::open_storage(storage, Path::new("faults.qed"), &opts)
@@ -830,7 +833,10 @@ fn repair_case(s: &Setup, bytes: &[u8], expected: &Model, plan: FaultPlan, at_op
     let mem = Arc::new(MemoryStorage::from_bytes(bytes.to_vec()));
     let faulty = Arc::new(FaultyStorage::new(mem.clone(), plan));
     let opts = OpenOptions {
-        repair_on_open: at_open,
+        image: qed::ImageOptions {
+            repair_on_open: at_open,
+            ..qed::ImageOptions::default()
+        },
         ..OpenOptions::default()
     };
     let mut model = expected.clone();
@@ -900,7 +906,10 @@ fn repair_sweep(cluster: u32, table: u32) {
             let mem = MemoryStorage::from_bytes(bytes.clone());
             let faulty = Arc::new(FaultyStorage::new(mem, counting));
             let opts = OpenOptions {
-                repair_on_open: at_open,
+                image: qed::ImageOptions {
+                    repair_on_open: at_open,
+                    ..qed::ImageOptions::default()
+                },
                 ..OpenOptions::default()
             };
             let mut image =

@@ -33,7 +33,10 @@ fn a_table_moved_by_a_repair_is_not_moved_again_in_pieces() {
     storage.set_len(8 * CS).unwrap();
 
     let opts = OpenOptions {
-        repair_on_open: false,
+        image: qed::ImageOptions {
+            repair_on_open: false,
+            ..qed::ImageOptions::default()
+        },
         ..OpenOptions::default()
     };
     let mut image =

@@ -50,7 +50,10 @@ fn fresh() -> Vec<u8> {
 
 fn open_on(storage: Arc<MemoryStorage>, read_only: bool) -> qed::Result<Image> {
     let opts = OpenOptions {
-        read_only,
+        image: qed::ImageOptions {
+            read_only,
+            ..qed::ImageOptions::default()
+        },
         ..OpenOptions::default()
     };
     Image::open_storage(Box::new(storage), Path::new("x.qed"), &opts)
@@ -896,11 +899,14 @@ fn exercise(bytes: &[u8], rng: &mut Rng) {
     for read_only in [true, false] {
         let storage = Arc::new(MemoryStorage::from_bytes(bytes.to_vec()));
         let opts = OpenOptions {
-            read_only,
+            image: qed::ImageOptions {
+                read_only,
+                // Small enough for eviction to happen.
+                l2_cache_bytes: 16 * 4096,
+                ..qed::ImageOptions::default()
+            },
             // Keep the test hermetic: a corrupt backing name must not reach the disk.
             no_backing: true,
-            // Small enough for eviction to happen.
-            l2_cache_bytes: 16 * 4096,
             ..OpenOptions::default()
         };
         let Ok(image) = Image::open_storage(Box::new(storage.clone()), Path::new("x.qed"), &opts)

@@ -180,7 +180,10 @@ impl Storage for Sparse {
 
 fn open(storage: &Arc<Sparse>, read_only: bool) -> Image {
     let opts = OpenOptions {
-        read_only,
+        image: qed::ImageOptions {
+            read_only,
+            ..qed::ImageOptions::default()
+        },
         ..OpenOptions::default()
     };
     Image::open_storage(Box::new(storage.clone()), Path::new("big.qed"), &opts).unwrap()

@@ -113,7 +113,10 @@ pub fn run(a: Args) -> Result<u8> {
         &a.file,
         format,
         &qed::OpenOptions {
-            read_only: !a.write,
+            image: qed::ImageOptions {
+                read_only: !a.write,
+                ..a.remote.read_write().image
+            },
             direct,
             ..a.remote.read_write()
         },

@@ -143,9 +143,12 @@ fn print_human(r: &CheckReport) {
 pub fn run(a: Args) -> Result<u8> {
     crate::open::require_qed(a.format)?;
     let opts = OpenOptions {
+        image: qed::ImageOptions {
+            read_only: a.repair.is_none(),
+            repair_on_open: false,
+            ..a.share.apply(a.remote.read_write()).image
+        },
         no_backing: true,
-        read_only: a.repair.is_none(),
-        repair_on_open: false,
         ..a.share.apply(a.remote.read_write())
     };
     let mut image = Image::open(&a.file, &opts)?;

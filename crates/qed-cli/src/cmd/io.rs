@@ -236,8 +236,11 @@ pub fn run(a: Args) -> Result<u8> {
         &a.file,
         format,
         &qed::OpenOptions {
-            read_only: a.read_only,
-            copy_on_read: a.copy_on_read,
+            image: qed::ImageOptions {
+                read_only: a.read_only,
+                copy_on_read: a.copy_on_read,
+                ..a.share.apply(a.remote.read_write()).image
+            },
             ..a.share.apply(a.remote.read_write())
         },
     )?;

@@ -57,12 +57,16 @@ pub struct ExportArgs {
 impl ExportArgs {
     /// The options the image is opened with.
     pub fn open_options(&self) -> qed::OpenOptions {
+        let base = self.remote.read_write();
         qed::OpenOptions {
-            read_only: self.read_only,
+            image: qed::ImageOptions {
+                read_only: self.read_only,
+                l2_cache_bytes: self.l2_cache_size,
+                copy_on_read: self.copy_on_read,
+                ..base.image
+            },
             direct: self.cache.direct(),
-            l2_cache_bytes: self.l2_cache_size,
-            copy_on_read: self.copy_on_read,
-            ..self.remote.read_write()
+            ..base
         }
     }
 }

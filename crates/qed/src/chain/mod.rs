@@ -13,7 +13,7 @@ pub use location::resolve_backing_path;
 
 use crate::block::{BlockDevice, Format};
 use crate::devices::RawDevice;
-use crate::engine::{Backing, Image, ImageOptions, DEFAULT_L2_CACHE_BYTES};
+use crate::engine::{Backing, Image, ImageOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::format::MAGIC;
 use crate::storage::{LockMode, NoFlush, RemoteIdentity, RemoteOptions, Storage};
@@ -25,18 +25,17 @@ pub const MAX_CHAIN_DEPTH: usize = 64;
 
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
-/// How to open an image.
+/// How to open an image: what the engine needs ([`ImageOptions`], whose fields read
+/// and write through these options, as `opts.read_only`), and how the chain finds and
+/// opens the files.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
-    /// Refuse writes; do not touch the file.
-    pub read_only: bool,
+    /// What the engine needs to open a QED image: read-only, the L2 cache's bound, the
+    /// repair at open, copy-on-read (which applies to the image itself only: its
+    /// backing files stay read-only).
+    pub image: ImageOptions,
     /// Do not open the backing chain (reads of unallocated clusters then fail).
     pub no_backing: bool,
-    /// Upper bound on memory used for cached L2 table entries, in bytes.
-    pub l2_cache_bytes: usize,
-    /// On a read-write open of an image with NEED_CHECK set, check and repair it first
-    /// (turn this off only to run a repair of your own right after opening).
-    pub repair_on_open: bool,
     /// Open files with O_DIRECT, bypassing the host page cache (files only).
     pub direct: bool,
     /// Ignore flushes of a file opened for writing (QEMU's cache.no-flush, as in its
@@ -46,9 +45,6 @@ pub struct OpenOptions {
     pub no_flush: bool,
     /// How images named by http, https or s3 URLs are read.
     pub remote: RemoteOptions,
-    /// Reads of clusters the image does not hold copy them in from its backing chain
-    /// (the image itself only: its backing files stay read-only).
-    pub copy_on_read: bool,
     /// Take the locks QEMU takes on image files (the default), so that two writers, or a
     /// writer and a reader that wants the file unchanged, are refused whoever they are:
     /// `qed`, qemu-img, qemu-nbd, a VM. Off only for a caller that rules such sharing out
@@ -67,14 +63,11 @@ pub struct OpenOptions {
 impl Default for OpenOptions {
     fn default() -> Self {
         Self {
-            read_only: false,
+            image: ImageOptions::default(),
             no_backing: false,
-            l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
-            repair_on_open: true,
             direct: false,
             no_flush: false,
             remote: RemoteOptions::default(),
-            copy_on_read: false,
             locking: true,
             force_share: false,
             share_backing_writes: false,
@@ -82,23 +75,26 @@ impl Default for OpenOptions {
     }
 }
 
+impl std::ops::Deref for OpenOptions {
+    type Target = ImageOptions;
+
+    fn deref(&self) -> &ImageOptions {
+        &self.image
+    }
+}
+
+impl std::ops::DerefMut for OpenOptions {
+    fn deref_mut(&mut self) -> &mut ImageOptions {
+        &mut self.image
+    }
+}
+
 impl OpenOptions {
     /// Options for a read-only open.
     pub fn read_only() -> Self {
-        Self {
-            read_only: true,
-            ..Self::default()
-        }
-    }
-
-    /// What the engine needs of these options.
-    fn image(&self) -> ImageOptions {
-        ImageOptions {
-            read_only: self.read_only,
-            l2_cache_bytes: self.l2_cache_bytes,
-            repair_on_open: self.repair_on_open,
-            copy_on_read: self.copy_on_read,
-        }
+        let mut opts = Self::default();
+        opts.image.read_only = true;
+        opts
     }
 
     /// `storage`, opened with these options, with its flushes ignored if asked.
@@ -114,8 +110,11 @@ impl OpenOptions {
     /// shared with writers if the image lets them write its backing files.
     fn for_backing(&self) -> Self {
         Self {
-            read_only: true,
-            copy_on_read: false,
+            image: ImageOptions {
+                read_only: true,
+                copy_on_read: false,
+                ..self.image.clone()
+            },
             force_share: self.force_share || self.share_backing_writes,
             ..self.clone()
         }
@@ -442,7 +441,7 @@ impl Chain {
                 })
             }
         };
-        let image = opening.finish(backing, &opts.image())?;
+        let image = opening.finish(backing, &opts.image)?;
         if let Some(identity) = pin_now {
             match image.set_base_pin(&identity) {
                 // A header area too small for the record (an image QEMU made with small

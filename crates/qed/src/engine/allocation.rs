@@ -16,7 +16,7 @@
 //! close when it was the last).
 
 use super::claims::ClusterClaim;
-use super::free_set::{Freed, Reclaim};
+use super::free_set::Reclaim;
 use super::gate::GateHold;
 use super::image::Image;
 use super::mapping::Mapping;
@@ -61,67 +61,61 @@ pub(super) struct Allocation<'a> {
     reclaimed: Option<u64>,
 }
 
-impl Image {
-    /// Step 1: claims the clusters of the unallocated or zero run at `pos` (at most
-    /// `len` bytes) and looks again under the claim. `None` when the first cluster turned
-    /// out to be data (someone else allocated it), or, with [`Wait::Never`], when another
-    /// request holds one of the clusters.
-    pub(super) fn claim_allocation(
-        &self,
-        pos: u64,
-        len: u64,
-        wait: Wait,
-    ) -> Result<Option<Allocation<'_>>> {
-        let cs = self.geometry.cluster_size();
-        let first = self.geometry.cluster_start(pos);
-        let (mut claim, n) = loop {
-            let (mapping, n) = self.lookup(pos, len)?;
-            if let Mapping::Data(_) = mapping {
-                return Ok(None);
-            }
-            let count = ((pos + n).next_multiple_of(cs) - first) / cs;
-            if let Some(c) = self.claims.try_clusters(first / cs, count) {
-                break (c, n);
-            }
-            if wait == Wait::Never {
-                return Ok(None);
-            }
-            // Whoever holds them is most likely allocating them: once they are
-            // released, the next look usually finds data to write in place.
-            self.claims.wait_released(first / cs, count);
-        };
-        let (was, n) = self.lookup(pos, n)?;
-        if let Mapping::Data(_) = was {
+/// Step 1: claims the clusters of the unallocated or zero run at `pos` (at most
+/// `len` bytes) and looks again under the claim. `None` when the first cluster turned
+/// out to be data (someone else allocated it), or, with [`Wait::Never`], when another
+/// request holds one of the clusters.
+pub(super) fn claim_allocation(
+    image: &Image,
+    pos: u64,
+    len: u64,
+    wait: Wait,
+) -> Result<Option<Allocation<'_>>> {
+    let cs = image.geometry.cluster_size();
+    let first = image.geometry.cluster_start(pos);
+    let (mut claim, n) = loop {
+        let (mapping, n) = image.lookup(pos, len)?;
+        if let Mapping::Data(_) = mapping {
             return Ok(None);
         }
-        let clusters = ((pos + n).next_multiple_of(cs) - first) / cs;
-        claim.shrink(clusters);
-        Ok(Some(Allocation {
-            image: self,
-            wait,
-            _claim: claim,
-            gate: None,
-            first,
-            clusters,
-            was,
-            len: n,
-            head: pos - first,
-            reclaimed: None,
-        }))
-    }
-
-    /// Sets `bytes` aside: freed clusters ready to be reused when a run of them fits
-    /// (they read as zeros, as new space does), else at the frontier, growing the file
-    /// first. Returns where.
-    pub(super) fn reserve(&self, bytes: u64) -> Result<u64> {
-        if let Some(at) = self.free.take(bytes) {
-            // Freed clusters were punched: writes into holes would allocate.
-            self.storage.preallocate(at, bytes);
-            return Ok(at);
+        let count = ((pos + n).next_multiple_of(cs) - first) / cs;
+        if let Some(c) = image.alloc.try_claim(first / cs, count) {
+            break (c, n);
         }
-        self.frontier
-            .reserve(&*self.storage, bytes, &self.name, || self.flush_storage())
+        if wait == Wait::Never {
+            return Ok(None);
+        }
+        // Whoever holds them is most likely allocating them: once they are
+        // released, the next look usually finds data to write in place.
+        image.alloc.wait_released(first / cs, count);
+    };
+    let (was, n) = image.lookup(pos, n)?;
+    if let Mapping::Data(_) = was {
+        return Ok(None);
     }
+    let clusters = ((pos + n).next_multiple_of(cs) - first) / cs;
+    claim.shrink(clusters);
+    Ok(Some(Allocation {
+        image,
+        wait,
+        _claim: claim,
+        gate: None,
+        first,
+        clusters,
+        was,
+        len: n,
+        head: pos - first,
+        reclaimed: None,
+    }))
+}
+
+/// Sets `bytes` aside (see [`super::allocator::Allocator::reserve`]). Returns where.
+pub(super) fn reserve(image: &Image, bytes: u64) -> Result<u64> {
+    image
+        .alloc
+        .reserve(&*image.storage, bytes, &image.name, || {
+            image.flush_storage()
+        })
 }
 
 impl<'a> Allocation<'a> {
@@ -132,8 +126,8 @@ impl<'a> Allocation<'a> {
         let image = self.image;
         let needs_mark = data && !image.backing_present();
         let gate = match self.wait {
-            Wait::Block => image.gate.shared(),
-            Wait::Never => match image.gate.try_shared() {
+            Wait::Block => image.alloc.gate_shared(),
+            Wait::Never => match image.alloc.try_gate_shared() {
                 Some(g) => g,
                 None => return Ok(false),
             },
@@ -144,8 +138,7 @@ impl<'a> Allocation<'a> {
         // take the blocking path instead. (With the gate held, no flush can clear
         // NEED_CHECK after this look.)
         if self.wait == Wait::Never
-            && ((needs_mark && !image.header.get().needs_check())
-                || image.l2.dirty_pages() >= image.l2.dirty_limit())
+            && ((needs_mark && !image.header.get().needs_check()) || image.tables.dirty_at_limit())
         {
             return Ok(false);
         }
@@ -167,7 +160,7 @@ impl<'a> Allocation<'a> {
     pub(super) fn take_back_freed(&mut self) -> Result<bool> {
         let image = self.image;
         loop {
-            let bytes = match image.free.reclaim(self.first, self.span()) {
+            let bytes = match image.alloc.reclaim(self.first, self.span()) {
                 Reclaim::Nothing => return Ok(true),
                 Reclaim::Taken { at, len } => {
                     self.reclaimed = Some(at);
@@ -178,7 +171,7 @@ impl<'a> Allocation<'a> {
                 Reclaim::Busy => {
                     // The flush may need the gate exclusively before it ends.
                     self.gate = None;
-                    image.free.wait_flush_end();
+                    image.alloc.wait_flush_end();
                     self.enter_gate(true)?;
                     continue;
                 }
@@ -252,13 +245,9 @@ impl Drop for Allocation<'_> {
     /// cluster: they may hold part of a write now, so they are punched again on the way.
     fn drop(&mut self) {
         if let Some(at) = self.reclaimed.take() {
-            self.image.free.release(Freed {
-                at,
-                len: self.span(),
-                epoch: self.image.epochs.current(),
-                punched: false,
-                guest: Some(self.first),
-            });
+            self.image
+                .alloc
+                .free(at, self.span(), false, Some(self.first));
         }
     }
 }

@@ -7,36 +7,34 @@ use crate::block::{
 };
 use crate::error::Result;
 
-impl Image {
-    fn status(&self, pos: u64, len: u64) -> Result<BlockStatus> {
-        check_range(pos, len, self.size())?;
-        let (mapping, n) = self.lookup(pos, len)?;
-        Ok(match mapping {
-            // Like QEMU, a data cluster is reported as data even where the file has a
-            // hole (QEMU only looks through to the file for qcow2's preallocation).
-            Mapping::Data(off) => BlockStatus {
-                len: n,
-                allocated: true,
-                data: true,
-                zero: false,
-                offset: Some(off),
-            },
-            Mapping::Zero => BlockStatus {
-                len: n,
-                allocated: true,
-                data: false,
-                zero: true,
-                offset: None,
-            },
-            Mapping::Unallocated => BlockStatus {
-                len: n,
-                allocated: false,
-                data: false,
-                zero: !self.backing_present(),
-                offset: None,
-            },
-        })
-    }
+fn status(image: &Image, pos: u64, len: u64) -> Result<BlockStatus> {
+    check_range(pos, len, image.size())?;
+    let (mapping, n) = image.lookup(pos, len)?;
+    Ok(match mapping {
+        // Like QEMU, a data cluster is reported as data even where the file has a
+        // hole (QEMU only looks through to the file for qcow2's preallocation).
+        Mapping::Data(off) => BlockStatus {
+            len: n,
+            allocated: true,
+            data: true,
+            zero: false,
+            offset: Some(off),
+        },
+        Mapping::Zero => BlockStatus {
+            len: n,
+            allocated: true,
+            data: false,
+            zero: true,
+            offset: None,
+        },
+        Mapping::Unallocated => BlockStatus {
+            len: n,
+            allocated: false,
+            data: false,
+            zero: !image.backing_present(),
+            offset: None,
+        },
+    })
 }
 
 impl BlockDevice for Image {
@@ -73,14 +71,14 @@ impl BlockDevice for Image {
     /// and anything already reading as zeros is left alone. Partial clusters get zeros
     /// written only where they would not read as zeros already.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.write_zeroes_guest(offset, len)
+        super::zeroes::write_zeroes_guest(self, offset, len)
     }
 
     /// Fast unless part of the range is a partial cluster over backing data, which
     /// allocates a cluster and copies the rest of it from the backing file.
     fn zeroes_are_fast(&self, offset: u64, len: u64) -> Result<bool> {
         check_range(offset, len, self.size())?;
-        self.zero_walk(offset, len, false)
+        super::zeroes::zero_walk(self, offset, len, false)
     }
 
     /// Every cluster wholly inside the range reads as zeros afterwards: a data cluster is
@@ -89,7 +87,7 @@ impl BlockDevice for Image {
     /// backing file never shows through what the guest discarded (as with qcow2).
     /// Partial clusters are left as they are. (QEMU ignores discards on QED images.)
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.discard_guest(offset, len)
+        super::zeroes::discard_guest(self, offset, len)
     }
 
     fn flush(&self) -> Result<()> {
@@ -97,7 +95,7 @@ impl BlockDevice for Image {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        self.status(offset, len)
+        status(self, offset, len)
     }
 
     fn backing(&self) -> Option<&dyn BlockDevice> {
@@ -115,7 +113,7 @@ impl BlockDevice for Image {
         let (fd, align) = self.storage.direct_fd()?;
         // Held until the caller's read completes: a cluster moved or freed meanwhile
         // keeps its bytes until then.
-        let inside = self.epochs.enter();
+        let inside = self.alloc.enter();
         match self.lookup(offset, len).ok()? {
             (Mapping::Data(off), n) if n >= len => Some(DirectRead::held(
                 DirectExtent {
@@ -140,7 +138,7 @@ impl BlockDevice for Image {
             return None;
         }
         let (fd, align) = self.storage.direct_fd()?;
-        let inside = self.epochs.enter();
+        let inside = self.alloc.enter();
         match self.lookup(offset, len).ok()? {
             (Mapping::Data(off), n) if n >= len && !self.is_frozen(offset, len) => {
                 let hold = self.storage.try_hold_blocks(off, len)?;

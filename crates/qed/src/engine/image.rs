@@ -1,45 +1,26 @@
 //! The [`Image`] type: what one open QED image holds, how it is opened (handed its
 //! backing file, never opening one), and how it is closed.
 
-use super::claims::Claims;
+use super::allocator::Allocator;
 use super::create::{self, CreateOptions};
-use super::epochs::Epochs;
 use super::flush_group::FlushGroup;
-use super::free_set::FreeSet;
-use super::frontier::Frontier;
-use super::gate::AllocationGate;
 use super::header::{write_header, write_header_to, HeaderCell};
 use super::l1::L1Table;
-use super::l2cache::L2Cache;
+use super::l2cache::PAGE_ENTRIES;
+use super::layers::{Backing, BackingChain};
 use super::report::{CheckReport, RepairMode};
+use super::tables::{self, TableFile, Tables};
 use crate::block::{BlockDevice, Format};
 use crate::error::{Error, IoContext, Result};
-use crate::format::header::{features, HEADER_LEN};
+use crate::format::header::{features, table_offset_is_valid, HEADER_LEN};
 use crate::format::{Geometry, Header, MAGIC};
 use crate::storage::{FileStorage, RemoteIdentity, Storage};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Mutex, RwLock};
-
-/// [`Image::backing_depth`] once the image has no backing file left.
-pub(super) const NO_BACKING: u32 = 0;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Default bound on cached L2 entries: 16 MiB, which maps 256 GiB of guest space with
 /// 64 KiB clusters.
 pub const DEFAULT_L2_CACHE_BYTES: usize = 16 << 20;
-
-/// The backing file of an image, as named in its header and as opened.
-#[derive(Debug)]
-pub struct Backing {
-    /// The name stored in the header.
-    pub name: String,
-    /// The name resolved against the image's directory.
-    pub path: PathBuf,
-    /// The declared format: `Some(Raw)` when NO_PROBE is set, else `None` (probed).
-    pub declared_format: Option<Format>,
-    /// The opened device (absent when opened without the backing chain).
-    pub device: Option<Box<dyn BlockDevice>>,
-}
 
 /// What the engine needs to know to open an image (the chain's `OpenOptions` carry
 /// these, and more).
@@ -49,10 +30,12 @@ pub struct ImageOptions {
     pub read_only: bool,
     /// Upper bound on memory used for cached L2 table entries, in bytes.
     pub l2_cache_bytes: usize,
-    /// On a read-write open of an image with NEED_CHECK set, check and repair it first.
+    /// On a read-write open of an image with NEED_CHECK set, check and repair it first
+    /// (turn this off only to run a repair of your own right after opening).
     pub repair_on_open: bool,
     /// Reads of clusters the image does not hold write what they read into it (see
-    /// `populate.rs`). Ignored when read-only or without a backing file.
+    /// `populate.rs`); the image itself only, its backing files staying read-only.
+    /// Ignored when read-only or without a backing file.
     pub copy_on_read: bool,
 }
 
@@ -73,40 +56,22 @@ pub struct Image {
     pub(super) storage: Box<dyn Storage>,
     pub(super) geometry: Geometry,
     pub(super) header: HeaderCell,
-    pub(super) backing: Option<Backing>,
-    /// Which layer of the opened backing chain unallocated clusters read through to:
-    /// 1 is `backing` itself, deeper after a stream cut the layers above a base off,
-    /// [`NO_BACKING`] once the header names no backing file (see `backing_file.rs`).
-    pub(super) backing_depth: AtomicU32,
-    /// The backing file name the header stores now (it changes when a stream cuts
-    /// layers off while the image is open; `backing` keeps the name it was opened with).
-    pub(super) header_backing_name: RwLock<Option<String>>,
+    /// The backing file, the layer of its chain reads go through to, and the name the
+    /// header stores.
+    pub(super) backing: BackingChain,
     /// Reads of unallocated clusters copy what they read into the image.
     pub(super) copy_on_read: bool,
     pub(super) read_only: bool,
     pub(super) name: String,
     /// First byte past the header area: data and tables live at or after it.
     pub(super) data_start: u64,
-    pub(super) l1: L1Table,
-    pub(super) l2: L2Cache,
-    pub(super) frontier: Frontier,
-    /// Guest clusters and L1 entries being allocated.
-    pub(super) claims: Claims,
-    pub(super) gate: AllocationGate,
-    /// Serializes write-backs of L2 entries (see `write_back_tables`).
-    pub(super) write_back_lock: Mutex<()>,
+    /// L1, the L2 cache and their write-back.
+    pub(super) tables: Tables,
+    /// Which file clusters are whose: the frontier, claims, the gate, epochs, the free
+    /// set and the freeze of moved clusters.
+    pub(super) alloc: Allocator,
     /// Coalesces concurrent flushes.
     pub(super) flushes: FlushGroup,
-    /// What requests that use a file offset after looking it up are inside, so that a
-    /// cluster unmapped meanwhile is not reused under them.
-    pub(super) epochs: Epochs,
-    /// Clusters freed while open, on their way back to allocations.
-    pub(super) free: FreeSet,
-    /// Moves of clusters in progress (see `relocate.rs`): while there are any, writes in
-    /// place look for the claim a move holds on their clusters.
-    pub(super) relocating: std::sync::atomic::AtomicUsize,
-    /// Held by the one job that moves clusters (compaction, defragmentation).
-    pub(super) relocation: Mutex<()>,
     /// What the check run at open (NEED_CHECK set, read-write) found and fixed.
     open_repair: Option<CheckReport>,
     closed: AtomicBool,
@@ -180,27 +145,17 @@ impl OpeningImage {
             })?;
         }
         Ok(Image {
-            frontier: Frontier::at_open(&self.geometry, self.file_len),
+            alloc: Allocator::at_open(&self.geometry, self.file_len),
             data_start: self.header.header_bytes(),
             storage: self.storage,
             geometry: self.geometry,
             header: HeaderCell::at_open(self.header),
             copy_on_read: opts.copy_on_read && !opts.read_only && backing.is_some(),
-            header_backing_name: RwLock::new(backing.as_ref().map(|b| b.name.clone())),
-            backing,
-            backing_depth: AtomicU32::new(1),
+            backing: BackingChain::at_open(backing),
             read_only: opts.read_only,
             name,
-            l1,
-            l2: L2Cache::new(opts.l2_cache_bytes),
-            claims: Claims::default(),
-            gate: AllocationGate::default(),
-            write_back_lock: Mutex::new(()),
+            tables: Tables::at_open(l1, opts.l2_cache_bytes),
             flushes: FlushGroup::default(),
-            epochs: Epochs::default(),
-            free: FreeSet::default(),
-            relocating: Default::default(),
-            relocation: Mutex::new(()),
             open_repair: None,
             closed: false.into(),
         })
@@ -323,20 +278,14 @@ impl Image {
     /// backing file while the image was open, this is still the file it was opened with
     /// (which reads the same); the header names the new one.
     pub fn backing_file(&self) -> Option<&Backing> {
-        if self.backing_depth.load(Ordering::Acquire) == NO_BACKING {
-            return None;
-        }
-        self.backing.as_ref()
+        self.backing.file()
     }
 
     /// The backing file name the header stores now, if any: after a stream kept a deeper
     /// layer while the image was open, that layer's name rather than
     /// [`Image::backing_file`]'s.
     pub fn header_backing_name(&self) -> Option<String> {
-        self.header_backing_name
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.backing.header_name()
     }
 
     /// What the consistency check run at open found and repaired, when NEED_CHECK was set.
@@ -361,7 +310,7 @@ impl Image {
         if self.closed.swap(true, Ordering::AcqRel) || self.read_only {
             return Ok(());
         }
-        let trimmed = self.frontier.trim(&*self.storage, &self.name);
+        let trimmed = self.alloc.trim(&*self.storage, &self.name);
         self.flush_image().and(trimmed)?;
         self.give_back_free_tail()
     }
@@ -371,25 +320,161 @@ impl Image {
         write_header(&*self.storage, header, &self.name)
     }
 
+    /// Whether a write in place to the `len` bytes at `pos` must wait: a move holds one
+    /// of their clusters.
+    #[inline]
+    pub(super) fn is_frozen(&self, pos: u64, len: u64) -> bool {
+        let cs = self.geometry.cluster_size();
+        let first = pos / cs;
+        self.alloc
+            .is_frozen(first, (pos + len).div_ceil(cs) - first)
+    }
+
+    /// Waits until no claim holds the clusters of the `len` bytes at `pos`.
+    pub(super) fn wait_thawed(&self, pos: u64, len: u64) {
+        let cs = self.geometry.cluster_size();
+        let first = pos / cs;
+        self.alloc
+            .wait_released(first, (pos + len).div_ceil(cs) - first);
+    }
+
+    /// The file as the tables see it.
+    #[inline]
+    pub(super) fn table_file(&self) -> TableFile<'_> {
+        TableFile {
+            storage: &*self.storage,
+            geometry: self.geometry,
+            name: &self.name,
+        }
+    }
+
+    /// The L1 entry at `index` (0 past the entries covering the image size).
+    #[inline]
+    pub(super) fn l1_entry(&self, index: u64) -> Result<u64> {
+        let size = self.header.get().image_size;
+        self.tables.l1_entry(self.table_file(), size, index)
+    }
+
+    /// Re-reads the L1 entries covering the current size from the file.
+    pub(super) fn load_l1(&self) -> Result<()> {
+        let size = self.header.get().image_size;
+        self.tables.reload_l1(self.table_file(), size)
+    }
+
+    /// Writes L1 entries `entries`, the first of them at index `first` (a multiple of a
+    /// sector's entries).
+    pub(super) fn write_l1_sectors(&self, entries: &[u64], first: u64) -> Result<()> {
+        self.tables
+            .write_l1_sectors(self.table_file(), entries, first)
+    }
+
+    /// Checks that an L2 table offset read from the L1 table is usable.
+    pub(super) fn check_l2_offset(&self, l1_index: u64, offset: u64) -> Result<()> {
+        let header = self.header.get();
+        if table_offset_is_valid(&header, &self.geometry, self.alloc.frontier(), offset) {
+            Ok(())
+        } else {
+            Err(Error::CorruptTable {
+                table: "L1".into(),
+                index: l1_index,
+                value: offset,
+                reason:
+                    "L2 table offset is misaligned, inside the header or past the end of the file",
+            })
+        }
+    }
+
+    /// Sets the L2 entries of `n` clusters from guest offset `first` (all inside one page
+    /// of entries) to `value(i)`, creating the L2 table if there is none. The caller holds
+    /// the claim on those clusters and the allocation gate. With `write_back`, dirty
+    /// entries past the cache's limit are written back now; without, the next flush or
+    /// blocking allocation does it.
+    pub(super) fn set_l2_entries(
+        &self,
+        first: u64,
+        n: u64,
+        write_back: bool,
+        value: impl Fn(u64) -> u64,
+    ) -> Result<()> {
+        let g = self.geometry;
+        let l1_index = g.l1_index(first);
+        let l2_index = g.l2_index(first);
+        let page_first = l2_index % PAGE_ENTRIES;
+        let updates: Vec<(usize, u64)> = (0..n)
+            .map(|i| ((page_first + i) as usize, value(i)))
+            .collect();
+        loop {
+            let l2_offset = self.l1_entry(l1_index)?;
+            if l2_offset != 0 {
+                self.check_l2_offset(l1_index, l2_offset)?;
+                return self.tables.set_entries(
+                    &*self.storage,
+                    l2_offset,
+                    l2_index,
+                    &updates,
+                    write_back.then_some(self.backing.opened_with_one()),
+                    || self.flush_storage(),
+                );
+            }
+            let Some(_table_claim) = self.alloc.claim_table(l1_index) else {
+                continue; // someone else was creating the table: look again
+            };
+            if self.l1_entry(l1_index)? != 0 {
+                continue;
+            }
+            let table = self.reserve(g.table_bytes())?;
+            return self.tables.create_table(
+                self.table_file(),
+                table,
+                l1_index,
+                l2_index,
+                &updates,
+                || self.flush_storage(),
+            );
+        }
+    }
+
+    /// Writes the L2 entries changed in memory since the last write-back (see
+    /// [`Tables::write_back`]).
+    pub(super) fn write_back_tables(&self) -> Result<()> {
+        // Opened with a backing file, entries follow their data to disk even after a
+        // stream cut the backing file off: an allocation made before the cut took no
+        // NEED_CHECK, so only this order keeps its entries from exposing unwritten data.
+        let follow = self.backing.opened_with_one();
+        self.tables
+            .write_back(&*self.storage, follow, || self.flush_storage())
+    }
+
+    /// Reads table entries `first..first + out.len()` of the table at `table`.
+    pub(super) fn read_entries(
+        &self,
+        table: u64,
+        first: u64,
+        out: &mut [u64],
+    ) -> std::io::Result<()> {
+        tables::read_entries(&*self.storage, table, first, out)
+    }
+
+    /// Writes `entries` as entries `first..` of the table at `table` (whole sectors).
+    pub(super) fn write_entries(
+        &self,
+        table: u64,
+        first: u64,
+        entries: &[u64],
+    ) -> std::io::Result<()> {
+        tables::write_entries(&*self.storage, table, first, entries)
+    }
+
     /// Whether the header names a backing file (opened or not).
     pub(super) fn backing_present(&self) -> bool {
-        self.backing.is_some() && self.backing_depth.load(Ordering::Acquire) != NO_BACKING
+        self.backing.present()
     }
 
     /// The device unallocated clusters read through to: the backing file, or the layer
     /// of its chain a stream made the new backing file. `None` without one, or when the
     /// image was opened without its backing chain.
     pub(super) fn backing_device(&self) -> Option<&dyn BlockDevice> {
-        let mut dev = self.backing.as_ref()?.device.as_deref()?;
-        match self.backing_depth.load(Ordering::Acquire) {
-            NO_BACKING => None,
-            depth => {
-                for _ in 1..depth {
-                    dev = dev.backing()?;
-                }
-                Some(dev)
-            }
-        }
+        self.backing.device()
     }
 }
 

@@ -24,91 +24,89 @@ use crate::error::{IoContext, Result};
 use crate::format::table::ZERO_CLUSTER;
 use crate::storage::AlignedBuf;
 
-impl Image {
-    /// Fills the unallocated clusters of the run at `pos` (at most `len` bytes, and at
-    /// most a megabyte plus the clusters around it, as a read would) from the backing chain, and copies
-    /// the guest bytes from `pos` into `out` when given (`out` is at least as long as
-    /// what is covered). Returns how many bytes from `pos` it covered, or `None` when the
-    /// first cluster is no longer unallocated (someone else wrote or filled it: look it
-    /// up again).
-    pub(crate) fn populate(
-        &self,
-        pos: u64,
-        len: u64,
-        out: Option<&mut [u8]>,
-    ) -> Result<Option<u64>> {
-        self.fill(pos, len, COPY_CHUNK, false, out)
-    }
+/// Fills the unallocated clusters of the run at `pos` (at most `len` bytes, and at
+/// most a megabyte plus the clusters around it, as a read would) from the backing chain, and copies
+/// the guest bytes from `pos` into `out` when given (`out` is at least as long as
+/// what is covered). Returns how many bytes from `pos` it covered, or `None` when the
+/// first cluster is no longer unallocated (someone else wrote or filled it: look it
+/// up again).
+pub(super) fn populate(
+    image: &Image,
+    pos: u64,
+    len: u64,
+    out: Option<&mut [u8]>,
+) -> Result<Option<u64>> {
+    fill(image, pos, len, COPY_CHUNK, false, out)
+}
 
-    /// [`Image::populate`] for a stream: at most `most` bytes at a time (plus the
-    /// clusters around), so that a server sends fewer, larger answers, and what is
-    /// written starts on its way to the disk at once, so that the flush that ends the
-    /// stream has little left to do.
-    pub(crate) fn populate_up_to(&self, pos: u64, len: u64, most: u64) -> Result<Option<u64>> {
-        self.fill(pos, len, most, true, None)
-    }
+/// [`Image::populate`] for a stream: at most `most` bytes at a time (plus the
+/// clusters around), so that a server sends fewer, larger answers, and what is
+/// written starts on its way to the disk at once, so that the flush that ends the
+/// stream has little left to do.
+pub(super) fn populate_up_to(image: &Image, pos: u64, len: u64, most: u64) -> Result<Option<u64>> {
+    fill(image, pos, len, most, true, None)
+}
 
-    fn fill(
-        &self,
-        pos: u64,
-        len: u64,
-        most: u64,
-        write_back: bool,
-        out: Option<&mut [u8]>,
-    ) -> Result<Option<u64>> {
-        let Some(mut alloc) = self.claim_allocation(pos, len.min(most.max(1)), Wait::Block)? else {
-            return Ok(None);
-        };
-        if alloc.was != Mapping::Unallocated {
-            return Ok(None);
-        }
-        let cs = self.geometry.cluster_size();
-        let first = alloc.first();
-        let mut data = AlignedBuf::new(alloc.span() as usize);
-        self.read_unallocated(&mut data, first)?;
-        let head = (pos - first) as usize;
-        if let Some(out) = out {
-            out[..alloc.len as usize].copy_from_slice(&data[head..head + alloc.len as usize]);
-        }
-        let zero: Vec<bool> = data.chunks(cs as usize).map(is_zero).collect();
-        let filled = zero.iter().filter(|z| !**z).count() as u64;
-        alloc.enter_gate(filled > 0)?;
-        let at = if filled > 0 {
-            alloc.reserve_clusters(filled)?
-        } else {
-            0
-        };
-        // Clusters with data go to consecutive new clusters, in order; each run of them
-        // is one write.
-        let mut entries = Vec::with_capacity(zero.len());
-        let mut next = at;
-        let mut i = 0;
-        while i < zero.len() {
-            if zero[i] {
-                entries.push(ZERO_CLUSTER);
-                i += 1;
-                continue;
-            }
-            let run = zero[i..].iter().take_while(|z| !**z).count();
-            let bytes = &data[i * cs as usize..(i + run) * cs as usize];
-            self.storage.write_at(bytes, next).context(|| {
-                format!(
-                    "writing {} copied bytes at {next:#x} of {}",
-                    bytes.len(),
-                    self.name
-                )
-            })?;
-            if write_back {
-                self.storage.start_writeback(next, bytes.len() as u64);
-            }
-            for k in 0..run as u64 {
-                entries.push(next + k * cs);
-            }
-            next += run as u64 * cs;
-            i += run;
-        }
-        let covered = alloc.len;
-        alloc.map_entries(|i| entries[i as usize])?;
-        Ok(Some(covered))
+fn fill(
+    image: &Image,
+    pos: u64,
+    len: u64,
+    most: u64,
+    write_back: bool,
+    out: Option<&mut [u8]>,
+) -> Result<Option<u64>> {
+    let Some(mut alloc) = image.claim_allocation(pos, len.min(most.max(1)), Wait::Block)? else {
+        return Ok(None);
+    };
+    if alloc.was != Mapping::Unallocated {
+        return Ok(None);
     }
+    let cs = image.geometry.cluster_size();
+    let first = alloc.first();
+    let mut data = AlignedBuf::new(alloc.span() as usize);
+    image.read_unallocated(&mut data, first)?;
+    let head = (pos - first) as usize;
+    if let Some(out) = out {
+        out[..alloc.len as usize].copy_from_slice(&data[head..head + alloc.len as usize]);
+    }
+    let zero: Vec<bool> = data.chunks(cs as usize).map(is_zero).collect();
+    let filled = zero.iter().filter(|z| !**z).count() as u64;
+    alloc.enter_gate(filled > 0)?;
+    let at = if filled > 0 {
+        alloc.reserve_clusters(filled)?
+    } else {
+        0
+    };
+    // Clusters with data go to consecutive new clusters, in order; each run of them
+    // is one write.
+    let mut entries = Vec::with_capacity(zero.len());
+    let mut next = at;
+    let mut i = 0;
+    while i < zero.len() {
+        if zero[i] {
+            entries.push(ZERO_CLUSTER);
+            i += 1;
+            continue;
+        }
+        let run = zero[i..].iter().take_while(|z| !**z).count();
+        let bytes = &data[i * cs as usize..(i + run) * cs as usize];
+        image.storage.write_at(bytes, next).context(|| {
+            format!(
+                "writing {} copied bytes at {next:#x} of {}",
+                bytes.len(),
+                image.name
+            )
+        })?;
+        if write_back {
+            image.storage.start_writeback(next, bytes.len() as u64);
+        }
+        for k in 0..run as u64 {
+            entries.push(next + k * cs);
+        }
+        next += run as u64 * cs;
+        i += run;
+    }
+    let covered = alloc.len;
+    alloc.map_entries(|i| entries[i as usize])?;
+    Ok(Some(covered))
 }
