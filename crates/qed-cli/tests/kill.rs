@@ -390,10 +390,7 @@ fn kill_loop(backing: bool, kills: u64, seed: u64) -> Stats {
 }
 
 fn kills() -> u64 {
-    std::env::var("QED_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30)
+    qed_testkit::settings::env_u64("QED_KILLS").unwrap_or(30)
 }
 
 fn kill_without_backing_file() {

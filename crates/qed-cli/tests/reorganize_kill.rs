@@ -1126,10 +1126,7 @@ fn run_once(
 
 /// A number from the environment, or `default`.
 fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    qed_testkit::settings::env_u64(name).unwrap_or(default)
 }
 
 /// Kills of `kind`'s jobs, on a fresh image every `per_image` kills.
@@ -1138,7 +1135,10 @@ fn kills_during(kind: &str, per_image: u64, seed: u64) {
     let tmp = scratch_dir();
     let dir = tmp.path();
     let template = make_template(dir);
-    let seed = seed + 1000 * env_number("QED_REORGANIZE_SEED", 0);
+    let setting = env_number("QED_REORGANIZE_SEED", 0);
+    let seed = seed + 1000 * setting;
+    // Printed first, so that a failed run shows it: the setting, as it is passed back.
+    println!("{kind}: QED_REORGANIZE_SEED={setting}");
     let mut rng = Rng(seed);
     let mut stats = Stats::default();
 
@@ -1188,7 +1188,7 @@ fn kills_during(kind: &str, per_image: u64, seed: u64) {
         contents = end.contents;
     }
     println!(
-        "{kind} (seed {seed}): a whole job took {ran:?}; {stats:?}; {:?} in all",
+        "{kind} (QED_REORGANIZE_SEED={setting}): a whole job took {ran:?}; {stats:?}; {:?} in all",
         start.elapsed()
     );
     // The runs must have tested what they claim to.

@@ -663,7 +663,7 @@ fn sweep(s: &Setup, count_reads: bool, kinds: &[FaultKind], sticky: &[bool]) -> 
 
 /// `QED_FAULTS_AT=N` runs only the cases that fail operation N, to study one.
 fn only_at() -> Option<u64> {
-    std::env::var("QED_FAULTS_AT").ok()?.parse().ok()
+    qed_testkit::settings::env_u64("QED_FAULTS_AT")
 }
 
 fn summary_path() -> PathBuf {
