@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod dir;
 pub mod nginx;
 
 use std::ffi::OsStr;
