@@ -274,7 +274,7 @@ fn a_discarded_cluster_is_reused_after_one_flush() {
         ],
     );
     ok(dir, QEMU_IMG, &["check", "-f", "qed", "disk.qed"]);
-    common::qemu_io(
+    common::qemu::qemu_io(
         dir,
         "qed",
         "disk.qed",

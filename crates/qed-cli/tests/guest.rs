@@ -30,13 +30,16 @@ use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{describe, install_hint, new_dir, ok, run, QED, QEMU_IMG};
+use common::served::Served;
+use common::{
+    describe, exited_within, exits, install_hint, new_dir, ok, run, Killed, QED, QEMU_IMG,
+};
 
 const QEMU: &str = "qemu-system-x86_64";
 
@@ -56,50 +59,12 @@ const SCRATCH: u64 = 32 * M;
 // ---------------------------------------------------------------------------------------
 // Running tools.
 
-/// Runs `prog` and asserts its exit code; returns its stdout.
-fn exits<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S], code: i32) -> String {
-    let out = run(dir, prog, args);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "expected exit code {code} from {}",
-        describe(prog, args, &out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn md5(dir: &Path, file: &str) -> String {
     let out = ok(dir, "md5sum", &[file]);
     out.split_whitespace()
         .next()
         .expect("md5sum output")
         .to_owned()
-}
-
-/// A child process killed when dropped, so that a failing test leaves nothing running.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Waits for the child until `limit`; `None` if it is still running then.
-fn wait_until(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let t = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().expect("wait for a child") {
-            return Some(st);
-        }
-        if t.elapsed() >= limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -395,7 +360,7 @@ fn try_boot(dir: &Path, label: &str, drive: &str, job: Job) -> Result<Outcome, F
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {QEMU}: {e}{}", install_hint(QEMU)));
     let mut qemu = Killed(child);
-    let status = wait_until(&mut qemu.0, BOOT_DEADLINE);
+    let status = exited_within(&mut qemu.0, BOOT_DEADLINE);
     let secs = t.elapsed().as_secs_f64();
     drop(qemu);
     let text = String::from_utf8_lossy(&fs::read(&console).unwrap_or_default()).into_owned();
@@ -494,92 +459,22 @@ fn qed_drive(dir: &Path, image: &str, cache: &str, read_only: bool) -> String {
 // ---------------------------------------------------------------------------------------
 // `qed serve`.
 
-/// A running `qed serve` on a Unix socket; killed when dropped.
-struct Served {
-    child: Killed,
-    socket: PathBuf,
-    log: Arc<Mutex<String>>,
+/// A virtio disk on `server`'s export through QEMU's NBD client.
+fn nbd_drive(server: &Served, read_only: bool) -> String {
+    let path = server.socket().to_str().expect("a UTF-8 path");
+    assert!(!path.contains(','), "QEMU's option syntax: {path}");
+    let ro = if read_only { ",readonly=on" } else { "" };
+    format!(
+        "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={path},\
+         if=virtio,discard=unmap{ro}"
+    )
 }
 
-impl Served {
-    /// Starts `qed serve` in `dir` with `args` before the image name; returns once it
-    /// listens.
-    fn start(dir: &Path, args: &[&str], image: &str) -> Served {
-        static NEXT: Mutex<u32> = Mutex::new(0);
-        let n = {
-            let mut next = NEXT.lock().unwrap_or_else(PoisonError::into_inner);
-            *next += 1;
-            *next
-        };
-        let socket = dir.join(format!("nbd-{n}.sock"));
-        let (child, log, banner) = common::spawn_server(
-            Command::new(QED)
-                .arg("serve")
-                .arg("-k")
-                .arg(&socket)
-                .args(args)
-                .arg(image)
-                .current_dir(dir),
-        );
-        // The banner comes once the socket listens.
-        assert!(banner.contains("unix socket"), "banner: {banner}");
-        let child = Killed(child);
-        Served { child, socket, log }
-    }
-
-    /// A virtio disk on this export through QEMU's NBD client.
-    fn drive(&self, read_only: bool) -> String {
-        let path = self.socket.to_str().expect("a UTF-8 path");
-        assert!(!path.contains(','), "QEMU's option syntax: {path}");
-        let ro = if read_only { ",readonly=on" } else { "" };
-        format!(
-            "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={path},\
-             if=virtio,discard=unmap{ro}"
-        )
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.socket.display())
-    }
-
-    fn assert_alive(&mut self) {
-        if let Some(st) = self.child.0.try_wait().unwrap() {
-            panic!("qed serve died ({st}):\n{}", self.log.lock().unwrap());
-        }
-    }
-
-    /// A server without `-t` stops by itself once its client has gone; it must do so
-    /// cleanly.
-    fn finish(mut self) {
-        self.assert_exit();
-    }
-
-    /// SIGTERM, then a clean exit; returns what the server printed.
-    fn stop(mut self) -> String {
-        self.assert_alive();
-        let st = Command::new("kill")
-            .args(["-TERM", &self.child.0.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(st.success(), "kill -TERM failed");
-        self.assert_exit();
-        let log = self.log.lock().unwrap().clone();
-        log
-    }
-
-    fn assert_exit(&mut self) {
-        let st = wait_until(&mut self.child.0, Duration::from_secs(30)).unwrap_or_else(|| {
-            panic!(
-                "qed serve did not exit within 30 s:\n{}",
-                self.log.lock().unwrap()
-            )
-        });
-        assert!(
-            st.success(),
-            "qed serve exited with {st}:\n{}",
-            self.log.lock().unwrap()
-        );
-    }
+/// SIGTERM to a server that must still be running, then a clean exit; returns what the
+/// server printed.
+fn stop(mut server: Served) -> String {
+    server.assert_alive();
+    server.stop()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -628,7 +523,7 @@ fn assert_sound(dir: &Path, image: &str) {
         "{image} still has NEED_CHECK set after its writer closed it"
     );
 
-    let server = Served::start(dir, &["-r"], image);
+    let server = Served::unix(dir, &["-r"], image);
     let uri = server.uri();
     let same = ok(
         dir,
@@ -955,7 +850,7 @@ fn served_disk_written_and_verified_over_two_connections() {
     create(d, &["disk.qed", DISK_SIZE]);
     let control = d.join("control.sock");
     let control = control.to_str().expect("a UTF-8 path");
-    let mut server = Served::start(
+    let mut server = Served::unix(
         d,
         &["-t", "--discard=unmap", "--control", control],
         "disk.qed",
@@ -963,7 +858,7 @@ fn served_disk_written_and_verified_over_two_connections() {
     let wrote = boot(
         d,
         "write",
-        &server.drive(false),
+        &nbd_drive(&server, false),
         Job::Write {
             block: 4096,
             scratch: SCRATCH,
@@ -976,10 +871,10 @@ fn served_disk_written_and_verified_over_two_connections() {
     let checked = boot(
         d,
         "verify",
-        &server.drive(true),
+        &nbd_drive(&server, true),
         Job::Verify { sums: wrote.sums() },
     );
-    let log = server.stop();
+    let log = stop(server);
     assert!(
         log.contains(&format!("job '{}' (compact) completed", id.trim())),
         "{log}"
@@ -1009,11 +904,11 @@ fn qemu_writes_and_qed_serve_verifies(scenario: &str, create_args: &[&str], cach
     );
     assert_sound(d, "disk.qed");
     let before = md5(d, "disk.qed");
-    let server = Served::start(d, &["-r"], "disk.qed");
+    let server = Served::unix(d, &["-r"], "disk.qed");
     let checked = boot(
         d,
         "verify",
-        &server.drive(true),
+        &nbd_drive(&server, true),
         Job::Verify { sums: wrote.sums() },
     );
     server.finish();
@@ -1052,11 +947,11 @@ fn qed_serve_writes_and_qemu_verifies() {
     let dir = new_dir();
     let d = dir.path();
     create(d, &["disk.qed", DISK_SIZE]);
-    let server = Served::start(d, &["--discard=unmap"], "disk.qed");
+    let server = Served::unix(d, &["--discard=unmap"], "disk.qed");
     let wrote = boot(
         d,
         "write",
-        &server.drive(false),
+        &nbd_drive(&server, false),
         Job::Write {
             block: 1024,
             scratch: SCRATCH,
@@ -1106,11 +1001,11 @@ fn overlay_takes_the_changes_and_the_base_is_unchanged() {
     let base_md5 = md5(d, "base.qed");
 
     create(d, &["-b", "base.qed", "-F", "qed", "overlay.qed"]);
-    let server = Served::start(d, &["--discard=unmap"], "overlay.qed");
+    let server = Served::unix(d, &["--discard=unmap"], "overlay.qed");
     let changed = boot(
         d,
         "overlay-modify",
-        &server.drive(false),
+        &nbd_drive(&server, false),
         Job::Modify { sums: base.sums() },
     );
     server.finish();
@@ -1140,7 +1035,7 @@ fn overlay_takes_the_changes_and_the_base_is_unchanged() {
     );
     assert_sound(d, "overlay.qed");
     assert_sound(d, "base.qed");
-    let differ = exits(d, QEMU_IMG, &["compare", "base.qed", "overlay.qed"], 1);
+    let (differ, _) = exits(d, QEMU_IMG, &["compare", "base.qed", "overlay.qed"], 1);
     assert!(differ.contains("Content mismatch"), "{differ}");
     finished("overlay over a base QEMU wrote", t);
 }
@@ -1154,11 +1049,11 @@ fn guest_on_an_http_base_while_it_streams_then_without_the_server() {
     let dir = new_dir();
     let d = dir.path();
     create(d, &["base.qed", DISK_SIZE]);
-    let server = Served::start(d, &["--discard=unmap"], "base.qed");
+    let server = Served::unix(d, &["--discard=unmap"], "base.qed");
     let base = boot(
         d,
         "base-write",
-        &server.drive(false),
+        &nbd_drive(&server, false),
         Job::Write {
             block: 4096,
             scratch: SCRATCH,
@@ -1176,7 +1071,7 @@ fn guest_on_an_http_base_while_it_streams_then_without_the_server() {
     let control = d.join("control.sock");
     let control = control.to_str().expect("a UTF-8 path");
     // Slow enough that the guest runs while the stream does.
-    let server = Served::start(
+    let server = Served::unix(
         d,
         &[
             "-t",
@@ -1192,7 +1087,7 @@ fn guest_on_an_http_base_while_it_streams_then_without_the_server() {
     let changed = boot(
         d,
         "overlay-modify",
-        &server.drive(false),
+        &nbd_drive(&server, false),
         Job::Modify { sums: base.sums() },
     );
     let jobs = || -> Value {
@@ -1218,7 +1113,7 @@ fn guest_on_an_http_base_while_it_streams_then_without_the_server() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(job.get("error").is_none(), "the stream failed: {job}");
-    server.stop();
+    stop(server);
     eprintln!("{}: stream while the guest ran: {during}", test_name());
     assert_freed(d, "overlay.qed", &changed, SCRATCH);
     ok(d, QED, &["compact", "overlay.qed"]);
@@ -1228,11 +1123,11 @@ fn guest_on_an_http_base_while_it_streams_then_without_the_server() {
         serde_json::from_str(&ok(d, QEMU_IMG, &["info", "--output=json", "overlay.qed"]))
             .expect("qemu-img info JSON");
     assert!(info.get("backing-filename").is_none(), "{info}");
-    let server = Served::start(d, &[], "overlay.qed");
+    let server = Served::unix(d, &[], "overlay.qed");
     let checked = boot(
         d,
         "overlay-verify",
-        &server.drive(true),
+        &nbd_drive(&server, true),
         Job::Verify {
             sums: changed.sums(),
         },
@@ -1303,7 +1198,7 @@ fn trim_past_a_quarter_compacts_the_served_image() {
     let control = control.to_str().expect("a UTF-8 path");
     // -t keeps the server after the guest has gone, so that a compaction still running
     // then is not cancelled by the server's exit.
-    let server = Served::start(
+    let server = Served::unix(
         d,
         &[
             "-t",
@@ -1317,14 +1212,14 @@ fn trim_past_a_quarter_compacts_the_served_image() {
     let wrote = boot(
         d,
         "write",
-        &server.drive(false),
+        &nbd_drive(&server, false),
         Job::Write {
             block: 4096,
             scratch: BIG_SCRATCH,
         },
     );
     let jobs = compactions_settled(d, control);
-    let log = server.stop();
+    let log = stop(server);
     for j in &jobs {
         let id = j["id"].as_str().expect("a job id");
         assert!(

@@ -20,90 +20,15 @@ const K: u64 = 1 << 10;
 const M: u64 = 1 << 20;
 const G: u64 = 1 << 30;
 
-/// Running the tools, with failure messages that show what was run and what it said.
-mod sh {
-    use serde_json::Value;
-    use std::ffi::OsStr;
-    use std::path::Path;
-    use std::process::{Command, Output};
+mod common;
 
-    pub const QED: &str = env!("CARGO_BIN_EXE_qed");
-    pub const QEMU_IMG: &str = "qemu-img";
-    pub const QEMU_IO: &str = "qemu-io";
+use common::qemu::assert_identical;
+use common::{describe, exits, ok, run, QED, QEMU_IMG, QEMU_IO};
 
-    /// Runs `prog` in `dir`. Panics when it cannot be started at all.
-    pub fn run<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> Output {
-        Command::new(prog)
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap_or_else(|e| {
-                let hint = if prog.starts_with("qemu") {
-                    " (the interop tests need qemu-img and qemu-io: apt-get install qemu-utils)"
-                } else {
-                    ""
-                };
-                panic!("cannot run {prog}: {e}{hint}")
-            })
-    }
-
-    /// The command line, exit status and both output streams, for assertion messages.
-    pub fn describe<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S], out: &Output) -> String {
-        let line: Vec<String> = args
-            .iter()
-            .map(|a| {
-                let a = a.as_ref().to_string_lossy();
-                if a.contains(' ') {
-                    format!("'{a}'")
-                } else {
-                    a.into_owned()
-                }
-            })
-            .collect();
-        format!(
-            "`{prog} {}` in {}\n  status: {}\n  stdout:\n{}\n  stderr:\n{}",
-            line.join(" "),
-            dir.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    }
-
-    /// Runs `prog` and asserts that it succeeds; returns its stdout.
-    pub fn ok<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> String {
-        let out = run(dir, prog, args);
-        assert!(out.status.success(), "{}", describe(dir, prog, args, &out));
-        String::from_utf8(out.stdout).expect("stdout is UTF-8")
-    }
-
-    /// Runs `prog` and asserts its exit code; returns stdout and stderr.
-    pub fn exits<S: AsRef<OsStr>>(
-        dir: &Path,
-        prog: &str,
-        args: &[S],
-        code: i32,
-    ) -> (String, String) {
-        let out = run(dir, prog, args);
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "expected exit code {code} from {}",
-            describe(dir, prog, args, &out)
-        );
-        (
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    pub fn json(what: &str, text: &str) -> Value {
-        serde_json::from_str(text)
-            .unwrap_or_else(|e| panic!("{what} printed invalid JSON ({e}):\n{text}"))
-    }
+fn json(what: &str, text: &str) -> Value {
+    serde_json::from_str(text)
+        .unwrap_or_else(|e| panic!("{what} printed invalid JSON ({e}):\n{text}"))
 }
-
-use sh::{exits, json, ok, QED, QEMU_IMG, QEMU_IO};
 
 // ---------------------------------------------------------------------------------------
 // Guest operations and the model of what the guest should read afterwards.
@@ -757,7 +682,7 @@ fn assert_check_matches(dir: &Path, layer: &QedLayer) {
     }
     assert_eq!(ours["check-errors"], 0, "{img}: {ours}");
     let args = ["check", "--output=json", "-f", "qed", img];
-    let out = sh::run(dir, QEMU_IMG, &args);
+    let out = run(dir, QEMU_IMG, &args);
     let mut theirs = json("qemu-img check", &String::from_utf8_lossy(&out.stdout));
     let file_clusters = std::fs::metadata(dir.join(img)).unwrap().len() / layer.cs;
     if file_clusters < layer.cs - 1 {
@@ -765,13 +690,13 @@ fn assert_check_matches(dir: &Path, layer: &QedLayer) {
             out.status.code(),
             Some(0),
             "{}",
-            sh::describe(dir, QEMU_IMG, &args, &out)
+            describe(QEMU_IMG, &args, &out)
         );
     } else {
         assert!(
             matches!(out.status.code(), Some(0 | 3)),
             "{}",
-            sh::describe(dir, QEMU_IMG, &args, &out)
+            describe(QEMU_IMG, &args, &out)
         );
         theirs.as_object_mut().unwrap().remove("leaks");
     }
@@ -819,19 +744,7 @@ fn verify_our_image(dir: &Path, model: &Model, layers: &[QedLayer]) {
         assert_info_matches(dir, layer);
     }
     model.write_raw(&dir.join("expected.raw"));
-    ok(
-        dir,
-        QEMU_IMG,
-        &[
-            "compare",
-            "-f",
-            "qed",
-            "-F",
-            "raw",
-            "top.qed",
-            "expected.raw",
-        ],
-    );
+    assert_identical(dir, ("qed", "top.qed"), ("raw", "expected.raw"));
     assert_pattern_reads(dir, Tool::Qemu, "top.qed", model);
 }
 

@@ -8,38 +8,22 @@
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{describe, fails, need_check, new_dir, ok, qemu_io, FIO, QED, QEMU_IMG};
+use common::fio::{nbd_engine, Verified};
+use common::qemu::{assert_identical, qemu_img_check, qemu_img_info, qemu_io};
+use common::served::Served;
+use common::{describe, fails, need_check, new_dir, ok, test_bytes, QED, QEMU_IMG};
 
 const K: u64 = 1 << 10;
 const M: u64 = 1 << 20;
 
 // ---------------------------------------------------------------------------------------
 // Images.
-
-/// Deterministic bytes with runs of zeros, so streams meet holes as well as data.
-fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = vec![0u8; len];
-    for (i, chunk) in out.chunks_mut(64 * K as usize).enumerate() {
-        if i % 5 == 2 {
-            continue;
-        }
-        for b in chunk {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-    }
-    out
-}
 
 /// Writes `base.raw` (test bytes) and the same content as `base.qed`; returns the bytes.
 fn make_base(dir: &Path, size: u64) -> Vec<u8> {
@@ -62,30 +46,10 @@ fn overlay(dir: &Path, name: &str, backing: &str) {
     );
 }
 
-fn qemu_img_check(dir: &Path, image: &str) {
-    let out = ok(dir, QEMU_IMG, &["check", "-f", "qed", image]);
-    assert!(out.contains("No errors were found"), "{out}");
-}
-
-/// `qemu-img info`'s JSON for the image.
-fn info(dir: &Path, image: &str) -> Value {
-    let out = ok(
-        dir,
-        QEMU_IMG,
-        &["info", "-f", "qed", "--output=json", image],
-    );
-    serde_json::from_str(&out).unwrap()
-}
-
 fn backing_of(dir: &Path, image: &str) -> Option<String> {
-    info(dir, image)["backing-filename"]
+    qemu_img_info(dir, image)["backing-filename"]
         .as_str()
         .map(str::to_string)
-}
-
-fn assert_identical(dir: &Path, a: (&str, &str), b: (&str, &str)) {
-    let out = ok(dir, QEMU_IMG, &["compare", "-f", a.0, "-F", b.0, a.1, b.1]);
-    assert!(out.contains("Images are identical"), "{out}");
 }
 
 /// Depth (in the backing chain) qemu-img map gives the byte at `offset`.
@@ -97,93 +61,6 @@ fn depth_at(map: &Value, offset: u64) -> u64 {
         }
     }
     panic!("offset {offset} is not in the map");
-}
-
-// ---------------------------------------------------------------------------------------
-// A `qed serve` with a control socket.
-
-/// A running `qed serve -k nbd.sock --control ctl.sock -t`; killed when dropped.
-struct Served {
-    child: Child,
-    nbd: PathBuf,
-    control: PathBuf,
-    log: Arc<Mutex<String>>,
-}
-
-impl Served {
-    /// Starts the server with `args` before the image; returns once both sockets listen.
-    fn start(dir: &Path, args: &[&str], image: &str) -> Served {
-        let nbd = dir.join("nbd.sock");
-        let control = dir.join("ctl.sock");
-        let (child, log, banner) = common::spawn_server(
-            Command::new(QED)
-                .arg("serve")
-                .arg("-k")
-                .arg(&nbd)
-                .arg("--control")
-                .arg(&control)
-                .arg("-t")
-                .args(args)
-                .arg(image)
-                .current_dir(dir),
-        );
-        assert!(banner.contains("control socket"), "banner: {banner}");
-        Served {
-            child,
-            nbd,
-            control,
-            log,
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.nbd.display())
-    }
-
-    fn ctl(&self) -> &str {
-        self.control.to_str().unwrap()
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .args([format!("-{sig}"), self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(st.success(), "kill -{sig} failed");
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        common::exited_within(&mut self.child, limit)
-            .unwrap_or_else(|| panic!("qed serve did not exit within {limit:?}:\n{}", self.log()))
-    }
-
-    /// Signals, then asserts a clean exit that left neither socket behind; returns the
-    /// server's log.
-    fn stop_with(mut self, sig: &str) -> String {
-        self.signal(sig);
-        let st = self.wait_exit(Duration::from_secs(60));
-        assert!(st.success(), "qed serve exited with {st}:\n{}", self.log());
-        assert!(!self.control.exists(), "the control socket is left behind");
-        assert!(!self.nbd.exists(), "the NBD socket is left behind");
-        self.log()
-    }
-
-    fn stop(self) -> String {
-        self.stop_with("TERM")
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -256,33 +133,14 @@ fn assert_completed(j: &Value, size: u64) {
 /// fio's four jobs, each writing (or with `verify_only`, checking) its own 8M of the
 /// first 32M with crc32c verification.
 fn fio(dir: &Path, uri: &str, verify_only: bool) {
-    let mut args = vec![
-        "--name=nbd".to_string(),
-        "--ioengine=nbd".into(),
-        format!("--uri={uri}"),
-        "--rw=randwrite".into(),
-        "--bs=4k".into(),
-        "--size=8M".into(),
-        "--offset_increment=8M".into(),
-        "--iodepth=16".into(),
-        "--numjobs=4".into(),
-        "--verify=crc32c".into(),
-        "--verify_fatal=1".into(),
-        "--output-format=json".into(),
-    ];
-    if verify_only {
-        args.push("--verify_only=1".into());
-    }
-    let report = common::fio_json(&ok(dir, FIO, &args));
-    let jobs = report["jobs"].as_array().expect("fio jobs");
-    assert_eq!(jobs.len(), 4);
-    for j in jobs {
-        assert_eq!(j["error"], 0, "fio job error: {j}");
-        assert_eq!(j["read"]["io_bytes"], 8 * M, "verified bytes: {j}");
-        if !verify_only {
-            assert_eq!(j["write"]["io_bytes"], 8 * M, "written bytes: {j}");
-        }
-    }
+    let run = Verified {
+        name: "nbd",
+        engine: nbd_engine(uri),
+        jobs: 4,
+        region: 8 * M,
+        iodepth: 16,
+    };
+    run.run(dir, verify_only);
 }
 
 #[test]
@@ -296,7 +154,7 @@ fn online_stream_under_fio_verify() {
     qemu_io(dir, "qed", "top.qed", false, &["write -P 0x5a 40M 1M"]);
     expected[40 * M as usize..41 * M as usize].fill(0x5a);
 
-    let s = Served::start(dir, &["-e", "5"], "top.qed");
+    let s = Served::with_control(dir, &["-e", "5"], "top.qed");
     // Slow enough to be copying all through fio's run.
     let id = ok(dir, QED, &["job", s.ctl(), "stream", "--rate", "6M"]);
     let id = id.trim();
@@ -354,7 +212,7 @@ fn qed_job_query_cancel_and_an_offline_stream_after() {
     make_base(dir, SIZE);
     overlay(dir, "top.qed", "base.qed");
 
-    let s = Served::start(dir, &[], "top.qed");
+    let s = Served::with_control(dir, &[], "top.qed");
     assert_eq!(ok(dir, QED, &["job", s.ctl(), "query"]).trim(), "No jobs");
     let id = ok(
         dir,
@@ -495,8 +353,8 @@ fn control_protocol_errors() {
     // A socket file left by a server that is gone is replaced.
     drop(std::os::unix::net::UnixListener::bind(dir.join("ctl.sock")).unwrap());
 
-    let s = Served::start(dir, &[], "top.qed");
-    let (mut c, greeting) = Raw::connect(&s.control);
+    let s = Served::with_control(dir, &[], "top.qed");
+    let (mut c, greeting) = Raw::connect(s.control());
     assert!(
         greeting["QMP"]["version"]["qemu"]["major"].is_u64(),
         "{greeting}"
@@ -613,7 +471,7 @@ fn control_protocol_errors() {
     assert!(rest.is_empty(), "more after the refusal: {rest:?}");
 
     // Others are still served; `qed job` prints the server's errors and fails.
-    let (mut d, _) = Raw::connect(&s.control);
+    let (mut d, _) = Raw::connect(s.control());
     let r = d.ask(r#"{"execute":"job-cancel","arguments":{"id":"one"}}"#);
     assert_eq!(r, serde_json::json!({"return": {}}));
     let out = fails(dir, QED, &["job", s.ctl(), "cancel", "nope"]);
@@ -640,19 +498,19 @@ fn control_protocol_errors() {
         ],
     );
     assert!(out.contains("in use"), "{out}");
-    assert!(s.control.exists());
+    assert!(s.control().exists());
     assert!(!dir.join("other.sock").exists());
     s.stop();
     assert_eq!(backing_of(dir, "top.qed").as_deref(), Some("base.qed"));
 
     // Exports a stream cannot run on refuse it with a reason.
-    let s = Served::start(dir, &["-f", "raw"], "base.raw");
-    let (mut c, _) = Raw::connect(&s.control);
+    let s = Served::with_control(dir, &["-f", "raw"], "base.raw");
+    let (mut c, _) = Raw::connect(s.control());
     c.refused(r#"{"execute":"stream"}"#, "GenericError", "raw image");
     drop(c);
     s.stop();
-    let s = Served::start(dir, &["-r"], "top.qed");
-    let (mut c, _) = Raw::connect(&s.control);
+    let s = Served::with_control(dir, &["-r"], "top.qed");
+    let (mut c, _) = Raw::connect(s.control());
     c.refused(r#"{"execute":"stream"}"#, "GenericError", "read-only");
     drop(c);
     s.stop();
@@ -690,7 +548,7 @@ fn serve_stream_at_launch_with_copy_on_read_and_signals() {
     assert!(out.contains("raw image"), "{out}");
 
     // Copy-on-read and the stream fill the same clusters; reads stay right throughout.
-    let s = Served::start(
+    let s = Served::with_control(
         dir,
         &["--stream", "--stream-rate", "4M", "--copy-on-read"],
         "top.qed",
@@ -714,7 +572,7 @@ fn serve_stream_at_launch_with_copy_on_read_and_signals() {
     for sig in ["INT", "TERM"] {
         std::fs::remove_file(dir.join("top.qed")).unwrap();
         overlay(dir, "top.qed", "base.qed");
-        let s = Served::start(dir, &["--stream", "--stream-rate", "1M"], "top.qed");
+        let s = Served::with_control(dir, &["--stream", "--stream-rate", "1M"], "top.qed");
         wait_progress(dir, s.ctl(), "stream0");
         let log = s.stop_with(sig);
         assert!(
@@ -768,7 +626,7 @@ fn stream_keeping_a_middle_layer() {
         &["convert", "-f", "qed", "-O", "raw", "top.qed", "before.raw"],
     );
 
-    let s = Served::start(dir, &[], "top.qed");
+    let s = Served::with_control(dir, &[], "top.qed");
     // Named relative to the client's directory, which is not the server's concern.
     ok(
         dir,
@@ -831,7 +689,7 @@ fn stream_keeping_a_middle_layer() {
     assert_eq!(depth_at(&map, 4 * M), 2, "{map}");
 
     // The rest, online again: no backing file at all.
-    let s = Served::start(dir, &[], "top.qed");
+    let s = Served::with_control(dir, &[], "top.qed");
     ok(dir, QED, &["job", s.ctl(), "stream", "-p"]);
     let j = wait_concluded(dir, s.ctl(), "stream0", Duration::from_secs(60));
     assert_completed(&j, 32 * M);
@@ -888,7 +746,7 @@ fn online_compact_and_defrag_under_fio_verify() {
     let dir = tmp.path();
     let mut expected = holey_image(dir, "img.qed");
     let before = std::fs::metadata(dir.join("img.qed")).unwrap().len();
-    let s = Served::start(dir, &["-e", "5", "--discard=unmap"], "img.qed");
+    let s = Served::with_control(dir, &["-e", "5", "--discard=unmap"], "img.qed");
     let mut moved = Vec::new();
     for kind in ["compact", "defrag"] {
         // fio writes and verifies the first 32 MiB while the job moves clusters.
@@ -948,7 +806,7 @@ fn compact_free_starts_a_compaction_on_its_own() {
         ],
     );
     let before = std::fs::metadata(dir.join("img.qed")).unwrap().len();
-    let s = Served::start(dir, &["--discard=unmap", "--compact-free=25"], "img.qed");
+    let s = Served::with_control(dir, &["--discard=unmap", "--compact-free=25"], "img.qed");
     // 20% freed: below the mark, nothing starts.
     qemu_io(dir, "raw", &s.uri(), false, &["discard 0 12M", "flush"]);
     std::thread::sleep(Duration::from_millis(800));

@@ -15,6 +15,9 @@
 //!
 //! A missing qemu-img fails the test instead of skipping it.
 
+mod common;
+
+use common::{describe, run, QED};
 use qed::{BlockDevice, Image, Mapping, OpenOptions};
 use qed_testkit::harness::{self, Test};
 use qed_testkit::stress;
@@ -23,10 +26,9 @@ use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Output, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-const QED: &str = env!("CARGO_BIN_EXE_qed");
 /// The signal `Child::kill` sends on Unix.
 const SIGKILL: i32 = 9;
 const SECTOR: u64 = 512;
@@ -106,26 +108,6 @@ impl Rng {
         self.0 = self.0.wrapping_add(1);
         mix(self.0) % n
     }
-}
-
-fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {prog}: {e} (this test needs qemu-img: apt-get install qemu-utils)")
-        })
-}
-
-fn describe(prog: &str, args: &[&str], out: &Output) -> String {
-    format!(
-        "`{prog} {}`: {}\nstdout:\n{}\nstderr:\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The highest generation the log records as durable, per (slot, sector of the slot).
@@ -254,7 +236,7 @@ fn create_image(d: &Path, backing: bool) {
         create.extend(["-b", "base.raw", "-F", "raw"]);
     }
     create.extend(["img.qed", &size]);
-    let out = run(QED, &create, d);
+    let out = run(d, QED, &create);
     assert!(out.status.success(), "{}", describe(QED, &create, &out));
     let _ = std::fs::remove_file(d.join("log.txt"));
 }
@@ -343,7 +325,7 @@ fn kill_loop(backing: bool, kills: u64, seed: u64) -> Stats {
         if needs_check(&img) {
             stats.need_check += 1;
         }
-        let out = run(QED, &["check", "img.qed"], d);
+        let out = run(d, QED, &["check", "img.qed"]);
         match out.status.code() {
             Some(0) => {}
             Some(2 | 3) => stats.dirty += 1,
@@ -351,7 +333,7 @@ fn kill_loop(backing: bool, kills: u64, seed: u64) -> Stats {
         }
 
         let args = ["check", "-r", "all", "img.qed"];
-        let out = run(QED, &args, d);
+        let out = run(d, QED, &args);
         let text = String::from_utf8_lossy(&out.stdout);
         if text.contains("repaired") {
             stats.repaired += 1;
@@ -369,7 +351,7 @@ fn kill_loop(backing: bool, kills: u64, seed: u64) -> Stats {
         assert!(!needs_check(&img), "{what}: the repair left NEED_CHECK set");
 
         let args = ["check", "--output=json", "img.qed"];
-        let out = run("qemu-img", &args, d);
+        let out = run(d, "qemu-img", &args);
         let q: Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|_| panic!("{what}: {}", describe("qemu-img", &args, &out)));
         // With 64 KiB clusters qemu-img counts leaks exactly: it must find the ones the
@@ -390,10 +372,7 @@ fn kill_loop(backing: bool, kills: u64, seed: u64) -> Stats {
 }
 
 fn kills() -> u64 {
-    std::env::var("QED_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30)
+    qed_testkit::settings::env_u64("QED_KILLS").unwrap_or(30)
 }
 
 fn kill_without_backing_file() {

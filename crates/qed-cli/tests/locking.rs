@@ -5,8 +5,9 @@
 
 mod common;
 
+use common::mount::MountGuard;
 use common::{create_qed, fails, new_dir, ok, QED, QEMU_IMG, QEMU_IO};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -45,7 +46,8 @@ fn wait_for(what: &str, cond: impl FnMut() -> bool) {
 struct Holder {
     child: Child,
     name: String,
-    mountpoint: Option<PathBuf>,
+    /// What it mounted, detached once it is gone.
+    mountpoint: Option<MountGuard>,
 }
 
 impl Holder {
@@ -90,11 +92,7 @@ impl Holder {
     }
 
     fn kill(&mut self, signal: &str) {
-        let st = Command::new("kill")
-            .args([format!("-{signal}"), self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(st.success(), "kill -{signal} {}", self.name);
+        common::signal(self.child.id(), signal);
         let t = Instant::now();
         while self.child.try_wait().unwrap().is_none() {
             assert!(
@@ -104,13 +102,7 @@ impl Holder {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        if let Some(m) = self.mountpoint.take() {
-            let _ = Command::new("fusermount3")
-                .arg("-uz")
-                .arg(m)
-                .stderr(Stdio::null())
-                .status();
-        }
+        self.mountpoint = None;
     }
 }
 
@@ -119,13 +111,6 @@ impl Drop for Holder {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
-        }
-        if let Some(m) = self.mountpoint.take() {
-            let _ = Command::new("fusermount3")
-                .arg("-uz")
-                .arg(m)
-                .stderr(Stdio::null())
-                .status();
         }
     }
 }
@@ -261,7 +246,7 @@ fn our_writers_keep_qemus_out() {
     for args in &holders {
         let mut h = Holder::start(dir, QED, args, "disk.qed", true);
         if args[0] == "mount" {
-            h.mountpoint = Some(mnt.clone());
+            h.mountpoint = Some(MountGuard(mnt.clone()));
         }
         let before = digest(&dir.join("disk.qed"));
         refused(

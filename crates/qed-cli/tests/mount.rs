@@ -7,23 +7,19 @@
 //! test leaves nothing mounted. A missing tool fails these tests instead of skipping
 //! them: skipping would let a machine without FUSE report the suite as passing.
 
-use std::ffi::OsStr;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{
-    create_qed, describe, fails, need_check, new_dir, ok, qemu_io, run, FIO, QED, QEMU_IMG,
-};
-
-const FUSERMOUNT: &str = "fusermount3";
+use common::fio::{file_engine, Verified};
+use common::mount::{is_mounted, touch, unmount, MountGuard, Mounted};
+use common::qemu::{qemu_img_check, qemu_io};
+use common::{create_qed, fails, need_check, new_dir, ok, Killed, FIO, QED, QEMU_IMG};
 
 const K: u64 = 1 << 10;
 const M: u64 = 1 << 20;
@@ -33,183 +29,9 @@ const M: u64 = 1 << 20;
 
 /// The image is consistent by both checkers and not marked in use.
 fn assert_clean(dir: &Path, image: &str) {
-    let out = ok(dir, QEMU_IMG, &["check", "-f", "qed", image]);
-    assert!(out.contains("No errors were found"), "{out}");
+    qemu_img_check(dir, image);
     ok(dir, QED, &["check", image]);
     assert!(!need_check(&dir.join(image)), "{image}: NEED_CHECK is set");
-}
-
-/// An empty regular file to mount on.
-fn touch(dir: &Path, name: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, b"").expect("create the mountpoint");
-    p
-}
-
-/// Whether something is mounted on `path`, by the mount table.
-fn is_mounted(path: &Path) -> bool {
-    let Ok(path) = path.canonicalize() else {
-        return false;
-    };
-    let table = std::fs::read_to_string("/proc/self/mountinfo").expect("read the mount table");
-    let wanted = path.to_string_lossy().replace(' ', "\\040");
-    table
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
-}
-
-/// Unmounts `path` (retrying while a closing client still holds it), failing after a
-/// bounded wait.
-fn unmount(path: &Path) {
-    let t = Instant::now();
-    loop {
-        let out = run(
-            Path::new("/"),
-            FUSERMOUNT,
-            &[OsStr::new("-u"), path.as_os_str()],
-        );
-        if out.status.success() {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{}",
-            describe(FUSERMOUNT, &[OsStr::new("-u"), path.as_os_str()], &out)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Detaches whatever is still mounted on its path when dropped.
-struct MountGuard(PathBuf);
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        if is_mounted(&self.0) {
-            let _ = Command::new(FUSERMOUNT)
-                .args([OsStr::new("-u"), OsStr::new("-z"), self.0.as_os_str()])
-                .stdin(Stdio::null())
-                .output();
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// A `qed mount` child process.
-
-/// A running `qed mount`: killed and unmounted when dropped.
-struct Mounted {
-    child: Child,
-    /// Where the disk can be opened (the mountpoint, or the file in it).
-    disk: PathBuf,
-    log: Arc<Mutex<String>>,
-    _guard: MountGuard,
-}
-
-impl Mounted {
-    /// Starts `qed mount ARGS IMAGE MOUNTPOINT` in `dir`; returns once the banner says
-    /// the disk is mounted and the mount table shows it.
-    fn start(dir: &Path, args: &[&str], image: &str, mountpoint: &Path) -> Mounted {
-        let mut child = Command::new(QED)
-            .arg("mount")
-            .args(args)
-            .arg(image)
-            .arg(mountpoint)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start qed mount");
-        let guard = MountGuard(mountpoint.to_path_buf());
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push_str(&format!("{line}\n"));
-                let _ = tx.send(line);
-            }
-        });
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push_str(&format!("{line}\n"));
-            }
-        });
-        let banner = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait();
-                panic!(
-                    "qed mount {args:?} {image} did not mount ({status:?}):\n{}",
-                    log.lock().unwrap()
-                );
-            }
-        };
-        let at = banner
-            .find(" mounted on ")
-            .expect("the banner names the place");
-        let disk = PathBuf::from(banner[at + 12..].trim_end_matches(" (read-only)"));
-        common::wait_for(
-            Duration::from_secs(10),
-            "the mount table shows the mount",
-            || is_mounted(mountpoint),
-        );
-        Mounted {
-            child,
-            disk,
-            log,
-            _guard: guard,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .args([format!("-{sig}"), self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(st.success(), "kill -{sig} failed");
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        common::exited_within(&mut self.child, limit).unwrap_or_else(|| {
-            panic!(
-                "qed mount did not exit within {limit:?}:\n{}",
-                self.log.lock().unwrap()
-            )
-        })
-    }
-
-    /// `fusermount3 -u`, then asserts a clean exit.
-    fn unmount(mut self, mountpoint: &Path) {
-        unmount(mountpoint);
-        let st = self.wait_exit(Duration::from_secs(30));
-        assert!(
-            st.success(),
-            "qed mount exited with {st}:\n{}",
-            self.log.lock().unwrap()
-        );
-        assert!(!is_mounted(mountpoint));
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// 512-byte blocks a file takes.
@@ -265,35 +87,14 @@ fn fio_verifies_random_writes_at_depth_32() {
         let mnt = touch(dir, "disk");
         let cache = format!("--cache={cache}");
         let fio = |disk: &Path, verify_only: bool| {
-            let mut args = vec![
-                "--name=fuse".to_string(),
-                format!("--filename={}", disk.display()),
-                "--ioengine=libaio".into(),
-                "--direct=1".into(),
-                "--rw=randwrite".into(),
-                "--bs=4k".into(),
-                // Each job its own 16M region: overlapping jobs would fail verification.
-                "--size=16M".into(),
-                "--offset_increment=16M".into(),
-                "--numjobs=2".into(),
-                "--iodepth=32".into(),
-                "--verify=crc32c".into(),
-                "--verify_fatal=1".into(),
-                "--output-format=json".into(),
-            ];
-            if verify_only {
-                args.push("--verify_only=1".into());
-            }
-            let report = common::fio_json(&ok(dir, FIO, &args));
-            let jobs = report["jobs"].as_array().expect("fio jobs");
-            assert_eq!(jobs.len(), 2);
-            for j in jobs {
-                assert_eq!(j["error"], 0, "fio job error: {j}");
-                assert_eq!(j["read"]["io_bytes"], 16 * M, "verified bytes: {j}");
-                if !verify_only {
-                    assert_eq!(j["write"]["io_bytes"], 16 * M, "written bytes: {j}");
-                }
-            }
+            let run = Verified {
+                name: "fuse",
+                engine: file_engine(disk),
+                jobs: 2,
+                region: 16 * M,
+                iodepth: 32,
+            };
+            run.run(dir, verify_only);
         };
 
         let m = Mounted::start(dir, &[&cache], "img.qed", &mnt);
@@ -575,7 +376,7 @@ fn signals_leave_a_clean_image_with_requests_in_flight() {
         assert_eq!(written.trim(), m.pid().to_string());
 
         // fio keeps a queue of 32 in flight on the first 32M...
-        let mut fio = KillOnDrop(
+        let mut fio = Killed(
             Command::new(FIO)
                 .args([
                     "--name=load",
@@ -813,17 +614,6 @@ fn daemon_returns_once_mounted_and_ends_at_unmount() {
     assert!(!pid_file.exists(), "the pid file is left behind");
     qemu_io(dir, "qed", "img.qed", false, &["read -P 0x5d 2M 1M"]);
     assert_clean(dir, "img.qed");
-}
-
-/// A child process killed (and reaped) when dropped, so a failing test leaves none
-/// behind.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Whether `pid` has exited and waits for its parent to reap it.

@@ -8,15 +8,16 @@
 
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
+use common::fio::{nbd_engine, Verified};
+use common::qemu::{qemu_img_check, qemu_io};
+use common::served::Served;
 use common::{
-    create_qed, describe, fails, need_check, new_dir, ok, qemu_io, run, FIO, QED, QEMU_IMG, QEMU_IO,
+    create_qed, describe, fails, need_check, new_dir, ok, run, test_bytes, QED, QEMU_IMG, QEMU_IO,
 };
 
 const NBDINFO: &str = "nbdinfo";
@@ -25,147 +26,6 @@ const NBDCOPY: &str = "nbdcopy";
 const K: u64 = 1 << 10;
 const M: u64 = 1 << 20;
 const CLUSTER: u64 = 64 * K;
-
-// ---------------------------------------------------------------------------------------
-// Running tools.
-
-fn qemu_img_check(dir: &Path, image: &str) {
-    let out = ok(dir, QEMU_IMG, &["check", "-f", "qed", image]);
-    assert!(out.contains("No errors were found"), "{out}");
-}
-
-/// Deterministic bytes with runs of zeros, so copies exercise holes as well as data.
-fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = vec![0u8; len];
-    for (i, chunk) in out.chunks_mut(64 * K as usize).enumerate() {
-        if i % 5 == 2 {
-            continue;
-        }
-        for b in chunk {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-    }
-    out
-}
-
-// ---------------------------------------------------------------------------------------
-// A `qed serve` child process.
-
-/// A running `qed serve`; killed when dropped, so a failing test leaves no server behind.
-struct Served {
-    child: Child,
-    /// TCP port, or the Unix socket's path.
-    place: Place,
-    log: Arc<Mutex<String>>,
-}
-
-enum Place {
-    Tcp(u16),
-    Unix(PathBuf),
-}
-
-impl Served {
-    /// Starts `qed serve` in `dir` on a fresh Unix socket (`unix`) or an ephemeral TCP
-    /// port, with `args` before the image name. Returns once the server listens.
-    fn start(dir: &Path, unix: bool, args: &[&str], image: &str) -> Served {
-        let socket = dir.join(format!("nbd-{}.sock", unique()));
-        let mut cmd = Command::new(QED);
-        cmd.arg("serve").current_dir(dir);
-        if unix {
-            cmd.arg("-k").arg(&socket);
-        } else {
-            // Port 0 lets the kernel pick a free port; the server prints which.
-            cmd.args(["-p", "0"]);
-        }
-        cmd.args(args).arg(image);
-        let (child, log, banner) = common::spawn_server(&mut cmd);
-        let place = if unix {
-            assert!(banner.contains("unix socket"), "banner: {banner}");
-            Place::Unix(socket)
-        } else {
-            let at = banner.rfind(" on ").expect("banner names the address");
-            let addr = banner[at + 4..].trim_end_matches(" (read-only)");
-            let port = addr.rsplit(':').next().unwrap().parse().expect("a port");
-            Place::Tcp(port)
-        };
-        Served { child, place, log }
-    }
-
-    fn uri(&self) -> String {
-        self.uri_for("")
-    }
-
-    fn uri_for(&self, export: &str) -> String {
-        match &self.place {
-            Place::Tcp(port) => format!("nbd://127.0.0.1:{port}/{export}"),
-            Place::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
-        }
-    }
-
-    fn port(&self) -> u16 {
-        match self.place {
-            Place::Tcp(p) => p,
-            Place::Unix(_) => panic!("not a TCP server"),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .args([format!("-{sig}"), self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(st.success(), "kill -{sig} failed");
-    }
-
-    fn assert_alive(&mut self) {
-        if let Some(st) = self.child.try_wait().unwrap() {
-            panic!("qed serve died ({st}):\n{}", self.log.lock().unwrap());
-        }
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        common::exited_within(&mut self.child, limit).unwrap_or_else(|| {
-            panic!(
-                "qed serve did not exit within {limit:?}:\n{}",
-                self.log.lock().unwrap()
-            )
-        })
-    }
-
-    /// SIGTERM, then asserts a clean exit.
-    fn stop(mut self) {
-        self.signal("TERM");
-        let st = self.wait_exit(Duration::from_secs(30));
-        assert!(
-            st.success(),
-            "qed serve exited with {st}:\n{}",
-            self.log.lock().unwrap()
-        );
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
 
 // ---------------------------------------------------------------------------------------
 // Maps.
@@ -509,35 +369,14 @@ fn fio_verify_with_four_connections() {
     create_qed(dir, "img.qed", "32M");
 
     let fio = |uri: &str, verify_only: bool| {
-        let mut args = vec![
-            "--name=nbd".to_string(),
-            "--ioengine=nbd".into(),
-            format!("--uri={uri}"),
-            "--rw=randwrite".into(),
-            "--bs=4k".into(),
-            // Each job its own 8M region: overlapping jobs would fail verification.
-            "--size=8M".into(),
-            "--offset_increment=8M".into(),
-            "--iodepth=32".into(),
-            "--numjobs=4".into(),
-            "--verify=crc32c".into(),
-            "--verify_fatal=1".into(),
-            "--output-format=json".into(),
-        ];
-        if verify_only {
-            args.push("--verify_only=1".into());
-        }
-        let report = common::fio_json(&ok(dir, FIO, &args));
-        let jobs = report["jobs"].as_array().expect("fio jobs");
-        assert_eq!(jobs.len(), 4);
-        for j in jobs {
-            assert_eq!(j["error"], 0, "fio job error: {j}");
-            assert_eq!(j["read"]["io_bytes"], 8 * M, "verified bytes: {j}");
-            // verify_only counts the writes it replays without sending them.
-            if !verify_only {
-                assert_eq!(j["write"]["io_bytes"], 8 * M, "written bytes: {j}");
-            }
-        }
+        let run = Verified {
+            name: "nbd",
+            engine: nbd_engine(uri),
+            jobs: 4,
+            region: 8 * M,
+            iodepth: 32,
+        };
+        run.run(dir, verify_only);
     };
 
     // Through the page cache, and with O_DIRECT (where requests go straight from the

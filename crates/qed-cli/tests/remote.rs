@@ -8,34 +8,18 @@
 mod common;
 
 use common::nginx::Nginx;
+use common::qemu::{data_runs, qemu_written_base};
+use common::served::Served;
 use common::{etag_of, fails, has_pin_record, ok, run, QED};
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A QED base that qemu-img made and qemu-io wrote, with its raw contents beside it.
 fn qemu_base(nginx: &Nginx, work: &Path) -> PathBuf {
     let www = nginx.root();
-    ok(
-        &www,
-        "qemu-img",
-        &["create", "-q", "-f", "qed", "base.qed", "64M"],
-    );
-    ok(
-        &www,
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 0xab 1M 3M",
-            "-c",
-            "write -P 0x11 40M 64k",
-            "-c",
-            "write -P 0x5c 63M 1M",
-            "base.qed",
-        ],
-    );
+    qemu_written_base(&www);
     let raw = work.join("base.raw");
     ok(
         work,
@@ -285,20 +269,7 @@ fn info_map_convert_compare_and_io_take_urls() {
         ],
     );
     let theirs: Value = serde_json::from_str(&local_map).unwrap();
-    let strip = |v: &Value| -> Vec<(u64, u64, bool)> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                (
-                    e["start"].as_u64().unwrap(),
-                    e["length"].as_u64().unwrap(),
-                    e["data"].as_bool().unwrap(),
-                )
-            })
-            .collect()
-    };
-    assert_eq!(strip(&ours), strip(&theirs));
+    assert_eq!(data_runs(&ours), data_runs(&theirs));
 
     ok(w, QED, &["convert", "-O", "raw", &url, "direct.raw"]);
     ok(
@@ -366,36 +337,21 @@ fn serve_exports_a_url_read_only() {
     let w = work.path();
     qemu_base(&nginx, w);
     let url = nginx.url("base.qed");
-    let socket = w.join("nbd.sock");
-    let mut child = Command::new(QED)
-        .args(["serve", "-r", "-k"])
-        .arg(&socket)
-        .arg(&url)
-        .current_dir(w)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !socket.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("qed serve exited: {status}");
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "qed serve did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let nbd = format!("nbd+unix:///?socket={}", socket.display());
+    let served = Served::unix(w, &["-r"], &url);
     let compared = run(
         w,
         "qemu-img",
-        &["compare", "-f", "raw", "-F", "raw", &nbd, "base.raw"],
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &served.uri(),
+            "base.raw",
+        ],
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(served);
     assert!(
         compared.status.success(),
         "{}{}",

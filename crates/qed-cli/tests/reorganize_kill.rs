@@ -54,6 +54,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use common::served::Served;
 use common::{describe, ok, run, FIO, QED, QEMU_IMG, QEMU_IO};
 
 const M: u64 = 1 << 20;
@@ -646,37 +647,6 @@ fn relay_replies(
 // ---------------------------------------------------------------------------------------
 // The server and its control socket.
 
-struct Server {
-    child: Child,
-    log: common::Log,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Server {
-        let (child, log, banner) = common::spawn_server(
-            Command::new(QED)
-                .args(["serve", "-k", "nbd.sock", "--control", "ctl.sock", "-t"])
-                .args(["-e", "32", "--discard=unmap", "img.qed"])
-                .current_dir(dir),
-        );
-        assert!(banner.contains("control socket"), "banner: {banner}");
-        Server { child, log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// A control connection: QMP-shaped JSON lines.
 struct Control {
     out: UnixStream,
@@ -924,7 +894,7 @@ fn run_once(
         phases.push((name, clock.elapsed()));
         clock = Instant::now();
     };
-    let server = Server::start(dir);
+    let server = Served::with_control(dir, &["-e", "32", "--discard=unmap"], "img.qed");
     let nbd = dir.join("nbd.sock");
     let uri = format!("nbd+unix:///?socket={}", nbd.display());
 
@@ -1002,8 +972,7 @@ fn run_once(
         }
     };
     let mut server = server;
-    server.child.kill().unwrap();
-    let st = server.child.wait().unwrap();
+    let st = server.kill();
     assert_eq!(
         st.signal(),
         Some(SIGKILL),
@@ -1126,10 +1095,7 @@ fn run_once(
 
 /// A number from the environment, or `default`.
 fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    qed_testkit::settings::env_u64(name).unwrap_or(default)
 }
 
 /// Kills of `kind`'s jobs, on a fresh image every `per_image` kills.
@@ -1138,7 +1104,10 @@ fn kills_during(kind: &str, per_image: u64, seed: u64) {
     let tmp = scratch_dir();
     let dir = tmp.path();
     let template = make_template(dir);
-    let seed = seed + 1000 * env_number("QED_REORGANIZE_SEED", 0);
+    let setting = env_number("QED_REORGANIZE_SEED", 0);
+    let seed = seed + 1000 * setting;
+    // Printed first, so that a failed run shows it: the setting, as it is passed back.
+    println!("{kind}: QED_REORGANIZE_SEED={setting}");
     let mut rng = Rng(seed);
     let mut stats = Stats::default();
 
@@ -1188,7 +1157,7 @@ fn kills_during(kind: &str, per_image: u64, seed: u64) {
         contents = end.contents;
     }
     println!(
-        "{kind} (seed {seed}): a whole job took {ran:?}; {stats:?}; {:?} in all",
+        "{kind} (QED_REORGANIZE_SEED={setting}): a whole job took {ran:?}; {stats:?}; {:?} in all",
         start.elapsed()
     );
     // The runs must have tested what they claim to.

@@ -16,303 +16,20 @@
 
 mod common;
 
-use common::{describe, install_hint, new_dir, QED, QEMU_IMG, QEMU_IO};
-use rusty_s3::actions::S3Action;
-use rusty_s3::{Bucket, Credentials, UrlStyle};
+use common::qemu::{assert_identical, data_runs, qemu_written_base};
+use common::s3::{Kind, S3Server};
+use common::{describe, new_dir, ok, QED, QEMU_IMG, QEMU_IO};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
-
-const ACCESS_KEY: &str = "AKIAQEDTESTKEY000001";
-const SECRET_KEY: &str = "qedTestSecretKey/0123456789abcdefghijklm";
-const REGION: &str = "us-east-1";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    S3sFs,
-    Moto,
-}
-
-/// An S3 server on a free loopback port, stopped when dropped.
-struct S3Server {
-    kind: Kind,
-    port: u16,
-    child: Child,
-    /// Its data and log.
-    dir: TempDir,
-}
-
-/// Where `tests/run` installs a tool when it is not on PATH.
-fn tool(name: &str) -> PathBuf {
-    let candidates = match name {
-        "s3s-fs" => {
-            let cargo_home = std::env::var_os("CARGO_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
-            vec![cargo_home.map(|c| c.join("bin/s3s-fs"))]
-        }
-        "moto_server" => vec![Some(
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join("moto/bin/moto_server"),
-        )],
-        _ => vec![],
-    };
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(name))
-            .find(|p| p.is_file())
-    });
-    on_path
-        .into_iter()
-        .chain(candidates.into_iter().flatten())
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("cannot find {name}{}", install_hint(name)))
-}
-
-impl S3Server {
-    fn start(kind: Kind) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let mut cmd = match kind {
-            Kind::S3sFs => {
-                let root = dir.path().join("root");
-                std::fs::create_dir(&root).unwrap();
-                let mut c = Command::new(tool("s3s-fs"));
-                c.args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                    .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-                    .arg(&root);
-                c
-            }
-            Kind::Moto => {
-                let mut c = Command::new(tool("moto_server"));
-                c.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
-                c
-            }
-        };
-        let child = cmd
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {kind:?}: {e}"));
-        let mut server = Self {
-            kind,
-            port,
-            child,
-            dir,
-        };
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("{kind:?} exited at start ({status}):\n{}", server.log());
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{kind:?} did not listen:\n{}",
-                server.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn bucket(&self, name: &str) -> Bucket {
-        Bucket::new(
-            self.endpoint().parse().unwrap(),
-            UrlStyle::Path,
-            name.to_string(),
-            REGION,
-        )
-        .unwrap()
-    }
-
-    /// Sends a presigned request; asserts a 2xx; returns the body.
-    fn send(&self, method: &str, url: &str, body: &[u8]) -> Vec<u8> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
-        let resp = match method {
-            "PUT" => agent.put(url).send(body),
-            _ => agent.get(url).call(),
-        }
-        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-        let status = resp.status().as_u16();
-        let body = resp.into_body().read_to_vec().unwrap();
-        assert!(
-            (200..300).contains(&status),
-            "{:?}: {method} {url}: {status}: {}",
-            self.kind,
-            String::from_utf8_lossy(&body)
-        );
-        body
-    }
-
-    fn create_bucket(&self, name: &str) {
-        let creds = Credentials::new(ACCESS_KEY, SECRET_KEY);
-        let bucket = self.bucket(name);
-        let url = bucket.create_bucket(&creds).sign(Duration::from_secs(600));
-        self.send("PUT", url.as_str(), b"");
-    }
-
-    fn put(&self, bucket: &str, key: &str, data: &[u8]) {
-        let creds = Credentials::new(ACCESS_KEY, SECRET_KEY);
-        let bucket = self.bucket(bucket);
-        let url = bucket
-            .put_object(Some(&creds), key)
-            .sign(Duration::from_secs(600));
-        self.send("PUT", url.as_str(), data);
-    }
-
-    fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
-        let creds = Credentials::new(ACCESS_KEY, SECRET_KEY);
-        let bucket = self.bucket(bucket);
-        let url = bucket
-            .get_object(Some(&creds), key)
-            .sign(Duration::from_secs(600));
-        self.send("GET", url.as_str(), b"")
-    }
-
-    /// The ETag the server gives the object now.
-    fn etag(&self, bucket: &str, key: &str) -> String {
-        let creds = Credentials::new(ACCESS_KEY, SECRET_KEY);
-        let bucket = self.bucket(bucket);
-        let url = bucket
-            .get_object(Some(&creds), key)
-            .sign(Duration::from_secs(600));
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
-        let resp = agent
-            .get(url.as_str())
-            .header("Range", "bytes=0-0")
-            .call()
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 206, "{:?}", self.kind);
-        resp.headers()
-            .get("etag")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_else(|| panic!("{:?} gave no ETag", self.kind))
-            .to_string()
-    }
-
-    /// `qed ARGS` in `dir`, pointed at this server with good credentials, except as
-    /// `env` says (a value of `None` unsets the variable).
-    fn qed_command(&self, dir: &Path, args: &[&str], env: &[(&str, Option<&str>)]) -> Command {
-        let mut cmd = Command::new(QED);
-        cmd.args(args).current_dir(dir).stdin(Stdio::null());
-        // Only this server: nothing from the caller's environment may send a request
-        // anywhere else.
-        for var in [
-            "AWS_ENDPOINT_URL",
-            "AWS_DEFAULT_REGION",
-            "AWS_SESSION_TOKEN",
-            "AWS_PROFILE",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd.env("AWS_ENDPOINT_URL_S3", self.endpoint())
-            .env("AWS_REGION", REGION)
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
-        for (k, v) in env {
-            match v {
-                Some(v) => cmd.env(k, v),
-                None => cmd.env_remove(k),
-            };
-        }
-        cmd
-    }
-
-    fn qed(&self, dir: &Path, args: &[&str], env: &[(&str, Option<&str>)]) -> Output {
-        self.qed_command(dir, args, env).output().unwrap()
-    }
-
-    /// `qed ARGS`, which must succeed; its stdout.
-    fn qed_ok(&self, dir: &Path, args: &[&str]) -> String {
-        let out = self.qed(dir, args, &[]);
-        assert!(
-            out.status.success(),
-            "{:?}: {}",
-            self.kind,
-            describe(QED, args, &out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// `qed ARGS` with `env`, which must fail; its stderr.
-    fn qed_fails(&self, dir: &Path, args: &[&str], env: &[(&str, Option<&str>)]) -> String {
-        let out = self.qed(dir, args, env);
-        assert!(
-            !out.status.success(),
-            "{:?}: expected failure from {}",
-            self.kind,
-            describe(QED, args, &out)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs a local tool (qemu-img, qemu-io), which must succeed; its stdout.
-fn local_ok(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}{}", install_hint(prog)));
-    assert!(out.status.success(), "{}", describe(prog, args, &out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A QED base that qemu-img made and qemu-io wrote, and its raw contents, in `dir`.
 fn qemu_base(dir: &Path) {
-    local_ok(
-        dir,
-        QEMU_IMG,
-        &["create", "-q", "-f", "qed", "base.qed", "64M"],
-    );
-    local_ok(
-        dir,
-        QEMU_IO,
-        &[
-            "-c",
-            "write -P 0xab 1M 3M",
-            "-c",
-            "write -P 0x11 40M 64k",
-            "-c",
-            "write -P 0x5c 63M 1M",
-            "base.qed",
-        ],
-    );
-    local_ok(
+    qemu_written_base(dir);
+    ok(
         dir,
         QEMU_IMG,
         &["convert", "-O", "raw", "base.qed", "base.raw"],
@@ -329,11 +46,7 @@ fn upload_bases(server: &S3Server, bucket: &str, local: &Path) {
 }
 
 fn qemu_compare(dir: &Path, a: &str, b: &Path) {
-    local_ok(
-        dir,
-        QEMU_IMG,
-        &["compare", "-f", "raw", "-F", "raw", a, b.to_str().unwrap()],
-    );
+    assert_identical(dir, ("raw", a), ("raw", b.to_str().unwrap()));
 }
 
 /// Overlays on raw and QED bases in S3 read them byte for byte, write locally, and
@@ -421,8 +134,8 @@ fn overlays_read_s3_bases_and_write_locally(kind: Kind) {
     // QEMU finds the overlay consistent (read without its base: QEMU has no s3 driver).
     let no_base =
         r#"json:{"driver":"qed","file":{"driver":"file","filename":"top.qed"},"backing":null}"#;
-    local_ok(w, QEMU_IMG, &["check", no_base]);
-    local_ok(
+    ok(w, QEMU_IMG, &["check", no_base]);
+    ok(
         w,
         QEMU_IO,
         &[
@@ -459,45 +172,20 @@ fn overlays_read_s3_bases_and_write_locally(kind: Kind) {
     server.qed_ok(w, &["convert", "-O", "raw", qed_url, "direct.raw"]);
     qemu_compare(w, "direct.raw", &base_raw);
     server.qed_ok(w, &["convert", "-O", "qed", raw_url, "copy.qed"]);
-    local_ok(
-        w,
-        QEMU_IMG,
-        &[
-            "compare",
-            "-f",
-            "qed",
-            "-F",
-            "raw",
-            "copy.qed",
-            base_raw.to_str().unwrap(),
-        ],
-    );
+    assert_identical(w, ("qed", "copy.qed"), ("raw", base_raw.to_str().unwrap()));
     let same = server.qed_ok(w, &["compare", qed_url, base_raw.to_str().unwrap()]);
     assert!(same.contains("identical"), "{same}");
     let same = server.qed_ok(w, &["compare", qed_url, raw_url]);
     assert!(same.contains("identical"), "{same}");
     let map: Value =
         serde_json::from_str(&server.qed_ok(w, &["map", "--output", "json", qed_url])).unwrap();
-    let theirs: Value = serde_json::from_str(&local_ok(
+    let theirs: Value = serde_json::from_str(&ok(
         local,
         QEMU_IMG,
         &["map", "--output", "json", "base.qed"],
     ))
     .unwrap();
-    let strip = |v: &Value| -> Vec<(u64, u64, bool)> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                (
-                    e["start"].as_u64().unwrap(),
-                    e["length"].as_u64().unwrap(),
-                    e["data"].as_bool().unwrap(),
-                )
-            })
-            .collect()
-    };
-    assert_eq!(strip(&map), strip(&theirs));
+    assert_eq!(data_runs(&map), data_runs(&theirs));
     server.qed_ok(
         w,
         &[
@@ -518,15 +206,15 @@ fn overlays_read_s3_bases_and_write_locally(kind: Kind) {
     );
     server.qed_ok(w, &["io", "-c", "write -P 0x66 2M 4k", "streamed.qed"]);
     server.qed_ok(w, &["stream", "streamed.qed"]);
-    let info: Value = serde_json::from_str(&local_ok(
+    let info: Value = serde_json::from_str(&ok(
         w,
         QEMU_IMG,
         &["info", "--output", "json", "streamed.qed"],
     ))
     .unwrap();
     assert!(info.get("backing-filename").is_none(), "{info}");
-    local_ok(w, QEMU_IMG, &["check", "streamed.qed"]);
-    local_ok(
+    ok(w, QEMU_IMG, &["check", "streamed.qed"]);
+    ok(
         w,
         QEMU_IO,
         &[
@@ -729,7 +417,7 @@ fn s3_errors_name_the_url_and_say_what_to_do(kind: Kind) {
     // local copy of the old object, and reads what we wrote and what the old base held.
     std::fs::write(w.join("old.raw"), &old).unwrap();
     std::fs::copy(w.join("two.qed"), w.join("two-local.qed")).unwrap();
-    local_ok(
+    ok(
         w,
         QEMU_IMG,
         &[
@@ -747,19 +435,7 @@ fn s3_errors_name_the_url_and_say_what_to_do(kind: Kind) {
     let mut expected = old.clone();
     expected[1 << 20..(1 << 20) + (64 << 10)].fill(0x66);
     std::fs::write(w.join("expected.raw"), &expected).unwrap();
-    local_ok(
-        w,
-        QEMU_IMG,
-        &[
-            "compare",
-            "-f",
-            "qed",
-            "-F",
-            "raw",
-            "two-local.qed",
-            "expected.raw",
-        ],
-    );
+    assert_identical(w, ("qed", "two-local.qed"), ("raw", "expected.raw"));
 
     // Between create and the first read: refused too.
     server.put("errors", "three.raw", &old);
@@ -813,7 +489,7 @@ fn s3_errors_name_the_url_and_say_what_to_do(kind: Kind) {
     );
     // What it copied is the old object's, as QEMU reads it with a local copy of that.
     std::fs::copy(w.join("four.qed"), w.join("four-local.qed")).unwrap();
-    local_ok(
+    ok(
         w,
         QEMU_IMG,
         &[
@@ -828,19 +504,7 @@ fn s3_errors_name_the_url_and_say_what_to_do(kind: Kind) {
             "four-local.qed",
         ],
     );
-    local_ok(
-        w,
-        QEMU_IMG,
-        &[
-            "compare",
-            "-f",
-            "qed",
-            "-F",
-            "raw",
-            "four-local.qed",
-            "old.raw",
-        ],
-    );
+    assert_identical(w, ("qed", "four-local.qed"), ("raw", "old.raw"));
 
     // Wrong endpoints are named in the message: a port nothing listens on (retried
     // until the deadline, said once), and an endpoint with a path, which puts the

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{activated, create_qed, describe, need_check, new_dir, ok, qemu_io, QED, QEMU_IMG};
+use common::qemu::qemu_io;
+use common::{activated, create_qed, describe, need_check, new_dir, ok, QED, QEMU_IMG};
 
 /// Runs `prog` in `dir`, failing the test if it has not finished within `limit`: a
 /// server that ignores the socket handed to it would leave the client waiting forever.
@@ -249,11 +250,7 @@ fn fork_returns_once_ready_and_the_server_ends_on_sigterm() {
         &["read -P 0x77 1M 2M", "read -P 0 3M 1M"],
     );
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    common::signal(pid, "TERM");
     let t = Instant::now();
     while !ended(pid) {
         assert!(

@@ -8,12 +8,13 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 mod common;
 
+use common::fio::fio_json;
+use common::served::{Place, Served};
 use common::{
     activated, create_qed, describe, need_check, new_dir, ok, run, FIO, QED, QEMU_IMG, QEMU_IO,
 };
@@ -109,139 +110,33 @@ fn make_psk(dir: &Path, key: &str) -> std::path::PathBuf {
 }
 
 // ---------------------------------------------------------------------------------------
-// A `qed serve` child process.
+// The export, as TLS clients address it.
 
-/// A running `qed serve`; killed when dropped.
-struct Served {
-    child: Child,
-    port: Option<u16>,
-    socket: std::path::PathBuf,
-    log: Arc<Mutex<String>>,
-}
-
-impl Served {
-    /// Starts `qed serve ARGS image` on an ephemeral TCP port or a Unix socket; returns
-    /// once it listens.
-    fn start(dir: &Path, unix: bool, args: &[&str], image: &str) -> Served {
-        let socket = dir.join(format!("tls-{}.sock", unique()));
-        let mut cmd = Command::new(QED);
-        cmd.arg("serve").current_dir(dir);
-        if unix {
-            cmd.arg("-k").arg(&socket);
-        } else {
-            cmd.args(["-p", "0"]);
-        }
-        let (child, log, banner) = common::spawn_server(cmd.args(args).arg(image));
-        let port = (!unix).then(|| {
-            let at = banner
-                .rfind(" on 127.0.0.1:")
-                .expect("banner names the address");
-            let rest = &banner[at + 14..];
-            let end = rest
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(rest.len());
-            rest[..end].parse().expect("a port")
-        });
-        Served {
-            child,
-            port,
-            socket,
-            log,
-        }
-    }
-
-    fn port(&self) -> u16 {
-        self.port.expect("a TCP server")
-    }
-
-    /// qemu's `--image-opts` address of the export.
-    fn qemu_opts(&self) -> String {
-        match self.port {
-            Some(p) => format!("driver=nbd,host=127.0.0.1,port={p},tls-creds=tls0"),
-            // A Unix socket names no host for qemu to check the certificate against.
-            None => format!(
-                "driver=nbd,path={},tls-creds=tls0,tls-hostname=localhost",
-                self.socket.display()
-            ),
-        }
-    }
-
-    /// An nbds:// URI of the export, with `query` (tls-certificates=..., say).
-    fn uri(&self, user: Option<&str>, query: &str) -> String {
-        let user = user.map(|u| format!("{u}@")).unwrap_or_default();
-        match self.port {
-            Some(p) => format!("nbds://{user}127.0.0.1:{p}/?{query}"),
-            None => format!(
-                "nbds+unix://{user}/?socket={}&{query}",
-                self.socket.display()
-            ),
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn assert_alive(&mut self) {
-        if let Some(st) = self.child.try_wait().unwrap() {
-            panic!("qed serve died ({st}):\n{}", self.log());
-        }
-    }
-
-    /// Waits until the log has `n` lines containing `what`.
-    fn wait_log(&self, what: &str, n: usize) {
-        let t = Instant::now();
-        while self.log().matches(what).count() < n {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "expected {n} log lines with {what:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, then asserts a clean exit.
-    fn stop(mut self) {
-        let st = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let t = Instant::now();
-        let st = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "qed serve did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(st.success(), "qed serve exited with {st}:\n{}", self.log());
+/// qemu's `--image-opts` address of the export.
+fn qemu_opts(s: &Served) -> String {
+    match s.place() {
+        Place::Tcp(p) => format!("driver=nbd,host=127.0.0.1,port={p},tls-creds=tls0"),
+        // A Unix socket names no host for qemu to check the certificate against.
+        Place::Unix(socket) => format!(
+            "driver=nbd,path={},tls-creds=tls0,tls-hostname=localhost",
+            socket.display()
+        ),
     }
 }
 
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+/// An nbds:// URI of the export, with `query` (tls-certificates=..., say).
+fn nbds_uri(s: &Served, user: Option<&str>, query: &str) -> String {
+    let user = user.map(|u| format!("{u}@")).unwrap_or_default();
+    match s.place() {
+        Place::Tcp(p) => format!("nbds://{user}127.0.0.1:{p}/?{query}"),
+        Place::Unix(socket) => format!("nbds+unix://{user}/?socket={}&{query}", socket.display()),
     }
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 /// qemu-io through `object` (a tls-creds object with id tls0) on the export; asserts
 /// success and no pattern failure.
 fn qemu_io_tls(dir: &Path, object: &str, s: &Served, cmds: &[&str]) -> String {
-    let opts = s.qemu_opts();
+    let opts = qemu_opts(s);
     let mut args = vec!["--object", object, "--image-opts", &opts];
     for c in cmds {
         args.extend(["-c", c]);
@@ -317,10 +212,10 @@ fn x509_with_qemu_and_libnbd_over_tcp_and_unix() {
             let info = ok(
                 dir,
                 QEMU_IMG,
-                &["info", "--object", &obj, "--image-opts", &s.qemu_opts()],
+                &["info", "--object", &obj, "--image-opts", &qemu_opts(&s)],
             );
             assert!(info.contains("67108864 bytes"), "{info}");
-            let uri = s.uri(None, &format!("tls-certificates={certs}"));
+            let uri = nbds_uri(&s, None, &format!("tls-certificates={certs}"));
             let out = ok(dir, "nbdinfo", &[&uri]);
             assert!(
                 out.contains("with TLS") && out.contains("67108864"),
@@ -391,11 +286,7 @@ fn activated_servers_require_tls_and_nbdcopy_copies_between_them() {
     let plain = plain.split('?').next().unwrap();
     refused(dir, "nbdinfo", &[plain], &["TLS", "tls"]);
     for (mut child, log) in servers {
-        let st = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        common::signal(child.id(), "TERM");
         let st = child.wait().unwrap();
         assert!(st.success(), "{st}:\n{}", log.lock().unwrap());
     }
@@ -434,7 +325,7 @@ fn psk_with_qemu_and_libnbd_over_tcp_and_unix() {
         let s = Served::start(dir, unix, &["-t", "-e", "4", "--tls-psk", file], "img.qed");
         let obj = psk_object(&psk, "alice");
         qemu_io_tls(dir, &obj, &s, &["write -P 0x42 0 2M", "read -P 0x42 0 2M"]);
-        let uri = s.uri(Some("alice"), &format!("tls-psk-file={file}"));
+        let uri = nbds_uri(&s, Some("alice"), &format!("tls-psk-file={file}"));
         let out = ok(dir, "nbdinfo", &[&uri]);
         assert!(out.contains("with TLS"), "{out}");
         ok(dir, "nbdcopy", &[&uri, "out.raw"]);
@@ -486,7 +377,7 @@ fn fio_verifies_through_tls() {
             "--tls-verify-peer",
         ];
         let s = Served::start(dir, false, &args, "img.qed");
-        let uri = s.uri(None, "");
+        let uri = nbds_uri(&s, None, "");
         let mut cmd = Command::new(if as_root { "setpriv" } else { FIO });
         if as_root {
             cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", FIO]);
@@ -518,8 +409,7 @@ fn fio_verifies_through_tls() {
             "fio: {}\n{text}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let at = text.find("\n{").map(|i| i + 1).unwrap_or(0);
-        let report: serde_json::Value = serde_json::from_str(&text[at..]).expect("fio JSON");
+        let report = fio_json(&text);
         let jobs = report["jobs"].as_array().unwrap();
         assert_eq!(jobs.len(), 2);
         for j in jobs {
@@ -753,7 +643,7 @@ fn failed_tls_handshakes_end_only_their_connection() {
     good(&s);
 
     // A wrong key, and an unknown user, through qemu.
-    let opts = s.qemu_opts();
+    let opts = qemu_opts(&s);
     let wrong_obj = psk_object(&wrong, "alice");
     refused(
         dir,
@@ -787,7 +677,8 @@ fn failed_tls_handshakes_end_only_their_connection() {
     );
     s.wait_log(failed, 2);
     // Through libnbd too.
-    let uri = s.uri(
+    let uri = nbds_uri(
+        &s,
         Some("alice"),
         &format!("tls-psk-file={}", wrong.join("keys.psk").display()),
     );
@@ -857,7 +748,7 @@ fn certificates_from_another_ca_or_none_are_refused() {
         ],
         "img.qed",
     );
-    let opts = s.qemu_opts();
+    let opts = qemu_opts(&s);
     let failed = "TLS handshake failed";
     let broken = ["TLS", "tls", "handshake", "certificate", "socket"];
     // No certificate: qemu and libnbd. In TLS 1.3 a client may learn of the refusal
@@ -870,7 +761,7 @@ fn certificates_from_another_ca_or_none_are_refused() {
         &broken,
     );
     s.wait_log(failed, 1);
-    let uri = s.uri(None, &format!("tls-certificates={}", bare.display()));
+    let uri = nbds_uri(&s, None, &format!("tls-certificates={}", bare.display()));
     refused(dir, "nbdinfo", &[&uri], &broken);
     s.wait_log(failed, 2);
     // Another CA's certificate (qemu checks its own before it connects: libnbd and our
@@ -882,7 +773,7 @@ fn certificates_from_another_ca_or_none_are_refused() {
         &["--object", &obj, "--image-opts", &opts, "-c", "read 0 512"],
         &["certificate"],
     );
-    let uri = s.uri(None, &format!("tls-certificates={}", mixed.display()));
+    let uri = nbds_uri(&s, None, &format!("tls-certificates={}", mixed.display()));
     refused(dir, "nbdinfo", &[&uri], &broken);
     s.wait_log(failed, 3);
     {
@@ -930,7 +821,7 @@ fn tls_on_serves_both_and_off_refuses_starttls() {
     );
     assert!(s.log().contains("TLS offered"), "{}", s.log());
     let plain = format!("nbd://127.0.0.1:{}/", s.port());
-    common::qemu_io(dir, "raw", &plain, false, &["write -P 0x11 0 64k"]);
+    common::qemu::qemu_io(dir, "raw", &plain, false, &["write -P 0x11 0 64k"]);
     qemu_io_tls(dir, &psk_object(&psk, "alice"), &s, &["read -P 0x11 0 64k"]);
     s.stop();
 
@@ -945,7 +836,7 @@ fn tls_on_serves_both_and_off_refuses_starttls() {
     assert_eq!(h.reply().1, wire::REP_ERR_POLICY);
     h.option(wire::OPT_ABORT, &[]);
     drop(h);
-    common::qemu_io(
+    common::qemu::qemu_io(
         dir,
         "raw",
         &format!("nbd://127.0.0.1:{}/", s.port()),

@@ -1,8 +1,9 @@
 //! Test harnesses for the `qed` crates, built on the library's public [`qed::Storage`]
 //! trait: storage that fails on purpose ([`FaultyStorage`]), storage that records every
 //! operation so that crash states can be replayed ([`RecordingStorage`]), the stress
-//! writer that process-kill tests run and kill ([`stress`]), and a small runner for test
-//! targets that need their own `main` ([`harness`]). None of it ships in the product:
+//! writer that process-kill tests run and kill ([`stress`]), a small runner for test
+//! targets that need their own `main` ([`harness`]), and the reading of the seeds and
+//! settings tests take from their environment ([`settings`]). None of it ships in the product:
 //! the crates use it only as a dev-dependency.
 
 #![warn(missing_docs)]
@@ -10,6 +11,7 @@
 mod faulty;
 pub mod harness;
 mod recording;
+pub mod settings;
 pub mod stress;
 
 pub use faulty::{FaultKind, FaultPlan, FaultyStorage, OpKind};

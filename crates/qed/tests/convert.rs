@@ -1,11 +1,14 @@
 //! The library's convert: what it copies and where it puts it, and that a failure on
 //! either side ends the copy with that failure, its reading threads included.
 
-use qed::{convert, map, open_device, BlockDevice, ConvertOptions, CreateOptions, Image};
+mod support;
+
+use qed::{convert, map, open_device, ConvertOptions, CreateOptions, Image};
 use qed::{Error, Format, MemoryStorage, OpenOptions, RawDevice};
 use qed_testkit::{FaultKind, FaultPlan, FaultyStorage};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use support::read_all;
 
 const K: u64 = 1 << 10;
 const M: u64 = 1 << 20;
@@ -46,12 +49,6 @@ fn sparse_source(path: &Path) {
         f.write_all_at(&all[off as usize..(off + len) as usize], off)
             .unwrap();
     }
-}
-
-fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
-    let mut v = vec![0u8; dev.size() as usize];
-    dev.read_at(&mut v, 0).unwrap();
-    v
 }
 
 fn new_image_options() -> ConvertOptions<'static> {

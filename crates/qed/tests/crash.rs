@@ -96,17 +96,8 @@ struct Config {
 }
 
 fn config() -> Config {
-    let var = |name: &str| {
-        std::env::var(name).ok().map(|v| {
-            // Taken as printed: the summary prints the seed in hex.
-            let t = v.trim();
-            match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-                Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
-                None => t.replace('_', "").parse::<u64>(),
-            }
-            .unwrap_or_else(|_| panic!("{name}={v}: not a number (decimal, or hex with 0x)"))
-        })
-    };
+    // Taken as printed: the summary prints the seed in hex.
+    let var = qed_testkit::settings::env_u64;
     Config {
         scale: var("QED_CRASH_SCALE").unwrap_or(1).max(1),
         seed: var("QED_CRASH_SEED").unwrap_or(0x5eed_c0de),

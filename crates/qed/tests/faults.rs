@@ -7,6 +7,8 @@
 //! behind (and the bytes as of the last successful flush) reopen, check without
 //! corruption, and read back every acknowledged request.
 
+mod support;
+
 use qed::features;
 use qed::{BlockDevice, CreateOptions, Format, Image, Mapping, OpenOptions};
 use qed::{MemoryStorage, Reorganization, Storage};
@@ -17,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
+use support::{get_u64, put_u64};
 
 /// Entries in one cached page of an L2 table.
 const PAGE_ENTRIES: u64 = 512;
@@ -666,7 +669,7 @@ fn sweep(s: &Setup, count_reads: bool, kinds: &[FaultKind], sticky: &[bool]) -> 
 
 /// `QED_FAULTS_AT=N` runs only the cases that fail operation N, to study one.
 fn only_at() -> Option<u64> {
-    std::env::var("QED_FAULTS_AT").ok()?.parse().ok()
+    qed_testkit::settings::env_u64("QED_FAULTS_AT")
 }
 
 fn summary_path() -> PathBuf {
@@ -758,14 +761,6 @@ fn faults_with_reads_counted() {
 // a table down into holes, and truncates. Wherever it fails, the image must still read
 // exactly as before, and check clean once repaired without faults.
 
-fn get_u64(b: &[u8], off: u64) -> u64 {
-    u64::from_le_bytes(b[off as usize..off as usize + 8].try_into().unwrap())
-}
-
-fn put_u64(b: &mut [u8], off: u64, v: u64) {
-    b[off as usize..off as usize + 8].copy_from_slice(&v.to_le_bytes());
-}
-
 /// Builds the damaged image; returns it with what every touched cluster reads.
 fn damaged(s: &Setup) -> (Vec<u8>, Model) {
     let (cs, c) = (s.cs, s.coverage);
@@ -786,7 +781,7 @@ fn damaged(s: &Setup) -> (Vec<u8>, Model) {
     let (d2, d3) = (data(2 * cs), data(3 * cs));
     image.close().unwrap();
     let mut b = mem.to_bytes();
-    let l1 = get_u64(&b, 0x28);
+    let l1 = get_u64(&b, 0x28_u64);
     let t0 = get_u64(&b, l1);
     assert!(get_u64(&b, l1 + 8) > d3);
     // Guest clusters 2 and 5 to 7 lose their data clusters (holes inside the file, one

@@ -1,17 +1,16 @@
 //! Images the fuzz targets (fuzz/) found breaking an invariant, rebuilt by hand so that
 //! each stays fixed without the fuzzer.
 
+mod support;
+
 use qed::RepairMode;
 use qed::{CreateOptions, Image, OpenOptions};
 use qed::{MemoryStorage, Storage};
 use std::path::Path;
 use std::sync::Arc;
+use support::write_u64;
 
 const CS: u64 = 4096;
-
-fn put(storage: &MemoryStorage, at: u64, v: u64) {
-    storage.write_at(&v.to_le_bytes(), at).unwrap();
-}
 
 /// Two L2 tables overlapping by a cluster. The repair gives the second its own copy at
 /// the end of the file, then moves that copy down into the free clusters just under it.
@@ -28,8 +27,8 @@ fn a_table_moved_by_a_repair_is_not_moved_again_in_pieces() {
     // Header at cluster 0, L1 at clusters 1-2. Table A at clusters 4-5, table B at 3-4;
     // clusters 6 and 7 unused.
     let l1 = CS;
-    put(&storage, l1, 4 * CS);
-    put(&storage, l1 + 8, 3 * CS);
+    write_u64(&storage, l1, 4 * CS);
+    write_u64(&storage, l1 + 8, 3 * CS);
     storage.set_len(8 * CS).unwrap();
 
     let opts = OpenOptions {

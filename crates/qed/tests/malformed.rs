@@ -2,12 +2,15 @@
 //! field and its value; a corrupt table entry must fail only the I/O that reaches it;
 //! and no corruption at all may make the library panic, hang or grow without bound.
 
+mod support;
+
 use qed::features;
 use qed::Corruption;
 use qed::{BlockDevice, CheckReport, CreateOptions, Error, Image, OpenOptions};
 use qed::{MemoryStorage, Storage};
 use std::path::Path;
 use std::sync::Arc;
+use support::{get_u64, put_u32, put_u64};
 
 /// Cluster size of the default geometry, which most cases use.
 const CS: u64 = 64 * 1024;
@@ -24,18 +27,6 @@ const L1_TABLE_OFFSET: usize = 0x28;
 const IMAGE_SIZE: usize = 0x30;
 const BACKING_FILENAME_OFFSET: usize = 0x38;
 const BACKING_FILENAME_SIZE: usize = 0x3C;
-
-fn put_u32(b: &mut [u8], off: usize, v: u32) {
-    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put_u64(b: &mut [u8], off: usize, v: u64) {
-    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-fn get_u64(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
-}
 
 fn create(opts: &CreateOptions) -> Vec<u8> {
     let storage = MemoryStorage::new();

@@ -16,10 +16,9 @@ const PAGE_ENTRIES: u64 = 512;
 /// Cases per geometry. `with_cases` would override the environment, so the variable
 /// proptest normally honours is read here.
 fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(32);
+    let cases = qed_testkit::settings::env_u64("PROPTEST_CASES").map_or(32, |n| {
+        u32::try_from(n).unwrap_or_else(|_| panic!("PROPTEST_CASES={n}: too many"))
+    });
     ProptestConfig {
         cases,
         ..ProptestConfig::default()

@@ -1,16 +1,13 @@
 //! Repairs that must leave nothing behind: every owner keeps its data, and nothing leaks.
 
+mod support;
+
 use qed::RepairMode;
 use qed::{BlockDevice, CreateOptions, Image, OpenOptions};
 use qed::{MemoryStorage, Storage};
 use std::path::Path;
 use std::sync::Arc;
-
-fn entry(storage: &MemoryStorage, at: u64) -> u64 {
-    let mut b = [0u8; 8];
-    storage.read_at(&mut b, at).unwrap();
-    u64::from_le_bytes(b)
-}
+use support::read_u64;
 
 #[test]
 fn data_entry_pointing_into_a_later_table_is_copied_not_the_table() {
@@ -28,8 +25,8 @@ fn data_entry_pointing_into_a_later_table_is_copied_not_the_table() {
     image.close().unwrap();
 
     let cs = 65536;
-    let t1 = entry(&storage, cs);
-    let t2 = entry(&storage, cs + 8);
+    let t1 = read_u64(&*storage, cs);
+    let t2 = read_u64(&*storage, cs + 8);
     assert!(t1 != 0 && t2 > t1);
     // The second entry of the first table now claims the second table's first cluster.
     storage.write_at(&t2.to_le_bytes(), t1 + 8).unwrap();

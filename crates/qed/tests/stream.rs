@@ -3,6 +3,8 @@
 //! once, zeros stay sparse, and a stream runs while the image is in use, resumes after
 //! a cancel and can keep a base.
 
+mod support;
+
 use qed::{
     Backing, BlockDevice, CreateOptions, Format, Image, ImageOptions, Mapping, MemoryStorage,
     OpenOptions, RawDevice, Storage, StreamEnd, StreamOptions,
@@ -11,6 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::read;
 
 const CS: u64 = 64 << 10;
 const SIZE: u64 = 16 << 20;
@@ -119,12 +122,6 @@ fn source(delay_ms: u64) -> Arc<SlowSource> {
         delay: Duration::from_millis(delay_ms),
         reads: Mutex::new(Vec::new()),
     })
-}
-
-fn read(dev: &dyn BlockDevice, off: u64, len: u64) -> Vec<u8> {
-    let mut buf = vec![0u8; len as usize];
-    dev.read_at(&mut buf, off).unwrap();
-    buf
 }
 
 #[test]

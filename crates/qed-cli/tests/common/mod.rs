@@ -1,9 +1,19 @@
 //! What the CLI's integration tests share: running the real tools and reading what they
-//! leave. Each test file takes the parts it needs.
+//! leave. Each test file takes the parts it needs: this module runs commands and
+//! servers; `served` is `qed serve`, `mount` is `qed mount`, `qemu` is qemu-img and
+//! qemu-io as the oracle, `fio` the verified fio runs, `nginx` and `s3` the HTTP and S3
+//! servers remote bases come from, and `dir` the scratch directory the whole-image
+//! command tests work in.
 
 #![allow(dead_code)]
 
+pub mod dir;
+pub mod fio;
+pub mod mount;
 pub mod nginx;
+pub mod qemu;
+pub mod s3;
+pub mod served;
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
@@ -83,6 +93,21 @@ pub fn ok<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> String {
     String::from_utf8(out.stdout).expect("stdout is UTF-8")
 }
 
+/// Runs `prog` and asserts its exit code; returns its stdout and stderr.
+pub fn exits<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S], code: i32) -> (String, String) {
+    let out = run(dir, prog, args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "expected exit code {code} from {}",
+        describe(prog, args, &out)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs `prog`, asserts failure, returns stdout and stderr together.
 pub fn fails<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> String {
     let out = run(dir, prog, args);
@@ -98,26 +123,6 @@ pub fn fails<S: AsRef<OsStr>>(dir: &Path, prog: &str, args: &[S]) -> String {
     )
 }
 
-/// qemu-io on `target` (`fmt` is raw for NBD URIs and mounted files). qemu-io exits
-/// non-zero when a command fails, but a pattern mismatch is also looked for in the
-/// output, so that a verification failure can never pass silently.
-pub fn qemu_io(dir: &Path, fmt: &str, target: &str, read_only: bool, cmds: &[&str]) -> String {
-    let mut args = vec!["-f", fmt];
-    if read_only {
-        args.push("-r");
-    }
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(target);
-    let out = ok(dir, QEMU_IO, &args);
-    assert!(
-        !out.contains("Pattern verification failed") && !out.contains("failed:"),
-        "qemu-io {args:?} reported a failure:\n{out}"
-    );
-    out
-}
-
 /// The QED header's NEED_CHECK bit (features at 0x10, bit 0x2).
 pub fn need_check(path: &Path) -> bool {
     use std::os::unix::fs::FileExt;
@@ -128,12 +133,40 @@ pub fn need_check(path: &Path) -> bool {
     u64::from_le_bytes(b) & 0x2 != 0
 }
 
+/// Deterministic bytes with runs of zeros (every fifth 64 KiB), so that copies and
+/// streams meet holes as well as data.
+pub fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = vec![0u8; len];
+    for (i, chunk) in out.chunks_mut(64 << 10).enumerate() {
+        if i % 5 == 2 {
+            continue;
+        }
+        for b in chunk {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+    }
+    out
+}
+
 pub fn new_dir() -> TempDir {
     tempfile::tempdir().expect("create a temporary directory")
 }
 
 pub fn create_qed(dir: &Path, name: &str, size: &str) {
     ok(dir, QED, &["create", "-q", name, size]);
+}
+
+/// Sends signal `sig` (a name such as TERM) to process `pid`, through kill(1).
+pub fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -{sig} {pid} failed");
 }
 
 /// Waits for `child` to exit, at most `limit`; `None` if it is still running then.
@@ -150,6 +183,19 @@ pub fn exited_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// A child process killed (and reaped) when dropped, so that a failing test leaves
+/// nothing running.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Waits until `cond` holds, failing the test with `what` after `limit`.
 pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let t = Instant::now();
@@ -157,17 +203,6 @@ pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
         assert!(t.elapsed() < limit, "{what} within {limit:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// fio's JSON report out of its output (the nbd engine prints a line per connection
-/// before it).
-pub fn fio_json(out: &str) -> serde_json::Value {
-    let at = out
-        .find("\n{")
-        .map(|i| i + 1)
-        .or_else(|| out.find('{'))
-        .unwrap_or(0);
-    serde_json::from_str(&out[at..]).unwrap_or_else(|e| panic!("fio JSON ({e}):\n{out}"))
 }
 
 /// What a server started by a test printed on stderr, collected while it runs.
