@@ -31,7 +31,6 @@ mod export;
 mod handshake;
 mod intake;
 mod outbox;
-mod pool;
 pub mod proto;
 mod reader;
 mod replies;
