@@ -31,7 +31,7 @@ mod export;
 mod handshake;
 mod intake;
 mod outbox;
-pub mod proto;
+mod proto;
 mod reader;
 mod replies;
 mod server;
