@@ -6,7 +6,6 @@
 use crate::admission::{Admission, Ticket};
 use crate::export::{DiscardMode, Export, MAX_REQUEST};
 use crate::ops::{self, Failure, Outcome};
-use crate::pool::Pool;
 use crate::replies::{read_and_reply, write_and_reply};
 use crate::ring::{Io, RingLink};
 use crate::tally::Tally;
@@ -16,6 +15,7 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
     WriteFlags,
 };
+use qed::WorkerPool;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -47,7 +47,7 @@ pub(crate) enum Layout {
 pub(crate) struct Shared {
     pub(crate) admission: Arc<Admission>,
     /// Started by `Mount::run`, so that no thread exists before then.
-    pub(crate) pool: OnceLock<Arc<Pool>>,
+    pub(crate) pool: OnceLock<Arc<WorkerPool>>,
     /// The ring thread, where io_uring is available; started with the pool.
     pub(crate) ring: OnceLock<RingLink>,
     size: u64,

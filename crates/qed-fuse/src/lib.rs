@@ -45,7 +45,6 @@ mod fs;
 mod mount;
 mod mountpoint;
 mod ops;
-mod pool;
 mod replies;
 mod ring;
 mod tally;

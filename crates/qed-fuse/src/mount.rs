@@ -6,8 +6,8 @@ use crate::error::{Error, Result};
 use crate::export::{Config, Export, MAX_REQUEST};
 use crate::fs::{ExportFs, Layout, Shared};
 use crate::mountpoint::{detach, is_mount_point, Mountpoint};
-use crate::pool::Pool;
 use fuser::{MountOption, Session, SessionACL, SessionUnmounter};
+use qed::WorkerPool;
 use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -188,10 +188,11 @@ impl Mount {
             ..
         } = self;
         let mut unmounter = session.unmount_callable();
-        let pool = Pool::start(config.workers, config.max_requests).map_err(|cause| Error::Io {
-            context: "starting the worker threads".into(),
-            cause,
-        })?;
+        let pool = WorkerPool::start("fuse-worker", config.workers, Some(config.max_requests))
+            .map_err(|cause| Error::Io {
+                context: "starting the worker threads".into(),
+                cause,
+            })?;
         let pool = Arc::new(pool);
         let _ = shared.pool.set(pool.clone());
         let ring = crate::ring::start(

@@ -10,13 +10,12 @@
 use crate::admission::Ticket;
 use crate::export::MAX_REQUEST;
 use crate::ops::Failure;
-use crate::pool::Pool;
 use crate::replies::{read_and_reply, write_and_reply};
 use crate::tally::Tally;
 use fuser::{ReplyData, ReplyWrite};
-use qed::{AlignedBuf, BlockDevice, DirectExtent, DirectRead, PendingWrite, Ring, Waker};
+use qed::{AlignedBuf, BlockDevice, DirectDone, DirectEvent, DirectQueue, Waker, WorkerPool};
 use std::collections::VecDeque;
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -63,26 +62,27 @@ impl RingLink {
 /// where io_uring is missing, and the pool then does everything.
 pub(crate) fn start(
     tally: Arc<Tally>,
-    pool: Arc<Pool>,
+    pool: Arc<WorkerPool>,
     device: Arc<dyn BlockDevice>,
     capacity: usize,
 ) -> Option<(RingLink, JoinHandle<()>)> {
-    let mut ring = Ring::new(u32::try_from(capacity).unwrap_or(u32::MAX / 2))?;
-    // The FUSE threads hand requests over one by one: a busy ring thread that looks
-    // for them hears of them without a wake-up.
-    ring.set_max_poll(qed::SERVER_POLL);
     let (tx, rx) = channel();
-    let link = RingLink {
-        tx,
-        waker: ring.waker(),
-    };
+    // The queue holds the device's extents while requests are in flight, so it cannot
+    // move between threads: the ring thread makes it, and hands back its waker.
+    let (ready_tx, ready_rx) = sync_channel(1);
     let thread = std::thread::Builder::new()
         .name("fuse-ring".into())
         .spawn(move || {
+            let Some(mut ring) = DirectQueue::new(capacity) else {
+                let _ = ready_tx.send(None);
+                return;
+            };
+            // The FUSE threads hand requests over one by one: a busy ring thread that
+            // looks for them hears of them without a wake-up.
+            ring.serve_clients();
+            let _ = ready_tx.send(Some(ring.waker()));
             let mut t = RingThread {
                 ring,
-                flight: Vec::new(),
-                free: Vec::new(),
                 dev: &*device,
                 tally: &tally,
                 pool: &pool,
@@ -95,32 +95,32 @@ pub(crate) fn start(
             t.run();
         })
         .ok()?;
+    let Some(waker) = ready_rx.recv().ok().flatten() else {
+        let _ = thread.join();
+        return None;
+    };
+    let link = RingLink { tx, waker };
     Some((link, thread))
 }
 
-/// A request in the kernel.
-struct InFlight<'a> {
-    buf: AlignedBuf,
+/// What answers a request in the kernel, and its ticket, given back once it is answered.
+struct Tag {
     offset: u64,
-    kind: Kind<'a>,
+    reply: Replier,
     ticket: Ticket,
 }
 
-enum Kind<'a> {
-    /// The reply, and the hold on the extent read, let go once the read completed.
-    Read(ReplyData, DirectRead<'a>),
-    Write(ReplyWrite, PendingWrite<'a>),
+enum Replier {
+    Read(ReplyData),
+    Write(ReplyWrite),
 }
 
 struct RingThread<'a> {
-    /// First, so that it is drained before the buffers it may still use are dropped.
-    ring: Ring,
-    /// Requests in the kernel, by slot (the ring's `user_data`).
-    flight: Vec<Option<InFlight<'a>>>,
-    free: Vec<usize>,
+    /// First, so that it is drained before the device it holds extents of goes.
+    ring: DirectQueue<'a, Tag>,
     dev: &'a dyn BlockDevice,
     tally: &'a Arc<Tally>,
-    pool: &'a Arc<Pool>,
+    pool: &'a Arc<WorkerPool>,
     rx: Receiver<Io>,
     stopping: bool,
     /// The answer to reads of runs known to be zero. Never written, so its pages stay
@@ -244,35 +244,17 @@ impl<'a> RingThread<'a> {
         if n == 0 || qed::known_zero(self.dev, offset, n).unwrap_or(false) {
             return reply.data(&self.zeros[..n as usize]);
         }
-        let read = (n > 0)
-            .then(|| self.dev.begin_read(offset, n))
-            .flatten()
-            .filter(|r| usable(&r.extent, n));
-        let Some(read) = read else {
-            return self.to_pool(Io::Read {
-                offset,
-                len,
-                reply,
-                ticket,
-            });
-        };
-        let extent = read.extent;
-        let mut buf = AlignedBuf::new(n as usize);
-        let ptr = buf.as_mut_ptr();
-        let slot = self.store(InFlight {
-            buf,
+        let n = n as usize;
+        let tag = Tag {
             offset,
-            kind: Kind::Read(reply, read),
+            reply: Replier::Read(reply),
             ticket,
-        });
-        // SAFETY: the buffer lives in `flight` (its heap block never moves) until this
-        // request is reaped, and the ring is drained before the thread ends.
-        let pushed = unsafe {
-            self.ring
-                .read(extent.fd, ptr, n as u32, extent.offset, slot as u64)
         };
-        if pushed.is_err() {
-            self.unstore(slot);
+        let read = self
+            .ring
+            .read(self.dev, offset, n, tag, || AlignedBuf::new(n));
+        if let Err(tag) = read {
+            self.to_pool(tag.into_io(len, None));
         }
     }
 
@@ -287,11 +269,7 @@ impl<'a> RingThread<'a> {
         let n = data.len() as u64;
         let fits = n > 0 && offset.checked_add(n).is_some_and(|e| e <= self.dev.size());
         // A synchronous write needs a flush after it: the pool does that.
-        let write = (fits && !sync)
-            .then(|| self.dev.begin_write(offset, n))
-            .flatten()
-            .filter(|w| usable(&w.extent, n));
-        let Some(write) = write else {
+        if !fits || sync {
             return self.to_pool(Io::Write {
                 offset,
                 data,
@@ -299,64 +277,15 @@ impl<'a> RingThread<'a> {
                 reply,
                 ticket,
             });
-        };
-        let extent = write.extent;
-        let ptr = data.as_ptr();
-        let slot = self.store(InFlight {
-            buf: data,
+        }
+        let tag = Tag {
             offset,
-            kind: Kind::Write(reply, write),
+            reply: Replier::Write(reply),
             ticket,
-        });
-        // SAFETY: as for reads: the payload stays in `flight` until reaped.
-        let pushed = unsafe {
-            self.ring
-                .write(extent.fd, ptr, n as u32, extent.offset, slot as u64)
         };
-        if pushed.is_err() {
-            self.unstore(slot);
+        if let Err((tag, data)) = self.ring.write(self.dev, offset, data, tag) {
+            self.to_pool(tag.into_io(n as u32, Some(data)));
         }
-    }
-
-    fn store(&mut self, f: InFlight<'a>) -> usize {
-        match self.free.pop() {
-            Some(slot) => {
-                self.flight[slot] = Some(f);
-                slot
-            }
-            None => {
-                self.flight.push(Some(f));
-                self.flight.len() - 1
-            }
-        }
-    }
-
-    /// Takes back a request the ring would not queue, and runs it on the pool.
-    fn unstore(&mut self, slot: usize) {
-        let Some(f) = self.flight[slot].take() else {
-            return;
-        };
-        self.free.push(slot);
-        let io = match f.kind {
-            Kind::Read(reply, _) => Io::Read {
-                offset: f.offset,
-                len: f.buf.len() as u32,
-                reply,
-                ticket: f.ticket,
-            },
-            Kind::Write(reply, write) => {
-                // Given up unused: the range reads as before.
-                drop(write);
-                Io::Write {
-                    offset: f.offset,
-                    data: f.buf,
-                    sync: false,
-                    reply,
-                    ticket: f.ticket,
-                }
-            }
-        };
-        self.to_pool(io);
     }
 
     fn to_pool(&self, io: Io) {
@@ -387,23 +316,21 @@ impl<'a> RingThread<'a> {
     }
 
     /// Answers what the ring finished; returns whether anything did. The writes are
-    /// settled first, so that nothing they hold (claims, block holds, the allocation
-    /// gate) is still held while this thread starts the requests held back, which may
-    /// wait for those; the answers go out once the disk has its next batch.
+    /// settled first (the queue settles them as it reaps), so that nothing they hold
+    /// (claims, block holds, the allocation gate) is still held while this thread starts
+    /// the requests held back, which may wait for those; the answers go out once the
+    /// disk has its next batch.
     fn reap(&mut self) -> bool {
-        let done = self.ring.reap().unwrap_or_default();
-        if done.is_empty() {
+        let (dev, tally) = (self.dev, self.tally);
+        let mut answers = Vec::new();
+        let reaped = self.ring.reap(|event| {
+            if let DirectEvent::Done(done) = event {
+                answers.push(settle(dev, tally, done));
+            }
+        });
+        if !reaped.unwrap_or(false) {
             return false;
         }
-        let answers: Vec<Answer> = done
-            .into_iter()
-            .filter_map(|(user_data, res)| {
-                let slot = user_data as usize;
-                let f = self.flight.get_mut(slot).and_then(Option::take)?;
-                self.free.push(slot);
-                Some(self.settle(f, res))
-            })
-            .collect();
         // What came in meanwhile counts towards the depth, and may go to the disk now.
         while let Ok(io) = self.rx.try_recv() {
             self.held.push_back(io);
@@ -417,52 +344,81 @@ impl<'a> RingThread<'a> {
         }
         true
     }
+}
 
-    /// Finishes what a completion finished (a write's allocation or block hold), and
-    /// says how to answer it.
-    fn settle(&self, f: InFlight<'a>, res: i32) -> Answer {
-        let n = f.buf.len();
-        let whole = usize::try_from(res).is_ok_and(|r| r == n);
-        let failure = |what: &str| {
-            let cause = if res < 0 {
-                std::io::Error::from_raw_os_error(-res)
-            } else {
-                std::io::Error::other(format!("short {what}: {res} of {n} bytes"))
-            };
-            Failure::Device(qed::Error::Io {
-                context: format!(
-                    "{what} {n} bytes at {} of {}",
-                    f.offset,
-                    self.dev.filename()
-                ),
-                cause,
-            })
-        };
-        let result = match f.kind {
-            Kind::Read(reply, _read) => Reply::Read(
+impl Tag {
+    /// The request again, for the pool: a read of `len` bytes, or a write of `data`.
+    fn into_io(self, len: u32, data: Option<AlignedBuf>) -> Io {
+        let Tag {
+            offset,
+            reply,
+            ticket,
+        } = self;
+        match (reply, data) {
+            (Replier::Write(reply), Some(data)) => Io::Write {
+                offset,
+                data,
+                sync: false,
                 reply,
-                if whole {
-                    Ok(f.buf)
-                } else {
-                    Err(self.tally.errno(failure("reading")))
-                },
-            ),
-            Kind::Write(reply, write) => {
-                self.tally.wrote();
-                Reply::Write(
-                    reply,
-                    match write.finish(whole) {
-                        Ok(()) if whole => Ok(n as u32),
-                        Ok(()) => Err(self.tally.errno(failure("writing"))),
-                        Err(e) => Err(self.tally.errno(Failure::Device(e))),
-                    },
-                )
+                ticket,
+            },
+            (Replier::Read(reply), _) => Io::Read {
+                offset,
+                len,
+                reply,
+                ticket,
+            },
+            // The queue hands a write back with its payload: never reached.
+            (Replier::Write(reply), None) => {
+                reply.error(fuser::Errno::EIO);
+                Io::Stop
             }
-        };
-        Answer {
-            reply: result,
-            _ticket: f.ticket,
         }
+    }
+}
+
+/// Says how to answer a request the ring finished (the queue settled a write's
+/// allocation or block hold already).
+fn settle(dev: &dyn BlockDevice, tally: &Tally, done: DirectDone<Tag>) -> Answer {
+    let n = done.len;
+    let whole = done.whole();
+    let res = done.result;
+    let offset = done.tag.offset;
+    let failure = |what: &str| {
+        let cause = if res < 0 {
+            std::io::Error::from_raw_os_error(-res)
+        } else {
+            std::io::Error::other(format!("short {what}: {res} of {n} bytes"))
+        };
+        Failure::Device(qed::Error::Io {
+            context: format!("{what} {n} bytes at {offset} of {}", dev.filename()),
+            cause,
+        })
+    };
+    let reply = match done.tag.reply {
+        Replier::Read(reply) => Reply::Read(
+            reply,
+            if whole {
+                Ok(done.buf)
+            } else {
+                Err(tally.errno(failure("reading")))
+            },
+        ),
+        Replier::Write(reply) => {
+            tally.wrote();
+            Reply::Write(
+                reply,
+                match done.settled {
+                    Ok(()) if whole => Ok(n as u32),
+                    Ok(()) => Err(tally.errno(failure("writing"))),
+                    Err(e) => Err(tally.errno(Failure::Device(e))),
+                },
+            )
+        }
+    };
+    Answer {
+        reply,
+        _ticket: done.tag.ticket,
     }
 }
 
@@ -486,10 +442,4 @@ impl Answer {
             Reply::Write(r, Err(e)) => r.error(e),
         }
     }
-}
-
-/// Whether direct I/O on the file can take the extent and length as they are (the
-/// buffers are aligned already).
-fn usable(x: &DirectExtent, len: u64) -> bool {
-    x.offset % x.align == 0 && len % x.align == 0
 }

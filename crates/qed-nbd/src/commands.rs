@@ -4,11 +4,11 @@
 use crate::connection::Connection;
 use crate::errors::nbd_error;
 use crate::export::{DiscardMode, MAX_PAYLOAD};
-use crate::pool::Pool;
 use crate::proto::{self, cflag, chunk, cmd, errno, ReplyTo, Request};
 use crate::session::{MetaContext, Session};
 use qed::describe;
 use qed::AlignedBuf as Buf;
+use qed::WorkerPool;
 use std::sync::Arc;
 
 /// Most extents sent in one block status chunk.
@@ -42,7 +42,7 @@ pub(crate) fn allowed_flags(kind: u16, session: &Session) -> u16 {
 /// Runs a request on the shared pool and hands its reply to the reply thread.
 pub(crate) fn run_on_pool(
     conn: &Arc<Connection>,
-    pool: &Pool,
+    pool: &WorkerPool,
     req: Request,
     payload: Buf,
     cost: u64,

@@ -2,7 +2,7 @@
 //! structured replies and extended headers), as NetworkBlockDevice/nbd doc/proto.md
 //! defines them.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 
 /// "NBDMAGIC".
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -189,39 +189,14 @@ pub mod errno {
     pub const EINVAL: u32 = 22;
     /// No space left on the device.
     pub const ENOSPC: u32 = 28;
-    /// Value too large (a DF read that cannot go in one chunk).
-    pub const EOVERFLOW: u32 = 75;
     /// Not supported.
     pub const ENOTSUP: u32 = 95;
-    /// The server is shutting down.
-    pub const ESHUTDOWN: u32 = 108;
 }
 
 /// `base:allocation` flag NBD_STATE_HOLE: the range is not allocated.
 pub const STATE_HOLE: u32 = 1;
 /// `base:allocation` flag NBD_STATE_ZERO: the range reads as zeroes.
 pub const STATE_ZERO: u32 = 2;
-
-/// Reads a big-endian u16.
-pub fn read_u16(r: &mut impl Read) -> io::Result<u16> {
-    let mut b = [0; 2];
-    r.read_exact(&mut b)?;
-    Ok(u16::from_be_bytes(b))
-}
-
-/// Reads a big-endian u32.
-pub fn read_u32(r: &mut impl Read) -> io::Result<u32> {
-    let mut b = [0; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
-}
-
-/// Reads a big-endian u64.
-pub fn read_u64(r: &mut impl Read) -> io::Result<u64> {
-    let mut b = [0; 8];
-    r.read_exact(&mut b)?;
-    Ok(u64::from_be_bytes(b))
-}
 
 /// An option reply: header and data.
 pub fn option_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
@@ -400,14 +375,6 @@ pub fn done_reply(to: &ReplyTo) -> Vec<u8> {
     } else {
         simple_reply(to.cookie, 0).to_vec()
     }
-}
-
-/// Writes all of `bufs` in order.
-pub fn write_all(w: &mut impl Write, bufs: &[&[u8]]) -> io::Result<()> {
-    for b in bufs {
-        w.write_all(b)?;
-    }
-    w.flush()
 }
 
 #[cfg(test)]

@@ -4,16 +4,16 @@
 use crate::commands::{run_on_pool, MAX_EXTENTS};
 use crate::connection::Connection;
 use crate::export::MAX_PAYLOAD;
-use crate::pool::Pool;
 use crate::proto::{cflag, cmd, errno, Request};
 use crate::transport::Transport;
 use qed::AlignedBuf as Buf;
+use qed::WorkerPool;
 use std::io::Read;
 use std::sync::Arc;
 
 /// Reads requests and hands them on, until the client disconnects or breaks the
 /// protocol.
-pub(crate) fn read_requests(conn: &Arc<Connection>, pool: &Pool, stream: Transport) {
+pub(crate) fn read_requests(conn: &Arc<Connection>, pool: &WorkerPool, stream: Transport) {
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
     // A wrong magic or a read error ends the session.
     let extended = conn.session.extended;

@@ -13,43 +13,29 @@ use crate::errors::{io_errno, nbd_error};
 use crate::export::MAX_PAYLOAD;
 use crate::intake::{Intake, Next};
 use crate::outbox::{Outbox, MAX_REPLY_BATCH};
-use crate::pool::Pool;
 use crate::proto::{self, cflag, cmd, errno, Request};
 use crate::transport::Transport;
-use qed::{AlignedBuf as Buf, BlockDevice, DirectExtent, DirectRead, PendingWrite, Ring};
+use qed::{AlignedBuf as Buf, BlockDevice, DirectDone, DirectEvent, DirectQueue, WorkerPool};
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 
-/// `user_data` of the poll that waits for the socket to take more.
-const SOCKET_WRITABLE: u64 = u64::MAX - 1;
-/// `user_data` of the poll that waits for the socket to bring more requests.
-const SOCKET_READABLE: u64 = u64::MAX - 2;
-/// A request in the kernel.
-struct InFlight<'a> {
-    req: Request,
-    buf: Buf,
-    cost: u64,
-    write: Option<PendingWrite<'a>>,
-    /// A read's hold on its extent, let go once the read completed.
-    read: Option<DirectRead<'a>>,
-}
+/// A connection's ring: each request in it tagged with its cost (held from the budget).
+pub(crate) type Ring<'a> = DirectQueue<'a, (Request, u64)>;
 
 /// Runs the reply thread until the reader has stopped and every request is answered.
 /// With `intake` (and a ring) the thread reads the requests itself, and there is no
 /// reader. Returns the socket.
 pub(crate) fn run(
     conn: &Arc<Connection>,
-    pool: &Pool,
+    pool: &WorkerPool,
     incoming: Receiver<Msg>,
-    ring: Option<Ring>,
+    ring: Option<Ring<'_>>,
     socket: Transport,
     intake: Option<Intake>,
 ) -> Transport {
     let mut t = ReplyThread {
         ring,
-        flight: Vec::new(),
-        free: Vec::new(),
         out: Outbox::default(),
         early: None,
         stopping: false,
@@ -99,11 +85,7 @@ impl ReplyThread<'_> {
 /// The reply thread's state.
 struct ReplyThread<'a> {
     /// First, so that it is drained before the buffers it may still use are dropped.
-    ring: Option<Ring>,
-    /// Requests in the kernel, by slot (the ring's `user_data`).
-    flight: Vec<Option<InFlight<'a>>>,
-    /// Slots of `flight` free for reuse.
-    free: Vec<usize>,
+    ring: Option<Ring<'a>>,
     out: Outbox,
     /// A message taken while parking the ring, to act on first.
     early: Option<Msg>,
@@ -113,7 +95,7 @@ struct ReplyThread<'a> {
     intake: Option<Intake>,
     conn: &'a Arc<Connection>,
     dev: &'a dyn BlockDevice,
-    pool: &'a Pool,
+    pool: &'a WorkerPool,
     incoming: Receiver<Msg>,
     socket: Transport,
 }
@@ -125,15 +107,12 @@ impl<'a> ReplyThread<'a> {
             return false;
         };
         let _ = r.submit();
-        let mut progress = false;
-        for (user_data, res) in r.reap().unwrap_or_default() {
-            progress = true;
-            if user_data == SOCKET_WRITABLE {
-                self.out.poll_armed = false;
-                continue;
-            }
-            if user_data == SOCKET_READABLE {
-                if let Some(i) = self.intake.as_mut() {
+        let (conn, out, socket, intake) =
+            (self.conn, &mut self.out, &self.socket, &mut self.intake);
+        let reaped = r.reap(|event| match event {
+            DirectEvent::Writable(_) => out.poll_armed = false,
+            DirectEvent::Readable(res) => {
+                if let Some(i) = intake.as_mut() {
                     i.armed = false;
                 }
                 if res < 0 {
@@ -141,20 +120,14 @@ impl<'a> ReplyThread<'a> {
                     // spin: it looks again a little later instead.
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
-                continue;
             }
-            let slot = user_data as usize;
-            let Some(f) = self.flight.get_mut(slot).and_then(Option::take) else {
-                continue;
-            };
-            self.free.push(slot);
-            drop(f.read);
-            let (head, with_data) = complete(self.conn, f.req, f.write, res);
-            let data = with_data.then_some(f.buf);
-            self.out
-                .push(&self.conn.budget, &self.socket, &head, data, f.cost);
-        }
-        progress
+            DirectEvent::Done(done) => {
+                let cost = done.tag.1;
+                let (head, data) = complete(conn, done);
+                out.push(&conn.budget, socket, &head, data, cost);
+            }
+        });
+        reaped.unwrap_or(false)
     }
 
     /// Takes the messages waiting, until a batch of replies is gathered; returns
@@ -253,9 +226,7 @@ impl<'a> ReplyThread<'a> {
         if let Some(r) = self.ring.as_mut() {
             // The socket outlives the ring's use of it: the ring is drained before the
             // thread returns the socket.
-            if r.poll_writable(self.socket.socket().as_raw_fd(), SOCKET_WRITABLE)
-                .is_ok()
-            {
+            if r.poll_writable(self.socket.socket().as_raw_fd()) {
                 self.out.poll_armed = true;
             } else {
                 self.out.send(&self.conn.budget, &self.socket, true);
@@ -267,7 +238,7 @@ impl<'a> ReplyThread<'a> {
 
     /// Whether a request is in the kernel or a reply is unsent.
     fn busy(&self) -> bool {
-        self.flight.iter().any(Option::is_some) || self.out.pending()
+        self.ring.as_ref().is_some_and(|r| r.in_flight() > 0) || self.out.pending()
     }
 
     /// Sleeps until the ring has a completion or a message wakes it.
@@ -279,7 +250,7 @@ impl<'a> ReplyThread<'a> {
             if i.starved() && !i.armed {
                 let fd = i.socket().socket().as_raw_fd();
                 // The socket outlives the ring's use of it, as for the writable poll.
-                i.armed = r.poll_readable(fd, SOCKET_READABLE).is_ok();
+                i.armed = r.poll_readable(fd);
             }
         }
         let in_kernel = r.in_kernel() > 0;
@@ -319,119 +290,66 @@ impl<'a> ReplyThread<'a> {
         let Some(ring) = self.ring.as_mut() else {
             return Err((req, buf, cost));
         };
-        let Some((extent, write, read)) = direct_target(self.dev, self.conn, &req) else {
+        if !direct_allowed(self.dev, self.conn, &req, &buf) {
             return Err((req, buf, cost));
-        };
-        // A read needs room for its data; a write's buffer is its payload.
-        let mut buf = if write.is_none() {
-            // Within MAX_PAYLOAD: direct_target checked it.
-            self.out.read_buffer(req.length as usize)
-        } else {
-            buf
-        };
-        let slot = self.free.pop().unwrap_or_else(|| {
-            self.flight.push(None);
-            self.flight.len() - 1
-        });
-        let ptr = buf.as_mut_ptr();
-        let is_write = write.is_some();
-        self.flight[slot] = Some(InFlight {
-            req,
-            buf,
-            cost,
-            write,
-            read,
-        });
-        // SAFETY: the buffer lives in `flight` (its heap block never moves) until this
-        // request is reaped, and `finish` drains the ring before the thread ends.
-        let pushed = unsafe {
-            if is_write {
-                ring.write(
-                    extent.fd,
-                    ptr,
-                    req.length as u32,
-                    extent.offset,
-                    slot as u64,
-                )
-            } else {
-                ring.read(
-                    extent.fd,
-                    ptr,
-                    req.length as u32,
-                    extent.offset,
-                    slot as u64,
-                )
-            }
-        };
-        if pushed.is_err() {
-            self.free.push(slot);
-            let f = self.flight[slot].take().expect("just stored");
-            // An unused write gives back what it held.
-            drop(f.write);
-            return Err((f.req, f.buf, f.cost));
         }
-        Ok(())
+        let offset = req.offset;
+        if req.kind == cmd::WRITE {
+            return ring
+                .write(self.dev, offset, buf, (req, cost))
+                .map_err(|((req, cost), buf)| (req, buf, cost));
+        }
+        // Within MAX_PAYLOAD: direct_allowed checked it.
+        let len = req.length as usize;
+        let out = &mut self.out;
+        ring.read(self.dev, offset, len, (req, cost), || out.read_buffer(len))
+            .map_err(|(req, cost)| (req, buf, cost))
     }
 }
 
-/// Where in a file a request can go straight to: only a valid read of mapped data, or a
-/// valid write the device can place without help (holding what it claimed until the
-/// write finishes). Anything else is left to the pool.
-fn direct_target<'a>(
-    dev: &'a dyn BlockDevice,
-    conn: &Connection,
-    req: &Request,
-) -> Option<(
-    DirectExtent,
-    Option<PendingWrite<'a>>,
-    Option<DirectRead<'a>>,
-)> {
+/// Whether a request may go straight to a file: only a valid read, or a valid write
+/// (with its whole payload) that needs no flush after it; the device then says whether
+/// it can place it without help. Anything else is left to the pool.
+fn direct_allowed(dev: &dyn BlockDevice, conn: &Connection, req: &Request, payload: &Buf) -> bool {
     let len = req.length;
     let valid = len > 0
         && len <= u64::from(MAX_PAYLOAD)
         && req.offset.checked_add(len).is_some_and(|e| e <= dev.size())
         && req.flags & !allowed_flags(req.kind, &conn.session) == 0;
-    let usable = |x: &DirectExtent| x.offset % x.align == 0 && len % x.align == 0;
     match req.kind {
-        cmd::READ if valid => match dev.begin_read(req.offset, len) {
-            Some(r) if usable(&r.extent) => Some((r.extent, None, Some(r))),
-            _ => None,
-        },
+        cmd::READ => valid,
         // FUA needs a flush after the write: the pool does that.
-        cmd::WRITE if valid && !conn.export.read_only && req.flags & cflag::FUA == 0 => {
-            match dev.begin_write(req.offset, len) {
-                Some(w) if usable(&w.extent) => Some((w.extent, Some(w), None)),
-                _ => None,
-            }
+        cmd::WRITE => {
+            valid
+                && !conn.export.read_only
+                && req.flags & cflag::FUA == 0
+                && payload.len() as u64 == len
         }
-        _ => None,
+        _ => false,
     }
 }
 
-/// The reply to a request the ring ran, `res` being its completion's result: the reply
-/// itself, or for a read that succeeded its header, with `true` (the data read follows).
-fn complete(
-    conn: &Connection,
-    req: Request,
-    write: Option<PendingWrite<'_>>,
-    res: i32,
-) -> (Vec<u8>, bool) {
-    let done = res >= 0 && res as u64 == req.length;
+/// The reply to a request the ring ran: the reply itself, or for a read that succeeded
+/// its header, with the data read to follow it.
+fn complete(conn: &Connection, done: DirectDone<(Request, u64)>) -> (Vec<u8>, Option<Buf>) {
+    let whole = done.whole();
+    let res = done.result;
+    let (req, _) = done.tag;
     let failure = if res < 0 {
         io_errno(&std::io::Error::from_raw_os_error(-res))
     } else {
         errno::EIO
     };
-    if let Some(w) = write {
-        let reply = match w.finish(done) {
-            Ok(()) if done => conn.ok_reply(&req),
+    if req.kind == cmd::WRITE {
+        let reply = match done.settled {
+            Ok(()) if whole => conn.ok_reply(&req),
             Ok(()) => conn.error_reply(&req, failure, "write failed"),
             Err(e) => conn.error_reply(&req, nbd_error(&e, true), &e.to_string()),
         };
-        return (reply, false);
+        return (reply, None);
     }
-    if !done {
-        return (conn.error_reply(&req, failure, "read failed"), false);
+    if !whole {
+        return (conn.error_reply(&req, failure, "read failed"), None);
     }
     let mut head = Vec::with_capacity(32);
     if conn.session.structured {
@@ -439,5 +357,5 @@ fn complete(
     } else {
         head.extend_from_slice(&proto::simple_reply(req.cookie, 0));
     }
-    (head, true)
+    (head, Some(done.buf))
 }

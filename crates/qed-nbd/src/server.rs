@@ -2,10 +2,10 @@
 
 use crate::export::Export;
 use crate::handshake::handshake;
-use crate::pool::Pool;
 use crate::stream::Stream;
 use crate::tls::{HandshakeFailed, Tls};
 use crate::transmission::serve;
+use qed::WorkerPool;
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, TcpListener};
@@ -119,7 +119,7 @@ impl Server {
     /// leaves). Returns once every connection has finished.
     pub fn run(&self, listener: Listener) -> io::Result<()> {
         listener.set_nonblocking()?;
-        let pool = Arc::new(Pool::new(self.config.workers));
+        let pool = Arc::new(WorkerPool::start("nbd-worker", self.config.workers, None)?);
         let active = Arc::new(AtomicUsize::new(0));
         let live: Live = Arc::default();
         let mut threads = Vec::new();
@@ -156,6 +156,9 @@ impl Server {
             threads.retain(|t| !t.is_finished());
         }
         close_connections(&live, threads);
+        // Every connection has ended: the workers finish what is queued before `run`
+        // returns.
+        pool.stop();
         Ok(())
     }
 
@@ -165,7 +168,7 @@ impl Server {
         &self,
         stream: Stream,
         id: u64,
-        pool: &Arc<Pool>,
+        pool: &Arc<WorkerPool>,
         active: &Arc<AtomicUsize>,
         live: &Live,
     ) -> JoinHandle<()> {

@@ -6,12 +6,11 @@
 use crate::connection::{Connection, Msg, MAX_IN_FLIGHT};
 use crate::export::Export;
 use crate::intake::Intake;
-use crate::pool::Pool;
 use crate::reader::read_requests;
-use crate::replies;
+use crate::replies::{self, Ring};
 use crate::session::Session;
 use crate::transport::{Channel, Transport};
-use qed::Ring;
+use qed::WorkerPool;
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -19,7 +18,7 @@ use std::sync::Arc;
 /// side is shut down; waits for the requests in flight before returning.
 /// Under TLS the reply thread seals its batches itself, and its ring still waits for
 /// the socket to take more.
-pub(crate) fn serve(channel: Channel, export: Arc<Export>, session: Session, pool: &Pool) {
+pub(crate) fn serve(channel: Channel, export: Arc<Export>, session: Session, pool: &WorkerPool) {
     if let Ok(socket) = channel.socket() {
         let _ = socket.set_read_timeout(None);
         let _ = socket.set_nodelay();
@@ -27,9 +26,9 @@ pub(crate) fn serve(channel: Channel, export: Arc<Export>, session: Session, poo
     let Ok((reader, writer)) = Transport::split(channel) else {
         return;
     };
-    let mut ring = Ring::new(MAX_IN_FLIGHT as u32);
+    let mut ring = Ring::new(MAX_IN_FLIGHT as usize);
     if let Some(r) = ring.as_mut() {
-        r.set_max_poll(qed::SERVER_POLL);
+        r.serve_clients();
     }
     let (replies, incoming) = mpsc::channel::<Msg>();
     let waker = ring.as_ref().map(Ring::waker);

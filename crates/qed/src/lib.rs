@@ -66,10 +66,10 @@ pub use ops::{
     Reorganization, ReorganizeEnd, ReorganizeOptions, StreamEnd, StreamOptions,
 };
 #[cfg(target_os = "linux")]
-pub use ring::{Ring, Waker, SERVER_POLL, WAKE};
+pub use ring::{DirectDone, DirectEvent, DirectQueue, Waker, WorkerPool};
 pub use storage::{
     AlignedBuf, BlockHold, FileStorage, HttpStorage, LockMode, MemoryStorage, RemoteIdentity,
-    RemoteOptions, RemoteReport, S3Config, S3Credentials, S3Storage, Storage, GROW_STEP,
-    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    RemoteOptions, RemoteReport, S3Config, S3Credentials, S3Storage, Storage, MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
 };
 pub use warnings::set_warning_handler;

@@ -28,7 +28,7 @@ const STRIPES: usize = 64;
 /// How far [`Storage::extend`] grows a file beyond what is asked: appends then find
 /// their blocks reserved (no block allocation, and on ext4 O_DIRECT writes into them run
 /// in parallel instead of one at a time), and the file grows once per step.
-pub const GROW_STEP: u64 = 8 << 20;
+const GROW_STEP: u64 = 8 << 20;
 
 /// State of an O_DIRECT file: unaligned writes become read-modify-write of whole
 /// blocks, excluding every other write of those blocks so none loses another's bytes.

@@ -9,7 +9,7 @@ mod memory;
 mod remote;
 
 pub use aligned::AlignedBuf;
-pub use file::{FileStorage, GROW_STEP};
+pub use file::FileStorage;
 pub use lock::LockMode;
 pub use memory::MemoryStorage;
 pub(crate) use remote::{is_http_url, is_s3_url};
@@ -122,7 +122,9 @@ pub trait Storage: Send + Sync + Debug {
     }
 }
 
-/// What [`Storage::try_hold_blocks`] holds; dropping it lets go.
+/// What [`Storage::try_hold_blocks`] holds; dropping it lets go. Public because it is in
+/// that method's signature: storage of an embedder's own that overrides it returns one
+/// (`BlockHold::default()`, holding nothing).
 #[derive(Default)]
 pub struct BlockHold<'a>(pub(crate) Vec<std::sync::RwLockReadGuard<'a, ()>>);
 

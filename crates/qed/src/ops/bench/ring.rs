@@ -9,9 +9,9 @@
 //! the direct ones cannot race a worker's read-modify-write of the same block.
 
 use super::params::{offset_of, BenchParams};
-use crate::block::{BlockDevice, DirectExtent, DirectRead, PendingWrite};
+use crate::block::BlockDevice;
 use crate::error::{IoContext, Result};
-use crate::ring::{Ring, Waker};
+use crate::ring::{DirectEvent, DirectQueue, Waker};
 use crate::storage::AlignedBuf;
 use std::collections::VecDeque;
 use std::sync::{mpsc, Mutex};
@@ -22,27 +22,24 @@ type Done = (usize, Result<()>);
 /// Runs the workload; `Ok(false)` when io_uring is not available here.
 pub(super) fn run(dev: &dyn BlockDevice, p: &BenchParams) -> Result<bool> {
     let depth = p.depth.max(1);
-    let Some(mut ring) = Ring::new(depth as u32) else {
+    let Some(mut queue) = DirectQueue::new(depth) else {
         return Ok(false);
     };
-    let mut slots: Vec<AlignedBuf> = (0..depth)
-        .map(|_| AlignedBuf::filled(p.size, p.pattern))
-        .collect();
-    let (jobs, queue) = mpsc::channel::<(usize, u64)>();
-    let queue = Mutex::new(queue);
+    let (jobs, work_queue) = mpsc::channel::<(usize, u64)>();
+    let work_queue = Mutex::new(work_queue);
     let finished: Mutex<Vec<Done>> = Mutex::new(Vec::new());
-    let waker: Waker = ring.waker();
+    let waker: Waker = queue.waker();
 
     let result = std::thread::scope(|s| {
         for _ in 0..depth {
-            s.spawn(|| work(dev, p, &queue, &finished, &waker));
+            s.spawn(|| work(dev, p, &work_queue, &finished, &waker));
         }
-        let mut driver = Driver::new(dev, p, &mut slots, &jobs, &finished);
-        let result = driver.drive(&mut ring);
+        let mut driver = Driver::new(dev, p, depth, &jobs, &finished);
+        let result = driver.drive(&mut queue);
         drop(jobs);
         result
     });
-    ring.drain();
+    queue.drain();
     result.map(|()| true)
 }
 
@@ -71,20 +68,19 @@ fn work(
     }
 }
 
-/// The submitting thread's state.
+/// The submitting thread's state. A request's slot (its tag on the queue) bounds how
+/// many are in flight and names what a worker's write holds.
 struct Driver<'a, 's> {
     dev: &'a dyn BlockDevice,
     p: &'a BenchParams,
     dev_size: u64,
-    slots: &'s mut [AlignedBuf],
     jobs: &'s mpsc::Sender<(usize, u64)>,
     finished: &'s Mutex<Vec<Done>>,
-    /// Slots whose buffer is free.
+    /// Slots free for a request.
     free: Vec<usize>,
-    /// Writes to finish when their slot's request completes.
-    pending: Vec<Option<PendingWrite<'a>>>,
-    /// Reads whose extent is held until their slot's request completes.
-    reading: Vec<Option<DirectRead<'a>>>,
+    /// Buffers not in the kernel: one per slot, made up front, so that requests
+    /// allocate nothing.
+    spare: Vec<AlignedBuf>,
     /// What the writes on workers hold while they allocate, by slot.
     held: Vec<std::ops::Range<u64>>,
     /// Requests held back because they touch clusters one of ours is allocating: sent
@@ -100,7 +96,7 @@ impl<'a, 's> Driver<'a, 's> {
     fn new(
         dev: &'a dyn BlockDevice,
         p: &'a BenchParams,
-        slots: &'s mut [AlignedBuf],
+        depth: usize,
         jobs: &'s mpsc::Sender<(usize, u64)>,
         finished: &'s Mutex<Vec<Done>>,
     ) -> Self {
@@ -108,11 +104,11 @@ impl<'a, 's> Driver<'a, 's> {
             dev,
             p,
             dev_size: dev.size(),
-            free: (0..slots.len()).rev().collect(),
-            pending: (0..slots.len()).map(|_| None).collect(),
-            reading: (0..slots.len()).map(|_| None).collect(),
-            held: (0..slots.len()).map(|_| 0..0).collect(),
-            slots,
+            free: (0..depth).rev().collect(),
+            spare: (0..depth)
+                .map(|_| AlignedBuf::filled(p.size, p.pattern))
+                .collect(),
+            held: (0..depth).map(|_| 0..0).collect(),
             jobs,
             finished,
             deferred: VecDeque::new(),
@@ -122,20 +118,20 @@ impl<'a, 's> Driver<'a, 's> {
     }
 
     /// Submits and reaps requests until all `p.count` have completed.
-    fn drive(&mut self, ring: &mut Ring) -> Result<()> {
+    fn drive(&mut self, queue: &mut DirectQueue<'a, usize>) -> Result<()> {
         loop {
-            self.start_requests(ring)?;
+            self.start_requests(queue);
             if self.in_flight == 0 {
                 return Ok(());
             }
             let finished = self.finished;
-            ring.park(|| {
+            queue.park(|| {
                 !finished
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .is_empty()
             })?;
-            let mut failure = self.reap_ring(ring)?;
+            let mut failure = self.reap_ring(queue)?;
             if let Err(e) = self.reap_workers() {
                 failure.get_or_insert(e);
             }
@@ -147,7 +143,7 @@ impl<'a, 's> Driver<'a, 's> {
 
     /// Starts held-back requests (in order; a fresh one behind them waits too), then new
     /// ones while slots are free.
-    fn start_requests(&mut self, ring: &mut Ring) -> Result<()> {
+    fn start_requests(&mut self, queue: &mut DirectQueue<'a, usize>) {
         let mut batch: Vec<(usize, u64)> = std::mem::take(&mut self.deferred).into();
         while self.next < self.p.count {
             let Some(slot) = self.free.pop() else { break };
@@ -156,82 +152,58 @@ impl<'a, 's> Driver<'a, 's> {
             self.in_flight += 1;
         }
         for (slot, off) in batch {
-            self.start(ring, slot, off)?;
+            self.start(queue, slot, off);
         }
-        Ok(())
     }
 
     /// Starts one request: held back behind an allocation of ours that it touches,
     /// straight to the file where the device hands out an extent, else on a worker.
-    fn start(&mut self, ring: &mut Ring, slot: usize, off: u64) -> Result<()> {
+    fn start(&mut self, queue: &mut DirectQueue<'a, usize>, slot: usize, off: u64) {
         let size = self.p.size as u64;
-        let blocked = self
-            .pending
-            .iter()
-            .flatten()
-            .map(|w| &w.claimed)
+        let blocked = queue
+            .claims()
             .chain(&self.held)
             .any(|c| c.start < off + size && off < c.end);
         if blocked {
             self.deferred.push_back((slot, off));
-            return Ok(());
+            return;
         }
-        let Some(x) = self.direct_extent(slot, off) else {
-            if self.p.write {
-                self.held[slot] = self.dev.write_claim(off, size);
-            }
-            let _ = self.jobs.send((slot, off));
-            return Ok(());
+        let (len, pattern) = (self.p.size, self.p.pattern);
+        let spare = &mut self.spare;
+        let mut buf = || {
+            spare
+                .pop()
+                .unwrap_or_else(|| AlignedBuf::filled(len, pattern))
         };
-        let ptr = self.slots[slot].as_mut_ptr();
-        let len = self.p.size as u32;
-        // SAFETY: the slot's buffer is not touched again until this request is reaped,
-        // and `run` drains the ring before the buffers go.
-        unsafe {
-            if self.p.write {
-                ring.write(x.fd, ptr, len, x.offset, slot as u64)
-            } else {
-                ring.read(x.fd, ptr, len, x.offset, slot as u64)
-            }
-        }
-    }
-
-    /// Where the request in `slot` at `off` can go straight to a file, if anywhere; a
-    /// read's hold on its extent and a write's pending allocation are kept until the
-    /// request completes.
-    fn direct_extent(&mut self, slot: usize, off: u64) -> Option<DirectExtent> {
-        let size = self.p.size as u64;
-        let usable = |x: &DirectExtent| x.offset % x.align == 0 && size % x.align == 0;
         if !self.p.write {
-            let r = self
-                .dev
-                .begin_read(off, size)
-                .filter(|r| usable(&r.extent))?;
-            let x = r.extent;
-            self.reading[slot] = Some(r);
-            return Some(x);
+            if queue.read(self.dev, off, len, slot, buf).is_err() {
+                let _ = self.jobs.send((slot, off));
+            }
+            return;
         }
-        // A write that cannot be used is dropped, which gives its space back.
-        let w = self
-            .dev
-            .begin_write(off, size)
-            .filter(|w| usable(&w.extent))?;
-        let x = w.extent;
-        self.pending[slot] = Some(w);
-        Some(x)
+        let Err((_, unused)) = queue.write(self.dev, off, buf(), slot) else {
+            return;
+        };
+        self.spare.push(unused);
+        self.held[slot] = self.dev.write_claim(off, size);
+        let _ = self.jobs.send((slot, off));
     }
 
     /// Finishes the ring's completed requests. Returns the first failure.
-    fn reap_ring(&mut self, ring: &mut Ring) -> Result<Option<crate::error::Error>> {
+    fn reap_ring(
+        &mut self,
+        queue: &mut DirectQueue<'a, usize>,
+    ) -> Result<Option<crate::error::Error>> {
         let mut failure = None;
-        for (user_data, res) in ring.reap()? {
+        queue.reap(|event| {
+            let DirectEvent::Done(done) = event else {
+                return;
+            };
             self.in_flight -= 1;
-            let slot = user_data as usize;
-            self.free.push(slot);
-            self.reading[slot] = None;
-            let outcome = if res < 0 {
-                Err(std::io::Error::from_raw_os_error(-res))
-            } else if res as usize != self.p.size {
+            self.free.push(done.tag);
+            let outcome = if done.result < 0 {
+                Err(std::io::Error::from_raw_os_error(-done.result))
+            } else if !done.whole() {
                 Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     "short transfer",
@@ -240,15 +212,14 @@ impl<'a, 's> Driver<'a, 's> {
                 Ok(())
             }
             .context(|| "benchmark request".into());
-            if let Some(w) = self.pending[slot].take() {
-                if let Err(e) = w.finish(outcome.is_ok()) {
-                    failure.get_or_insert(e);
-                }
+            self.spare.push(done.buf);
+            if let Err(e) = done.settled {
+                failure.get_or_insert(e);
             }
             if let Err(e) = outcome {
                 failure.get_or_insert(e);
             }
-        }
+        })?;
         Ok(failure)
     }
 

@@ -1,10 +1,7 @@
-//! A small io_uring wrapper for callers that submit I/O on the extents the devices hand
-//! out ([`crate::BlockDevice::direct_extent`], [`crate::BlockDevice::begin_write`]): the
-//! benchmark's request loop and the NBD server's connections.
-//!
-//! One thread owns a [`Ring`]: it pushes entries, submits, and reaps completions. Other
-//! threads wake it through a [`Waker`] (an eventfd the ring keeps a read armed on), so it
-//! can sleep on the ring alone and still hear of work finished elsewhere.
+//! A small io_uring wrapper for one owner thread: it pushes entries, submits, and reaps
+//! completions. Other threads wake it through a [`Waker`] (an eventfd the ring keeps a
+//! read armed on), so it can sleep on the ring alone and still hear of work finished
+//! elsewhere. Only [`super::DirectQueue`] uses it.
 
 use crate::error::{Error, IoContext, Result};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
@@ -14,17 +11,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// `user_data` of the eventfd read; callers must not use it.
-pub const WAKE: u64 = u64::MAX;
+pub(crate) const WAKE: u64 = u64::MAX;
 
 /// A poll bound for owners that serve clients ([`Ring::set_max_poll`]): long enough to
 /// span the gaps between a fast disk's completions and a client's next requests, which
 /// a wake-up would otherwise add to every round trip.
-pub const SERVER_POLL: Duration = Duration::from_micros(200);
+pub(crate) const SERVER_POLL: Duration = Duration::from_micros(200);
 
 /// The shortest poll [`Ring::park`] makes; below it, polling stops.
 const MIN_POLL: Duration = Duration::from_micros(4);
 
-/// Wakes a [`Ring`]'s owner from another thread.
+/// Wakes the thread that owns a [`super::DirectQueue`] from another thread: the one
+/// piece of the ring the threads handing it work need, so it is public.
 #[derive(Debug, Clone)]
 pub struct Waker {
     fd: Arc<OwnedFd>,
@@ -52,7 +50,7 @@ impl Waker {
 }
 
 /// An io_uring owned by one thread, with a wake-up eventfd.
-pub struct Ring {
+pub(crate) struct Ring {
     ring: IoUring,
     /// Entries submitted and not yet reaped (their buffers must stay put).
     in_kernel: usize,
