@@ -103,7 +103,13 @@ fn quiet_on_closed_stdout() {
 
 fn main() -> ExitCode {
     quiet_on_closed_stdout();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        // qemu-img's tools end a usage error with status 1; clap's 2 would read as
+        // "corruptions found" from `check` and as a failed comparison's error from
+        // `compare`. Help and version still end with 0.
+        let _ = e.print();
+        std::process::exit(if e.use_stderr() { 1 } else { 0 })
+    });
     qed::set_warning_handler(|m| eprintln!("qed: warning: {m}"));
     let result = match cli.command {
         Command::Create(a) => cmd::create::run(a),

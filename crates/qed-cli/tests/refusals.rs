@@ -312,3 +312,26 @@ fn errors_name_the_file_once() {
     assert!(e.contains("backing file base.qed: No such file"), "{e}");
     once(&e, "base.qed");
 }
+
+/// A usage error ends with status 1, as qemu-img's do: `check` keeps 2 and 3 for
+/// corruptions and leaks, and `compare` keeps 2 for an error comparing; help still ends
+/// with 0.
+#[test]
+fn usage_errors_end_with_status_one() {
+    let d = Dir::new();
+    d.expect(QED, &["create", "-q", "a.qed", "1M"], 0);
+    for args in [
+        &["check", "-f", "vmdk", "a.qed"][..],
+        &["check", "--bogus", "a.qed"],
+        &["check"],
+        &["compare", "-f", "vmdk", "a.qed", "a.qed"],
+        &["create", "b.qed", "1Z"],
+        &["info", "--output=xml", "a.qed"],
+    ] {
+        let out = d.expect(QED, args, 1);
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains("error:"), "`qed {}`: {e}", args.join(" "));
+    }
+    let help = d.expect(QED, &["check", "--help"], 0);
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Usage: qed check"));
+}
