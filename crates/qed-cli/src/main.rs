@@ -6,6 +6,7 @@ mod context;
 mod export;
 mod geometry;
 mod open;
+mod outcome;
 mod progress;
 mod remote;
 mod share;

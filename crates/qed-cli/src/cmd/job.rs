@@ -1,5 +1,6 @@
 //! `qed job`: a thin client of `qed serve --control`, for people and scripts.
 
+use crate::outcome::{name, outcome};
 use crate::progress::ProgressReport;
 use crate::Output;
 use anyhow::{anyhow, Context, Result};
@@ -223,17 +224,4 @@ fn query(client: &mut Client, output: Output) -> Result<u8> {
         println!("{line}");
     }
     Ok(0)
-}
-
-fn name(j: &JobInfo) -> String {
-    format!("job '{}' ({})", j.id, j.kind)
-}
-
-/// How a concluded job ended, in one line: for `qed job` and `qed serve`'s log.
-pub fn outcome(j: &JobInfo) -> String {
-    match j.error.as_deref() {
-        None => format!("{} completed", name(j)),
-        Some(CANCELLED) => format!("{} cancelled at {} of {}", name(j), j.current, j.total),
-        Some(e) => format!("{} failed: {}", name(j), e.replace('\n', " ")),
-    }
 }

@@ -86,7 +86,7 @@ impl Session {
         let jobs = Jobs::new();
         let (command, name) = (kind.command(), a.file.display().to_string());
         jobs.set_observer(move |j| {
-            eprintln!("qed {command}: {name}: {}", crate::cmd::job::outcome(j))
+            eprintln!("qed {command}: {name}: {}", crate::outcome::outcome(j))
         });
         Ok(Session {
             device,
