@@ -6,6 +6,8 @@ use anyhow::{bail, Result};
 pub const GEOMETRY_KEYS: &[&str] = &["cluster_size", "table_size"];
 /// The `-o` keys of `convert`: the geometry, and the backing file as `-B` and `-F` give it.
 pub const CONVERT_KEYS: &[&str] = &["cluster_size", "table_size", "backing_file", "backing_fmt"];
+/// The `-o` keys of `convert --in-place`: only a raw file's new cluster size.
+pub const IN_PLACE_KEYS: &[&str] = &["cluster_size"];
 /// The `-o` keys of `create`: those of `convert`, and the size.
 pub const CREATE_KEYS: &[&str] = &[
     "cluster_size",

@@ -61,9 +61,10 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use format::{features, Geometry, Header, L2Entry};
 pub use ops::{
-    bench, commit, commit_into, compact, compare, convert, defrag, measure, no_progress, rebase,
-    stream, stream_base, BenchParams, ConvertOptions, Difference, Engine, Measure, Progress,
-    Reorganization, ReorganizeEnd, ReorganizeOptions, StreamEnd, StreamOptions,
+    bench, commit, commit_into, compact, compare, convert, convert_in_place, defrag, measure,
+    no_progress, rebase, stream, stream_base, BenchParams, ConvertOptions, Difference, Engine,
+    InPlaceOptions, InPlacePlan, Measure, Progress, Reorganization, ReorganizeEnd,
+    ReorganizeOptions, StreamEnd, StreamOptions,
 };
 #[cfg(target_os = "linux")]
 pub use ring::{DirectDone, DirectEvent, DirectQueue, Waker, WorkerPool};

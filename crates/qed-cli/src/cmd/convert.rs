@@ -11,9 +11,23 @@ use qed::{convert, ConvertOptions};
 use qed::{open_device, BlockDevice, CreateOptions, Format, Image, OpenOptions};
 use std::path::PathBuf;
 
-/// Copy an image into a new QED or raw image, sparsely.
+/// Copy an image into a new QED or raw image, sparsely; or, with --in-place, convert it
+/// in its own file.
 #[derive(clap::Args)]
 pub struct Args {
+    /// Convert FILE in its own file instead of copying it: qcow2 or raw to qed (-O qed),
+    /// qed to qcow2 (-O qcow2). Data clusters stay where they are; the new metadata is
+    /// written first and the header naming the new format last, so an interrupted
+    /// conversion leaves the old image or the new one.
+    #[arg(long, conflicts_with_all = ["backing", "backing_format", "no_create", "target_is_zero"])]
+    in_place: bool,
+    /// With --in-place: say what would be written and how much space it needs; change
+    /// nothing.
+    #[arg(long, requires = "in_place")]
+    dry_run: bool,
+    /// With --in-place: how to report what was (or would be) done.
+    #[arg(long, value_enum, default_value_t)]
+    output: crate::Output,
     /// Source format: raw, qed or qcow2 (probed when omitted).
     #[arg(short = 'f', value_parser = crate::values::format)]
     format: Option<Format>,
@@ -53,8 +67,9 @@ pub struct Args {
     target_is_zero: bool,
     /// The source image.
     src: PathBuf,
-    /// The destination image.
-    dst: PathBuf,
+    /// The destination image (none with --in-place).
+    #[arg(required_unless_present = "in_place")]
+    dst: Option<PathBuf>,
     #[command(flatten)]
     remote: crate::remote::RemoteArgs,
     /// `-U` applies to the source.
@@ -64,6 +79,9 @@ pub struct Args {
 
 /// Runs `qed convert`. Every refusal comes before the destination is created or written.
 pub fn run(a: Args) -> Result<u8> {
+    if a.in_place {
+        return run_in_place(a);
+    }
     let plan = Plan::new(a)?;
     refuse_same_file(&plan)?;
     let src = open_source(&plan)?;
@@ -72,6 +90,30 @@ pub fn run(a: Args) -> Result<u8> {
     let dst = open_destination(&plan)?;
     copy(&plan, &*src, &*dst)?;
     Ok(0)
+}
+
+fn run_in_place(a: Args) -> Result<u8> {
+    if let Some(dst) = &a.dst {
+        bail!(
+            "--in-place converts one file: drop {} (or drop --in-place to copy)",
+            dst.display()
+        );
+    }
+    let geometry = CreateGeometry::parse(
+        &a.options,
+        crate::geometry::IN_PLACE_KEYS,
+        "qed convert --in-place",
+    )?;
+    super::convert_in_place::run(super::convert_in_place::Request {
+        file: a.src,
+        source: a.format,
+        target: a.output_format,
+        cluster_size: geometry.cluster_size.map(u64::from),
+        dry_run: a.dry_run,
+        output: a.output,
+        progress: a.progress,
+        quiet: a.quiet,
+    })
 }
 
 /// The arguments, parsed and checked against each other: everything that can be refused
@@ -150,10 +192,13 @@ impl Plan {
             ConvertCache::Writeback => (false, false),
             ConvertCache::Direct => (true, false),
         };
+        let Some(dst) = a.dst else {
+            bail!("a destination is needed: qed convert SRC DST (or --in-place FILE)");
+        };
         Ok(Self {
             src: a.src,
             src_format,
-            dst: a.dst,
+            dst,
             dst_format,
             no_create: a.no_create,
             geometry,

@@ -5,6 +5,7 @@ pub mod check;
 pub mod commit;
 pub mod compare;
 pub mod convert;
+mod convert_in_place;
 pub mod create;
 mod daemon;
 pub mod info;

@@ -97,6 +97,13 @@ impl OpenOptions {
         opts
     }
 
+    /// The bytes of the file or URL `path`, opened with these options and the locks
+    /// they take, for an operation that works on the bytes themselves (such as
+    /// converting an image in place).
+    pub fn open_bytes(&self, path: &Path) -> Result<Box<dyn Storage>> {
+        self.open_storage(&Location::named(path))
+    }
+
     /// `storage`, opened with these options, with its flushes ignored if asked.
     fn flushing(&self, storage: Box<dyn Storage>) -> Box<dyn Storage> {
         if self.no_flush && !self.read_only {

@@ -4,6 +4,7 @@
 pub mod geometry;
 pub mod header;
 pub mod pin;
+pub mod qcow2;
 pub mod table;
 
 pub use geometry::Geometry;

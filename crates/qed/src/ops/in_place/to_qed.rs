@@ -1,0 +1,355 @@
+//! Writing QED metadata over a source's clusters: the QED side of qcow2 -> QED and
+//! raw -> QED.
+//!
+//! Layout of what is appended, from the old end of the file rounded up to a cluster:
+//! the clusters that move (decompressed qcow2 clusters, and a raw file's first cluster,
+//! which QED's header takes), then one L2 table for each run of guest clusters one
+//! table reaches that has anything allocated, then the L1 table. The backing file name
+//! goes into the first cluster past what the source's header uses. After the switch,
+//! compaction moves clusters from the end of the file into the clusters the source's
+//! metadata left unreferenced, and cuts the file.
+
+use super::entries::{survey, ClusterMap, Counts, Entry, GuestTables};
+use super::{round_up, Commit, InPlaceOptions, InPlacePlan};
+use crate::block::Format;
+use crate::engine::Image;
+use crate::error::{Error, IoContext, Result};
+use crate::format::geometry::{DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE};
+use crate::format::header::{features, HEADER_LEN, MAX_BACKING_NAME_LEN};
+use crate::format::qcow2::CompressedRun;
+use crate::format::{Geometry, Header};
+use crate::ops::reorganize::{compact, ReorganizeOptions};
+use crate::storage::Storage;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Where the appended parts go.
+struct Layout {
+    geometry: Geometry,
+    /// The first appended byte: the old end rounded up to a cluster.
+    base: u64,
+    /// Where the L2 tables start.
+    tables: u64,
+    l1: u64,
+    end: u64,
+    /// Offset of the backing file name in the first cluster.
+    name_at: u64,
+}
+
+/// Converts `src` to QED in its file.
+pub(super) fn convert(
+    storage: Arc<dyn Storage>,
+    src: &dyn GuestTables,
+    opts: &InPlaceOptions,
+    progress: super::super::Progress<'_>,
+) -> Result<InPlacePlan> {
+    let f = src.facts().clone();
+    let name = f.name.as_str();
+    let geometry = choose_geometry(f.cluster_size, f.virtual_size, name)?;
+    let (run_len, runs) = runs(&geometry, f.virtual_size);
+    // Survey, write, compact: a third each.
+    let total = runs * 3;
+    progress(0, total);
+    let mut map = ClusterMap::new(f.file_len, geometry.cluster_bits());
+    let counts = survey(src, run_len, f.cluster_size, &mut map, &mut |c| {
+        progress(c / run_len.max(1), total)
+    })?;
+    let layout = plan_layout(&geometry, src, &counts)?;
+    let plan = InPlacePlan {
+        source: opts.source,
+        target: Format::Qed,
+        cluster_size: f.cluster_size,
+        virtual_size: f.virtual_size,
+        file_length: f.file_len,
+        metadata_bytes: layout.end - layout.tables,
+        decompressed_clusters: counts.compressed,
+        decompressed_bytes: counts.compressed * f.cluster_size,
+        moved_bytes: counts.moved * f.cluster_size,
+        extra_bytes: layout.end - f.file_len,
+        final_length: layout.end,
+    };
+    if opts.dry_run {
+        return Ok(plan);
+    }
+    let commit = Commit::new(&*storage, name)?;
+    let header = new_header(&layout, &f);
+    header.validate(layout.end).map_err(|e| e.in_file(name))?;
+    let mut l1 = Vec::new();
+    commit.run(
+        || {
+            l1 = write_tables(&commit, src, &layout, run_len, &mut |done| {
+                progress(runs + done, total)
+            })?;
+            Ok(())
+        },
+        &header_sector(&header),
+    )?;
+    relocate_l1(&commit, &layout, &map, header, &l1)?;
+    // A raw file leaves nothing behind; compacting it would only turn its holes into
+    // unallocated clusters, and leaks below the L1 table at the end.
+    let end = if opts.source == Format::Raw {
+        layout.end
+    } else {
+        reclaim(storage, name, &mut |d, t| {
+            progress(2 * runs + d * runs / t.max(1), total)
+        })?
+    };
+    progress(total, total);
+    Ok(InPlacePlan {
+        final_length: end,
+        ..plan
+    })
+}
+
+/// QED's table size: the default, or the smallest larger one that reaches the virtual
+/// size.
+fn choose_geometry(cluster_size: u64, size: u64, name: &str) -> Result<Geometry> {
+    let mut ts = DEFAULT_TABLE_SIZE;
+    loop {
+        let g = Geometry::new(cluster_size as u32, ts)?;
+        if g.max_image_size() >= size {
+            return Ok(g);
+        }
+        if ts >= MAX_TABLE_SIZE {
+            return Err(Error::invalid_argument(format!(
+                "{name}: QED with {cluster_size}-byte clusters reaches at most {} bytes, and \
+                 the image is {size} bytes; copy it into larger clusters instead (qed convert \
+                 -O qed -o cluster_size=64k SRC DST)",
+                g.max_image_size()
+            )));
+        }
+        ts *= 2;
+    }
+}
+
+/// Guest clusters one QED L2 table maps, and how many such runs the image has.
+fn runs(g: &Geometry, size: u64) -> (u64, u64) {
+    let run_len = g.entries_per_table();
+    (run_len, size.div_ceil(g.cluster_size()).div_ceil(run_len))
+}
+
+fn plan_layout(geometry: &Geometry, src: &dyn GuestTables, counts: &Counts) -> Result<Layout> {
+    let f = src.facts();
+    if f.zstd && counts.compressed > 0 {
+        return Err(Error::invalid_argument(format!(
+            "{}: {} of its clusters are compressed with zstd, which cannot be decompressed \
+             here; rewrite them uncompressed first (qemu-img convert -O qcow2 SRC DST)",
+            f.name, counts.compressed
+        )));
+    }
+    let cs = geometry.cluster_size();
+    let tb = geometry.table_bytes();
+    let base = round_up(f.file_len, cs);
+    let tables = base + (counts.compressed + counts.moved) * cs;
+    let l1 = tables + counts.tables * tb;
+    let end = l1 + tb;
+    let name_at = round_up(f.header_used.max(512), 8);
+    if let Some(b) = &f.backing {
+        let fits = name_at + b.name.len() as u64 <= cs;
+        if !fits || b.name.len() as u64 > u64::from(MAX_BACKING_NAME_LEN) {
+            return Err(Error::invalid_argument(format!(
+                "{}: the backing file name ({} bytes) does not fit in QED's header cluster \
+                 beside the old header; shorten it first (qemu-img rebase -u -b NAME)",
+                f.name,
+                b.name.len()
+            )));
+        }
+        match b.format.as_deref() {
+            None | Some("raw" | "qcow2" | "qed") => {}
+            Some(other) => {
+                return Err(Error::invalid_argument(format!(
+                    "{}: the backing file's format is {other}; QED records only raw backing \
+                     files and probes qcow2 and QED ones, so it cannot express it",
+                    f.name
+                )))
+            }
+        }
+    }
+    Ok(Layout {
+        geometry: *geometry,
+        base,
+        tables,
+        l1,
+        end,
+        name_at,
+    })
+}
+
+fn new_header(layout: &Layout, f: &super::entries::SourceFacts) -> Header {
+    let backing = f.backing.as_ref();
+    let raw = backing.is_some_and(|b| b.format.as_deref() == Some("raw"));
+    let mut h = Header::new_for_create(
+        layout.geometry,
+        f.virtual_size,
+        backing.map(|b| b.name.len() as u32),
+        raw,
+    );
+    h.l1_table_offset = layout.l1;
+    if backing.is_some() {
+        h.backing_filename_offset = layout.name_at as u32;
+        h.features |= features::BACKING_FILE;
+    }
+    h
+}
+
+fn header_sector(header: &Header) -> [u8; 512] {
+    let mut sector = [0u8; 512];
+    sector[..HEADER_LEN].copy_from_slice(&header.encode());
+    sector
+}
+
+/// Moves the L1 table from the end of the file into the first free run of clusters
+/// below the old end, where the source's metadata was, as QEMU lays images out (the
+/// L1 right after the header when that run is free). Compaction never moves the L1:
+/// left at the end, it would keep the file from being cut. Crash-safe as the switch
+/// was: the copy is flushed before the header names it. Nothing free: it stays.
+fn relocate_l1(
+    commit: &Commit<'_>,
+    layout: &Layout,
+    data: &ClusterMap,
+    mut header: Header,
+    l1: &[u8],
+) -> Result<()> {
+    let cs = layout.geometry.cluster_size();
+    let need = layout.geometry.table_bytes() / cs;
+    let (mut run_start, mut run) = (1, 0);
+    for c in 1..layout.base / cs {
+        if data.is_set(c) {
+            (run_start, run) = (c + 1, 0);
+            continue;
+        }
+        run += 1;
+        if run == need {
+            let at = run_start * cs;
+            commit.write(l1, at, "the L1 table")?;
+            commit.flush()?;
+            header.l1_table_offset = at;
+            commit.write(&header_sector(&header), 0, "the header")?;
+            return commit.flush();
+        }
+    }
+    Ok(())
+}
+
+/// Writes the moved clusters, the L2 tables, the L1 table and the backing name, and
+/// returns the L1 table.
+fn write_tables(
+    commit: &Commit<'_>,
+    src: &dyn GuestTables,
+    layout: &Layout,
+    run_len: u64,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Vec<u8>> {
+    let f = src.facts();
+    let cs = layout.geometry.cluster_size();
+    let tb = layout.geometry.table_bytes();
+    let clusters = f.virtual_size.div_ceil(cs);
+    let mut next_moved = layout.base;
+    let mut next_table = layout.tables;
+    let mut l1 = vec![0u8; tb as usize];
+    let mut run = vec![Entry::Unallocated; run_len as usize];
+    let mut table = vec![0u8; tb as usize];
+    let mut cluster = vec![0u8; cs as usize];
+    let mut first = 0;
+    while first < clusters {
+        let index = first / run_len;
+        first += run_len;
+        if !src.read_run(index * run_len, &mut run)? {
+            progress(index + 1);
+            continue;
+        }
+        if run.iter().all(|e| *e == Entry::Unallocated) {
+            progress(index + 1);
+            continue;
+        }
+        for (i, e) in run.iter().enumerate() {
+            let raw = match *e {
+                Entry::Unallocated => 0,
+                Entry::Zero => 1,
+                Entry::Data(off) if off >= cs => off,
+                Entry::Data(off) => {
+                    commit.read(&mut cluster, off, "a cluster that moves")?;
+                    commit.write(&cluster, next_moved, "a moved cluster")?;
+                    next_moved += cs;
+                    next_moved - cs
+                }
+                Entry::Compressed(run) => {
+                    let guest = (index * run_len + i as u64) * cs;
+                    decompress(commit, run, guest, &mut cluster)?;
+                    commit.write(&cluster, next_moved, "a decompressed cluster")?;
+                    next_moved += cs;
+                    next_moved - cs
+                }
+            };
+            table[i * 8..i * 8 + 8].copy_from_slice(&raw.to_le_bytes());
+        }
+        commit.write(&table, next_table, "an L2 table")?;
+        l1[index as usize * 8..index as usize * 8 + 8].copy_from_slice(&next_table.to_le_bytes());
+        next_table += tb;
+        progress(index + 1);
+    }
+    commit.write(&l1, layout.l1, "the L1 table")?;
+    if let Some(b) = &f.backing {
+        commit.write(b.name.as_bytes(), layout.name_at, "the backing file name")?;
+    }
+    // The last table may be shorter than the end the header's checks expect.
+    if commit.storage.len().unwrap_or(0) < layout.end {
+        commit
+            .storage
+            .set_len(layout.end)
+            .context(|| format!("extending {}", f.name))?;
+    }
+    Ok(l1)
+}
+
+/// Inflates the compressed cluster `run` (qcow2's raw deflate) into `out`, which it must
+/// fill exactly.
+fn decompress(commit: &Commit<'_>, run: CompressedRun, guest: u64, out: &mut [u8]) -> Result<()> {
+    let file_len = commit.old_len;
+    let len = run.len.min(file_len.saturating_sub(run.offset)) as usize;
+    let mut input = vec![0u8; len];
+    commit.read(&mut input, run.offset, "a compressed cluster")?;
+    let bad = |why: String| {
+        Error::invalid_argument(format!(
+            "{}: the compressed cluster of guest offset {guest} at {} {why}; check the image \
+             (qemu-img check)",
+            commit.name, run.offset
+        ))
+    };
+    let got = miniz_oxide::inflate::decompress_to_vec_with_limit(&input, out.len())
+        .map_err(|e| bad(format!("does not decompress ({:?})", e.status)))?;
+    if got.len() != out.len() {
+        return Err(bad(format!(
+            "decompresses to {} bytes, not a cluster",
+            got.len()
+        )));
+    }
+    out.copy_from_slice(&got);
+    Ok(())
+}
+
+/// Compacts the new image: what the source's metadata used is unreferenced in QED, and
+/// the clusters at the end of the file move into it. Returns the file's length after.
+fn reclaim(
+    storage: Arc<dyn Storage>,
+    name: &str,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64> {
+    let opts = crate::chain::OpenOptions {
+        no_backing: true,
+        ..Default::default()
+    };
+    let context = |e: Error| {
+        Error::invalid_argument(format!(
+            "{name} is now a QED image with the same guest data, but reclaiming the space of \
+             the old metadata failed ({e}); run qed compact {name}"
+        ))
+    };
+    let image =
+        Image::open_storage(Box::new(storage.clone()), Path::new(name), &opts).map_err(context)?;
+    compact(&image, &ReorganizeOptions { cancel: None }, progress).map_err(context)?;
+    image.close().map_err(context)?;
+    storage
+        .len()
+        .map_err(|e| context(Error::invalid_argument(e.to_string())))
+}
