@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use common::qemu::phantom_leaks;
 use common::served::Served;
 use common::{
     describe, exited_within, exits, install_hint, new_dir, ok, run, Killed, QED, QEMU_IMG,
@@ -655,15 +656,6 @@ fn has_data(f: &File, offset: u64, len: u64) -> bool {
         return false;
     }
     (next as u64) < offset + len
-}
-
-/// The leaks `qemu-img check` reports on a clean file of `len` bytes: its
-/// bytes-to-clusters rounding divides by `cluster - 1` where it means `cluster`, so it
-/// counts clusters past the end of a file of `cluster - 1` clusters or more (16 MiB with
-/// 4 KiB clusters) as leaked.
-fn phantom_leaks(len: u64, cluster: u64) -> u64 {
-    let len = len.div_ceil(cluster) * cluster;
-    len / (cluster - 1) - len / cluster
 }
 
 /// The guest's discards of its deleted scratch file of `scratch` bytes freed the image's
