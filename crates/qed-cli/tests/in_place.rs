@@ -23,6 +23,7 @@ use common::dir::{count, Dir, K, M};
 use common::qemu::phantom_leaks;
 use common::{QED, QEMU_IMG, QEMU_IO};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::Command;
 
@@ -64,6 +65,27 @@ fn structure(d: &Dir, file: &str) -> Vec<(u64, u64, Kind)> {
         }
     }
     runs
+}
+
+/// Where each guest cluster the image itself holds data for lies in the file, by
+/// `qemu-img map`: guest offset to file offset (compressed clusters have none).
+fn placement(d: &Dir, file: &str, cluster: u64) -> BTreeMap<u64, u64> {
+    let mut at = BTreeMap::new();
+    for r in d.map(file) {
+        if r["depth"] != 0 || r["data"] != true {
+            continue;
+        }
+        let Some(offset) = r["offset"].as_u64() else {
+            continue;
+        };
+        let (start, len) = (r["start"].as_u64().unwrap(), r["length"].as_u64().unwrap());
+        let mut g = start / cluster * cluster;
+        while g < start + len {
+            at.insert(g, offset + g - start);
+            g += cluster;
+        }
+    }
+    at
 }
 
 /// Bytes of compressed clusters the image itself holds, by `qemu-img map`.
@@ -246,6 +268,8 @@ fn convert_and_judge(
     extra: &[&str],
 ) {
     let dry = dry_run(d, file, from, to, truth.cluster);
+    // From QED nothing is compacted: every data cluster stays where it is.
+    let stays = (from == "qed").then(|| placement(d, file, truth.cluster));
     let args = in_place_args(to, extra, file);
     let out = d.expect(QED, &args, 0);
     if extra.contains(&"-q") {
@@ -298,6 +322,14 @@ fn convert_and_judge(
     );
     assert!(String::from_utf8_lossy(&same.stdout).contains("Images are identical."));
     assert_clean(d, file, to);
+    if let Some(before) = stays {
+        assert_eq!(
+            placement(d, file, truth.cluster),
+            before,
+            "data clusters of {file} moved (guest offset to file offset; left after the \
+             conversion)"
+        );
+    }
     let now = structure(d, file);
     assert_eq!(
         now, truth.structure,
@@ -799,6 +831,17 @@ fn raw_converts_in_place_to_qed() {
         );
         assert!(String::from_utf8_lossy(&same.stdout).contains("Images are identical."));
         assert_clean(&d, "disk.raw", "qed");
+        // The data stays where it was in the file, but for the first cluster, where the
+        // header goes.
+        let cluster = u(&i, "cluster-size");
+        let moved: Vec<(u64, u64)> = placement(&d, "disk.raw", cluster)
+            .into_iter()
+            .filter(|&(guest, file)| guest >= cluster && guest != file)
+            .collect();
+        assert!(
+            moved.is_empty(),
+            "data clusters moved (guest, file offset): {moved:?}"
+        );
 
         // On to qcow2 and back, as any QED image.
         let truth = Truth {
