@@ -8,6 +8,8 @@
 //! unmounts and runs `e2fsck -fn`; a second guest checks every file against the list. The
 //! disk is either `qed serve` (QEMU's NBD client) or an image file QEMU's own qed driver
 //! opens; most scenarios cross the two, so that what one wrote, the other reads back.
+//! Two scenarios convert the disk in place between the guests, qcow2 to QED and QED to
+//! qcow2, the qcow2 disk on QEMU's own qcow2 driver.
 //!
 //! Through `qed serve --discard=unmap` the discards free the scratch file's clusters: they
 //! must be unmapped, no cluster still mapped may be an empty hole, and what the close left
