@@ -656,9 +656,9 @@ fn aborted_qemu_io(d: &Dir, args: &[&str]) {
 }
 
 /// A plain image: nothing compressed, so the dry run reports nothing to decompress; -q
-/// prints nothing and -p is taken.
+/// prints nothing, -p is taken, and so is the source's format given with -f.
 #[test]
-fn plain_qcow2_quiet_and_with_progress() {
+fn plain_qcow2_quiet_with_progress_and_format_given() {
     let d = Dir::new();
     d.img(&["create", "-q", "-f", "qcow2", "plain.qcow2", "16M"]);
     d.write_runs(
@@ -671,8 +671,22 @@ fn plain_qcow2_quiet_and_with_progress() {
     let dry = dry_run(&d, "plain.qcow2", "qcow2", "qed", truth.cluster);
     assert_eq!(u(&dry, "decompressed-clusters"), 0, "{dry:#}");
     assert_eq!(u(&dry, "decompressed-bytes"), 0, "{dry:#}");
-    convert_and_judge(&d, "plain.qcow2", "qcow2", "qed", &truth, &["-q"]);
-    convert_and_judge(&d, "plain.qcow2", "qed", "qcow2", &truth, &["-p"]);
+    convert_and_judge(
+        &d,
+        "plain.qcow2",
+        "qcow2",
+        "qed",
+        &truth,
+        &["-q", "-f", "qcow2"],
+    );
+    convert_and_judge(
+        &d,
+        "plain.qcow2",
+        "qed",
+        "qcow2",
+        &truth,
+        &["-p", "-f", "qed"],
+    );
 }
 
 /// The dry run tells a compressed image from one without compressed clusters.
