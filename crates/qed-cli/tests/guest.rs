@@ -8,6 +8,8 @@
 //! unmounts and runs `e2fsck -fn`; a second guest checks every file against the list. The
 //! disk is either `qed serve` (QEMU's NBD client) or an image file QEMU's own qed driver
 //! opens; most scenarios cross the two, so that what one wrote, the other reads back.
+//! Two scenarios convert the disk in place between the guests, qcow2 to QED and QED to
+//! qcow2, the qcow2 disk on QEMU's own qcow2 driver.
 //!
 //! Through `qed serve --discard=unmap` the discards free the scratch file's clusters: they
 //! must be unmapped, no cluster still mapped may be an empty hole, and what the close left
@@ -36,6 +38,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use common::qemu::phantom_leaks;
 use common::served::Served;
 use common::{
     describe, exited_within, exits, install_hint, new_dir, ok, run, Killed, QED, QEMU_IMG,
@@ -449,11 +452,16 @@ fn qemu_writes(
 
 /// A virtio disk on an image file through QEMU's own qed driver.
 fn qed_drive(dir: &Path, image: &str, cache: &str, read_only: bool) -> String {
+    file_drive(dir, image, "qed", cache, read_only)
+}
+
+/// A virtio disk on an image file through QEMU's own driver for `format`.
+fn file_drive(dir: &Path, image: &str, format: &str, cache: &str, read_only: bool) -> String {
     let path = dir.join(image);
     let path = path.to_str().expect("a UTF-8 path");
     assert!(!path.contains(','), "QEMU's option syntax: {path}");
     let ro = if read_only { ",readonly=on" } else { "" };
-    format!("file={path},format=qed,if=virtio,cache={cache},discard=unmap{ro}")
+    format!("file={path},format={format},if=virtio,cache={cache},discard=unmap{ro}")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -655,15 +663,6 @@ fn has_data(f: &File, offset: u64, len: u64) -> bool {
         return false;
     }
     (next as u64) < offset + len
-}
-
-/// The leaks `qemu-img check` reports on a clean file of `len` bytes: its
-/// bytes-to-clusters rounding divides by `cluster - 1` where it means `cluster`, so it
-/// counts clusters past the end of a file of `cluster - 1` clusters or more (16 MiB with
-/// 4 KiB clusters) as leaked.
-fn phantom_leaks(len: u64, cluster: u64) -> u64 {
-    let len = len.div_ceil(cluster) * cluster;
-    len / (cluster - 1) - len / cluster
 }
 
 /// The guest's discards of its deleted scratch file of `scratch` bytes freed the image's
@@ -1284,4 +1283,140 @@ fn trim_past_a_quarter_compacts_the_served_image() {
         "a read-only QEMU disk changed the file"
     );
     finished("a trim past a quarter compacts the served image", t);
+}
+
+/// The guest contents of `copy` (format `copy_fmt`) and `image` (format `fmt`) are the
+/// same to qemu-img.
+fn assert_same_disk(dir: &Path, copy: (&str, &str), image: (&str, &str)) {
+    let same = ok(
+        dir,
+        QEMU_IMG,
+        &["compare", "-f", copy.1, "-F", image.1, copy.0, image.0],
+    );
+    assert!(same.contains("Images are identical."), "{same}");
+}
+
+/// `qemu-img info -f FORMAT` of `image`: it must be of that format, and clean.
+fn assert_format(dir: &Path, image: &str, format: &str) -> Value {
+    let info: Value = serde_json::from_str(&ok(dir, QEMU_IMG, &["info", "--output=json", image]))
+        .expect("qemu-img info JSON");
+    assert_eq!(info["format"], format, "{info:#}");
+    assert_eq!(info["dirty-flag"], false, "{info:#}");
+    info
+}
+
+/// A guest fills a qcow2 disk through QEMU's own qcow2 driver (discarding its scratch
+/// file); `qed convert --in-place` makes the file QED, and a second guest checks every
+/// file through `qed serve`.
+#[test]
+fn qcow2_converted_in_place_to_qed_and_served() {
+    let t = Instant::now();
+    let dir = new_dir();
+    let d = dir.path();
+    ok(
+        d,
+        QEMU_IMG,
+        &["create", "-q", "-f", "qcow2", "disk.img", DISK_SIZE],
+    );
+    let wrote = boot(
+        d,
+        "write",
+        &file_drive(d, "disk.img", "qcow2", "writeback", false),
+        Job::Write {
+            block: 4096,
+            scratch: SCRATCH,
+        },
+    );
+    check_report(d, QEMU_IMG, "disk.img", 0);
+    ok(d, "cp", &["--sparse=always", "disk.img", "disk.qcow2"]);
+    let took = Instant::now();
+    ok(d, QED, &["convert", "--in-place", "disk.img"]);
+    eprintln!(
+        "guest: {}: qcow2 to QED in place: {:.2} s",
+        test_name(),
+        took.elapsed().as_secs_f64()
+    );
+    assert_format(d, "disk.img", "qed");
+    assert_same_disk(d, ("disk.qcow2", "qcow2"), ("disk.img", "qed"));
+    assert_sound(d, "disk.img");
+
+    let before = md5(d, "disk.img");
+    let server = Served::unix(d, &["-r", "-f", "qed"], "disk.img");
+    let checked = boot(
+        d,
+        "verify",
+        &nbd_drive(&server, true),
+        Job::Verify { sums: wrote.sums() },
+    );
+    server.finish();
+    assert_eq!(checked.files(), wrote.files());
+    assert_eq!(
+        md5(d, "disk.img"),
+        before,
+        "a read-only export changed the file"
+    );
+    finished(
+        "qcow2 from QEMU, converted in place to QED, qed serve verifies",
+        t,
+    );
+}
+
+/// A guest fills a QED disk through `qed serve --discard=unmap` (its close leaves what
+/// the discards freed as leaks); `qed convert --in-place -O qcow2` makes the file qcow2,
+/// without leaks, and a second guest, on QEMU's own qcow2 driver, checks every file,
+/// changes the data set and trims; the image stays clean.
+#[test]
+fn qed_converted_in_place_to_qcow2_and_booted_by_qemu() {
+    let t = Instant::now();
+    let dir = new_dir();
+    let d = dir.path();
+    create(d, &["disk.img", DISK_SIZE]);
+    let server = Served::unix(d, &["--discard=unmap"], "disk.img");
+    let wrote = boot(
+        d,
+        "write",
+        &nbd_drive(&server, false),
+        Job::Write {
+            block: 4096,
+            scratch: SCRATCH,
+        },
+    );
+    server.finish();
+    ok(d, "cp", &["--sparse=always", "disk.img", "disk.qed"]);
+    let took = Instant::now();
+    ok(
+        d,
+        QED,
+        &["convert", "--in-place", "-O", "qcow2", "disk.img"],
+    );
+    eprintln!(
+        "guest: {}: QED to qcow2 in place: {:.2} s",
+        test_name(),
+        took.elapsed().as_secs_f64()
+    );
+    let info = assert_format(d, "disk.img", "qcow2");
+    assert_eq!(info["format-specific"]["data"]["compat"], "1.1", "{info:#}");
+    assert_same_disk(d, ("disk.qed", "qed"), ("disk.img", "qcow2"));
+    let report = check_report(d, QEMU_IMG, "disk.img", 0);
+    for key in ["check-errors", "corruptions", "leaks"] {
+        assert_eq!(count(&report, key), 0, "{key}: {report:#}");
+    }
+
+    let changed = boot(
+        d,
+        "modify",
+        &file_drive(d, "disk.img", "qcow2", "none", false),
+        Job::Modify { sums: wrote.sums() },
+    );
+    // The guest checked every file of the list before it changed anything.
+    assert_ne!(changed.sums(), wrote.sums(), "the guest changed nothing");
+    let report = check_report(d, QEMU_IMG, "disk.img", 0);
+    for key in ["check-errors", "corruptions", "leaks"] {
+        assert_eq!(count(&report, key), 0, "{key}: {report:#}");
+    }
+    assert_format(d, "disk.img", "qcow2");
+    finished(
+        "QED converted in place to qcow2, QEMU's qcow2 driver checks and changes it",
+        t,
+    );
 }
