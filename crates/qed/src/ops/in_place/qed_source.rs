@@ -35,7 +35,8 @@ impl<'a> QedSource<'a> {
         if header.needs_check() {
             return Err(Error::invalid_argument(format!(
                 "{name}: the image may be inconsistent (NEED_CHECK is set: it was not closed \
-                 cleanly); repair it first: qed check -r all {name}"
+                 cleanly); repair it first: qed check -r all {name} (or qemu-img check -r all \
+                 {name})"
             )));
         }
         let backing = read_backing(storage, &header, name)?;

@@ -46,8 +46,9 @@ pub(super) fn convert(
     let cluster_bits = cs.trailing_zeros();
     if cluster_bits > qcow2::MAX_CLUSTER_BITS {
         return Err(Error::invalid_argument(format!(
-            "{name}: its clusters are {cs} bytes and qcow2's largest are 2 MiB, so they \
-             cannot stay where they are; copy it instead (qed convert -O qcow2 SRC DST)"
+            "{name}: its cluster size is {cs} bytes and qcow2's largest is 2 MiB, so its \
+             clusters cannot stay where they are; copy it instead (qed convert -O qcow2 SRC \
+             DST)"
         )));
     }
     let run_len = cs / 8;

@@ -74,17 +74,20 @@ pub(super) fn convert(
     let commit = Commit::new(&*storage, name)?;
     let header = new_header(&layout, &f);
     header.validate(layout.end).map_err(|e| e.in_file(name))?;
-    let mut l1 = Vec::new();
     commit.run(
         || {
-            l1 = write_tables(&commit, src, &layout, run_len, &mut |done| {
+            write_tables(&commit, src, &layout, run_len, &mut |done| {
                 progress(runs + done, total)
-            })?;
-            Ok(())
+            })
         },
         &header_sector(&header),
     )?;
-    relocate_l1(&commit, &layout, &map, header, &l1)?;
+    // The L1 table goes where the source's metadata began, when that is free.
+    let need = layout.geometry.table_bytes() / f.cluster_size;
+    let below = 1..layout.base / f.cluster_size;
+    if let Some(c) = first_run(below.filter(|&c| !map.is_set(c)), need) {
+        move_l1(&*storage, name, c * f.cluster_size)?;
+    }
     // A raw file leaves nothing behind; compacting it would only turn its holes into
     // unallocated clusters, and leaks below the L1 table at the end.
     let end = if opts.source == Format::Raw {
@@ -198,48 +201,61 @@ fn header_sector(header: &Header) -> [u8; 512] {
     sector
 }
 
-/// Moves the L1 table from the end of the file into the first free run of clusters
-/// below the old end, where the source's metadata was, as QEMU lays images out (the
-/// L1 right after the header when that run is free). Compaction never moves the L1:
-/// left at the end, it would keep the file from being cut. Crash-safe as the switch
-/// was: the copy is flushed before the header names it. Nothing free: it stays.
-fn relocate_l1(
-    commit: &Commit<'_>,
-    layout: &Layout,
-    data: &ClusterMap,
-    mut header: Header,
-    l1: &[u8],
-) -> Result<()> {
-    let cs = layout.geometry.cluster_size();
-    let need = layout.geometry.table_bytes() / cs;
-    let (mut run_start, mut run) = (1, 0);
-    for c in 1..layout.base / cs {
-        if data.is_set(c) {
-            (run_start, run) = (c + 1, 0);
-            continue;
+/// The first run of `need` clusters (cluster indexes, ascending) in `free`.
+fn first_run(free: impl IntoIterator<Item = u64>, need: u64) -> Option<u64> {
+    let (mut start, mut len, mut last) = (0, 0, None);
+    for c in free {
+        if last.is_some_and(|l| l + 1 == c) {
+            len += 1;
+        } else {
+            (start, len) = (c, 1);
         }
-        run += 1;
-        if run == need {
-            let at = run_start * cs;
-            commit.write(l1, at, "the L1 table")?;
-            commit.flush()?;
-            header.l1_table_offset = at;
-            commit.write(&header_sector(&header), 0, "the header")?;
-            return commit.flush();
+        last = Some(c);
+        if len == need {
+            return Some(start);
         }
     }
-    Ok(())
+    None
 }
 
-/// Writes the moved clusters, the L2 tables, the L1 table and the backing name, and
-/// returns the L1 table.
+/// Moves the L1 table to the free clusters at `to`, as QEMU lays images out (the L1
+/// right after the header when those clusters are free): compaction never moves the
+/// L1, and left at the end of the file it keeps the file from being cut. Crash-safe as
+/// the switch was: the copy is flushed before the header names it, and the header is
+/// rewritten as QEMU rewrites it, the first sector read, patched and written whole.
+fn move_l1(storage: &dyn Storage, name: &str, to: u64) -> Result<()> {
+    let mut sector = [0u8; 512];
+    storage
+        .read_at(&mut sector, 0)
+        .context(|| format!("reading the header of {name}"))?;
+    let mut raw = [0u8; HEADER_LEN];
+    raw.copy_from_slice(&sector[..HEADER_LEN]);
+    let mut header = Header::decode(&raw).map_err(|e| e.in_file(name))?;
+    let table_bytes = u64::from(header.cluster_size) * u64::from(header.table_size);
+    let mut l1 = vec![0u8; table_bytes as usize];
+    storage
+        .read_at(&mut l1, header.l1_table_offset)
+        .context(|| format!("reading the L1 table of {name}"))?;
+    storage
+        .write_at(&l1, to)
+        .context(|| format!("writing the L1 table at {to} of {name}"))?;
+    storage.flush().context(|| format!("flushing {name}"))?;
+    header.l1_table_offset = to;
+    sector[..HEADER_LEN].copy_from_slice(&header.encode());
+    storage
+        .write_at(&sector, 0)
+        .context(|| format!("writing the header of {name}"))?;
+    storage.flush().context(|| format!("flushing {name}"))
+}
+
+/// Writes the moved clusters, the L2 tables, the L1 table and the backing name.
 fn write_tables(
     commit: &Commit<'_>,
     src: &dyn GuestTables,
     layout: &Layout,
     run_len: u64,
     progress: &mut dyn FnMut(u64),
-) -> Result<Vec<u8>> {
+) -> Result<()> {
     let f = src.facts();
     let cs = layout.geometry.cluster_size();
     let tb = layout.geometry.table_bytes();
@@ -299,7 +315,7 @@ fn write_tables(
             .set_len(layout.end)
             .context(|| format!("extending {}", f.name))?;
     }
-    Ok(l1)
+    Ok(())
 }
 
 /// Inflates the compressed cluster `run` (qcow2's raw deflate) into `out`, which it must
@@ -329,27 +345,51 @@ fn decompress(commit: &Commit<'_>, run: CompressedRun, guest: u64, out: &mut [u8
 }
 
 /// Compacts the new image: what the source's metadata used is unreferenced in QED, and
-/// the clusters at the end of the file move into it. Returns the file's length after.
+/// the clusters at the end of the file move into it. When clusters stay unreferenced
+/// because the L1 table lies past them (compaction frees data clusters that are holes
+/// in the file, and may leave such gaps), the L1 table moves into the first run of them
+/// and compaction runs again. Returns the file's length after.
 fn reclaim(
     storage: Arc<dyn Storage>,
     name: &str,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64> {
-    let opts = crate::chain::OpenOptions {
-        no_backing: true,
-        ..Default::default()
-    };
     let context = |e: Error| {
         Error::invalid_argument(format!(
             "{name} is now a QED image with the same guest data, but reclaiming the space of \
              the old metadata failed ({e}); run qed compact {name}"
         ))
     };
-    let image =
-        Image::open_storage(Box::new(storage.clone()), Path::new(name), &opts).map_err(context)?;
-    compact(&image, &ReorganizeOptions { cancel: None }, progress).map_err(context)?;
-    image.close().map_err(context)?;
+    let gaps = compact_once(&storage, name, progress).map_err(context)?;
+    if let Some(to) = gaps {
+        move_l1(&*storage, name, to).map_err(context)?;
+        compact_once(&storage, name, progress).map_err(context)?;
+    }
     storage
         .len()
-        .map_err(|e| context(Error::invalid_argument(e.to_string())))
+        .context(|| format!("reading the length of {name}"))
+}
+
+/// Opens the image, compacts it and closes it. Returns where the L1 table could move to
+/// let the file be cut: the first run of unreferenced clusters long enough, below it.
+fn compact_once(
+    storage: &Arc<dyn Storage>,
+    name: &str,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Option<u64>> {
+    let opts = crate::chain::OpenOptions {
+        no_backing: true,
+        ..Default::default()
+    };
+    let image = Image::open_storage(Box::new(storage.clone()), Path::new(name), &opts)?;
+    compact(&image, &ReorganizeOptions { cancel: None }, progress)?;
+    let header = image.header();
+    let cs = u64::from(header.cluster_size);
+    let leaks = image.check()?.leaked_offsets;
+    image.close()?;
+    let below = leaks
+        .iter()
+        .map(|&at| at / cs)
+        .filter(|&c| c * cs < header.l1_table_offset);
+    Ok(first_run(below, u64::from(header.table_size)).map(|c| c * cs))
 }
