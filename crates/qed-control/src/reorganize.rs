@@ -33,6 +33,7 @@ pub fn start_reorganize(
     jobs.start(spec, move |job| {
         let opts = ReorganizeOptions {
             cancel: Some(job.cancel_flag()),
+            ..Default::default()
         };
         let mut progress = |done, total| job.set_progress(done, total);
         match kind.run(&image, &opts, &mut progress) {

@@ -34,6 +34,7 @@ pub fn run(a: Args, job: Reorganization) -> Result<u8> {
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     let opts = ReorganizeOptions {
         cancel: Some(&stop),
+        ..Default::default()
     };
     let mut progress = ProgressReport::new(a.progress);
     let mut report = |d, t| progress.update(d, t);

@@ -207,15 +207,6 @@ impl Dir {
         v.as_array().expect("map is an array").clone()
     }
 
-    /// The guest bytes of image `name` in format `fmt`, as QEMU reads them.
-    pub fn guest_bytes(&self, name: &str, fmt: &str) -> Vec<u8> {
-        let raw = format!("{name}.guest-bytes");
-        self.img(&["convert", "-f", fmt, "-O", "raw", name, &raw]);
-        let bytes = self.bytes(&raw);
-        std::fs::remove_file(self.path(&raw)).unwrap_or_else(|e| panic!("remove {raw}: {e}"));
-        bytes
-    }
-
     pub fn bytes(&self, name: &str) -> Vec<u8> {
         std::fs::read(self.path(name)).unwrap_or_else(|e| panic!("read {name}: {e}"))
     }

@@ -382,7 +382,12 @@ fn compact_once(
         ..Default::default()
     };
     let image = Image::open_storage(Box::new(storage.clone()), Path::new(name), &opts)?;
-    compact(&image, &ReorganizeOptions { cancel: None }, progress)?;
+    // Data clusters that are holes stay data: the free space is the old metadata's.
+    let keep = ReorganizeOptions {
+        cancel: None,
+        keep_hole_clusters: true,
+    };
+    compact(&image, &keep, progress)?;
     let header = image.header();
     let cs = u64::from(header.cluster_size);
     let leaks = image.check()?.leaked_offsets;

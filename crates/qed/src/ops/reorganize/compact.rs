@@ -18,7 +18,7 @@ pub fn compact(
     opts: &ReorganizeOptions<'_>,
     progress: Progress<'_>,
 ) -> Result<ReorganizeEnd> {
-    let (job, layout) = start(image)?;
+    let (job, layout) = start(image, opts)?;
     let cs = layout.cluster_size;
     let tb = layout.table_bytes;
     let target = layout.start + layout.used_bytes();

@@ -69,7 +69,7 @@ pub fn defrag(
     opts: &ReorganizeOptions<'_>,
     progress: Progress<'_>,
 ) -> Result<ReorganizeEnd> {
-    let (job, layout) = start(image)?;
+    let (job, layout) = start(image, opts)?;
     let cs = layout.cluster_size;
     let header = image.header();
     let l1 = header.l1_table_offset..header.l1_table_offset + layout.table_bytes;

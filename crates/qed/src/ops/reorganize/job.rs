@@ -15,6 +15,11 @@ pub(super) const BATCH: usize = 256;
 pub struct ReorganizeOptions<'a> {
     /// Set to stop the job between batches.
     pub cancel: Option<&'a AtomicBool>,
+    /// Leave data clusters whose bytes are all holes in the file as they are. By default
+    /// a job first frees them (they read as zeros, as the entry that replaces them
+    /// does), which asks the file about holes once per run of data; a caller that knows
+    /// its free space is elsewhere (converting in place) skips that.
+    pub keep_hole_clusters: bool,
 }
 
 /// How a compaction or defragmentation ended.
@@ -99,25 +104,35 @@ impl<'a> Owned<'a> {
 }
 
 /// Starts a job: refuses read-only images, settles what was freed before, and walks.
-pub(super) fn start(image: &Image) -> Result<(Reorganizing<'_>, Layout)> {
+pub(super) fn start<'i>(
+    image: &'i Image,
+    opts: &ReorganizeOptions<'_>,
+) -> Result<(Reorganizing<'i>, Layout)> {
     if image.is_read_only() {
         return Err(Error::ReadOnly);
     }
     let job = image.begin_reorganizing()?;
     // Data clusters that are nothing but holes (parked at a close, or punched by an
     // older discard) read as zeros: freed, they are free space like any other.
-    let mut from = 0;
-    loop {
-        let punched = image.punched_clusters(from, BATCH)?;
-        let Some(&(last, _)) = punched.last() else {
-            break;
-        };
-        image.free_punched(&punched)?;
-        from = last + image.geometry().cluster_size();
+    if !opts.keep_hole_clusters {
+        free_hole_clusters(image)?;
     }
     image.settle_freed()?;
     let layout = image.layout()?;
     Ok((job, layout))
+}
+
+/// Frees the data clusters whose bytes are all holes in the file, in batches.
+fn free_hole_clusters(image: &Image) -> Result<()> {
+    let mut from = 0;
+    loop {
+        let punched = image.punched_clusters(from, BATCH)?;
+        let Some(&(last, _)) = punched.last() else {
+            return Ok(());
+        };
+        image.free_punched(&punched)?;
+        from = last + image.geometry().cluster_size();
+    }
 }
 
 /// Ends a job: cuts the file after its last cluster in use (the job's own clusters and
