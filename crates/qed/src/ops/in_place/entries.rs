@@ -116,6 +116,8 @@ pub(super) struct Counts {
     /// Runs (of the target's table reach) with at least one entry that is not
     /// unallocated: each needs a table of the target's.
     pub tables: u64,
+    /// Data clusters that stay where they are.
+    pub data: u64,
     pub compressed: u64,
     /// Data clusters that must move because the target's header takes their place.
     pub moved: u64,
@@ -145,7 +147,10 @@ pub(super) fn survey(
                     Entry::Unallocated => continue,
                     Entry::Zero => {}
                     Entry::Data(off) if off < moves_below => counts.moved += 1,
-                    Entry::Data(off) => map.mark(off, guest, &f.name)?,
+                    Entry::Data(off) => {
+                        map.mark(off, guest, &f.name)?;
+                        counts.data += 1;
+                    }
                     Entry::Compressed(_) => counts.compressed += 1,
                 }
                 any = true;

@@ -18,7 +18,7 @@ use crate::format::geometry::{DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE};
 use crate::format::header::{features, HEADER_LEN, MAX_BACKING_NAME_LEN};
 use crate::format::qcow2::CompressedRun;
 use crate::format::{Geometry, Header};
-use crate::ops::reorganize::{compact, ReorganizeOptions};
+use crate::ops::reorganize::{compact, ReorganizeEnd, ReorganizeOptions};
 use crate::storage::Storage;
 use std::path::Path;
 use std::sync::Arc;
@@ -93,7 +93,11 @@ pub(super) fn convert(
     let end = if opts.source == Format::Raw {
         layout.end
     } else {
-        reclaim(storage, name, &mut |d, t| {
+        // Header, L1, tables and clusters: the length of a file with no leak.
+        let tb = layout.geometry.table_bytes();
+        let clusters = counts.data + counts.moved + counts.compressed;
+        let in_use = f.cluster_size + tb + counts.tables * tb + clusters * f.cluster_size;
+        reclaim(storage, name, in_use, &mut |d, t| {
             progress(2 * runs + d * runs / t.max(1), total)
         })?
     };
@@ -346,12 +350,13 @@ fn decompress(commit: &Commit<'_>, run: CompressedRun, guest: u64, out: &mut [u8
 
 /// Compacts the new image: what the source's metadata used is unreferenced in QED, and
 /// the clusters at the end of the file move into it. When clusters stay unreferenced
-/// because the L1 table lies past them (compaction frees data clusters that are holes
-/// in the file, and may leave such gaps), the L1 table moves into the first run of them
-/// and compaction runs again. Returns the file's length after.
+/// because the L1 table lies past them (no free run was long enough for it before), the
+/// L1 table moves into the first run of them and compaction runs again. `in_use`: the
+/// length of the file once nothing is left unreferenced. Returns the file's length after.
 fn reclaim(
     storage: Arc<dyn Storage>,
     name: &str,
+    in_use: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64> {
     let context = |e: Error| {
@@ -360,10 +365,10 @@ fn reclaim(
              the old metadata failed ({e}); run qed compact {name}"
         ))
     };
-    let gaps = compact_once(&storage, name, progress).map_err(context)?;
+    let gaps = compact_once(&storage, name, in_use, progress).map_err(context)?;
     if let Some(to) = gaps {
         move_l1(&*storage, name, to).map_err(context)?;
-        compact_once(&storage, name, progress).map_err(context)?;
+        compact_once(&storage, name, in_use, progress).map_err(context)?;
     }
     storage
         .len()
@@ -371,10 +376,12 @@ fn reclaim(
 }
 
 /// Opens the image, compacts it and closes it. Returns where the L1 table could move to
-/// let the file be cut: the first run of unreferenced clusters long enough, below it.
+/// let the file be cut: the first run of unreferenced clusters long enough, below it;
+/// none when the file is as short as `in_use` (the walk that finds them is skipped).
 fn compact_once(
     storage: &Arc<dyn Storage>,
     name: &str,
+    in_use: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Option<u64>> {
     let opts = crate::chain::OpenOptions {
@@ -387,7 +394,11 @@ fn compact_once(
         cancel: None,
         keep_hole_clusters: true,
     };
-    compact(&image, &keep, progress)?;
+    let end = compact(&image, &keep, progress)?;
+    if matches!(end, ReorganizeEnd::Done { file_len, .. } if file_len <= in_use) {
+        image.close()?;
+        return Ok(None);
+    }
     let header = image.header();
     let cs = u64::from(header.cluster_size);
     let leaks = image.check()?.leaked_offsets;
