@@ -47,13 +47,15 @@ pub use block::{
     BlockDevice, BlockStatus, DirectExtent, DirectRead, DiscardMode, Format, PendingWrite,
 };
 pub use chain::{
-    chain_contains, describe, for_each_run, is_remote_name, known_zero, map, open_device,
-    probe_format, probe_format_at, qcow2_facts_at, remote_identity_at, resolve_backing_path,
-    MapEntry, OpenOptions, MAX_CHAIN_DEPTH,
+    chain_contains, create_qcow2, describe, for_each_run, is_remote_name, known_zero, map,
+    open_device, probe_format, probe_format_at, qcow2_facts_at, remote_identity_at,
+    resolve_backing_path, MapEntry, OpenOptions, MAX_CHAIN_DEPTH,
 };
 #[cfg(feature = "qcow2")]
 pub use devices::Qcow2Device;
-pub use devices::{Qcow2Facts, RawDevice};
+pub use devices::{
+    Qcow2CreateOptions, Qcow2Facts, Qcow2Writer, RawDevice, QCOW2_MAX_CLUSTER, QCOW2_MIN_CLUSTER,
+};
 pub use engine::{
     Backing, CheckReport, Corruption, CreateOptions, Image, ImageOptions, Mapping, NewBacking,
     OpeningImage, RepairMode, DEFAULT_L2_CACHE_BYTES,

@@ -1,0 +1,57 @@
+//! Creating an image file by name for a writer that fills it: a new qcow2 image.
+
+use super::{Location, OpenOptions};
+use crate::block::BlockDevice;
+use crate::devices::{Qcow2CreateOptions, Qcow2Writer};
+use crate::error::{Error, Result};
+use crate::storage::{FileStorage, LockMode, Storage};
+use std::path::Path;
+
+/// Creates the qcow2 image `path` (replacing a file there that no other process uses)
+/// over `backing` (the device `options.backing_file` names, opened by the caller), and
+/// returns it open for writing, with `opts`' direct I/O and flush settings. Bad options
+/// are refused before the file is touched. The file becomes an image at the writer's
+/// first flush.
+pub fn create_qcow2(
+    path: &Path,
+    options: &Qcow2CreateOptions,
+    backing: Option<Box<dyn BlockDevice>>,
+    opts: &OpenOptions,
+) -> Result<Qcow2Writer> {
+    options.validate().map_err(|e| match e {
+        Error::InvalidArgument(why) => Error::InvalidArgument(format!("{}: {why}", path.display())),
+        e => e,
+    })?;
+    let location = Location::named(path);
+    if location.is_remote() {
+        return Err(Error::Remote {
+            url: path.to_string_lossy().into_owned(),
+            reason: "images are created on local files only".into(),
+        });
+    }
+    let created = FileStorage::create(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::ResourceBusy => Error::from_lock(path, e, false),
+        _ => Error::Io {
+            context: format!("creating {}", path.display()),
+            cause: e,
+        },
+    })?;
+    let storage: Box<dyn Storage> = if opts.direct {
+        // Opened again for O_DIRECT; the lock moves to the new descriptor.
+        let direct = location.open_storage(false, true, opts.lock_mode()?, &opts.remote)?;
+        drop(created);
+        direct
+    } else {
+        let mode = if opts.locking {
+            LockMode::WRITER
+        } else {
+            LockMode::NONE
+        };
+        created
+            .lock(mode)
+            .map_err(|e| Error::from_lock(path, e, false))?;
+        Box::new(created)
+    };
+    let name = path.to_string_lossy().into_owned();
+    Qcow2Writer::create(opts.flushing(storage), name, options.clone(), backing)
+}
