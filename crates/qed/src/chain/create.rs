@@ -37,7 +37,12 @@ pub fn create_qcow2(
         },
     })?;
     let storage: Box<dyn Storage> = if opts.direct {
-        // Opened again for O_DIRECT; the lock moves to the new descriptor.
+        // Opened again for O_DIRECT. The locks of one descriptor conflict with those of
+        // another, so the created file's go first: another process may slip in between,
+        // and then this open is refused.
+        created
+            .lock(LockMode::NONE)
+            .map_err(|e| Error::from_lock(path, e, false))?;
         let direct = location.open_storage(false, true, opts.lock_mode()?, &opts.remote)?;
         drop(created);
         direct

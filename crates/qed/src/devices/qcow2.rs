@@ -114,15 +114,27 @@ impl BlockDevice for Qcow2Device {
             .context(|| format!("writing {} bytes at {offset} of {}", buf.len(), self.name))
     }
 
-    /// Whole clusters become zero clusters (version 3); the rest is written as zeros.
+    /// Whole clusters become zero clusters (version 3); the rest, and everything in a
+    /// version 2 image (which has no zero clusters), is written as zeros.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         if !self.writable {
             return Err(Error::ReadOnly);
         }
         check_range(offset, len, self.size())?;
-        self.access
-            .write_zeroes(offset, len)
-            .context(|| format!("writing {len} zero bytes at {offset} of {}", self.name))
+        let context = || format!("writing {len} zero bytes at {offset} of {}", self.name);
+        match self.access.write_zeroes(offset, len) {
+            // imago checks the version before it changes anything.
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
+            r => return r.context(context),
+        }
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(zeros.len() as u64) as usize;
+            self.access.write(&zeros[..n], pos).context(context)?;
+            pos += n as u64;
+        }
+        Ok(())
     }
 
     /// Nothing is given back: imago's discards need the device to itself, and a caller
