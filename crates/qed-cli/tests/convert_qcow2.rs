@@ -119,14 +119,28 @@ fn s0_writes_every_byte() {
     let d = Dir::new();
     d.raw_image("sparse.raw", "16M", &[(10 * M, 64 * K, 0x77)]);
     d.qed(&[
-        "convert", "-S", "0", "-f", "raw", "-O", "qcow2", "sparse.raw", "full.qcow2",
+        "convert",
+        "-S",
+        "0",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "sparse.raw",
+        "full.qcow2",
     ]);
     d.clean("full.qcow2");
     d.same("sparse.raw", "full.qcow2");
     let map = d.map("full.qcow2");
     assert_eq!(data_bytes(&map, 0), 16 * M, "{map:?}");
     d.qed(&[
-        "convert", "-f", "raw", "-O", "qcow2", "sparse.raw", "sparse.qcow2",
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "sparse.raw",
+        "sparse.qcow2",
     ]);
     assert_eq!(data_bytes(&d.map("sparse.qcow2"), 0), 64 * K);
     assert!(d.len("sparse.qcow2") < M);
@@ -151,7 +165,14 @@ fn a_backing_file_leaves_what_it_holds_unwritten() {
         &["write -P 0xab 1540k 8k".into(), "write -z 2M 64k".into()],
     );
     d.img(&[
-        "convert", "-q", "-f", "raw", "-O", "qcow2", "back.raw", "back.qcow2",
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "back.raw",
+        "back.qcow2",
     ]);
     let ways: [(&str, Vec<String>); 3] = [
         (
@@ -209,9 +230,7 @@ fn n_writes_into_an_existing_qcow2_image() {
         let o = format!("compat={compat}");
         d.img(&["create", "-q", "-f", "qcow2", "-o", &o, &dst, "4M"]);
         d.write_runs("qcow2", &dst, &[(0, 4 * M, 0xcd)]);
-        d.qed(&[
-            "convert", "-n", "-f", "raw", "-O", "qcow2", "src.raw", &dst,
-        ]);
+        d.qed(&["convert", "-n", "-f", "raw", "-O", "qcow2", "src.raw", &dst]);
         d.same("src.raw", &dst);
         d.clean(&dst);
     }
@@ -243,7 +262,10 @@ fn bad_cluster_sizes_are_refused_and_nothing_is_created() {
             "cluster_size",
         );
         assert!(err.contains("bad.qcow2"), "{err}");
-        assert!(!d.path("bad.qcow2").exists(), "{cs}: a refused convert creates nothing");
+        assert!(
+            !d.path("bad.qcow2").exists(),
+            "{cs}: a refused convert creates nothing"
+        );
     }
     d.qed_fails(
         &[
@@ -258,7 +280,15 @@ fn bad_cluster_sizes_are_refused_and_nothing_is_created() {
         "table_size",
     );
     let err = d.qed_fails(
-        &["convert", "-O", "qcow2", "-B", "missing.raw", "src.raw", "bad.qcow2"],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "missing.raw",
+            "src.raw",
+            "bad.qcow2",
+        ],
         "missing.raw",
     );
     assert!(!err.is_empty());

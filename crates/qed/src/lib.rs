@@ -1,7 +1,8 @@
 //! Read, write and create QED (QEMU Enhanced Disk) images, byte-compatible with QEMU.
 //!
 //! An [`Image`] is one QED image over a [`Storage`]; it is a [`BlockDevice`], as are raw
-//! files ([`RawDevice`]) and qcow2 images ([`Qcow2Device`], read-only). [`open_device`]
+//! files ([`RawDevice`]), qcow2 images ([`Qcow2Device`]) and new qcow2 images
+//! ([`Qcow2Writer`], made by [`create_qcow2`]). [`open_device`]
 //! and [`Image::open`] open a device by name (a path, or read-only an http or https URL
 //! read through [`HttpStorage`] or an s3 URL read through [`S3Storage`]) with its
 //! backing chain, taking on each file the locks QEMU takes, so that QEMU's processes

@@ -4,7 +4,7 @@ use super::{Location, OpenOptions};
 use crate::block::BlockDevice;
 use crate::devices::{Qcow2CreateOptions, Qcow2Writer};
 use crate::error::{Error, Result};
-use crate::storage::{FileStorage, LockMode, Storage};
+use crate::storage::{FileStorage, LockMode};
 use std::path::Path;
 
 /// Creates the qcow2 image `path` (replacing a file there that no other process uses)
@@ -36,27 +36,17 @@ pub fn create_qcow2(
             cause: e,
         },
     })?;
-    let storage: Box<dyn Storage> = if opts.direct {
-        // Opened again for O_DIRECT. The locks of one descriptor conflict with those of
-        // another, so the created file's go first: another process may slip in between,
-        // and then this open is refused.
-        created
-            .lock(LockMode::NONE)
-            .map_err(|e| Error::from_lock(path, e, false))?;
-        let direct = location.open_storage(false, true, opts.lock_mode()?, &opts.remote)?;
-        drop(created);
-        direct
-    } else {
-        let mode = if opts.locking {
-            LockMode::WRITER
-        } else {
-            LockMode::NONE
-        };
-        created
-            .lock(mode)
-            .map_err(|e| Error::from_lock(path, e, false))?;
-        Box::new(created)
-    };
+    // Opened again to be written, as QEMU opens the file it created: closing the
+    // descriptor that emptied the file is what keeps ext4 (auto_da_alloc) from starting
+    // the write-back of the whole copy when it is closed, which a copy left to the page
+    // cache would wait for. The locks of one descriptor conflict with those of another,
+    // so the created file's go first: another process may slip in between, and then this
+    // open is refused.
+    created
+        .lock(LockMode::NONE)
+        .map_err(|e| Error::from_lock(path, e, false))?;
+    drop(created);
+    let storage = location.open_storage(false, opts.direct, opts.lock_mode()?, &opts.remote)?;
     let name = path.to_string_lossy().into_owned();
     Qcow2Writer::create(opts.flushing(storage), name, options.clone(), backing)
 }

@@ -142,7 +142,14 @@ impl Qcow2Writer {
                 "a qcow2 image's backing file name and its device go together".to_string(),
             ));
         }
-        storage.set_len(0).context(|| format!("emptying {name}"))?;
+        // Only when needed: emptying a file that holds data makes ext4 write back all
+        // that is written after it when the file is closed.
+        let len = storage
+            .len()
+            .context(|| format!("reading the length of {name}"))?;
+        if len > 0 {
+            storage.set_len(0).context(|| format!("emptying {name}"))?;
+        }
         let cs = geometry.cluster_size();
         Ok(Self {
             storage,
@@ -381,7 +388,8 @@ impl BlockDevice for Qcow2Writer {
                     _ => {
                         st.change();
                         let (h, used_before) = st.space.allocate();
-                        let filled = n < cs && (used_before || before == Place::Below);
+                        let below = before == Place::Below && self.backing.is_some();
+                        let filled = n < cs && (used_before || below);
                         if filled {
                             // Written whole now, under the lock, so that no write to
                             // the rest of the cluster can run before it and be undone.
