@@ -183,7 +183,7 @@ impl Geometry {
 
     /// Refcounts in one refcount block (16 bits each).
     pub fn refcounts_per_block(&self) -> u64 {
-        self.cluster_size() * 8 >> REFCOUNT_ORDER
+        (self.cluster_size() * 8) >> REFCOUNT_ORDER
     }
 
     /// How many refcount blocks and refcount table clusters cover a file of `used`
