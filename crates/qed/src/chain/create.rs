@@ -22,6 +22,12 @@ pub fn create_qcow2(
         Error::InvalidArgument(why) => Error::InvalidArgument(format!("{}: {why}", path.display())),
         e => e,
     })?;
+    if options.backing_file.is_some() != backing.is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: a backing file name needs the backing device, and the device its name",
+            path.display()
+        )));
+    }
     let location = Location::named(path);
     if location.is_remote() {
         return Err(Error::Remote {

@@ -176,9 +176,9 @@ impl Geometry {
         self.size.div_ceil(self.l2_span())
     }
 
-    /// Clusters the L1 table takes.
+    /// Clusters the L1 table takes (none for an empty image, as QEMU makes it).
     pub fn l1_clusters(&self) -> u64 {
-        (self.l1_entries() * 8).div_ceil(self.cluster_size()).max(1)
+        (self.l1_entries() * 8).div_ceil(self.cluster_size())
     }
 
     /// Refcounts in one refcount block (16 bits each).

@@ -238,11 +238,17 @@ impl Qcow2Writer {
             l1[i as usize] = at | COPIED;
             written.push(at);
         }
-        let l1_at = st.space.append(g.l1_clusters());
+        let l1_at = match g.l1_clusters() {
+            // An empty image's L1 table is empty, at offset 0, as QEMU writes it.
+            0 => 0,
+            n => st.space.append(n),
+        };
         let l1_bytes = self.table_bytes(&l1, g.l1_clusters());
-        self.storage
-            .write_at(&l1_bytes, l1_at)
-            .context(|| self.io_context("writing the L1 table,", l1_bytes.len() as u64, l1_at))?;
+        if !l1_bytes.is_empty() {
+            self.storage.write_at(&l1_bytes, l1_at).context(|| {
+                self.io_context("writing the L1 table,", l1_bytes.len() as u64, l1_at)
+            })?;
+        }
         written.extend((0..g.l1_clusters()).map(|k| l1_at + k * cs));
 
         let (blocks, table_clusters) = g.refcount_clusters(st.space.frontier / cs);
