@@ -20,6 +20,8 @@ fn to_qcow2(d: &Dir, src: &str, cs: &str, extra: &[&str]) -> String {
     d.qed(&args);
     d.clean(&dst);
     d.same(src, &dst);
+    // qed reads it back the same too.
+    d.qed(&["compare", src, &dst]);
     let info = d.info(&dst);
     assert_eq!(info["format"], "qcow2", "{info:#}");
     assert_eq!(info["format-specific"]["data"]["compat"], "1.1", "{info:#}");
