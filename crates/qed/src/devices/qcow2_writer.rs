@@ -2,8 +2,11 @@
 //! in the order they are first written (guest order, for a copy), the L2 tables of the
 //! ranges written kept in memory, and the L2 tables, L1 table, refcounts and finally the
 //! header laid out after the data at a flush. Nothing is allocated twice and no table is
-//! read back, so a copy costs its data writes and little more; the price is that the
-//! file is an image only once flushed (a crash before then means copying again).
+//! read back, so a copy costs its data writes and little more. The price is crash
+//! safety: the file is a consistent image only from a flush to the next write that
+//! allocates (whose clusters may be those of the metadata the header still names), so a
+//! crash in between means copying again, as after a crash of `qemu-img convert -t
+//! unsafe`.
 
 use super::qcow2_layout::{
     refcount_block, Geometry, Qcow2CreateOptions, COPIED, OFFSET_MASK, ZERO,
