@@ -302,3 +302,37 @@ fn bad_cluster_sizes_are_refused_and_nothing_is_created() {
     let (code, j) = d.qemu_check("src.raw.512.qcow2");
     assert_eq!((code, count(&j, "leaks")), (0, 0), "{j:#}");
 }
+
+#[test]
+fn zero_runs_off_the_block_grid_keep_their_edges() {
+    let d = Dir::new();
+    // 4k clusters: the runs the source reports as zeros start and end on 4k, which
+    // blocks of 1536 or 3k bytes (-S) straddle, and are long enough (64k and more) to
+    // be filled instead of read. Data everywhere first (more than the copy's 40 MiB of
+    // buffers), so that its buffers hold stale bytes when they come.
+    d.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "odd.qcow2",
+        "64M",
+    ]);
+    let mut runs = vec![(0, 48 * M, 0x5a)];
+    let mut at = 48 * M + 4 * K;
+    for (i, gap) in [(1u64, 68 * K), (2, 132 * K), (3, 200 * K)] {
+        runs.push((at, 4 * K * i, 0x60 + i as u8));
+        at += 4 * K * i + gap;
+    }
+    runs.push((64 * M - 8 * K, 4 * K, 0x6f));
+    d.write_runs("qcow2", "odd.qcow2", &runs);
+    for s in ["1536", "3k", "4k", "64k", "0"] {
+        for fmt in ["qcow2", "qed", "raw"] {
+            let dst = format!("odd-{s}.{fmt}");
+            d.qed(&["convert", "-S", s, "-O", fmt, "odd.qcow2", &dst]);
+            d.same("odd.qcow2", &dst);
+        }
+    }
+}
