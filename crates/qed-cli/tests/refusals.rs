@@ -51,8 +51,16 @@ fn bad_arguments_change_nothing() {
     );
     refused(
         &d,
-        &["convert", "-O", "qcow2", "src.qed", "dst.qed"],
-        "qcow2",
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4M",
+            "src.qed",
+            "dst.qed",
+        ],
+        "cluster_size",
         &all,
     );
     refused(

@@ -13,7 +13,8 @@ pub enum Format {
     Raw,
     /// A QED image.
     Qed,
-    /// A qcow2 image (read-only, with the `qcow2` feature).
+    /// A qcow2 image (existing ones are read and written with the `qcow2` feature; new
+    /// ones are written without it).
     Qcow2,
 }
 

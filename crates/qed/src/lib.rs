@@ -1,7 +1,8 @@
 //! Read, write and create QED (QEMU Enhanced Disk) images, byte-compatible with QEMU.
 //!
 //! An [`Image`] is one QED image over a [`Storage`]; it is a [`BlockDevice`], as are raw
-//! files ([`RawDevice`]) and qcow2 images ([`Qcow2Device`], read-only). [`open_device`]
+//! files ([`RawDevice`]), qcow2 images ([`Qcow2Device`]) and new qcow2 images
+//! ([`Qcow2Writer`], made by [`create_qcow2`]). [`open_device`]
 //! and [`Image::open`] open a device by name (a path, or read-only an http or https URL
 //! read through [`HttpStorage`] or an s3 URL read through [`S3Storage`]) with its
 //! backing chain, taking on each file the locks QEMU takes, so that QEMU's processes
@@ -47,13 +48,15 @@ pub use block::{
     BlockDevice, BlockStatus, DirectExtent, DirectRead, DiscardMode, Format, PendingWrite,
 };
 pub use chain::{
-    chain_contains, describe, for_each_run, is_remote_name, known_zero, map, open_device,
-    probe_format, probe_format_at, qcow2_facts_at, remote_identity_at, resolve_backing_path,
-    MapEntry, OpenOptions, MAX_CHAIN_DEPTH,
+    chain_contains, create_qcow2, describe, for_each_run, is_remote_name, known_zero, map,
+    open_device, probe_format, probe_format_at, qcow2_facts_at, remote_identity_at,
+    resolve_backing_path, MapEntry, OpenOptions, MAX_CHAIN_DEPTH,
 };
 #[cfg(feature = "qcow2")]
 pub use devices::Qcow2Device;
-pub use devices::{Qcow2Facts, RawDevice};
+pub use devices::{
+    Qcow2CreateOptions, Qcow2Facts, Qcow2Writer, RawDevice, QCOW2_MAX_CLUSTER, QCOW2_MIN_CLUSTER,
+};
 pub use engine::{
     Backing, CheckReport, Corruption, CreateOptions, Image, ImageOptions, Mapping, NewBacking,
     OpeningImage, RepairMode, DEFAULT_L2_CACHE_BYTES,

@@ -145,7 +145,7 @@ fn grow_base(
             }
         }
         Format::Qcow2 => bail!(
-            "{}: cannot commit into a qcow2 image (qcow2 images are read-only here)",
+            "{}: cannot commit into a qcow2 image (commit writes into QED and raw backing files only)",
             base_path.display()
         ),
     }

@@ -8,11 +8,12 @@ use anyhow::{bail, Context, Result};
 use qed::FileStorage;
 use qed::{chain_contains, resolve_backing_path};
 use qed::{convert, ConvertOptions};
+use qed::{create_qcow2, Qcow2CreateOptions};
 use qed::{open_device, BlockDevice, CreateOptions, Format, Image, OpenOptions};
 use std::path::PathBuf;
 
-/// Copy an image into a new QED or raw image, sparsely; or, with --in-place, convert it
-/// in its own file.
+/// Copy an image into a new QED, qcow2 or raw image, sparsely; or, with --in-place,
+/// convert it in its own file.
 #[derive(clap::Args)]
 pub struct Args {
     /// Convert FILE in its own file instead of copying it: qcow2 or raw to qed (-O qed),
@@ -31,11 +32,11 @@ pub struct Args {
     /// Source format: raw, qed or qcow2 (probed when omitted).
     #[arg(short = 'f', value_parser = crate::values::format)]
     format: Option<Format>,
-    /// Destination format: qed (default) or raw.
+    /// Destination format: qed (default), qcow2 or raw.
     #[arg(short = 'O', default_value = "qed", value_parser = crate::values::format)]
     output_format: Format,
-    /// Destination options: cluster_size=SIZE, table_size=N, backing_file=NAME (as -B),
-    /// backing_fmt=FMT (as -F); -B and -F win over them, as in qemu-img.
+    /// Destination options: cluster_size=SIZE, table_size=N (qed only), backing_file=NAME
+    /// (as -B), backing_fmt=FMT (as -F); -B and -F win over them, as in qemu-img.
     #[arg(short = 'o')]
     options: Vec<String>,
     /// Backing file of the destination: only data differing from it is written.
@@ -87,7 +88,7 @@ pub fn run(a: Args) -> Result<u8> {
     let src = open_source(&plan)?;
     refuse_destination_in_source_chain(&plan, &*src)?;
     prepare_destination(&plan, src.size())?;
-    let dst = open_destination(&plan)?;
+    let dst = open_destination(&plan, src.size())?;
     copy(&plan, &*src, &*dst)?;
     Ok(0)
 }
@@ -123,11 +124,11 @@ struct Plan {
     /// `None` probes.
     src_format: Option<Format>,
     dst: PathBuf,
-    /// qed or raw.
+    /// qed, qcow2 or raw.
     dst_format: Format,
     /// `-n`: the destination exists and is written into.
     no_create: bool,
-    /// For a new qed destination; empty otherwise.
+    /// For a new qed or qcow2 destination; empty otherwise.
     geometry: CreateGeometry,
     /// `-B`.
     backing: Option<String>,
@@ -150,9 +151,6 @@ impl Plan {
     fn new(a: Args) -> Result<Self> {
         let src_format = a.format;
         let dst_format = a.output_format;
-        if dst_format == Format::Qcow2 {
-            bail!("cannot write qcow2 images: use -O qed or -O raw");
-        }
         let sparse_size = a.sparse_size;
         if sparse_size % 512 != 0 {
             bail!("invalid -S {sparse_size}: it must be a multiple of 512");
@@ -161,10 +159,13 @@ impl Plan {
             bail!("-o has no effect when skipping image creation (-n): drop one of them");
         }
         if dst_format == Format::Raw && (a.backing.is_some() || !a.options.is_empty()) {
-            bail!("-B and -o apply to qed destinations only");
+            bail!("-B and -o apply to qed and qcow2 destinations only");
         }
         let geometry =
             CreateGeometry::parse(&a.options, crate::geometry::CONVERT_KEYS, "qed convert")?;
+        if dst_format == Format::Qcow2 && geometry.table_size.is_some() {
+            bail!("invalid -o option 'table_size': it applies to qed destinations only");
+        }
         let backing = a.backing.or_else(|| geometry.backing_file.clone());
         let backing_fmt = geometry.backing_fmt.as_deref().map(str::parse::<Format>);
         let backing_format = match a.backing_format {
@@ -252,10 +253,12 @@ fn refuse_destination_in_source_chain(plan: &Plan, src: &dyn BlockDevice) -> Res
 }
 
 /// Creates the destination, `size` bytes long; with `-n`, checks the existing one
-/// instead.
+/// instead. A new qcow2 image is created when it is opened.
 fn prepare_destination(plan: &Plan, size: u64) -> Result<()> {
     if plan.no_create {
         check_existing_destination(plan, size)
+    } else if plan.dst_format == Format::Qcow2 {
+        Ok(())
     } else if plan.dst_format == Format::Qed {
         create_qed_destination(plan, size)
     } else {
@@ -271,17 +274,8 @@ fn prepare_destination(plan: &Plan, size: u64) -> Result<()> {
 fn create_qed_destination(plan: &Plan, size: u64) -> Result<()> {
     let mut opts = CreateOptions::new(size);
     plan.geometry.apply(&mut opts);
-    if let Some(b) = &plan.backing {
-        let path = resolve_backing_path(&plan.dst, b);
-        let dev = open_device(&path, plan.backing_format, &plan.remote.read_only())
-            .file_context("could not open backing file", &path)?;
-        if chain_contains(&*dev, &plan.dst) {
-            bail!(
-                "the destination {} cannot be in its own backing chain (-B {b})",
-                plan.dst.display()
-            );
-        }
-        opts.backing_file = Some(b.clone());
+    if let Some((name, dev)) = open_new_backing(plan)? {
+        opts.backing_file = Some(name);
         opts.backing_format = Some(plan.backing_format.unwrap_or(dev.format()));
     }
     opts.header()?;
@@ -290,6 +284,48 @@ fn create_qed_destination(plan: &Plan, size: u64) -> Result<()> {
     }
     Image::create(&plan.dst, &opts)?;
     Ok(())
+}
+
+/// The backing file `-B` names for a new destination, opened read-only, with the name
+/// its header is to store; refused if it leads back to the destination.
+fn open_new_backing(plan: &Plan) -> Result<Option<(String, Box<dyn BlockDevice>)>> {
+    let Some(b) = &plan.backing else {
+        return Ok(None);
+    };
+    let path = resolve_backing_path(&plan.dst, b);
+    let dev = open_device(&path, plan.backing_format, &plan.remote.read_only())
+        .file_context("could not open backing file", &path)?;
+    if chain_contains(&*dev, &plan.dst) {
+        bail!(
+            "the destination {} cannot be in its own backing chain (-B {b})",
+            plan.dst.display()
+        );
+    }
+    Ok(Some((b.clone(), dev)))
+}
+
+/// Creates a qcow2 destination, open for the copy: the cluster size and the backing
+/// file are checked before the file is created.
+fn create_qcow2_destination(
+    plan: &Plan,
+    opts: &OpenOptions,
+    size: u64,
+) -> Result<Box<dyn BlockDevice>> {
+    let mut create = Qcow2CreateOptions::new(size);
+    if let Some(c) = plan.geometry.cluster_size {
+        create.cluster_size = u64::from(c);
+    }
+    create
+        .validate()
+        .file_context("could not create", &plan.dst)?;
+    let backing = open_new_backing(plan)?.map(|(name, dev)| {
+        create.backing_file = Some(name);
+        create.backing_format = Some(plan.backing_format.unwrap_or(dev.format()));
+        dev
+    });
+    let dst = create_qcow2(&plan.dst, &create, backing, opts)
+        .file_context("could not create", &plan.dst)?;
+    Ok(Box::new(dst))
 }
 
 /// Refuses an existing destination smaller than the source. It is looked at read-only:
@@ -323,8 +359,9 @@ fn check_existing_destination(plan: &Plan, size: u64) -> Result<()> {
 }
 
 /// Opens the destination read-write, in the cache mode asked for (a QED image with
-/// NEED_CHECK set is repaired).
-fn open_destination(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
+/// NEED_CHECK set is repaired); a new qcow2 destination, `size` bytes long, is created
+/// here.
+fn open_destination(plan: &Plan, size: u64) -> Result<Box<dyn BlockDevice>> {
     let opts = OpenOptions {
         direct: plan.direct,
         no_flush: plan.no_flush,
@@ -333,7 +370,10 @@ fn open_destination(plan: &Plan) -> Result<Box<dyn BlockDevice>> {
     if plan.dst_format == Format::Qed {
         return Ok(Box::new(crate::open::open_image(&plan.dst, &opts)?));
     }
-    open_device(&plan.dst, Some(Format::Raw), &opts).file_context("could not open", &plan.dst)
+    if plan.dst_format == Format::Qcow2 && !plan.no_create {
+        return create_qcow2_destination(plan, &opts, size);
+    }
+    open_device(&plan.dst, Some(plan.dst_format), &opts).file_context("could not open", &plan.dst)
 }
 
 /// Copies the source into the destination, showing progress when asked; the copy ends

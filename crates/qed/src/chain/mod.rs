@@ -5,9 +5,11 @@
 //! ([`Image::begin_open`]), the chain opens the backing file it names (read-only, with
 //! the same rules all the way down), and hands it to the engine to finish.
 
+mod create;
 mod layers;
 mod location;
 
+pub use create::create_qcow2;
 pub use layers::{chain_contains, describe, for_each_run, known_zero, map, MapEntry};
 pub use location::resolve_backing_path;
 
@@ -343,14 +345,19 @@ impl Chain {
                     crate::devices::Qcow2Device::open(path)?.holding(locks),
                 ))
             }
+            #[cfg(feature = "qcow2")]
+            Format::Qcow2 => {
+                let mut locks = self.qcow2_backing_locks(location, &*storage, opts)?;
+                locks.insert(0, storage);
+                Ok(Box::new(
+                    crate::devices::Qcow2Device::open_writable(path, opts.direct, opts.no_flush)?
+                        .holding(locks),
+                ))
+            }
+            #[cfg(not(feature = "qcow2"))]
             Format::Qcow2 => Err(Error::Unsupported(format!(
-                "{}: qcow2 images can only be opened read-only{}",
+                "{}: this build has no qcow2 support",
                 path.display(),
-                if cfg!(feature = "qcow2") {
-                    ""
-                } else {
-                    " (and this build has no qcow2 support)"
-                }
             ))),
         }
     }
