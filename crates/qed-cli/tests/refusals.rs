@@ -139,6 +139,28 @@ fn bad_arguments_change_nothing() {
     );
 }
 
+/// qcow2 images open read-write only for `convert -n`: io, serve and mount refuse to
+/// write one, and say how to go on.
+#[test]
+fn qcow2_is_written_only_by_convert() {
+    let d = Dir::new();
+    d.img(&["create", "-q", "-f", "qcow2", "a.qcow2", "4M"]);
+    d.io("qcow2", "a.qcow2", &["write -P 0x21 0 64k".to_string()]);
+    let all = ["a.qcow2"];
+    refused(
+        &d,
+        &["io", "-c", "write -P 0x22 0 4k", "a.qcow2"],
+        "--in-place",
+        &all,
+    );
+    refused(
+        &d,
+        &["serve", "--socket", "x.sock", "a.qcow2"],
+        "read-only",
+        &all,
+    );
+}
+
 #[test]
 fn writing_into_the_source_chain_is_refused() {
     let d = Dir::new();

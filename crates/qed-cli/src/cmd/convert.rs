@@ -365,6 +365,8 @@ fn open_destination(plan: &Plan, size: u64) -> Result<Box<dyn BlockDevice>> {
     let opts = OpenOptions {
         direct: plan.direct,
         no_flush: plan.no_flush,
+        // -n into an existing qcow2 image writes through imago.
+        qcow2_writes: true,
         ..plan.remote.read_write()
     };
     if plan.dst_format == Format::Qed {

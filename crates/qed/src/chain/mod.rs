@@ -60,6 +60,11 @@ pub struct OpenOptions {
     /// into the backing file does: they are locked as `force_share` locks, and this
     /// image reads data that may change under it.
     pub share_backing_writes: bool,
+    /// Let a qcow2 image open read-write (through imago), as `convert -n` into an
+    /// existing qcow2 image needs. Off by default: the exports and `io` keep qcow2
+    /// read-only, since those writes are not proven under concurrent requests and
+    /// crashes as the QED engine's are.
+    pub qcow2_writes: bool,
 }
 
 impl Default for OpenOptions {
@@ -73,6 +78,7 @@ impl Default for OpenOptions {
             locking: true,
             force_share: false,
             share_backing_writes: false,
+            qcow2_writes: false,
         }
     }
 }
@@ -345,6 +351,13 @@ impl Chain {
                     crate::devices::Qcow2Device::open(path)?.holding(locks),
                 ))
             }
+            #[cfg(feature = "qcow2")]
+            Format::Qcow2 if !opts.qcow2_writes => Err(Error::Unsupported(format!(
+                "{}: qcow2 images are opened read-only here (only qed convert -n writes \
+                 into one); open it read-only, or convert it to QED in place (qed convert \
+                 --in-place FILE)",
+                path.display()
+            ))),
             #[cfg(feature = "qcow2")]
             Format::Qcow2 => {
                 let mut locks = self.qcow2_backing_locks(location, &*storage, opts)?;
