@@ -571,6 +571,27 @@ fn qcow2_compressed_by_qemu_img_convert_round_trips_in_place() {
     );
     qcow2_round_trip(&d, "all.qcow2", None);
 
+    // zstd, QEMU's other compression type.
+    d.img(&[
+        "convert",
+        "-q",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        "src.raw",
+        "zstd.qcow2",
+    ]);
+    assert_eq!(
+        d.info("zstd.qcow2")["format-specific"]["data"]["compression-type"],
+        "zstd"
+    );
+    assert!(compressed_bytes(&d, "zstd.qcow2") >= 3 * M);
+    qcow2_round_trip(&d, "zstd.qcow2", None);
+
     // Compressed over a backing file: convert -c -B stores only what differs.
     d.raw_image("base.raw", "8M", &[(0, 2 * M, 0x31)]);
     d.img(&[

@@ -38,7 +38,7 @@ pub(super) struct SourceFacts {
     /// write its own header's side data (a backing name) only past them before it
     /// switches.
     pub header_used: u64,
-    /// Compressed clusters are zstd-compressed, which cannot be read here.
+    /// Compressed clusters are zstd frames rather than raw deflate.
     pub zstd: bool,
 }
 

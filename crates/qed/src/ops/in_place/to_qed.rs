@@ -137,13 +137,6 @@ fn runs(g: &Geometry, size: u64) -> (u64, u64) {
 
 fn plan_layout(geometry: &Geometry, src: &dyn GuestTables, counts: &Counts) -> Result<Layout> {
     let f = src.facts();
-    if f.zstd && counts.compressed > 0 {
-        return Err(Error::invalid_argument(format!(
-            "{}: {} of its clusters are compressed with zstd, which cannot be decompressed \
-             here; rewrite them uncompressed first (qemu-img convert -O qcow2 SRC DST)",
-            f.name, counts.compressed
-        )));
-    }
     let cs = geometry.cluster_size();
     let tb = geometry.table_bytes();
     let base = round_up(f.file_len, cs);
@@ -295,7 +288,7 @@ fn write_tables(
                 }
                 Entry::Compressed(run) => {
                     let guest = (index * run_len + i as u64) * cs;
-                    decompress(commit, run, guest, &mut cluster)?;
+                    decompress(commit, run, f.zstd, guest, &mut cluster)?;
                     commit.write(&cluster, next_moved, "a decompressed cluster")?;
                     next_moved += cs;
                     next_moved - cs
@@ -322,29 +315,66 @@ fn write_tables(
     Ok(())
 }
 
-/// Inflates the compressed cluster `run` (qcow2's raw deflate) into `out`, which it must
-/// fill exactly.
-fn decompress(commit: &Commit<'_>, run: CompressedRun, guest: u64, out: &mut [u8]) -> Result<()> {
-    let file_len = commit.old_len;
-    let len = run.len.min(file_len.saturating_sub(run.offset)) as usize;
+/// Decompresses the compressed cluster `run` into `out`, which it must fill exactly:
+/// raw deflate, or with `zstd` one or more zstd frames, as QEMU writes them.
+fn decompress(
+    commit: &Commit<'_>,
+    run: CompressedRun,
+    zstd: bool,
+    guest: u64,
+    out: &mut [u8],
+) -> Result<()> {
+    let len = run.len.min(commit.old_len.saturating_sub(run.offset)) as usize;
     let mut input = vec![0u8; len];
     commit.read(&mut input, run.offset, "a compressed cluster")?;
-    let bad = |why: String| {
+    let done = if zstd {
+        unzstd(&input, out)
+    } else {
+        inflate(&input, out)
+    };
+    done.map_err(|why| {
         Error::invalid_argument(format!(
             "{}: the compressed cluster of guest offset {guest} at {} {why}; check the image \
              (qemu-img check)",
             commit.name, run.offset
         ))
-    };
-    let got = miniz_oxide::inflate::decompress_to_vec_with_limit(&input, out.len())
-        .map_err(|e| bad(format!("does not decompress ({:?})", e.status)))?;
+    })
+}
+
+fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+    let got = miniz_oxide::inflate::decompress_to_vec_with_limit(input, out.len())
+        .map_err(|e| format!("does not decompress ({:?})", e.status))?;
     if got.len() != out.len() {
-        return Err(bad(format!(
+        return Err(format!(
             "decompresses to {} bytes, not a cluster",
             got.len()
-        )));
+        ));
     }
     out.copy_from_slice(&got);
+    Ok(())
+}
+
+/// QEMU may write a cluster as several frames: they are decoded one after the other
+/// until the cluster is full; what follows (the rest of the last sector) is ignored.
+fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+    use std::io::Read;
+    let mut src = input;
+    let mut filled = 0;
+    while filled < out.len() {
+        let mut frame = ruzstd::decoding::StreamingDecoder::new(&mut src)
+            .map_err(|e| format!("does not decompress ({e})"))?;
+        let before = filled;
+        while filled < out.len() {
+            match frame.read(&mut out[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => return Err(format!("does not decompress ({e})")),
+            }
+        }
+        if filled == before {
+            return Err(format!("decompresses to {filled} bytes, not a cluster"));
+        }
+    }
     Ok(())
 }
 
@@ -408,4 +438,32 @@ fn compact_once(
         .map(|&at| at / cs)
         .filter(|&c| c * cs < header.l1_table_offset);
     Ok(first_run(below, u64::from(header.table_size)).map(|c| c * cs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_compressed_bytes_are_errors() {
+        let mut out = vec![0u8; 4096];
+        for input in [
+            &b""[..],
+            b"\xff\xff\xff\xff",
+            &[0x28, 0xb5, 0x2f, 0xfd, 0xff, 0xff],
+        ] {
+            assert!(inflate(input, &mut out).is_err());
+            assert!(unzstd(input, &mut out).is_err());
+        }
+        // A stream that decompresses to less than a cluster.
+        let short = miniz_oxide::deflate::compress_to_vec(&[7u8; 100], 6);
+        assert!(inflate(&short, &mut out).unwrap_err().contains("100 bytes"));
+    }
+
+    #[test]
+    fn first_run_finds_consecutive_clusters() {
+        assert_eq!(first_run([1, 2, 4, 5, 6, 7, 9], 3), Some(4));
+        assert_eq!(first_run([1, 3, 5], 2), None);
+        assert_eq!(first_run([8], 1), Some(8));
+    }
 }
