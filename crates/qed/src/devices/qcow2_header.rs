@@ -4,17 +4,13 @@
 use crate::error::{Error, IoContext, Result};
 use crate::storage::Storage;
 
-const MAGIC: [u8; 4] = *b"QFI\xfb";
-/// The fixed part of a version 2 header; version 3 headers say their own length.
-const V2_HEADER_LEN: usize = 72;
+use crate::format::qcow2::V2_HEADER_LEN;
+use crate::format::qcow2::{
+    extension, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
+};
+
 /// Header extension holding the backing file's format.
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
-/// qcow2 limits its clusters to 2 MiB, so the first cluster (which holds the header, its
-/// extensions and the backing file name) is read whole within that bound.
-const MAX_CLUSTER_BITS: u32 = 21;
-const MIN_CLUSTER_BITS: u32 = 9;
-/// qcow2 limits backing file names to 1023 bytes.
-const MAX_BACKING_NAME: usize = 1023;
+const EXT_BACKING_FORMAT: u32 = extension::BACKING_FORMAT;
 
 /// Header facts of a qcow2 image.
 #[derive(Debug, Clone, PartialEq, Eq)]

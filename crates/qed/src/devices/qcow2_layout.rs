@@ -1,29 +1,17 @@
-//! The parts of a qcow2 (version 3) image that a writer lays out itself: the options of a
-//! new image, its geometry, table entries, the header cluster and how many refcount
-//! clusters cover a file. Pure: no I/O.
+//! What a writer of a new qcow2 (version 3) image decides itself: the options of the
+//! image and its header cluster. The format's own rules (geometry, entries, refcount
+//! blocks) are in `format::qcow2`. Pure: no I/O.
 
 use crate::block::Format;
 use crate::error::{Error, Result};
 
-/// Entry flag (L1 and L2): the cluster's refcount is exactly one, so it may be written in
-/// place. QEMU's check reports an entry whose flag disagrees with the refcount.
-pub(crate) const COPIED: u64 = 1 << 63;
-/// L2 entry flag (version 3): the cluster reads as zeros.
-pub(crate) const ZERO: u64 = 1;
-/// The host offset in a standard L1 or L2 entry.
-pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+use crate::format::qcow2::{extension, MAGIC, MAX_BACKING_NAME, MAX_L1_BYTES};
+pub(crate) use crate::format::qcow2::{refcount_block, Qcow2Geometry as Geometry};
+pub(crate) use crate::format::qcow2::{COPIED, OFFSET_MASK, ZERO};
+use crate::format::qcow2::{REFCOUNT_ORDER, V3_HEADER_LEN as HEADER_LEN};
 
-const MAGIC: u32 = 0x5146_49fb;
-/// The fixed header of version 3 with the compression type byte and its padding, as QEMU
-/// writes it.
-const HEADER_LEN: usize = 112;
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
-/// 16-bit refcounts, QEMU's default.
-const REFCOUNT_ORDER: u32 = 4;
-/// QEMU refuses L1 tables above 32 MiB.
-const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
-/// qcow2 limits backing file names to 1023 bytes.
-const MAX_BACKING_NAME: usize = 1023;
+const EXT_BACKING_FORMAT: u32 = extension::BACKING_FORMAT;
+const MAX_L1_ENTRIES: u64 = MAX_L1_BYTES / 8;
 /// The smallest and largest cluster sizes qcow2 allows.
 pub const QCOW2_MIN_CLUSTER: u64 = 512;
 /// See [`QCOW2_MIN_CLUSTER`].
@@ -100,7 +88,7 @@ impl Qcow2CreateOptions {
         refcount_table_clusters: u64,
     ) -> Result<Vec<u8>> {
         let mut h = Vec::with_capacity(g.cluster_size() as usize);
-        h.extend_from_slice(&MAGIC.to_be_bytes());
+        h.extend_from_slice(&MAGIC);
         h.extend_from_slice(&3u32.to_be_bytes());
         h.extend_from_slice(&0u64.to_be_bytes()); // backing_file_offset, set below
         h.extend_from_slice(&0u32.to_be_bytes()); // backing_file_size, set below
@@ -144,81 +132,6 @@ impl Qcow2CreateOptions {
         h.resize(g.cluster_size() as usize, 0);
         Ok(h)
     }
-}
-
-/// The shape of a qcow2 image: its cluster size and virtual size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Geometry {
-    /// log2 of the cluster size.
-    pub cluster_bits: u32,
-    /// Virtual size in bytes, a multiple of 512.
-    pub size: u64,
-}
-
-impl Geometry {
-    /// Bytes in a cluster.
-    pub fn cluster_size(&self) -> u64 {
-        1 << self.cluster_bits
-    }
-
-    /// Entries in one L2 table (one cluster of 8-byte entries).
-    pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / 8
-    }
-
-    /// Guest bytes one L2 table maps.
-    pub fn l2_span(&self) -> u64 {
-        self.l2_entries() << self.cluster_bits
-    }
-
-    /// Entries in the L1 table: enough for the whole virtual size.
-    pub fn l1_entries(&self) -> u64 {
-        self.size.div_ceil(self.l2_span())
-    }
-
-    /// Clusters the L1 table takes (none for an empty image, as QEMU makes it).
-    pub fn l1_clusters(&self) -> u64 {
-        (self.l1_entries() * 8).div_ceil(self.cluster_size())
-    }
-
-    /// Refcounts in one refcount block (16 bits each).
-    pub fn refcounts_per_block(&self) -> u64 {
-        (self.cluster_size() * 8) >> REFCOUNT_ORDER
-    }
-
-    /// How many refcount blocks and refcount table clusters cover a file of `used`
-    /// clusters followed by those blocks and that table: the smallest counts that cover
-    /// themselves too.
-    pub fn refcount_clusters(&self, used: u64) -> (u64, u64) {
-        let per_block = self.refcounts_per_block();
-        let (mut blocks, mut table) = (0u64, 0u64);
-        loop {
-            let total = used + blocks + table;
-            let b = total.div_ceil(per_block);
-            let t = (b * 8).div_ceil(self.cluster_size()).max(1);
-            if b == blocks && t == table {
-                return (blocks, table);
-            }
-            (blocks, table) = (b, t);
-        }
-    }
-}
-
-/// Encodes a refcount block covering clusters from `first`, each counted once when
-/// `in_use` says so (every cluster at or past `end` is free).
-pub(crate) fn refcount_block(
-    g: &Geometry,
-    first: u64,
-    end: u64,
-    in_use: impl Fn(u64) -> bool,
-    out: &mut [u8],
-) {
-    for (i, e) in out.chunks_exact_mut(2).enumerate() {
-        let c = first + i as u64;
-        let n: u16 = u16::from(c < end && in_use(c));
-        e.copy_from_slice(&n.to_be_bytes());
-    }
-    debug_assert_eq!(out.len() as u64, g.cluster_size());
 }
 
 #[cfg(test)]

@@ -256,6 +256,81 @@ pub fn compressed_run(entry: u64, cluster_bits: u32) -> CompressedRun {
     }
 }
 
+/// The shape of a qcow2 image: its cluster size and virtual size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Qcow2Geometry {
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Virtual size in bytes, a multiple of 512.
+    pub size: u64,
+}
+
+impl Qcow2Geometry {
+    /// Bytes in a cluster.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Entries in one L2 table (one cluster of 8-byte entries).
+    pub fn l2_entries(&self) -> u64 {
+        self.cluster_size() / 8
+    }
+
+    /// Guest bytes one L2 table maps.
+    pub fn l2_span(&self) -> u64 {
+        self.l2_entries() << self.cluster_bits
+    }
+
+    /// Entries in the L1 table: enough for the whole virtual size.
+    pub fn l1_entries(&self) -> u64 {
+        self.size.div_ceil(self.l2_span())
+    }
+
+    /// Clusters the L1 table takes (none for an empty image, as QEMU makes it).
+    pub fn l1_clusters(&self) -> u64 {
+        (self.l1_entries() * 8).div_ceil(self.cluster_size())
+    }
+
+    /// Refcounts in one refcount block (16 bits each).
+    pub fn refcounts_per_block(&self) -> u64 {
+        (self.cluster_size() * 8) >> REFCOUNT_ORDER
+    }
+
+    /// How many refcount blocks and refcount table clusters cover a file of `used`
+    /// clusters followed by those blocks and that table: the smallest counts that cover
+    /// themselves too.
+    pub fn refcount_clusters(&self, used: u64) -> (u64, u64) {
+        let per_block = self.refcounts_per_block();
+        let (mut blocks, mut table) = (0u64, 0u64);
+        loop {
+            let total = used + blocks + table;
+            let b = total.div_ceil(per_block);
+            let t = (b * 8).div_ceil(self.cluster_size()).max(1);
+            if b == blocks && t == table {
+                return (blocks, table);
+            }
+            (blocks, table) = (b, t);
+        }
+    }
+}
+
+/// Encodes a refcount block covering clusters from `first`, each counted once when
+/// `in_use` says so (every cluster at or past `end` is free).
+pub fn refcount_block(
+    g: &Qcow2Geometry,
+    first: u64,
+    end: u64,
+    in_use: impl Fn(u64) -> bool,
+    out: &mut [u8],
+) {
+    for (i, e) in out.chunks_exact_mut(2).enumerate() {
+        let c = first + i as u64;
+        let n: u16 = u16::from(c < end && in_use(c));
+        e.copy_from_slice(&n.to_be_bytes());
+    }
+    debug_assert_eq!(out.len() as u64, g.cluster_size());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

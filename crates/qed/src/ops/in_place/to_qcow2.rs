@@ -13,11 +13,9 @@ use super::entries::{survey, ClusterMap, Counts, Entry, GuestTables, SourceFacts
 use super::{round_up, Commit, InPlaceOptions, InPlacePlan};
 use crate::block::Format;
 use crate::error::{Error, Result};
-use crate::format::qcow2::{self, encode_extensions, extension, Extension, Qcow2Header};
+use crate::format::qcow2::{self, encode_extensions, extension, refcount_block, Extension};
+use crate::format::qcow2::{Qcow2Geometry, Qcow2Header};
 use crate::storage::Storage;
-
-/// Bytes of one refcount entry (refcount order 4).
-const REFCOUNT_BYTES: u64 = 2;
 
 /// Where the appended parts go.
 struct Layout {
@@ -128,7 +126,11 @@ fn plan_layout(
     backing_format: Option<&str>,
 ) -> Result<Layout> {
     let cs = f.cluster_size;
-    let l1_entries = f.virtual_size.div_ceil(cs * (cs / 8));
+    let g = Qcow2Geometry {
+        cluster_bits,
+        size: f.virtual_size,
+    };
+    let l1_entries = g.l1_entries();
     if l1_entries * 8 > qcow2::MAX_L1_BYTES {
         return Err(Error::invalid_argument(format!(
             "{}: a qcow2 image of {} bytes in {cs}-byte clusters needs an L1 table larger \
@@ -139,22 +141,10 @@ fn plan_layout(
     }
     let base = round_up(f.file_len, cs);
     let l1 = base + counts.tables * cs;
-    let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+    let l1_clusters = g.l1_clusters().max(1);
     let refblocks = l1 + l1_clusters * cs;
-    // The refcount structures count themselves: grow them until they cover the file
-    // they end.
-    let per_block = cs / REFCOUNT_BYTES;
-    let (mut blocks, mut table_clusters) = (1, 1);
-    loop {
-        let end_clusters = refblocks / cs + blocks + table_clusters;
-        let need_blocks = end_clusters.div_ceil(per_block);
-        let need_table = (need_blocks * 8).div_ceil(cs);
-        if need_blocks <= blocks && need_table <= table_clusters {
-            break;
-        }
-        blocks = blocks.max(need_blocks);
-        table_clusters = table_clusters.max(need_table);
-    }
+    // The refcount structures count themselves.
+    let (blocks, table_clusters) = g.refcount_clusters(refblocks / cs);
     let reftable = refblocks + blocks * cs;
     let end = reftable + table_clusters * cs;
     if table_clusters > u64::from(u32::MAX) {
@@ -277,18 +267,18 @@ fn write_tables(
 /// Writes the refcount blocks and table: refcount 1 for the header cluster, every data
 /// cluster and every appended cluster; 0 for the rest.
 fn write_refcounts(commit: &Commit<'_>, layout: &Layout, data: &ClusterMap) -> Result<()> {
-    let cs = 1u64 << layout.cluster_bits;
-    let per_block = cs / REFCOUNT_BYTES;
+    let g = Qcow2Geometry {
+        cluster_bits: layout.cluster_bits,
+        size: 0,
+    };
+    let cs = g.cluster_size();
+    let per_block = g.refcounts_per_block();
     let (new_from, new_to) = (layout.base / cs, layout.end / cs);
     let used = |c: u64| c == 0 || data.is_set(c) || (new_from..new_to).contains(&c);
     let mut block = vec![0u8; cs as usize];
     let mut table = vec![0u8; (layout.reftable_clusters * cs) as usize];
     for b in 0..layout.refblock_count {
-        for i in 0..per_block {
-            let one = u16::from(used(b * per_block + i));
-            let at = (i * REFCOUNT_BYTES) as usize;
-            block[at..at + 2].copy_from_slice(&one.to_be_bytes());
-        }
+        refcount_block(&g, b * per_block, new_to, used, &mut block);
         let at = layout.refblocks + b * cs;
         commit.write(&block, at, "a refcount block")?;
         table[b as usize * 8..b as usize * 8 + 8].copy_from_slice(&at.to_be_bytes());
