@@ -5,7 +5,6 @@ use super::job::{cancelled, ended, finish, start, Owned, ReorganizeEnd, Reorgani
 use crate::engine::{ClusterMove, Image, Layout, Reorganizing};
 use crate::error::Result;
 use crate::ops::step::Progress;
-use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 /// Compacts `image`: moves the clusters past where the file could end into free space
@@ -146,29 +145,39 @@ fn clear_room(
 ) -> Result<Option<u64>> {
     let cs = layout.cluster_size;
     let tc = layout.table_bytes / cs;
-    let mut guest_of = HashMap::new();
+    // (file offset, guest offset) of the data below, sorted by file offset: built once
+    // a call, it is searched a few times for each candidate run, and a vector sorts the
+    // hundreds of thousands of clusters of a large image many times faster than a hash
+    // map takes them.
+    let mut by_file = Vec::new();
     image.data_runs(|guest, file, n| {
         for i in 0..n {
             if file + i * cs < below {
-                guest_of.insert(file + i * cs, guest + i * cs);
+                by_file.push((file + i * cs, guest + i * cs));
             }
         }
         ControlFlow::Continue(())
     })?;
+    by_file.sort_unstable();
+    let guest_at = |c: &u64| {
+        by_file
+            .binary_search_by_key(c, |&(f, _)| f)
+            .ok()
+            .map(|i| by_file[i].1)
+    };
     let mut w = layout.start;
     while w + tc * cs <= below {
         let run: Vec<u64> = (0..tc).map(|i| w + i * cs).collect();
         if !run
             .iter()
-            .all(|c| owned.clusters.contains(c) || guest_of.contains_key(c))
+            .all(|c| owned.clusters.contains(c) || guest_at(c).is_some())
         {
             w += cs;
             continue;
         }
-        let data: Vec<u64> = run
+        let data: Vec<(u64, u64)> = run
             .iter()
-            .copied()
-            .filter(|c| guest_of.contains_key(c))
+            .filter_map(|c| guest_at(c).map(|g| (*c, g)))
             .collect();
         let spare: Vec<u64> = owned
             .clusters
@@ -186,11 +195,7 @@ fn clear_room(
         let moves: Vec<ClusterMove> = data
             .iter()
             .zip(&spare)
-            .map(|(&from, &to)| ClusterMove {
-                guest: guest_of[&from],
-                from,
-                to,
-            })
+            .map(|(&(from, guest), &to)| ClusterMove { guest, from, to })
             .collect();
         let result = image.move_clusters(&moves)?;
         let complete = result.unused.is_empty();
