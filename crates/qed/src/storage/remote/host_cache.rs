@@ -123,7 +123,16 @@ pub(crate) struct ObjectCache {
     wait_limit: Duration,
     report: RemoteReport,
     tmp_seq: AtomicU64,
+    /// Chunk files this process has checked, by index, with the inode and mtime they
+    /// had: a chunk read again here (a working set larger than the memory cache) is not
+    /// hashed again while its file is the same, unchanged one. Files are only replaced
+    /// whole, by rename (another inode), and a write in place changes the mtime.
+    /// Bounded: past [`MAX_VERIFIED`] entries, chunks are checked every time.
+    verified: std::sync::Mutex<std::collections::HashMap<u64, (u64, i64, i64)>>,
 }
+
+/// Most chunks remembered as checked: tens of MiB at most.
+const MAX_VERIFIED: usize = 1 << 20;
 
 /// A chunk this process fetches, claimed from the others until dropped.
 struct Claim<'a> {
@@ -226,6 +235,7 @@ impl ObjectCache {
                 wait_limit,
                 report: report.clone(),
                 tmp_seq: AtomicU64::new(0),
+                verified: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
             Err(e) => {
                 warn_once(report, &opts.dir, &e);
@@ -261,9 +271,14 @@ impl ObjectCache {
         let len = self.chunk_len(index) as usize;
         let meta = f.metadata().ok()?;
         let mut buf = vec![0u8; HEADER + len];
+        let file_id = {
+            use std::os::unix::fs::MetadataExt;
+            (meta.ino(), meta.mtime(), meta.mtime_nsec())
+        };
         let sound = meta.len() == buf.len() as u64
             && f.read_exact(&mut buf).is_ok()
-            && buf[..HEADER] == self.header(index, &buf[HEADER..]);
+            && (self.was_verified(index, file_id)
+                || buf[..HEADER] == self.header(index, &buf[HEADER..]));
         if !sound {
             // Torn by a crash or damaged: it would only be refused again.
             let _ = fs::remove_file(&path);
@@ -275,9 +290,24 @@ impl ObjectCache {
             .and_then(|m| m.elapsed().ok())
             .is_none_or(|age| age > TOUCH_AFTER);
         if stale {
+            // A new mtime: the next read checks once more, then remembers it.
             let _ = f.set_modified(SystemTime::now());
+        } else {
+            self.verified(index, file_id);
         }
         Some(Arc::from(&buf[HEADER..]))
+    }
+
+    fn was_verified(&self, index: u64, file_id: (u64, i64, i64)) -> bool {
+        let map = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&index) == Some(&file_id)
+    }
+
+    fn verified(&self, index: u64, file_id: (u64, i64, i64)) {
+        let mut map = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() < MAX_VERIFIED || map.contains_key(&index) {
+            map.insert(index, file_id);
+        }
     }
 
     /// Claims chunk `index` for this process to fetch; `None` when another process
