@@ -780,6 +780,13 @@ mod tests {
         (0..len).map(|i| (i as u64 * 7 + index) as u8).collect()
     }
 
+    /// What a server of 64 KiB test chunks answers.
+    fn served(first: u64, count: u64) -> Chunks {
+        (first..first + count)
+            .map(|i| (i, Arc::from(chunk(i, 64 << 10))))
+            .collect()
+    }
+
     #[test]
     fn chunks_are_shared_by_key_and_checked() {
         let tmp = tempfile::tempdir().unwrap();
@@ -815,9 +822,7 @@ mod tests {
         let wire = |first: u64, count: u64| -> io::Result<Chunks> {
             fetched.lock().unwrap().push((first, count));
             std::thread::sleep(Duration::from_millis(50));
-            Ok((first..first + count)
-                .map(|i| (i, Arc::from(chunk(i, 64 << 10))))
-                .collect())
+            Ok(served(first, count))
         };
         std::thread::scope(|s| {
             let ta = s.spawn(|| a.fetch_through(0, 8, &wire).unwrap());
@@ -839,11 +844,7 @@ mod tests {
         let a = object(tmp.path(), "k", 64 << 10, 1 << 30);
         let b = object(tmp.path(), "k", 64 << 10, 1 << 30);
         let claim = a.claim(0).expect("claim");
-        let good = |first: u64, count: u64| -> io::Result<Chunks> {
-            Ok((first..first + count)
-                .map(|i| (i, Arc::from(chunk(i, 64 << 10))))
-                .collect())
-        };
+        let good = |first: u64, count: u64| -> io::Result<Chunks> { Ok(served(first, count)) };
         std::thread::scope(|s| {
             let t = s.spawn(|| b.fetch_through(0, 1, &good).unwrap());
             std::thread::sleep(Duration::from_millis(30));
