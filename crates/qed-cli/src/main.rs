@@ -104,6 +104,24 @@ fn quiet_on_closed_stdout() {
     }));
 }
 
+/// Raises the soft limit on open files to the hard one, as QEMU does: a remote image's
+/// cache on disk keeps its chunk files open, as many as a quarter of the limit, and an
+/// export holds a descriptor per connection.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     quiet_on_closed_stdout();
     let cli = Cli::try_parse().unwrap_or_else(|e| {
@@ -114,6 +132,7 @@ fn main() -> ExitCode {
         std::process::exit(if e.use_stderr() { 1 } else { 0 })
     });
     qed::set_warning_handler(|m| eprintln!("qed: warning: {m}"));
+    raise_open_file_limit();
     let result = match cli.command {
         Command::Create(a) => cmd::create::run(a),
         Command::Info(a) => cmd::info::run(a),

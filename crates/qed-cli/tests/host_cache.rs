@@ -428,3 +428,73 @@ fn s3s_fs_objects_are_cached_by_endpoint_and_version() {
 fn moto_objects_are_cached_by_endpoint_and_version() {
     s3_objects_are_cached_by_endpoint_and_version(Kind::Moto);
 }
+
+#[test]
+fn an_export_reads_a_warm_base_from_the_cache_files() {
+    let nginx = Nginx::start();
+    let work = tempfile::tempdir().unwrap();
+    let (w, cache) = (work.path(), work.path().join("cache"));
+    let www = nginx.root();
+    common::ok(
+        &www,
+        "qemu-img",
+        &["create", "-q", "-f", "qed", "base.qed", "64M"],
+    );
+    common::ok(
+        &www,
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x31 0 5M",
+            "-c",
+            "write -P 0x32 9M 3M",
+            "-c",
+            "write -P 0x33 40M 8M",
+            "base.qed",
+        ],
+    );
+    let url = nginx.url("base.qed");
+    let cache_dir = format!("--remote-cache-dir={}", cache.display());
+    common::ok(
+        w,
+        QED,
+        &["create", "-q", "-b", &url, "-F", "qed", "top.qed"],
+    );
+    // Warmed by another process.
+    ok_cached(w, &cache, &["convert", "-O", "raw", "top.qed", "warm.raw"]);
+    let warm = nginx.settled_bytes_sent("base.qed");
+    // Served, every read of the base comes from the cache's files (straight into the
+    // export's io_uring once a chunk is checked): the same bytes, none fetched again.
+    let served = common::served::Served::unix(w, &["-r", "-t", &cache_dir], "top.qed");
+    for _ in 0..2 {
+        common::ok(
+            w,
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                "warm.raw",
+                &served.uri(),
+            ],
+        );
+    }
+    common::ok(
+        w,
+        "qemu-img",
+        &[
+            "compare",
+            "-F",
+            "raw",
+            &www.join("base.qed").display().to_string(),
+            &served.uri(),
+        ],
+    );
+    served.stop();
+    assert!(
+        nginx.settled_bytes_sent("base.qed") - warm <= 1,
+        "the export fetched the base again"
+    );
+}

@@ -1,6 +1,8 @@
 //! A raw file as a device.
 
-use crate::block::{check_range, BlockDevice, BlockStatus, DirectExtent, Format, PendingWrite};
+use crate::block::{
+    check_range, BlockDevice, BlockStatus, DirectExtent, DirectRead, Format, PendingWrite,
+};
 use crate::error::{Error, IoContext, Result};
 use crate::storage::Storage;
 
@@ -135,5 +137,20 @@ impl BlockDevice for RawDevice {
         }
         let (fd, align) = self.storage.direct_fd()?;
         Some(DirectExtent { fd, offset, align })
+    }
+
+    fn begin_read(&self, offset: u64, len: u64) -> Option<DirectRead<'_>> {
+        if check_range(offset, len, self.size).is_err() {
+            return None;
+        }
+        // Per range: a remote raw base's bytes are in a file only where its host cache
+        // has them.
+        let span = self.storage.direct_span(offset, len)?;
+        let extent = DirectExtent {
+            fd: span.fd,
+            offset: span.offset,
+            align: span.align,
+        };
+        Some(DirectRead::held(extent, span.keep))
     }
 }

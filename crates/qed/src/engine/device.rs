@@ -110,19 +110,23 @@ impl BlockDevice for Image {
         if check_range(offset, len, self.size()).is_err() {
             return None;
         }
-        let (fd, align) = self.storage.direct_fd()?;
         // Held until the caller's read completes: a cluster moved or freed meanwhile
         // keeps its bytes until then.
         let inside = self.alloc.enter();
         match self.lookup(offset, len).ok()? {
-            (Mapping::Data(off), n) if n >= len => Some(DirectRead::held(
-                DirectExtent {
-                    fd,
-                    offset: off,
-                    align,
-                },
-                inside,
-            )),
+            (Mapping::Data(off), n) if n >= len => {
+                // Per range: a remote base's bytes are in a file only where its host
+                // cache has them.
+                let span = self.storage.direct_span(off, len)?;
+                Some(DirectRead::held(
+                    DirectExtent {
+                        fd: span.fd,
+                        offset: span.offset,
+                        align: span.align,
+                    },
+                    (inside, span.keep),
+                ))
+            }
             // Reads the backing file supplies whole come from there.
             // (Not with copy-on-read, whose reads must go through the image.)
             (Mapping::Unallocated, n) if n >= len && !self.copy_on_read => {

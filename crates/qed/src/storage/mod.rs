@@ -94,6 +94,21 @@ pub trait Storage: Send + Sync + Debug {
         None
     }
 
+    /// Where the `len` bytes at `offset` can be read by a caller that submits the read
+    /// itself (io_uring), when they lie in one plain file: the whole of
+    /// [`Storage::direct_fd`] by default. A remote object's chunks that its host cache
+    /// has on disk, checked, are such spans too. `None` when they are not.
+    fn direct_span(&self, offset: u64, len: u64) -> Option<DirectSpan> {
+        let _ = len;
+        let (fd, align) = self.direct_fd()?;
+        Some(DirectSpan {
+            fd,
+            offset,
+            align,
+            keep: None,
+        })
+    }
+
     /// For a caller writing `[offset, offset + len)` itself through
     /// [`Storage::direct_fd`]: holds off, until the returned guard is dropped, the
     /// storage's own read-modify-writes of the blocks it touches, which could otherwise
@@ -133,6 +148,20 @@ impl Debug for BlockHold<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "BlockHold({} locks)", self.0.len())
     }
+}
+
+/// Where some of a storage's bytes can be read directly, from [`Storage::direct_span`].
+#[derive(Debug, Clone)]
+pub struct DirectSpan {
+    /// The file.
+    pub fd: std::os::fd::RawFd,
+    /// Where the bytes start in it.
+    pub offset: u64,
+    /// The alignment direct I/O on the file needs, of offsets, lengths and buffers.
+    pub align: u64,
+    /// What keeps `fd` open until the read completes, when the storage might close it
+    /// meanwhile.
+    pub keep: Option<std::sync::Arc<std::fs::File>>,
 }
 
 /// Storage whose flushes do nothing ([`crate::OpenOptions::no_flush`]).
@@ -175,6 +204,9 @@ impl Storage for NoFlush {
     }
     fn direct_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
         self.0.direct_fd()
+    }
+    fn direct_span(&self, offset: u64, len: u64) -> Option<DirectSpan> {
+        self.0.direct_span(offset, len)
     }
     fn try_hold_blocks(&self, offset: u64, len: u64) -> Option<BlockHold<'_>> {
         self.0.try_hold_blocks(offset, len)
@@ -224,6 +256,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn direct_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
         (**self).direct_fd()
+    }
+    fn direct_span(&self, offset: u64, len: u64) -> Option<DirectSpan> {
+        (**self).direct_span(offset, len)
     }
     fn try_hold_blocks(&self, offset: u64, len: u64) -> Option<BlockHold<'_>> {
         (**self).try_hold_blocks(offset, len)

@@ -27,6 +27,7 @@
 
 use super::options::RemoteReport;
 use crate::storage::lock::{try_lock_byte, unlock_byte};
+use crate::storage::DirectSpan;
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -129,10 +130,49 @@ pub(crate) struct ObjectCache {
     /// whole, by rename (another inode), and a write in place changes the mtime.
     /// Bounded: past [`MAX_VERIFIED`] entries, chunks are checked every time.
     verified: std::sync::Mutex<std::collections::HashMap<u64, (u64, i64, i64)>>,
+    /// Checked chunk files this process read from lately, open: a slot per
+    /// `index % slots`, each locked alone, so that readers of different chunks do
+    /// not wait for each other.
+    files: Vec<std::sync::Mutex<Option<OpenChunk>>>,
 }
 
 /// Most chunks remembered as checked: tens of MiB at most.
 const MAX_VERIFIED: usize = 1 << 20;
+/// Most chunk files one object keeps open for [`ObjectCache::read_checked`]; fewer when
+/// the process may open fewer files (a quarter of its limit).
+const MAX_OPEN_FILES: usize = 8192;
+
+/// How many chunk files an object may keep open in this process.
+fn open_file_slots() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass, nothing else.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    usize::try_from(soft / 4)
+        .unwrap_or(MAX_OPEN_FILES)
+        .clamp(16, MAX_OPEN_FILES)
+}
+
+/// What tells one chunk file from another, or from itself changed: inode and mtime.
+fn file_id(meta: &fs::Metadata) -> (u64, i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.ino(), meta.mtime(), meta.mtime_nsec())
+}
+
+/// A checked chunk file kept open.
+#[derive(Debug)]
+struct OpenChunk {
+    index: u64,
+    file: Arc<File>,
+    /// When its time was last refreshed.
+    touched: Instant,
+}
 
 /// A chunk this process fetches, claimed from the others until dropped.
 struct Claim<'a> {
@@ -236,6 +276,9 @@ impl ObjectCache {
                 report: report.clone(),
                 tmp_seq: AtomicU64::new(0),
                 verified: std::sync::Mutex::new(std::collections::HashMap::new()),
+                files: (0..open_file_slots())
+                    .map(|_| std::sync::Mutex::new(None))
+                    .collect(),
             }),
             Err(e) => {
                 warn_once(report, &opts.dir, &e);
@@ -271,31 +314,107 @@ impl ObjectCache {
         let len = self.chunk_len(index) as usize;
         let meta = f.metadata().ok()?;
         let mut buf = vec![0u8; HEADER + len];
-        let file_id = {
-            use std::os::unix::fs::MetadataExt;
-            (meta.ino(), meta.mtime(), meta.mtime_nsec())
-        };
         let sound = meta.len() == buf.len() as u64
             && f.read_exact(&mut buf).is_ok()
-            && (self.was_verified(index, file_id)
+            && (self.was_verified(index, file_id(&meta))
                 || buf[..HEADER] == self.header(index, &buf[HEADER..]));
         if !sound {
             // Torn by a crash or damaged: it would only be refused again.
             let _ = fs::remove_file(&path);
             return None;
         }
+        self.used(index, &f, &meta);
+        Some(Arc::from(&buf[HEADER..]))
+    }
+
+    /// Reads `out.len()` bytes at `within` of chunk `index` straight from its file,
+    /// when this process has checked that file already ([`ObjectCache::load`]): a read
+    /// of a working set larger than the memory cache costs a read of what it asks, as a
+    /// local base would, not a copy of its whole chunk. `false` when it cannot.
+    ///
+    /// The checked files are kept open: a chunk file is never written in place, only
+    /// replaced by a rename (the open one keeps its bytes, the same ones), so an open
+    /// file checked once stays right.
+    pub(crate) fn read_checked(&self, index: u64, within: u64, out: &mut [u8]) -> bool {
+        match self.checked_file(index, within, out.len() as u64) {
+            Some(file) => file.read_exact_at(out, HEADER as u64 + within).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Where the `len` bytes at `within` of chunk `index` are in its file, for a caller
+    /// that reads them itself (io_uring), on the terms of [`ObjectCache::read_checked`].
+    pub(crate) fn span_checked(&self, index: u64, within: u64, len: u64) -> Option<DirectSpan> {
+        let file = self.checked_file(index, within, len)?;
+        Some(DirectSpan {
+            fd: file.as_raw_fd(),
+            offset: HEADER as u64 + within,
+            align: 1,
+            keep: Some(file),
+        })
+    }
+
+    /// The open, checked file of chunk `index`, if this process has checked it, and the
+    /// range `within..within + len` is inside the chunk; refreshes its time now and then.
+    fn checked_file(&self, index: u64, within: u64, len: u64) -> Option<Arc<File>> {
+        if within + len > self.chunk_len(index) {
+            return None;
+        }
+        let now = Instant::now();
+        let slot = &self.files[(index % self.files.len() as u64) as usize];
+        let cached = {
+            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            match slot.as_mut() {
+                Some(open) if open.index == index => {
+                    let stale = now.duration_since(open.touched) > TOUCH_AFTER;
+                    if stale {
+                        open.touched = now;
+                    }
+                    Some((open.file.clone(), stale))
+                }
+                _ => None,
+            }
+        };
+        match cached {
+            Some((file, stale)) => {
+                if stale {
+                    let _ = file.set_modified(SystemTime::now());
+                }
+                Some(file)
+            }
+            None => {
+                let f = File::open(self.chunk_path(index)).ok()?;
+                let meta = f.metadata().ok()?;
+                // Not this process's checked file: the whole chunk is checked first.
+                if !self.was_verified(index, file_id(&meta)) {
+                    return None;
+                }
+                let file = Arc::new(f);
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(OpenChunk {
+                    index,
+                    file: file.clone(),
+                    touched: now,
+                });
+                Some(file)
+            }
+        }
+    }
+
+    /// Refreshes the time of chunk `index`'s file `f` (found as `meta`) when it is old
+    /// enough to matter to eviction, and remembers the file as checked.
+    fn used(&self, index: u64, f: &File, meta: &fs::Metadata) {
         let stale = meta
             .modified()
             .ok()
             .and_then(|m| m.elapsed().ok())
             .is_none_or(|age| age > TOUCH_AFTER);
-        if stale {
-            // A new mtime: the next read checks once more, then remembers it.
-            let _ = f.set_modified(SystemTime::now());
+        if stale && f.set_modified(SystemTime::now()).is_ok() {
+            if let Ok(now) = f.metadata() {
+                self.verified(index, file_id(&now));
+            }
         } else {
-            self.verified(index, file_id);
+            self.verified(index, file_id(meta));
         }
-        Some(Arc::from(&buf[HEADER..]))
     }
 
     fn was_verified(&self, index: u64, file_id: (u64, i64, i64)) -> bool {

@@ -105,6 +105,9 @@ macro_rules! delegate_storage {
             fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
                 self.inner.zero_range(offset, len)
             }
+            fn direct_span(&self, offset: u64, len: u64) -> Option<$crate::storage::DirectSpan> {
+                self.inner.direct_span(offset, len)
+            }
             fn remote_identity(&self) -> Option<$crate::storage::RemoteIdentity> {
                 Some($crate::storage::remote::RangeSource::identity(
                     self.inner.source(),
