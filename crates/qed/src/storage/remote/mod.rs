@@ -16,12 +16,11 @@ mod ranged_get;
 mod s3;
 
 pub use host_cache::{
-    clear_host_cache, host_cache_info, prune_host_cache, CachedObject, HostCacheInfo,
-    HostCacheOptions, PruneReport,
+    clear_host_cache, host_cache_info, prune_host_cache, CachedObject, HostCacheInfo, PruneReport,
 };
 pub(crate) use http::is_http_url;
 pub use http::HttpStorage;
-pub use options::{RemoteOptions, RemoteReport, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+pub use options::{HostCacheOptions, RemoteOptions, RemoteReport, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 pub(crate) use s3::is_s3_url;
 pub use s3::{S3Config, S3Credentials, S3Storage};
 

@@ -1,8 +1,8 @@
 //! How remote bases are read ([`RemoteOptions`]), and where their messages go
 //! ([`RemoteReport`]).
 
-use super::host_cache::HostCacheOptions;
 use std::fmt::Debug;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,5 +135,43 @@ impl RemoteOptions {
             }
         }
         Ok(())
+    }
+}
+
+/// Where the host cache is and how large it may grow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCacheOptions {
+    /// The cache's directory, created when missing.
+    pub dir: PathBuf,
+    /// Bytes of chunks kept at most (headers included); past it the least recently used
+    /// go.
+    pub max_bytes: u64,
+}
+
+impl HostCacheOptions {
+    /// The bound when none is given: room for a few bases' boot and working sets.
+    pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
+
+    /// The cache the environment asks for: `QED_CACHE_DIR` (`none` for no cache), else
+    /// `$XDG_CACHE_HOME/qed`, else `~/.cache/qed`; `None` when it says none or names no
+    /// directory at all.
+    pub fn from_env() -> Option<Self> {
+        Self::from_vars(|name| std::env::var_os(name).filter(|v| !v.is_empty()))
+    }
+
+    pub(crate) fn from_vars(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<Self> {
+        let dir = match var("QED_CACHE_DIR") {
+            Some(d) if d == "none" => return None,
+            Some(d) => PathBuf::from(d),
+            None => match var("XDG_CACHE_HOME").map(PathBuf::from) {
+                // The XDG rules ignore a relative setting.
+                Some(x) if x.is_absolute() => x.join("qed"),
+                _ => PathBuf::from(var("HOME")?).join(".cache").join("qed"),
+            },
+        };
+        Some(Self {
+            dir,
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+        })
     }
 }
