@@ -80,6 +80,8 @@ enum Command {
     Job(cmd::job::Args),
     /// Run a simple image benchmark, as qemu-img bench.
     Bench(cmd::bench::Args),
+    /// Show or manage the cache on disk of remote images that the host's processes share.
+    Cache(cmd::cache::Args),
 }
 
 /// A reader that stops early (`qed map | head`) closes stdout under us. Rust ignores
@@ -131,6 +133,7 @@ fn main() -> ExitCode {
         Command::Mount(a) => cmd::mount::run(a),
         Command::Job(a) => cmd::job::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Cache(a) => cmd::cache::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

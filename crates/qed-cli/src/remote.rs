@@ -3,7 +3,10 @@
 //! the same flags and each flag is checked in one place.
 
 use crate::units::parse_size;
-use qed::{OpenOptions, RemoteOptions, RemoteReport, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use qed::{
+    HostCacheOptions, OpenOptions, RemoteOptions, RemoteReport, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Longest timeout or deadline accepted: a day is beyond any use, and keeps the
@@ -40,6 +43,23 @@ pub struct RemoteArgs {
     /// [default: 2M].
     #[arg(long = "remote-readahead", value_name = "SIZE", value_parser = parse_readahead)]
     remote_readahead: Option<u64>,
+    #[command(flatten)]
+    host_cache: HostCacheArgs,
+}
+
+/// Where the cache on disk is, and how large it may grow: part of every command's
+/// remote options, and `qed cache`'s own.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct HostCacheArgs {
+    /// The cache on disk shared by every qed process of the host, so that each byte of a
+    /// remote image is fetched once; `none` for no cache [default: $QED_CACHE_DIR, else
+    /// $XDG_CACHE_HOME/qed, else ~/.cache/qed].
+    #[arg(long = "remote-cache-dir", value_name = "DIR|none")]
+    remote_cache_dir: Option<PathBuf>,
+    /// Most bytes the cache on disk keeps; past it, the least recently used chunks go
+    /// [default: 10G].
+    #[arg(long = "remote-cache-size", value_name = "SIZE", value_parser = parse_cache_size)]
+    remote_cache_size: Option<u64>,
 }
 
 impl RemoteArgs {
@@ -78,6 +98,7 @@ impl RemoteArgs {
         if let Some(r) = self.remote_readahead {
             o.readahead = r;
         }
+        o.host_cache = self.host_cache.options();
         o
     }
 
@@ -95,6 +116,24 @@ impl RemoteArgs {
             remote: self.options(),
             ..OpenOptions::default()
         }
+    }
+}
+
+impl HostCacheArgs {
+    /// The cache on disk these flags (else the environment) ask for; `None` for none.
+    pub fn options(&self) -> Option<HostCacheOptions> {
+        let mut cache = match &self.remote_cache_dir {
+            Some(d) if d.as_os_str() == "none" => None,
+            Some(d) => Some(HostCacheOptions {
+                dir: d.clone(),
+                max_bytes: HostCacheOptions::DEFAULT_MAX_BYTES,
+            }),
+            None => HostCacheOptions::from_env(),
+        }?;
+        if let Some(max) = self.remote_cache_size {
+            cache.max_bytes = max;
+        }
+        Some(cache)
     }
 }
 
@@ -143,6 +182,10 @@ fn parse_cache(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{v} bytes is more memory than this machine can address"))
 }
 
+fn parse_cache_size(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
 fn parse_readahead(s: &str) -> Result<u64, String> {
     let v = parse_size(s).map_err(|e| e.to_string())?;
     // Readahead rides along in one request, which is bounded anyway; beyond 1 GiB
@@ -178,9 +221,11 @@ mod tests {
             RemoteReport::default(),
             "messages are printed"
         );
+        assert_eq!(given.host_cache, HostCacheOptions::from_env());
         assert_eq!(
             RemoteOptions {
                 report: RemoteReport::default(),
+                host_cache: None,
                 ..given
             },
             RemoteOptions::default()
@@ -197,8 +242,24 @@ mod tests {
             "8M",
             "--remote-readahead",
             "0",
+            "--remote-cache-dir",
+            "/var/cache/q",
+            "--remote-cache-size=1G",
         ])
         .unwrap();
+        assert_eq!(
+            o.host_cache,
+            Some(HostCacheOptions {
+                dir: "/var/cache/q".into(),
+                max_bytes: 1 << 30
+            })
+        );
+        assert_eq!(
+            parse(&["--remote-cache-dir=none", "--remote-cache-size=1G"])
+                .unwrap()
+                .host_cache,
+            None
+        );
         assert_eq!(o.request_timeout, Duration::from_millis(2500));
         assert_eq!(o.connect_timeout, Duration::from_millis(2500));
         assert_eq!(o.deadline, Duration::from_secs(7));
@@ -229,6 +290,7 @@ mod tests {
             ("--remote-chunk-size", "16E"),
             ("--remote-cache", "lots"),
             ("--remote-readahead", "2G"),
+            ("--remote-cache-size", "big"),
         ] {
             // `=`: a value such as -1 is not taken for a flag.
             let e = parse(&[&format!("{flag}={value}")]).unwrap_err();

@@ -72,8 +72,9 @@ pub use ops::{
 #[cfg(target_os = "linux")]
 pub use ring::{DirectDone, DirectEvent, DirectQueue, Waker, WorkerPool};
 pub use storage::{
-    AlignedBuf, BlockHold, FileStorage, HttpStorage, LockMode, MemoryStorage, RemoteIdentity,
-    RemoteOptions, RemoteReport, S3Config, S3Credentials, S3Storage, Storage, MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE,
+    clear_host_cache, host_cache_info, prune_host_cache, AlignedBuf, BlockHold, CachedObject,
+    FileStorage, HostCacheInfo, HostCacheOptions, HttpStorage, LockMode, MemoryStorage,
+    PruneReport, RemoteIdentity, RemoteOptions, RemoteReport, S3Config, S3Credentials, S3Storage,
+    Storage, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
 pub use warnings::set_warning_handler;

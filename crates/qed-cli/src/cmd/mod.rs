@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod cache;
 pub mod check;
 pub mod commit;
 pub mod compare;

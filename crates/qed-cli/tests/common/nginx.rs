@@ -13,11 +13,22 @@ pub struct Nginx {
     dir: TempDir,
     port: u16,
     child: Option<Child>,
+    /// The first segment of every URL: a port reused by a later server must not give
+    /// its files the URLs (and, written in the same second with the same size, the
+    /// ETags) of an earlier server's, which the host cache would take for the same.
+    prefix: String,
+    /// Directives added to the server block (such as a rate limit).
+    extra: String,
 }
 
 impl Nginx {
     /// Starts nginx on a free port, serving an empty directory.
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// [`Nginx::start`], with `extra` directives in the server block (`limit_rate 4m;`).
+    pub fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("www")).unwrap();
         let port = TcpListener::bind("127.0.0.1:0")
@@ -25,10 +36,17 @@ impl Nginx {
             .local_addr()
             .unwrap()
             .port();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let prefix = format!("s{:x}{:x}", nanos, std::process::id());
         let mut nginx = Self {
             dir,
             port,
             child: None,
+            prefix,
+            extra: extra.to_string(),
         };
         nginx.restart();
         nginx
@@ -50,8 +68,10 @@ impl Nginx {
                fastcgi_temp_path {d}/fastcgi;\n\
                uwsgi_temp_path {d}/uwsgi;\n\
                scgi_temp_path {d}/scgi;\n\
-               server {{ listen 127.0.0.1:{port}; root {d}/www; }}\n\
-             }}\n"
+               server {{ listen 127.0.0.1:{port}; location /{prefix}/ {{ alias {d}/www/; }} {extra} }}\n\
+             }}\n",
+            prefix = self.prefix,
+            extra = self.extra
         );
         let conf_path = self.dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
@@ -97,7 +117,7 @@ impl Nginx {
 
     /// The URL of `name` under the root.
     pub fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{name}", self.port)
+        format!("http://127.0.0.1:{}/{}/{name}", self.port, self.prefix)
     }
 
     /// [`Nginx::bytes_sent`] once nginx has logged what it was serving: it writes a
@@ -118,7 +138,7 @@ impl Nginx {
     /// Body bytes sent for `name` so far, from the access log.
     pub fn bytes_sent(&self, name: &str) -> u64 {
         let log = std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
-        let want = format!("/{name}");
+        let want = format!("/{}/{name}", self.prefix);
         log.lines()
             .filter_map(|l| {
                 let mut f = l.split(' ');

@@ -241,6 +241,34 @@ fn apply(fd: RawFd, from: LockMode, to: LockMode) -> Result<(), LockError> {
     Ok(())
 }
 
+/// Takes an exclusive lock on byte `byte` of `fd` without waiting: `Ok(false)` when
+/// another open holds it. Used for claims between processes that are not QEMU's (the
+/// host cache's chunk fetches), with the same OFD semantics: a killed process holds
+/// nothing, and two opens in one process exclude each other.
+pub(crate) fn try_lock_byte(fd: RawFd, byte: u64) -> io::Result<bool> {
+    try_byte(fd, byte, libc::F_WRLCK)
+}
+
+/// Takes a shared lock on byte `byte` of `fd` without waiting: `Ok(false)` when another
+/// open holds it exclusively.
+pub(crate) fn try_share_byte(fd: RawFd, byte: u64) -> io::Result<bool> {
+    try_byte(fd, byte, libc::F_RDLCK)
+}
+
+/// Releases a lock [`try_lock_byte`] or [`try_share_byte`] took.
+pub(crate) fn unlock_byte(fd: RawFd, byte: u64) -> io::Result<()> {
+    try_byte(fd, byte, libc::F_UNLCK).map(|_| ())
+}
+
+fn try_byte(fd: RawFd, byte: u64, kind: libc::c_int) -> io::Result<bool> {
+    let byte = i64::try_from(byte).map_err(io::Error::other)?;
+    match with_fallback(|set, _| fcntl_lock(fd, set, kind as libc::c_short, byte)) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether another open of the file locks `byte`.
 fn locked_by_other(fd: RawFd, byte: i64) -> io::Result<bool> {
     with_fallback(|_, get| fcntl_lock(fd, get, libc::F_WRLCK as libc::c_short, byte))

@@ -12,11 +12,12 @@ pub use aligned::AlignedBuf;
 pub use file::FileStorage;
 pub use lock::LockMode;
 pub use memory::MemoryStorage;
-pub(crate) use remote::{is_http_url, is_s3_url};
 pub use remote::{
-    HttpStorage, RemoteIdentity, RemoteOptions, RemoteReport, S3Config, S3Credentials, S3Storage,
-    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    clear_host_cache, host_cache_info, prune_host_cache, CachedObject, HostCacheInfo,
+    HostCacheOptions, HttpStorage, PruneReport, RemoteIdentity, RemoteOptions, RemoteReport,
+    S3Config, S3Credentials, S3Storage, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
+pub(crate) use remote::{is_http_url, is_s3_url};
 
 use std::fmt::Debug;
 use std::io;

@@ -1,6 +1,7 @@
 //! The chunk cache: a [`RangeSource`] as read-only [`Storage`], fetched in chunks on
 //! demand (coalesced, read ahead, several requests at once) and kept in a bounded cache.
 
+use super::host_cache::{Chunks, ObjectCache};
 use super::options::RemoteOptions;
 use super::RangeSource;
 use crate::storage::Storage;
@@ -12,9 +13,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Most bytes one request asks for: adjacent chunks are fetched together up to this.
 const MAX_REQUEST_BYTES: u64 = 8 << 20;
-
-/// Chunks by index.
-type Chunks = Vec<(u64, Arc<[u8]>)>;
 
 /// The chunks at hand, and those some reader is fetching: a chunk crosses the wire once
 /// however many readers want it at the same time.
@@ -39,12 +37,26 @@ pub(crate) struct RemoteStorage<S> {
     landed: Condvar,
     /// Where the last read ended, to tell a sequential reader.
     last_end: AtomicU64,
+    /// The object's chunks on disk, shared with the other processes of the host.
+    host: Option<ObjectCache>,
 }
 
 impl<S: RangeSource> RemoteStorage<S> {
     pub(crate) fn new(source: S, opts: &RemoteOptions) -> Self {
         let chunk = u64::from(opts.chunk_size);
         let entries = (opts.cache_bytes / opts.chunk_size as usize).max(1);
+        let host = match (&opts.host_cache, source.cache_key()) {
+            (Some(host), Some(key)) if source.size() > 0 => ObjectCache::open(
+                host,
+                source.name(),
+                &key,
+                source.size(),
+                chunk,
+                opts.request_timeout,
+                &opts.report,
+            ),
+            _ => None,
+        };
         Self {
             source,
             chunk,
@@ -59,6 +71,7 @@ impl<S: RangeSource> RemoteStorage<S> {
             }),
             landed: Condvar::new(),
             last_end: AtomicU64::new(u64::MAX),
+            host,
         }
     }
 
@@ -76,8 +89,17 @@ impl<S: RangeSource> RemoteStorage<S> {
         (self.source.size() - start).min(self.chunk)
     }
 
-    /// Fetches chunks `first..first + count` in one request.
+    /// Chunks `first..first + count`: through the host cache when there is one (which
+    /// reads what another process fetched, and fetches the rest), else from the source.
     fn fetch_run(&self, first: u64, count: u64) -> io::Result<Chunks> {
+        match &self.host {
+            Some(host) => host.fetch_through(first, count, &|f, c| self.fetch_from_source(f, c)),
+            None => self.fetch_from_source(first, count),
+        }
+    }
+
+    /// Fetches chunks `first..first + count` from the source, in one request.
+    fn fetch_from_source(&self, first: u64, count: u64) -> io::Result<Chunks> {
         let start = first * self.chunk;
         let end = ((first + count) * self.chunk).min(self.source.size());
         let len = usize::try_from(end - start).map_err(io::Error::other)?;

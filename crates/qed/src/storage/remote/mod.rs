@@ -9,11 +9,16 @@
 //! how all of them are read.
 
 mod cache;
+mod host_cache;
 mod http;
 mod options;
 mod ranged_get;
 mod s3;
 
+pub use host_cache::{
+    clear_host_cache, host_cache_info, prune_host_cache, CachedObject, HostCacheInfo,
+    HostCacheOptions, PruneReport,
+};
 pub(crate) use http::is_http_url;
 pub use http::HttpStorage;
 pub use options::{RemoteOptions, RemoteReport, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
@@ -120,4 +125,8 @@ pub(crate) trait RangeSource: Send + Sync + Debug {
     /// Fills `buf` with the bytes at `offset`, all of them inside the object; exactly
     /// these bytes or an error naming the object.
     fn fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// What names these exact bytes across processes (address, version and size), for
+    /// the host cache; `None` when no request can be tied to a version (the server gave
+    /// neither a strong ETag nor Last-Modified), which keeps the object out of it.
+    fn cache_key(&self) -> Option<String>;
 }

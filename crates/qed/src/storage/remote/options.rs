@@ -1,6 +1,7 @@
 //! How remote bases are read ([`RemoteOptions`]), and where their messages go
 //! ([`RemoteReport`]).
 
+use super::host_cache::HostCacheOptions;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +73,9 @@ pub struct RemoteOptions {
     pub readahead: u64,
     /// Where messages about a server being retried go (nowhere by default).
     pub report: RemoteReport,
+    /// The cache on disk that every process of the host shares (none by default; the
+    /// `qed` tool turns it on, see [`HostCacheOptions::from_env`]).
+    pub host_cache: Option<HostCacheOptions>,
 }
 
 /// Smallest chunk: a QED cluster is at least 4 KiB, and a smaller request costs a round
@@ -94,6 +98,7 @@ impl Default for RemoteOptions {
             cache_bytes: 64 << 20,
             readahead: 2 << 20,
             report: RemoteReport::default(),
+            host_cache: None,
         }
     }
 }

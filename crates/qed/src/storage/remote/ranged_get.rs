@@ -27,6 +27,12 @@ pub(crate) trait Target: Send + Sync + Debug {
     /// here is always fresh, however long the retries took.
     fn url(&self) -> Result<String, String>;
 
+    /// Where the object is, unsigned and with the server in it: with the version, what
+    /// names its bytes in the host cache. The name given, by default.
+    fn address(&self) -> String {
+        self.name().to_string()
+    }
+
     /// Where requests go when that is not plain from [`Target::name`] (an S3 endpoint),
     /// for messages about failures to reach it; never a signed URL.
     fn endpoint(&self) -> Option<String> {
@@ -525,6 +531,21 @@ impl<T: Target> RangeSource for RangedGet<T> {
             etag: self.etag.clone(),
             last_modified: self.last_modified.clone(),
         }
+    }
+
+    fn cache_key(&self) -> Option<String> {
+        // Only a version every request is checked against: a chunk stored under it is
+        // of that version, whoever fetched it.
+        let version = match &self.validator {
+            Validator::ETag(tag) => format!("etag {tag}"),
+            Validator::LastModified(date) => format!("last-modified {date}"),
+            Validator::None => return None,
+        };
+        Some(format!(
+            "{}\n{version}\nsize {}",
+            self.target.address(),
+            self.size
+        ))
     }
 
     fn fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -348,6 +348,14 @@ impl Target for S3Object {
         Some(self.endpoint.to_string())
     }
 
+    fn address(&self) -> String {
+        // The same s3:// name on two endpoints is two objects.
+        self.bucket
+            .object_url(&self.key)
+            .map(|u| u.to_string())
+            .unwrap_or_else(|_| format!("{}{}/{}", self.endpoint, self.bucket.name(), self.key))
+    }
+
     fn url(&self) -> Result<String, String> {
         let url = match &self.credentials {
             Some(c) => GetObject::new(&self.bucket, Some(c), &self.key).sign(SIGNATURE_LIFETIME),

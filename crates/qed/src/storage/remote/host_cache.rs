@@ -1,0 +1,895 @@
+//! The host cache: chunks of remote objects kept on local disk and shared by every
+//! process on the host, so that a base read by many overlays crosses the network once.
+//!
+//! Layout, under the cache's directory:
+//!
+//! ```text
+//! CACHEDIR.TAG            marks the directory as a cache for backup tools
+//! usage                   bytes stored since the last prune (8 bytes), and its locks
+//! objects/ID/meta         what the object is (URL, ETag or Last-Modified, size, chunk)
+//! objects/ID/claims       byte N locked while a process fetches chunk N
+//! objects/ID/c-INDEX      one chunk: a header (index, length, digests) and its bytes
+//! objects/ID/tmp-...      a chunk being written, never read
+//! ```
+//!
+//! `ID` is a digest of the object's address *and* its version (ETag, else
+//! Last-Modified) and size, and of the chunk size: a chunk of an older version is never
+//! looked up for a newer one. A chunk becomes visible only by a rename once whole, and
+//! is trusted only when its header matches and its SHA-256 checks, so a process killed
+//! mid-write, or a crash that lost part of a file, leaves nothing another process
+//! believes. Claims are OFD locks: whoever holds a chunk's byte fetches it, the others
+//! wait for its file to appear, and a killed fetcher releases its claim with its last
+//! descriptor. The cache is bounded: stores are counted in `usage`, and past the bound
+//! one process prunes the least recently used chunks (reads refresh a chunk's time). A
+//! process reading a chunk while it is pruned keeps reading it: the file goes when its
+//! last descriptor does. Nothing here fails a read: a cache that cannot be written is
+//! left, with one warning, and reads go to the network.
+
+use super::options::RemoteReport;
+use crate::storage::lock::{try_lock_byte, unlock_byte};
+use sha2::{Digest, Sha256};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Where the host cache is and how large it may grow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCacheOptions {
+    /// The cache's directory, created when missing.
+    pub dir: PathBuf,
+    /// Bytes of chunks kept at most (headers included); past it the least recently used
+    /// go.
+    pub max_bytes: u64,
+}
+
+impl HostCacheOptions {
+    /// The bound when none is given: room for a few bases' boot and working sets.
+    pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
+
+    /// The cache the environment asks for: `QED_CACHE_DIR` (`none` for no cache), else
+    /// `$XDG_CACHE_HOME/qed`, else `~/.cache/qed`; `None` when it says none or names no
+    /// directory at all.
+    pub fn from_env() -> Option<Self> {
+        Self::from_vars(|name| std::env::var_os(name).filter(|v| !v.is_empty()))
+    }
+
+    fn from_vars(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<Self> {
+        let dir = match var("QED_CACHE_DIR") {
+            Some(d) if d == "none" => return None,
+            Some(d) => PathBuf::from(d),
+            None => match var("XDG_CACHE_HOME").map(PathBuf::from) {
+                // The XDG rules ignore a relative setting.
+                Some(x) if x.is_absolute() => x.join("qed"),
+                _ => PathBuf::from(var("HOME")?).join(".cache").join("qed"),
+            },
+        };
+        Some(Self {
+            dir,
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+        })
+    }
+}
+
+/// Bytes before a chunk's data in its file.
+const HEADER: usize = 64;
+const MAGIC: &[u8; 8] = b"QEDCHNK\x01";
+/// The byte of `claims` every process with the object open holds shared, so that a
+/// prune knows which objects are in use. Far above any chunk's index.
+const IN_USE_BYTE: u64 = 1 << 62;
+/// The bytes of `usage` that guard its counter, and that one pruner holds.
+const COUNTER_LOCK: u64 = 64;
+const PRUNE_LOCK: u64 = 65;
+/// A prune leaves this share of the bound, so that the next is not one store away.
+const PRUNE_TO_PERCENT: u64 = 90;
+/// A chunk read this long after its last refresh has its time refreshed: the order of
+/// eviction needs no finer grain, and each refresh is a write.
+const TOUCH_AFTER: Duration = Duration::from_secs(30);
+/// Temporary files older than this are left by dead processes.
+const STALE_TMP: Duration = Duration::from_secs(600);
+/// The longest pause between two looks at a chunk another process is fetching.
+const MAX_POLL: Duration = Duration::from_millis(2);
+
+/// Whether the one warning about an unusable cache was given, for the whole process.
+static WARNED: AtomicBool = AtomicBool::new(false);
+
+/// The chunks of a remote object that were fetched, by index.
+pub(crate) type Chunks = Vec<(u64, Arc<[u8]>)>;
+
+/// One object's part of the host cache, open for a process's reads.
+#[derive(Debug)]
+pub(crate) struct ObjectCache {
+    root: PathBuf,
+    dir: PathBuf,
+    /// Of the object's key; every chunk header carries its first bytes.
+    digest: [u8; 32],
+    chunk: u64,
+    size: u64,
+    claims: File,
+    usage: File,
+    max_bytes: u64,
+    /// Cleared when a store failed: the rest of this process's reads skip the disk.
+    storing: AtomicBool,
+    /// Set while this process prunes.
+    pruning: Arc<AtomicBool>,
+    /// The prune this process started, finished before the cache is let go of: a
+    /// process that ends right after a read must not leave the cache past its bound.
+    pruner: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// How long to wait for another process's fetch before fetching anyway.
+    wait_limit: Duration,
+    report: RemoteReport,
+    tmp_seq: AtomicU64,
+    /// Chunk files this process has checked, by index, with the inode and mtime they
+    /// had: a chunk read again here (a working set larger than the memory cache) is not
+    /// hashed again while its file is the same, unchanged one. Files are only replaced
+    /// whole, by rename (another inode), and a write in place changes the mtime.
+    /// Bounded: past [`MAX_VERIFIED`] entries, chunks are checked every time.
+    verified: std::sync::Mutex<std::collections::HashMap<u64, (u64, i64, i64)>>,
+}
+
+/// Most chunks remembered as checked: tens of MiB at most.
+const MAX_VERIFIED: usize = 1 << 20;
+
+/// A chunk this process fetches, claimed from the others until dropped.
+struct Claim<'a> {
+    cache: &'a ObjectCache,
+    index: u64,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let _ = unlock_byte(self.cache.claims.as_raw_fd(), self.index);
+    }
+}
+
+/// Says once per process that the cache is not used, and why.
+fn warn_once(report: &RemoteReport, dir: &Path, why: &dyn std::fmt::Display) {
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        report.say(&format!(
+            "the host cache in {} cannot be used ({why}); reading from the network only",
+            dir.display()
+        ));
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the `meta` file of an object says, one `field: value` line each.
+fn meta_text(name: &str, key: &str, size: u64, chunk: u64) -> String {
+    let clean = |s: &str| s.replace(['\n', '\r'], " | ");
+    format!(
+        "qed host cache object 1\nname: {}\nkey: {}\nsize: {size}\nchunk: {chunk}\n",
+        clean(name),
+        clean(key)
+    )
+}
+
+impl ObjectCache {
+    /// Opens (creating what is missing) the part of the cache at `opts` for the object
+    /// `key` names (address, version and size), read in chunks of `chunk` bytes. `name`
+    /// is how the user named it. `None`, after one warning, when the directory cannot be
+    /// used.
+    pub(crate) fn open(
+        opts: &HostCacheOptions,
+        name: &str,
+        key: &str,
+        size: u64,
+        chunk: u64,
+        wait_limit: Duration,
+        report: &RemoteReport,
+    ) -> Option<Self> {
+        let digest: [u8; 32] = Sha256::digest(format!("{key}\n{chunk}").as_bytes()).into();
+        let root = opts.dir.clone();
+        let dir = root
+            .join("objects")
+            .join(format!("{}-{}k", &hex(&digest)[..32], chunk >> 10));
+        let opened = (|| -> io::Result<(File, File)> {
+            fs::create_dir_all(&dir)?;
+            let tag = root.join("CACHEDIR.TAG");
+            if !tag.exists() {
+                let _ = fs::write(
+                    &tag,
+                    "Signature: 8a477f597d28d172789f06886806bc55\n\
+                     # This is the qed host cache of remote images' chunks.\n",
+                );
+            }
+            let meta = dir.join("meta");
+            if !meta.exists() {
+                let tmp = dir.join(format!("tmp-meta-{}", std::process::id()));
+                fs::write(&tmp, meta_text(name, key, size, chunk))?;
+                fs::rename(&tmp, &meta)?;
+            }
+            let open_rw = |p: PathBuf| {
+                fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(p)
+            };
+            let claims = open_rw(dir.join("claims"))?;
+            let usage = open_rw(root.join("usage"))?;
+            // Shared by every process reading the object: a prune leaves its directory.
+            lock_shared(&claims, IN_USE_BYTE)?;
+            Ok((claims, usage))
+        })();
+        match opened {
+            Ok((claims, usage)) => Some(Self {
+                root,
+                dir,
+                digest,
+                chunk,
+                size,
+                claims,
+                usage,
+                max_bytes: opts.max_bytes,
+                storing: AtomicBool::new(true),
+                pruning: Arc::new(AtomicBool::new(false)),
+                pruner: std::sync::Mutex::new(None),
+                wait_limit,
+                report: report.clone(),
+                tmp_seq: AtomicU64::new(0),
+                verified: std::sync::Mutex::new(std::collections::HashMap::new()),
+            }),
+            Err(e) => {
+                warn_once(report, &opts.dir, &e);
+                None
+            }
+        }
+    }
+
+    fn chunk_len(&self, index: u64) -> u64 {
+        self.size.saturating_sub(index * self.chunk).min(self.chunk)
+    }
+
+    fn chunk_path(&self, index: u64) -> PathBuf {
+        self.dir.join(format!("c-{index:012x}"))
+    }
+
+    /// The header a chunk's file starts with.
+    fn header(&self, index: u64, data: &[u8]) -> [u8; HEADER] {
+        let mut h = [0u8; HEADER];
+        h[..8].copy_from_slice(MAGIC);
+        h[8..16].copy_from_slice(&index.to_le_bytes());
+        h[16..20].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        h[24..32].copy_from_slice(&self.digest[..8]);
+        h[32..].copy_from_slice(&Sha256::digest(data));
+        h
+    }
+
+    /// Chunk `index` from disk, if another process (or this one) stored it and it
+    /// checks.
+    pub(crate) fn load(&self, index: u64) -> Option<Arc<[u8]>> {
+        let path = self.chunk_path(index);
+        let mut f = File::open(&path).ok()?;
+        let len = self.chunk_len(index) as usize;
+        let meta = f.metadata().ok()?;
+        let mut buf = vec![0u8; HEADER + len];
+        let file_id = {
+            use std::os::unix::fs::MetadataExt;
+            (meta.ino(), meta.mtime(), meta.mtime_nsec())
+        };
+        let sound = meta.len() == buf.len() as u64
+            && f.read_exact(&mut buf).is_ok()
+            && (self.was_verified(index, file_id)
+                || buf[..HEADER] == self.header(index, &buf[HEADER..]));
+        if !sound {
+            // Torn by a crash or damaged: it would only be refused again.
+            let _ = fs::remove_file(&path);
+            return None;
+        }
+        let stale = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_none_or(|age| age > TOUCH_AFTER);
+        if stale {
+            // A new mtime: the next read checks once more, then remembers it.
+            let _ = f.set_modified(SystemTime::now());
+        } else {
+            self.verified(index, file_id);
+        }
+        Some(Arc::from(&buf[HEADER..]))
+    }
+
+    fn was_verified(&self, index: u64, file_id: (u64, i64, i64)) -> bool {
+        let map = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&index) == Some(&file_id)
+    }
+
+    fn verified(&self, index: u64, file_id: (u64, i64, i64)) {
+        let mut map = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() < MAX_VERIFIED || map.contains_key(&index) {
+            map.insert(index, file_id);
+        }
+    }
+
+    /// Claims chunk `index` for this process to fetch; `None` when another process
+    /// holds it. A file system without locks gives every claim: each process then
+    /// fetches for itself, as without the cache.
+    fn claim(&self, index: u64) -> Option<Claim<'_>> {
+        match try_lock_byte(self.claims.as_raw_fd(), index) {
+            Ok(false) => None,
+            _ => Some(Claim { cache: self, index }),
+        }
+    }
+
+    /// Writes chunk `index` for every process; a failure turns storing off, once.
+    pub(crate) fn store(&self, index: u64, data: &[u8]) {
+        if !self.storing.load(Ordering::Relaxed) {
+            return;
+        }
+        let tmp = self.dir.join(format!(
+            "tmp-{}-{}",
+            std::process::id(),
+            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = (|| {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            f.write_all(&[&self.header(index, data)[..], data].concat())?;
+            drop(f);
+            fs::rename(&tmp, self.chunk_path(index))
+        })();
+        match written {
+            Ok(()) => self.account((HEADER + data.len()) as u64),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                self.storing.store(false, Ordering::Relaxed);
+                warn_once(&self.report, &self.root, &e);
+            }
+        }
+    }
+
+    /// Counts `n` stored bytes in the shared counter, and prunes, in the background,
+    /// when the cache has passed its bound.
+    fn account(&self, n: u64) {
+        let Some(total) = with_byte_lock(&self.usage, COUNTER_LOCK, || {
+            let mut b = [0u8; 8];
+            let was = match self.usage.read_exact_at(&mut b, 0) {
+                Ok(()) => u64::from_le_bytes(b),
+                Err(_) => 0,
+            };
+            let now = was.saturating_add(n);
+            self.usage.write_all_at(&now.to_le_bytes(), 0)?;
+            Ok(now)
+        }) else {
+            return;
+        };
+        if total > self.max_bytes && !self.pruning.swap(true, Ordering::AcqRel) {
+            let root = self.root.clone();
+            let max = self.max_bytes;
+            let pruning = self.pruning.clone();
+            // Walking the cache takes a while: the read that tipped it over does not wait.
+            let spawned = std::thread::Builder::new()
+                .name("qed-cache-prune".into())
+                .spawn(move || {
+                    let _ = prune_host_cache(&root, max);
+                    pruning.store(false, Ordering::Release);
+                });
+            match spawned {
+                Ok(handle) => {
+                    let old = self
+                        .pruner
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .replace(handle);
+                    // Finished (it cleared `pruning` before this one could start).
+                    if let Some(old) = old {
+                        let _ = old.join();
+                    }
+                }
+                Err(_) => self.pruning.store(false, Ordering::Release),
+            }
+        }
+    }
+
+    /// Chunks `first..first + count`: from disk where another process stored them,
+    /// fetched with `wire` (which fetches adjacent chunks in one request) and stored
+    /// where this process claims them, and waited for where another is fetching them.
+    pub(crate) fn fetch_through(
+        &self,
+        first: u64,
+        count: u64,
+        wire: &dyn Fn(u64, u64) -> io::Result<Chunks>,
+    ) -> io::Result<Chunks> {
+        let mut got: Chunks = Vec::with_capacity(count as usize);
+        let mut mine: Vec<Claim<'_>> = Vec::new();
+        let mut busy = Vec::new();
+        for index in first..first + count {
+            if let Some(d) = self.load(index) {
+                got.push((index, d));
+                continue;
+            }
+            match self.claim(index) {
+                // Another process may have finished it between the look and the claim.
+                Some(claim) => match self.load(index) {
+                    Some(d) => got.push((index, d)),
+                    None => mine.push(claim),
+                },
+                None => busy.push(index),
+            }
+        }
+        let mut i = 0;
+        while i < mine.len() {
+            let start = mine[i].index;
+            let mut n = 1;
+            while i + (n as usize) < mine.len() && mine[i + n as usize].index == start + n {
+                n += 1;
+            }
+            for (index, data) in wire(start, n)? {
+                self.store(index, &data);
+                got.push((index, data));
+            }
+            i += n as usize;
+        }
+        drop(mine);
+        for index in busy {
+            got.push((index, self.await_chunk(index, wire)?));
+        }
+        got.sort_unstable_by_key(|(index, _)| *index);
+        Ok(got)
+    }
+
+    /// Chunk `index`, which another process is fetching: read once it is stored, or
+    /// fetched here if that process let go of it without storing it (it failed or died)
+    /// or takes longer than the wait limit.
+    fn await_chunk(
+        &self,
+        index: u64,
+        wire: &dyn Fn(u64, u64) -> io::Result<Chunks>,
+    ) -> io::Result<Arc<[u8]>> {
+        let started = Instant::now();
+        let mut pause = Duration::from_micros(200);
+        let claim = loop {
+            if let Some(d) = self.load(index) {
+                return Ok(d);
+            }
+            if let Some(claim) = self.claim(index) {
+                if let Some(d) = self.load(index) {
+                    return Ok(d);
+                }
+                break Some(claim);
+            }
+            if started.elapsed() > self.wait_limit {
+                break None;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(MAX_POLL);
+        };
+        let fetched = wire(index, 1)?;
+        let data = fetched
+            .into_iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, d)| d)
+            .ok_or_else(|| io::Error::other(format!("chunk {index} missing from a fetch")))?;
+        if claim.is_some() {
+            self.store(index, &data);
+        }
+        Ok(data)
+    }
+}
+
+impl Drop for ObjectCache {
+    fn drop(&mut self) {
+        let pruner = self
+            .pruner
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(handle) = pruner {
+            let _ = handle.join();
+        }
+        // Stores made while that prune walked the cache may have passed the bound again.
+        let mut b = [0u8; 8];
+        if self.usage.read_exact_at(&mut b, 0).is_ok() && u64::from_le_bytes(b) > self.max_bytes {
+            let _ = prune_host_cache(&self.root, self.max_bytes);
+        }
+    }
+}
+
+/// Takes a shared lock on `byte` of `f`, without waiting (nobody holds these bytes
+/// exclusively for longer than a look).
+fn lock_shared(f: &File, byte: u64) -> io::Result<()> {
+    crate::storage::lock::try_share_byte(f.as_raw_fd(), byte).map(|_| ())
+}
+
+/// Runs `f` holding the exclusive lock on `byte` of `file`, waiting a little for it;
+/// `None` if it could not be had (the caller skips what it guards).
+fn with_byte_lock<T>(file: &File, byte: u64, f: impl FnOnce() -> io::Result<T>) -> Option<T> {
+    let fd = file.as_raw_fd();
+    let started = Instant::now();
+    loop {
+        match try_lock_byte(fd, byte) {
+            Ok(true) => break,
+            Ok(false) if started.elapsed() < Duration::from_millis(200) => {
+                std::thread::sleep(Duration::from_micros(100))
+            }
+            _ => return None,
+        }
+    }
+    let r = f().ok();
+    let _ = unlock_byte(fd, byte);
+    r
+}
+
+/// What the cache holds, for `qed cache info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCacheInfo {
+    /// The cache's directory.
+    pub dir: PathBuf,
+    /// Bytes of chunk files (headers included).
+    pub bytes: u64,
+    /// Chunk files.
+    pub chunks: u64,
+    /// The objects, most recently used first.
+    pub objects: Vec<CachedObject>,
+}
+
+/// One object in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedObject {
+    /// How it was named when first cached (a URL).
+    pub name: String,
+    /// Its address, version and size, as its key.
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The chunk size it is cached in.
+    pub chunk_size: u64,
+    /// Bytes of its chunk files.
+    pub bytes: u64,
+    /// Its chunk files.
+    pub chunks: u64,
+    /// When one of its chunks was last read or stored.
+    pub last_used: Option<SystemTime>,
+    /// Whether a process has it open now.
+    pub in_use: bool,
+}
+
+/// A chunk file, as a prune weighs it.
+struct ChunkFile {
+    path: PathBuf,
+    bytes: u64,
+    used: SystemTime,
+}
+
+/// Every object directory, with its chunk files (stale temporary files are removed on
+/// the way).
+fn survey(root: &Path) -> io::Result<Vec<(PathBuf, Vec<ChunkFile>)>> {
+    let objects = root.join("objects");
+    let entries = match fs::read_dir(&objects) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let dir = entry?.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let mut chunks = Vec::new();
+        let Ok(files) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let name = f.file_name();
+            let name = name.to_string_lossy();
+            let Ok(meta) = f.metadata() else { continue };
+            let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            if name.starts_with("c-") {
+                chunks.push(ChunkFile {
+                    path: f.path(),
+                    bytes: meta.len(),
+                    used,
+                });
+            } else if name.starts_with("tmp-") && used.elapsed().is_ok_and(|age| age > STALE_TMP) {
+                let _ = fs::remove_file(f.path());
+            }
+        }
+        out.push((dir, chunks));
+    }
+    Ok(out)
+}
+
+/// Whether a process has the object in `dir` open.
+fn in_use(dir: &Path) -> bool {
+    let Ok(f) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("claims"))
+    else {
+        return false;
+    };
+    !matches!(try_lock_byte(f.as_raw_fd(), IN_USE_BYTE), Ok(true))
+}
+
+/// What `qed cache info` shows.
+pub fn host_cache_info(dir: &Path) -> io::Result<HostCacheInfo> {
+    let mut info = HostCacheInfo {
+        dir: dir.to_path_buf(),
+        bytes: 0,
+        chunks: 0,
+        objects: Vec::new(),
+    };
+    for (obj, chunks) in survey(dir)? {
+        let meta = fs::read_to_string(obj.join("meta")).unwrap_or_default();
+        let field = |name: &str| {
+            meta.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+                .unwrap_or("")
+                .to_string()
+        };
+        let bytes: u64 = chunks.iter().map(|c| c.bytes).sum();
+        info.bytes += bytes;
+        info.chunks += chunks.len() as u64;
+        info.objects.push(CachedObject {
+            name: field("name"),
+            key: field("key"),
+            size: field("size").parse().unwrap_or(0),
+            chunk_size: field("chunk").parse().unwrap_or(0),
+            bytes,
+            chunks: chunks.len() as u64,
+            last_used: chunks.iter().map(|c| c.used).max(),
+            in_use: in_use(&obj),
+        });
+    }
+    info.objects
+        .sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.name.cmp(&b.name)));
+    Ok(info)
+}
+
+/// What a prune did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Chunk files removed, and their bytes.
+    pub removed_chunks: u64,
+    /// Bytes removed.
+    pub removed_bytes: u64,
+    /// Bytes left.
+    pub kept_bytes: u64,
+}
+
+/// Removes the least recently used chunks until the cache holds at most
+/// [`PRUNE_TO_PERCENT`] of `max_bytes` (all of them for a bound of zero), and the
+/// directories of objects left empty that no process has open. One process prunes at
+/// a time; a prune that finds another under way returns at once with nothing removed.
+pub fn prune_host_cache(dir: &Path, max_bytes: u64) -> io::Result<PruneReport> {
+    let mut report = PruneReport {
+        removed_chunks: 0,
+        removed_bytes: 0,
+        kept_bytes: 0,
+    };
+    let usage = match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("usage"))
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(report),
+        Err(e) => return Err(e),
+    };
+    if !try_lock_byte(usage.as_raw_fd(), PRUNE_LOCK)? {
+        return Ok(report);
+    }
+    let result = (|| {
+        let objects = survey(dir)?;
+        let mut all: Vec<&ChunkFile> = objects.iter().flat_map(|(_, c)| c).collect();
+        let mut total: u64 = all.iter().map(|c| c.bytes).sum();
+        let goal = max_bytes / 100 * PRUNE_TO_PERCENT;
+        all.sort_by_key(|c| c.used);
+        for c in all {
+            if total <= goal {
+                break;
+            }
+            if fs::remove_file(&c.path).is_ok() {
+                total -= c.bytes;
+                report.removed_chunks += 1;
+                report.removed_bytes += c.bytes;
+            }
+        }
+        for (obj, _) in &objects {
+            let empty = fs::read_dir(obj)
+                .map(|mut d| {
+                    !d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("c-")))
+                })
+                .unwrap_or(false);
+            if empty && !in_use(obj) {
+                let _ = fs::remove_dir_all(obj);
+            }
+        }
+        report.kept_bytes = total;
+        // What stores added while this ran is lost to the count; the next prune finds it.
+        with_byte_lock(&usage, COUNTER_LOCK, || {
+            usage.write_all_at(&total.to_le_bytes(), 0)
+        });
+        Ok(report)
+    })();
+    let _ = unlock_byte(usage.as_raw_fd(), PRUNE_LOCK);
+    result
+}
+
+/// Removes every chunk (`qed cache clear`): a prune to nothing.
+pub fn clear_host_cache(dir: &Path) -> io::Result<PruneReport> {
+    prune_host_cache(dir, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn options(vars: &[(&str, &str)]) -> Option<HostCacheOptions> {
+        HostCacheOptions::from_vars(|name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| OsString::from(v))
+        })
+    }
+
+    #[test]
+    fn the_directory_follows_the_environment() {
+        let dir = |vars: &[(&str, &str)]| options(vars).map(|o| o.dir);
+        assert_eq!(
+            dir(&[
+                ("QED_CACHE_DIR", "/c"),
+                ("XDG_CACHE_HOME", "/x"),
+                ("HOME", "/h")
+            ]),
+            Some(PathBuf::from("/c"))
+        );
+        assert_eq!(dir(&[("QED_CACHE_DIR", "none"), ("HOME", "/h")]), None);
+        assert_eq!(
+            dir(&[("XDG_CACHE_HOME", "/x"), ("HOME", "/h")]),
+            Some(PathBuf::from("/x/qed"))
+        );
+        assert_eq!(
+            dir(&[("XDG_CACHE_HOME", "rel"), ("HOME", "/h")]),
+            Some(PathBuf::from("/h/.cache/qed"))
+        );
+        assert_eq!(dir(&[]), None);
+    }
+
+    fn object(dir: &Path, key: &str, size: u64, max: u64) -> ObjectCache {
+        let opts = HostCacheOptions {
+            dir: dir.to_path_buf(),
+            max_bytes: max,
+        };
+        ObjectCache::open(
+            &opts,
+            "http://x/base",
+            key,
+            size,
+            64 << 10,
+            Duration::from_secs(5),
+            &RemoteReport::default(),
+        )
+        .expect("open the cache")
+    }
+
+    fn chunk(index: u64, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i as u64 * 7 + index) as u8).collect()
+    }
+
+    /// What a server of 64 KiB test chunks answers.
+    fn served(first: u64, count: u64) -> Chunks {
+        (first..first + count)
+            .map(|i| (i, Arc::from(chunk(i, 64 << 10))))
+            .collect()
+    }
+
+    #[test]
+    fn chunks_are_shared_by_key_and_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let size = (64 << 10) * 3 + 100;
+        let a = object(tmp.path(), "k1", size, 1 << 30);
+        let b = object(tmp.path(), "k1", size, 1 << 30);
+        let other = object(tmp.path(), "k2", size, 1 << 30);
+        a.store(3, &chunk(3, 100));
+        assert_eq!(&*b.load(3).expect("shared"), &chunk(3, 100)[..]);
+        assert!(other.load(3).is_none(), "another version never sees it");
+        // A damaged chunk is not trusted, and goes.
+        let path = b.chunk_path(3);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[HEADER + 5] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        assert!(b.load(3).is_none());
+        assert!(!path.exists());
+        // A short one too (a crash that lost its end).
+        a.store(0, &chunk(0, 64 << 10));
+        let path = a.chunk_path(0);
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        assert!(a.load(0).is_none());
+    }
+
+    #[test]
+    fn a_claimed_chunk_is_fetched_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let size = (64 << 10) * 8;
+        let a = object(tmp.path(), "k", size, 1 << 30);
+        let b = object(tmp.path(), "k", size, 1 << 30);
+        let fetched = std::sync::Mutex::new(Vec::new());
+        let wire = |first: u64, count: u64| -> io::Result<Chunks> {
+            fetched.lock().unwrap().push((first, count));
+            std::thread::sleep(Duration::from_millis(50));
+            Ok(served(first, count))
+        };
+        std::thread::scope(|s| {
+            let ta = s.spawn(|| a.fetch_through(0, 8, &wire).unwrap());
+            std::thread::sleep(Duration::from_millis(10));
+            let tb = s.spawn(|| b.fetch_through(2, 4, &wire).unwrap());
+            let (ga, gb) = (ta.join().unwrap(), tb.join().unwrap());
+            assert_eq!(ga.len(), 8);
+            assert_eq!(gb.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 3, 4, 5]);
+            for (i, d) in ga.iter().chain(&gb) {
+                assert_eq!(&d[..], &chunk(*i, 64 << 10)[..]);
+            }
+        });
+        assert_eq!(*fetched.lock().unwrap(), vec![(0, 8)]);
+    }
+
+    #[test]
+    fn a_failed_fetch_lets_the_waiter_fetch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = object(tmp.path(), "k", 64 << 10, 1 << 30);
+        let b = object(tmp.path(), "k", 64 << 10, 1 << 30);
+        let claim = a.claim(0).expect("claim");
+        let good = |first: u64, count: u64| -> io::Result<Chunks> { Ok(served(first, count)) };
+        std::thread::scope(|s| {
+            let t = s.spawn(|| b.fetch_through(0, 1, &good).unwrap());
+            std::thread::sleep(Duration::from_millis(30));
+            // The claimant gives up without storing (its fetch failed, or it died).
+            drop(claim);
+            assert_eq!(&t.join().unwrap()[0].1[..], &chunk(0, 64 << 10)[..]);
+        });
+        assert!(a.load(0).is_some(), "the waiter stored it");
+    }
+
+    #[test]
+    fn a_prune_keeps_the_bound_and_the_newest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let size = (64 << 10) * 16;
+        let per = (HEADER + (64 << 10)) as u64;
+        let a = object(tmp.path(), "k", size, 1 << 40);
+        for i in 0..16 {
+            a.store(i, &chunk(i, 64 << 10));
+            let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + i);
+            File::options()
+                .write(true)
+                .open(a.chunk_path(i))
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        let r = prune_host_cache(tmp.path(), per * 10).unwrap();
+        assert!(r.kept_bytes <= per * 10 * PRUNE_TO_PERCENT / 100);
+        assert_eq!(r.removed_chunks, 16 - r.kept_bytes / per);
+        for i in 0..16 {
+            let kept = a.chunk_path(i).exists();
+            assert_eq!(kept, i >= r.removed_chunks, "chunk {i}");
+        }
+        let info = host_cache_info(tmp.path()).unwrap();
+        assert_eq!(info.bytes, r.kept_bytes);
+        assert_eq!(info.objects.len(), 1);
+        assert!(info.objects[0].in_use);
+        assert_eq!(info.objects[0].name, "http://x/base");
+        drop(a);
+        let r = clear_host_cache(tmp.path()).unwrap();
+        assert_eq!(r.kept_bytes, 0);
+        let info = host_cache_info(tmp.path()).unwrap();
+        assert!(
+            info.objects.is_empty(),
+            "an object no one uses goes with its chunks"
+        );
+    }
+}
