@@ -21,7 +21,10 @@
 //! The emulator runs without KVM: it is slower, but it does not depend on the host's
 //! virtualization (this machine's /dev/kvm hangs a stock kernel early in boot). Boots
 //! take turns, since two emulated CPUs on a small machine slow each other down more than
-//! running them one after the other costs.
+//! running them one after the other costs; one scenario alone boots several guests at
+//! once on purpose: overlays on one base behind a web server, each served by its own
+//! `qed serve`, whose processes share one host cache, so that the base crosses the
+//! network about once however many guests read it.
 //!
 //! A missing tool, kernel or busybox fails these tests with what to install (`tests/run`
 //! installs all of them); skipping would report an unexercised suite as passing.
@@ -32,7 +35,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -320,9 +323,34 @@ struct Failed {
     qemu_qed_assertion: bool,
 }
 
+/// Boots take turns: see the module's comment.
+static TURN: Mutex<()> = Mutex::new(());
+
+/// The memory of a guest, in MiB.
+const MEMORY: u32 = 256;
+
 /// [`boot`], returning the failure instead of panicking.
 fn try_boot(dir: &Path, label: &str, drive: &str, job: Job) -> Result<Outcome, Failed> {
-    static TURN: Mutex<()> = Mutex::new(());
+    kit();
+    let _turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
+    launch(dir, label, drive, job, MEMORY).wait(BOOT_DEADLINE)
+}
+
+/// A guest QEMU is running: its console and QEMU's own output go to files in the test's
+/// directory.
+struct Guest {
+    label: String,
+    drive: String,
+    job: &'static str,
+    console: PathBuf,
+    log: PathBuf,
+    qemu: Killed,
+    started: Instant,
+}
+
+/// Starts a guest of `memory` MiB on `drive` (QEMU's -drive option) to run `job`, without
+/// waiting for it or for any other guest's turn.
+fn launch(dir: &Path, label: &str, drive: &str, job: Job, memory: u32) -> Guest {
     let kit = kit();
     let console = dir.join(format!("{label}.console"));
     let log = dir.join(format!("{label}.qemu.log"));
@@ -330,6 +358,7 @@ fn try_boot(dir: &Path, label: &str, drive: &str, job: Job) -> Result<Outcome, F
     let append = format!("console=ttyS0 panic=-1 {}", job.words());
     // The console goes to a file the test reads after the guest stopped.
     let serial = format!("file:{}", console.display());
+    let memory = memory.to_string();
     let args: Vec<&OsStr> = vec![
         "-nodefaults".as_ref(),
         "-no-user-config".as_ref(),
@@ -338,7 +367,7 @@ fn try_boot(dir: &Path, label: &str, drive: &str, job: Job) -> Result<Outcome, F
         "-accel".as_ref(),
         "tcg".as_ref(),
         "-m".as_ref(),
-        "256".as_ref(),
+        memory.as_ref(),
         "-no-reboot".as_ref(),
         "-kernel".as_ref(),
         kit.kernel.as_os_str(),
@@ -351,8 +380,7 @@ fn try_boot(dir: &Path, label: &str, drive: &str, job: Job) -> Result<Outcome, F
         "-drive".as_ref(),
         drive.as_ref(),
     ];
-    let _turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
-    let t = Instant::now();
+    let started = Instant::now();
     let qemu_log = File::create(&log).expect("create the QEMU log");
     let child = Command::new(QEMU)
         .args(&args)
@@ -362,53 +390,121 @@ fn try_boot(dir: &Path, label: &str, drive: &str, job: Job) -> Result<Outcome, F
         .stderr(qemu_log)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {QEMU}: {e}{}", install_hint(QEMU)));
-    let mut qemu = Killed(child);
-    let status = exited_within(&mut qemu.0, BOOT_DEADLINE);
-    let secs = t.elapsed().as_secs_f64();
-    drop(qemu);
-    let text = String::from_utf8_lossy(&fs::read(&console).unwrap_or_default()).into_owned();
-    let qemu_said = fs::read_to_string(&log).unwrap_or_default();
-    let fail = |what: String| {
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-        Err(Failed {
-            report: format!(
-                "{what}: guest {label} on {drive}\n--- last lines of its console:\n{tail}\n\
-                 --- QEMU's output:\n{qemu_said}"
-            ),
-            qemu_qed_assertion: qemu_said.contains("block/qed.c")
-                && qemu_said.contains("Assertion"),
-        })
-    };
-    let Some(status) = status else {
-        return fail(format!(
-            "the guest did not stop within {BOOT_DEADLINE:?} and was killed"
-        ));
-    };
-    if !status.success() {
-        return fail(format!("QEMU exited with {status}"));
+    Guest {
+        label: label.to_owned(),
+        drive: drive.to_owned(),
+        job: job.name(),
+        console,
+        log,
+        qemu: Killed(child),
+        started,
     }
-    let Some(result) = text
-        .lines()
-        .filter_map(|l| l.split_once("QEDGUEST RESULT ").map(|(_, r)| r.trim_end()))
-        .next_back()
-    else {
-        return fail("the guest printed no result".into());
-    };
-    let mut words = result.split_whitespace();
-    let (ran, verdict) = (words.next(), words.next());
-    if verdict != Some("ok") {
-        return fail("the guest failed".into());
+}
+
+impl Guest {
+    /// Waits for the guest to power off, at most `deadline` from its start, and returns
+    /// its result; a guest still running then is killed.
+    fn wait(mut self, deadline: Duration) -> Result<Outcome, Failed> {
+        let left = deadline.saturating_sub(self.started.elapsed());
+        let status = exited_within(&mut self.qemu.0, left);
+        let secs = self.started.elapsed().as_secs_f64();
+        self.conclude(status, secs, deadline)
     }
-    if ran != Some(job.name()) {
-        return fail(format!("the guest ran {ran:?}, not {}", job.name()));
+
+    /// [`Guest::wait`] for several guests running at once: each one's time is taken when
+    /// it stops, not when its turn to be waited for comes.
+    fn wait_all(guests: Vec<Guest>, deadline: Duration) -> Vec<Result<Outcome, Failed>> {
+        let mut ended: Vec<Option<(ExitStatus, f64)>> = vec![None; guests.len()];
+        let mut guests = guests;
+        loop {
+            for (guest, end) in guests.iter_mut().zip(&mut ended) {
+                if end.is_none() {
+                    if let Some(status) = guest.qemu.0.try_wait().expect("look at QEMU") {
+                        *end = Some((status, guest.started.elapsed().as_secs_f64()));
+                    }
+                }
+            }
+            let late = guests.iter().all(|g| g.started.elapsed() > deadline);
+            if ended.iter().all(Option::is_some) || late {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        guests
+            .into_iter()
+            .zip(ended)
+            .map(|(guest, end)| {
+                let secs = guest.started.elapsed().as_secs_f64();
+                match end {
+                    Some((status, secs)) => guest.conclude(Some(status), secs, deadline),
+                    None => guest.conclude(None, secs, deadline),
+                }
+            })
+            .collect()
     }
-    let fields = words
-        .filter_map(|w| w.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-    eprintln!("guest: {}: {label}: {secs:.1} s: {result}", test_name());
-    Ok(Outcome(fields))
+
+    /// The result of a guest that stopped with `status` after `secs` seconds, or (`None`)
+    /// was still running at `deadline`, when it is killed.
+    fn conclude(
+        self,
+        status: Option<ExitStatus>,
+        secs: f64,
+        deadline: Duration,
+    ) -> Result<Outcome, Failed> {
+        let Guest {
+            label,
+            drive,
+            job,
+            console,
+            log,
+            qemu,
+            ..
+        } = self;
+        drop(qemu);
+        let text = String::from_utf8_lossy(&fs::read(&console).unwrap_or_default()).into_owned();
+        let qemu_said = fs::read_to_string(&log).unwrap_or_default();
+        let fail = |what: String| {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            Err(Failed {
+                report: format!(
+                    "{what}: guest {label} on {drive}\n--- last lines of its console:\n{tail}\n\
+                     --- QEMU's output:\n{qemu_said}"
+                ),
+                qemu_qed_assertion: qemu_said.contains("block/qed.c")
+                    && qemu_said.contains("Assertion"),
+            })
+        };
+        let Some(status) = status else {
+            return fail(format!(
+                "the guest did not stop within {deadline:?} and was killed"
+            ));
+        };
+        if !status.success() {
+            return fail(format!("QEMU exited with {status}"));
+        }
+        let Some(result) = text
+            .lines()
+            .filter_map(|l| l.split_once("QEDGUEST RESULT ").map(|(_, r)| r.trim_end()))
+            .next_back()
+        else {
+            return fail("the guest printed no result".into());
+        };
+        let mut words = result.split_whitespace();
+        let (ran, verdict) = (words.next(), words.next());
+        if verdict != Some("ok") {
+            return fail("the guest failed".into());
+        }
+        if ran != Some(job) {
+            return fail(format!("the guest ran {ran:?}, not {job}"));
+        }
+        let fields = words
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        eprintln!("guest: {}: {label}: {secs:.1} s: {result}", test_name());
+        Ok(Outcome(fields))
+    }
 }
 
 /// How many times a boot in which QEMU's own qed driver writes is run when QEMU aborts
@@ -1419,4 +1515,172 @@ fn qed_converted_in_place_to_qcow2_and_booted_by_qemu() {
         "QED converted in place to qcow2, QEMU's qcow2 driver checks and changes it",
         t,
     );
+}
+
+/// How many guests boot at once from one base behind a web server.
+const STORM_GUESTS: usize = 4;
+
+/// The memory of each guest of the storm, in MiB: four run at once, and their job needs
+/// little.
+const STORM_MEMORY: u32 = 160;
+
+/// How long each guest of the storm may take: four emulated machines share the host's
+/// cores, so each takes several times what it takes alone.
+const STORM_DEADLINE: Duration = Duration::from_secs(600);
+
+/// The data set of the storm: a few MiB of random files and small files, so that four
+/// emulated guests checking it at once stay quick.
+const STORM_DATA: &[(&str, usize)] = &[
+    ("data/random-1", 4 << 20),
+    ("data/random-2", 4 << 20),
+    ("data/random-3", 3 << 20),
+    ("data/odd", (1 << 20) + 4321),
+];
+
+/// Makes `image`, a raw ext4 filesystem of `size` with the storm's data set and, at its
+/// root, the list of the set's md5 sums that the guest's verify job checks (made on the
+/// host by `mke2fs -d`, not by a guest: a boot less). Returns the number of files, the
+/// md5 of the list and how many bytes of the files are not zero.
+fn filesystem_with_data(dir: &Path, image: &str, size: &str) -> (u64, String, u64) {
+    let tree = dir.join("tree");
+    fs::create_dir_all(tree.join("data/small")).expect("make the data set's directories");
+    let mut names = Vec::new();
+    let mut bytes = 0;
+    // The data has runs of zeros, which the base need not hold.
+    let nonzero = |data: &[u8]| data.iter().filter(|&&b| b != 0).count() as u64;
+    for (i, (name, len)) in STORM_DATA.iter().enumerate() {
+        let data = common::test_bytes(*len, 7 + i as u64);
+        fs::write(tree.join(name), &data).expect("write data");
+        names.push((*name).to_owned());
+        bytes += nonzero(&data);
+    }
+    for i in 1..=32u64 {
+        let name = format!("data/small/{i}");
+        let len = ((i * 37) % 61 + 1) * 1000;
+        let data = common::test_bytes(len as usize, 100 + i);
+        fs::write(tree.join(&name), &data).expect("write a small file");
+        names.push(name);
+        bytes += nonzero(&data);
+    }
+    names.sort();
+    fs::write(tree.join("SUMS"), ok(&tree, "md5sum", &names)).expect("write the list of sums");
+    let tree_arg = tree.to_str().expect("a UTF-8 path");
+    ok(
+        dir,
+        "mke2fs",
+        &[
+            "-q", "-F", "-t", "ext4", "-b", "4096", "-d", tree_arg, image, size,
+        ],
+    );
+    (names.len() as u64, md5(&tree, "SUMS"), bytes)
+}
+
+/// Four guests boot at once, each from its own overlay on one base behind nginx, each
+/// overlay served by its own `qed serve`, the four servers sharing one host cache
+/// directory; every guest checks every file of the base's data set. nginx must send the
+/// base's bytes about once: at most 1.2 times what one guest alone, through a server
+/// with a fresh cache of its own, made it send.
+#[test]
+fn guests_at_once_on_one_http_base_fetch_it_once() {
+    let t = Instant::now();
+    let dir = new_dir();
+    let d = dir.path();
+    let (files, sums, data) = filesystem_with_data(d, "base.raw", "48M");
+    ok(d, QED, &["convert", "-O", "qed", "base.raw", "base.qed"]);
+    fs::remove_file(d.join("base.raw")).expect("remove the raw filesystem");
+
+    let nginx = common::nginx::Nginx::start();
+    fs::copy(d.join("base.qed"), nginx.root().join("base.qed")).expect("copy the base");
+    let url = nginx.url("base.qed");
+    let overlays: Vec<String> = (0..=STORM_GUESTS)
+        .map(|i| format!("overlay-{i}.qed"))
+        .collect();
+    for overlay in &overlays {
+        // No host cache here: the guests' servers start with empty ones.
+        let args = ["create", "-q", "-b", &url, "-F", "qed", overlay];
+        let out = Command::new(QED)
+            .args(args)
+            .current_dir(d)
+            .env("QED_CACHE_DIR", "none")
+            .output()
+            .expect("run qed create");
+        assert!(out.status.success(), "{}", describe(QED, &args, &out));
+    }
+    let opened = nginx.settled_bytes_sent("base.qed");
+    let cache = |name: &str| {
+        let path = d.join(name);
+        fs::create_dir(&path).expect("make a cache directory");
+        path
+    };
+    let serve = |overlay: &str, cache: &Path| {
+        Served::start_env(
+            d,
+            true,
+            &[("QED_CACHE_DIR", cache.as_os_str())],
+            &["-r"],
+            overlay,
+        )
+    };
+    let verify = Job::Verify { sums: &sums };
+    kit();
+    // Other scenarios' guests wait until this one's are done.
+    let _turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
+
+    // One guest alone, through a server with a cache of its own: what one guest's reads
+    // take from the web server.
+    let server = serve(&overlays[0], &cache("cache-alone"));
+    let alone = launch(d, "alone", &nbd_drive(&server, true), verify, STORM_MEMORY)
+        .wait(BOOT_DEADLINE)
+        .unwrap_or_else(|failed| panic!("{}", failed.report));
+    server.finish();
+    assert_eq!(alone.files(), files);
+    let one = nginx.settled_bytes_sent("base.qed") - opened;
+    // The files' bytes live in the base alone: the guest cannot have checked them
+    // without the web server sending them.
+    assert!(
+        one >= data,
+        "nginx sent {one} bytes of the base for one guest, less than the {data} bytes that \
+         are not zero in the files it checked"
+    );
+
+    let shared = cache("cache-shared");
+    let servers: Vec<Served> = overlays[1..].iter().map(|o| serve(o, &shared)).collect();
+    let storm = Instant::now();
+    let guests: Vec<Guest> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, server)| {
+            launch(
+                d,
+                &format!("storm-{i}"),
+                &nbd_drive(server, true),
+                verify,
+                STORM_MEMORY,
+            )
+        })
+        .collect();
+    // Every guest is waited for (or killed) before the first failure is reported.
+    let outcomes = Guest::wait_all(guests, STORM_DEADLINE);
+    let storm_secs = storm.elapsed().as_secs_f64();
+    for outcome in outcomes {
+        let outcome = outcome.unwrap_or_else(|failed| panic!("{}", failed.report));
+        assert_eq!(outcome.files(), files);
+    }
+    for server in servers {
+        server.finish();
+    }
+    let all = nginx.settled_bytes_sent("base.qed") - opened - one;
+    eprintln!(
+        "guest: {}: nginx sent {one} bytes of the base for one guest alone, {all} for \
+         {STORM_GUESTS} at once ({:.2}x) in {storm_secs:.1} s; the files hold {data} bytes \
+         that are not zero",
+        test_name(),
+        all as f64 / one as f64
+    );
+    assert!(
+        all * 5 <= one * 6,
+        "nginx sent {all} bytes of the base for {STORM_GUESTS} guests at once on one host \
+         cache, more than 1.2 times the {one} it sent for one guest alone"
+    );
+    finished("guests at once on one http base", t);
 }

@@ -3,6 +3,7 @@
 //! (a failed assertion, say) is killed, so that no test leaves one behind.
 
 use super::{exited_within, spawn_server, Log, QED};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,9 +36,21 @@ impl Served {
     /// Starts `qed serve ARGS IMAGE` in `dir` on a fresh Unix socket (`unix`) or an
     /// ephemeral TCP port; returns once the server listens.
     pub fn start(dir: &Path, unix: bool, args: &[&str], image: &str) -> Served {
+        Self::start_env(dir, unix, &[], args, image)
+    }
+
+    /// [`Served::start`] with `env` added to the server's environment.
+    pub fn start_env(
+        dir: &Path,
+        unix: bool,
+        env: &[(&str, &OsStr)],
+        args: &[&str],
+        image: &str,
+    ) -> Served {
         let socket = dir.join(format!("nbd-{}.sock", unique()));
         let mut cmd = Command::new(QED);
         cmd.arg("serve").current_dir(dir);
+        cmd.envs(env.iter().copied());
         if unix {
             cmd.arg("-k").arg(&socket);
         } else {
