@@ -55,7 +55,7 @@ const TOUCH_AFTER: Duration = Duration::from_secs(30);
 /// Temporary files older than this are left by dead processes.
 const STALE_TMP: Duration = Duration::from_secs(600);
 /// The longest pause between two looks at a chunk another process is fetching.
-const MAX_POLL: Duration = Duration::from_millis(2);
+const MAX_POLL: Duration = Duration::from_micros(500);
 
 /// Whether the one warning about an unusable cache was given, for the whole process.
 static WARNED: AtomicBool = AtomicBool::new(false);
@@ -529,7 +529,7 @@ impl ObjectCache {
         wire: &dyn Fn(u64, u64) -> io::Result<Chunks>,
     ) -> io::Result<Arc<[u8]>> {
         let started = Instant::now();
-        let mut pause = Duration::from_micros(200);
+        let mut pause = Duration::from_micros(50);
         let claim = loop {
             if let Some(d) = self.load(index) {
                 return Ok(d);
