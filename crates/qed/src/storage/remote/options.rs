@@ -68,8 +68,14 @@ pub struct RemoteOptions {
     pub chunk_size: u32,
     /// Upper bound on memory used for cached chunks, in bytes.
     pub cache_bytes: usize,
-    /// Bytes fetched ahead of a read that continues the previous one (0: none).
+    /// Bytes first fetched ahead of a read that continues an earlier one (0: no
+    /// readahead). Each further read that continues it doubles what is fetched ahead, up
+    /// to [`RemoteOptions::readahead_max`], in the background.
     pub readahead: u64,
+    /// Most bytes fetched ahead of one sequential reader; at most a quarter of
+    /// `cache_bytes` is used whatever is set, so that readahead not read yet never
+    /// pushes itself out of the cache.
+    pub readahead_max: u64,
     /// Where messages about a server being retried go (nowhere by default).
     pub report: RemoteReport,
 }
@@ -93,6 +99,7 @@ impl Default for RemoteOptions {
             chunk_size: 64 << 10,
             cache_bytes: 64 << 20,
             readahead: 2 << 20,
+            readahead_max: 256 << 20,
             report: RemoteReport::default(),
         }
     }
