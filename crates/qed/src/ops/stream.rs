@@ -7,7 +7,7 @@
 //! (killed, cancelled, a failing server), the image is consistent and still names its
 //! old backing file; a new run skips what is already copied.
 
-use super::step::{Progress, STEP};
+use super::step::Progress;
 use crate::block::BlockDevice;
 use crate::chain::{describe, Location};
 use crate::engine::Image;
@@ -157,7 +157,9 @@ fn stream_segment(
 ) -> Result<()> {
     let mut pos = start;
     while pos < end && !stop() {
-        let run = describe(image, pos, (end - pos).min(STEP), 0)?;
+        // A whole segment at a time where the chain allows: a slow server answers one
+        // large request about as soon as a small one.
+        let run = describe(image, pos, end - pos, 0)?;
         let copy = run.depth > 0
             && run.present
             && match base {
