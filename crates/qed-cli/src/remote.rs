@@ -36,10 +36,15 @@ pub struct RemoteArgs {
     /// Memory for cached chunks [default: 64M].
     #[arg(long = "remote-cache", value_name = "SIZE", value_parser = parse_cache)]
     remote_cache: Option<usize>,
-    /// Bytes fetched ahead of a read that continues the previous one; 0 for none
-    /// [default: 2M].
+    /// Bytes first fetched ahead of a read that continues an earlier one; 0 for none
+    /// [default: 2M]. Each further read that continues it doubles this, in the
+    /// background, up to --remote-readahead-max.
     #[arg(long = "remote-readahead", value_name = "SIZE", value_parser = parse_readahead)]
     remote_readahead: Option<u64>,
+    /// Most bytes fetched ahead of one sequential reader; a quarter of --remote-cache at
+    /// most, whatever is given [default: 256M].
+    #[arg(long = "remote-readahead-max", value_name = "SIZE", value_parser = parse_readahead_max)]
+    remote_readahead_max: Option<u64>,
 }
 
 impl RemoteArgs {
@@ -77,6 +82,9 @@ impl RemoteArgs {
         }
         if let Some(r) = self.remote_readahead {
             o.readahead = r;
+        }
+        if let Some(r) = self.remote_readahead_max {
+            o.readahead_max = r;
         }
         o
     }
@@ -153,6 +161,17 @@ fn parse_readahead(s: &str) -> Result<u64, String> {
     Ok(v)
 }
 
+fn parse_readahead_max(s: &str) -> Result<u64, String> {
+    let v = parse_size(s).map_err(|e| e.to_string())?;
+    // The cache bounds it anyway; beyond 16 GiB is a typo.
+    if v == 0 || v > 16 << 30 {
+        return Err(format!(
+            "{v} bytes: from 1 to 16G (--remote-readahead 0 turns readahead off)"
+        ));
+    }
+    Ok(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +216,8 @@ mod tests {
             "8M",
             "--remote-readahead",
             "0",
+            "--remote-readahead-max",
+            "32M",
         ])
         .unwrap();
         assert_eq!(o.request_timeout, Duration::from_millis(2500));
@@ -206,6 +227,7 @@ mod tests {
         assert_eq!(o.chunk_size, 1 << 20);
         assert_eq!(o.cache_bytes, 8 << 20);
         assert_eq!(o.readahead, 0);
+        assert_eq!(o.readahead_max, 32 << 20);
         assert_eq!(
             parse(&["--remote-timeout", "60"]).unwrap().connect_timeout,
             CONNECT_TIMEOUT
@@ -229,6 +251,9 @@ mod tests {
             ("--remote-chunk-size", "16E"),
             ("--remote-cache", "lots"),
             ("--remote-readahead", "2G"),
+            ("--remote-readahead-max", "0"),
+            ("--remote-readahead-max", "17G"),
+            ("--remote-readahead-max", "much"),
         ] {
             // `=`: a value such as -1 is not taken for a flag.
             let e = parse(&[&format!("{flag}={value}")]).unwrap_err();
