@@ -368,6 +368,62 @@ fn adjacent_chunks_come_in_one_request_and_sequential_reads_read_ahead() {
     }
 }
 
+/// Threads of this process named `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == name)
+        .count()
+}
+
+#[test]
+fn dropping_a_storage_with_readahead_in_flight_returns_at_once() {
+    let data = pattern(16 << 20);
+    // Readahead past 2 MiB is answered only after two seconds.
+    let server = serve_data(data.clone(), |req, _, mut good| {
+        if req.range.is_some_and(|(a, _)| a >= 2 << 20) {
+            good.stall_head = Duration::from_secs(2);
+        }
+        good
+    });
+    let opts = RemoteOptions {
+        request_timeout: Duration::from_secs(10),
+        deadline: Duration::from_secs(20),
+        ..quick()
+    };
+    let s = HttpStorage::open(&server.url("d"), &opts).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    s.read_at(&mut buf, 0).unwrap();
+    s.read_at(&mut buf, 1 << 20).unwrap();
+    assert_eq!(&buf[..], &data[1 << 20..2 << 20]);
+    let started = Instant::now();
+    while !server
+        .requests()
+        .iter()
+        .any(|r| r.range.is_some_and(|(a, _)| a >= 2 << 20))
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "no readahead");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let started = Instant::now();
+    drop(s);
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "dropping took {:?}",
+        started.elapsed()
+    );
+    // The prefetching threads end with their requests (other tests' with theirs).
+    let started = Instant::now();
+    while threads_named("qed-prefetch") > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "prefetching threads are left"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_large_read_is_split_into_parallel_requests() {
     let data = pattern(40 << 20);
