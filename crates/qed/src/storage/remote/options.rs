@@ -61,7 +61,8 @@ pub struct RemoteOptions {
     /// from when the server stopped answering if that was earlier (another reader's
     /// failed attempt): readers that start during an outage do not each wait it anew.
     pub deadline: Duration,
-    /// Requests one read may have in flight at once (and connections kept open).
+    /// Requests one read may have in flight at once, and readahead requests in flight
+    /// for all sequential readers together.
     pub connections: usize,
     /// Bytes fetched per chunk: reads are widened to whole chunks, which are cached.
     /// A power of two from 64 KiB to 16 MiB.
@@ -95,7 +96,7 @@ impl Default for RemoteOptions {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             deadline: Duration::from_secs(120),
-            connections: 4,
+            connections: 8,
             chunk_size: 64 << 10,
             cache_bytes: 64 << 20,
             readahead: 2 << 20,
