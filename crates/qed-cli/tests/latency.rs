@@ -31,11 +31,6 @@ fn regions() -> Vec<(u64, u64, u8)> {
     r
 }
 
-/// Bytes of data in the base.
-fn data_bytes() -> u64 {
-    regions().iter().map(|r| r.1).sum()
-}
-
 /// Writes `base.qed` (qemu-img and qemu-io, as the oracle) into `www`, and its raw
 /// contents as `base.raw` into `work`.
 fn make_base(www: &Path, work: &Path) {
