@@ -154,8 +154,8 @@ fn parse_cache(s: &str) -> Result<usize, String> {
 
 fn parse_readahead(s: &str) -> Result<u64, String> {
     let v = parse_size(s).map_err(|e| e.to_string())?;
-    // Readahead rides along in one request, which is bounded anyway; beyond 1 GiB
-    // is a typo.
+    // The first window only: it grows from there, within the cache; beyond 1 GiB is a
+    // typo.
     if v > 1 << 30 {
         return Err(format!("{v} bytes: at most 1G"));
     }
