@@ -61,9 +61,26 @@ struct Cache {
     threads: usize,
     /// Set when the storage is dropped: prefetching threads stop.
     stop: bool,
+    /// The process the prefetching threads run in: a forked child (a daemon that opened
+    /// its image first) has none of them.
+    pid: u32,
 }
 
 impl Cache {
+    /// Forgets, in a forked child, the fetches and threads of the parent, which never
+    /// land here: readers fetch what they need, and prefetching starts afresh.
+    fn after_fork(&mut self) {
+        let pid = std::process::id();
+        if self.pid != pid {
+            self.pid = pid;
+            self.in_flight.clear();
+            self.queue.clear();
+            self.streams.clear();
+            self.prefetching = 0;
+            self.threads = 0;
+        }
+    }
+
     /// Whether chunk `index` is readahead some stream has not read yet.
     fn ahead(&self, index: u64, chunk: u64) -> bool {
         self.streams
@@ -159,6 +176,7 @@ impl<S: RangeSource + 'static> RemoteStorage<S> {
                     prefetching: 0,
                     threads: 0,
                     stop: false,
+                    pid: std::process::id(),
                 }),
                 landed: Condvar::new(),
                 work: Condvar::new(),
@@ -208,7 +226,7 @@ impl<S: RangeSource> Inner<S> {
     /// Caches fetched chunks and clears the runs from those in flight.
     fn land(&self, chunks: &Chunks, runs: &[(u64, u64)], prefetched: usize) {
         let mut cache = self.cache();
-        cache.prefetching -= prefetched;
+        cache.prefetching = cache.prefetching.saturating_sub(prefetched);
         for (index, data) in chunks {
             cache.chunks.put(*index, data.clone());
         }
@@ -307,6 +325,7 @@ impl<S: RangeSource + 'static> Inner<S> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut awaited: Vec<u64> = Vec::new();
         let mut cache = self.cache();
+        cache.after_fork();
         let have: Vec<_> = (first..=last)
             .map(|i| cache.chunks.get(&i).cloned())
             .collect();
