@@ -29,7 +29,8 @@ pub struct RemoteArgs {
     /// fail, in seconds [default: 120].
     #[arg(long = "remote-deadline", value_name = "SECS", value_parser = parse_deadline)]
     remote_deadline: Option<Duration>,
-    /// Requests one read may have in flight at once, 1 to 64 [default: 4].
+    /// Requests one read may have in flight at once, and readahead requests of all
+    /// sequential readers together, 1 to 64 [default: 8].
     #[arg(long = "remote-connections", value_name = "N", value_parser = parse_connections)]
     remote_connections: Option<usize>,
     /// Bytes fetched per chunk (reads are widened to whole chunks, which are cached): a
@@ -39,10 +40,15 @@ pub struct RemoteArgs {
     /// Memory for cached chunks [default: 64M].
     #[arg(long = "remote-cache", value_name = "SIZE", value_parser = parse_cache)]
     remote_cache: Option<usize>,
-    /// Bytes fetched ahead of a read that continues the previous one; 0 for none
-    /// [default: 2M].
+    /// Bytes first fetched ahead of a read that continues an earlier one; 0 for none
+    /// [default: 2M]. Each further read that continues it doubles this, in the
+    /// background, up to --remote-readahead-max.
     #[arg(long = "remote-readahead", value_name = "SIZE", value_parser = parse_readahead)]
     remote_readahead: Option<u64>,
+    /// Most bytes fetched ahead of one sequential reader; a quarter of --remote-cache at
+    /// most, whatever is given [default: 256M].
+    #[arg(long = "remote-readahead-max", value_name = "SIZE", value_parser = parse_readahead_max)]
+    remote_readahead_max: Option<u64>,
     #[command(flatten)]
     host_cache: HostCacheArgs,
 }
@@ -97,6 +103,9 @@ impl RemoteArgs {
         }
         if let Some(r) = self.remote_readahead {
             o.readahead = r;
+        }
+        if let Some(r) = self.remote_readahead_max {
+            o.readahead_max = r;
         }
         o.host_cache = self.host_cache.options();
         o
@@ -188,10 +197,21 @@ fn parse_cache_size(s: &str) -> Result<u64, String> {
 
 fn parse_readahead(s: &str) -> Result<u64, String> {
     let v = parse_size(s).map_err(|e| e.to_string())?;
-    // Readahead rides along in one request, which is bounded anyway; beyond 1 GiB
-    // is a typo.
+    // The first window only: it grows from there, within the cache; beyond 1 GiB is a
+    // typo.
     if v > 1 << 30 {
         return Err(format!("{v} bytes: at most 1G"));
+    }
+    Ok(v)
+}
+
+fn parse_readahead_max(s: &str) -> Result<u64, String> {
+    let v = parse_size(s).map_err(|e| e.to_string())?;
+    // The cache bounds it anyway; beyond 16 GiB is a typo.
+    if v == 0 || v > 16 << 30 {
+        return Err(format!(
+            "{v} bytes: from 1 to 16G (--remote-readahead 0 turns readahead off)"
+        ));
     }
     Ok(v)
 }
@@ -242,6 +262,8 @@ mod tests {
             "8M",
             "--remote-readahead",
             "0",
+            "--remote-readahead-max",
+            "32M",
             "--remote-cache-dir",
             "/var/cache/q",
             "--remote-cache-size=1G",
@@ -267,6 +289,7 @@ mod tests {
         assert_eq!(o.chunk_size, 1 << 20);
         assert_eq!(o.cache_bytes, 8 << 20);
         assert_eq!(o.readahead, 0);
+        assert_eq!(o.readahead_max, 32 << 20);
         assert_eq!(
             parse(&["--remote-timeout", "60"]).unwrap().connect_timeout,
             CONNECT_TIMEOUT
@@ -290,6 +313,9 @@ mod tests {
             ("--remote-chunk-size", "16E"),
             ("--remote-cache", "lots"),
             ("--remote-readahead", "2G"),
+            ("--remote-readahead-max", "0"),
+            ("--remote-readahead-max", "17G"),
+            ("--remote-readahead-max", "much"),
             ("--remote-cache-size", "big"),
         ] {
             // `=`: a value such as -1 is not taken for a flag.

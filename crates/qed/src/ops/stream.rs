@@ -97,6 +97,10 @@ pub fn stream(
     let size = image.size();
     let cancelled = || opts.cancel.is_some_and(|c| c.load(Ordering::Acquire));
     let pacer = Pacer::new(opts.rate);
+    // Unpaced, a whole segment at a time where the chain allows: a slow server answers
+    // one large request about as soon as a small one. Paced, a step at a time, so that
+    // the pace is kept (and a stop seen) within a step's bytes.
+    let step = if pacer.rate.is_some() { STEP } else { SEGMENT };
     let next = AtomicU64::new(0);
     let done = AtomicU64::new(0);
     let running = AtomicUsize::new(STREAM_WORKERS);
@@ -112,7 +116,8 @@ pub fn stream(
                         break;
                     }
                     let end = (start + SEGMENT).min(size);
-                    let result = stream_segment(image, start, end, opts.base, &pacer, &stop, &done);
+                    let result =
+                        stream_segment(image, start, end, step, opts.base, &pacer, &stop, &done);
                     if let Err(e) = result {
                         let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
                         f.get_or_insert(e);
@@ -145,11 +150,14 @@ const STREAM_WORKERS: usize = 4;
 /// Guest bytes a worker takes at a time.
 const SEGMENT: u64 = 8 << 20;
 
-/// Streams guest bytes `start..end`; stops early when `stop` says so.
+/// Streams guest bytes `start..end`, at most `step` at a time; stops early when `stop`
+/// says so.
+#[allow(clippy::too_many_arguments)]
 fn stream_segment(
     image: &Image,
     start: u64,
     end: u64,
+    step: u64,
     base: Option<u32>,
     pacer: &Pacer,
     stop: &dyn Fn() -> bool,
@@ -157,7 +165,7 @@ fn stream_segment(
 ) -> Result<()> {
     let mut pos = start;
     while pos < end && !stop() {
-        let run = describe(image, pos, (end - pos).min(STEP), 0)?;
+        let run = describe(image, pos, (end - pos).min(step), 0)?;
         let copy = run.depth > 0
             && run.present
             && match base {
@@ -168,7 +176,7 @@ fn stream_segment(
         let n = if !copy {
             run.length
         } else {
-            match image.populate_up_to(pos, run.length, SEGMENT)? {
+            match image.populate_up_to(pos, run.length, step)? {
                 Some(n) => {
                     pacer.add(n, stop);
                     n

@@ -6,42 +6,145 @@ use super::options::RemoteOptions;
 use super::RangeSource;
 use crate::storage::{DirectSpan, Storage};
 use lru::LruCache;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Most bytes one request asks for: adjacent chunks are fetched together up to this.
 const MAX_REQUEST_BYTES: u64 = 8 << 20;
+
+/// Fewest bytes one readahead request asks for (unless the window is smaller): below it
+/// a request costs more in round trips than its bytes are worth.
+const MIN_PREFETCH_BYTES: u64 = 1 << 20;
+
+/// Sequential readers told apart at once: a stream's workers, an export's clients.
+const MAX_STREAMS: usize = 8;
+/// Largest share of the cache one stream's readahead window may take.
+const WINDOW_SHARE: usize = 4;
+/// Largest share of the cache all readahead not yet read may take, so that what is
+/// prefetched is never evicted before it is read.
+const AHEAD_SHARE: usize = 2;
+
+/// A sequential reader, told by where its last read ended.
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    /// Where its last read started and ended: a read from `last..=next` continues it.
+    last: u64,
+    next: u64,
+    /// Chunks read ahead of `next`, doubled on each read that continues the stream.
+    window: u64,
+    /// Chunks below this index are fetched or asked for.
+    issued: u64,
+    /// When it was last read, in reads of the storage, to forget the oldest stream.
+    used: u64,
+}
 
 /// The chunks at hand, and those some reader is fetching: a chunk crosses the wire once
 /// however many readers want it at the same time.
 #[derive(Debug)]
 struct Cache {
     chunks: LruCache<u64, Arc<[u8]>>,
-    /// Most chunks kept.
+    /// Most chunks kept, prefetches in flight included.
     capacity: usize,
     in_flight: HashSet<u64>,
+    streams: Vec<Stream>,
+    /// Reads so far, the clock of [`Stream::used`].
+    reads: u64,
+    /// Runs of readahead waiting for a prefetching thread.
+    queue: VecDeque<(u64, u64)>,
+    /// Chunks the prefetching threads are fetching now.
+    prefetching: usize,
+    /// Prefetching threads started.
+    threads: usize,
+    /// Set when the storage is dropped: prefetching threads stop.
+    stop: bool,
+    /// The process the prefetching threads run in: a forked child (a daemon that opened
+    /// its image first) has none of them.
+    pid: u32,
 }
 
-/// A remote object as read-only [`Storage`], read in cached chunks.
+impl Cache {
+    /// Forgets, in a forked child, the fetches and threads of the parent, which never
+    /// land here: readers fetch what they need, and prefetching starts afresh.
+    fn after_fork(&mut self) {
+        let pid = std::process::id();
+        if self.pid != pid {
+            self.pid = pid;
+            self.in_flight.clear();
+            self.queue.clear();
+            self.streams.clear();
+            self.prefetching = 0;
+            self.threads = 0;
+        }
+    }
+
+    /// Whether chunk `index` is readahead some stream has not read yet.
+    fn ahead(&self, index: u64, chunk: u64) -> bool {
+        self.streams
+            .iter()
+            .any(|s| s.next / chunk <= index && index < s.issued)
+    }
+
+    /// Chunks of readahead asked for and not read yet, over every stream.
+    fn outstanding(&self, chunk: u64) -> u64 {
+        self.streams
+            .iter()
+            .map(|s| s.issued.saturating_sub(s.next.div_ceil(chunk)))
+            .sum()
+    }
+
+    /// Evicts down to the capacity, less what prefetches in flight will bring; readahead
+    /// not read yet is kept (it is bounded to a share of the cache), so that no fetched
+    /// chunk is thrown away before its reader came.
+    fn trim(&mut self, chunk: u64) {
+        let limit = self.capacity.saturating_sub(self.prefetching).max(1);
+        let mut spared = 0;
+        while self.chunks.len() > limit && spared < self.chunks.len() {
+            let Some((index, data)) = self.chunks.pop_lru() else {
+                break;
+            };
+            if self.ahead(index, chunk) {
+                self.chunks.put(index, data);
+                spared += 1;
+            }
+        }
+    }
+}
+
+/// A remote object as read-only [`Storage`], read in cached chunks, with sequential
+/// readers' next chunks prefetched in the background.
+///
+/// The state lives in an [`Inner`] shared with the prefetching threads; dropping the
+/// storage tells them to stop (one in a request ends with it).
 #[derive(Debug)]
-pub(crate) struct RemoteStorage<S> {
+pub(crate) struct RemoteStorage<S: RangeSource + 'static> {
+    inner: Arc<Inner<S>>,
+}
+
+#[derive(Debug)]
+struct Inner<S> {
     source: S,
     chunk: u64,
     connections: usize,
+    /// The first window of a sequential reader, and the largest, in chunks (0: no
+    /// readahead).
     readahead_chunks: u64,
+    max_window: u64,
+    /// Most readahead not read yet, over every stream, in chunks.
+    max_ahead: u64,
     cache: Mutex<Cache>,
     /// Signalled whenever fetched chunks land in the cache (or a fetch gives up), for
     /// readers waiting on chunks another reader is fetching.
     landed: Condvar,
-    /// Where the last read ended, to tell a sequential reader.
-    last_end: AtomicU64,
+    /// Signalled when readahead is queued or the storage is dropped, for the
+    /// prefetching threads.
+    work: Condvar,
     /// The object's chunks on disk, shared with the other processes of the host.
     host: Option<ObjectCache>,
 }
 
-impl<S: RangeSource> RemoteStorage<S> {
+impl<S: RangeSource + 'static> RemoteStorage<S> {
     pub(crate) fn new(source: S, opts: &RemoteOptions) -> Self {
         let chunk = u64::from(opts.chunk_size);
         let entries = (opts.cache_bytes / opts.chunk_size as usize).max(1);
@@ -57,28 +160,56 @@ impl<S: RangeSource> RemoteStorage<S> {
             ),
             _ => None,
         };
+        let readahead_chunks = opts.readahead.div_ceil(chunk);
+        let max_window = if readahead_chunks == 0 {
+            0
+        } else {
+            (opts.readahead_max.div_ceil(chunk))
+                .min((entries / WINDOW_SHARE) as u64)
+                .max(readahead_chunks.min((entries / WINDOW_SHARE) as u64))
+        };
         Self {
-            source,
-            chunk,
-            connections: opts.connections.max(1),
-            readahead_chunks: opts.readahead.div_ceil(chunk),
-            cache: Mutex::new(Cache {
-                // Unbounded to the map, bounded here: a bounded map reserves room for
-                // every entry up front, which a large cache setting would make huge.
-                chunks: LruCache::unbounded(),
-                capacity: entries,
-                in_flight: HashSet::new(),
+            inner: Arc::new(Inner {
+                source,
+                chunk,
+                connections: opts.connections.max(1),
+                readahead_chunks: readahead_chunks.min(max_window),
+                max_window,
+                max_ahead: (entries / AHEAD_SHARE) as u64,
+                cache: Mutex::new(Cache {
+                    // Unbounded to the map, bounded here: a bounded map reserves room for
+                    // every entry up front, which a large cache setting would make huge.
+                    chunks: LruCache::unbounded(),
+                    capacity: entries,
+                    in_flight: HashSet::new(),
+                    streams: Vec::new(),
+                    reads: 0,
+                    queue: VecDeque::new(),
+                    prefetching: 0,
+                    threads: 0,
+                    stop: false,
+                    pid: std::process::id(),
+                }),
+                landed: Condvar::new(),
+                work: Condvar::new(),
+                host,
             }),
-            landed: Condvar::new(),
-            last_end: AtomicU64::new(u64::MAX),
-            host,
         }
     }
 
     pub(crate) fn source(&self) -> &S {
-        &self.source
+        &self.inner.source
     }
+}
 
+impl<S: RangeSource + 'static> Drop for RemoteStorage<S> {
+    fn drop(&mut self) {
+        self.inner.cache().stop = true;
+        self.inner.work.notify_all();
+    }
+}
+
+impl<S: RangeSource> Inner<S> {
     fn cache(&self) -> MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -114,6 +245,22 @@ impl<S: RangeSource> RemoteStorage<S> {
             .collect())
     }
 
+    /// Caches fetched chunks and clears the runs from those in flight.
+    fn land(&self, chunks: &Chunks, runs: &[(u64, u64)], prefetched: usize) {
+        let mut cache = self.cache();
+        cache.prefetching = cache.prefetching.saturating_sub(prefetched);
+        for (index, data) in chunks {
+            cache.chunks.put(*index, data.clone());
+        }
+        cache.trim(self.chunk);
+        for &(first, count) in runs {
+            for index in first..first + count {
+                cache.in_flight.remove(&index);
+            }
+        }
+        drop(cache);
+        self.landed.notify_all();
+    }
     /// Fetches the runs, several at once when there are several, and caches what came.
     fn fetch_runs(&self, runs: &[(u64, u64)]) -> io::Result<Chunks> {
         let fetched: Vec<io::Result<Chunks>> = if runs.len() == 1 {
@@ -148,20 +295,7 @@ impl<S: RangeSource> RemoteStorage<S> {
                 Err(e) => failed = failed.or(Some(e)),
             }
         }
-        let mut cache = self.cache();
-        for (index, data) in &chunks {
-            cache.chunks.put(*index, data.clone());
-            while cache.chunks.len() > cache.capacity {
-                cache.chunks.pop_lru();
-            }
-        }
-        for &(first, count) in runs {
-            for index in first..first + count {
-                cache.in_flight.remove(&index);
-            }
-        }
-        drop(cache);
-        self.landed.notify_all();
+        self.land(&chunks, runs, 0);
         match failed {
             Some(e) => Err(e),
             None => Ok(chunks),
@@ -201,25 +335,20 @@ struct Plan {
     awaited: Vec<u64>,
 }
 
-impl<S: RangeSource> RemoteStorage<S> {
+impl<S: RangeSource + 'static> Inner<S> {
     /// Plans a read of `len` bytes (at least one, all inside the object) at `offset`:
     /// what is at hand, what others are fetching, and what this read fetches, decided
-    /// under one hold of the cache.
-    fn plan(&self, offset: u64, len: u64) -> Plan {
+    /// under one hold of the cache. A read that continues a stream queues the stream's
+    /// next window for the prefetching threads, so that its reader finds it at hand.
+    fn plan(self: &Arc<Self>, offset: u64, len: u64) -> Plan {
         let first = offset / self.chunk;
         let last = (offset + len - 1) / self.chunk;
-        let last_chunk = (self.source.size() - 1) / self.chunk;
-        let sequential = self.last_end.swap(offset + len, Ordering::Relaxed) == offset;
-        let fetch_last = if sequential {
-            (last + self.readahead_chunks).min(last_chunk)
-        } else {
-            last
-        };
         let per_request = (MAX_REQUEST_BYTES / self.chunk).max(1);
         let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut awaited: Vec<u64> = Vec::new();
         let mut cache = self.cache();
-        let have: Vec<_> = (first..=fetch_last)
+        cache.after_fork();
+        let have: Vec<_> = (first..=last)
             .map(|i| cache.chunks.get(&i).cloned())
             .collect();
         for (i, slot) in have.iter().enumerate() {
@@ -228,10 +357,7 @@ impl<S: RangeSource> RemoteStorage<S> {
                 continue;
             }
             if cache.in_flight.contains(&index) {
-                // Readahead another reader is fetching is not waited for.
-                if index <= last {
-                    awaited.push(index);
-                }
+                awaited.push(index);
                 continue;
             }
             match runs.last_mut() {
@@ -241,20 +367,150 @@ impl<S: RangeSource> RemoteStorage<S> {
                 _ => runs.push((index, 1)),
             }
         }
-        // Readahead past the read must not cost a request of its own.
-        if let Some(&(start, _)) = runs.last() {
-            if start > last {
-                runs.pop();
-            }
-        }
         for &(start, count) in &runs {
             cache.in_flight.extend(start..start + count);
+        }
+        if self.max_window > 0 {
+            self.read_ahead(&mut cache, offset, offset + len);
         }
         Plan {
             first,
             have,
             runs,
             awaited,
+        }
+    }
+
+    /// Notes a read of `start..end` in the streams; when it continues one, doubles that
+    /// stream's window and queues what of the window is not asked for yet.
+    fn read_ahead(self: &Arc<Self>, cache: &mut Cache, start: u64, end: u64) {
+        cache.reads += 1;
+        let now = cache.reads;
+        let chunk = self.chunk;
+        let Some(at) = cache
+            .streams
+            .iter()
+            // A read again of where the last one started is no step forward.
+            .position(|s| (s.last < start || start == s.next) && start <= s.next)
+        else {
+            // A new reader: sequential only once it reads on.
+            if cache.streams.len() >= MAX_STREAMS {
+                let oldest = (0..cache.streams.len())
+                    .min_by_key(|&i| cache.streams[i].used)
+                    .unwrap_or(0);
+                cache.streams.swap_remove(oldest);
+            }
+            cache.streams.push(Stream {
+                last: start,
+                next: end,
+                window: self.readahead_chunks / 2,
+                issued: end.div_ceil(chunk),
+                used: now,
+            });
+            return;
+        };
+        let s = &mut cache.streams[at];
+        s.last = start;
+        s.next = s.next.max(end);
+        s.used = now;
+        s.window = (s.window * 2).clamp(self.readahead_chunks.max(1), self.max_window);
+        let last_chunk = (self.source.size() - 1) / chunk;
+        let from = s.issued.max(s.next.div_ceil(chunk));
+        let mut to = (s.next.div_ceil(chunk) + s.window).min(last_chunk + 1);
+        let window = s.window;
+        // Readahead not read yet stays within its share of the cache: the streams read
+        // longest ago give up theirs first, then this one asks for less.
+        let mut over =
+            (cache.outstanding(chunk) + to.saturating_sub(from)).saturating_sub(self.max_ahead);
+        while over > 0 && cache.streams.len() > 1 {
+            let Some(oldest) = (0..cache.streams.len())
+                .filter(|&i| i != at)
+                .min_by_key(|&i| cache.streams[i].used)
+            else {
+                break;
+            };
+            cache.streams.swap_remove(oldest);
+            over =
+                (cache.outstanding(chunk) + to.saturating_sub(from)).saturating_sub(self.max_ahead);
+        }
+        let Some(s) = cache
+            .streams
+            .iter_mut()
+            .find(|s| s.used == now && s.last == start)
+        else {
+            return;
+        };
+        to = to.saturating_sub(over).max(from);
+        if to <= from {
+            return;
+        }
+        s.issued = to;
+        // Requests of a part of the window each, so that several are in flight at once
+        // and the first of them lands early.
+        let per_request = (window / self.connections as u64).clamp(
+            (MIN_PREFETCH_BYTES / chunk).max(1),
+            (MAX_REQUEST_BYTES / chunk).max(1),
+        );
+        let mut first = from;
+        while first < to {
+            let count = per_request.min(to - first);
+            cache.queue.push_back((first, count));
+            first += count;
+        }
+        let wanted = self.connections.min(cache.queue.len());
+        while cache.threads < wanted {
+            let inner = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("qed-prefetch".into())
+                .spawn(move || inner.prefetcher());
+            if spawned.is_err() {
+                // Readers fetch what they need themselves.
+                break;
+            }
+            cache.threads += 1;
+        }
+        self.work.notify_all();
+    }
+
+    /// A prefetching thread: fetches queued readahead until the storage is dropped.
+    /// What fails is dropped: its reader fetches it itself, and reports the error if
+    /// it is one.
+    fn prefetcher(&self) {
+        let mut cache = self.cache();
+        loop {
+            if cache.stop {
+                cache.threads -= 1;
+                return;
+            }
+            let Some((first, count)) = cache.queue.pop_front() else {
+                cache = self.work.wait(cache).unwrap_or_else(|p| p.into_inner());
+                continue;
+            };
+            // What readers fetched or asked for since it was queued is left to them.
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for index in first..first + count {
+                if cache.chunks.contains(&index) || cache.in_flight.contains(&index) {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some((start, n)) if *start + *n == index => *n += 1,
+                    _ => runs.push((index, 1)),
+                }
+            }
+            let n: u64 = runs.iter().map(|r| r.1).sum();
+            for &(start, count) in &runs {
+                cache.in_flight.extend(start..start + count);
+            }
+            cache.prefetching += n as usize;
+            drop(cache);
+            let mut chunks = Vec::new();
+            for &(start, count) in &runs {
+                if let Ok(c) = self.fetch_run(start, count) {
+                    chunks.extend(c);
+                }
+            }
+            self.land(&chunks, &runs, n as usize);
+            cache = self.cache();
         }
     }
 
@@ -283,12 +539,8 @@ impl<S: RangeSource> RemoteStorage<S> {
         if (offset + out.len() as u64 - 1) / self.chunk != index {
             return false;
         }
-        let read = host.read_checked(index, offset - index * self.chunk, out);
-        if read {
-            self.last_end
-                .store(offset + out.len() as u64, Ordering::Relaxed);
-        }
-        read
+        // Not counted as a sequential reader's step: what is on disk needs no readahead.
+        host.read_checked(index, offset - index * self.chunk, out)
     }
 
     /// Copies the read's bytes, from `offset`, out of the gathered chunks into `out`.
@@ -317,7 +569,7 @@ impl<S: RangeSource> RemoteStorage<S> {
     }
 }
 
-impl<S: RangeSource> RemoteStorage<S> {
+impl<S: RangeSource> Inner<S> {
     /// Where the `len` bytes at `offset` are in the host cache's file of their chunk,
     /// when they lie in one chunk whose file this process has checked: reads of a warm
     /// base then go into the caller's io_uring as a local base's do.
@@ -334,9 +586,10 @@ impl<S: RangeSource> RemoteStorage<S> {
     }
 }
 
-impl<S: RangeSource> Storage for RemoteStorage<S> {
+impl<S: RangeSource + 'static> Storage for RemoteStorage<S> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let size = self.source.size();
+        let inner = &self.inner;
+        let size = inner.source.size();
         let end = offset.saturating_add(buf.len() as u64);
         let inside = end.min(size).saturating_sub(offset) as usize;
         // Past the end of the object reads as zeros, without asking the server.
@@ -344,16 +597,16 @@ impl<S: RangeSource> Storage for RemoteStorage<S> {
         if inside == 0 {
             return Ok(());
         }
-        if self.read_from_disk(&mut buf[..inside], offset) {
+        if inner.read_from_disk(&mut buf[..inside], offset) {
             return Ok(());
         }
-        let mut plan = self.plan(offset, inside as u64);
-        self.gather(&mut plan)?;
-        self.assemble(&plan, &mut buf[..inside], offset)
+        let mut plan = inner.plan(offset, inside as u64);
+        inner.gather(&mut plan)?;
+        inner.assemble(&plan, &mut buf[..inside], offset)
     }
 
     fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
-        Err(read_only(self.source.name()))
+        Err(read_only(self.inner.source.name()))
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -362,23 +615,23 @@ impl<S: RangeSource> Storage for RemoteStorage<S> {
     }
 
     fn direct_span(&self, offset: u64, len: u64) -> Option<DirectSpan> {
-        self.checked_span(offset, len)
+        self.inner.checked_span(offset, len)
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.source.size())
+        Ok(self.inner.source.size())
     }
 
     fn set_len(&self, _len: u64) -> io::Result<()> {
-        Err(read_only(self.source.name()))
+        Err(read_only(self.inner.source.name()))
     }
 
     fn extend(&self, _from: u64, _to: u64) -> io::Result<u64> {
-        Err(read_only(self.source.name()))
+        Err(read_only(self.inner.source.name()))
     }
 
     fn zero_range(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        Err(read_only(self.source.name()))
+        Err(read_only(self.inner.source.name()))
     }
 }
 

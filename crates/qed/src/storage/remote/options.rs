@@ -62,15 +62,22 @@ pub struct RemoteOptions {
     /// from when the server stopped answering if that was earlier (another reader's
     /// failed attempt): readers that start during an outage do not each wait it anew.
     pub deadline: Duration,
-    /// Requests one read may have in flight at once (and connections kept open).
+    /// Requests one read may have in flight at once, and readahead requests in flight
+    /// for all sequential readers together.
     pub connections: usize,
     /// Bytes fetched per chunk: reads are widened to whole chunks, which are cached.
     /// A power of two from 64 KiB to 16 MiB.
     pub chunk_size: u32,
     /// Upper bound on memory used for cached chunks, in bytes.
     pub cache_bytes: usize,
-    /// Bytes fetched ahead of a read that continues the previous one (0: none).
+    /// Bytes first fetched ahead of a read that continues an earlier one (0: no
+    /// readahead). Each further read that continues it doubles what is fetched ahead, up
+    /// to [`RemoteOptions::readahead_max`], in the background.
     pub readahead: u64,
+    /// Most bytes fetched ahead of one sequential reader; at most a quarter of
+    /// `cache_bytes` is used whatever is set, so that readahead not read yet never
+    /// pushes itself out of the cache.
+    pub readahead_max: u64,
     /// Where messages about a server being retried go (nowhere by default).
     pub report: RemoteReport,
     /// The cache on disk that every process of the host shares (none by default; the
@@ -93,10 +100,11 @@ impl Default for RemoteOptions {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             deadline: Duration::from_secs(120),
-            connections: 4,
+            connections: 8,
             chunk_size: 64 << 10,
             cache_bytes: 64 << 20,
             readahead: 2 << 20,
+            readahead_max: 256 << 20,
             report: RemoteReport::default(),
             host_cache: None,
         }
