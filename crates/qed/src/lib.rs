@@ -72,8 +72,8 @@ pub use ops::{
 #[cfg(target_os = "linux")]
 pub use ring::{DirectDone, DirectEvent, DirectQueue, Waker, WorkerPool};
 pub use storage::{
-    AlignedBuf, BlockHold, FileStorage, HttpStorage, LockMode, MemoryStorage, RemoteIdentity,
-    RemoteOptions, RemoteReport, S3Config, S3Credentials, S3Storage, Storage, MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE,
+    part_size_for, AlignedBuf, BlockHold, FileStorage, HttpStorage, LockMode, MemoryStorage,
+    RemoteIdentity, RemoteOptions, RemoteReport, S3Config, S3Credentials, S3Storage, S3Upload,
+    Storage, MAX_CHUNK_SIZE, MAX_PARTS, MAX_PART_SIZE, MIN_CHUNK_SIZE, MIN_PART_SIZE,
 };
 pub use warnings::set_warning_handler;

@@ -14,8 +14,9 @@ pub use lock::LockMode;
 pub use memory::MemoryStorage;
 pub(crate) use remote::{is_http_url, is_s3_url};
 pub use remote::{
-    HttpStorage, RemoteIdentity, RemoteOptions, RemoteReport, S3Config, S3Credentials, S3Storage,
-    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    part_size_for, HttpStorage, RemoteIdentity, RemoteOptions, RemoteReport, S3Config,
+    S3Credentials, S3Storage, S3Upload, MAX_CHUNK_SIZE, MAX_PARTS, MAX_PART_SIZE, MIN_CHUNK_SIZE,
+    MIN_PART_SIZE,
 };
 
 use std::fmt::Debug;
