@@ -67,7 +67,7 @@ pub use ops::{
     bench, commit, commit_into, compact, compare, convert, convert_in_place, defrag, measure,
     no_progress, rebase, stream, stream_base, BenchParams, ConvertOptions, Difference, Engine,
     InPlaceOptions, InPlacePlan, Measure, Progress, Reorganization, ReorganizeEnd,
-    ReorganizeOptions, StreamEnd, StreamOptions,
+    ReorganizeOptions, SequentialImage, SequentialOptions, StreamEnd, StreamOptions,
 };
 #[cfg(target_os = "linux")]
 pub use ring::{DirectDone, DirectEvent, DirectQueue, Waker, WorkerPool};
