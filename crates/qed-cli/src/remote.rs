@@ -26,7 +26,8 @@ pub struct RemoteArgs {
     /// fail, in seconds [default: 120].
     #[arg(long = "remote-deadline", value_name = "SECS", value_parser = parse_deadline)]
     remote_deadline: Option<Duration>,
-    /// Requests one read may have in flight at once, 1 to 64 [default: 4].
+    /// Requests one read may have in flight at once (for an upload to S3: parts), 1 to
+    /// 64 [default: 4].
     #[arg(long = "remote-connections", value_name = "N", value_parser = parse_connections)]
     remote_connections: Option<usize>,
     /// Bytes fetched per chunk (reads are widened to whole chunks, which are cached): a

@@ -108,14 +108,7 @@ impl S3Upload {
                 "a part of {part_size} bytes does not fit in memory"
             ))
         })?;
-        let object = S3Object::at(url, config).map_err(remote)?;
-        if object.credentials().is_none() {
-            return Err(remote(
-                "writing an object needs credentials, and none are set: set \
-                 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-                    .into(),
-            ));
-        }
+        let object = writable(url, config).map_err(remote)?;
         let agent = agent(opts);
         let retry = Retrier::new(opts);
         let upload_id = retry
@@ -153,6 +146,17 @@ impl S3Upload {
         })
     }
 
+    /// Refuses, as [`S3Upload::create`] would, a URL that names no object or a
+    /// configuration without credentials; sends nothing.
+    pub fn check(url: &str, config: &S3Config) -> Result<()> {
+        writable(url, config)
+            .map(drop)
+            .map_err(|reason| Error::Remote {
+                url: url.to_string(),
+                reason,
+            })
+    }
+
     /// The upload's id, which names it to the server (and to `aws s3api
     /// abort-multipart-upload`).
     pub fn upload_id(&self) -> &str {
@@ -173,7 +177,7 @@ impl S3Upload {
     /// part has failed.
     pub fn write(&mut self, mut data: &[u8]) -> Result<()> {
         while !data.is_empty() {
-            self.check()?;
+            self.healthy()?;
             let n = (self.part_size - self.buf.len()).min(data.len());
             self.buf.extend_from_slice(&data[..n]);
             data = &data[n..];
@@ -223,7 +227,7 @@ impl S3Upload {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    fn healthy(&self) -> Result<()> {
         if self.shared.failed.load(Ordering::Acquire) {
             let failure = self
                 .shared
@@ -255,7 +259,7 @@ impl S3Upload {
             .as_ref()
             .is_some_and(|tx| tx.send((self.part, data)).is_ok());
         if !sent {
-            self.check()?;
+            self.healthy()?;
             return Err(Error::Remote {
                 url: self.url().to_string(),
                 reason: "the threads sending parts stopped".into(),
@@ -272,7 +276,7 @@ impl S3Upload {
             self.send_part()?;
         }
         self.stop();
-        self.check()?;
+        self.healthy()?;
         let mut etags =
             std::mem::take(&mut *self.shared.etags.lock().unwrap_or_else(|p| p.into_inner()));
         etags.sort_unstable_by_key(|&(n, _)| n);
@@ -328,6 +332,19 @@ impl Drop for S3Upload {
             let _ = self.send_abort();
         }
     }
+}
+
+/// The object at `url`, if it can be written: named, and with credentials to sign with.
+fn writable(url: &str, config: &S3Config) -> Result<S3Object, String> {
+    let object = S3Object::at(url, config)?;
+    if object.credentials().is_none() {
+        return Err(
+            "writing an object needs credentials, and none are set: set \
+                    AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                .into(),
+        );
+    }
+    Ok(object)
 }
 
 /// An error's reason without the URL it names, for joining to another about that URL.
