@@ -127,23 +127,31 @@ impl S3Upload {
         // holds at most one part per sender and the one being filled.
         let (tx, rx) = sync_channel::<(u64, Vec<u8>)>(0);
         let rx = Arc::new(Mutex::new(rx));
-        let senders = (0..opts.connections)
-            .map(|_| {
-                let shared = shared.clone();
-                let rx = rx.clone();
-                std::thread::spawn(move || send_parts(&shared, &rx))
-            })
-            .collect();
-        Ok(Self {
+        let mut upload = Self {
             shared,
             part_size,
             buf: Vec::with_capacity(part_size),
             part: 1,
             written: 0,
             parts: Some(tx),
-            senders,
+            senders: Vec::new(),
             ended: false,
-        })
+        };
+        for _ in 0..opts.connections {
+            let shared = upload.shared.clone();
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name("qed-upload".into())
+                .spawn(move || send_parts(&shared, &rx));
+            match spawned {
+                Ok(t) => upload.senders.push(t),
+                Err(e) => {
+                    let e = remote(format!("starting a thread to send parts: {e}"));
+                    return Err(upload.aborted(e));
+                }
+            }
+        }
+        Ok(upload)
     }
 
     /// Refuses, as [`S3Upload::create`] would, a URL that names no object or a
@@ -433,12 +441,22 @@ fn start(agent: &ureq::Agent, object: &S3Object, timeout: Duration) -> Result<St
         return Err(refused(resp, |st, b| object.refusal(st, b)));
     }
     let body = reply_body(resp)?;
-    match xml_element(&body, "UploadId") {
-        Some(id) if id.len() <= 1024 && !id.contains(' ') => Ok(id),
-        _ => Err(Failure::fatal(
-            "the server started an upload but its reply names no upload id",
-        )),
-    }
+    upload_id(&body).ok_or_else(|| {
+        Failure::fatal("the server started an upload but its reply names no upload id")
+    })
+}
+
+/// The `<UploadId>` of a CreateMultipartUpload reply, exactly as sent (it goes back in
+/// every later request): none when absent, empty, longer than 1024 bytes, or holding
+/// anything but printable ASCII without spaces or markup.
+fn upload_id(body: &str) -> Option<String> {
+    let start = body.find("<UploadId>")? + "<UploadId>".len();
+    let len = body[start..].find("</UploadId>")?;
+    let id = &body[start..start + len];
+    let plain = id
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && !matches!(b, b'<' | b'>' | b'&'));
+    (!id.is_empty() && id.len() <= 1024 && plain).then(|| id.to_string())
 }
 
 /// UploadPart: the part's ETag.
@@ -556,6 +574,35 @@ mod tests {
         );
         assert_eq!(part_size_for(MAX_PARTS * MAX_PART_SIZE + 1), None);
         assert_eq!(part_size_for(u64::MAX), None);
+    }
+
+    #[test]
+    fn upload_ids_are_taken_as_sent_or_not_at_all() {
+        let long = "A".repeat(900);
+        let reply = format!(
+            "<?xml version=\"1.0\"?><InitiateMultipartUploadResult><Bucket>b</Bucket>\
+             <UploadId>{long}</UploadId></InitiateMultipartUploadResult>"
+        );
+        assert_eq!(upload_id(&reply), Some(long));
+        assert_eq!(
+            upload_id("<UploadId>a-b_c.d~e</UploadId>").as_deref(),
+            Some("a-b_c.d~e")
+        );
+        for bad in [
+            "",
+            "<UploadId></UploadId>",
+            "<UploadId>a b</UploadId>",
+            "<UploadId>a&amp;b</UploadId>",
+            "<UploadId>\u{e9}</UploadId>",
+            "<UploadId>abc",
+            "<html>502</html>",
+        ] {
+            assert_eq!(upload_id(bad), None, "{bad}");
+        }
+        assert_eq!(
+            upload_id(&format!("<UploadId>{}</UploadId>", "x".repeat(1025))),
+            None
+        );
     }
 
     #[test]
