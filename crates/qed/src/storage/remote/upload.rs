@@ -211,7 +211,7 @@ impl S3Upload {
     /// server could not be told.
     pub fn abort(mut self) -> Result<()> {
         self.ended = true;
-        self.stop();
+        self.discard();
         self.send_abort().map_err(|reason| Error::Remote {
             url: self.url().to_string(),
             reason,
@@ -225,7 +225,7 @@ impl S3Upload {
             return e;
         }
         self.ended = true;
-        self.stop();
+        self.discard();
         match self.send_abort() {
             Ok(()) => e,
             Err(why) => Error::Remote {
@@ -304,6 +304,13 @@ impl S3Upload {
             })
     }
 
+    /// Stops the senders without sending what is left: a part being sent is not
+    /// retried again, so that giving up does not wait out the deadline.
+    fn discard(&mut self) {
+        self.shared.failed.store(true, Ordering::Release);
+        self.stop();
+    }
+
     /// Tells the senders to stop once the parts handed over are sent, and waits for
     /// them.
     fn stop(&mut self) {
@@ -333,8 +340,7 @@ impl S3Upload {
 impl Drop for S3Upload {
     fn drop(&mut self) {
         if !self.ended {
-            self.shared.failed.store(true, Ordering::Release);
-            self.stop();
+            self.discard();
             // Nowhere to report a failure from here: the caller that wanted to know
             // called abort().
             let _ = self.send_abort();
@@ -373,9 +379,14 @@ fn send_parts(s: &Shared, rx: &Mutex<Receiver<(u64, Vec<u8>)>>) {
         if s.failed.load(Ordering::Acquire) {
             continue;
         }
-        match s.retry.run(s.object.name(), |timeout| {
+        let sent = s.retry.run(s.object.name(), |timeout| {
+            // Checked before each attempt: a retry of an upload given up is not made.
+            if s.failed.load(Ordering::Acquire) {
+                return Err(Failure::fatal("the upload was given up"));
+            }
             put_part(s, number, &data, timeout)
-        }) {
+        });
+        match sent {
             Ok(etag) => s
                 .etags
                 .lock()
