@@ -30,7 +30,8 @@ pub struct RemoteArgs {
     #[arg(long = "remote-deadline", value_name = "SECS", value_parser = parse_deadline)]
     remote_deadline: Option<Duration>,
     /// Requests one read may have in flight at once, and readahead requests of all
-    /// sequential readers together, 1 to 64 [default: 8].
+    /// sequential readers together (for an upload to S3: parts sent at once), 1 to 64
+    /// [default: 8].
     #[arg(long = "remote-connections", value_name = "N", value_parser = parse_connections)]
     remote_connections: Option<usize>,
     /// Bytes fetched per chunk (reads are widened to whole chunks, which are cached): a

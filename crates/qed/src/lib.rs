@@ -67,14 +67,15 @@ pub use ops::{
     bench, commit, commit_into, compact, compare, convert, convert_in_place, defrag, measure,
     no_progress, rebase, stream, stream_base, BenchParams, ConvertOptions, Difference, Engine,
     InPlaceOptions, InPlacePlan, Measure, Progress, Reorganization, ReorganizeEnd,
-    ReorganizeOptions, StreamEnd, StreamOptions,
+    ReorganizeOptions, SequentialImage, SequentialOptions, StreamEnd, StreamOptions,
 };
 #[cfg(target_os = "linux")]
 pub use ring::{DirectDone, DirectEvent, DirectQueue, Waker, WorkerPool};
 pub use storage::{
-    clear_host_cache, host_cache_info, prune_host_cache, AlignedBuf, BlockHold, CachedObject,
-    FileStorage, HostCacheInfo, HostCacheOptions, HttpStorage, LockMode, MemoryStorage,
-    PruneReport, RemoteIdentity, RemoteOptions, RemoteReport, S3Config, S3Credentials, S3Storage,
-    Storage, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    clear_host_cache, host_cache_info, part_size_for, prune_host_cache, AlignedBuf, BlockHold,
+    CachedObject, FileStorage, HostCacheInfo, HostCacheOptions, HttpStorage, LockMode,
+    MemoryStorage, PruneReport, RemoteIdentity, RemoteOptions, RemoteReport, S3Config,
+    S3Credentials, S3Storage, S3Upload, Storage, MAX_CHUNK_SIZE, MAX_PARTS, MAX_PART_SIZE,
+    MIN_CHUNK_SIZE, MIN_PART_SIZE,
 };
 pub use warnings::set_warning_handler;

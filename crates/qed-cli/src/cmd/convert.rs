@@ -68,7 +68,12 @@ pub struct Args {
     target_is_zero: bool,
     /// The source image.
     src: PathBuf,
-    /// The destination image (none with --in-place).
+    /// Bytes per part of an upload to S3 (5M to 5G); chosen from the image's size when
+    /// omitted.
+    #[arg(long, hide = true, value_parser = crate::values::size)]
+    part_size: Option<u64>,
+    /// The destination image, or an s3://BUCKET/KEY URL to upload it to (as qed or raw,
+    /// replacing any object there once the upload completes); none with --in-place.
     #[arg(required_unless_present = "in_place")]
     dst: Option<PathBuf>,
     #[command(flatten)]
@@ -84,6 +89,10 @@ pub fn run(a: Args) -> Result<u8> {
         return run_in_place(a);
     }
     let plan = Plan::new(a)?;
+    if super::publish::is_s3_destination(&plan.dst) {
+        let src = open_source(&plan)?;
+        return super::publish::run(&plan, &*src);
+    }
     refuse_same_file(&plan)?;
     let src = open_source(&plan)?;
     refuse_destination_in_source_chain(&plan, &*src)?;
@@ -119,32 +128,34 @@ fn run_in_place(a: Args) -> Result<u8> {
 
 /// The arguments, parsed and checked against each other: everything that can be refused
 /// without looking at a file is refused here.
-struct Plan {
-    src: PathBuf,
+pub(super) struct Plan {
+    pub(super) src: PathBuf,
     /// `None` probes.
-    src_format: Option<Format>,
-    dst: PathBuf,
+    pub(super) src_format: Option<Format>,
+    pub(super) dst: PathBuf,
     /// qed, qcow2 or raw.
-    dst_format: Format,
+    pub(super) dst_format: Format,
     /// `-n`: the destination exists and is written into.
-    no_create: bool,
+    pub(super) no_create: bool,
     /// For a new qed or qcow2 destination; empty otherwise.
-    geometry: CreateGeometry,
+    pub(super) geometry: CreateGeometry,
     /// `-B`.
-    backing: Option<String>,
+    pub(super) backing: Option<String>,
     /// `-F`: `None` probes.
-    backing_format: Option<Format>,
-    sparse_size: u64,
+    pub(super) backing_format: Option<Format>,
+    pub(super) sparse_size: u64,
     /// `--target-is-zero`: the existing destination reads as zeros.
-    target_is_zero: bool,
+    pub(super) target_is_zero: bool,
     /// `-t none`: O_DIRECT on the destination.
-    direct: bool,
+    pub(super) direct: bool,
     /// `-t unsafe`: the destination is never flushed.
-    no_flush: bool,
-    progress: bool,
-    remote: crate::remote::RemoteArgs,
+    pub(super) no_flush: bool,
+    pub(super) progress: bool,
+    pub(super) remote: crate::remote::RemoteArgs,
     /// `-U`: the source is read without waiting for writers.
-    share: crate::share::ShareArgs,
+    pub(super) share: crate::share::ShareArgs,
+    /// `--part-size`: of an upload to S3.
+    pub(super) part_size: Option<u64>,
 }
 
 impl Plan {
@@ -212,6 +223,7 @@ impl Plan {
             target_is_zero: a.target_is_zero,
             remote: a.remote,
             share: a.share,
+            part_size: a.part_size,
         })
     }
 }

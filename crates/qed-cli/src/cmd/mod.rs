@@ -15,6 +15,7 @@ pub mod job;
 pub mod map;
 pub mod measure;
 pub mod mount;
+mod publish;
 pub mod rebase;
 pub mod reorganize;
 pub mod resize;

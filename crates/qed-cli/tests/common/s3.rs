@@ -141,7 +141,13 @@ impl S3Server {
         }
         .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
         let status = resp.status().as_u16();
-        let body = resp.into_body().read_to_vec().unwrap();
+        // Whole images come back this way: more than ureq's default limit.
+        let body = resp
+            .into_body()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .unwrap();
         assert!(
             (200..300).contains(&status),
             "{:?}: {method} {url}: {status}: {}",
@@ -199,6 +205,58 @@ impl S3Server {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_else(|| panic!("{:?} gave no ETag", self.kind))
             .to_string()
+    }
+
+    /// The HTTP status a signed GET of the object gets (404 when there is none).
+    pub fn get_status(&self, bucket: &str, key: &str) -> u16 {
+        let creds = Credentials::new(ACCESS_KEY, SECRET_KEY);
+        let bucket = self.bucket(bucket);
+        let url = bucket
+            .get_object(Some(&creds), key)
+            .sign(Duration::from_secs(600));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        let resp = agent.get(url.as_str()).call().unwrap();
+        resp.status().as_u16()
+    }
+
+    /// The ids of the multipart uploads in progress in `bucket`. moto answers
+    /// ListMultipartUploads (and checks no signature); s3s-fs has no such call, and
+    /// keeps each upload as files in its root: `.upload-ID.json`, and a
+    /// `.upload_id-ID.part-N` for each part.
+    pub fn uploads_in_progress(&self, bucket: &str) -> Vec<String> {
+        let mut ids = match self.kind {
+            Kind::Moto => {
+                let url = format!("{}/{bucket}?uploads", self.endpoint());
+                let body = String::from_utf8(self.send("GET", &url, b"")).unwrap();
+                body.split("<UploadId>")
+                    .skip(1)
+                    .map(|s| s.split("</UploadId>").next().unwrap().to_string())
+                    .collect()
+            }
+            Kind::S3sFs => std::fs::read_dir(self.dir.path().join("root"))
+                .unwrap()
+                .filter_map(|e| {
+                    let name = e.unwrap().file_name().into_string().unwrap();
+                    let id = name
+                        .strip_prefix(".upload_id-")
+                        .or_else(|| name.strip_prefix(".upload-"))?;
+                    Some(id.split('.').next().unwrap().to_string())
+                })
+                .collect::<Vec<_>>(),
+        };
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Kills the server, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// `qed ARGS` in `dir`, pointed at this server with good credentials, except as

@@ -9,6 +9,7 @@ mod in_place;
 mod measure;
 mod rebase;
 mod reorganize;
+mod sequential;
 mod step;
 mod stream;
 
@@ -20,5 +21,6 @@ pub use in_place::{convert_in_place, InPlaceOptions, InPlacePlan};
 pub use measure::{measure, Measure};
 pub use rebase::rebase;
 pub use reorganize::{compact, defrag, Reorganization, ReorganizeEnd, ReorganizeOptions};
+pub use sequential::{SequentialImage, SequentialOptions};
 pub use step::{no_progress, Progress};
 pub use stream::{stream, stream_base, StreamEnd, StreamOptions};

@@ -13,9 +13,10 @@ pub use file::FileStorage;
 pub use lock::LockMode;
 pub use memory::MemoryStorage;
 pub use remote::{
-    clear_host_cache, host_cache_info, prune_host_cache, CachedObject, HostCacheInfo,
-    HostCacheOptions, HttpStorage, PruneReport, RemoteIdentity, RemoteOptions, RemoteReport,
-    S3Config, S3Credentials, S3Storage, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    clear_host_cache, host_cache_info, part_size_for, prune_host_cache, CachedObject,
+    HostCacheInfo, HostCacheOptions, HttpStorage, PruneReport, RemoteIdentity, RemoteOptions,
+    RemoteReport, S3Config, S3Credentials, S3Storage, S3Upload, MAX_CHUNK_SIZE, MAX_PARTS,
+    MAX_PART_SIZE, MIN_CHUNK_SIZE, MIN_PART_SIZE,
 };
 pub(crate) use remote::{is_http_url, is_s3_url};
 

@@ -6,7 +6,8 @@
 //! a source only the question of how to fetch one byte range exactly. Both sources are
 //! ranged GETs ([`ranged_get`]); plain URLs ([`http`]) and S3 ([`s3`]) differ only in
 //! how each request is addressed and signed and how its refusals read. [`options`] says
-//! how all of them are read.
+//! how all of them are read. Objects are written only to S3, whole, by multipart upload
+//! ([`upload`]).
 
 mod cache;
 mod host_cache;
@@ -14,6 +15,7 @@ mod http;
 mod options;
 mod ranged_get;
 mod s3;
+mod upload;
 
 pub use host_cache::{
     clear_host_cache, host_cache_info, prune_host_cache, CachedObject, HostCacheInfo, PruneReport,
@@ -23,6 +25,7 @@ pub use http::HttpStorage;
 pub use options::{HostCacheOptions, RemoteOptions, RemoteReport, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 pub(crate) use s3::is_s3_url;
 pub use s3::{S3Config, S3Credentials, S3Storage};
+pub use upload::{part_size_for, S3Upload, MAX_PARTS, MAX_PART_SIZE, MIN_PART_SIZE};
 
 use std::fmt::Debug;
 use std::io;

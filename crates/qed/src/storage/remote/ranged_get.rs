@@ -68,6 +68,11 @@ impl Failure {
         }
     }
 
+    /// Why.
+    pub(crate) fn reason(&self) -> &str {
+        &self.reason
+    }
+
     /// A failure that another attempt may not repeat.
     pub(crate) fn transient(reason: impl Into<String>) -> Self {
         Self {
@@ -121,90 +126,50 @@ pub(crate) struct RangedGet<T> {
     etag: Option<String>,
     /// The Last-Modified seen at open.
     last_modified: Option<String>,
+    retry: Retrier,
+}
+
+/// Retries of one server's requests, within a deadline, waiting at least as long as a
+/// 429's or 503's Retry-After asks: every request to the server (reads, and the parts
+/// of an upload) goes through one, so that they share what they learn of an outage.
+#[derive(Debug)]
+pub(crate) struct Retrier {
     request_timeout: Duration,
     deadline: Duration,
     report: RemoteReport,
     /// When the server stopped answering (the start of the first attempt that failed
-    /// since the last one that worked), shared by every reader: each read's deadline
-    /// counts from it, so that readers starting during an outage do not each wait a
+    /// since the last one that worked), shared by every request: each one's deadline
+    /// counts from it, so that requests starting during an outage do not each wait a
     /// whole deadline of their own.
     outage: Mutex<Option<Instant>>,
 }
 
-/// A response header, when present and text.
-fn header<'a>(resp: &'a ureq::http::Response<ureq::Body>, name: &str) -> Option<&'a str> {
-    resp.headers().get(name).and_then(|v| v.to_str().ok())
+/// An HTTP client for one server, as `opts` says.
+pub(crate) fn agent(opts: &RemoteOptions) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(opts.connect_timeout))
+        .timeout_global(Some(opts.request_timeout))
+        // Idle connections kept for many concurrent readers (an NBD export's
+        // workers), not only one read's `connections`: a reader that found none
+        // would pay a new connection (and a resolver thread) per request.
+        .max_idle_connections(IDLE_CONNECTIONS)
+        .max_idle_connections_per_host(IDLE_CONNECTIONS)
+        .max_response_header_size(64 << 10)
+        .user_agent(concat!("qed/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into()
 }
 
-/// Parses `bytes START-END/TOTAL` (TOTAL may be `*`).
-fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
-    let rest = value.trim().strip_prefix("bytes ")?.trim_start();
-    let (range, total) = rest.split_once('/')?;
-    let (start, end) = range.trim().split_once('-')?;
-    let total = match total.trim() {
-        "*" => None,
-        t => Some(t.parse().ok()?),
-    };
-    Some((start.parse().ok()?, end.parse().ok()?, total))
-}
-
-/// How a failed exchange with the server reads in a message.
-fn describe_error(e: &ureq::Error) -> (String, bool) {
-    use ureq::Error as E;
-    match e {
-        E::Timeout(t) => (format!("timed out ({t})"), true),
-        E::Io(io) => (format!("{io}"), true),
-        E::ConnectionFailed => ("connection failed".into(), true),
-        E::HostNotFound => ("host not found".into(), false),
-        // The URL may be a signed one: its text is not repeated.
-        E::BadUri(_) => ("the request URL is not valid".into(), false),
-        other => (other.to_string(), false),
-    }
-}
-
-/// The shortest attempt a read makes, even when its deadline has passed.
-const MIN_ATTEMPT: Duration = Duration::from_secs(1);
-/// The time left for the last attempt before the deadline.
-const LAST_TRY: Duration = Duration::from_millis(200);
-
-/// Connections the pool keeps open between requests.
-const IDLE_CONNECTIONS: usize = 64;
-
-impl<T: Target> RangedGet<T> {
-    /// Opens the object: its size and validator, from a GET of its first byte.
-    pub(crate) fn open(target: T, opts: &RemoteOptions) -> Result<Self, String> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(opts.connect_timeout))
-            .timeout_global(Some(opts.request_timeout))
-            // Idle connections kept for many concurrent readers (an NBD export's
-            // workers), not only one read's `connections`: a reader that found none
-            // would pay a new connection (and a resolver thread) per request.
-            .max_idle_connections(IDLE_CONNECTIONS)
-            .max_idle_connections_per_host(IDLE_CONNECTIONS)
-            .max_response_header_size(64 << 10)
-            .user_agent(concat!("qed/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
-        let mut source = Self {
-            target,
-            agent,
-            size: 0,
-            validator: Validator::None,
-            etag: None,
-            last_modified: None,
+impl Retrier {
+    /// Retries as `opts` says.
+    pub(crate) fn new(opts: &RemoteOptions) -> Self {
+        Self {
             request_timeout: opts.request_timeout,
             deadline: opts.deadline,
             report: opts.report.clone(),
             outage: Mutex::new(None),
-        };
-        let (size, validator, etag, last_modified) =
-            source.with_retries(|s, timeout| s.probe(timeout))?;
-        source.size = size;
-        source.validator = validator;
-        source.etag = etag;
-        source.last_modified = last_modified;
-        Ok(source)
+        }
     }
 
     fn outage(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
@@ -213,9 +178,10 @@ impl<T: Target> RangedGet<T> {
 
     /// Runs `attempt` until it succeeds, fails for good, or the deadline passes; each
     /// attempt gets the request timeout or what is left of the deadline, if less.
-    fn with_retries<R>(
+    pub(crate) fn run<R>(
         &self,
-        mut attempt: impl FnMut(&Self, Duration) -> Result<R, Failure>,
+        name: &str,
+        mut attempt: impl FnMut(Duration) -> Result<R, Failure>,
     ) -> Result<R, String> {
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
@@ -228,9 +194,9 @@ impl<T: Target> RangedGet<T> {
             let floor = if attempts == 0 { MIN_ATTEMPT } else { LAST_TRY };
             let left = deadline.saturating_duration_since(tried).max(floor);
             attempts += 1;
-            let failure = match attempt(self, self.request_timeout.min(left)) {
+            let failure = match attempt(self.request_timeout.min(left)) {
                 Ok(v) => {
-                    self.answered();
+                    self.answered(name);
                     return Ok(v);
                 }
                 Err(f) => f,
@@ -250,7 +216,7 @@ impl<T: Target> RangedGet<T> {
                     gave_up("failed")
                 });
             }
-            self.not_answering(tried, &failure);
+            self.not_answering(name, tried, &failure);
             let left = deadline.saturating_duration_since(Instant::now());
             if left <= LAST_TRY {
                 return Err(gave_up(&format!(
@@ -281,13 +247,13 @@ impl<T: Target> RangedGet<T> {
     }
 
     /// An attempt worked: ends the outage, if there was one, and says so.
-    fn answered(&self) {
+    fn answered(&self, name: &str) {
         // Taken first: the report is made without holding the lock.
         let ended = self.outage().take();
         if let Some(t) = ended {
             self.report.say(&format!(
                 "{}: the server answers again, after {:.1} s",
-                self.target.name(),
+                name,
                 t.elapsed().as_secs_f64()
             ));
         }
@@ -295,18 +261,105 @@ impl<T: Target> RangedGet<T> {
 
     /// An attempt made at `tried` failed and will be retried: starts the outage, once,
     /// and says so.
-    fn not_answering(&self, tried: Instant, failure: &Failure) {
+    fn not_answering(&self, name: &str, tried: Instant, failure: &Failure) {
         let mut outage = self.outage();
         if outage.is_none() {
             *outage = Some(tried);
             drop(outage);
             self.report.say(&format!(
                 "{}: {}; retrying until {} s have passed without an answer",
-                self.target.name(),
+                name,
                 failure.reason,
                 self.deadline.as_secs_f64()
             ));
         }
+    }
+}
+
+/// A response header, when present and text.
+pub(crate) fn header<'a>(
+    resp: &'a ureq::http::Response<ureq::Body>,
+    name: &str,
+) -> Option<&'a str> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Parses `bytes START-END/TOTAL` (TOTAL may be `*`).
+fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = value.trim().strip_prefix("bytes ")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (start, end) = range.trim().split_once('-')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((start.parse().ok()?, end.parse().ok()?, total))
+}
+
+/// How a failed exchange with the server reads in a message.
+fn describe_error(e: &ureq::Error) -> (String, bool) {
+    use ureq::Error as E;
+    match e {
+        E::Timeout(t) => (format!("timed out ({t})"), true),
+        E::Io(io) => (format!("{io}"), true),
+        E::ConnectionFailed => ("connection failed".into(), true),
+        E::HostNotFound => ("host not found".into(), false),
+        // The URL may be a signed one: its text is not repeated.
+        E::BadUri(_) => ("the request URL is not valid".into(), false),
+        other => (other.to_string(), false),
+    }
+}
+
+/// A request that got no reply: retried when another attempt may get one.
+pub(crate) fn unreached(e: &ureq::Error, endpoint: Option<String>) -> Failure {
+    let (mut reason, retry) = describe_error(e);
+    // Not reaching the server: say which server, where the name does not.
+    if let Some(endpoint) = endpoint {
+        reason = format!("{reason} (endpoint {endpoint})");
+    }
+    Failure {
+        reason,
+        retry,
+        retry_after: None,
+    }
+}
+
+/// The shortest attempt a read makes, even when its deadline has passed.
+const MIN_ATTEMPT: Duration = Duration::from_secs(1);
+/// The time left for the last attempt before the deadline.
+const LAST_TRY: Duration = Duration::from_millis(200);
+
+/// Connections the pool keeps open between requests.
+const IDLE_CONNECTIONS: usize = 64;
+
+impl<T: Target> RangedGet<T> {
+    /// Opens the object: its size and validator, from a GET of its first byte.
+    pub(crate) fn open(target: T, opts: &RemoteOptions) -> Result<Self, String> {
+        let mut source = Self {
+            target,
+            agent: agent(opts),
+            size: 0,
+            validator: Validator::None,
+            etag: None,
+            last_modified: None,
+            retry: Retrier::new(opts),
+        };
+        let (size, validator, etag, last_modified) =
+            source.with_retries(|s, timeout| s.probe(timeout))?;
+        source.size = size;
+        source.validator = validator;
+        source.etag = etag;
+        source.last_modified = last_modified;
+        Ok(source)
+    }
+
+    /// Runs `attempt` as [`Retrier::run`] does, naming the object in reports.
+    fn with_retries<R>(
+        &self,
+        mut attempt: impl FnMut(&Self, Duration) -> Result<R, Failure>,
+    ) -> Result<R, String> {
+        self.retry
+            .run(self.target.name(), |timeout| attempt(self, timeout))
     }
 
     /// Sends a GET of `[start, end]` (inclusive), with the pinned validator.
@@ -327,42 +380,16 @@ impl<T: Target> RangedGet<T> {
             Validator::None => {}
         }
         let result = req.config().timeout_global(Some(timeout)).build().call();
-        result.map_err(|e| {
-            let (mut reason, retry) = describe_error(&e);
-            // Not reaching the server: say which server, where the name does not.
-            if let Some(endpoint) = self.target.endpoint() {
-                reason = format!("{reason} (endpoint {endpoint})");
-            }
-            Failure {
-                reason,
-                retry,
-                retry_after: None,
-            }
-        })
+        result.map_err(|e| unreached(&e, self.target.endpoint()))
     }
 
     /// A status the caller does not expect: retried when the server may recover.
     fn unexpected_status(&self, resp: ureq::http::Response<ureq::Body>) -> Failure {
-        let status = resp.status().as_u16();
-        let retry_after = header(&resp, "retry-after").and_then(parse_retry_after);
-        let body = error_body(resp);
-        let mut failure = match status {
-            412 => Failure::fatal(self.changed("the server refused the pinned version (412)")),
-            // The protocol may tell more (S3 says SlowDown), but these are retried anyway.
-            429 | 500..=599 => {
-                let mut f = self.target.refusal(status, &body);
-                if !f.reason.contains(&status.to_string()) {
-                    f.reason = format!("the server answered {status}: {}", f.reason);
-                }
-                f.retry = true;
-                f
-            }
-            s => self.target.refusal(s, &body),
-        };
-        if matches!(status, 429 | 503) {
-            failure.retry_after = retry_after;
+        if resp.status().as_u16() == 412 {
+            let _ = error_body(resp);
+            return Failure::fatal(self.changed("the server refused the pinned version (412)"));
         }
-        failure
+        refused(resp, |status, body| self.target.refusal(status, body))
     }
 
     fn changed(&self, how: &str) -> String {
@@ -499,9 +526,36 @@ impl<T: Target> RangedGet<T> {
     }
 }
 
+/// What a reply of an unexpected status means: 429 and 5xx are retried (no sooner than
+/// a 429's or 503's Retry-After asks), the rest read as `refusal` says.
+pub(crate) fn refused(
+    resp: ureq::http::Response<ureq::Body>,
+    refusal: impl FnOnce(u16, &[u8]) -> Failure,
+) -> Failure {
+    let status = resp.status().as_u16();
+    let retry_after = header(&resp, "retry-after").and_then(parse_retry_after);
+    let body = error_body(resp);
+    let mut failure = match status {
+        // The protocol may tell more (S3 says SlowDown), but these are retried anyway.
+        429 | 500..=599 => {
+            let mut f = refusal(status, &body);
+            if !f.reason.contains(&status.to_string()) {
+                f.reason = format!("the server answered {status}: {}", f.reason);
+            }
+            f.retry = true;
+            f
+        }
+        s => refusal(s, &body),
+    };
+    if matches!(status, 429 | 503) {
+        failure.retry_after = retry_after;
+    }
+    failure
+}
+
 /// The start of an error reply's body, at most [`ERROR_BODY_LIMIT`] bytes; whatever
 /// could be read before a failure (the request's timeout bounds the wait).
-fn error_body(resp: ureq::http::Response<ureq::Body>) -> Vec<u8> {
+pub(crate) fn error_body(resp: ureq::http::Response<ureq::Body>) -> Vec<u8> {
     let mut body = Vec::new();
     let mut reader = resp.into_body().into_reader().take(ERROR_BODY_LIMIT);
     let mut chunk = [0u8; 4096];

@@ -284,6 +284,27 @@ impl fmt::Debug for S3Object {
 const SIGNATURE_LIFETIME: Duration = Duration::from_secs(15 * 60);
 
 impl S3Object {
+    /// The object at `url` (`s3://BUCKET/KEY`) on the service `config` names.
+    pub(crate) fn at(url: &str, config: &S3Config) -> Result<Self, String> {
+        let (bucket, key) = parse_s3_url(url)?;
+        Self::new(url, config, bucket, key)
+    }
+
+    /// The bucket, addressed.
+    pub(crate) fn bucket(&self) -> &Bucket {
+        &self.bucket
+    }
+
+    /// The key.
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Who signs requests; `None` for anonymous ones.
+    pub(crate) fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_ref()
+    }
+
     fn new(name: &str, config: &S3Config, bucket: &str, key: &str) -> Result<Self, String> {
         let (bucket, endpoint) = config.bucket(bucket)?;
         // The key must come out as the tail of the bucket's URL, nothing resolved away.
@@ -451,7 +472,7 @@ impl S3Error {
 
 /// The text of the first `<name>...</name>` in `text`, unescaped, tidied for a one-line
 /// message and cut at 300 characters; `None` when absent or empty.
-fn xml_element(text: &str, name: &str) -> Option<String> {
+pub(crate) fn xml_element(text: &str, name: &str) -> Option<String> {
     let open = format!("<{name}>");
     let close = format!("</{name}>");
     let start = text.find(&open)? + open.len();
