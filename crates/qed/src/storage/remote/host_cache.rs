@@ -47,8 +47,11 @@ const IN_USE_BYTE: u64 = 1 << 62;
 /// The bytes of `usage` that guard its counter, and that one pruner holds.
 const COUNTER_LOCK: u64 = 64;
 const PRUNE_LOCK: u64 = 65;
-/// A prune leaves this share of the bound, so that the next is not one store away.
-const PRUNE_TO_PERCENT: u64 = 90;
+/// A prune starts once the cache holds this share of its bound, and leaves
+/// [`PRUNE_TO_PERCENT`], so that stores rarely find the cache full and the next prune is
+/// not one store away.
+const PRUNE_AT_PERCENT: u64 = 90;
+const PRUNE_TO_PERCENT: u64 = 75;
 /// A chunk read this long after its last refresh has its time refreshed: the order of
 /// eviction needs no finer grain, and each refresh is a write.
 const TOUCH_AFTER: Duration = Duration::from_secs(30);
@@ -403,7 +406,7 @@ impl ObjectCache {
 
     /// Writes chunk `index` for every process; a failure turns storing off, once.
     pub(crate) fn store(&self, index: u64, data: &[u8]) {
-        if !self.storing.load(Ordering::Relaxed) {
+        if !self.storing.load(Ordering::Relaxed) || !self.reserve((HEADER + data.len()) as u64) {
             return;
         }
         let tmp = self.dir.join(format!(
@@ -421,7 +424,7 @@ impl ObjectCache {
             fs::rename(&tmp, self.chunk_path(index))
         })();
         match written {
-            Ok(()) => self.account((HEADER + data.len()) as u64),
+            Ok(()) => {}
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
                 self.storing.store(false, Ordering::Relaxed);
@@ -430,26 +433,41 @@ impl ObjectCache {
         }
     }
 
-    /// Counts `n` stored bytes in the shared counter, and prunes, in the background,
-    /// when the cache has passed its bound.
-    fn account(&self, n: u64) {
-        let Some(total) = with_byte_lock(&self.usage, COUNTER_LOCK, || {
+    /// Counts `n` bytes about to be stored in the shared counter, if they fit in the
+    /// bound; `false` (the chunk is not stored: the bound is kept whatever the timing)
+    /// when they do not, or when the counter cannot be had. Past [`PRUNE_AT_PERCENT`]
+    /// of the bound, starts a prune in the background, so that stores rarely find the
+    /// cache full.
+    fn reserve(&self, n: u64) -> bool {
+        let counted = with_byte_lock(&self.usage, COUNTER_LOCK, || {
             let mut b = [0u8; 8];
             let was = match self.usage.read_exact_at(&mut b, 0) {
                 Ok(()) => u64::from_le_bytes(b),
                 Err(_) => 0,
             };
             let now = was.saturating_add(n);
+            if now > self.max_bytes {
+                return Ok((false, was));
+            }
             self.usage.write_all_at(&now.to_le_bytes(), 0)?;
-            Ok(now)
-        }) else {
-            return;
+            Ok((true, now))
+        });
+        let Some((fits, total)) = counted else {
+            return false;
         };
-        if total > self.max_bytes && !self.pruning.swap(true, Ordering::AcqRel) {
+        if total.saturating_add(n) > self.max_bytes / 100 * PRUNE_AT_PERCENT {
+            self.start_prune();
+        }
+        fits
+    }
+
+    /// Prunes in a thread of its own, unless this process is pruning already: walking
+    /// the cache takes a while, and the read that tipped it over does not wait.
+    fn start_prune(&self) {
+        if !self.pruning.swap(true, Ordering::AcqRel) {
             let root = self.root.clone();
             let max = self.max_bytes;
             let pruning = self.pruning.clone();
-            // Walking the cache takes a while: the read that tipped it over does not wait.
             let spawned = std::thread::Builder::new()
                 .name("qed-cache-prune".into())
                 .spawn(move || {
