@@ -91,16 +91,16 @@ fn checked_reads(spans: &[(u64, u64)]) -> Vec<String> {
 
 /// A proxy to nginx's port, holding back answers for `ms` milliseconds.
 fn proxy(nginx: &Nginx, ms: u64) -> DelayProxy {
-    let addr = nginx
-        .url("")
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    DelayProxy::start(0, &addr, Duration::from_millis(ms)).unwrap()
+    DelayProxy::start(0, &nginx.addr(), Duration::from_millis(ms)).unwrap()
 }
 
-fn url(proxy: &DelayProxy) -> String {
-    format!("http://127.0.0.1:{}/base.qed", proxy.port())
+/// The base's URL through `proxy`.
+fn url(proxy: &DelayProxy, nginx: &Nginx) -> String {
+    format!(
+        "http://127.0.0.1:{}{}",
+        proxy.port(),
+        nginx.path("base.qed")
+    )
 }
 
 /// What a stream (or other sequential copy) of the base must have shown the proxy: few
@@ -144,7 +144,15 @@ fn streams_keep_many_large_requests_in_flight_and_copy_exactly() {
         ok(
             w,
             QED,
-            &["create", "-q", "-b", &url(&proxy), "-F", "qed", &top],
+            &[
+                "create",
+                "-q",
+                "-b",
+                &url(&proxy, &nginx),
+                "-F",
+                "qed",
+                &top,
+            ],
         );
         proxy.reset_stats();
         ok(w, QED, &["stream", &top]);
@@ -180,7 +188,15 @@ fn copy_on_read_and_cold_random_reads_are_exact_at_every_latency() {
         ok(
             w,
             QED,
-            &["create", "-q", "-b", &url(&proxy), "-F", "qed", &top],
+            &[
+                "create",
+                "-q",
+                "-b",
+                &url(&proxy, &nginx),
+                "-F",
+                "qed",
+                &top,
+            ],
         );
         proxy.reset_stats();
         let spans: Vec<_> = (0..SIZE / (1 << 20)).map(|i| (i << 20, 1 << 20)).collect();
@@ -201,7 +217,15 @@ fn copy_on_read_and_cold_random_reads_are_exact_at_every_latency() {
         ok(
             w,
             QED,
-            &["create", "-q", "-b", &url(&proxy), "-F", "qed", &top],
+            &[
+                "create",
+                "-q",
+                "-b",
+                &url(&proxy, &nginx),
+                "-F",
+                "qed",
+                &top,
+            ],
         );
         let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ ms;
         let spans: Vec<_> = (0..40)
@@ -272,7 +296,15 @@ fn readahead_stays_within_the_memory_cache() {
     ok(
         w,
         QED,
-        &["create", "-q", "-b", &url(&proxy), "-F", "qed", "top.qed"],
+        &[
+            "create",
+            "-q",
+            "-b",
+            &url(&proxy, &nginx),
+            "-F",
+            "qed",
+            "top.qed",
+        ],
     );
     // Sequential reads of 256 KiB, which read ahead: with a 1 MiB cache, no more than
     // half of it may be read ahead, so a reader's own request and the readahead in
@@ -280,10 +312,17 @@ fn readahead_stays_within_the_memory_cache() {
     let spans: Vec<_> = (0..(32 << 20) / (256 << 10))
         .map(|i| (i * (256 << 10), 256 << 10))
         .collect();
-    let mut small = vec!["io", "-r", "--remote-cache", "1M"]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
+    // Each run fetches from the network: no cache on disk serves the second one.
+    let mut small = vec![
+        "io",
+        "-r",
+        "--remote-cache-dir=none",
+        "--remote-cache",
+        "1M",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
     small.extend(checked_reads(&spans));
     small.push("top.qed".into());
     proxy.reset_stats();
@@ -293,7 +332,11 @@ fn readahead_stays_within_the_memory_cache() {
         bounded.max_range_bytes_in_flight <= (256 << 10) + (512 << 10),
         "{bounded:?}"
     );
-    let mut large = vec!["io".to_string(), "-r".to_string()];
+    let mut large = vec![
+        "io".to_string(),
+        "-r".to_string(),
+        "--remote-cache-dir=none".to_string(),
+    ];
     large.extend(checked_reads(&spans));
     large.push("top.qed".into());
     proxy.reset_stats();
@@ -316,12 +359,21 @@ fn a_process_does_not_wait_at_exit_for_readahead_in_flight() {
     let proxy = proxy(&nginx, 1000);
     let reads = checked_reads(&[(0, 1 << 20), (1 << 20, 1 << 20), (2 << 20, 1 << 20)]);
     let timed = |readahead: &str| {
-        let mut args = vec!["io", "-r", "-f", "qed", "--remote-readahead", readahead]
-            .into_iter()
-            .map(String::from)
-            .collect::<Vec<_>>();
+        // Both runs fetch from the network: no cache on disk serves the second.
+        let mut args = vec![
+            "io",
+            "-r",
+            "-f",
+            "qed",
+            "--remote-cache-dir=none",
+            "--remote-readahead",
+            readahead,
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
         args.extend(reads.iter().cloned());
-        args.push(url(&proxy));
+        args.push(url(&proxy, &nginx));
         proxy.reset_stats();
         let started = Instant::now();
         ok(w, QED, &args);

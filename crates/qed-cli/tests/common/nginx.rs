@@ -115,6 +115,16 @@ impl Nginx {
         self.dir.path().join("www")
     }
 
+    /// The address nginx listens on, `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The path part of `name`'s URL (`/PREFIX/name`), for a URL through a proxy.
+    pub fn path(&self, name: &str) -> String {
+        format!("/{}/{name}", self.prefix)
+    }
+
     /// The URL of `name` under the root.
     pub fn url(&self, name: &str) -> String {
         format!("http://127.0.0.1:{}/{}/{name}", self.port, self.prefix)
