@@ -7,6 +7,7 @@ pub mod commit;
 pub mod compare;
 pub mod convert;
 mod convert_in_place;
+mod convert_plan;
 pub mod create;
 mod daemon;
 pub mod info;

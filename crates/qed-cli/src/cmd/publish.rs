@@ -2,7 +2,7 @@
 //! by multipart upload. Nothing appears under the key until the upload completes, which
 //! replaces any object there in one step; a failure or an interrupt aborts the upload.
 
-use super::convert::Plan;
+use super::convert_plan::Plan;
 use crate::progress::ProgressReport;
 use anyhow::{bail, Context, Result};
 use qed::{
