@@ -82,9 +82,6 @@ pub(crate) struct ObjectCache {
     storing: AtomicBool,
     /// Set while this process prunes.
     pruning: Arc<AtomicBool>,
-    /// The prune this process started, finished before the cache is let go of: a
-    /// process that ends right after a read must not leave the cache past its bound.
-    pruner: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// How long to wait for another process's fetch before fetching anyway.
     wait_limit: Duration,
     report: RemoteReport,
@@ -236,7 +233,6 @@ impl ObjectCache {
                 max_bytes: opts.max_bytes,
                 storing: AtomicBool::new(true),
                 pruning: Arc::new(AtomicBool::new(false)),
-                pruner: std::sync::Mutex::new(None),
                 wait_limit,
                 report: report.clone(),
                 tmp_seq: AtomicU64::new(0),
@@ -348,6 +344,11 @@ impl ObjectCache {
                 Some(file)
             }
             None => {
+                // A chunk never checked here (not on disk, or only in memory when stores
+                // failed) costs no failed open on every read.
+                if !self.verified_index(index) {
+                    return None;
+                }
                 let f = File::open(self.chunk_path(index)).ok()?;
                 let meta = f.metadata().ok()?;
                 // Not this process's checked file: the whole chunk is checked first.
@@ -380,6 +381,11 @@ impl ObjectCache {
         } else {
             self.verified(index, file_id(meta));
         }
+    }
+
+    fn verified_index(&self, index: u64) -> bool {
+        let map = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        map.contains_key(&index)
     }
 
     fn was_verified(&self, index: u64, file_id: (u64, i64, i64)) -> bool {
@@ -474,19 +480,10 @@ impl ObjectCache {
                     let _ = prune_host_cache(&root, max);
                     pruning.store(false, Ordering::Release);
                 });
-            match spawned {
-                Ok(handle) => {
-                    let old = self
-                        .pruner
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .replace(handle);
-                    // Finished (it cleared `pruning` before this one could start).
-                    if let Some(old) = old {
-                        let _ = old.join();
-                    }
-                }
-                Err(_) => self.pruning.store(false, Ordering::Release),
+            // A prune cut short when the process ends leaves the cache smaller, never
+            // past its bound (stores are counted before they are made): not waited for.
+            if spawned.is_err() {
+                self.pruning.store(false, Ordering::Release);
             }
         }
     }
@@ -574,24 +571,6 @@ impl ObjectCache {
             self.store(index, &data);
         }
         Ok(data)
-    }
-}
-
-impl Drop for ObjectCache {
-    fn drop(&mut self) {
-        let pruner = self
-            .pruner
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(handle) = pruner {
-            let _ = handle.join();
-        }
-        // Stores made while that prune walked the cache may have passed the bound again.
-        let mut b = [0u8; 8];
-        if self.usage.read_exact_at(&mut b, 0).is_ok() && u64::from_le_bytes(b) > self.max_bytes {
-            let _ = prune_host_cache(&self.root, self.max_bytes);
-        }
     }
 }
 
