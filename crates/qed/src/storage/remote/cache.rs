@@ -8,7 +8,7 @@ use crate::storage::{DirectSpan, Storage};
 use lru::LruCache;
 use std::collections::{HashSet, VecDeque};
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Most bytes one request asks for: adjacent chunks are fetched together up to this.
@@ -59,18 +59,34 @@ struct Cache {
     threads: usize,
     /// Set when the storage is dropped: prefetching threads stop.
     stop: bool,
-    /// The process the prefetching threads run in: a forked child (a daemon that opened
-    /// its image first) has none of them.
-    pid: u32,
+    /// The process the prefetching threads run in, as [`forks`] counts: a forked child
+    /// (a daemon that opened its image first) has none of them.
+    forks: u32,
+}
+
+/// Forks this process's line has been through: a counter a child bumps, so that each read
+/// can tell a child from its parent without a system call (getpid is one, and reads
+/// ask under the cache's lock).
+fn forks() -> u32 {
+    static FORKS: AtomicU32 = AtomicU32::new(0);
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    extern "C" fn in_child() {
+        FORKS.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: registers a handler that only bumps an atomic, which is safe in a child.
+    HOOK.call_once(|| unsafe {
+        libc::pthread_atfork(None, None, Some(in_child));
+    });
+    FORKS.load(Ordering::Relaxed)
 }
 
 impl Cache {
     /// Forgets, in a forked child, the fetches and threads of the parent, which never
     /// land here: readers fetch what they need, and prefetching starts afresh.
     fn after_fork(&mut self) {
-        let pid = std::process::id();
-        if self.pid != pid {
-            self.pid = pid;
+        let now = forks();
+        if self.forks != now {
+            self.forks = now;
             self.in_flight.clear();
             self.queue.clear();
             self.streams.clear();
@@ -188,7 +204,7 @@ impl<S: RangeSource + 'static> RemoteStorage<S> {
                     prefetching: 0,
                     threads: 0,
                     stop: false,
-                    pid: std::process::id(),
+                    forks: forks(),
                 }),
                 landed: Condvar::new(),
                 work: Condvar::new(),
