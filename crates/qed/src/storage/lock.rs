@@ -260,6 +260,13 @@ pub(crate) fn unlock_byte(fd: RawFd, byte: u64) -> io::Result<()> {
     try_byte(fd, byte, libc::F_UNLCK).map(|_| ())
 }
 
+/// Whether another open holds byte `byte` of `fd` exclusively: a look, taking nothing.
+pub(crate) fn byte_locked_elsewhere(fd: RawFd, byte: u64) -> io::Result<bool> {
+    let byte = i64::try_from(byte).map_err(io::Error::other)?;
+    with_fallback(|_, get| fcntl_lock(fd, get, libc::F_RDLCK as libc::c_short, byte))
+        .map(|fl| fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
 fn try_byte(fd: RawFd, byte: u64, kind: libc::c_int) -> io::Result<bool> {
     let byte = i64::try_from(byte).map_err(io::Error::other)?;
     match with_fallback(|set, _| fcntl_lock(fd, set, kind as libc::c_short, byte)) {

@@ -15,10 +15,12 @@
 //! `ID` is a digest of the object's address *and* its version (ETag, else
 //! Last-Modified) and size, and of the chunk size: a chunk of an older version is never
 //! looked up for a newer one. A chunk becomes visible only by a rename once whole, and
-//! is trusted only when its header matches and its SHA-256 checks, so a process killed
-//! mid-write, or a crash that lost part of a file, leaves nothing another process
-//! believes. Claims are OFD locks: whoever holds a chunk's byte fetches it, the others
-//! wait for its file to appear, and a killed fetcher releases its claim with its last
+//! is trusted only when its header matches and its checksum (XXH3-128) checks, so a
+//! process killed mid-write, or a crash that lost part of a file, leaves nothing another
+//! process believes. The checksum guards against accidents, not against someone who can
+//! write the directory: such a one could as well write a matching digest of any kind.
+//! Claims are OFD locks: whoever holds a chunk's byte fetches it, the others wait for its
+//! claim to be let go, and a killed fetcher releases its claim with its last
 //! descriptor. The cache is bounded: stores are counted in `usage`, and past the bound
 //! one process prunes the least recently used chunks (reads refresh a chunk's time). A
 //! process reading a chunk while it is pruned keeps reading it: the file goes when its
@@ -26,21 +28,22 @@
 //! left, with one warning, and reads go to the network.
 
 use super::options::{HostCacheOptions, RemoteReport};
-use crate::storage::lock::{try_lock_byte, unlock_byte};
+use crate::storage::lock::{byte_locked_elsewhere, try_lock_byte, unlock_byte};
 use crate::storage::DirectSpan;
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use twox_hash::XxHash3_128;
 
 /// Bytes before a chunk's data in its file.
 const HEADER: usize = 64;
-const MAGIC: &[u8; 8] = b"QEDCHNK\x01";
+const MAGIC: &[u8; 8] = b"QEDCHNK\x02";
 /// The byte of `claims` every process with the object open holds shared, so that a
 /// prune knows which objects are in use. Far above any chunk's index.
 const IN_USE_BYTE: u64 = 1 << 62;
@@ -263,7 +266,9 @@ impl ObjectCache {
         h[8..16].copy_from_slice(&index.to_le_bytes());
         h[16..20].copy_from_slice(&(data.len() as u32).to_le_bytes());
         h[24..32].copy_from_slice(&self.digest[..8]);
-        h[32..].copy_from_slice(&Sha256::digest(data));
+        // A fast checksum: every process checks every chunk it takes from disk once,
+        // and a boot storm's processes do so at the pace of the fetches.
+        h[32..48].copy_from_slice(&XxHash3_128::oneshot(data).to_le_bytes());
         h
     }
 
@@ -271,21 +276,24 @@ impl ObjectCache {
     /// checks.
     pub(crate) fn load(&self, index: u64) -> Option<Arc<[u8]>> {
         let path = self.chunk_path(index);
-        let mut f = File::open(&path).ok()?;
+        let f = File::open(&path).ok()?;
         let len = self.chunk_len(index) as usize;
         let meta = f.metadata().ok()?;
-        let mut buf = vec![0u8; HEADER + len];
-        let sound = meta.len() == buf.len() as u64
-            && f.read_exact(&mut buf).is_ok()
-            && (self.was_verified(index, file_id(&meta))
-                || buf[..HEADER] == self.header(index, &buf[HEADER..]));
+        let mut head = [0u8; HEADER];
+        // SAFETY: zeroed bytes are valid u8s.
+        let mut data: Arc<[u8]> = unsafe { Arc::<[u8]>::new_zeroed_slice(len).assume_init() };
+        let buf = Arc::get_mut(&mut data)?;
+        let sound = meta.len() == (HEADER + len) as u64
+            && f.read_exact_at(&mut head, 0).is_ok()
+            && f.read_exact_at(buf, HEADER as u64).is_ok()
+            && (self.was_verified(index, file_id(&meta)) || head == self.header(index, buf));
         if !sound {
             // Torn by a crash or damaged: it would only be refused again.
             let _ = fs::remove_file(&path);
             return None;
         }
         self.used(index, &f, &meta);
-        Some(Arc::from(&buf[HEADER..]))
+        Some(data)
     }
 
     /// Reads `out.len()` bytes at `within` of chunk `index` straight from its file,
@@ -425,7 +433,8 @@ impl ObjectCache {
                 .write(true)
                 .create_new(true)
                 .open(&tmp)?;
-            f.write_all(&[&self.header(index, data)[..], data].concat())?;
+            f.write_all(&self.header(index, data))?;
+            f.write_all(data)?;
             drop(f);
             fs::rename(&tmp, self.chunk_path(index))
         })();
@@ -546,14 +555,17 @@ impl ObjectCache {
         let started = Instant::now();
         let mut pause = Duration::from_micros(50);
         let claim = loop {
-            if let Some(d) = self.load(index) {
-                return Ok(d);
-            }
-            if let Some(claim) = self.claim(index) {
+            // While the fetcher holds its claim, a look at the lock is all a poll costs.
+            if !matches!(byte_locked_elsewhere(self.claims.as_raw_fd(), index), Ok(true)) {
                 if let Some(d) = self.load(index) {
                     return Ok(d);
                 }
-                break Some(claim);
+                if let Some(claim) = self.claim(index) {
+                    if let Some(d) = self.load(index) {
+                        return Ok(d);
+                    }
+                    break Some(claim);
+                }
             }
             if started.elapsed() > self.wait_limit {
                 break None;
