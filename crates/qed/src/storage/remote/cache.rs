@@ -319,20 +319,19 @@ impl<S: RangeSource> Inner<S> {
     }
 
     /// Waits for chunk `index`, which another reader is fetching; fetches it itself if
-    /// that reader gave up (or the chunk was evicted before this one saw it).
-    fn wait_for(&self, index: u64) -> io::Result<Arc<[u8]>> {
+    /// that reader gave up (or the chunk was evicted before this one saw it). `None`
+    /// when the chunk is to be read from the host cache's file.
+    fn wait_for(&self, index: u64) -> io::Result<Option<Arc<[u8]>>> {
         let mut cache = self.cache();
         loop {
             if let Some(data) = cache.chunks.get(&index) {
-                return Ok(data.clone());
+                return Ok(Some(data.clone()));
             }
             if !cache.in_flight.contains(&index) {
                 cache.in_flight.insert(index);
                 drop(cache);
                 let chunks = self.fetch_runs(&[(index, 1)])?;
-                return chunks.into_iter().next().map(|(_, d)| d).ok_or_else(|| {
-                    io::Error::other(format!("{}: chunk missing", self.source.name()))
-                });
+                return Ok(chunks.into_iter().next().map(|(_, d)| d));
             }
             cache = self.landed.wait(cache).unwrap_or_else(|p| p.into_inner());
         }
@@ -340,7 +339,8 @@ impl<S: RangeSource> Inner<S> {
 }
 
 /// What one read is made of: a slot for each chunk from `first` (the read's, then any
-/// readahead), filled from the cache at once and from the wire after.
+/// readahead), filled from the cache at once and from the wire after. A slot left empty
+/// after [`Inner::gather`] is a chunk to read from the host cache's file.
 struct Plan {
     first: u64,
     have: Vec<Option<Arc<[u8]>>>,
@@ -538,7 +538,7 @@ impl<S: RangeSource + 'static> Inner<S> {
             }
         }
         for &index in &plan.awaited {
-            plan.have[(index - plan.first) as usize] = Some(self.wait_for(index)?);
+            plan.have[(index - plan.first) as usize] = self.wait_for(index)?;
         }
         Ok(())
     }
@@ -564,12 +564,32 @@ impl<S: RangeSource + 'static> Inner<S> {
         let mut pos = offset;
         while !out.is_empty() {
             let index = pos / self.chunk;
-            let data = plan.have[(index - plan.first) as usize]
-                .as_ref()
-                .ok_or_else(|| {
-                    io::Error::other(format!("{}: chunk missing", self.source.name()))
-                })?;
             let from = (pos - index * self.chunk) as usize;
+            let fetched;
+            let data = match &plan.have[(index - plan.first) as usize] {
+                Some(data) => data,
+                None => {
+                    let n = out
+                        .len()
+                        .min((self.chunk_len(index) as usize).saturating_sub(from));
+                    if let Some(host) = &self.host {
+                        if n > 0 && host.read_checked(index, from as u64, &mut out[..n]) {
+                            out = &mut out[n..];
+                            pos += n as u64;
+                            continue;
+                        }
+                    }
+                    // Gone from disk since (pruned, and its slot taken by another
+                    // chunk): from the source, as without the host cache.
+                    fetched = self.fetch_from_source(index, 1)?;
+                    &fetched
+                        .first()
+                        .ok_or_else(|| {
+                            io::Error::other(format!("{}: chunk missing", self.source.name()))
+                        })?
+                        .1
+                }
+            };
             let n = out.len().min(data.len().saturating_sub(from));
             if n == 0 {
                 return Err(io::Error::other(format!(

@@ -41,8 +41,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use twox_hash::XxHash3_128;
 
-/// Bytes before a chunk's data in its file.
+/// Bytes before a chunk's data in its file: the part that names the chunk
+/// ([`NAMED`] bytes), its checksum (16), and the id of the boot that wrote it (16).
 const HEADER: usize = 64;
+const NAMED: usize = 32;
 const MAGIC: &[u8; 8] = b"QEDCHNK\x02";
 /// The byte of `claims` every process with the object open holds shared, so that a
 /// prune knows which objects are in use. Far above any chunk's index.
@@ -260,21 +262,63 @@ impl ObjectCache {
     }
 
     /// The header a chunk's file starts with.
+    /// The header of chunk `index` holding `data`, written in this boot.
     fn header(&self, index: u64, data: &[u8]) -> [u8; HEADER] {
         let mut h = [0u8; HEADER];
+        h[..NAMED].copy_from_slice(&self.name_part(index, data.len()));
+        // A fast checksum: after a reboot every process checks every chunk it takes
+        // from disk once, and a boot storm's processes do so at the pace of the fetches.
+        h[NAMED..NAMED + 16].copy_from_slice(&XxHash3_128::oneshot(data).to_le_bytes());
+        h[NAMED + 16..].copy_from_slice(boot_id());
+        h
+    }
+
+    /// The part of chunk `index`'s header that says which chunk it is: magic, index,
+    /// length and the object's digest.
+    fn name_part(&self, index: u64, len: usize) -> [u8; NAMED] {
+        let mut h = [0u8; NAMED];
         h[..8].copy_from_slice(MAGIC);
         h[8..16].copy_from_slice(&index.to_le_bytes());
-        h[16..20].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        h[16..20].copy_from_slice(&(len as u32).to_le_bytes());
         h[24..32].copy_from_slice(&self.digest[..8]);
-        // A fast checksum: every process checks every chunk it takes from disk once,
-        // and a boot storm's processes do so at the pace of the fetches.
-        h[32..48].copy_from_slice(&XxHash3_128::oneshot(data).to_le_bytes());
         h
+    }
+
+    /// Chunk `index` from disk, if another process (or this one) stored it and it is
+    /// sound: [`OnDisk::Adopted`] when it was written in this boot (it is then whole,
+    /// since it was renamed into place once written, and no crash can have torn it
+    /// since), read later from its file; else loaded and checked as [`ObjectCache::load`]
+    /// does.
+    fn from_disk(&self, index: u64) -> Option<OnDisk> {
+        let path = self.chunk_path(index);
+        let f = File::open(&path).ok()?;
+        let len = self.chunk_len(index) as usize;
+        let meta = f.metadata().ok()?;
+        let mut head = [0u8; HEADER];
+        let named = meta.len() == (HEADER + len) as u64
+            && f.read_exact_at(&mut head, 0).is_ok()
+            && head[..NAMED] == self.name_part(index, len);
+        if !named {
+            let _ = fs::remove_file(&path);
+            return None;
+        }
+        let this_boot = head[NAMED + 16..] == *boot_id() && *boot_id() != [0u8; 16];
+        if !this_boot {
+            return self.load(index).map(OnDisk::Loaded);
+        }
+        self.used(index, &f, &meta);
+        let file = Arc::new(f);
+        *self.slot(index).lock().unwrap_or_else(|p| p.into_inner()) = Some(OpenChunk {
+            index,
+            file,
+            touched: Instant::now(),
+        });
+        Some(OnDisk::Adopted)
     }
 
     /// Chunk `index` from disk, if another process (or this one) stored it and it
     /// checks.
-    pub(crate) fn load(&self, index: u64) -> Option<Arc<[u8]>> {
+    fn load(&self, index: u64) -> Option<Arc<[u8]>> {
         let path = self.chunk_path(index);
         let f = File::open(&path).ok()?;
         let len = self.chunk_len(index) as usize;
@@ -286,7 +330,8 @@ impl ObjectCache {
         let sound = meta.len() == (HEADER + len) as u64
             && f.read_exact_at(&mut head, 0).is_ok()
             && f.read_exact_at(buf, HEADER as u64).is_ok()
-            && (self.was_verified(index, file_id(&meta)) || head == self.header(index, buf));
+            && (self.was_verified(index, file_id(&meta))
+                || head[..NAMED + 16] == self.header(index, buf)[..NAMED + 16]);
         if !sound {
             // Torn by a crash or damaged: it would only be refused again.
             let _ = fs::remove_file(&path);
@@ -330,7 +375,7 @@ impl ObjectCache {
             return None;
         }
         let now = Instant::now();
-        let slot = &self.files[(index % self.files.len() as u64) as usize];
+        let slot = self.slot(index);
         let cached = {
             let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
             match slot.as_mut() {
@@ -372,6 +417,10 @@ impl ObjectCache {
                 Some(file)
             }
         }
+    }
+
+    fn slot(&self, index: u64) -> &std::sync::Mutex<Option<OpenChunk>> {
+        &self.files[(index % self.files.len() as u64) as usize]
     }
 
     /// Refreshes the time of chunk `index`'s file `f` (found as `meta`) when it is old
@@ -497,9 +546,12 @@ impl ObjectCache {
         }
     }
 
-    /// Chunks `first..first + count`: from disk where another process stored them,
-    /// fetched with `wire` (which fetches adjacent chunks in one request) and stored
-    /// where this process claims them, and waited for where another is fetching them.
+    /// Chunks `first..first + count`: fetched with `wire` (which fetches adjacent
+    /// chunks in one request) and stored where this process claims them, waited for
+    /// where another is fetching them, and from disk where another process stored them.
+    /// Chunks on disk that this process may read in place from now on
+    /// ([`ObjectCache::read_checked`]) are left out: copying them into memory would cost
+    /// every process of a boot storm a copy of every chunk.
     pub(crate) fn fetch_through(
         &self,
         first: u64,
@@ -510,14 +562,14 @@ impl ObjectCache {
         let mut mine: Vec<Claim<'_>> = Vec::new();
         let mut busy = Vec::new();
         for index in first..first + count {
-            if let Some(d) = self.load(index) {
-                got.push((index, d));
+            if let Some(d) = self.from_disk(index) {
+                d.keep(index, &mut got);
                 continue;
             }
             match self.claim(index) {
                 // Another process may have finished it between the look and the claim.
-                Some(claim) => match self.load(index) {
-                    Some(d) => got.push((index, d)),
+                Some(claim) => match self.from_disk(index) {
+                    Some(d) => d.keep(index, &mut got),
                     None => mine.push(claim),
                 },
                 None => busy.push(index),
@@ -538,31 +590,37 @@ impl ObjectCache {
         }
         drop(mine);
         for index in busy {
-            got.push((index, self.await_chunk(index, wire)?));
+            if let Some(d) = self.await_chunk(index, wire)? {
+                got.push((index, d));
+            }
         }
         got.sort_unstable_by_key(|(index, _)| *index);
         Ok(got)
     }
 
-    /// Chunk `index`, which another process is fetching: read once it is stored, or
-    /// fetched here if that process let go of it without storing it (it failed or died)
-    /// or takes longer than the wait limit.
+    /// Chunk `index`, which another process is fetching: on disk once it is stored
+    /// (`None` when adopted there, see [`ObjectCache::fetch_through`]), or fetched here
+    /// if that process let go of it without storing it (it failed or died) or takes
+    /// longer than the wait limit.
     fn await_chunk(
         &self,
         index: u64,
         wire: &dyn Fn(u64, u64) -> io::Result<Chunks>,
-    ) -> io::Result<Arc<[u8]>> {
+    ) -> io::Result<Option<Arc<[u8]>>> {
         let started = Instant::now();
         let mut pause = Duration::from_micros(50);
         let claim = loop {
             // While the fetcher holds its claim, a look at the lock is all a poll costs.
-            if !matches!(byte_locked_elsewhere(self.claims.as_raw_fd(), index), Ok(true)) {
-                if let Some(d) = self.load(index) {
-                    return Ok(d);
+            if !matches!(
+                byte_locked_elsewhere(self.claims.as_raw_fd(), index),
+                Ok(true)
+            ) {
+                if let Some(d) = self.from_disk(index) {
+                    return Ok(d.data());
                 }
                 if let Some(claim) = self.claim(index) {
-                    if let Some(d) = self.load(index) {
-                        return Ok(d);
+                    if let Some(d) = self.from_disk(index) {
+                        return Ok(d.data());
                     }
                     break Some(claim);
                 }
@@ -582,8 +640,50 @@ impl ObjectCache {
         if claim.is_some() {
             self.store(index, &data);
         }
-        Ok(data)
+        Ok(Some(data))
     }
+}
+
+/// A chunk found on disk.
+enum OnDisk {
+    /// Checked, and read in place from now on.
+    Adopted,
+    /// Loaded into memory (it was written before the last boot, and checked whole).
+    Loaded(Arc<[u8]>),
+}
+
+impl OnDisk {
+    fn data(self) -> Option<Arc<[u8]>> {
+        match self {
+            OnDisk::Adopted => None,
+            OnDisk::Loaded(d) => Some(d),
+        }
+    }
+
+    fn keep(self, index: u64, got: &mut Chunks) {
+        if let Some(d) = self.data() {
+            got.push((index, d));
+        }
+    }
+}
+
+/// This boot's id (zeros when the kernel gives none: every chunk is then checked
+/// whole). A chunk file that carries it was written, whole, since the last crash.
+fn boot_id() -> &'static [u8; 16] {
+    static ID: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let mut id = [0u8; 16];
+        if let Ok(text) = fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+            let hex: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
+            if hex.len() == 32 {
+                for (i, pair) in hex.chunks(2).enumerate() {
+                    let digit = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
+                    id[i] = (digit(pair[0]) << 4) | digit(pair[1]);
+                }
+            }
+        }
+        id
+    })
 }
 
 /// Takes a shared lock on `byte` of `f`, without waiting (nobody holds these bytes
@@ -920,12 +1020,45 @@ mod tests {
             let tb = s.spawn(|| b.fetch_through(2, 4, &wire).unwrap());
             let (ga, gb) = (ta.join().unwrap(), tb.join().unwrap());
             assert_eq!(ga.len(), 8);
-            assert_eq!(gb.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 3, 4, 5]);
-            for (i, d) in ga.iter().chain(&gb) {
+            for (i, d) in &ga {
                 assert_eq!(&d[..], &chunk(*i, 64 << 10)[..]);
+            }
+            assert!(
+                gb.is_empty(),
+                "what the other stored is read in place, not copied"
+            );
+            for i in 2..6 {
+                let mut out = vec![0u8; 64 << 10];
+                assert!(b.read_checked(i, 0, &mut out), "chunk {i} adopted");
+                assert_eq!(out, chunk(i, 64 << 10));
             }
         });
         assert_eq!(*fetched.lock().unwrap(), vec![(0, 8)]);
+    }
+
+    #[test]
+    fn a_chunk_from_an_earlier_boot_is_checked_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = object(tmp.path(), "k", 4 << 20, 1 << 30);
+        a.store(1, &chunk(1, 64 << 10));
+        let path = a.chunk_path(1);
+        let earlier_boot = |data_flip: bool| {
+            let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(&[0xa5; 16], (HEADER - 16) as u64).unwrap();
+            if data_flip {
+                f.write_all_at(&[0xff], HEADER as u64 + 100).unwrap();
+            }
+        };
+        earlier_boot(false);
+        let b = object(tmp.path(), "k", 4 << 20, 1 << 30);
+        match b.from_disk(1) {
+            Some(OnDisk::Loaded(d)) => assert_eq!(&d[..], &chunk(1, 64 << 10)[..]),
+            _ => panic!("a sound chunk of an earlier boot is loaded and checked"),
+        }
+        earlier_boot(true);
+        let c = object(tmp.path(), "k", 4 << 20, 1 << 30);
+        assert!(c.from_disk(1).is_none(), "a damaged one is refused");
+        assert!(!path.exists(), "and removed");
     }
 
     #[test]
