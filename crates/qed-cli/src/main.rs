@@ -73,7 +73,7 @@ enum Command {
     /// Compute the file size a QED image needs.
     Measure(cmd::measure::Args),
     /// Serve an image over NBD.
-    Serve(cmd::serve::Args),
+    Serve(Box<cmd::serve::Args>),
     /// Mount an image as a file (FUSE).
     Mount(cmd::mount::Args),
     /// Start, watch and cancel jobs in a running qed serve, through its control socket.
@@ -148,7 +148,7 @@ fn main() -> ExitCode {
         Command::Compact(a) => cmd::reorganize::run(a, qed::Reorganization::Compact),
         Command::Defrag(a) => cmd::reorganize::run(a, qed::Reorganization::Defrag),
         Command::Measure(a) => cmd::measure::run(a),
-        Command::Serve(a) => cmd::serve::run(a),
+        Command::Serve(a) => cmd::serve::run(*a),
         Command::Mount(a) => cmd::mount::run(a),
         Command::Job(a) => cmd::job::run(a),
         Command::Bench(a) => cmd::bench::run(a),

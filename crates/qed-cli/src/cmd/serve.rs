@@ -1,4 +1,5 @@
-//! `qed serve`: export an image over NBD, in the manner of qemu-nbd.
+//! `qed serve`: export an image over NBD, in the manner of qemu-nbd, or to a virtual
+//! machine as a vhost-user-blk device, in the manner of qemu-storage-daemon.
 
 use crate::export::{signals, ExportArgs, Kind, Session};
 use crate::values;
@@ -12,9 +13,30 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// Serve an image over NBD.
+/// Serve an image over NBD, or as a vhost-user-blk device.
 #[derive(clap::Args)]
 pub struct Args {
+    /// Export to a virtual machine as a vhost-user-blk device on this Unix socket,
+    /// instead of over NBD (QEMU: -chardev socket,path=SOCKET -device
+    /// vhost-user-blk-pci, with guest memory shared: memory-backend-memfd,share=on).
+    /// The server waits for the next frontend when one leaves, so a QEMU with
+    /// reconnect-ms set comes back to it.
+    #[arg(long = "vhost-user-blk", value_name = "SOCKET",
+          conflicts_with_all = ["socket", "bind", "port", "name", "description", "shared", "tls", "tls_certificates", "tls_psk"])]
+    vhost_user_blk: Option<PathBuf>,
+    /// With --vhost-user-blk: virtqueues the guest may use (QEMU's num-queues; one per
+    /// vCPU is QEMU's default).
+    #[arg(long = "num-queues", default_value_t = 1, requires = "vhost_user_blk",
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    num_queues: u16,
+    /// With --vhost-user-blk: the logical block size the guest sees (512 or 4096).
+    #[arg(long = "logical-block-size", default_value = "512", requires = "vhost_user_blk",
+          value_parser = clap::builder::TypedValueParser::map(clap::builder::PossibleValuesParser::new(["512", "4096"]),
+              |s: String| s.parse::<u32>().unwrap_or(512)))]
+    logical_block_size: u32,
+    /// With --vhost-user-blk: the serial number the guest reads (up to 20 bytes).
+    #[arg(long = "serial", default_value = "", requires = "vhost_user_blk")]
+    serial: String,
     /// Listen on this Unix socket instead of TCP.
     #[arg(short = 'k', long = "socket", conflicts_with_all = ["bind", "port"])]
     socket: Option<PathBuf>,
@@ -75,6 +97,9 @@ pub struct Args {
 /// Runs `qed serve`: serves until SIGINT or SIGTERM (or, unless persistent, until the
 /// last client leaves), then cancels the jobs still running and leaves the image clean.
 pub fn run(a: Args) -> Result<u8> {
+    if let Some(socket) = a.vhost_user_blk.clone() {
+        return run_vhost(&a, &socket);
+    }
     // Both before any thread starts: activation changes the environment, and a fork
     // copies only the calling thread.
     let activated = super::daemon::activated_socket()?;
@@ -141,6 +166,94 @@ pub fn run(a: Args) -> Result<u8> {
     Ok(0)
 }
 
+/// Serves the image as a vhost-user-blk device on `socket` until SIGINT or SIGTERM,
+/// then leaves it clean, as the NBD export does.
+fn run_vhost(a: &Args, socket: &Path) -> Result<u8> {
+    if super::daemon::activated_socket()?.is_some() {
+        bail!("--vhost-user-blk takes no socket handed over (LISTEN_FDS): it binds its own");
+    }
+    let mut readiness = if a.fork {
+        Some(super::daemon::fork()?)
+    } else {
+        None
+    };
+    let mut session = Session::open(&a.export, Kind::Serve)?;
+    let stream = launch_stream(a, session.target())?;
+    session.start_control(a.export.control.as_deref())?;
+    replace_stale_socket(socket)?;
+    let granularity = match session.target() {
+        JobTarget::Image(image) => u32::try_from(image.geometry().cluster_size()).unwrap_or(0),
+        JobTarget::Refused(_) => 0,
+    };
+    let options = qed_vhost::BlkOptions {
+        num_queues: usize::from(a.num_queues),
+        read_only: a.export.read_only,
+        discard: a.export.discard,
+        logical_block_size: a.logical_block_size,
+        serial: a.serial.clone(),
+        discard_granularity: granularity.max(4096),
+        workers: a.workers.max(1),
+        log: |line| eprintln!("qed serve: {line}"),
+    };
+    let server = qed_vhost::Server::bind(socket, session.device().clone(), options)
+        .with_context(|| format!("could not listen on {}", socket.display()))?;
+    session.remove_at_close(socket);
+    let stopper = server.stopper();
+    let jobs = session.jobs().clone();
+    session.on_signal(signals()?, move || {
+        jobs.close();
+        stopper.stop();
+    })?;
+    session.write_pid_file(std::process::id())?;
+    eprintln!(
+        "qed serve: {} exported as a vhost-user-blk device ({} queue{}) on unix socket {}{}{}",
+        a.export.file.display(),
+        a.num_queues,
+        if a.num_queues == 1 { "" } else { "s" },
+        socket.display(),
+        if a.export.read_only {
+            " (read-only)"
+        } else {
+            ""
+        },
+        match session.control_path() {
+            Some(c) => format!(", control socket {}", c.display()),
+            None => String::new(),
+        }
+    );
+    let started = match stream {
+        Some(req) => qed_control::start_stream(session.jobs(), session.target(), req).map(|_| ()),
+        None => Ok(()),
+    };
+    session.watch_freed(a.export.compact_free)?;
+    let result = match started {
+        Err(e) => Err(anyhow::anyhow!("--stream: {e}")),
+        Ok(()) => {
+            if let Some(r) = readiness.as_mut() {
+                r.ready();
+            }
+            server.run().context("serving")
+        }
+    };
+    let flushed = session.close();
+    result?;
+    flushed?;
+    Ok(0)
+}
+
+/// Removes a socket an earlier server left at `path` (it would make the bind fail);
+/// refuses anything else there.
+fn replace_stale_socket(path: &Path) -> Result<()> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path).ok();
+        } else {
+            bail!("{} exists and is not a socket", path.display());
+        }
+    }
+    Ok(())
+}
+
 /// The line that says the export is served: what, where, and how.
 fn announce(a: &Args, place: &str, tls: Option<TlsMode>, control: Option<&Path>) {
     let tls_note = match tls {
@@ -191,14 +304,7 @@ fn launch_stream(a: &Args, target: &JobTarget) -> Result<Option<StreamRequest>> 
 /// listens, for people.
 fn listen(a: &Args) -> Result<(Listener, String)> {
     if let Some(path) = &a.socket {
-        // A socket left by an earlier server that died would make the bind fail.
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if meta.file_type().is_socket() {
-                std::fs::remove_file(path).ok();
-            } else {
-                bail!("{} exists and is not a socket", path.display());
-            }
-        }
+        replace_stale_socket(path)?;
         let l = UnixListener::bind(path)
             .with_context(|| format!("could not listen on {}", path.display()))?;
         return Ok((Listener::Unix(l), format!("unix socket {}", path.display())));

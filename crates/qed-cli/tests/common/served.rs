@@ -74,6 +74,28 @@ impl Served {
         }
     }
 
+    /// `qed serve --vhost-user-blk SOCKET ARGS IMAGE` in `dir`; returns once it listens.
+    pub fn vhost(dir: &Path, args: &[&str], image: &str) -> Served {
+        let socket = dir.join(format!("vhost-{}.sock", unique()));
+        let (child, log, banner) = spawn_server(
+            Command::new(QED)
+                .arg("serve")
+                .arg("--vhost-user-blk")
+                .arg(&socket)
+                .args(args)
+                .arg(image)
+                .current_dir(dir),
+        );
+        assert!(banner.contains("vhost-user-blk"), "banner: {banner}");
+        Served {
+            child,
+            place: Place::Unix(socket),
+            control: None,
+            stop_limit: Duration::from_secs(30),
+            log,
+        }
+    }
+
     /// [`Served::start`] on a Unix socket.
     pub fn unix(dir: &Path, args: &[&str], image: &str) -> Served {
         Self::start(dir, true, args, image)

@@ -289,7 +289,7 @@ impl ObjectCache {
     /// since it was renamed into place once written, and no crash can have torn it
     /// since), read later from its file; else loaded and checked as [`ObjectCache::load`]
     /// does.
-    fn from_disk(&self, index: u64) -> Option<OnDisk> {
+    fn look_on_disk(&self, index: u64) -> Option<OnDisk> {
         let path = self.chunk_path(index);
         let f = File::open(&path).ok()?;
         let len = self.chunk_len(index) as usize;
@@ -324,8 +324,12 @@ impl ObjectCache {
         let len = self.chunk_len(index) as usize;
         let meta = f.metadata().ok()?;
         let mut head = [0u8; HEADER];
-        // SAFETY: zeroed bytes are valid u8s.
-        let mut data: Arc<[u8]> = unsafe { Arc::<[u8]>::new_zeroed_slice(len).assume_init() };
+        let mut data = Arc::<[u8]>::new_uninit_slice(len);
+        for b in Arc::get_mut(&mut data)?.iter_mut() {
+            b.write(0);
+        }
+        // SAFETY: every byte was written just above.
+        let mut data: Arc<[u8]> = unsafe { data.assume_init() };
         let buf = Arc::get_mut(&mut data)?;
         let sound = meta.len() == (HEADER + len) as u64
             && f.read_exact_at(&mut head, 0).is_ok()
@@ -562,13 +566,13 @@ impl ObjectCache {
         let mut mine: Vec<Claim<'_>> = Vec::new();
         let mut busy = Vec::new();
         for index in first..first + count {
-            if let Some(d) = self.from_disk(index) {
+            if let Some(d) = self.look_on_disk(index) {
                 d.keep(index, &mut got);
                 continue;
             }
             match self.claim(index) {
                 // Another process may have finished it between the look and the claim.
-                Some(claim) => match self.from_disk(index) {
+                Some(claim) => match self.look_on_disk(index) {
                     Some(d) => d.keep(index, &mut got),
                     None => mine.push(claim),
                 },
@@ -615,11 +619,11 @@ impl ObjectCache {
                 byte_locked_elsewhere(self.claims.as_raw_fd(), index),
                 Ok(true)
             ) {
-                if let Some(d) = self.from_disk(index) {
+                if let Some(d) = self.look_on_disk(index) {
                     return Ok(d.data());
                 }
                 if let Some(claim) = self.claim(index) {
-                    if let Some(d) = self.from_disk(index) {
+                    if let Some(d) = self.look_on_disk(index) {
                         return Ok(d.data());
                     }
                     break Some(claim);
@@ -1051,13 +1055,13 @@ mod tests {
         };
         earlier_boot(false);
         let b = object(tmp.path(), "k", 4 << 20, 1 << 30);
-        match b.from_disk(1) {
+        match b.look_on_disk(1) {
             Some(OnDisk::Loaded(d)) => assert_eq!(&d[..], &chunk(1, 64 << 10)[..]),
             _ => panic!("a sound chunk of an earlier boot is loaded and checked"),
         }
         earlier_boot(true);
         let c = object(tmp.path(), "k", 4 << 20, 1 << 30);
-        assert!(c.from_disk(1).is_none(), "a damaged one is refused");
+        assert!(c.look_on_disk(1).is_none(), "a damaged one is refused");
         assert!(!path.exists(), "and removed");
     }
 

@@ -1,0 +1,328 @@
+//! The vhost-user backend: the device's features and configuration for the protocol,
+//! and its queues' requests handed to the workers and completed in the used rings.
+
+use crate::config::{DeviceConfig, QUEUE_SIZE};
+use crate::execute::{execute, Target};
+use crate::request::parse;
+use qed::{BlockDevice, WorkerPool};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::QueueT;
+use vm_memory::{
+    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+/// Guest memory as the protocol hands it over (and swaps it on a new table).
+pub(crate) type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Bytes of the configuration space a frontend may ask for at most.
+const MAX_CONFIG: u32 = 256;
+/// Offset of `wce` (the write cache's state) in the configuration space.
+const WCE_OFFSET: u32 = 32;
+
+/// The device, shared by the protocol's threads (one per queue) and the workers.
+pub(crate) struct Backend {
+    shared: Arc<Shared>,
+    pool: WorkerPool,
+}
+
+struct Shared {
+    device: Arc<dyn BlockDevice>,
+    config: DeviceConfig,
+    /// The guest's write cache: on, the guest flushes; off, every write is made durable.
+    writeback: AtomicBool,
+    event_idx: AtomicBool,
+    memory: Mutex<Option<Memory>>,
+    /// Requests handed to the workers and not completed yet, per queue.
+    flights: Vec<Flights>,
+}
+
+#[derive(Default)]
+struct Flights {
+    count: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl Flights {
+    fn enter(&self) {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
+    fn leave(&self) {
+        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    fn wait_idle(&self) {
+        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Backend {
+    pub(crate) fn new(device: Arc<dyn BlockDevice>, config: DeviceConfig) -> io::Result<Self> {
+        let workers = config.options.workers.max(1);
+        let queues = config.options.num_queues.max(1);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                device,
+                writeback: AtomicBool::new(true),
+                event_idx: AtomicBool::new(false),
+                memory: Mutex::new(None),
+                flights: (0..queues).map(|_| Flights::default()).collect(),
+                config,
+            }),
+            pool: WorkerPool::start("vhost-worker", workers, None)?,
+        })
+    }
+
+    /// Waits until every request handed to the workers is completed: before a
+    /// connection's rings are let go.
+    pub(crate) fn drain(&self) {
+        for f in &self.shared.flights {
+            f.wait_idle();
+        }
+    }
+
+    /// Forgets the memory of a connection that ended.
+    pub(crate) fn forget_memory(&self) {
+        *self.shared.memory.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Takes every request the guest made available on `vring` (queue `queue`) and
+    /// hands each to a worker, which completes it.
+    fn take_requests(&self, vring: &VringRwLock, queue: usize) {
+        let memory = self
+            .shared
+            .memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(memory) = memory else {
+            return;
+        };
+        let guard = memory.memory();
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(guard.clone());
+            let Some(chain) = chain else {
+                break;
+            };
+            let head = chain.head_index();
+            // The chain ends itself after a queue's worth of descriptors (a loop in
+            // it, or a lie about its length), and where a descriptor cannot be read.
+            let descs: Vec<Descriptor> = chain.take(QUEUE_SIZE).collect();
+            let mem = guard.clone().into_inner();
+            let shared = self.shared.clone();
+            let vring = vring.clone();
+            let Some(flights) = shared.flights.get(queue) else {
+                return;
+            };
+            flights.enter();
+            self.pool.execute(move || {
+                let len = match parse(&mem, &descs) {
+                    Ok(req) => {
+                        let target = Target {
+                            device: shared.device.as_ref(),
+                            config: &shared.config,
+                            writeback: shared.writeback.load(Ordering::Acquire),
+                            log: shared.config.options.log,
+                        };
+                        let outcome = execute(&target, &mem, &req);
+                        match mem.write_obj(outcome.status, req.status) {
+                            Ok(()) => outcome.written + 1,
+                            Err(_) => 0,
+                        }
+                    }
+                    // Not a request: completed empty, so that the ring goes on.
+                    Err(_) => 0,
+                };
+                complete(&vring, head, len);
+                shared.flights[queue].leave();
+            });
+        }
+    }
+}
+
+/// Refuses a memory table with a region reaching past the end of the file it maps:
+/// touching that part would kill this process (SIGBUS), whatever the checks of guest
+/// addresses said.
+fn regions_backed(mem: &GuestMemoryMmap) -> io::Result<()> {
+    for region in mem.iter() {
+        let Some(file) = region.file_offset() else {
+            continue;
+        };
+        let meta = file.file().metadata()?;
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let end = file.start().checked_add(region.len());
+        if end.is_none_or(|end| end > meta.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a memory region of {} bytes at offset {} of a file of {} bytes",
+                    region.len(),
+                    file.start(),
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Puts a request in the used ring and tells the guest when it wants to be told.
+fn complete(vring: &VringRwLock, head: u16, len: u32) {
+    if vring.add_used(head, len).is_err() {
+        return;
+    }
+    if vring.needs_notification().unwrap_or(true) {
+        let _ = vring.signal_used_queue();
+    }
+}
+
+impl VhostUserBackend for Backend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.shared.flights.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        self.shared.config.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        // Without a cache the guest can switch, a guest that cannot flush has none.
+        if features & (1 << VIRTIO_BLK_F_CONFIG_WCE) == 0 {
+            self.shared
+                .writeback
+                .store(features & (1 << VIRTIO_BLK_F_FLUSH) != 0, Ordering::Release);
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.shared.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        let mut memory = self.shared.memory.lock().unwrap_or_else(|p| p.into_inner());
+        match regions_backed(&mem.memory()) {
+            Ok(()) => {
+                *memory = Some(mem);
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing is read from it: the refusal ends the connection.
+                *memory = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = self
+            .shared
+            .config
+            .space(self.shared.writeback.load(Ordering::Acquire));
+        let size = size.min(MAX_CONFIG) as usize;
+        let start = (offset as usize).min(space.len());
+        let end = start.saturating_add(size).min(space.len());
+        let mut out = space[start..end].to_vec();
+        out.resize(size, 0);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // The write cache's state is the one field a guest may write.
+        match (offset, buf) {
+            (WCE_OFFSET, [wce]) => {
+                if *wce == 0 {
+                    // Writes completed with the cache on are made durable before the
+                    // guest counts on the cache being off.
+                    self.shared.device.flush().map_err(io::Error::other)?;
+                }
+                self.shared.writeback.store(*wce != 0, Ordering::Release);
+                Ok(())
+            }
+            _ => Err(io::Error::from(io::ErrorKind::InvalidInput)),
+        }
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // A thread per queue, so that a guest's vCPUs kick their queues in parallel.
+        (0..self.shared.flights.len()).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The frontend reads where the ring stands once this returns: every request
+        // taken from it must be completed by then.
+        if let Some(f) = self.shared.flights.get(queue_index as usize) {
+            f.wait_idle();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Ok(());
+        };
+        // One queue per thread: the thread's index is its queue's.
+        let queue = thread_id;
+        if self.shared.event_idx.load(Ordering::Acquire) {
+            loop {
+                let _ = vring.disable_notification();
+                self.take_requests(vring, queue);
+                // Requests made while notifications were off are taken in another round.
+                if !vring.enable_notification().unwrap_or(false) {
+                    break;
+                }
+            }
+        } else {
+            self.take_requests(vring, queue);
+        }
+        Ok(())
+    }
+}
