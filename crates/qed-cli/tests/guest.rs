@@ -1046,6 +1046,64 @@ fn vhost_user_blk_disk_written_trimmed_and_verified() {
     finished("vhost-user-blk disk", t);
 }
 
+/// The vhost-user-blk backend killed (SIGKILL) while a guest writes, and started again
+/// on the same socket: QEMU reconnects, the guest's writes go on, and a second boot finds
+/// every file it wrote and synced.
+#[test]
+fn vhost_user_blk_guest_survives_a_killed_backend() {
+    let t = Instant::now();
+    let dir = new_dir();
+    let d = dir.path();
+    create(d, &["disk.qed", DISK_SIZE]);
+    let args = ["--discard=unmap"];
+    let mut server = Served::vhost(d, &args, "disk.qed");
+    let socket = server.socket().to_path_buf();
+    kit();
+    let turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
+    let job = Job::Write {
+        block: 4096,
+        scratch: SCRATCH,
+    };
+    let mut guest = launch(d, "write", &vhost_drive(&server, 1), job, MEMORY);
+    // Killed in the middle of the guest's 64 MiB file.
+    let image = d.join("disk.qed");
+    let grown = |len: u64| fs::metadata(&image).map(|m| m.len()).unwrap_or(0) >= len;
+    while !grown(40 * M) {
+        assert!(
+            guest.qemu.0.try_wait().unwrap().is_none(),
+            "the guest stopped before the backend was killed"
+        );
+        assert!(
+            t.elapsed() < BOOT_DEADLINE,
+            "the guest wrote too little in time"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        guest.qemu.0.try_wait().unwrap().is_none(),
+        "QEMU died with its backend"
+    );
+    let server = Served::vhost_at(d, &socket, &args, "disk.qed");
+    let wrote = guest
+        .wait(BOOT_DEADLINE)
+        .unwrap_or_else(|failed| panic!("{}", failed.report));
+    drop(turn);
+    stop(server);
+    let server = Served::vhost(d, &["-r"], "disk.qed");
+    let checked = boot(
+        d,
+        "verify",
+        &vhost_drive(&server, 1),
+        Job::Verify { sums: wrote.sums() },
+    );
+    stop(server);
+    assert_eq!(checked.files(), wrote.files());
+    assert_sound(d, "disk.qed");
+    finished("vhost-user-blk backend killed and restarted", t);
+}
+
 /// QEMU's qed driver writes the image, `qed serve` gives it to the checking guest.
 fn qemu_writes_and_qed_serve_verifies(scenario: &str, create_args: &[&str], cache: &str) {
     let t = Instant::now();

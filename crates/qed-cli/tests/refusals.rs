@@ -365,3 +365,64 @@ fn usage_errors_end_with_status_one() {
     let help = d.expect(QED, &["check", "--help"], 0);
     assert!(String::from_utf8_lossy(&help.stdout).contains("Usage: qed check"));
 }
+
+/// The vhost-user-blk export refuses what it cannot serve before it listens, and a
+/// file in the way of its socket is left alone.
+#[test]
+fn vhost_user_blk_options_are_checked_first() {
+    let d = Dir::new();
+    d.qed_image("disk.qed", "4M", &[], &[(0, 64 * K, 0x46)]);
+    d.raw_image("in-the-way", "4K", &[(0, 4 * K, 0x47)]);
+    let all = ["disk.qed", "in-the-way"];
+    refused(
+        &d,
+        &["serve", "--num-queues", "2", "disk.qed"],
+        "--vhost-user-blk",
+        &all,
+    );
+    refused(
+        &d,
+        &[
+            "serve",
+            "--vhost-user-blk",
+            "v.sock",
+            "-k",
+            "n.sock",
+            "disk.qed",
+        ],
+        "cannot be used with",
+        &all,
+    );
+    refused(
+        &d,
+        &[
+            "serve",
+            "--vhost-user-blk",
+            "v.sock",
+            "--num-queues",
+            "0",
+            "disk.qed",
+        ],
+        "0",
+        &all,
+    );
+    refused(
+        &d,
+        &[
+            "serve",
+            "--vhost-user-blk",
+            "v.sock",
+            "--logical-block-size",
+            "1024",
+            "disk.qed",
+        ],
+        "1024",
+        &all,
+    );
+    refused(
+        &d,
+        &["serve", "--vhost-user-blk", "in-the-way", "disk.qed"],
+        "in-the-way exists and is not a socket",
+        &all,
+    );
+}

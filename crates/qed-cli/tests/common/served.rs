@@ -76,7 +76,18 @@ impl Served {
 
     /// `qed serve --vhost-user-blk SOCKET ARGS IMAGE` in `dir`; returns once it listens.
     pub fn vhost(dir: &Path, args: &[&str], image: &str) -> Served {
-        let socket = dir.join(format!("vhost-{}.sock", unique()));
+        Self::vhost_at(
+            dir,
+            &dir.join(format!("vhost-{}.sock", unique())),
+            args,
+            image,
+        )
+    }
+
+    /// [`Served::vhost`] on the socket `socket`: where a frontend that lost its server
+    /// reconnects.
+    pub fn vhost_at(dir: &Path, socket: &Path, args: &[&str], image: &str) -> Served {
+        let socket = socket.to_path_buf();
         let (child, log, banner) = spawn_server(
             Command::new(QED)
                 .arg("serve")
@@ -86,14 +97,18 @@ impl Served {
                 .arg(image)
                 .current_dir(dir),
         );
-        assert!(banner.contains("vhost-user-blk"), "banner: {banner}");
-        Served {
+        let served = Served {
             child,
             place: Place::Unix(socket),
             control: None,
             stop_limit: Duration::from_secs(30),
             log,
+        };
+        // An image a killed server left is checked first, and says so first.
+        if !banner.contains("vhost-user-blk") {
+            served.wait_log("vhost-user-blk", 1);
         }
+        served
     }
 
     /// [`Served::start`] on a Unix socket.
