@@ -1031,7 +1031,12 @@ fn vhost_user_blk_disk_written_trimmed_and_verified() {
             scratch: SCRATCH,
         },
     );
-    stop(server);
+    let log = stop(server);
+    let per_queue = queue_counts(&log);
+    assert!(
+        per_queue.len() == 2 && per_queue.iter().all(|&n| n > 0),
+        "both queues carried requests: {per_queue:?}\n{log}"
+    );
     assert_freed(d, "disk.qed", &wrote, SCRATCH);
     let server = Served::vhost(d, &["-r"], "disk.qed");
     let checked = boot(
@@ -1044,6 +1049,98 @@ fn vhost_user_blk_disk_written_trimmed_and_verified() {
     assert_eq!(checked.files(), wrote.files());
     assert_sound(d, "disk.qed");
     finished("vhost-user-blk disk", t);
+}
+
+/// The requests each queue completed, from the line a vhost-user-blk server ends with.
+fn queue_counts(log: &str) -> Vec<u64> {
+    let line = log
+        .lines()
+        .find_map(|l| l.split_once("requests completed per queue: "))
+        .unwrap_or_else(|| panic!("no count of requests per queue in:\n{log}"))
+        .1;
+    line.split(", ")
+        .map(|n| n.trim().parse().expect("a count"))
+        .collect()
+}
+
+/// A guest changes a filesystem through our vhost-user-blk export of an overlay while a
+/// stream (the overlay takes in its base) and then a compaction run through the control
+/// socket; a boot on the overlay alone, its base moved away, finds every change.
+#[test]
+fn vhost_user_blk_guest_writes_while_jobs_run() {
+    let t = Instant::now();
+    let dir = new_dir();
+    let d = dir.path();
+    create(d, &["base.qed", DISK_SIZE]);
+    let server = Served::vhost(d, &["--discard=unmap"], "base.qed");
+    let base = boot(
+        d,
+        "base-write",
+        &vhost_drive(&server, 1),
+        Job::Write {
+            block: 4096,
+            scratch: SCRATCH,
+        },
+    );
+    stop(server);
+    create(d, &["-b", "base.qed", "-F", "qed", "overlay.qed"]);
+    let control = d.join("ctl.sock");
+    let control = control.to_str().expect("a UTF-8 path");
+    let server = Served::vhost(
+        d,
+        &["--discard=unmap", "--control", control, "--num-queues", "2"],
+        "overlay.qed",
+    );
+    kit();
+    let turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut guest = launch(
+        d,
+        "overlay-modify",
+        &vhost_drive(&server, 2),
+        Job::Modify { sums: base.sums() },
+        MEMORY,
+    );
+    // The guest is under way once it has written into the overlay.
+    let overlay = d.join("overlay.qed");
+    while fs::metadata(&overlay).map(|m| m.len()).unwrap_or(0) < 4 * M {
+        assert!(
+            guest.qemu.0.try_wait().unwrap().is_none(),
+            "the guest stopped early"
+        );
+        assert!(
+            t.elapsed() < BOOT_DEADLINE,
+            "the guest wrote nothing in time"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stream = ok(d, QED, &["job", control, "stream", "--wait"]);
+    let compact = ok(d, QED, &["job", control, "compact", "--wait"]);
+    let changed = guest
+        .wait(BOOT_DEADLINE)
+        .unwrap_or_else(|failed| panic!("{}", failed.report));
+    drop(turn);
+    let log = stop(server);
+    for (id, kind) in [(&stream, "stream"), (&compact, "compact")] {
+        assert!(
+            log.contains(&format!("job '{}' ({kind}) completed", id.trim())),
+            "{log}"
+        );
+    }
+    assert_ne!(changed.sums(), base.sums(), "the guest changed nothing");
+    fs::rename(d.join("base.qed"), d.join("base.moved")).unwrap();
+    let server = Served::vhost(d, &["-r"], "overlay.qed");
+    let checked = boot(
+        d,
+        "overlay-verify",
+        &vhost_drive(&server, 1),
+        Job::Verify {
+            sums: changed.sums(),
+        },
+    );
+    stop(server);
+    assert_eq!(checked.files(), changed.files());
+    assert_sound(d, "overlay.qed");
+    finished("vhost-user-blk guest writes while jobs run", t);
 }
 
 /// The vhost-user-blk backend killed (SIGKILL) while a guest writes, and started again

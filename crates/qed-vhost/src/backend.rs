@@ -51,6 +51,8 @@ struct Shared {
 struct Flights {
     count: Mutex<usize>,
     idle: Condvar,
+    /// Requests completed on the queue since the server started.
+    completed: std::sync::atomic::AtomicU64,
 }
 
 impl Flights {
@@ -59,6 +61,7 @@ impl Flights {
     }
 
     fn leave(&self) {
+        self.completed.fetch_add(1, Ordering::Relaxed);
         let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
         *n = n.saturating_sub(1);
         if *n == 0 {
@@ -97,6 +100,15 @@ impl Backend {
         for f in &self.shared.flights {
             f.wait_idle();
         }
+    }
+
+    /// Requests completed on each queue so far.
+    pub(crate) fn completed(&self) -> Vec<u64> {
+        self.shared
+            .flights
+            .iter()
+            .map(|f| f.completed.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Forgets the memory of a connection that ended.

@@ -112,9 +112,10 @@ impl Server {
         }
     }
 
-    /// Serves frontends one after the other until stopped. A frontend's protocol error
-    /// ends its connection, not the server: it (or QEMU reconnecting) may connect again.
-    pub fn run(mut self) -> io::Result<()> {
+    /// Serves frontends one after the other until stopped; returns how many requests
+    /// each queue completed. A frontend's protocol error ends its connection, not the
+    /// server: it (or QEMU reconnecting) may connect again.
+    pub fn run(mut self) -> io::Result<Vec<u64>> {
         while !self.stop.stopped.load(Ordering::Acquire) {
             let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
             let mut daemon =
@@ -151,7 +152,7 @@ impl Server {
             }
         }
         self.backend.drain();
-        Ok(())
+        Ok(self.backend.completed())
     }
 }
 

@@ -126,7 +126,7 @@ struct Rig {
     sock: std::path::PathBuf,
     image: std::path::PathBuf,
     stopper: qed_vhost::Stopper,
-    server: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    server: Option<std::thread::JoinHandle<std::io::Result<Vec<u64>>>>,
 }
 
 impl Rig {

@@ -232,7 +232,13 @@ fn run_vhost(a: &Args, socket: &Path) -> Result<u8> {
             if let Some(r) = readiness.as_mut() {
                 r.ready();
             }
-            server.run().context("serving")
+            server.run().context("serving").map(|per_queue| {
+                let counts: Vec<String> = per_queue.iter().map(u64::to_string).collect();
+                eprintln!(
+                    "qed serve: requests completed per queue: {}",
+                    counts.join(", ")
+                );
+            })
         }
     };
     let flushed = session.close();
