@@ -4,6 +4,7 @@
 use crate::config::{DeviceConfig, QUEUE_SIZE};
 use crate::execute::{execute, Target};
 use crate::request::parse;
+use crate::ring::{Job, RingThread};
 use qed::{BlockDevice, WorkerPool};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,21 +31,27 @@ const MAX_CONFIG: u32 = 256;
 /// Offset of `wce` (the write cache's state) in the configuration space.
 const WCE_OFFSET: u32 = 32;
 
-/// The device, shared by the protocol's threads (one per queue) and the workers.
+/// The device, shared by the protocol's threads (one per queue), the queues' ring
+/// threads and the workers.
 pub(crate) struct Backend {
     shared: Arc<Shared>,
-    pool: WorkerPool,
+    /// Each queue's ring thread (none where io_uring is missing); dropping one waits
+    /// for the requests it has in the kernel.
+    rings: Vec<Option<RingThread>>,
 }
 
-struct Shared {
-    device: Arc<dyn BlockDevice>,
-    config: DeviceConfig,
+pub(crate) struct Shared {
+    pub(crate) device: Arc<dyn BlockDevice>,
+    pub(crate) config: DeviceConfig,
+    pool: WorkerPool,
     /// The guest's write cache: on, the guest flushes; off, every write is made durable.
     writeback: AtomicBool,
     event_idx: AtomicBool,
     memory: Mutex<Option<Memory>>,
     /// Requests handed to the workers and not completed yet, per queue.
     flights: Vec<Flights>,
+    /// Counts the frontends served: requests of one share its rings.
+    pub(crate) connection: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -81,17 +88,20 @@ impl Backend {
     pub(crate) fn new(device: Arc<dyn BlockDevice>, config: DeviceConfig) -> io::Result<Self> {
         let workers = config.options.workers.max(1);
         let queues = config.options.num_queues.max(1);
-        Ok(Self {
-            shared: Arc::new(Shared {
-                device,
-                writeback: AtomicBool::new(true),
-                event_idx: AtomicBool::new(false),
-                memory: Mutex::new(None),
-                flights: (0..queues).map(|_| Flights::default()).collect(),
-                config,
-            }),
+        let shared = Arc::new(Shared {
+            device,
+            writeback: AtomicBool::new(true),
+            event_idx: AtomicBool::new(false),
+            memory: Mutex::new(None),
+            flights: (0..queues).map(|_| Flights::default()).collect(),
+            connection: std::sync::atomic::AtomicU64::new(0),
             pool: WorkerPool::start("vhost-worker", workers, None)?,
-        })
+            config,
+        });
+        let rings = (0..queues)
+            .map(|q| RingThread::start(shared.clone(), q))
+            .collect();
+        Ok(Self { shared, rings })
     }
 
     /// Waits until every request handed to the workers is completed: before a
@@ -113,6 +123,7 @@ impl Backend {
 
     /// Forgets the memory of a connection that ended.
     pub(crate) fn forget_memory(&self) {
+        self.shared.connection.fetch_add(1, Ordering::AcqRel);
         *self.shared.memory.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
@@ -142,34 +153,66 @@ impl Backend {
             // it, or a lie about its length), and where a descriptor cannot be read.
             let descs: Vec<Descriptor> = chain.take(QUEUE_SIZE).collect();
             let mem = guard.clone().into_inner();
-            let shared = self.shared.clone();
-            let vring = vring.clone();
-            let Some(flights) = shared.flights.get(queue) else {
+            let Ok(req) = parse(&mem, &descs) else {
+                // Not a request: completed empty, so that the ring goes on.
+                complete(vring, head, 0);
+                continue;
+            };
+            let Some(flights) = self.shared.flights.get(queue) else {
                 return;
             };
             flights.enter();
-            self.pool.execute(move || {
-                let len = match parse(&mem, &descs) {
-                    Ok(req) => {
-                        let target = Target {
-                            device: shared.device.as_ref(),
-                            config: &shared.config,
-                            writeback: shared.writeback.load(Ordering::Acquire),
-                            log: shared.config.options.log,
-                        };
-                        let outcome = execute(&target, &mem, &req);
-                        match mem.write_obj(outcome.status, req.status) {
-                            Ok(()) => outcome.written + 1,
-                            Err(_) => 0,
-                        }
-                    }
-                    // Not a request: completed empty, so that the ring goes on.
-                    Err(_) => 0,
-                };
-                complete(&vring, head, len);
-                shared.flights[queue].leave();
-            });
+            let job = Job {
+                head,
+                req,
+                mem,
+                vring: vring.clone(),
+                queue,
+                connection: self.shared.connection.load(Ordering::Acquire),
+            };
+            let job = match self.rings.get(queue).and_then(Option::as_ref) {
+                Some(ring) => match ring.send(job) {
+                    Ok(()) => continue,
+                    Err(job) => job,
+                },
+                None => job,
+            };
+            self.shared.run_on_workers(job);
         }
+    }
+}
+
+impl Shared {
+    /// Whether the guest runs with its write cache on.
+    pub(crate) fn writeback(&self) -> bool {
+        self.writeback.load(Ordering::Acquire)
+    }
+
+    /// Counts a request of `queue` done.
+    pub(crate) fn left(&self, queue: usize) {
+        if let Some(f) = self.flights.get(queue) {
+            f.leave();
+        }
+    }
+
+    /// Runs `job` on a worker, through the device's own path, and completes it there.
+    pub(crate) fn run_on_workers(self: &Arc<Self>, job: Job) {
+        let shared = self.clone();
+        self.pool.execute(move || {
+            let target = Target {
+                device: shared.device.as_ref(),
+                config: &shared.config,
+                writeback: shared.writeback(),
+                log: shared.config.options.log,
+            };
+            let outcome = execute(&target, &job.mem, &job.req);
+            let len = match job.mem.write_obj(outcome.status, job.req.status) {
+                Ok(()) => outcome.written + 1,
+                Err(_) => 0,
+            };
+            complete(&job.vring, job.head, len);
+            shared.left(job.queue);
+        });
     }
 }
 
@@ -202,10 +245,15 @@ fn regions_backed(mem: &GuestMemoryMmap) -> io::Result<()> {
 }
 
 /// Puts a request in the used ring and tells the guest when it wants to be told.
-fn complete(vring: &VringRwLock, head: u16, len: u32) {
-    if vring.add_used(head, len).is_err() {
-        return;
+pub(crate) fn complete(vring: &VringRwLock, head: u16, len: u32) {
+    if vring.add_used(head, len).is_ok() {
+        notify(vring);
     }
+}
+
+/// Tells the guest of what was put in the used ring, when it wants to be told: once for
+/// a batch of completions, each interrupt costing the guest more than a request.
+pub(crate) fn notify(vring: &VringRwLock) {
     if vring.needs_notification().unwrap_or(true) {
         let _ = vring.signal_used_queue();
     }

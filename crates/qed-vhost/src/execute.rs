@@ -52,20 +52,15 @@ pub(crate) fn execute(t: &Target<'_>, mem: &GuestMemoryMmap, req: &Request) -> O
     };
     match req.kind {
         Kind::Read => {
-            let Some((offset, len)) = transfer(t, mem, req, true) else {
+            let Some((offset, len)) = transfer(t.config, mem, req, true) else {
                 return Outcome::status(VIRTIO_BLK_S_IOERR);
             };
             let mut buf = vec![0u8; len];
             if let Err(e) = t.device.read_at(&mut buf, offset) {
                 return ioerr("a read", &e);
             }
-            let mut at = 0;
-            for s in &req.data {
-                let n = s.len as usize;
-                if mem.write_slice(&buf[at..at + n], s.addr).is_err() {
-                    return Outcome::status(VIRTIO_BLK_S_IOERR);
-                }
-                at += n;
+            if !scatter(mem, req, &buf) {
+                return Outcome::status(VIRTIO_BLK_S_IOERR);
             }
             Outcome::ok(len as u32)
         }
@@ -73,17 +68,12 @@ pub(crate) fn execute(t: &Target<'_>, mem: &GuestMemoryMmap, req: &Request) -> O
             if t.config.options.read_only {
                 return Outcome::status(VIRTIO_BLK_S_IOERR);
             }
-            let Some((offset, len)) = transfer(t, mem, req, false) else {
+            let Some((offset, len)) = transfer(t.config, mem, req, false) else {
                 return Outcome::status(VIRTIO_BLK_S_IOERR);
             };
             let mut buf = vec![0u8; len];
-            let mut at = 0;
-            for s in &req.data {
-                let n = s.len as usize;
-                if mem.read_slice(&mut buf[at..at + n], s.addr).is_err() {
-                    return Outcome::status(VIRTIO_BLK_S_IOERR);
-                }
-                at += n;
+            if !gather(mem, req, &mut buf) {
+                return Outcome::status(VIRTIO_BLK_S_IOERR);
             }
             if let Err(e) = t.device.write_at(&buf, offset) {
                 return ioerr("a write", &e);
@@ -120,8 +110,8 @@ pub(crate) fn execute(t: &Target<'_>, mem: &GuestMemoryMmap, req: &Request) -> O
 /// The byte range of a read (`into_guest`) or write: `None` when the data runs the
 /// wrong way, is not whole sectors, is too large, lies outside guest memory, or reaches
 /// past the end of the disk.
-fn transfer(
-    t: &Target<'_>,
+pub(crate) fn transfer(
+    config: &DeviceConfig,
     mem: &GuestMemoryMmap,
     req: &Request,
     into_guest: bool,
@@ -138,14 +128,46 @@ fn transfer(
         return None;
     }
     let end = req.sector.checked_add(len / SECTOR)?;
-    if end > t.config.capacity_sectors {
+    if end > config.capacity_sectors {
         return None;
     }
     Some((req.sector * SECTOR, len as usize))
 }
 
+/// Copies a read's data (`buf`, as long as the request's data) into guest memory.
+pub(crate) fn scatter(mem: &GuestMemoryMmap, req: &Request, buf: &[u8]) -> bool {
+    let mut at = 0;
+    for s in &req.data {
+        let n = s.len as usize;
+        let Some(part) = buf.get(at..at + n) else {
+            return false;
+        };
+        if mem.write_slice(part, s.addr).is_err() {
+            return false;
+        }
+        at += n;
+    }
+    true
+}
+
+/// Copies a write's data out of guest memory into `buf`, as long as the data.
+pub(crate) fn gather(mem: &GuestMemoryMmap, req: &Request, buf: &mut [u8]) -> bool {
+    let mut at = 0;
+    for s in &req.data {
+        let n = s.len as usize;
+        let Some(part) = buf.get_mut(at..at + n) else {
+            return false;
+        };
+        if mem.read_slice(part, s.addr).is_err() {
+            return false;
+        }
+        at += n;
+    }
+    true
+}
+
 /// A write done: made durable first when the guest has no write cache.
-fn durable(t: &Target<'_>, req: &Request) -> Outcome {
+pub(crate) fn durable(t: &Target<'_>, req: &Request) -> Outcome {
     if !t.writeback {
         if let Err(e) = t.device.flush() {
             (t.log)(&format!(

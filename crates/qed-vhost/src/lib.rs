@@ -23,6 +23,7 @@ mod backend;
 mod config;
 mod execute;
 mod request;
+mod ring;
 mod server;
 
 pub use config::BlkOptions;
