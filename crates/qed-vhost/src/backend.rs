@@ -4,7 +4,7 @@
 use crate::config::{DeviceConfig, QUEUE_SIZE};
 use crate::execute::{execute, Target};
 use crate::request::parse;
-use crate::ring::{Job, RingThread};
+use crate::ring::{Job, Link, Msg, RingThread};
 use qed::{BlockDevice, WorkerPool};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +30,8 @@ pub(crate) type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 const MAX_CONFIG: u32 = 256;
 /// Offset of `wce` (the write cache's state) in the configuration space.
 const WCE_OFFSET: u32 = 32;
+/// How long a queue is watched for more requests, notifications off, after it had some.
+const POLL: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// The device, shared by the protocol's threads (one per queue), the queues' ring
 /// threads and the workers.
@@ -37,7 +39,7 @@ pub(crate) struct Backend {
     shared: Arc<Shared>,
     /// Each queue's ring thread (none where io_uring is missing); dropping one waits
     /// for the requests it has in the kernel.
-    rings: Vec<Option<RingThread>>,
+    _rings: Vec<Option<RingThread>>,
 }
 
 pub(crate) struct Shared {
@@ -50,6 +52,9 @@ pub(crate) struct Shared {
     memory: Mutex<Option<Memory>>,
     /// Requests handed to the workers and not completed yet, per queue.
     flights: Vec<Flights>,
+    /// Each queue's ring thread's link, once started: where workers hand back what they
+    /// completed.
+    links: Vec<std::sync::OnceLock<Link>>,
     /// Counts the frontends served: requests of one share its rings.
     pub(crate) connection: std::sync::atomic::AtomicU64,
 }
@@ -95,13 +100,22 @@ impl Backend {
             memory: Mutex::new(None),
             flights: (0..queues).map(|_| Flights::default()).collect(),
             connection: std::sync::atomic::AtomicU64::new(0),
+            links: (0..queues).map(|_| std::sync::OnceLock::new()).collect(),
             pool: WorkerPool::start("vhost-worker", workers, None)?,
             config,
         });
-        let rings = (0..queues)
+        let rings: Vec<Option<RingThread>> = (0..queues)
             .map(|q| RingThread::start(shared.clone(), q))
             .collect();
-        Ok(Self { shared, rings })
+        for (ring, link) in rings.iter().zip(&shared.links) {
+            if let Some(ring) = ring {
+                let _ = link.set(ring.link());
+            }
+        }
+        Ok(Self {
+            shared,
+            _rings: rings,
+        })
     }
 
     /// Waits until every request handed to the workers is completed: before a
@@ -127,9 +141,8 @@ impl Backend {
         *self.shared.memory.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// Takes every request the guest made available on `vring` (queue `queue`) and
-    /// hands each to a worker, which completes it.
-    fn take_requests(&self, vring: &VringRwLock, queue: usize) {
+    /// Whether the guest made requests available on `vring` that are not taken yet.
+    fn more_available(&self, vring: &VringRwLock) -> bool {
         let memory = self
             .shared
             .memory
@@ -137,9 +150,45 @@ impl Backend {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let Some(memory) = memory else {
-            return;
+            return false;
         };
         let guard = memory.memory();
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        queue
+            .avail_idx(&*guard, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|avail| avail.0 != queue.next_avail())
+    }
+
+    /// Looks for more requests for a while with the guest's notifications off, so that a
+    /// guest busy with I/O makes them without a kick (each one an exit of the VM);
+    /// returns whether some came.
+    fn poll(&self, vring: &VringRwLock) -> bool {
+        let start = std::time::Instant::now();
+        while start.elapsed() < POLL {
+            if self.more_available(vring) {
+                return true;
+            }
+            std::thread::yield_now();
+        }
+        false
+    }
+
+    /// Takes every request the guest made available on `vring` (queue `queue`) and
+    /// hands each to its ring thread or a worker, which completes it; returns whether it
+    /// took any.
+    fn take_requests(&self, vring: &VringRwLock, queue: usize) -> bool {
+        let memory = self
+            .shared
+            .memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(memory) = memory else {
+            return false;
+        };
+        let guard = memory.memory();
+        let mut took = false;
         loop {
             let chain = vring
                 .get_mut()
@@ -148,6 +197,7 @@ impl Backend {
             let Some(chain) = chain else {
                 break;
             };
+            took = true;
             let head = chain.head_index();
             // The chain ends itself after a queue's worth of descriptors (a loop in
             // it, or a lie about its length), and where a descriptor cannot be read.
@@ -159,7 +209,7 @@ impl Backend {
                 continue;
             };
             let Some(flights) = self.shared.flights.get(queue) else {
-                return;
+                return took;
             };
             flights.enter();
             let job = Job {
@@ -170,15 +220,17 @@ impl Backend {
                 queue,
                 connection: self.shared.connection.load(Ordering::Acquire),
             };
-            let job = match self.rings.get(queue).and_then(Option::as_ref) {
-                Some(ring) => match ring.send(job) {
+            let job = match self.shared.links.get(queue).and_then(|l| l.get()) {
+                Some(link) => match link.send(Msg::Start(job)) {
                     Ok(()) => continue,
-                    Err(job) => job,
+                    Err(Msg::Start(job)) => job,
+                    Err(_) => continue,
                 },
                 None => job,
             };
             self.shared.run_on_workers(job);
         }
+        took
     }
 }
 
@@ -206,12 +258,33 @@ impl Shared {
                 log: shared.config.options.log,
             };
             let outcome = execute(&target, &job.mem, &job.req);
-            let len = match job.mem.write_obj(outcome.status, job.req.status) {
-                Ok(()) => outcome.written + 1,
-                Err(_) => 0,
+            let done = Msg::Done {
+                job,
+                status: outcome.status,
+                written: outcome.written,
             };
-            complete(&job.vring, job.head, len);
-            shared.left(job.queue);
+            // Through the ring thread, told to the guest with the rest of its batch.
+            let link = match &done {
+                Msg::Done { job, .. } => shared.links.get(job.queue).and_then(|l| l.get()),
+                _ => None,
+            };
+            let undelivered = match link {
+                Some(link) => link.send(done).err(),
+                None => Some(done),
+            };
+            if let Some(Msg::Done {
+                job,
+                status,
+                written,
+            }) = undelivered
+            {
+                let len = match job.mem.write_obj(status, job.req.status) {
+                    Ok(()) => written + 1,
+                    Err(_) => 0,
+                };
+                complete(&job.vring, job.head, len);
+                shared.left(job.queue);
+            }
         });
     }
 }
@@ -374,7 +447,7 @@ impl VhostUserBackend for Backend {
         if self.shared.event_idx.load(Ordering::Acquire) {
             loop {
                 let _ = vring.disable_notification();
-                self.take_requests(vring, queue);
+                while self.take_requests(vring, queue) && self.poll(vring) {}
                 // Requests made while notifications were off are taken in another round.
                 if !vring.enable_notification().unwrap_or(false) {
                     break;

@@ -1,6 +1,8 @@
 //! A queue's ring thread: the reads and writes the device can place go straight to the
 //! image's file through an io_uring (the library's `DirectQueue`), as the NBD server's
-//! do; everything else runs on the workers.
+//! do; everything else runs on the workers, which hand what they completed back to it.
+//! Every completion of the queue goes into the used ring here, so that the guest is
+//! told once for a batch: an interrupt costs a guest more than a request.
 
 use crate::backend::{notify, Shared};
 use crate::execute::{gather, scatter, transfer};
@@ -27,10 +29,36 @@ pub(crate) struct Job {
     pub(crate) connection: u64,
 }
 
-/// The handle the queue's protocol thread hands requests to the ring thread with.
-pub(crate) struct RingThread {
-    jobs: Option<Sender<Job>>,
+/// What a ring thread is handed.
+pub(crate) enum Msg {
+    /// A request to start.
+    Start(Job),
+    /// A request a worker carried out, to complete with its status and the bytes of
+    /// data it wrote into guest memory.
+    Done { job: Job, status: u8, written: u32 },
+    /// No more requests will come: end once those in the kernel are completed.
+    Stop,
+}
+
+/// Hands a ring thread its messages, from any thread.
+#[derive(Clone)]
+pub(crate) struct Link {
+    tx: Sender<Msg>,
     waker: Waker,
+}
+
+impl Link {
+    /// Hands `msg` over; gives it back if the thread is gone.
+    pub(crate) fn send(&self, msg: Msg) -> Result<(), Msg> {
+        self.tx.send(msg).map_err(|e| e.0)?;
+        self.waker.wake();
+        Ok(())
+    }
+}
+
+/// A queue's ring thread, ended and waited for when dropped.
+pub(crate) struct RingThread {
+    link: Link,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -56,8 +84,7 @@ impl RingThread {
             .ok()?;
         match started.recv() {
             Ok(Some(waker)) => Some(RingThread {
-                jobs: Some(jobs),
-                waker,
+                link: Link { tx: jobs, waker },
                 thread: Some(thread),
             }),
             _ => {
@@ -67,22 +94,15 @@ impl RingThread {
         }
     }
 
-    /// Hands `job` to the ring thread; gives it back if the thread is gone.
-    pub(crate) fn send(&self, job: Job) -> Result<(), Job> {
-        match &self.jobs {
-            Some(jobs) => jobs.send(job).map_err(|e| e.0)?,
-            None => return Err(job),
-        }
-        self.waker.wake();
-        Ok(())
+    /// What hands the thread its messages.
+    pub(crate) fn link(&self) -> Link {
+        self.link.clone()
     }
 }
 
 impl Drop for RingThread {
     fn drop(&mut self) {
-        // No more jobs: the thread ends once those in the kernel are completed.
-        self.jobs = None;
-        self.waker.wake();
+        let _ = self.link.send(Msg::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -94,9 +114,9 @@ fn serve<'d>(
     shared: &Arc<Shared>,
     dev: &'d dyn qed::BlockDevice,
     ring: &mut DirectQueue<'d, Job>,
-    incoming: &Receiver<Job>,
+    incoming: &Receiver<Msg>,
 ) {
-    let mut early: Option<Job> = None;
+    let mut early: Option<Msg> = None;
     let mut closed = false;
     let mut batch = Batch::default();
     loop {
@@ -110,10 +130,10 @@ fn serve<'d>(
             .unwrap_or(false);
         batch.notify();
         loop {
-            let job = match early.take() {
-                Some(job) => job,
+            let msg = match early.take() {
+                Some(msg) => msg,
                 None => match incoming.try_recv() {
-                    Ok(job) => job,
+                    Ok(msg) => msg,
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         closed = true;
@@ -122,7 +142,15 @@ fn serve<'d>(
                 },
             };
             progress = true;
-            start(shared, dev, ring, job, &mut batch);
+            match msg {
+                Msg::Start(job) => start(shared, dev, ring, job, &mut batch),
+                Msg::Done {
+                    job,
+                    status,
+                    written,
+                } => finish_with(shared, job, status, written, &mut batch),
+                Msg::Stop => closed = true,
+            }
         }
         batch.notify();
         let _ = ring.submit();
@@ -131,8 +159,8 @@ fn serve<'d>(
         }
         if !progress {
             let parked = ring.park(|| match incoming.try_recv() {
-                Ok(job) => {
-                    early = Some(job);
+                Ok(msg) => {
+                    early = Some(msg);
                     true
                 }
                 Err(TryRecvError::Empty) => false,

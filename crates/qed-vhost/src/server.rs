@@ -145,9 +145,17 @@ impl Server {
             self.backend.drain();
             drop(daemon);
             self.backend.forget_memory();
-            if let Err(e) = ended {
-                if !self.stop.stopped.load(Ordering::Acquire) {
-                    (self.log)(&format!("a frontend's connection ended: {e}"));
+            match ended {
+                // A frontend that leaves (a VM shut down, a QEMU killed) is no error.
+                Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected
+                    | vhost::vhost_user::Error::PartialMessage,
+                ))
+                | Ok(()) => {}
+                Err(e) => {
+                    if !self.stop.stopped.load(Ordering::Acquire) {
+                        (self.log)(&format!("a frontend's connection ended: {e}"));
+                    }
                 }
             }
         }

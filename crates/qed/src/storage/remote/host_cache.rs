@@ -42,7 +42,7 @@ use std::time::{Duration, Instant, SystemTime};
 use twox_hash::XxHash3_128;
 
 /// Bytes before a chunk's data in its file: the part that names the chunk
-/// ([`NAMED`] bytes), its checksum (16), and the id of the boot that wrote it (16).
+/// ([`NAMED`] bytes), its checksum (16), and 16 bytes of zeros.
 const HEADER: usize = 64;
 const NAMED: usize = 32;
 const MAGIC: &[u8; 8] = b"QEDCHNK\x02";
@@ -262,14 +262,13 @@ impl ObjectCache {
     }
 
     /// The header a chunk's file starts with.
-    /// The header of chunk `index` holding `data`, written in this boot.
+    /// The header of chunk `index` holding `data`.
     fn header(&self, index: u64, data: &[u8]) -> [u8; HEADER] {
         let mut h = [0u8; HEADER];
         h[..NAMED].copy_from_slice(&self.name_part(index, data.len()));
-        // A fast checksum: after a reboot every process checks every chunk it takes
-        // from disk once, and a boot storm's processes do so at the pace of the fetches.
+        // A fast checksum: every process checks every chunk it takes from disk once, and
+        // a boot storm's processes do so at the pace of the fetches.
         h[NAMED..NAMED + 16].copy_from_slice(&XxHash3_128::oneshot(data).to_le_bytes());
-        h[NAMED + 16..].copy_from_slice(boot_id());
         h
     }
 
@@ -284,27 +283,36 @@ impl ObjectCache {
         h
     }
 
-    /// Chunk `index` from disk, if another process (or this one) stored it and it is
-    /// sound: [`OnDisk::Adopted`] when it was written in this boot (it is then whole,
-    /// since it was renamed into place once written, and no crash can have torn it
-    /// since), read later from its file; else loaded and checked as [`ObjectCache::load`]
-    /// does.
-    fn look_on_disk(&self, index: u64) -> Option<OnDisk> {
+    /// Whether chunk `index` is on disk, stored by another process (or this one), and
+    /// sound: its header names it and its checksum holds (checked once in this process,
+    /// while the file stays the same one). This process then reads it in place
+    /// ([`ObjectCache::read_checked`]); it is not copied into memory, which in a boot storm
+    /// would cost every process a copy of every chunk. A damaged file is removed.
+    fn look_on_disk(&self, index: u64) -> bool {
         let path = self.chunk_path(index);
-        let f = File::open(&path).ok()?;
+        let Ok(f) = File::open(&path) else {
+            return false;
+        };
         let len = self.chunk_len(index) as usize;
-        let meta = f.metadata().ok()?;
+        let Ok(meta) = f.metadata() else {
+            return false;
+        };
         let mut head = [0u8; HEADER];
-        let named = meta.len() == (HEADER + len) as u64
+        let sound = meta.len() == (HEADER + len) as u64
             && f.read_exact_at(&mut head, 0).is_ok()
-            && head[..NAMED] == self.name_part(index, len);
-        if !named {
+            && head[..NAMED] == self.name_part(index, len)
+            && (self.was_verified(index, file_id(&meta))
+                || CHECK_BUF.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    buf.resize(len, 0);
+                    f.read_exact_at(&mut buf[..len], HEADER as u64).is_ok()
+                        && head[NAMED..NAMED + 16]
+                            == XxHash3_128::oneshot(&buf[..len]).to_le_bytes()
+                }));
+        if !sound {
+            // Torn by a crash or damaged: it would only be refused again.
             let _ = fs::remove_file(&path);
-            return None;
-        }
-        let this_boot = head[NAMED + 16..] == *boot_id() && *boot_id() != [0u8; 16];
-        if !this_boot {
-            return self.load(index).map(OnDisk::Loaded);
+            return false;
         }
         self.used(index, &f, &meta);
         let file = Arc::new(f);
@@ -313,11 +321,12 @@ impl ObjectCache {
             file,
             touched: Instant::now(),
         });
-        Some(OnDisk::Adopted)
+        true
     }
 
     /// Chunk `index` from disk, if another process (or this one) stored it and it
-    /// checks.
+    /// checks: the bytes, for tests to look at.
+    #[cfg(test)]
     fn load(&self, index: u64) -> Option<Arc<[u8]>> {
         let path = self.chunk_path(index);
         let f = File::open(&path).ok()?;
@@ -334,8 +343,7 @@ impl ObjectCache {
         let sound = meta.len() == (HEADER + len) as u64
             && f.read_exact_at(&mut head, 0).is_ok()
             && f.read_exact_at(buf, HEADER as u64).is_ok()
-            && (self.was_verified(index, file_id(&meta))
-                || head[..NAMED + 16] == self.header(index, buf)[..NAMED + 16]);
+            && (self.was_verified(index, file_id(&meta)) || head == self.header(index, buf));
         if !sound {
             // Torn by a crash or damaged: it would only be refused again.
             let _ = fs::remove_file(&path);
@@ -566,16 +574,16 @@ impl ObjectCache {
         let mut mine: Vec<Claim<'_>> = Vec::new();
         let mut busy = Vec::new();
         for index in first..first + count {
-            if let Some(d) = self.look_on_disk(index) {
-                d.keep(index, &mut got);
+            if self.look_on_disk(index) {
                 continue;
             }
             match self.claim(index) {
                 // Another process may have finished it between the look and the claim.
-                Some(claim) => match self.look_on_disk(index) {
-                    Some(d) => d.keep(index, &mut got),
-                    None => mine.push(claim),
-                },
+                Some(claim) => {
+                    if !self.look_on_disk(index) {
+                        mine.push(claim);
+                    }
+                }
                 None => busy.push(index),
             }
         }
@@ -619,12 +627,12 @@ impl ObjectCache {
                 byte_locked_elsewhere(self.claims.as_raw_fd(), index),
                 Ok(true)
             ) {
-                if let Some(d) = self.look_on_disk(index) {
-                    return Ok(d.data());
+                if self.look_on_disk(index) {
+                    return Ok(None);
                 }
                 if let Some(claim) = self.claim(index) {
-                    if let Some(d) = self.look_on_disk(index) {
-                        return Ok(d.data());
+                    if self.look_on_disk(index) {
+                        return Ok(None);
                     }
                     break Some(claim);
                 }
@@ -648,46 +656,9 @@ impl ObjectCache {
     }
 }
 
-/// A chunk found on disk.
-enum OnDisk {
-    /// Checked, and read in place from now on.
-    Adopted,
-    /// Loaded into memory (it was written before the last boot, and checked whole).
-    Loaded(Arc<[u8]>),
-}
-
-impl OnDisk {
-    fn data(self) -> Option<Arc<[u8]>> {
-        match self {
-            OnDisk::Adopted => None,
-            OnDisk::Loaded(d) => Some(d),
-        }
-    }
-
-    fn keep(self, index: u64, got: &mut Chunks) {
-        if let Some(d) = self.data() {
-            got.push((index, d));
-        }
-    }
-}
-
-/// This boot's id (zeros when the kernel gives none: every chunk is then checked
-/// whole). A chunk file that carries it was written, whole, since the last crash.
-fn boot_id() -> &'static [u8; 16] {
-    static ID: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
-    ID.get_or_init(|| {
-        let mut id = [0u8; 16];
-        if let Ok(text) = fs::read_to_string("/proc/sys/kernel/random/boot_id") {
-            let hex: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
-            if hex.len() == 32 {
-                for (i, pair) in hex.chunks(2).enumerate() {
-                    let digit = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
-                    id[i] = (digit(pair[0]) << 4) | digit(pair[1]);
-                }
-            }
-        }
-        id
-    })
+thread_local! {
+    /// Where a chunk is read to be checked: one per thread, reused, as large as a chunk.
+    static CHECK_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Takes a shared lock on `byte` of `f`, without waiting (nobody holds these bytes
@@ -1041,28 +1012,20 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_from_an_earlier_boot_is_checked_whole() {
+    fn a_damaged_chunk_is_refused_and_removed() {
         let tmp = tempfile::tempdir().unwrap();
         let a = object(tmp.path(), "k", 4 << 20, 1 << 30);
         a.store(1, &chunk(1, 64 << 10));
-        let path = a.chunk_path(1);
-        let earlier_boot = |data_flip: bool| {
-            let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
-            f.write_all_at(&[0xa5; 16], (HEADER - 16) as u64).unwrap();
-            if data_flip {
-                f.write_all_at(&[0xff], HEADER as u64 + 100).unwrap();
-            }
-        };
-        earlier_boot(false);
         let b = object(tmp.path(), "k", 4 << 20, 1 << 30);
-        match b.look_on_disk(1) {
-            Some(OnDisk::Loaded(d)) => assert_eq!(&d[..], &chunk(1, 64 << 10)[..]),
-            _ => panic!("a sound chunk of an earlier boot is loaded and checked"),
-        }
-        earlier_boot(true);
+        assert!(b.look_on_disk(1), "a sound chunk is taken");
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(a.chunk_path(1))
+            .unwrap();
+        f.write_all_at(&[0xff], HEADER as u64 + 100).unwrap();
         let c = object(tmp.path(), "k", 4 << 20, 1 << 30);
-        assert!(c.look_on_disk(1).is_none(), "a damaged one is refused");
-        assert!(!path.exists(), "and removed");
+        assert!(!c.look_on_disk(1), "a damaged one is refused");
+        assert!(!a.chunk_path(1).exists(), "and removed");
     }
 
     #[test]
