@@ -2,29 +2,24 @@
 //! and its queues' requests handed to the workers and completed in the used rings.
 
 use crate::config::{DeviceConfig, QUEUE_SIZE};
-use crate::execute::{execute, Target};
+use crate::job::{Job, Msg};
 use crate::request::parse;
-use crate::ring::{Job, Link, Msg, RingThread};
+use crate::ring::RingThread;
+use crate::shared::{complete, Flights, Memory, Shared};
 use qed::{BlockDevice, WorkerPool};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
-use vm_memory::{
-    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion,
-};
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-
-/// Guest memory as the protocol hands it over (and swaps it on a new table).
-pub(crate) type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// Bytes of the configuration space a frontend may ask for at most.
 const MAX_CONFIG: u32 = 256;
@@ -40,53 +35,6 @@ pub(crate) struct Backend {
     /// Each queue's ring thread (none where io_uring is missing); dropping one waits
     /// for the requests it has in the kernel.
     _rings: Vec<Option<RingThread>>,
-}
-
-pub(crate) struct Shared {
-    pub(crate) device: Arc<dyn BlockDevice>,
-    pub(crate) config: DeviceConfig,
-    pool: WorkerPool,
-    /// The guest's write cache: on, the guest flushes; off, every write is made durable.
-    writeback: AtomicBool,
-    event_idx: AtomicBool,
-    memory: Mutex<Option<Memory>>,
-    /// Requests handed to the workers and not completed yet, per queue.
-    flights: Vec<Flights>,
-    /// Each queue's ring thread's link, once started: where workers hand back what they
-    /// completed.
-    links: Vec<std::sync::OnceLock<Link>>,
-    /// Counts the frontends served: requests of one share its rings.
-    pub(crate) connection: std::sync::atomic::AtomicU64,
-}
-
-#[derive(Default)]
-struct Flights {
-    count: Mutex<usize>,
-    idle: Condvar,
-    /// Requests completed on the queue since the server started.
-    completed: std::sync::atomic::AtomicU64,
-}
-
-impl Flights {
-    fn enter(&self) {
-        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-    }
-
-    fn leave(&self) {
-        self.completed.fetch_add(1, Ordering::Relaxed);
-        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            self.idle.notify_all();
-        }
-    }
-
-    fn wait_idle(&self) {
-        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        while *n > 0 {
-            n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
-        }
-    }
 }
 
 impl Backend {
@@ -143,12 +91,7 @@ impl Backend {
 
     /// Whether the guest made requests available on `vring` that are not taken yet.
     fn more_available(&self, vring: &VringRwLock) -> bool {
-        let memory = self
-            .shared
-            .memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let memory = self.shared.guest_memory();
         let Some(memory) = memory else {
             return false;
         };
@@ -178,12 +121,7 @@ impl Backend {
     /// hands each to its ring thread or a worker, which completes it; returns whether it
     /// took any.
     fn take_requests(&self, vring: &VringRwLock, queue: usize) -> bool {
-        let memory = self
-            .shared
-            .memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let memory = self.shared.guest_memory();
         let Some(memory) = memory else {
             return false;
         };
@@ -234,61 +172,6 @@ impl Backend {
     }
 }
 
-impl Shared {
-    /// Whether the guest runs with its write cache on.
-    pub(crate) fn writeback(&self) -> bool {
-        self.writeback.load(Ordering::Acquire)
-    }
-
-    /// Counts a request of `queue` done.
-    pub(crate) fn left(&self, queue: usize) {
-        if let Some(f) = self.flights.get(queue) {
-            f.leave();
-        }
-    }
-
-    /// Runs `job` on a worker, through the device's own path, and completes it there.
-    pub(crate) fn run_on_workers(self: &Arc<Self>, job: Job) {
-        let shared = self.clone();
-        self.pool.execute(move || {
-            let target = Target {
-                device: shared.device.as_ref(),
-                config: &shared.config,
-                writeback: shared.writeback(),
-                log: shared.config.options.log,
-            };
-            let outcome = execute(&target, &job.mem, &job.req);
-            let done = Msg::Done {
-                job,
-                status: outcome.status,
-                written: outcome.written,
-            };
-            // Through the ring thread, told to the guest with the rest of its batch.
-            let link = match &done {
-                Msg::Done { job, .. } => shared.links.get(job.queue).and_then(|l| l.get()),
-                _ => None,
-            };
-            let undelivered = match link {
-                Some(link) => link.send(done).err(),
-                None => Some(done),
-            };
-            if let Some(Msg::Done {
-                job,
-                status,
-                written,
-            }) = undelivered
-            {
-                let len = match job.mem.write_obj(status, job.req.status) {
-                    Ok(()) => written + 1,
-                    Err(_) => 0,
-                };
-                complete(&job.vring, job.head, len);
-                shared.left(job.queue);
-            }
-        });
-    }
-}
-
 /// Refuses a memory table with a region reaching past the end of the file it maps:
 /// touching that part would kill this process (SIGBUS), whatever the checks of guest
 /// addresses said.
@@ -315,21 +198,6 @@ fn regions_backed(mem: &GuestMemoryMmap) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Puts a request in the used ring and tells the guest when it wants to be told.
-pub(crate) fn complete(vring: &VringRwLock, head: u16, len: u32) {
-    if vring.add_used(head, len).is_ok() {
-        notify(vring);
-    }
-}
-
-/// Tells the guest of what was put in the used ring, when it wants to be told: once for
-/// a batch of completions, each interrupt costing the guest more than a request.
-pub(crate) fn notify(vring: &VringRwLock) {
-    if vring.needs_notification().unwrap_or(true) {
-        let _ = vring.signal_used_queue();
-    }
 }
 
 impl VhostUserBackend for Backend {

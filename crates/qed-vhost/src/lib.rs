@@ -22,9 +22,11 @@
 mod backend;
 mod config;
 mod execute;
+mod job;
 mod request;
 mod ring;
 mod server;
+mod shared;
 
 pub use config::BlkOptions;
 pub use server::{Server, Stopper};

@@ -4,57 +4,20 @@
 //! Every completion of the queue goes into the used ring here, so that the guest is
 //! told once for a batch: an interrupt costs a guest more than a request.
 
-use crate::backend::{notify, Shared};
 use crate::execute::{gather, scatter, transfer};
-use crate::request::{Kind, Request};
-use qed::{AlignedBuf, DirectDone, DirectEvent, DirectQueue, Waker};
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use crate::job::{Job, Link, Msg};
+use crate::request::Kind;
+use crate::shared::{notify, Shared};
+use qed::{AlignedBuf, DirectDone, DirectEvent, DirectQueue};
+use std::sync::mpsc::{channel, Receiver, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 /// Requests a ring keeps in the kernel at most.
 const DEPTH: usize = 256;
-
-/// A request taken from a queue, with what completing it needs.
-pub(crate) struct Job {
-    pub(crate) head: u16,
-    pub(crate) req: Request,
-    pub(crate) mem: Arc<GuestMemoryMmap>,
-    pub(crate) vring: VringRwLock,
-    pub(crate) queue: usize,
-    /// The frontend's connection it came from (its rings).
-    pub(crate) connection: u64,
-}
-
-/// What a ring thread is handed.
-pub(crate) enum Msg {
-    /// A request to start.
-    Start(Job),
-    /// A request a worker carried out, to complete with its status and the bytes of
-    /// data it wrote into guest memory.
-    Done { job: Job, status: u8, written: u32 },
-    /// No more requests will come: end once those in the kernel are completed.
-    Stop,
-}
-
-/// Hands a ring thread its messages, from any thread.
-#[derive(Clone)]
-pub(crate) struct Link {
-    tx: Sender<Msg>,
-    waker: Waker,
-}
-
-impl Link {
-    /// Hands `msg` over; gives it back if the thread is gone.
-    pub(crate) fn send(&self, msg: Msg) -> Result<(), Msg> {
-        self.tx.send(msg).map_err(|e| e.0)?;
-        self.waker.wake();
-        Ok(())
-    }
-}
 
 /// A queue's ring thread, ended and waited for when dropped.
 pub(crate) struct RingThread {
