@@ -354,3 +354,61 @@ fn a_raw_file_of_odd_size_is_exported_at_its_exact_size() {
     assert!(st.success());
     assert_eq!(std::fs::read(dir.join("odd.raw")).unwrap(), data);
 }
+
+/// The vhost-user-blk export's lifecycle is the NBD export's: --fork returns once it
+/// listens, with the pid file written, and SIGTERM ends it, removing both and leaving
+/// the image clean.
+#[test]
+fn a_forked_vhost_user_blk_export_ends_on_sigterm() {
+    use std::os::unix::fs::FileTypeExt;
+    let tmp = new_dir();
+    let dir = tmp.path();
+    create_qed(dir, "img.qed", "16M");
+    let sock = dir.join("vhost.sock");
+    let pid_file = dir.join("serve.pid");
+    let log = std::fs::File::create(dir.join("serve.log")).unwrap();
+    let st = Command::new(QED)
+        .args(["serve", "--fork", "--num-queues", "2", "--pid-file"])
+        .arg(&pid_file)
+        .arg("--vhost-user-blk")
+        .arg(&sock)
+        .arg("img.qed")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qed serve --fork --vhost-user-blk: {st}");
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .expect("the pid file exists when --fork returns")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!ended(pid), "the server is running");
+    let kind = std::fs::symlink_metadata(&sock)
+        .expect("the socket exists")
+        .file_type();
+    assert!(kind.is_socket(), "{} is a socket", sock.display());
+
+    common::signal(pid, "TERM");
+    let t = Instant::now();
+    while !ended(pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the server ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !pid_file.exists() && !sock.exists(),
+        "pid file and socket removed"
+    );
+    assert!(
+        !need_check(&dir.join("img.qed")),
+        "the image was left clean"
+    );
+    let log = std::fs::read_to_string(dir.join("serve.log")).unwrap();
+    assert!(log.contains("vhost-user-blk device (2 queues)"), "{log}");
+    assert!(log.contains("requests completed per queue: 0, 0"), "{log}");
+}
