@@ -217,12 +217,13 @@ impl VhostUserBackend for Backend {
     }
 
     fn acked_features(&self, features: u64) {
-        // Without a cache the guest can switch, a guest that cannot flush has none.
-        if features & (1 << VIRTIO_BLK_F_CONFIG_WCE) == 0 {
-            self.shared
-                .writeback
-                .store(features & (1 << VIRTIO_BLK_F_FLUSH) != 0, Ordering::Release);
-        }
+        // Each negotiation starts the write cache afresh: on where the guest may switch
+        // it (CONFIG_WCE; it reads `wce` and writes it to change it), else on exactly
+        // when the guest can flush. QEMU negotiates once with no guest features before
+        // the guest's driver does: that must not leave the cache off for the guest.
+        let writeback = features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0
+            || features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
+        self.shared.writeback.store(writeback, Ordering::Release);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

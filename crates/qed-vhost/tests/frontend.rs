@@ -467,3 +467,32 @@ fn connect(sock: &Path) -> Frontend {
         }
     }
 }
+
+/// QEMU negotiates twice: once with no guest features when it starts the device, then
+/// with the guest driver's. The write cache the guest then reads is on, as the driver
+/// negotiated CONFIG_WCE; and a guest that writes `wce` turns it off.
+#[test]
+fn the_write_cache_follows_the_last_negotiation_and_the_guest() {
+    let rig = Rig::new(qed_vhost::BlkOptions::default());
+    let mut fe = connect(&rig.sock);
+    let features = fe.get_features().unwrap();
+    fe.set_owner().unwrap();
+    let proto = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(proto).unwrap();
+    let wce = |fe: &mut Frontend| {
+        let (_, cfg) = fe
+            .get_config(32, 1, VhostUserConfigFlags::WRITABLE, &[0u8; 1])
+            .unwrap();
+        cfg[0]
+    };
+    fe.set_features(features & (1 << 30 | 1 << 32)).unwrap();
+    fe.set_features(features & !(1 << 29)).unwrap();
+    assert_eq!(
+        wce(&mut fe),
+        1,
+        "the guest's driver negotiated CONFIG_WCE: writeback"
+    );
+    fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
+        .unwrap();
+    assert_eq!(wce(&mut fe), 0, "the guest turned it off");
+}
