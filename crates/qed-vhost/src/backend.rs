@@ -90,26 +90,25 @@ impl Backend {
     }
 
     /// Whether the guest made requests available on `vring` that are not taken yet.
-    fn more_available(&self, vring: &VringRwLock) -> bool {
-        let memory = self.shared.guest_memory();
-        let Some(memory) = memory else {
-            return false;
-        };
-        let guard = memory.memory();
+    fn more_available(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
         let state = vring.get_ref();
         let queue = state.get_queue();
         queue
-            .avail_idx(&*guard, std::sync::atomic::Ordering::Acquire)
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
             .is_ok_and(|avail| avail.0 != queue.next_avail())
     }
 
     /// Looks for more requests for a while with the guest's notifications off, so that a
     /// guest busy with I/O makes them without a kick (each one an exit of the VM);
-    /// returns whether some came.
+    /// returns whether some came. The memory is taken once, not at every look.
     fn poll(&self, vring: &VringRwLock) -> bool {
+        let Some(memory) = self.shared.guest_memory() else {
+            return false;
+        };
+        let guard = memory.memory();
         let start = std::time::Instant::now();
         while start.elapsed() < POLL {
-            if self.more_available(vring) {
+            if Self::more_available(vring, &guard) {
                 return true;
             }
             std::thread::yield_now();

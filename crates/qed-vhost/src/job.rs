@@ -5,7 +5,7 @@ use qed::Waker;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use vhost_user_backend::VringRwLock;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 /// A request taken from a queue, with what completing it needs.
 pub(crate) struct Job {
@@ -16,6 +16,18 @@ pub(crate) struct Job {
     pub(crate) queue: usize,
     /// The frontend's connection it came from (its rings).
     pub(crate) connection: u64,
+}
+
+impl Job {
+    /// Writes the request's status byte; returns the used length to complete it with
+    /// (the data written into guest memory and the status, or 0 when the status could
+    /// not be written).
+    pub(crate) fn put_status(&self, status: u8, written: u32) -> u32 {
+        match self.mem.write_obj(status, self.req.status) {
+            Ok(()) => written + 1,
+            Err(_) => 0,
+        }
+    }
 }
 
 /// What a ring thread is handed.

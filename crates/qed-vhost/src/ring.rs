@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use vm_memory::Bytes;
 
 /// Requests a ring keeps in the kernel at most.
 const DEPTH: usize = 256;
@@ -216,10 +215,7 @@ fn finish(shared: &Shared, done: DirectDone<Job>, batch: &mut Batch) {
 /// Writes the status, puts the request in the used ring (the guest told with the rest
 /// of the batch) and counts it done.
 fn finish_with(shared: &Shared, job: Job, status: u8, written: u32, batch: &mut Batch) {
-    let len = match job.mem.write_obj(status, job.req.status) {
-        Ok(()) => written + 1,
-        Err(_) => 0,
-    };
+    let len = job.put_status(status, written);
     if job.vring.add_used(job.head, len).is_ok() {
         batch.add(job.connection, &job.vring);
     }

@@ -9,7 +9,7 @@ use qed::{BlockDevice, WorkerPool};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use vhost_user_backend::{VringRwLock, VringT};
-use vm_memory::{Bytes, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 /// Guest memory as the protocol hands it over (and swaps it on a new table).
 pub(crate) type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -95,15 +95,12 @@ impl Shared {
                 log: shared.config.options.log,
             };
             let outcome = execute(&target, &job.mem, &job.req);
+            // Through the ring thread, told to the guest with the rest of its batch.
+            let link = shared.links.get(job.queue).and_then(|l| l.get());
             let done = Msg::Done {
                 job,
                 status: outcome.status,
                 written: outcome.written,
-            };
-            // Through the ring thread, told to the guest with the rest of its batch.
-            let link = match &done {
-                Msg::Done { job, .. } => shared.links.get(job.queue).and_then(|l| l.get()),
-                _ => None,
             };
             let undelivered = match link {
                 Some(link) => link.send(done).err(),
@@ -115,11 +112,7 @@ impl Shared {
                 written,
             }) = undelivered
             {
-                let len = match job.mem.write_obj(status, job.req.status) {
-                    Ok(()) => written + 1,
-                    Err(_) => 0,
-                };
-                complete(&job.vring, job.head, len);
+                complete(&job.vring, job.head, job.put_status(status, written));
                 shared.left(job.queue);
             }
         });
