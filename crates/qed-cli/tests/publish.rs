@@ -96,6 +96,17 @@ fn streaming_layout(file: &[u8]) -> (Vec<u64>, Vec<u64>) {
 }
 
 /// The object at `key`, downloaded into `dir` as `name`.
+/// The composite CRC32 S3 keeps for an object uploaded in parts of `part` bytes: the
+/// CRC32 of the parts' CRC32s, big-endian, in base64.
+fn composite_crc32(bytes: &[u8], part: usize) -> String {
+    use base64::Engine as _;
+    let crcs: Vec<u8> = bytes
+        .chunks(part)
+        .flat_map(|p| crc32fast::hash(p).to_be_bytes())
+        .collect();
+    base64::engine::general_purpose::STANDARD.encode(crc32fast::hash(&crcs).to_be_bytes())
+}
+
 fn download(server: &S3Server, key: &str, dir: &Path, name: &str) -> Vec<u8> {
     let bytes = server.get(BUCKET, key);
     std::fs::write(dir.join(name), &bytes).unwrap();
@@ -156,6 +167,18 @@ fn every_source_publishes_as_qed_and_raw(kind: Kind) {
             assert!(!map.as_array().unwrap().is_empty(), "{kind:?} {key}");
             let file = format!("{key}.download");
             let bytes = download(&server, &key, l, &file);
+            // Every part went up with its CRC32 (which S3 checks on arrival): the
+            // object's checksum is made of theirs. moto keeps it; s3s-fs keeps none.
+            let kept = server.checksum_crc32(BUCKET, &key);
+            assert!(kept.is_some() || kind == Kind::S3sFs, "{kind:?} {key}");
+            if let Some(kept) = kept {
+                let parts = format!("-{}", bytes.len().div_ceil(5 << 20));
+                assert_eq!(
+                    kept.trim_end_matches(&parts),
+                    composite_crc32(&bytes, 5 << 20),
+                    "{kind:?} {key}"
+                );
+            }
             if fmt == "qed" {
                 let out = server.qed_ok(l, &["check", &url]);
                 assert!(out.contains("No errors"), "{kind:?} {key}: {out}");

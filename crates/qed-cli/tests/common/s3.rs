@@ -207,6 +207,33 @@ impl S3Server {
             .to_string()
     }
 
+    /// The CRC32 checksum the server keeps for the object (`x-amz-checksum-crc32`, asked
+    /// for with `x-amz-checksum-mode: ENABLED`), if it keeps one.
+    pub fn checksum_crc32(&self, bucket: &str, key: &str) -> Option<String> {
+        let creds = Credentials::new(ACCESS_KEY, SECRET_KEY);
+        let bucket = self.bucket(bucket);
+        let mut action = bucket.head_object(Some(&creds), key);
+        action
+            .headers_mut()
+            .insert("x-amz-checksum-mode", "ENABLED");
+        let url = action.sign(Duration::from_secs(600));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        let resp = agent
+            .head(url.as_str())
+            .header("x-amz-checksum-mode", "ENABLED")
+            .call()
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{:?}", self.kind);
+        resp.headers()
+            .get("x-amz-checksum-crc32")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
     /// The HTTP status a signed GET of the object gets (404 when there is none).
     pub fn get_status(&self, bucket: &str, key: &str) -> u16 {
         let creds = Credentials::new(ACCESS_KEY, SECRET_KEY);
