@@ -3,7 +3,11 @@
 //! while; prints what it did as `key=value` words. It runs in the guest's initramfs,
 //! with nothing but the C library, so it uses the standard library alone.
 //!
-//! `guest-io DEVICE randwrite|randread BLOCK THREADS SECONDS SPAN_MIB`
+//! `guest-io DEVICE randwrite|randread|fill BLOCK THREADS SECONDS SPAN_MIB`
+//!
+//! `fill` writes the span once, front to back, in blocks, from one thread, however long
+//! it takes: random reads over a filled span read data on every path, whatever the
+//! random writes before them managed to allocate.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -14,7 +18,7 @@ use std::time::{Duration, Instant};
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 7 {
-        eprintln!("usage: guest-io DEVICE randwrite|randread BLOCK THREADS SECONDS SPAN_MIB");
+        eprintln!("usage: guest-io DEVICE randwrite|randread|fill BLOCK THREADS SECONDS SPAN_MIB");
         std::process::exit(2);
     }
     let number = |i: usize| -> u64 {
@@ -25,10 +29,10 @@ fn main() {
     };
     let (block, threads, seconds, span) = (number(3), number(4), number(5), number(6) << 20);
     let write = match args[2].as_str() {
-        "randwrite" => true,
+        "randwrite" | "fill" => true,
         "randread" => false,
         other => {
-            eprintln!("guest-io: {other}: randwrite or randread");
+            eprintln!("guest-io: {other}: randwrite, randread or fill");
             std::process::exit(2)
         }
     };
@@ -48,6 +52,10 @@ fn main() {
             std::process::exit(1)
         }
     };
+    if args[2] == "fill" {
+        fill(&file, block, span);
+        return;
+    }
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicBool::new(false));
     let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -99,4 +107,23 @@ fn main() {
         args[2],
         n as f64 / secs
     );
+}
+
+/// Writes `span` bytes of `file` front to back in direct writes of `block` bytes.
+fn fill(file: &std::fs::File, block: u64, span: u64) {
+    let started = Instant::now();
+    let mut raw = vec![0xa5u8; (block + 4096) as usize];
+    let skew = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[skew..skew + block as usize];
+    let mut at = 0;
+    while at + block <= span {
+        buf[..8].copy_from_slice(&at.to_le_bytes());
+        if let Err(e) = file.write_all_at(buf, at) {
+            eprintln!("guest-io: writing at {at}: {e}");
+            std::process::exit(1);
+        }
+        at += block;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("fill_mib={} fill_mibps={:.0}", at >> 20, (at >> 20) as f64 / secs);
 }
