@@ -125,5 +125,9 @@ fn fill(file: &std::fs::File, block: u64, span: u64) {
         at += block;
     }
     let secs = started.elapsed().as_secs_f64();
-    println!("fill_mib={} fill_mibps={:.0}", at >> 20, (at >> 20) as f64 / secs);
+    println!(
+        "fill_mib={} fill_mibps={:.0}",
+        at >> 20,
+        (at >> 20) as f64 / secs
+    );
 }
