@@ -62,8 +62,13 @@ const PRUNE_TO_PERCENT: u64 = 75;
 const TOUCH_AFTER: Duration = Duration::from_secs(30);
 /// Temporary files older than this are left by dead processes.
 const STALE_TMP: Duration = Duration::from_secs(600);
-/// The longest pause between two looks at a chunk another process is fetching.
-const MAX_POLL: Duration = Duration::from_micros(500);
+/// The first and the longest pause between two looks at a chunk another process is
+/// fetching. A fetch takes a millisecond on loopback and tens over a real link, and every
+/// look is a wakeup: in a boot storm, shorter pauses spent the CPU the fetchers and the
+/// guests need (the pauses once started at 50 µs and stopped at 500 µs, and waiting
+/// took most of the waiters' CPU time).
+const FIRST_POLL: Duration = Duration::from_micros(500);
+const MAX_POLL: Duration = Duration::from_micros(5000);
 
 /// Whether the one warning about an unusable cache was given, for the whole process.
 static WARNED: AtomicBool = AtomicBool::new(false);
@@ -620,7 +625,7 @@ impl ObjectCache {
         wire: &dyn Fn(u64, u64) -> io::Result<Chunks>,
     ) -> io::Result<Option<Arc<[u8]>>> {
         let started = Instant::now();
-        let mut pause = Duration::from_micros(50);
+        let mut pause = FIRST_POLL;
         let claim = loop {
             // While the fetcher holds its claim, a look at the lock is all a poll costs.
             if !matches!(
