@@ -22,6 +22,16 @@ pub enum Kind {
     Moto,
 }
 
+/// A client that hands back every status (the tests judge them) and gives up after a
+/// minute.
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
 /// An S3 server on a free loopback port, stopped when dropped.
 pub struct S3Server {
     kind: Kind,
@@ -130,11 +140,7 @@ impl S3Server {
 
     /// Sends a presigned request; asserts a 2xx; returns the body.
     pub fn send(&self, method: &str, url: &str, body: &[u8]) -> Vec<u8> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
+        let agent = agent();
         let resp = match method {
             "PUT" => agent.put(url).send(body),
             _ => agent.get(url).call(),
@@ -189,11 +195,7 @@ impl S3Server {
         let url = bucket
             .get_object(Some(&creds), key)
             .sign(Duration::from_secs(600));
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
+        let agent = agent();
         let resp = agent
             .get(url.as_str())
             .header("Range", "bytes=0-0")
@@ -217,11 +219,7 @@ impl S3Server {
             .headers_mut()
             .insert("x-amz-checksum-mode", "ENABLED");
         let url = action.sign(Duration::from_secs(600));
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
+        let agent = agent();
         let resp = agent
             .head(url.as_str())
             .header("x-amz-checksum-mode", "ENABLED")
@@ -241,11 +239,7 @@ impl S3Server {
         let url = bucket
             .get_object(Some(&creds), key)
             .sign(Duration::from_secs(600));
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
+        let agent = agent();
         let resp = agent.get(url.as_str()).call().unwrap();
         resp.status().as_u16()
     }
