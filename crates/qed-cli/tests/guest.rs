@@ -1189,9 +1189,15 @@ fn vhost_user_blk_guest_survives_a_killed_backend() {
         "QEMU died with its backend"
     );
     let server = Served::vhost_at(d, &socket, &args, "disk.qed");
-    let wrote = guest
-        .wait(BOOT_DEADLINE)
-        .unwrap_or_else(|failed| panic!("{}", failed.report));
+    let wrote = match guest.wait(BOOT_DEADLINE) {
+        Ok(wrote) => wrote,
+        // What the restarted backend saw of QEMU's reconnection tells a hang apart.
+        Err(failed) => panic!(
+            "{}\n--- the restarted backend's log:\n{}",
+            failed.report,
+            server.stop()
+        ),
+    };
     drop(turn);
     stop(server);
     let server = Served::vhost(d, &["-r"], "disk.qed");
