@@ -105,7 +105,7 @@ fn quiet_on_closed_stdout() {
 }
 
 /// Raises the soft limit on open files to the hard one, as QEMU does: a remote image's
-/// cache on disk keeps its segment files open, as many as a quarter of the limit, and an
+/// cache on disk keeps its chunk files open, as many as a quarter of the limit, and an
 /// export holds a descriptor per connection.
 fn raise_open_file_limit() {
     let mut limit = libc::rlimit {
