@@ -250,24 +250,7 @@ fn fork_returns_once_ready_and_the_server_ends_on_sigterm() {
         &["read -P 0x77 1M 2M", "read -P 0 3M 1M"],
     );
 
-    common::signal(pid, "TERM");
-    let t = Instant::now();
-    while !ended(pid) {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the server ignored SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        !pid_file.exists() && !sock.exists(),
-        "pid file and socket removed"
-    );
-    assert!(
-        !need_check(&dir.join("img.qed")),
-        "the image was left clean"
-    );
-    let log = std::fs::read_to_string(dir.join("serve.log")).unwrap();
+    let log = terminated_cleanly(dir, pid, &pid_file, &sock);
     assert!(log.contains("exported as"), "{log}");
 }
 
@@ -355,6 +338,29 @@ fn a_raw_file_of_odd_size_is_exported_at_its_exact_size() {
     assert_eq!(std::fs::read(dir.join("odd.raw")).unwrap(), data);
 }
 
+/// Sends SIGTERM to the forked server `pid` and waits for it; asserts that it removed
+/// its pid file and socket and left `img.qed` clean. Returns its log, `serve.log`.
+fn terminated_cleanly(dir: &Path, pid: u32, pid_file: &Path, sock: &Path) -> String {
+    common::signal(pid, "TERM");
+    let t = Instant::now();
+    while !ended(pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the server ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !pid_file.exists() && !sock.exists(),
+        "pid file and socket removed"
+    );
+    assert!(
+        !need_check(&dir.join("img.qed")),
+        "the image was left clean"
+    );
+    std::fs::read_to_string(dir.join("serve.log")).unwrap()
+}
+
 /// The vhost-user-blk export's lifecycle is the NBD export's: --fork returns once it
 /// listens, with the pid file written, and SIGTERM ends it, removing both and leaving
 /// the image clean.
@@ -391,24 +397,7 @@ fn a_forked_vhost_user_blk_export_ends_on_sigterm() {
         .file_type();
     assert!(kind.is_socket(), "{} is a socket", sock.display());
 
-    common::signal(pid, "TERM");
-    let t = Instant::now();
-    while !ended(pid) {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the server ignored SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        !pid_file.exists() && !sock.exists(),
-        "pid file and socket removed"
-    );
-    assert!(
-        !need_check(&dir.join("img.qed")),
-        "the image was left clean"
-    );
-    let log = std::fs::read_to_string(dir.join("serve.log")).unwrap();
+    let log = terminated_cleanly(dir, pid, &pid_file, &sock);
     assert!(log.contains("vhost-user-blk device (2 queues)"), "{log}");
     assert!(log.contains("requests completed per queue: 0, 0"), "{log}");
 }
